@@ -1,0 +1,37 @@
+# Usher: set-up, sandbox, tests and benchmarks on a Debian machine.
+# Every target installs what it needs (Debian packages as root, a virtualenv).
+
+VENV   ?= .venv
+PYTHON ?= python3
+PY      = $(VENV)/bin/python
+SANDBOX_DIR ?= $(CURDIR)/sandbox
+# Debian packages: libvirt's client library (its test driver is the embedded
+# hypervisor) and what libvirt-python needs to build.
+APT_PACKAGES = libvirt-dev pkg-config gcc python3-dev python3-venv
+
+.PHONY: setup sandbox test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py
+	@if ! pkg-config --exists libvirt 2>/dev/null || ! command -v gcc >/dev/null; then \
+	  echo "installing Debian packages: $(APT_PACKAGES)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq --no-install-recommends $(APT_PACKAGES); \
+	fi
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+sandbox: setup
+	$(VENV)/bin/usher sandbox --dir $(SANDBOX_DIR) --shell
+
+test: setup
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) -m bench.run
+
+clean:
+	rm -rf $(VENV) $(SANDBOX_DIR) build *.egg-info

@@ -1,0 +1,457 @@
+"""The online help of ush: one entry per command, plus a few topics.
+
+The usage lines here are also the usage lines of the commands' argument
+parsers, so ``help start`` and a mistyped ``start`` agree.
+"""
+
+import dataclasses
+import textwrap
+
+from usher import states
+
+
+@dataclasses.dataclass(frozen=True)
+class HelpEntry:
+    summary: str
+    usage: str  # empty for topics
+    text: str
+
+
+def _entry(summary, usage, text):
+    return HelpEntry(summary, textwrap.dedent(usage).strip("\n"), textwrap.dedent(text).strip("\n"))
+
+
+SELECTION_OPTIONS = """\
+    Choosing VMs (any mix; the VMs selected are the union):
+      VM              a VM name: the short name you started it with
+                      ("3.sneetch") or its full name
+                      ("3.sneetch.alice.usher.example.org")
+      [RANGE]         brackets expand like pdsh/Slurm: "[1-5].sneetch",
+                      "[1-3,7,10-12].web", "node[01-04].db" (keeps the zeros)
+      -n, --cluster CLUSTER
+                      every VM of the virtual cluster (repeatable)
+      -r, --regex REGEX
+                      every VM whose full name matches the regular expression
+                      (Python syntax, searched anywhere in the name: anchor
+                      with ^ and $); quote it so the shell leaves it alone
+    Names are checked against your cached VM list before anything is sent:
+    an unknown name, a malformed range or regular expression is an error
+    and no VM is touched.
+"""
+
+_OPERATIONS = {
+    "pause": (
+        "Pause VMs, keeping their memory resident",
+        """\
+        The VM stops being scheduled but keeps its memory on its host; resume
+        continues it instantly. A paused VM still uses its host's memory.""",
+        "pause 3.sneetch\n  pause -n sneetch\n  pause '[1-5].sneetch' web1"),
+    "resume": (
+        "Resume paused VMs",
+        """\
+        Continues a VM that was paused. For a hibernated VM use restore.""",
+        "resume 3.sneetch\n  resume -r '^[0-9]+\\.sneetch\\.'"),
+    "shutdown": (
+        "Halt VMs cleanly (ACPI power button)",
+        """\
+        Asks the guest operating system to shut down, as a power button would;
+        the VM ends in state shutoff and can be started again with start NAME.
+        A guest that ignores the request keeps running: use destroy then.""",
+        "shutdown 3.sneetch\n  shutdown -n sneetch"),
+    "reboot": (
+        "Reboot VMs (guest shutdown and restart)",
+        """\
+        Asks the guest to restart. The VM keeps its name, host and addresses.
+        A hung guest may ignore this: use cycle to force a restart.""",
+        "reboot 3.sneetch\n  reboot -n sneetch"),
+    "hibernate": (
+        "Save VMs' memory to disk and stop them",
+        """\
+        Writes each VM's memory image to storage on its host and frees the
+        memory; the VM ends in state hibernated. restore brings it back exactly
+        where it was (processes, open connections that have not timed out).""",
+        "hibernate -n sneetch\n  hibernate 3.sneetch 4.sneetch"),
+    "restore": (
+        "Bring hibernated VMs back to the run state",
+        """\
+        Loads the memory image saved by hibernate and continues the VM.""",
+        "restore -n sneetch\n  restore 3.sneetch"),
+    "destroy": (
+        "Power VMs off at once and remove them",
+        """\
+        A hard power-off: the guest gets no chance to shut down, and the VM's
+        definition and any hibernation image are removed. The VM disappears
+        from your list. This cannot be undone; -r and -n select every matching
+        VM, so check with 'list -r REGEX' or 'list -n CLUSTER' first.""",
+        "destroy 3.sneetch\n  destroy -n sneetch\n  destroy '[6-10].sneetch'"),
+    "cycle": (
+        "Destroy and restart VMs (hard reset)",
+        """\
+        Powers a VM off at once and boots it again on the same host, like a
+        reset button. Use it when reboot does not help; cycle also boots a
+        shut-off VM.""",
+        "cycle 3.sneetch\n  cycle -n sneetch"),
+}
+
+
+def _operation_entry(operation, summary, details, examples):
+    allowed = ", ".join(s for s in states.ALL_STATES
+                        if s in states.OPERATION_PRECONDITIONS[operation])
+    result = states.OPERATION_RESULT[operation]
+    outcome = (f"The VMs end in state {result}." if result
+               else "The VMs are removed.")
+    text = (
+        f"{summary}.\n\n"
+        f"{textwrap.dedent(details)}\n\n"
+        f"Allowed from state: {allowed}. {outcome} The controller refuses VMs\n"
+        "in any other state (each refusal is listed, the others proceed).\n\n"
+        f"{textwrap.dedent(SELECTION_OPTIONS)}\n"
+        "The result lists each VM with its new state, then any VM the\n"
+        "operation failed on with the reason; in one-shot mode the exit status\n"
+        "is 1 if any VM failed. Changes also arrive as [notice] lines.\n\n"
+        f"Examples:\n  {examples}")
+    return HelpEntry(summary, f"{operation} [-n CLUSTER]... [-r REGEX] [VM ...]", text)
+
+
+COMMANDS = {}
+
+COMMANDS["connect"] = _entry(
+    "Connect and log in to the Usher controller",
+    "connect [[USER@]HOST[:PORT]]",
+    """\
+    Connect to the Usher controller over TLS and log in.
+
+    With no argument, ush uses controller_host, controller_port and username
+    from the [ush] section of its configuration (username defaults to your
+    login name). An argument overrides them:
+      connect ctl.example.org
+      connect bob@ctl.example.org:7390
+
+    The password is the configuration's password option, if set and you did
+    not name another user; otherwise ush asks for it at a "Password:" prompt
+    (not echoed, never written to the history file). Ctrl-C or Ctrl-D at the
+    prompt gives up.
+
+    The controller's certificate must be signed by the CA in ssl_ca_file and
+    carry the name controller_tls_name (when unset, the host name you
+    connect to).
+
+    On success the controller sends the list of your VMs (only those of the
+    clusters named in the clusters option, if any); ush keeps this copy up to
+    date, so 'list' answers from it without asking the controller, and
+    changes made by anyone show up as [notice] lines.
+
+    Like every command that talks to the controller, connect first prints
+    "<Command N result pending...>", and later "Command N result:" with the
+    outcome ("Connected" or the reason for failing). Meanwhile you may type
+    other commands.
+
+    If the connection drops, ush reconnects by itself with growing delays and
+    tells you with [notice] lines. To connect elsewhere, disconnect first.""")
+
+COMMANDS["disconnect"] = _entry(
+    "Log out and close the connection to the controller",
+    "disconnect",
+    """\
+    Close the connection to the controller and stop any automatic
+    reconnection. Your VMs are not affected: they keep running, and you can
+    connect again (or use 'reconnect') later. Commands still pending when
+    you disconnect fail.""")
+
+COMMANDS["reconnect"] = _entry(
+    "Connect again with the same host, user and password",
+    "reconnect",
+    """\
+    Close the connection (if any) and log in again to the same controller
+    with the same user and password, without asking for the password again.
+    The cached VM list is thrown away and fetched anew, and differences
+    are shown as [notice] lines. Useful after 'disconnect', or when the
+    automatic reconnection is waiting out a long delay.""")
+
+COMMANDS["list"] = _entry(
+    "List your VMs (from the local cache, or ask the controller)",
+    "list [-s] [-a] [-n CLUSTER]... [-r REGEX] [VM ...]",
+    """\
+    List VMs as a table: VM name, state and the VMM (host) running it.
+
+    Without -s or -a the list comes from ush's cached copy of your VMs, kept
+    current by the controller's notifications: it answers at once, without a
+    remote call (no "Command N" lines).
+
+    Options:
+      -s, --status    ask the controller for current details and add columns:
+                      cluster, memory and virtual CPUs, then any resource
+                      figures the controller reports
+      -a, --all       ask the controller instead of the cache, for every VM
+                      you are allowed to see (an administrator may see other
+                      users' and unmanaged VMs; an owner column then appears)
+      -n, --cluster CLUSTER
+                      only VMs of this virtual cluster (repeatable)
+      -r, --regex REGEX
+                      only VMs whose full name matches the regular expression
+      VM ...          only these VMs (names and [ranges] as for pause)
+
+    With no selection, all VMs are listed, sorted by name (numbers in names
+    sort numerically: 2.sneetch before 10.sneetch).
+
+    States: run, paused, hibernated, shutoff, starting, migrating (while a
+    command is in progress), lost (its host's LNM stopped answering),
+    missing (vanished from its host), unknown. See 'help states'.
+
+    Examples:
+      list
+      list -n sneetch
+      list -s '[1-4].sneetch'
+      list -r 'web' -n sneetch""")
+
+COMMANDS["list_lnm"] = _entry(
+    "List the local node managers (the physical hosts)",
+    "list_lnm [-s] [LNM ...]",
+    """\
+    List the LNMs connected to the controller: one per physical host running
+    a VMM. Columns: LNM name, the number of VMs it runs, its CPUs and memory,
+    and whether it is connected.
+
+    Options:
+      -s, --status    add the host's current figures as the controller reports
+                      them (free memory, and resource usage where monitored)
+      LNM ...         only these LNMs: exact names, ranges ("vmm[40-49]"), or
+                      regular expressions written /REGEX/ or ~REGEX
+                      ("/^vmm4/", "~rack2")
+
+    This always asks the controller ("Command N" lines).
+
+    Examples:
+      list_lnm
+      list_lnm -s vmm47.usher.example.org
+      list_lnm '~^vmm[4-5]'""")
+
+COMMANDS["start"] = _entry(
+    "Start new VMs in a virtual cluster, or start VMs by name",
+    """\
+    start -n CLUSTER -c COUNT [--arg KEY=VALUE]... [LNM ...]
+           start [-l LNM]... [--arg KEY=VALUE]... VM ...""",
+    """\
+    Start VMs. The controller authorizes the request, its placement policy
+    picks the hosts, and the LNMs boot the VMs; the result lists where each
+    one started.
+
+    First form: COUNT new VMs in virtual cluster CLUSTER. The controller
+    names them NUMBER.CLUSTER.USER.DOMAIN, e.g. "start -n sneetch -c 10"
+    as alice gives 1.sneetch.alice.usher.example.org and so on. Cluster
+    names are DNS labels: lower-case letters, digits and hyphens.
+    Arguments after the options name LNMs you would like the VMs on.
+
+    Second form: the VMs named (ranges allowed: "start '[1-3].web'"). The
+    part of a name after the first dot is its cluster ("3.web" is in
+    cluster web; a name without a dot goes to cluster "default"). A VM you
+    shut down can be started again this way.
+
+    Options:
+      -n, --cluster CLUSTER   cluster of the new VMs (first form)
+      -c, --count COUNT       how many VMs to start (first form)
+      -l, --lnm LNM           preferred LNM (repeatable; names, ranges,
+                              /REGEX/ or ~REGEX as for list_lnm)
+      --arg KEY=VALUE         an extra request argument for the controller's
+                              plugins (repeatable), e.g. --arg memory=1024,
+                              --arg image=centos5; which keys mean something
+                              depends on your site's plugins
+
+    Preferred LNMs are a suggestion: the controller's policy decides, and an
+    empty list lets it place the VMs anywhere.
+
+    The result reads like
+      Controller started 10 VMs in 2 seconds:
+      1.sneetch.alice.usher.example.org started on vmm43.usher.example.org
+      ...
+    followed by any VMs that failed to start with the reason, and any note
+    from the controller (for instance that a plugin changed the request).
+    In one-shot mode the exit status is 1 if any VM failed.
+
+    Examples:
+      start -n sneetch -c 10
+      start -n web -c 2 --arg memory=2048 vmm47 vmm52
+      start 3.sneetch
+      start -l vmm47 '[11-12].sneetch'""")
+
+for _operation, (_summary, _details, _examples) in _OPERATIONS.items():
+    COMMANDS[_operation] = _operation_entry(_operation, _summary, _details, _examples)
+
+COMMANDS["migrate"] = _entry(
+    "Move VMs to other hosts (live migration)",
+    """\
+    migrate VM LNM
+           migrate [-n CLUSTER]... [-r REGEX] [VM ...] --to LNM [LNM ...]""",
+    """\
+    Move running VMs to other physical hosts, live where the VMM supports it
+    (the VM keeps running; its network connections survive). Where the VMM
+    cannot migrate live, the controller hibernates the VM, moves its image
+    and restores it on the new host: it pauses for a while but nothing is
+    lost.
+
+    First form: one VM to one LNM: "migrate 3.sneetch vmm52".
+    Second form: any selection of VMs, then --to and one or more LNMs to
+    spread them over (--to must come after the VMs):
+      -n, --cluster CLUSTER   every VM of the virtual cluster (repeatable)
+      -r, --regex REGEX       every VM whose full name matches
+      VM ...                  VM names and [ranges] (see 'help selections')
+      --to LNM [LNM ...]      where the VMs should go
+
+    LNMs are exact names, ranges ("vmm[50-59]"), or regular expressions
+    written /REGEX/ or ~REGEX. The list is a suggestion: the controller's
+    policy may choose other hosts or refuse.
+
+    The result lists each VM moved ("... moved from vmm47 to vmm52"), then
+    any failures with the reason. VMs show state migrating meanwhile.
+
+    Examples:
+      migrate 3.sneetch vmm52.usher.example.org
+      migrate -n sneetch --to '~^vmm5'
+      migrate '[1-4].sneetch' --to vmm50 vmm51""")
+
+COMMANDS["help"] = _entry(
+    "Show the list of commands, or help on one command or topic",
+    "help [COMMAND | TOPIC]",
+    """\
+    'help' (or '?') lists the commands and topics; 'help COMMAND' (or
+    '? COMMAND', or 'COMMAND -h') explains one of them.""")
+
+COMMANDS["quit"] = _entry(
+    "Leave ush (also: exit, Ctrl-D)",
+    "quit",
+    """\
+    Leave the shell. If commands are still pending ush waits for their
+    results first (Ctrl-C leaves at once). Your VMs keep running. 'exit' and
+    Ctrl-D (end of input) do the same.""")
+
+
+TOPICS = {}
+
+TOPICS["selections"] = HelpEntry(
+    "Naming sets of VMs: names, ranges, clusters, regular expressions",
+    "",
+    "Commands that act on existing VMs (list, pause ... cycle, migrate) accept\n"
+    "VM names, ranges, clusters and regular expressions.\n\n"
+    + textwrap.dedent(SELECTION_OPTIONS) + "\n" + textwrap.dedent("""\
+    Full names are SHORT.USER.DOMAIN: "start -n sneetch -c 3" as alice in
+    domain usher.example.org makes 1.sneetch.alice.usher.example.org to
+    3.sneetch.alice.usher.example.org; "3.sneetch" is enough to name one.
+
+    Examples:
+      pause 3.sneetch                   one VM
+      pause '[1-5].sneetch' 9.sneetch   six VMs
+      pause -n sneetch -n web           two whole clusters
+      pause -r '^[0-9]*[02468]\\.'      every VM whose number is even
+
+    Quote ranges and regular expressions: ush splits lines like a Unix shell
+    (quotes group words, backslashes escape).""").strip("\n"))
+
+TOPICS["states"] = HelpEntry(
+    "What the VM states mean",
+    "",
+    textwrap.dedent("""\
+    run         running
+    paused      stopped by 'pause'; memory still resident ('resume')
+    hibernated  memory saved to disk by 'hibernate' ('restore')
+    shutoff     halted ('start NAME' boots it again)
+    starting    being started by the controller
+    migrating   being moved to another host
+    lost        its host's LNM or VMM stopped answering; the controller
+                does not know whether the VM still runs
+    missing     its LNM reports that it vanished from the host
+    unknown     its LNM cannot ask the VMM at the moment
+
+    Which operation is allowed from which state:
+    """) + "\n".join(
+        f"  {op:<10}  from {', '.join(s for s in states.ALL_STATES if s in states.OPERATION_PRECONDITIONS[op])}"
+        for op in states.OPERATIONS))
+
+TOPICS["notices"] = _entry(
+    "The [notice] lines: asynchronous news about your VMs",
+    "",
+    """\
+    While you are connected the controller tells ush about every change to
+    your VMs, whoever caused it, and ush prints one line per change above
+    the prompt:
+      [notice] 3.sneetch.alice.usher.example.org: run -> paused
+      [notice] 3.sneetch.alice.usher.example.org: moved vmm47 -> vmm52
+      [notice] 7.web.alice.usher.example.org: new VM, run on vmm44
+      [notice] 4.web.alice.usher.example.org: removed
+    VMs that your own pending start command creates are reported in its
+    result instead. Connection news looks like
+      [notice] lost the controller at ctl:7390; reconnecting
+      [notice] reconnected to ctl:7390
+    and the controller may send notices of its own (maintenance, policy).""")
+
+TOPICS["oneshot"] = _entry(
+    "Running one command from a Unix shell or a script (and --json)",
+    "",
+    """\
+    ush [--config FILE] [--json] COMMAND [ARGUMENTS...]
+
+    connects, runs one command, prints its result and exits, in the manner
+    of virsh:
+      ush list -n sneetch
+      ush start -n sneetch -c 4
+      ush --json list | jq -r '.[].name'
+
+    The password comes from the configuration, else ush asks for it.
+    --json prints JSON instead of tables: list and list_lnm print an array
+    of objects (list: name, state, vmm, cluster, owner, memory_mib, vcpus,
+    ...), start an array of {"name", "vmm"} and, for failures,
+    {"name", "error"}; the operations and migrate print the controller's
+    result object ({"done": [...], "failed": [...], "notes": [...]});
+    errors print {"error": "..."}.
+
+    Exit status: 0 success; 1 the command failed, or failed for some VMs;
+    2 usage error (bad command, option, name, range or regular expression,
+    or an invalid configuration file); 3 cannot connect or log in.""")
+
+TOPICS["config"] = _entry(
+    "The configuration file (ush.config)",
+    "",
+    """\
+    ush reads /etc/usher/ush.config, then ~/.usher/ush.config, then the file
+    named by $USHER_USH_CONFIG, then the file given with --config; later
+    values win key by key. Options of the [ush] section:
+      controller_host, controller_port   where the controller listens
+      controller_tls_name    name expected in its certificate (None: host)
+      ssl_ca_file            the site CA certificate
+      username               None: your login name
+      password               None: ush asks (keep the file private if set)
+      history_file           interactive command history (~/.ush_history)
+      clusters               only cache and show these clusters (empty: all)
+      call_timeout           seconds to wait for the controller's answers
+    The sample file etc/ush.config.orig documents each option. An invalid
+    file stops ush with a message naming the file, line and option.""")
+
+ALIASES = {"?": "help", "exit": "quit"}
+
+
+def lookup(name):
+    """-> the HelpEntry of a command, alias or topic, or None."""
+    name = ALIASES.get(name, name)
+    return COMMANDS.get(name) or TOPICS.get(name)
+
+
+def render(name):
+    """The full help text of a command or topic; KeyError if unknown."""
+    entry = lookup(name)
+    if entry is None:
+        raise KeyError(name)
+    if not entry.usage:
+        return f"{ALIASES.get(name, name)}: {entry.summary}\n\n{entry.text}"
+    return f"usage: {entry.usage}\n\n{entry.text}"
+
+
+def overview():
+    width = max(len(name) for name in (*COMMANDS, *TOPICS)) + 2
+    lines = ["Commands (type 'help COMMAND' for details):"]
+    lines += [f"  {name:<{width}}{entry.summary}" for name, entry in COMMANDS.items()]
+    lines += ["", "Topics (type 'help TOPIC'):"]
+    lines += [f"  {name:<{width}}{entry.summary}" for name, entry in TOPICS.items()]
+    lines += ["",
+              "Commands that talk to the controller print '<Command N result pending...>'",
+              "and later 'Command N result:'; you can go on typing meanwhile.",
+              "Ctrl-C clears the line, Ctrl-D or 'quit' leaves."]
+    return "\n".join(lines)

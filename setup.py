@@ -1,0 +1,47 @@
+"""Usher: an extensible framework for managing clusters of virtual machines."""
+
+import re
+from pathlib import Path
+
+from setuptools import setup
+
+HERE = Path(__file__).parent
+VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "usher/__init__.py").read_text()).group(1)
+
+setup(
+    name="usher",
+    version=VERSION,
+    description="Usher: an extensible framework for managing clusters of virtual machines",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="BSD-3-Clause",
+    python_requires=">=3.11",
+    # plugins/ and clients/ install under the usher namespace, so nothing
+    # generic ("plugins", "clients") lands in site-packages.
+    packages=["usher", "usher.auth", "usher.client", "usher.controller", "usher.lnm",
+              "usher.plugins", "usher.clients"],
+    package_dir={"usher.plugins": "plugins", "usher.clients": "clients"},
+    install_requires=[
+        "twisted>=24.7",
+        "pyopenssl>=24",
+        "service-identity>=24",
+        "configobj>=5.0.8",
+        "libvirt-python>=9.0",
+        "bcrypt>=4",
+        "cryptography>=42",
+    ],
+    extras_require={"test": ["pytest>=8", "pytest-twisted>=1.14"]},
+    entry_points={"console_scripts": [
+        "usherctrl = usher.controller.main:main",
+        "usherlnm = usher.lnm.main:main",
+        "ush = usher.clients.ush:main",
+        "usher = usher.admin:main",
+    ]},
+    data_files=[
+        ("share/usher/etc", ["etc/ctrl.config.orig", "etc/lnm.config.orig",
+                             "etc/ush.config.orig"]),
+        ("share/usher/initscripts", ["initscripts/usherctrl", "initscripts/usherlnm",
+                                     "initscripts/usherctrl.service",
+                                     "initscripts/usherlnm.service"]),
+    ],
+)

@@ -1,0 +1,243 @@
+"""The controller's logic on an in-process grid of real libvirt test hosts."""
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+
+from usher import states
+from usher.errors import InvalidRequest, NoSuchVM, PermissionDenied, Rejected
+from usher.vmset import Selection
+
+from tests.grid import DOMAIN, Grid
+
+
+@pytest.fixture
+def grid(tmp_path):
+    g = Grid(reactor, tmp_path)
+    pytest_twisted.blockon(pytest_twisted._ensure_deferred(g.start())
+                           if hasattr(pytest_twisted, "_ensure_deferred") else _start(g))
+    yield g
+    pytest_twisted.blockon(_stop(g))
+
+
+def _start(g):
+    from twisted.internet import defer
+    return defer.ensureDeferred(g.start())
+
+
+def _stop(g):
+    from twisted.internet import defer
+    return defer.ensureDeferred(g.stop())
+
+
+def full(short, owner="alice"):
+    return f"{short}.{owner}.{DOMAIN}"
+
+
+async def start_cluster(grid, count=10, user="alice", cluster="sneetch", lnms=()):
+    return await grid.controller.start(user, False, [], list(lnms),
+                                       {"cluster": cluster, "count": count})
+
+
+@pytest_twisted.ensureDeferred
+async def test_start_cluster_names_and_spreads_over_lnms(grid):
+    result = await start_cluster(grid)
+    names = sorted(s["name"] for s in result["started"])
+    assert names == sorted(full(f"{i}.sneetch") for i in range(1, 11))
+    assert result["failed"] == []
+    per_lnm = {}
+    for s in result["started"]:
+        per_lnm[s["vmm"]] = per_lnm.get(s["vmm"], 0) + 1
+    assert sorted(per_lnm.values()) == [3, 3, 4]
+    state = grid.controller.state
+    for name in names:
+        assert state.vms[name]["state"] == states.RUN
+        assert state.vms[name]["cluster"] == "sneetch"
+        assert state.vms[name]["owner"] == "alice"
+        # really running on the host the controller believes
+        info = await grid.vmms[state.vms[name]["vmm"]].domain_info(name)
+        assert info["state"] == states.RUN
+    # a second start continues the numbering
+    more = await start_cluster(grid, count=2)
+    assert sorted(s["name"] for s in more["started"]) == [full("11.sneetch"),
+                                                          full("12.sneetch")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_lnm_suggestion_is_honoured(grid):
+    result = await start_cluster(grid, count=3, lnms=["lnm2"])
+    assert {s["vmm"] for s in result["started"]} == {"lnm2"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_operation(grid):
+    await start_cluster(grid, count=2)
+    c = grid.controller
+    sel = Selection(names=["1.sneetch"])
+    vm = full("1.sneetch")
+    for operation, expected in [("pause", states.PAUSED), ("resume", states.RUN),
+                                ("hibernate", states.HIBERNATED), ("restore", states.RUN),
+                                ("reboot", states.RUN), ("shutdown", states.SHUTOFF),
+                                ("cycle", states.RUN)]:
+        result = await c.op_on("alice", False, operation, sel)
+        assert result["failed"] == [], (operation, result)
+        assert c.state.vms[vm]["state"] == expected, operation
+        info = await grid.vmms[c.state.vms[vm]["vmm"]].domain_info(vm)
+        assert info["state"] == expected, operation
+    result = await c.op_on("alice", False, "destroy", sel)
+    assert result["done"] == [{"name": vm, "state": None}]
+    assert vm not in c.state.vms
+    assert full("2.sneetch") in c.state.vms
+
+
+@pytest_twisted.ensureDeferred
+async def test_operation_from_wrong_state_fails_without_change(grid):
+    await start_cluster(grid, count=1)
+    c = grid.controller
+    result = await c.op_on("alice", False, "resume", Selection(names=["1.sneetch"]))
+    assert result["done"] == []
+    assert "cannot resume a VM that is run" in result["failed"][0]["error"]
+    assert c.state.vms[full("1.sneetch")]["state"] == states.RUN
+
+
+@pytest_twisted.ensureDeferred
+async def test_whole_cluster_by_name_and_regex(grid):
+    await start_cluster(grid, count=4)
+    await start_cluster(grid, count=2, cluster="other")
+    c = grid.controller
+    result = await c.op_on("alice", False, "pause", Selection(clusters=["sneetch"]))
+    assert len(result["done"]) == 4
+    result = await c.op_on("alice", False, "resume", Selection(regex=r"^[12]\.sneetch"))
+    assert sorted(d["name"] for d in result["done"]) == [full("1.sneetch"), full("2.sneetch")]
+    assert c.state.vms[full("1.other")]["state"] == states.RUN
+
+
+@pytest_twisted.ensureDeferred
+async def test_bad_input_changes_nothing(grid):
+    await start_cluster(grid, count=2)
+    await start_cluster(grid, count=1, user="bob")
+    c = grid.controller
+    before = {n: dict(r) for n, r in c.state.vms.items()}
+    with pytest.raises(PermissionDenied):
+        await c.op_on("alice", False, "destroy", Selection(names=[full("1.sneetch", "bob")]))
+    with pytest.raises(NoSuchVM):
+        await c.op_on("alice", False, "pause", Selection(names=["1.sneetch", "9.nope"]))
+    with pytest.raises(InvalidRequest):
+        await c.op_on("alice", False, "explode", Selection(names=["1.sneetch"]))
+    with pytest.raises(InvalidRequest):
+        Selection(regex="(unclosed")
+    with pytest.raises(InvalidRequest):
+        Selection(names=["[3-1].sneetch"])
+    with pytest.raises(InvalidRequest):
+        await c.start("alice", False, ["Bad_Name!"], [], {})
+    with pytest.raises(InvalidRequest):
+        await c.start("alice", False, ["1.sneetch"], [], {})     # exists
+    with pytest.raises(InvalidRequest):
+        await c.migrate("alice", False, Selection(names=["1.sneetch"]), ["nosuchlnm"])
+    assert {n: dict(r) for n, r in c.state.vms.items()} == before
+
+
+@pytest_twisted.ensureDeferred
+async def test_admin_may_act_on_any_vm(grid):
+    await start_cluster(grid, count=1, user="bob")
+    result = await grid.controller.op_on("root", True, "pause",
+                                         Selection(names=[full("1.sneetch", "bob")]))
+    assert result["done"][0]["state"] == states.PAUSED
+
+
+@pytest_twisted.ensureDeferred
+async def test_migrate_moves_the_vm(grid):
+    await start_cluster(grid, count=1, lnms=["lnm1"])
+    c = grid.controller
+    vm = full("1.sneetch")
+    result = await c.migrate("alice", False, Selection(names=[vm]), ["lnm3"])
+    assert result["migrated"] == [{"name": vm, "from": "lnm1", "to": "lnm3"}]
+    assert c.state.vms[vm]["vmm"] == "lnm3"
+    assert c.state.vms[vm]["state"] == states.RUN
+    assert (await grid.vmms["lnm3"].domain_info(vm))["state"] == states.RUN
+    assert vm not in [d["name"] for d in await grid.vmms["lnm1"].list_domains()]
+    # and it can still be operated on its new host
+    result = await c.op_on("alice", False, "pause", Selection(names=[vm]))
+    assert result["done"][0]["state"] == states.PAUSED
+
+
+@pytest_twisted.ensureDeferred
+async def test_lnm_failure_marks_vms_lost_then_recovers(grid):
+    await start_cluster(grid, count=3)
+    c = grid.controller
+    on_lnm1 = sorted(c.state.vmms["lnm1"].vms)
+    assert on_lnm1
+    grid.cut("lnm1")
+    for name in on_lnm1:
+        assert c.state.vms[name]["state"] == states.LOST
+    assert sorted(r["name"] for r in c.state.lost()) == on_lnm1
+    await grid.attach("lnm1")
+    for name in on_lnm1:
+        assert c.state.vms[name]["state"] == states.RUN
+
+
+@pytest_twisted.ensureDeferred
+async def test_out_of_band_changes(grid):
+    await start_cluster(grid, count=3, lnms=["lnm2"])
+    c = grid.controller
+    victim = full("1.sneetch")
+    await grid.vmms["lnm2"].operate("destroy", victim)
+    await grid.vmms["lnm2"].create({"name": full("7.adopted"), "uuid": None,
+                                    "memory_mib": 128, "vcpus": 1, "owner": "alice",
+                                    "cluster": "adopted", "args": {}})
+    await grid.vmms["lnm2"].create({"name": "stranger", "uuid": None, "memory_mib": 128,
+                                    "vcpus": 1, "owner": "", "cluster": "", "args": {}})
+    await grid.report()
+    assert c.state.vms[victim]["state"] == states.MISSING
+    assert c.state.vms[full("7.adopted")]["state"] == states.RUN
+    assert c.state.vms[full("7.adopted")]["cluster"] == "adopted"
+    assert "stranger" in c.state.unmanaged
+
+
+class _Recorder:
+    def __init__(self):
+        self.batches = []
+
+    def __call__(self, seq, chunks, removed):
+        from usher.records import decode_records
+        self.batches.append((seq, decode_records(chunks), removed))
+
+
+@pytest_twisted.ensureDeferred
+async def test_subscribers_get_batched_deltas_of_their_own_vms(grid):
+    c = grid.controller
+    alice, bob = _Recorder(), _Recorder()
+    c.hub.add("alice", False, None, alice)
+    c.hub.add("bob", False, None, bob)
+    await start_cluster(grid, count=3)
+    await _turn()
+    assert alice.batches and not bob.batches
+    latest = {}
+    for seq, changed, removed in alice.batches:
+        for rec in changed:
+            latest[rec["name"]] = rec["state"]
+    assert latest == {full(f"{i}.sneetch"): states.RUN for i in (1, 2, 3)}
+    assert [b[0] for b in alice.batches] == list(range(1, len(alice.batches) + 1))
+
+
+@pytest_twisted.ensureDeferred
+async def test_plugin_chain_rejects(grid):
+    class Veto:
+        name = "veto"
+        order = 1
+
+        def entry_point(self, event):
+            event.request.reject("no VMs on Sundays")
+    from zope.interface import directlyProvides
+    from usher.interfaces import IPlugin
+    plugin = Veto()
+    directlyProvides(plugin, IPlugin)
+    grid.controller.chains.add(plugin, "start_request")
+    with pytest.raises(Rejected, match="no VMs on Sundays"):
+        await start_cluster(grid, count=2)
+    assert grid.controller.state.vms == {}
+
+
+async def _turn():
+    from twisted.internet import task
+    await task.deferLater(reactor, 0.01, lambda: None)

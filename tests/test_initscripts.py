@@ -1,0 +1,545 @@
+"""initscripts/: the SysV init scripts run for real with sh against a stand-in
+daemon, the systemd units, and install.sh under a temporary prefix."""
+
+import configparser
+import os
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+INITSCRIPTS = REPO / "initscripts"
+SAMPLES = REPO / "etc"
+DAEMONS = ("usherctrl", "usherlnm")
+SCRIPT_TIMEOUT = 20  # seconds before a hung script fails the test
+
+# Behaves like the daemons' contract: foreground, --isolated --config FILE
+# (which must exist), stops cleanly on SIGTERM. Extra flags misbehave on
+# purpose. "ready" is printed once the SIGTERM handler is in place.
+FAKE_DAEMON = f"""#!{sys.executable}
+import argparse, os, signal, sys, time
+parser = argparse.ArgumentParser()
+parser.add_argument("--config", action="append", default=[])
+parser.add_argument("--isolated", action="store_true")
+parser.add_argument("--ignore-term", action="store_true")
+parser.add_argument("--exit-now", type=int, default=None)
+options = parser.parse_args()
+print("argv", " ".join(sys.argv[1:]), flush=True)
+if options.exit_now is not None:
+    print("exiting at once with", options.exit_now, flush=True)
+    sys.exit(options.exit_now)
+for path in options.config:
+    if not os.path.exists(path):
+        print("configuration error:", path, "is missing", flush=True)
+        sys.exit(2)
+def on_term(signum, frame):
+    if options.ignore_term:
+        print("ignoring SIGTERM", flush=True)
+        return
+    print("stopping on SIGTERM", flush=True)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, on_term)
+print("ready pid", os.getpid(), flush=True)
+while True:
+    time.sleep(60)
+"""
+
+START_METHODS = ["nohup"] + (["start-stop-daemon"] if shutil.which("start-stop-daemon") else [])
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie (nothing here may reap it)."""
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat_line.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def write_fake_daemon(directory: Path, name: str) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    path.write_text(FAKE_DAEMON)
+    path.chmod(0o755)
+    return path
+
+
+class InitScript:
+    """One init script run with sh, its settings in a USHER_DEFAULTS_FILE."""
+
+    def __init__(self, tmp_path: Path, name: str, start_method: str):
+        self.name = name
+        self.daemon = write_fake_daemon(tmp_path / "bin", name)
+        self.config = tmp_path / "etc" / f"{name}.config"
+        self.pidfile = tmp_path / "run" / "usher" / f"{name}.pid"
+        self.logfile = tmp_path / "log" / "usher" / f"{name}.log"
+        self.defaults_file = tmp_path / f"defaults.{name}"
+        self.settings = {
+            "DAEMON": str(self.daemon), "CONFIG": str(self.config),
+            "PIDFILE": str(self.pidfile), "LOGFILE": str(self.logfile),
+            "START_WAIT": "0.2", "START_METHOD": start_method,
+        }
+        self.config.parent.mkdir(parents=True, exist_ok=True)
+        self.config.write_text(f"[{name[5:]}]\n")
+        self.pids_seen: set[int] = set()
+
+    def run(self, action: str, **settings) -> subprocess.CompletedProcess:
+        merged = {**self.settings, **settings}
+        self.defaults_file.write_text(
+            "".join(f"{key}='{value}'\n" for key, value in merged.items()))
+        env = {**os.environ, "USHER_DEFAULTS_FILE": str(self.defaults_file)}
+        result = subprocess.run(["sh", str(INITSCRIPTS / self.name), action], env=env,
+                                capture_output=True, text=True, timeout=SCRIPT_TIMEOUT)
+        if self.pidfile.exists() and self.pidfile.read_text().strip().isdigit():
+            self.pids_seen.add(self.pid())
+        return result
+
+    def pid(self) -> int:
+        return int(self.pidfile.read_text().strip())
+
+    def log(self) -> str:
+        return self.logfile.read_text() if self.logfile.exists() else ""
+
+    def wait_ready(self, pid: int) -> None:
+        """Wait until the daemon ``pid`` has installed its SIGTERM handler."""
+        deadline = time.monotonic() + SCRIPT_TIMEOUT
+        while f"ready pid {pid}\n" not in self.log():
+            assert alive(pid), f"daemon {pid} died; log:\n{self.log()}"
+            assert time.monotonic() < deadline, f"daemon {pid} never got ready"
+            time.sleep(0.01)
+
+    def start(self, **settings) -> int:
+        result = self.run("start", **settings)
+        assert result.returncode == 0, result.stderr
+        pid = self.pid()
+        self.wait_ready(pid)
+        return pid
+
+    def kill_leftovers(self) -> None:
+        for pid in self.pids_seen:
+            if alive(pid) and str(self.daemon) in Path(f"/proc/{pid}/cmdline").read_text():
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture(params=START_METHODS)
+def ctrl_script(request, tmp_path):
+    script = InitScript(tmp_path, "usherctrl", request.param)
+    yield script
+    script.kill_leftovers()
+
+
+@pytest.fixture
+def lnm_script(tmp_path):
+    script = InitScript(tmp_path, "usherlnm", "auto")
+    yield script
+    script.kill_leftovers()
+
+
+# --- static checks ------------------------------------------------------------
+
+@pytest.mark.parametrize("name", [*DAEMONS, "install.sh"])
+def test_shell_syntax(name):
+    result = subprocess.run(["sh", "-n", str(INITSCRIPTS / name)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def _lsb_header(text: str) -> dict[str, str]:
+    block = re.search(r"^### BEGIN INIT INFO\n(.*?)^### END INIT INFO$", text, re.M | re.S)
+    assert block, "no LSB header"
+    fields = {}
+    for line in block.group(1).splitlines():
+        match = re.match(r"# ([A-Za-z-]+):\s*(.*)$", line)
+        if match:
+            fields[match.group(1)] = match.group(2).strip()
+    return fields
+
+
+@pytest.mark.parametrize("name", DAEMONS)
+def test_lsb_and_chkconfig_headers(name):
+    text = (INITSCRIPTS / name).read_text()
+    header = _lsb_header(text)
+    assert header["Provides"] == name
+    assert {"$network", "$remote_fs"} <= set(header["Required-Start"].split())
+    assert header["Default-Start"] == "2 3 4 5"
+    assert header["Default-Stop"] == "0 1 6"
+    assert header["Short-Description"]
+    chkconfig = re.search(r"^# chkconfig: (\d+) (\d+) (\d+)$", text, re.M)
+    assert chkconfig and chkconfig.group(1) == "345"
+    start, stop = int(chkconfig.group(2)), int(chkconfig.group(3))
+    assert start + stop == 100  # stops in the reverse order of starting
+    assert re.search(r"^# description: \S", text, re.M)
+    assert os.access(INITSCRIPTS / name, os.X_OK)
+
+
+def test_lnm_starts_after_the_controller_and_libvirtd():
+    ctrl, lnm = ((INITSCRIPTS / name).read_text() for name in DAEMONS)
+    ctrl_start = int(re.search(r"^# chkconfig: 345 (\d+)", ctrl, re.M).group(1))
+    lnm_start = int(re.search(r"^# chkconfig: 345 (\d+)", lnm, re.M).group(1))
+    assert ctrl_start == 85
+    assert lnm_start > 97  # Red Hat's libvirtd starts at 97
+    assert {"libvirtd", "usherctrl"} <= set(_lsb_header(lnm)["Should-Start"].split())
+
+
+def test_both_scripts_share_the_code_below_their_settings():
+    marker = "# ---- Everything below this line is identical in usherctrl and usherlnm. ----\n"
+    ctrl, lnm = ((INITSCRIPTS / name).read_text() for name in DAEMONS)
+    assert ctrl.count(marker) == lnm.count(marker) == 1
+    assert ctrl.split(marker)[1] == lnm.split(marker)[1]
+
+
+# --- the SysV scripts, run ----------------------------------------------------
+
+def test_start_status_stop(ctrl_script):
+    status = ctrl_script.run("status")
+    assert status.returncode == 3, status.stdout
+
+    pid = ctrl_script.start()
+    assert alive(pid)
+    assert f"argv --isolated --config {ctrl_script.config}\n" in ctrl_script.log()
+    status = ctrl_script.run("status")
+    assert status.returncode == 0
+    assert f"running (pid {pid})" in status.stdout
+
+    again = ctrl_script.run("start")
+    assert again.returncode == 0
+    assert "already running" in again.stdout
+    assert ctrl_script.pid() == pid
+    assert ctrl_script.log().count("argv ") == 1
+
+    stop = ctrl_script.run("stop")
+    assert stop.returncode == 0, stop.stderr
+    assert not alive(pid)
+    assert "stopping on SIGTERM" in ctrl_script.log()
+    assert not ctrl_script.pidfile.exists()
+    assert ctrl_script.run("status").returncode == 3
+
+
+def test_restart_replaces_the_daemon(ctrl_script):
+    first = ctrl_script.start()
+    restart = ctrl_script.run("restart")
+    assert restart.returncode == 0, restart.stderr
+    second = ctrl_script.pid()
+    assert second != first
+    assert not alive(first)
+    assert alive(second)
+    assert ctrl_script.run("status").returncode == 0
+
+
+@pytest.mark.parametrize("action", ["force-reload", "try-restart"])
+def test_conditional_restarts_leave_a_stopped_daemon_stopped(lnm_script, action):
+    result = lnm_script.run(action)
+    assert result.returncode == 0
+    assert "not running" in result.stdout
+    assert not lnm_script.pidfile.exists()
+    assert lnm_script.log() == ""
+
+
+def test_force_reload_restarts_a_running_daemon(lnm_script):
+    first = lnm_script.start()
+    result = lnm_script.run("force-reload")
+    assert result.returncode == 0, result.stderr
+    assert lnm_script.pid() != first
+    assert not alive(first)
+
+
+def test_stop_when_not_running_succeeds(lnm_script):
+    result = lnm_script.run("stop")
+    assert result.returncode == 0
+    assert "not running" in result.stdout
+
+
+def test_stale_pid_file_naming_another_process(lnm_script):
+    # A recycled pid must not be signalled: this process is not the daemon.
+    bystander = subprocess.Popen(["sleep", "30"])
+    try:
+        lnm_script.pidfile.parent.mkdir(parents=True)
+        lnm_script.pidfile.write_text(f"{bystander.pid}\n")
+
+        status = lnm_script.run("status")
+        assert status.returncode == 1
+        assert "dead but pid file" in status.stdout
+
+        stop = lnm_script.run("stop")
+        assert stop.returncode == 0
+        assert "stale pid file" in stop.stdout
+        assert bystander.poll() is None
+        assert not lnm_script.pidfile.exists()
+        assert lnm_script.run("status").returncode == 3
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def _dead_pid() -> str:
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    return str(finished.pid)
+
+
+@pytest.mark.parametrize("stale", [_dead_pid, lambda: "not a pid"])
+def test_start_replaces_a_stale_pid_file(lnm_script, stale):
+    lnm_script.pidfile.parent.mkdir(parents=True)
+    lnm_script.pidfile.write_text(f"{stale()}\n")
+    status = lnm_script.run("status")
+    assert status.returncode == 1
+    assert "dead but pid file" in status.stdout
+    pid = lnm_script.start()
+    assert alive(pid)
+    assert lnm_script.run("status").returncode == 0
+
+
+def test_missing_config_exits_6_without_starting(lnm_script):
+    lnm_script.config.unlink()
+    result = lnm_script.run("start")
+    assert result.returncode == 6
+    assert str(lnm_script.config) in result.stderr
+    assert f"{lnm_script.config}.orig" in result.stderr
+    assert not lnm_script.pidfile.exists()
+    assert lnm_script.log() == ""
+
+
+def test_missing_daemon_exits_5(lnm_script):
+    result = lnm_script.run("start", DAEMON=str(lnm_script.daemon) + "-absent")
+    assert result.returncode == 5
+    assert "not installed" in result.stderr
+
+
+def test_daemon_dying_at_start_up_fails_the_start(lnm_script):
+    result = lnm_script.run("start", DAEMON_ARGS="--exit-now 3", START_WAIT="1")
+    assert result.returncode == 1
+    assert "exited during start-up" in result.stderr
+    assert "exiting at once with 3" in result.stderr  # the end of the log is shown
+    assert not lnm_script.pidfile.exists()
+    assert lnm_script.run("status").returncode == 3
+
+
+def test_stop_escalates_to_sigkill(lnm_script):
+    pid = lnm_script.start(DAEMON_ARGS="--ignore-term")
+    result = lnm_script.run("stop", DAEMON_ARGS="--ignore-term", STOP_TIMEOUT="0")
+    assert result.returncode == 0, result.stderr
+    assert "sending SIGKILL" in result.stderr
+    assert "ignoring SIGTERM" in lnm_script.log()
+    assert not alive(pid)
+    assert not lnm_script.pidfile.exists()
+
+
+@pytest.mark.parametrize("action, code", [("reload", 3), ("bogus", 2), ("", 2)])
+def test_unsupported_actions(lnm_script, action, code):
+    result = lnm_script.run(action)
+    assert result.returncode == code
+    assert result.stderr
+
+
+@pytest.mark.parametrize("setting, value", [
+    ("STOP_TIMEOUT", "soon"), ("START_WAIT", "1.2.3"), ("START_METHOD", "systemd"),
+    ("DAEMON", "bin/usherlnm")])
+def test_bad_settings_are_refused(lnm_script, setting, value):
+    start = lnm_script.run("start", **{setting: value})
+    assert start.returncode == 6
+    assert setting in start.stderr
+    assert not lnm_script.pidfile.exists()
+    assert lnm_script.run("status", **{setting: value}).returncode == 4
+
+
+def test_missing_defaults_file_is_refused(lnm_script, tmp_path):
+    env = {**os.environ, "USHER_DEFAULTS_FILE": str(tmp_path / "absent")}
+    result = subprocess.run(["sh", str(INITSCRIPTS / "usherlnm"), "start"], env=env,
+                            capture_output=True, text=True, timeout=SCRIPT_TIMEOUT)
+    assert result.returncode == 6
+    assert "USHER_DEFAULTS_FILE" in result.stderr
+
+
+# --- systemd units ------------------------------------------------------------
+
+def _unit(name: str) -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(interpolation=None, strict=True)
+    parser.optionxform = str
+    parser.read_string((INITSCRIPTS / f"{name}.service").read_text())
+    return parser
+
+
+@pytest.mark.parametrize("name, config", [("usherctrl", "ctrl"), ("usherlnm", "lnm")])
+def test_unit_essentials(name, config):
+    unit = _unit(name)
+    service = unit["Service"]
+    assert service["Type"] in ("exec", "simple")
+    assert service["ExecStart"].split() == [
+        f"/usr/local/bin/{name}", "--isolated", "--config", f"/etc/usher/{config}.config"]
+    assert service["Restart"] == "on-failure"
+    assert service["KillSignal"] == "SIGTERM"
+    assert service["TimeoutStopSec"] == "30"
+    assert "network-online.target" in unit["Unit"]["After"].split()
+    assert unit["Install"]["WantedBy"] == "multi-user.target"
+
+
+def test_lnm_unit_follows_libvirtd_and_keeps_the_host_view():
+    unit = _unit("usherlnm")
+    assert "libvirtd.service" in unit["Unit"]["After"].split()
+    assert "libvirtd.service" in unit["Unit"]["Wants"].split()
+    service = unit["Service"]
+    # libvirtd writes saved images where the LNM reads them, and qemu+ssh://
+    # needs root's ~/.ssh: these would break that.
+    for setting in ("PrivateTmp", "ProtectHome", "PrivateDevices", "RestrictAddressFamilies",
+                    "SystemCallFilter", "PrivateNetwork", "DynamicUser"):
+        assert setting not in service, setting
+    assert service.get("ProtectSystem", "no") in ("no", "true", "yes", "full")
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+def test_systemd_analyze_verify(tmp_path):
+    # verify insists that ExecStart exists: install the units pointing at stand-ins.
+    bindir = tmp_path / "bin"
+    for name in DAEMONS:
+        write_fake_daemon(bindir, name)
+    prefix = tmp_path / "root"
+    prefix.mkdir()
+    install = run_install("--prefix", str(prefix), "--systemd", "--bindir", str(bindir))
+    assert install.returncode == 0, install.stderr
+    units = [str(prefix / "etc/systemd/system" / f"{name}.service") for name in DAEMONS]
+    result = subprocess.run(["systemd-analyze", "verify", *units], capture_output=True,
+                            text=True, timeout=SCRIPT_TIMEOUT)
+    complaints = [line for line in (result.stdout + result.stderr).splitlines()
+                  if "usherctrl" in line or "usherlnm" in line]
+    assert result.returncode == 0, result.stderr
+    assert complaints == []
+
+
+# --- install.sh ---------------------------------------------------------------
+
+def run_install(*args) -> subprocess.CompletedProcess:
+    return subprocess.run(["sh", str(INITSCRIPTS / "install.sh"), *args], capture_output=True,
+                          text=True, timeout=SCRIPT_TIMEOUT)
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def _all_files(root: Path) -> set[str]:
+    return {str(path.relative_to(root)) for path in root.rglob("*") if path.is_file()}
+
+
+def test_install_sysv_everything(tmp_path):
+    result = run_install("--prefix", str(tmp_path), "--sysv", "all")
+    assert result.returncode == 0, result.stderr
+    assert _all_files(tmp_path) == {
+        "etc/init.d/usherctrl", "etc/init.d/usherlnm", "etc/usher/ctrl.config.orig",
+        "etc/usher/lnm.config.orig", "etc/usher/ush.config.orig"}
+    for name in DAEMONS:
+        installed = tmp_path / "etc/init.d" / name
+        assert installed.read_bytes() == (INITSCRIPTS / name).read_bytes()
+        assert _mode(installed) == 0o755
+    for sample in ("ctrl", "lnm", "ush"):
+        installed = tmp_path / f"etc/usher/{sample}.config.orig"
+        assert installed.read_bytes() == (SAMPLES / f"{sample}.config.orig").read_bytes()
+        assert _mode(installed) == 0o644
+    out = result.stdout
+    assert f"cp {tmp_path}/etc/usher/ctrl.config.orig {tmp_path}/etc/usher/ctrl.config" in out
+    for step in ("usher ca init", "usher cert issue", "update-rc.d usherctrl defaults",
+                 "chkconfig --add usherlnm"):
+        assert step in out, step
+
+
+def test_install_keeps_existing_configs(tmp_path):
+    etc_usher = tmp_path / "etc/usher"
+    etc_usher.mkdir(parents=True)
+    (etc_usher / "ctrl.config").write_text("[ctrl]\ndomain = example.org\n")
+    os.utime(etc_usher / "ctrl.config", (1_000_000_000, 1_000_000_000))
+    (etc_usher / "ctrl.config.orig").write_text("an old sample\n")
+
+    result = run_install("--prefix", str(tmp_path), "--sysv", "ctrl")
+    assert result.returncode == 0, result.stderr
+    assert (etc_usher / "ctrl.config").read_text() == "[ctrl]\ndomain = example.org\n"
+    assert (etc_usher / "ctrl.config").stat().st_mtime == 1_000_000_000
+    assert (etc_usher / "ctrl.config.orig").read_bytes() == \
+        (SAMPLES / "ctrl.config.orig").read_bytes()
+    assert "kept as it was" in result.stdout
+    assert not (etc_usher / "lnm.config.orig").exists()
+    assert not (tmp_path / "etc/init.d/usherlnm").exists()
+
+
+def test_install_systemd_lnm_only(tmp_path):
+    result = run_install("--prefix", f"{tmp_path}/", "--systemd", "lnm")
+    assert result.returncode == 0, result.stderr
+    assert _all_files(tmp_path) == {"etc/systemd/system/usherlnm.service",
+                                    "etc/usher/lnm.config.orig"}
+    unit = tmp_path / "etc/systemd/system/usherlnm.service"
+    assert unit.read_bytes() == (INITSCRIPTS / "usherlnm.service").read_bytes()
+    assert _mode(unit) == 0o644
+    assert "systemctl enable --now usherlnm" in result.stdout
+    assert "usher cert issue" in result.stdout
+
+
+def test_install_bindir_is_written_into_the_service_files(tmp_path):
+    bindir = tmp_path / "venv/bin"
+    for name in DAEMONS:
+        write_fake_daemon(bindir, name)
+    prefix = tmp_path / "root"
+    prefix.mkdir()
+    for kind in ("--sysv", "--systemd"):
+        result = run_install("--prefix", str(prefix), kind, "--bindir", str(bindir))
+        assert result.returncode == 0, result.stderr
+        assert "warning" not in result.stdout
+    script = (prefix / "etc/init.d/usherlnm").read_text()
+    assert re.findall(r"^DAEMON=.*$", script, re.M) == [f"DAEMON={bindir}/usherlnm"]
+    unit = (prefix / "etc/systemd/system/usherctrl.service").read_text()
+    assert re.findall(r"^ExecStart=.*$", unit, re.M) == [
+        f"ExecStart={bindir}/usherctrl --isolated --config /etc/usher/ctrl.config"]
+
+
+def test_installed_init_script_runs(tmp_path):
+    bindir = tmp_path / "bin"
+    write_fake_daemon(bindir, "usherctrl")
+    prefix = tmp_path / "root"
+    prefix.mkdir()
+    assert run_install("--prefix", str(prefix), "--sysv", "--bindir", str(bindir),
+                       "ctrl").returncode == 0
+    config = prefix / "etc/usher/ctrl.config"
+    shutil.copy(prefix / "etc/usher/ctrl.config.orig", config)
+    defaults = tmp_path / "defaults"
+    # No DAEMON here: the installed script's own default must be right.
+    defaults.write_text(f"CONFIG={config}\nPIDFILE={tmp_path}/ctrl.pid\n"
+                        f"LOGFILE={tmp_path}/ctrl.log\nSTART_WAIT=0.2\n")
+    env = {**os.environ, "USHER_DEFAULTS_FILE": str(defaults)}
+    script = str(prefix / "etc/init.d/usherctrl")
+    start = subprocess.run([script, "start"], env=env, capture_output=True, text=True,
+                           timeout=SCRIPT_TIMEOUT)
+    assert start.returncode == 0, start.stderr
+    pid = int((tmp_path / "ctrl.pid").read_text())
+    try:
+        assert alive(pid)
+    finally:
+        stop = subprocess.run([script, "stop"], env=env, capture_output=True, text=True,
+                              timeout=SCRIPT_TIMEOUT)
+    assert stop.returncode == 0, stop.stderr
+    assert not alive(pid)
+
+
+@pytest.mark.parametrize("args, complaint", [
+    (["--sysv", "--systemd"], "choose one"),
+    (["--sysv", "ctrl", "lnm"], "name one"),
+    (["--sysv", "everything"], "unknown argument"),
+    (["--sysv", "--bindir", "relative/bin"], "absolute"),
+    (["--sysv", "--bindir", "/opt/my bin"], "characters"),
+    (["--sysv", "--prefix"], "needs a directory"),
+])
+def test_install_refuses_bad_arguments_and_changes_nothing(tmp_path, args, complaint):
+    args = ["--prefix", str(tmp_path), *args]
+    result = run_install(*args)
+    assert result.returncode == 2
+    assert complaint in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_install_refuses_a_missing_prefix(tmp_path):
+    result = run_install("--prefix", str(tmp_path / "absent"), "--sysv")
+    assert result.returncode == 2
+    assert "not an existing directory" in result.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,3 @@
+"""Usher: an extensible framework for managing clusters of virtual machines."""
+
+__version__ = "1.0.0.dev0"

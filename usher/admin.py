@@ -1,0 +1,272 @@
+"""The ``usher`` administration command.
+
+    usher user add NAME [--admin] [--password-stdin] [--passwd-file F]
+    usher user passwd NAME [--password-stdin] [--passwd-file F]
+    usher user del NAME [--passwd-file F]
+    usher user list [--passwd-file F]
+    usher ca init [--dir D] [--force] [--cn CN] [--days N] [--key-type ec|rsa]
+    usher cert issue NAME [--dir D] [--out D] [--hostname H]... [--ip IP]...
+                          [--days N] [--key-type ec|rsa] [--force]
+
+Exit status: 0 on success, 2 on usage errors, 1 on any other error; errors
+are printed to stderr as ``usher: error: ...``.
+
+Subcommands are added by registration functions (see ``SUBCOMMANDS``); each
+takes the top-level argparse subparsers object, adds its parser(s) and sets a
+``handler(args, context) -> int`` default on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import getpass as getpass_module
+import sys
+from collections.abc import Callable
+from typing import TextIO
+
+from usher import passwdfile, pki
+from usher.errors import InvalidRequest, UsherError
+
+PROG = "usher"
+
+
+class UsageError(Exception):
+    """A command line that is well-formed for argparse but still wrong (exit 2)."""
+
+
+@dataclasses.dataclass
+class CommandContext:
+    """What a subcommand handler may use besides its parsed arguments."""
+
+    stdin: TextIO
+    getpass: Callable[[str], str]
+    bcrypt_rounds: int
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{PROG}: error: {message}\n")
+
+
+def _error(message: str) -> None:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+
+
+# -- usher user ----------------------------------------------------------------
+
+def _read_new_password(args, context: CommandContext) -> str:
+    if args.password_stdin:
+        line = context.stdin.readline()
+        if not line:
+            raise InvalidRequest("no password on standard input")
+        return line.rstrip("\r\n")
+    first = context.getpass("New password: ")
+    second = context.getpass("Retype new password: ")
+    if first != second:
+        raise InvalidRequest("the passwords do not match; nothing changed")
+    return first
+
+
+def _existing_users(path) -> dict:
+    try:
+        return passwdfile.load(path)
+    except UsherError:
+        # The edit itself will report a missing or broken file precisely.
+        return {}
+
+
+def _user_add(args, context: CommandContext) -> int:
+    passwdfile.validate_username(args.name)
+    # Checked before prompting so nobody types a password for nothing;
+    # add_user checks again under the file lock.
+    if args.name in _existing_users(args.passwd_file):
+        raise InvalidRequest(f"user {args.name!r} already exists in {args.passwd_file}")
+    password = _read_new_password(args, context)
+    role = "admin" if args.admin else None
+    passwdfile.add_user(args.passwd_file, args.name, password, role,
+                        rounds=context.bcrypt_rounds)
+    print(f"Added user {args.name}" + (" (admin)" if role else "")
+          + f" to {args.passwd_file}")
+    return 0
+
+
+def _user_passwd(args, context: CommandContext) -> int:
+    passwdfile.validate_username(args.name)
+    if args.name not in passwdfile.load(args.passwd_file):
+        raise InvalidRequest(f"no user {args.name!r} in {args.passwd_file}")
+    password = _read_new_password(args, context)
+    passwdfile.set_password(args.passwd_file, args.name, password, rounds=context.bcrypt_rounds)
+    print(f"Changed the password of {args.name}")
+    return 0
+
+
+def _user_del(args, context: CommandContext) -> int:
+    passwdfile.delete_user(args.passwd_file, args.name)
+    print(f"Deleted user {args.name} from {args.passwd_file}")
+    return 0
+
+
+def _user_list(args, context: CommandContext) -> int:
+    for entry in passwdfile.load(args.passwd_file).values():
+        print(f"{entry.username}\t{entry.role}" if entry.role else entry.username)
+    return 0
+
+
+def register_user_commands(subparsers) -> None:
+    file_option = _ArgumentParser(add_help=False)
+    file_option.add_argument(
+        "--passwd-file", metavar="F", default=passwdfile.DEFAULT_PASSWD_FILE,
+        help=f"the password file (default {passwdfile.DEFAULT_PASSWD_FILE})")
+    password_option = _ArgumentParser(add_help=False)
+    password_option.add_argument(
+        "--password-stdin", action="store_true",
+        help="read the password from the first line of standard input instead of prompting")
+
+    user = subparsers.add_parser("user", help="manage the controller's local users")
+    actions = user.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    add = actions.add_parser("add", parents=[file_option, password_option], help="add a user")
+    add.add_argument("name", metavar="NAME")
+    add.add_argument("--admin", action="store_true", help="give the user the admin role")
+    add.set_defaults(handler=_user_add)
+
+    passwd = actions.add_parser("passwd", parents=[file_option, password_option],
+                                help="change a user's password")
+    passwd.add_argument("name", metavar="NAME")
+    passwd.set_defaults(handler=_user_passwd)
+
+    delete = actions.add_parser("del", parents=[file_option], help="delete a user")
+    delete.add_argument("name", metavar="NAME")
+    delete.set_defaults(handler=_user_del)
+
+    listing = actions.add_parser("list", parents=[file_option],
+                                 help="list users (name, then role if any)")
+    listing.set_defaults(handler=_user_list)
+
+
+# -- usher ca / usher cert -------------------------------------------------------
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
+def _ca_init(args, context: CommandContext) -> int:
+    files = pki.init_ca(args.dir, args.cn, args.days, force=args.force, key_type=args.key_type)
+    print(f"Created CA certificate {files.cert_path} and key {files.key_path}")
+    return 0
+
+
+def _cert_issue(args, context: CommandContext) -> int:
+    files = pki.issue_cert(
+        args.dir, args.name, args.out if args.out is not None else args.dir,
+        hostnames=args.hostname, ips=args.ip, days=args.days,
+        force=args.force, key_type=args.key_type)
+    print(f"Issued certificate {files.cert_path} and key {files.key_path}")
+    return 0
+
+
+def register_pki_commands(subparsers) -> None:
+    ca_dir_option = _ArgumentParser(add_help=False)
+    ca_dir_option.add_argument(
+        "--dir", metavar="D", default=pki.DEFAULT_CA_DIR,
+        help=f"directory of ca_cert.pem and ca_key.pem (default {pki.DEFAULT_CA_DIR})")
+    ca_dir_option.add_argument("--key-type", choices=pki.KEY_TYPES, default="ec",
+                               help="ECDSA P-256 (default) or RSA 2048")
+
+    ca = subparsers.add_parser("ca", help="manage the site certificate authority")
+    ca_actions = ca.add_subparsers(dest="action", required=True, metavar="ACTION")
+    init = ca_actions.add_parser("init", parents=[ca_dir_option], help="create the site CA")
+    init.add_argument("--force", action="store_true",
+                      help="replace an existing CA (certificates it issued stop working)")
+    init.add_argument("--cn", default="Usher CA", help="the CA's common name")
+    init.add_argument("--days", type=_positive_int, default=3650, help="validity (default 3650)")
+    init.set_defaults(handler=_ca_init)
+
+    cert = subparsers.add_parser("cert", help="issue certificates signed by the site CA")
+    cert_actions = cert.add_subparsers(dest="action", required=True, metavar="ACTION")
+    issue = cert_actions.add_parser(
+        "issue", parents=[ca_dir_option],
+        help="issue NAME_cert.pem and NAME_key.pem (server and client use)")
+    issue.add_argument("name", metavar="NAME", help="common name and first DNS name")
+    issue.add_argument("--out", metavar="D", default=None,
+                       help="where to write the files (default: the CA directory)")
+    issue.add_argument("--hostname", metavar="H", action="append", default=[],
+                       help="another DNS name for the certificate (repeatable)")
+    issue.add_argument("--ip", metavar="IP", action="append", default=[],
+                       help="an IP address for the certificate (repeatable)")
+    issue.add_argument("--days", type=_positive_int, default=825, help="validity (default 825)")
+    issue.add_argument("--force", action="store_true", help="replace existing files")
+    issue.set_defaults(handler=_cert_issue)
+
+
+# -- the command -----------------------------------------------------------------
+
+# Registration functions of the top-level subcommands, in help order.
+def register_sandbox_commands(subparsers):
+    from usher import sandbox
+    parser = subparsers.add_parser(
+        "sandbox", help="run a whole Usher system on this machine (libvirt test driver)",
+        description=sandbox.__doc__)
+    sandbox.add_arguments(parser)
+    parser.set_defaults(handler=lambda args, context: sandbox.run(args))
+
+
+SUBCOMMANDS: tuple[Callable, ...] = (
+    register_user_commands,
+    register_pki_commands,
+    register_sandbox_commands,
+)
+
+
+def build_parser(subcommands=SUBCOMMANDS) -> argparse.ArgumentParser:
+    parser = _ArgumentParser(prog=PROG, description="Usher administration.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for register in subcommands:
+        register(subparsers)
+    return parser
+
+
+def main(argv=None, *, stdin: TextIO | None = None,
+         getpass: Callable[[str], str] = getpass_module.getpass,
+         bcrypt_rounds: int = passwdfile.DEFAULT_ROUNDS,
+         subcommands=SUBCOMMANDS) -> int:
+    """Run the ``usher`` command; -> exit status. Keyword arguments are for tests."""
+    parser = build_parser(subcommands)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_request:
+        code = exit_request.code
+        return code if isinstance(code, int) else (0 if code is None else 2)
+    context = CommandContext(stdin=stdin if stdin is not None else sys.stdin,
+                             getpass=getpass, bcrypt_rounds=bcrypt_rounds)
+    try:
+        return args.handler(args, context)
+    except UsageError as exc:
+        parser.print_usage(sys.stderr)
+        _error(str(exc))
+        return 2
+    except UsherError as exc:
+        _error(str(exc))
+        return 1
+    except EOFError:
+        _error("no password entered")
+        return 1
+    except OSError as exc:
+        _error(f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc))
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        _error("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

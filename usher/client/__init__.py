@@ -1,0 +1,356 @@
+"""The Usher client library: asynchronous, event-based, mirroring the
+controller's API (paper, Table 4).
+
+    client = UsherClient(reactor, "ctrl.example.org", 7390, ca_file=...,
+                         username="alice", password="...")
+    await client.connect()
+    client.on_change(lambda changed, removed: ...)
+    await client.start(cluster="sneetch", count=10)
+    await client.pause(Selection(clusters=["sneetch"]))
+
+Every public method returns a Deferred. The client keeps a cache of the
+user's VMs (optionally only some clusters), kept current by the controller's
+change notifications, and checks requests against it before sending them.
+If the controller goes away the client reconnects with exponential backoff,
+flushes its cache and receives a fresh one; callbacks keep working.
+"""
+
+import functools
+
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.internet import defer
+from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
+from twisted.logger import Logger
+from twisted.spread import pb
+
+from usher import pki
+from usher.errors import (InvalidRequest, NoSuchVM, PermissionDenied, Unavailable,
+                          from_failure)
+from usher.naming import check_label, check_short_name, qualify
+from usher.pbutil import call
+from usher.records import decode_records
+from usher.states import OPERATIONS, OPERATION_PRECONDITIONS, SHUTOFF
+from usher.vmset import Selection
+
+log = Logger()
+
+__all__ = ["UsherClient", "Selection"]
+
+
+def _deferred(method):
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        return defer.Deferred.fromCoroutine(method(*args, **kwargs))
+    return wrapper
+
+
+class _Observer(pb.Referenceable):
+    """The callback object the controller pushes VM changes to."""
+
+    def __init__(self, client):
+        self.client = client
+
+    def remote_vm_changes(self, seq, chunks, removed):
+        self.client._apply_changes(seq, chunks, removed)
+
+    def remote_notice(self, kind, message):
+        self.client._fire_connection("notice", f"{kind}: {message}")
+
+
+class _LoginFactory(pb.PBClientFactory):
+    """Logs in again on every new connection (buildbot's pattern: logging in
+    from ClientService's prepareConnection can wedge the service)."""
+
+    def __init__(self, client):
+        super().__init__()
+        self.client = client
+
+    def clientConnectionMade(self, broker):
+        super().clientConnectionMade(broker)
+        d = defer.Deferred.fromCoroutine(self.client._login(self._root, broker))
+        d.addErrback(lambda f: self.client._login_failed(f, broker))
+
+
+class UsherClient:
+    def __init__(self, reactor, host, port, *, ca_file, tls_name=None, username,
+                 password, clusters=None, timeout=60.0, initial_delay=1.0, max_delay=30.0):
+        self.reactor = reactor
+        self.host = host
+        self.port = port
+        self.ca_file = ca_file
+        self.tls_name = tls_name or host
+        self.username = username
+        self._password = password
+        self.clusters = list(clusters) if clusters else None
+        self.timeout = timeout
+        self.initial_delay = initial_delay
+        self.max_delay = max_delay
+        self.user = None
+        self.domain = None
+        self.admin = False
+        self.vms = {}
+        self._perspective = None
+        self._seq = 0
+        self._service = None
+        self._first_login = None
+        self._change_callbacks = []
+        self._connection_callbacks = []
+        self._observer = _Observer(self)
+
+    # -- connection ----------------------------------------------------------
+
+    @property
+    def connected(self):
+        return self._perspective is not None
+
+    def connect(self):
+        """Contact and authenticate with the controller over TLS; -> Deferred
+        firing {"user", "admin", "domain"}."""
+        if self._service is not None:
+            return defer.fail(InvalidRequest("already connected; use reconnect()"))
+        endpoint = wrapClientTLS(pki.client_tls_options(self.tls_name, self.ca_file),
+                                 TCP4ClientEndpoint(self.reactor, self.host, self.port,
+                                                    timeout=min(self.timeout, 30)))
+        self._service = ClientService(
+            endpoint, _LoginFactory(self), clock=self.reactor,
+            retryPolicy=backoffPolicy(initialDelay=self.initial_delay,
+                                      maxDelay=self.max_delay))
+        self._first_login = defer.Deferred()
+        self._service.startService()
+        first = self._first_login
+        attempt = self._service.whenConnected(failAfterFailures=1)
+
+        def cannot_connect(failure):
+            if not first.called:
+                first.errback(Unavailable(
+                    f"cannot reach the controller at {self.host}:{self.port}: "
+                    f"{failure.getErrorMessage()}"))
+        attempt.addErrback(cannot_connect)
+        first.addTimeout(self.timeout, self.reactor)
+
+        def failed(failure):
+            service, self._service = self._service, None
+            if service is not None:
+                service.stopService()
+            if failure.check(defer.TimeoutError):
+                raise Unavailable(f"no answer from {self.host}:{self.port} "
+                                  f"within {self.timeout:g} s")
+            return failure
+        return first.addErrback(failed)
+
+    def reconnect(self):
+        """Disconnect and connect again with the same credentials."""
+        d = self.disconnect()
+        d.addCallback(lambda _: self.connect())
+        return d
+
+    def disconnect(self):
+        service, self._service = self._service, None
+        self._perspective = None
+        if service is None:
+            return defer.succeed(None)
+        return defer.maybeDeferred(service.stopService)
+
+    async def _login(self, root, broker):
+        try:
+            perspective = await call(root, "login", self.username, self._password,
+                                     self._observer, timeout=self.timeout, clock=self.reactor)
+            who = await call(perspective, "whoami", timeout=self.timeout, clock=self.reactor)
+            snapshot = await call(perspective, "subscribe", self.clusters,
+                                  timeout=self.timeout, clock=self.reactor)
+        except pb.DeadReferenceError:
+            return
+        self.user, self.admin, self.domain = who["user"], who["admin"], who["domain"]
+        records = decode_records(snapshot["chunks"])
+        old = self.vms
+        self.vms = {r["name"]: r for r in records}
+        self._seq = snapshot["seq"]
+        self._perspective = perspective
+        broker.notifyOnDisconnect(lambda: self._lost(perspective))
+        if old:
+            removed = sorted(set(old) - set(self.vms))
+            self._fire_changes(list(self.vms.values()), removed)
+        if self._first_login is not None and not self._first_login.called:
+            self._first_login.callback(who)
+        else:
+            self._fire_connection("connected", f"reconnected to {self.host}:{self.port}")
+
+    def _login_failed(self, failure, broker):
+        error = from_failure(failure)
+        if self._first_login is not None and not self._first_login.called:
+            self._first_login.errback(error)
+        else:
+            log.error("login to the controller failed: {error}", error=error)
+            self._fire_connection("disconnected", f"login failed: {error}")
+        broker.transport.loseConnection()
+
+    def _lost(self, perspective):
+        if self._perspective is perspective:
+            self._perspective = None
+            if self._service is not None:
+                self._fire_connection("reconnecting",
+                                      f"lost the controller at {self.host}:{self.port}; "
+                                      "reconnecting")
+
+    # -- callbacks -----------------------------------------------------------
+
+    def on_change(self, callback):
+        """callback(changed records, removed names) on every change to a
+        cached VM; returns a function that removes the callback."""
+        self._change_callbacks.append(callback)
+        return lambda: self._change_callbacks.remove(callback)
+
+    def on_connection(self, callback):
+        """callback(state, detail) with state "connected", "disconnected",
+        "reconnecting" or "notice"."""
+        self._connection_callbacks.append(callback)
+        return lambda: self._connection_callbacks.remove(callback)
+
+    def _fire_changes(self, changed, removed):
+        for callback in list(self._change_callbacks):
+            try:
+                callback(changed, removed)
+            except Exception:
+                log.failure("VM change callback failed")
+
+    def _fire_connection(self, state, detail):
+        for callback in list(self._connection_callbacks):
+            try:
+                callback(state, detail)
+            except Exception:
+                log.failure("connection callback failed")
+
+    def _apply_changes(self, seq, chunks, removed):
+        if seq != self._seq + 1:
+            log.warn("missed VM updates ({got} after {had}); resynchronising",
+                     got=seq, had=self._seq)
+            self._resync()
+            return
+        self._seq = seq
+        changed = decode_records(chunks)
+        for rec in changed:
+            self.vms[rec["name"]] = rec
+        gone = [name for name in removed if self.vms.pop(name, None) is not None]
+        self._fire_changes(changed, gone)
+
+    @_deferred
+    async def _resync(self):
+        snapshot = await self._remote("subscribe", self.clusters)
+        old = self.vms
+        self.vms = {r["name"]: r for r in decode_records(snapshot["chunks"])}
+        self._seq = snapshot["seq"]
+        self._fire_changes(list(self.vms.values()), sorted(set(old) - set(self.vms)))
+
+    async def _remote(self, method, *args):
+        if self._perspective is None:
+            raise Unavailable("not connected to the controller")
+        return await call(self._perspective, method, *args, timeout=self.timeout,
+                          clock=self.reactor)
+
+    # -- selections ----------------------------------------------------------
+
+    def _qualify(self, name):
+        return qualify(name, self.user, self.domain)
+
+    def select(self, selection):
+        """Resolve a selection against the cache -> list of records; unknown
+        or foreign VMs raise before anything is sent."""
+        if selection is None:
+            selection = Selection(everything=True)
+        elif isinstance(selection, (list, tuple)):
+            selection = Selection(names=list(selection))
+        if self.user is None:
+            raise Unavailable("not connected to the controller")
+        chosen, unknown = selection.pick(self.vms, self._qualify)
+        if unknown and self.clusters is None:
+            raise NoSuchVM(f"no such VM: {', '.join(unknown[:5])}")
+        return chosen + [{"name": n} for n in unknown]
+
+    # -- Table 4 -------------------------------------------------------------
+
+    @_deferred
+    async def list(self, selection=None, status=False, remote=False):
+        """List VMs: from the cache (no remote call, like ush's ``list``), or
+        from the controller with ``remote`` or ``status``."""
+        if not remote and not status:
+            return sorted((dict(r) for r in self.select(selection) if "state" in r),
+                          key=lambda r: r["name"])
+        if isinstance(selection, (list, tuple)):
+            selection = Selection(names=list(selection))
+        wire = selection.to_wire() if selection is not None else None
+        return decode_records(await self._remote("list", wire, bool(status)))
+
+    @_deferred
+    async def list_lnm(self, patterns=(), status=False):
+        return await self._remote("list_lnm", list(patterns), bool(status))
+
+    @_deferred
+    async def start(self, names=(), cluster=None, count=None, lnms=(), args=None):
+        args = dict(args or {})
+        if cluster is not None:
+            args["cluster"] = check_label(cluster, "cluster name")
+        if count is not None:
+            if not isinstance(count, int) or count < 1:
+                raise InvalidRequest("count must be a positive integer")
+            if cluster is None:
+                raise InvalidRequest("a count needs a cluster name")
+            args["count"] = count
+        names = list(names)
+        for name in names:
+            if "[" not in name:
+                full = self._qualify(name)
+                check_short_name(full.split(".", 1)[0])
+                existing = self.vms.get(full)
+                if existing is not None and existing["state"] != SHUTOFF:
+                    raise InvalidRequest(f"{full} already exists ({existing['state']})")
+        return await self._remote("start", names, list(lnms), args)
+
+    @_deferred
+    async def op_on(self, operation, selection, args=None):
+        if operation not in OPERATIONS:
+            raise InvalidRequest(f"unknown operation {operation!r}; valid: "
+                                 + ", ".join(OPERATIONS))
+        records = self.select(selection)
+        if not records:
+            raise NoSuchVM("no VM matches")
+        for rec in records:
+            if rec.get("owner") not in (None, self.user) and not self.admin:
+                raise PermissionDenied(f"not your VM: {rec['name']}")
+        return await self._remote("op_on", operation,
+                                  {"names": [r["name"] for r in records]}, args)
+
+    @_deferred
+    async def migrate(self, selection, lnms=(), args=None):
+        records = self.select(selection)
+        if not records:
+            raise NoSuchVM("no VM matches")
+        return await self._remote("migrate", {"names": [r["name"] for r in records]},
+                                  list(lnms), args)
+
+    # -- administration --------------------------------------------------------
+
+    @_deferred
+    async def plugins(self):
+        return await self._remote("plugins")
+
+    @_deferred
+    async def register_plugin(self, name, event, config_file=None, order=None):
+        return await self._remote("register_plugin", name, event, config_file, order)
+
+    @_deferred
+    async def unregister_plugin(self, name, event=None):
+        return await self._remote("unregister_plugin", name, event)
+
+
+def _operation(operation):
+    def method(self, selection, args=None):
+        return self.op_on(operation, selection, args)
+    method.__name__ = operation
+    allowed = ", ".join(sorted(OPERATION_PRECONDITIONS[operation]))
+    method.__doc__ = f"{operation} the selected VMs (allowed from: {allowed})."
+    return method
+
+
+for _op in OPERATIONS:
+    setattr(UsherClient, _op, _operation(_op))
+del _op

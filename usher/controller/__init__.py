@@ -1,0 +1,1 @@
+"""The Usher controller (usherctrl): global state, requests, plugins, links."""

@@ -1,0 +1,220 @@
+"""The controller's PB boundary towards clients (TLS).
+
+PB's own login is an MD5 challenge that needs plaintext passwords on the
+server; LDAP and PAM need the password itself. So the client sends its user
+name and password over the TLS channel to ``login``, which runs them through
+the cred portal (the authentication chain) and returns the user's
+perspective: the capability for the Table 4 API.
+"""
+
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import IRealm
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.spread import pb
+from twisted.spread.flavors import IPBRoot
+from zope.interface import implementer
+
+from usher.controller.events import Event
+from usher.errors import AuthenticationFailed, InvalidRequest, PermissionDenied, UsherError
+from usher.pbutil import call
+from usher.records import encode_chunks
+from usher.vmset import Selection
+
+log = Logger()
+
+MAX_CREDENTIAL = 1024
+MAX_FAILED_LOGINS = 5
+
+
+def _boundary(method):
+    """Run an ``async def`` perspective method as a Deferred, and never let
+    an unexpected exception's details reach the client."""
+    import functools
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        async def run():
+            try:
+                return await method(self, *args, **kwargs)
+            except UsherError:
+                raise
+            except Exception:
+                log.failure("internal error in {method} for {user}",
+                            method=method.__name__, user=self.user)
+                raise UsherError("internal error in the controller; see its log")
+        return defer.Deferred.fromCoroutine(run())
+
+    return wrapper
+
+
+class UserPerspective(pb.Avatar):
+    """One logged-in user's view of the controller (paper, Table 4)."""
+
+    def __init__(self, controller, user, admin, observer, *, clock, call_timeout):
+        self.controller = controller
+        self.user = user
+        self.admin = admin
+        self.observer = observer
+        self.clock = clock
+        self.call_timeout = call_timeout
+        self.subscription = None
+
+    def logout(self):
+        if self.subscription is not None:
+            self.subscription.close()
+            self.subscription = None
+
+    def _push(self, seq, chunks, removed):
+        if not isinstance(self.observer, pb.RemoteReference):
+            return None
+        return call(self.observer, "vm_changes", seq, chunks, removed,
+                    timeout=self.call_timeout, clock=self.clock)
+
+    @_boundary
+    async def perspective_whoami(self):
+        return {"user": self.user, "admin": self.admin, "domain": self.controller.domain}
+
+    @_boundary
+    async def perspective_subscribe(self, clusters=None):
+        if clusters is not None and (not isinstance(clusters, (list, tuple)) or not all(
+                isinstance(c, str) for c in clusters)):
+            raise InvalidRequest("clusters must be a list of names")
+        if self.subscription is not None:
+            self.subscription.close()
+        self.subscription = self.controller.hub.add(self.user, self.admin, clusters or None,
+                                                    self._push)
+        return self.subscription.snapshot(self.controller.state)
+
+    @_boundary
+    async def perspective_list(self, selection=None, status=False):
+        records = await self.controller.list(self.user, self.admin,
+                                             Selection.from_wire(selection), bool(status))
+        return encode_chunks(records)
+
+    @_boundary
+    async def perspective_list_lnm(self, patterns=(), status=False):
+        if not isinstance(patterns, (list, tuple)):
+            raise InvalidRequest("LNM patterns must be a list")
+        return self.controller.list_lnm(self.user, self.admin, patterns, bool(status))
+
+    @_boundary
+    async def perspective_start(self, vms=(), lnms=(), args=None):
+        return await self.controller.start(self.user, self.admin, vms, lnms, args)
+
+    @_boundary
+    async def perspective_op_on(self, operation, selection, args=None):
+        if not isinstance(operation, str):
+            raise InvalidRequest("operation must be a string")
+        return await self.controller.op_on(self.user, self.admin, operation,
+                                           Selection.from_wire(selection), args)
+
+    @_boundary
+    async def perspective_migrate(self, selection, lnms=(), args=None):
+        return await self.controller.migrate(self.user, self.admin,
+                                             Selection.from_wire(selection), lnms, args)
+
+    # -- plugin administration -------------------------------------------------
+
+    def _require_admin(self):
+        if not self.admin:
+            raise PermissionDenied("only administrators may manage plugins")
+
+    @_boundary
+    async def perspective_plugins(self):
+        self._require_admin()
+        return self.controller.plugins.describe()
+
+    @_boundary
+    async def perspective_register_plugin(self, name, event, config_file=None, order=None):
+        self._require_admin()
+        if not all(isinstance(v, str) for v in (name, event)) or (
+                config_file is not None and not isinstance(config_file, str)):
+            raise InvalidRequest("plugin name, event and config file must be strings")
+        if order is not None and not isinstance(order, int):
+            raise InvalidRequest("order must be an integer")
+        self.controller.plugins.register(name, event, config_file, order)
+        return self.controller.plugins.describe()
+
+    @_boundary
+    async def perspective_unregister_plugin(self, name, event=None):
+        self._require_admin()
+        if not isinstance(name, str) or (event is not None and not isinstance(event, str)):
+            raise InvalidRequest("plugin name and event must be strings")
+        self.controller.plugins.unregister(name, event)
+        return self.controller.plugins.describe()
+
+
+async def _no_role(user):
+    return None
+
+
+@implementer(IRealm)
+class UsherRealm:
+    def __init__(self, controller, *, clock, call_timeout, role_of=None):
+        self.controller = controller
+        self.clock = clock
+        self.call_timeout = call_timeout
+        self.role_of = role_of or _no_role
+
+    def requestAvatar(self, avatar_id, mind, *interfaces):
+        if pb.IPerspective not in interfaces:
+            raise NotImplementedError("only PB perspectives")
+        return defer.Deferred.fromCoroutine(self._avatar(avatar_id, mind))
+
+    async def _avatar(self, avatar_id, mind):
+        user = avatar_id.decode() if isinstance(avatar_id, bytes) else avatar_id
+        admin = self.controller.is_admin(user, await self.role_of(user))
+        avatar = UserPerspective(self.controller, user, admin, mind, clock=self.clock,
+                                 call_timeout=self.call_timeout)
+        self.controller.chains.notify(Event("user_authenticated", self.controller.api,
+                                            user=user, admin=admin))
+        return pb.IPerspective, avatar, avatar.logout
+
+
+class LoginGateway(pb.Referenceable):
+    """The root object a client connection sees before logging in."""
+
+    def __init__(self, portal, broker):
+        self.portal = portal
+        self.broker = broker
+        self.failures = 0
+        self.logged_in = False
+
+    def remote_login(self, username, password, observer=None):
+        if self.logged_in:
+            return defer.fail(InvalidRequest("already logged in on this connection"))
+        if not (isinstance(username, str) and isinstance(password, str)
+                and 0 < len(username) <= MAX_CREDENTIAL and len(password) <= MAX_CREDENTIAL):
+            return defer.fail(InvalidRequest("user name and password must be short strings"))
+        creds = UsernamePassword(username.encode("utf-8"), password.encode("utf-8"))
+        d = self.portal.login(creds, observer, pb.IPerspective)
+
+        def logged_in(result):
+            _iface, avatar, logout = result
+            self.logged_in = True
+            self.broker.notifyOnDisconnect(logout)
+            log.info("user {user} logged in from {peer}", user=avatar.user,
+                     peer=str(self.broker.transport.getPeer()))
+            return pb.AsReferenceable(avatar, "perspective")
+
+        def refused(failure):
+            failure.trap(UnauthorizedLogin)
+            self.failures += 1
+            log.warn("failed login for {user} from {peer}", user=username,
+                     peer=str(self.broker.transport.getPeer()))
+            if self.failures >= MAX_FAILED_LOGINS:
+                self.broker.transport.loseConnection()
+            raise AuthenticationFailed("wrong user name or password")
+
+        return d.addCallbacks(logged_in, refused)
+
+
+@implementer(IPBRoot)
+class ClientRoot:
+    def __init__(self, portal):
+        self.portal = portal
+
+    def rootObject(self, broker):
+        return LoginGateway(self.portal, broker)

@@ -1,0 +1,190 @@
+"""Events, requests and the plugin chains that process them.
+
+Every client request becomes a ``Request`` that travels down the chain of
+plugins registered for its event (``start_request``, ``migrate_request``,
+``pause_request`` …), lowest ``order`` first. Each plugin may approve it
+(do nothing), modify it (drop VMs, place VMs, change arguments) or reject
+it. Other events (``register_vm``, ``start_complete``, ``vm_state_changed``,
+``lnm_connected`` …) notify plugins of what happened.
+
+Failure rule: on a request chain a plugin that raises or exceeds its timeout
+rejects the request (fail closed: a broken authorization plugin must not let
+requests through); on a notification chain it is logged and the chain goes
+on.
+"""
+
+import time
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from usher.errors import Rejected
+from usher.states import OPERATIONS
+
+log = Logger()
+
+REQUEST_EVENTS = ("start_request", "migrate_request", "list_request") + tuple(
+    f"{op}_request" for op in OPERATIONS)
+NOTIFICATION_EVENTS = (
+    "register_vm", "start_complete", "migrate_complete", "op_complete",
+    "vm_state_changed", "vm_lost", "vm_missing", "vm_unmanaged", "vm_adopted",
+    "vm_removed", "lnm_connected", "lnm_disconnected", "user_authenticated",
+    "timer", "error")
+ALL_EVENTS = REQUEST_EVENTS + NOTIFICATION_EVENTS
+
+
+class Request:
+    """A user's request as plugins see it.
+
+    ``vms`` are full VM names; ``lnms`` the caller's LNM suggestion (a hint
+    that policy may ignore); ``placement`` maps a VM to the LNM a placement
+    plugin chose; ``args`` holds every extra argument of the request (OS,
+    filesystem …) for plugins to use.
+    """
+
+    def __init__(self, kind, user, *, admin=False, vms=(), lnms=(), args=None,
+                 records=None):
+        self.kind = kind
+        self.user = user
+        self.admin = admin
+        self.vms = list(vms)
+        self.lnms = list(lnms)
+        self.args = dict(args or {})
+        self.records = records or {}   # name -> record, for requests on existing VMs
+        self.placement = {}
+        self.dropped = {}              # name -> reason (approved with modification)
+        self.rejected = None
+        self.rejected_by = None
+        self.notes = []
+
+    def reject(self, reason):
+        self.rejected = str(reason)
+
+    def drop(self, vm, reason):
+        """Approve with modification: leave ``vm`` out, telling the user why."""
+        if vm in self.vms:
+            self.vms.remove(vm)
+            self.placement.pop(vm, None)
+            self.dropped[vm] = str(reason)
+
+    def place(self, vm, lnm):
+        self.placement[vm] = lnm
+
+    def note(self, message):
+        self.notes.append(str(message))
+
+
+class Event:
+    """What a plugin's ``entry_point`` receives."""
+
+    def __init__(self, name, api, *, request=None, **data):
+        self.name = name
+        self.api = api            # the controller's PluginAPI
+        self.request = request
+        self.data = data
+        self.fired_at = time.time()
+
+    def __getattr__(self, key):
+        try:
+            return self.__dict__["data"][key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    def __repr__(self):
+        return f"<Event {self.name} {self.data!r}>"
+
+
+class Registration:
+    __slots__ = ("plugin", "event", "order", "seq", "config_file")
+
+    def __init__(self, plugin, event, order, seq, config_file):
+        self.plugin = plugin
+        self.event = event
+        self.order = order
+        self.seq = seq
+        self.config_file = config_file
+
+    def sort_key(self):
+        return (self.order, self.seq)
+
+
+class EventChains:
+    """The per-event chains of plugin registrations, and firing them."""
+
+    def __init__(self, clock, timeout=10.0):
+        self.clock = clock
+        self.timeout = timeout
+        self._chains = {}
+        self._seq = 0
+
+    def add(self, plugin, event, *, order=None, config_file=None):
+        if event not in ALL_EVENTS:
+            raise ValueError(f"unknown event {event!r}")
+        chain = self._chains.setdefault(event, [])
+        if any(r.plugin.name == plugin.name for r in chain):
+            raise ValueError(f"plugin {plugin.name} is already registered for {event}")
+        self._seq += 1
+        if order is None:
+            order = getattr(plugin, "order", None)
+        # Unordered plugins run in registration order, after ordered ones of the
+        # same value.
+        chain.append(Registration(plugin, event, 1000 if order is None else order,
+                                  self._seq, config_file))
+        chain.sort(key=Registration.sort_key)
+
+    def remove(self, plugin_name, event=None):
+        removed = []
+        for name, chain in self._chains.items():
+            if event is not None and name != event:
+                continue
+            for reg in [r for r in chain if r.plugin.name == plugin_name]:
+                chain.remove(reg)
+                removed.append(reg)
+        return removed
+
+    def registrations(self, event=None):
+        if event is not None:
+            return list(self._chains.get(event, []))
+        return [r for chain in self._chains.values() for r in chain]
+
+    def has(self, event):
+        return bool(self._chains.get(event))
+
+    async def _call(self, reg, event):
+        result = reg.plugin.entry_point(event)
+        if hasattr(result, "__await__") and not isinstance(result, defer.Deferred):
+            result = defer.ensureDeferred(result)
+        if isinstance(result, defer.Deferred):
+            timeout = getattr(reg.plugin, "timeout", None) or self.timeout
+            result.addTimeout(timeout, self.clock)
+            await result
+
+    async def fire_request(self, event):
+        """Run a request event down its chain; raises Rejected if a plugin
+        rejects the request or fails."""
+        request = event.request
+        for reg in self.registrations(event.name):
+            try:
+                await self._call(reg, event)
+            except Exception as e:
+                log.failure("plugin {plugin} failed on {event}; rejecting the request",
+                            plugin=reg.plugin.name, event=event.name)
+                request.reject(f"plugin {reg.plugin.name} failed: {e.__class__.__name__}: {e}")
+            if request.rejected is not None:
+                request.rejected_by = reg.plugin.name
+                raise Rejected(f"{request.rejected} (rejected by {reg.plugin.name})")
+        return request
+
+    async def fire_notification(self, event):
+        for reg in self.registrations(event.name):
+            try:
+                await self._call(reg, event)
+            except Exception:
+                log.failure("plugin {plugin} failed on {event}",
+                            plugin=reg.plugin.name, event=event.name)
+
+    def notify(self, event):
+        """Fire a notification without waiting for it (never blocks the caller)."""
+        if not self.has(event.name):
+            return defer.succeed(None)
+        return defer.Deferred.fromCoroutine(self.fire_notification(event))

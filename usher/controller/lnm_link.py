@@ -1,0 +1,154 @@
+"""The controller's PB boundary towards LNMs (mutual TLS).
+
+An LNM proves who it is with its certificate; its name is the certificate's
+common name, never what it claims. On ``attach`` it hands over a reference
+to its node API (paper, Table 2), which the controller wraps as a
+``RemoteLNM`` handle, and receives a ``NodeReporter`` for its event reports.
+"""
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.spread import pb
+from twisted.spread.flavors import IPBRoot
+from zope.interface import implementer
+
+from usher import pki
+from usher.errors import InvalidRequest, PermissionDenied, UsherError
+from usher.pbutil import as_deferred, call
+from usher.protocol import PROTOCOL_VERSION
+from usher.records import decode_records, encode_chunks
+
+log = Logger()
+
+
+class RemoteLNM:
+    """A handle on one LNM's node API; every call has a timeout."""
+
+    def __init__(self, ref, broker, *, clock, call_timeout, command_timeout):
+        self.ref = ref
+        self.broker = broker
+        self.clock = clock
+        self.call_timeout = call_timeout
+        self.command_timeout = command_timeout
+
+    def _call(self, method, *args, timeout=None):
+        return call(self.ref, method, *args, clock=self.clock,
+                    timeout=timeout or self.call_timeout)
+
+    async def get_node_info(self):
+        info = await self._call("get_node_info")
+        if not isinstance(info, dict):
+            raise InvalidRequest("LNM sent malformed node information")
+        return info
+
+    async def get_node_status(self):
+        return await self._call("get_node_status")
+
+    async def list_vms(self):
+        return decode_records(await self._call("list_vms"))
+
+    async def get_details(self, name):
+        return await self._call("get_details", name)
+
+    async def get_status(self, name):
+        return await self._call("get_status", name)
+
+    async def receive(self, records):
+        return await self._call("receive", encode_chunks(records))
+
+    async def start(self, name):
+        return await self._call("start", name, timeout=self.command_timeout) or {}
+
+    async def op_on(self, operation, name):
+        return await self._call("op_on", operation, name, timeout=self.command_timeout)
+
+    async def migrate(self, name, target):
+        return await self._call("migrate", name, target, timeout=self.command_timeout)
+
+    async def export_image(self, name):
+        return await self._call("export_image", name, timeout=self.command_timeout)
+
+    async def import_image(self, name, payload):
+        return await self._call("import_image", name, payload,
+                                timeout=self.command_timeout)
+
+    async def ping(self):
+        return await self._call("ping")
+
+    def disconnect(self):
+        transport = getattr(self.broker, "transport", None)
+        if transport is not None:
+            transport.loseConnection()
+
+
+class NodeReporter(pb.Referenceable):
+    """The capability an LNM gets back: where it reports what it observes."""
+
+    def __init__(self, controller, name):
+        self.controller = controller
+        self.name = name
+
+    def remote_report(self, chunks):
+        try:
+            changes = decode_records(chunks)
+            acks = self.controller.lnm_report(self.name, changes)
+            return defer.succeed(encode_chunks(acks))
+        except UsherError as e:
+            return defer.fail(e)
+
+    def remote_ping(self):
+        return defer.succeed(True)
+
+
+class LNMGateway(pb.Referenceable):
+    """The root object one LNM connection sees."""
+
+    def __init__(self, controller, broker, *, clock, call_timeout, command_timeout):
+        self.controller = controller
+        self.broker = broker
+        self.clock = clock
+        self.call_timeout = call_timeout
+        self.command_timeout = command_timeout
+        self.attached = None
+
+    @as_deferred
+    async def remote_attach(self, node_api, hello=None):
+        name = pki.peer_common_name(self.broker.transport)
+        if not name:
+            raise PermissionDenied("no client certificate")
+        if self.attached is not None:
+            raise InvalidRequest("already attached on this connection")
+        if not isinstance(node_api, pb.RemoteReference):
+            raise InvalidRequest("attach needs a reference to the node API")
+        hello = hello if isinstance(hello, dict) else {}
+        if hello.get("protocol", PROTOCOL_VERSION) != PROTOCOL_VERSION:
+            raise InvalidRequest(f"protocol {hello.get('protocol')!r} not supported")
+        peer = self.broker.transport.getPeer()
+        hello = {"protocol": PROTOCOL_VERSION,
+                 "recovery_port": hello.get("recovery_port")
+                 if isinstance(hello.get("recovery_port"), int) else None,
+                 "recovery_host": getattr(peer, "host", None)}
+        handle = RemoteLNM(node_api, self.broker, clock=self.clock,
+                           call_timeout=self.call_timeout,
+                           command_timeout=self.command_timeout)
+        self.attached = name
+        self.broker.notifyOnDisconnect(lambda: self.controller.detach_lnm(name, handle))
+        await self.controller.attach_lnm(name, handle, hello)
+        return NodeReporter(self.controller, name)
+
+
+@implementer(IPBRoot)
+class LNMRoot:
+    """Gives each LNM connection its own gateway (it needs the connection's
+    certificate)."""
+
+    def __init__(self, controller, *, clock, call_timeout, command_timeout):
+        self.controller = controller
+        self.clock = clock
+        self.call_timeout = call_timeout
+        self.command_timeout = command_timeout
+
+    def rootObject(self, broker):
+        return LNMGateway(self.controller, broker, clock=self.clock,
+                          call_timeout=self.call_timeout,
+                          command_timeout=self.command_timeout)

@@ -1,0 +1,104 @@
+"""Assembling usherctrl: one root MultiService holding the thread pool, the
+client listener (TLS), the LNM listener (mutual TLS) and the plugins."""
+
+import os
+
+from twisted.application import internet, service
+from twisted.cred.portal import Portal
+from twisted.internet.endpoints import SSL4ServerEndpoint
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+from twisted.spread import pb
+
+from usher import pki
+from usher.auth.chain import build_auth_chain
+from usher.config import load_plugin_config
+from usher.controller.client_link import ClientRoot, UsherRealm
+from usher.controller.core import Controller
+from usher.controller.known_lnms import KnownLNMs
+from usher.controller.lnm_link import LNMRoot
+from usher.controller.plugins import PluginRegistry
+from usher.daemon import ThreadPoolService
+
+log = Logger()
+
+
+class PluginsService(service.Service):
+    """Registers the configured plugins when the controller starts."""
+
+    def __init__(self, registry, registrations):
+        self.registry = registry
+        self.registrations = registrations
+
+    def startService(self):
+        super().startService()
+        for reg_name, reg in self.registrations.items():
+            for event in reg["events"]:
+                self.registry.register(reg["plugin"] or reg_name, event, reg.get("config"),
+                                       reg.get("order"))
+
+    def stopService(self):
+        super().stopService()
+        for reg in self.registry.chains.registrations():
+            try:
+                self.registry.unregister(reg.plugin.name, reg.event)
+            except Exception:
+                pass
+
+
+def _role_lookup(chain):
+    """-> async role_of(user): the first role an authentication module knows."""
+    modules = [m for m in chain.modules if hasattr(m, "role")]
+
+    async def role_of(user):
+        for module in modules:
+            role = await module.role(user)
+            if role:
+                return role
+        return None
+    return role_of
+
+
+def make_service(config, reactor):
+    """-> (root MultiService, Controller) for a loaded ctrl configuration."""
+    ctrl = config["ctrl"]
+    root = service.MultiService()
+    pool = ThreadPool(minthreads=1, maxthreads=4, name="usherctrl")
+    ThreadPoolService(pool).setServiceParent(root)
+
+    os.makedirs(ctrl["state_dir"], exist_ok=True)
+    controller = Controller(
+        domain=ctrl["domain"], clock=reactor, admins=ctrl["admins"],
+        default_memory=ctrl["default_memory"], default_vcpus=ctrl["default_vcpus"],
+        call_timeout=ctrl["call_timeout"], start_timeout=ctrl["start_timeout"],
+        max_request_vms=ctrl["max_request_vms"],
+        known_lnms=KnownLNMs(os.path.join(ctrl["state_dir"], "lnms.json")))
+    registry = PluginRegistry(controller.chains, controller.api,
+                              third_party_dir=ctrl["plugin_dir"],
+                              load_config=load_plugin_config)
+    controller.plugins = registry
+    PluginsService(registry, ctrl["plugins"]).setServiceParent(root)
+
+    chain = build_auth_chain(ctrl["auth_modules"], ctrl, pool, reactor)
+    portal = Portal(UsherRealm(controller, clock=reactor, call_timeout=ctrl["call_timeout"],
+                               role_of=_role_lookup(chain)), [chain])
+
+    client_tls = pki.server_tls_options(ctrl["ssl_cert_file"], ctrl["ssl_key_file"])
+    client_endpoint = SSL4ServerEndpoint(reactor, ctrl["client_port"], client_tls,
+                                         interface=ctrl["client_interface"])
+    client_listener = internet.StreamServerEndpointService(
+        client_endpoint, pb.PBServerFactory(ClientRoot(portal)))
+    client_listener._raiseSynchronously = True
+    client_listener.setServiceParent(root)
+
+    lnm_tls = pki.server_tls_options(ctrl["ssl_cert_file"], ctrl["ssl_key_file"],
+                                     ctrl["ssl_ca_file"], require_client_cert=True)
+    lnm_endpoint = SSL4ServerEndpoint(reactor, ctrl["lnm_port"], lnm_tls,
+                                      interface=ctrl["lnm_interface"])
+    lnm_root = LNMRoot(controller, clock=reactor, call_timeout=ctrl["call_timeout"],
+                       command_timeout=ctrl["start_timeout"])
+    lnm_listener = internet.StreamServerEndpointService(
+        lnm_endpoint, pb.PBServerFactory(lnm_root))
+    lnm_listener._raiseSynchronously = True
+    lnm_listener.setServiceParent(root)
+    return root, controller

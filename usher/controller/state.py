@@ -1,0 +1,159 @@
+"""The controller's global state: VMs, VMMs (LNMs) and virtual clusters,
+plus the lost, missing and unmanaged lists of the paper.
+
+Plain Python, no I/O. Every change to a VM goes through ``GlobalState`` so
+that it bumps the record's version and tells the listeners (client
+subscriptions, plugin events) exactly once.
+"""
+
+from usher import states
+from usher.naming import DEFAULT_CLUSTER, cluster_of, split
+
+
+class VMMInfo:
+    """One connected (or remembered) LNM and its hypervisor."""
+
+    __slots__ = ("name", "info", "status", "connected", "vms", "handle")
+
+    def __init__(self, name, info=None, handle=None):
+        self.name = name
+        self.info = info or {}
+        self.status = {}
+        self.connected = handle is not None
+        self.vms = set()
+        self.handle = handle
+
+    def to_wire(self, status=False):
+        data = {"name": self.name, "connected": self.connected,
+                "vms": len(self.vms),
+                "hostname": self.info.get("hostname"),
+                "driver": self.info.get("driver"),
+                "cpus": self.info.get("cpus"),
+                "memory_mib": self.info.get("memory_mib"),
+                "model": self.info.get("model"),
+                "live_migration": bool(self.info.get("live_migration"))}
+        if status:
+            data["status"] = dict(self.status)
+        return data
+
+
+class GlobalState:
+    def __init__(self, domain):
+        self.domain = domain
+        self.vms = {}          # managed VMs by full name (includes lost/missing)
+        self.unmanaged = {}    # VMs on our hosts that Usher does not manage
+        self.vmms = {}         # LNM name -> VMMInfo
+        self.clusters = {}     # (owner, cluster) -> set of VM names
+        self._listeners = []
+
+    # -- listeners -----------------------------------------------------------
+
+    def listen(self, callback):
+        """callback(record, old_state) for a change; record["state"] is None
+        when the VM was removed. Returns a function that stops listening."""
+        self._listeners.append(callback)
+        return lambda: self._listeners.remove(callback)
+
+    def _notify(self, record, old_state):
+        for callback in list(self._listeners):
+            callback(record, old_state)
+
+    # -- queries -------------------------------------------------------------
+
+    def lost(self):
+        return [vm for vm in self.vms.values() if vm["state"] == states.LOST]
+
+    def missing(self):
+        return [vm for vm in self.vms.values() if vm["state"] == states.MISSING]
+
+    def owned_by(self, owner):
+        return {name: vm for name, vm in self.vms.items() if vm["owner"] == owner}
+
+    def connected_vmms(self):
+        return [v for v in self.vmms.values() if v.connected]
+
+    # -- VM changes ----------------------------------------------------------
+
+    def new_record(self, name, *, state, vmm=None, cluster=None, memory_mib=None,
+                   vcpus=None, uuid=None, args=None, owner=None):
+        parts = split(name, self.domain)
+        managed = parts is not None
+        if managed:
+            short, owner = parts
+            cluster = cluster or cluster_of(short)
+        return {"name": name, "owner": owner, "cluster": cluster or DEFAULT_CLUSTER,
+                "state": state, "vmm": vmm, "memory_mib": memory_mib,
+                "vcpus": vcpus, "uuid": uuid, "managed": managed, "version": 0,
+                "args": dict(args or {})}
+
+    def add(self, record):
+        """Add a managed VM (a new record from ``new_record``)."""
+        name = record["name"]
+        assert name not in self.vms, name
+        self.vms[name] = record
+        self.clusters.setdefault((record["owner"], record["cluster"]), set()).add(name)
+        self._place(record, record["vmm"])
+        record["version"] += 1
+        self._notify(record, None)
+        return record
+
+    def update(self, name, **fields):
+        """Change fields of a managed VM; returns the record (None if unknown).
+        Notifies only when something really changed."""
+        record = self.vms.get(name)
+        if record is None:
+            return None
+        old_state = record["state"]
+        changed = False
+        for key, value in fields.items():
+            if value is None and key not in ("vmm",):
+                continue
+            if record.get(key) != value:
+                if key == "vmm":
+                    self._place(record, value)
+                record[key] = value
+                changed = True
+        if changed:
+            record["version"] += 1
+            self._notify(record, old_state)
+        return record
+
+    def remove(self, name):
+        record = self.vms.pop(name, None)
+        if record is None:
+            return None
+        self._place(record, None)
+        members = self.clusters.get((record["owner"], record["cluster"]))
+        if members is not None:
+            members.discard(name)
+            if not members:
+                del self.clusters[(record["owner"], record["cluster"])]
+        old_state = record["state"]
+        record["state"] = None
+        record["version"] += 1
+        self._notify(record, old_state)
+        return record
+
+    def _place(self, record, vmm_name):
+        old = self.vmms.get(record["vmm"]) if record["vmm"] else None
+        if old is not None:
+            old.vms.discard(record["name"])
+        record["vmm"] = vmm_name
+        if vmm_name is not None:
+            self.vmms.setdefault(vmm_name, VMMInfo(vmm_name)).vms.add(record["name"])
+
+    # -- unmanaged -----------------------------------------------------------
+
+    def set_unmanaged(self, name, vmm, state, **fields):
+        if state is None:
+            self.unmanaged.pop(name, None)
+            return
+        record = self.unmanaged.get(name)
+        if record is None:
+            record = self.new_record(name, state=state, vmm=vmm, **fields)
+            self.unmanaged[name] = record
+        record.update(state=state, vmm=vmm)
+
+    def drop_unmanaged_on(self, vmm):
+        for name in [n for n, r in self.unmanaged.items() if r["vmm"] == vmm]:
+            del self.unmanaged[name]

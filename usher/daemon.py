@@ -1,0 +1,96 @@
+"""Running an Usher daemon in the foreground: logging, pid file, signals.
+
+Init scripts and systemd units run the daemons in the foreground and let the
+service manager background them, so there is no double-fork here.
+"""
+
+import os
+import sys
+
+from twisted.application import service
+
+from twisted.logger import (FilteringLogObserver, LogLevel, LogLevelFilterPredicate,
+                            Logger, globalLogBeginner, textFileLogObserver)
+
+log = Logger()
+
+
+def start_logging(log_file, level):
+    stream = open(log_file, "a", buffering=1, encoding="utf-8") if log_file else sys.stdout
+    predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(level))
+    observer = FilteringLogObserver(textFileLogObserver(stream), [predicate])
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+
+
+def write_pid_file(path):
+    if not path:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    try:
+        with open(path, encoding="ascii") as f:
+            old = int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        old = 0
+    if old and old != os.getpid():
+        try:
+            os.kill(old, 0)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            raise SystemExit(f"pid file {path} names running process {old}")
+        else:
+            raise SystemExit(f"pid file {path} names running process {old}")
+    with open(path, "w", encoding="ascii") as f:
+        f.write(f"{os.getpid()}\n")
+
+
+def remove_pid_file(path):
+    if path:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def run(reactor, root, *, name, pid_file=None, on_running=None):
+    """Start ``root`` (a MultiService) and run the reactor until a signal;
+    returns the process exit code."""
+    write_pid_file(pid_file)
+    exit_code = [0]
+
+    def startup():
+        try:
+            root.startService()
+        except Exception as e:
+            log.critical("{name} could not start: {error}", name=name, error=e)
+            exit_code[0] = 1
+            reactor.stop()
+            return
+        log.info("{name} running (pid {pid})", name=name, pid=os.getpid())
+        if on_running is not None:
+            on_running()
+
+    reactor.callWhenRunning(startup)
+    reactor.addSystemEventTrigger("before", "shutdown",
+                                  lambda: root.running and root.stopService())
+    try:
+        reactor.run()
+    finally:
+        remove_pid_file(pid_file)
+    return exit_code[0]
+
+
+class ThreadPoolService(service.Service):
+    """Runs a ThreadPool for as long as the service runs."""
+
+    def __init__(self, pool):
+        self.pool = pool
+
+    def startService(self):
+        super().startService()
+        self.pool.start()
+
+    def stopService(self):
+        super().stopService()
+        # Joins the workers: only called once nothing submits work any more.
+        self.pool.stop()

@@ -1,0 +1,111 @@
+"""The seams of Usher, as zope.interface interfaces.
+
+- ``IVMM``: one hypervisor on one host, driven by an LNM (libvirt is the
+  shipped implementation, for any libvirt URI).
+- ``IPlugin``: a policy or integration module on one or more event chains.
+- ``IAuthModule``: one link of the controller's authentication chain.
+
+Every method that may block returns a Deferred (or is a coroutine function
+where stated); nothing here blocks the reactor.
+"""
+
+from zope.interface import Attribute, Interface
+
+
+class IVMM(Interface):
+    """A virtual machine monitor on one host.
+
+    Domain dictionaries ("domain info") have the keys ``name``, ``uuid``,
+    ``state`` (one of ``usher.states``), ``memory_mib``, ``vcpus`` and
+    ``metadata`` (a dict with at least ``owner`` and ``cluster`` when the
+    domain was created by Usher; empty for domains created by others).
+
+    Every method returns a Deferred. Errors: ``usher.errors.NoSuchVM`` when
+    the domain does not exist, ``usher.errors.OperationFailed`` when the
+    hypervisor refuses, ``usher.errors.MigrationUnsupported`` from
+    ``migrate`` where the driver cannot migrate.
+    """
+
+    uri = Attribute("The libvirt (or other) URI this VMM is connected to.")
+
+    def connect():
+        """Open the hypervisor connection (and its event stream, if any)."""
+
+    def close():
+        """Close the connection; pending calls fail."""
+
+    def node_info():
+        """-> dict: hostname, uri, driver, cpus, memory_mib, model,
+        live_migration (bool: can this driver live-migrate)."""
+
+    def node_status():
+        """-> dict: vms (count of running domains), free_memory_mib (int or
+        None when the driver does not report it)."""
+
+    def list_domains():
+        """-> list of domain info for every domain on the host (running,
+        paused, saved or defined-but-off)."""
+
+    def domain_info(name):
+        """-> domain info for one domain."""
+
+    def create(spec):
+        """Define and boot a domain. ``spec`` has name, uuid, memory_mib,
+        vcpus, owner, cluster and args (a dict of extra request arguments).
+        Idempotent: if a domain of that name already exists and runs, return
+        its info without creating a second one; if it exists shut off, boot
+        it. -> domain info."""
+
+    def operate(operation, name):
+        """Apply one Table 3 operation (pause, resume, shutdown, reboot,
+        hibernate, restore, destroy, cycle). ``destroy`` powers the domain
+        off and removes its definition and any saved image. -> domain info,
+        or None after destroy."""
+
+    def migrate(name, target_uri):
+        """Live-migrate to the hypervisor at target_uri. -> None."""
+
+    def export_image(name):
+        """For drivers that cannot migrate: save the domain's memory image
+        and definition and remove it from this host. -> {"xml": str,
+        "image": bytes or None (a shut-off VM has none), "state": the state
+        to restore}."""
+
+    def import_image(spec, payload):
+        """Counterpart of export_image on the target host, given its whole
+        result. -> domain info."""
+
+    def subscribe(callback):
+        """Call callback(name, state) on the reactor thread for every
+        lifecycle event the driver reports (state may be None when the
+        domain disappeared). Drivers without events never call it."""
+
+
+class IPlugin(Interface):
+    """A plugin instance registered on one or more event chains.
+
+    A plugin module exposes a class ``Plugin`` taking ``(config, api)``:
+    ``config`` is its parsed configuration (a dict, see ``CONFIG_SPEC``),
+    ``api`` the controller's plugin API (``usher.controller.plugins``).
+    """
+
+    name = Attribute("The plugin's name (its module name).")
+    order = Attribute("Position on event chains; lower runs first.")
+
+    def entry_point(event):
+        """Called when an event this plugin is registered for fires.
+
+        May return None, a Deferred, or a coroutine. For request events
+        the plugin approves (does nothing), modifies ``event.request``, or
+        calls ``event.request.reject(reason)``."""
+
+
+class IAuthModule(Interface):
+    """One module in the controller's authentication chain."""
+
+    name = Attribute("Short name used in the configuration (e.g. 'local').")
+
+    def authenticate(username, password):
+        """-> Deferred firing True (accepted), False (rejected: try the next
+        module) . Raising means the module is broken; the chain logs it and
+        goes on."""

@@ -1,0 +1,1 @@
+"""Usher's local node manager and its hypervisor backends."""

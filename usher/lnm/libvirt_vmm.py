@@ -1,0 +1,807 @@
+"""``IVMM`` over libvirt: any libvirt URI, the test driver included.
+
+Every libvirt call runs in an injected Twisted thread pool (one shared,
+thread-safe libvirt connection); results and errors come back as Deferreds on
+the reactor thread. libvirt errors become Usher errors: ``NoSuchVM`` for a
+missing domain, ``OperationFailed`` carrying libvirt's message otherwise,
+``MigrationUnsupported`` where the driver cannot migrate.
+
+Files under ``state_dir``:
+
+- ``images/<name>.save``: a hibernated VM's memory image. A shut-off domain
+  that has one is reported ``hibernated``; ``restore`` boots from it and
+  deletes it.
+- ``consoles/<name>.log``: serial console of VMs built from the QEMU template.
+
+Lifecycle events (when the driver has them) are mapped straight from the
+event to an Usher state on libvirt's event-loop thread and handed to
+subscribers on the reactor thread. Events the test driver never sends (reboot)
+are left to the LNM's periodic scan.
+"""
+
+import os
+import threading
+import time
+import uuid as uuidlib
+from contextlib import contextmanager, suppress
+
+import libvirt
+from twisted.internet.defer import Deferred, DeferredLock, succeed
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from usher import states
+from usher.errors import (ConfigError, InvalidRequest, MigrationUnsupported,
+                          NoSuchVM, OperationFailed, Unavailable)
+from usher.interfaces import IVMM
+from usher.lnm import domain_xml, testhost
+
+MIB = 1024 * 1024
+DEFAULT_SHUTDOWN_TIMEOUT = 60.0
+SHUTDOWN_POLL_INTERVAL = 0.25
+
+_STATE_MAP = {
+    libvirt.VIR_DOMAIN_NOSTATE: states.RUN,
+    libvirt.VIR_DOMAIN_RUNNING: states.RUN,
+    libvirt.VIR_DOMAIN_BLOCKED: states.RUN,
+    libvirt.VIR_DOMAIN_PAUSED: states.PAUSED,
+    libvirt.VIR_DOMAIN_PMSUSPENDED: states.PAUSED,
+    libvirt.VIR_DOMAIN_SHUTOFF: states.SHUTOFF,
+    libvirt.VIR_DOMAIN_SHUTDOWN: states.SHUTOFF,
+    libvirt.VIR_DOMAIN_CRASHED: states.SHUTOFF,
+}
+
+# The states a VMM itself can report (the others are the controller's).
+_VMM_STATES = (states.RUN, states.PAUSED, states.HIBERNATED, states.SHUTOFF)
+
+_MIGRATE_FLAGS = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER
+                  | libvirt.VIR_MIGRATE_PERSIST_DEST
+                  | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE)
+
+# Tried in order: drivers reject flags they do not know (the test driver
+# refuses NVRAM), and a plain undefine is the last resort.
+_UNDEFINE_FLAG_SETS = (
+    libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+    | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+    | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM,
+    libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+    | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA,
+    0,
+)
+
+# Error codes a driver answers with when it does not know a flag or call.
+_UNSUPPORTED = frozenset((libvirt.VIR_ERR_INVALID_ARG, libvirt.VIR_ERR_NO_SUPPORT,
+                          libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED))
+
+_DRIVERS_WITHOUT_MIGRATION = frozenset(("test",))
+
+# Marks a lifecycle event that says nothing certain about the run state.
+_NO_STATE_CHANGE = object()
+
+
+def _code(error):
+    return error.get_error_code()
+
+
+def wait_until(predicate, timeout, *, interval=SHUTDOWN_POLL_INTERVAL,
+               clock=time.monotonic, sleep=time.sleep):
+    """Poll predicate until it is true (-> True) or timeout seconds pass
+    (-> False). Blocking: for pool threads only."""
+    deadline = clock() + timeout
+    while not predicate():
+        remaining = deadline - clock()
+        if remaining <= 0:
+            return False
+        sleep(min(interval, remaining))
+    return True
+
+
+# --- process-wide libvirt set-up ---------------------------------------------
+# libvirt keeps its error handler and its event-loop implementation per
+# process, so these are guarded module state rather than per-VMM state.
+
+_process_guard = threading.Lock()
+_quieted = False
+_event_loop_thread = None
+
+
+def _discard_libvirt_error(_context, _error):
+    # Every error is raised as libvirtError and reported from there; libvirt's
+    # default handler would also print each one to stderr.
+    pass
+
+
+def _quiet_libvirt():
+    global _quieted
+    with _process_guard:
+        if not _quieted:
+            libvirt.registerErrorHandler(_discard_libvirt_error, None)
+            _quieted = True
+
+
+def _run_event_loop():
+    while True:
+        try:
+            libvirt.virEventRunDefaultImpl()
+        except libvirt.libvirtError:
+            time.sleep(0.1)  # don't spin if the loop keeps failing
+
+
+def _ensure_event_loop():
+    """Register libvirt's default event loop and run it in a daemon thread,
+    once per process; must happen before the connection is opened."""
+    global _event_loop_thread
+    with _process_guard:
+        if _event_loop_thread is None:
+            libvirt.virEventRegisterDefaultImpl()
+            thread = threading.Thread(target=_run_event_loop,
+                                      name="libvirt-event-loop", daemon=True)
+            thread.start()
+            _event_loop_thread = thread
+
+
+class _NameLocks:
+    """One lock per VM name, so composite operations (shutdown and wait,
+    cycle, hibernate, export) on one VM do not interleave."""
+
+    def __init__(self):
+        self._guard = threading.Lock()
+        self._locks = {}  # name -> [lock, holders and waiters]
+
+    @contextmanager
+    def hold(self, name):
+        with self._guard:
+            entry = self._locks.setdefault(name, [threading.Lock(), 0])
+            entry[1] += 1
+        try:
+            with entry[0]:
+                yield
+        finally:
+            with self._guard:
+                entry[1] -= 1
+                if entry[1] == 0:
+                    del self._locks[name]
+
+
+def _either(allowed):
+    return " or ".join(s for s in _VMM_STATES if s in allowed)
+
+
+@implementer(IVMM)
+class LibvirtVMM:
+    """One libvirt hypervisor, driven from the LNM.
+
+    ``domain_template``: path of a site domain XML template (see
+    ``usher.lnm.domain_xml``); None for the driver's built-in one.
+    ``template_defaults``: template variables (kernel, initrd, cmdline, disk,
+    network, ...) that request args override.
+    ``events``: use libvirt lifecycle events when the driver has them.
+    """
+
+    log = Logger()
+
+    def __init__(self, uri, *, reactor, pool, state_dir, domain_template=None,
+                 events=True, template_defaults=None):
+        if not isinstance(uri, str) or not uri:
+            raise ConfigError(f"the hypervisor URI must be a non-empty string, not {uri!r}")
+        defaults = dict(template_defaults or {})
+        for key, value in defaults.items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise ConfigError(f"template default {key!r} must map a name to a "
+                                  f"string, not {value!r}")
+        self.uri = uri
+        self.state_dir = os.path.abspath(state_dir)
+        self._reactor = reactor
+        self._pool = pool
+        self._template_path = domain_template
+        self._template_defaults = defaults
+        self._events_wanted = events
+        self._conn = None
+        self._driver = None
+        self._template = None
+        self._event_callback_id = None
+        self._subscribers = []
+        self._locks = _NameLocks()
+        self._connection_lock = DeferredLock()
+        # Seam: how a shutdown waits for the guest (tests replace it).
+        self._wait_until = wait_until
+
+    # --- plumbing -------------------------------------------------------------
+
+    @property
+    def driver(self):
+        """The connected driver's name in lower case ("test", "qemu"), or None."""
+        return self._driver
+
+    @property
+    def events_supported(self):
+        """True once connected with a lifecycle event stream."""
+        return self._event_callback_id is not None
+
+    def image_path(self, name):
+        return os.path.join(self.state_dir, "images", f"{name}.save")
+
+    def _scratch_path(self, name, purpose):
+        return os.path.join(self.state_dir, "images",
+                            f".{name}.{purpose}-{uuidlib.uuid4().hex}")
+
+    def _log_soon(self, level, fmt, **fields):
+        # Log observers expect the reactor thread.
+        self._reactor.callFromThread(lambda: getattr(self.log, level)(fmt, **fields))
+
+    def _call(self, what, name, fn, *args):
+        """Deferred: fn(conn, *args) in the pool, libvirt errors translated."""
+        conn = self._conn
+        if conn is None:
+            raise Unavailable(f"the hypervisor at {self.uri} is not connected")
+        return deferToThreadPool(self._reactor, self._pool, self._translated,
+                                 what, name, conn, fn, *args)
+
+    def _translated(self, what, name, conn, fn, *args):
+        try:
+            return fn(conn, *args)
+        except libvirt.libvirtError as e:
+            if self._conn is not conn:
+                raise Unavailable(f"{what}: the connection to {self.uri} was closed") from None
+            if _code(e) == libvirt.VIR_ERR_NO_DOMAIN and name is not None:
+                raise NoSuchVM(f"no VM named {name!r} on {self.uri}") from None
+            raise OperationFailed(f"{what} failed on {self.uri}: "
+                                  f"{e.get_error_message()}") from None
+        except OSError as e:  # image and state files
+            raise OperationFailed(f"{what} failed on {self.uri}: {e}") from None
+
+    # --- connection -----------------------------------------------------------
+
+    def connect(self):
+        return Deferred.fromCoroutine(self._connect())
+
+    async def _connect(self):
+        async with self._connection_lock:
+            if self._conn is not None:
+                return
+            conn, driver, template, callback_id = await deferToThreadPool(
+                self._reactor, self._pool, self._open)
+            self._conn, self._driver = conn, driver
+            self._template, self._event_callback_id = template, callback_id
+            self.log.info("connected to {uri} (driver {driver}, events {events})",
+                          uri=self.uri, driver=driver,
+                          events="on" if callback_id is not None else "off")
+
+    def _open(self):
+        for sub in ("images", "consoles"):
+            os.makedirs(os.path.join(self.state_dir, sub), exist_ok=True)
+        template = (domain_xml.DomainTemplate.from_file(self._template_path)
+                    if self._template_path else None)
+        _quiet_libvirt()
+        if self._events_wanted:
+            _ensure_event_loop()
+        try:
+            conn = libvirt.open(self.uri)
+        except libvirt.libvirtError as e:
+            raise Unavailable(f"cannot connect to {self.uri}: {e.get_error_message()}") from None
+        try:
+            driver = conn.getType().lower()
+            if template is None and driver not in domain_xml.BUILTIN_DRIVERS:
+                raise ConfigError(f"no built-in domain template for the {driver!r} "
+                                  f"driver at {self.uri}: configure a domain template")
+            callback_id = None
+            if self._events_wanted:
+                try:
+                    callback_id = conn.domainEventRegisterAny(
+                        None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
+                        self._on_lifecycle, None)
+                except libvirt.libvirtError as e:
+                    if _code(e) not in _UNSUPPORTED:
+                        raise
+                # Remote connections notice a dead peer only with keepalive,
+                # which needs the event loop; local drivers refuse it.
+                with suppress(libvirt.libvirtError):
+                    conn.setKeepAlive(5, 3)
+        except BaseException:
+            with suppress(libvirt.libvirtError):
+                conn.close()
+            raise
+        return conn, driver, template, callback_id
+
+    def close(self):
+        return Deferred.fromCoroutine(self._close())
+
+    async def _close(self):
+        async with self._connection_lock:
+            conn, self._conn = self._conn, None
+            callback_id, self._event_callback_id = self._event_callback_id, None
+            if conn is None:
+                return
+            await deferToThreadPool(self._reactor, self._pool, self._close_sync,
+                                    conn, callback_id)
+            self.log.info("disconnected from {uri}", uri=self.uri)
+
+    @staticmethod
+    def _close_sync(conn, callback_id):
+        if callback_id is not None:
+            with suppress(libvirt.libvirtError):
+                conn.domainEventDeregisterAny(callback_id)
+        with suppress(libvirt.libvirtError):
+            conn.close()
+
+    # --- events ---------------------------------------------------------------
+
+    def subscribe(self, callback):
+        self._subscribers.append(callback)
+        return succeed(None)
+
+    def unsubscribe(self, callback):
+        with suppress(ValueError):
+            self._subscribers.remove(callback)
+        return succeed(None)
+
+    def _on_lifecycle(self, _conn, dom, event, detail, _opaque):
+        # libvirt's event-loop thread. Events are dispatched after the fact,
+        # so asking libvirt for the state here could report a later one:
+        # map the event itself, and never call back into libvirt.
+        name = dom.name()
+        state = self._state_for_event(event, detail)
+        if state is not _NO_STATE_CHANGE:
+            self._reactor.callFromThread(self._deliver, name, state)
+
+    @staticmethod
+    def _state_for_event(event, detail):
+        if event == libvirt.VIR_DOMAIN_EVENT_UNDEFINED:
+            return None
+        if event in (libvirt.VIR_DOMAIN_EVENT_STARTED, libvirt.VIR_DOMAIN_EVENT_RESUMED):
+            return states.RUN
+        if event in (libvirt.VIR_DOMAIN_EVENT_SUSPENDED,
+                     libvirt.VIR_DOMAIN_EVENT_PMSUSPENDED):
+            return states.PAUSED
+        if event == libvirt.VIR_DOMAIN_EVENT_STOPPED:
+            if detail == libvirt.VIR_DOMAIN_EVENT_STOPPED_SAVED:
+                return states.HIBERNATED
+            return states.SHUTOFF
+        if event == libvirt.VIR_DOMAIN_EVENT_CRASHED:
+            return states.SHUTOFF
+        # DEFINED (a definition says nothing certain about the run state) and
+        # SHUTDOWN (the guest is still stopping; STOPPED follows).
+        return _NO_STATE_CHANGE
+
+    def _deliver(self, name, state):
+        for callback in tuple(self._subscribers):
+            try:
+                callback(name, state)
+            except Exception:
+                self.log.failure("VM event subscriber {subscriber!r} failed on "
+                                 "{vm} -> {state}", subscriber=callback, vm=name,
+                                 state=state)
+
+    # --- domain info (pool threads) -------------------------------------------
+
+    def _state_of(self, dom, code=None):
+        if code is None:
+            code = dom.state()[0]
+        state = _STATE_MAP.get(code, states.UNKNOWN)
+        if code == libvirt.VIR_DOMAIN_SHUTOFF and os.path.exists(self.image_path(dom.name())):
+            return states.HIBERNATED
+        return state
+
+    def _metadata_of(self, dom):
+        try:
+            fragment = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+                                    domain_xml.USHER_NS, 0)
+        except libvirt.libvirtError as e:
+            if _code(e) == libvirt.VIR_ERR_NO_DOMAIN_METADATA:
+                return {}
+            if _code(e) not in _UNSUPPORTED:
+                raise
+            return domain_xml.read_usher_metadata(dom.XMLDesc(0))
+        return domain_xml.read_usher_metadata(fragment)
+
+    def _info_of(self, dom):
+        code, max_memory_kib, _memory_kib, vcpus, _cpu_time = dom.info()
+        return {
+            "name": dom.name(),
+            "uuid": dom.UUIDString(),
+            "state": self._state_of(dom, code),
+            "memory_mib": max_memory_kib // 1024,
+            "vcpus": vcpus,
+            "metadata": self._metadata_of(dom),
+        }
+
+    def _info_or_none(self, conn, name):
+        try:
+            return self._info_of(conn.lookupByName(name))
+        except libvirt.libvirtError as e:
+            if _code(e) == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise
+
+    def _remove_image(self, name):
+        with suppress(FileNotFoundError):
+            os.unlink(self.image_path(name))
+
+    # --- node -----------------------------------------------------------------
+
+    def node_info(self):
+        return Deferred.fromCoroutine(self._node_info())
+
+    async def _node_info(self):
+        return await self._call("node info", None, self._node_info_sync)
+
+    def _node_info_sync(self, conn):
+        model, memory_mib, cpus = conn.getInfo()[:3]
+        driver = conn.getType()
+        simulated = testhost.read_test_host(self.uri) if driver.lower() == "test" else None
+        return {
+            "hostname": simulated["hostname"] if simulated else conn.getHostname(),
+            "uri": conn.getURI(),
+            "driver": driver,
+            "cpus": cpus,
+            "memory_mib": memory_mib,
+            "model": model,
+            "live_migration": driver.lower() not in _DRIVERS_WITHOUT_MIGRATION,
+        }
+
+    def node_status(self):
+        return Deferred.fromCoroutine(self._node_status())
+
+    async def _node_status(self):
+        return await self._call("node status", None, self._node_status_sync)
+
+    def _node_status_sync(self, conn):
+        free_mib = None
+        # The test driver's figure is 0 (custom node files) or KiB mislabelled
+        # as bytes (test:///default): never a real free-memory value.
+        if conn.getType().lower() != "test":
+            free_bytes = conn.getFreeMemory()
+            free_mib = free_bytes // MIB if free_bytes > 0 else None
+        return {"vms": conn.numOfDomains(), "free_memory_mib": free_mib}
+
+    # --- domains --------------------------------------------------------------
+
+    def list_domains(self):
+        return Deferred.fromCoroutine(self._list_domains())
+
+    async def _list_domains(self):
+        return await self._call("listing domains", None, self._list_sync)
+
+    def _list_sync(self, conn):
+        found = []
+        for dom in conn.listAllDomains(0):
+            try:
+                found.append(self._info_of(dom))
+            except libvirt.libvirtError as e:
+                if _code(e) != libvirt.VIR_ERR_NO_DOMAIN:  # gone since listed
+                    raise
+        return found
+
+    def domain_info(self, name):
+        return Deferred.fromCoroutine(self._domain_info(name))
+
+    async def _domain_info(self, name):
+        domain_xml.check_name(name)
+        return await self._call(f"info of {name!r}", name,
+                                lambda conn: self._info_of(conn.lookupByName(name)))
+
+    def create(self, spec):
+        return Deferred.fromCoroutine(self._create(spec))
+
+    async def _create(self, spec):
+        uuid_given = isinstance(spec, dict) and spec.get("uuid") is not None
+        spec = domain_xml.normalize_spec(spec)
+        return await self._call(f"create {spec['name']!r}", spec["name"],
+                                self._create_sync, spec, uuid_given)
+
+    def _create_sync(self, conn, spec, uuid_given):
+        name = spec["name"]
+        with self._locks.hold(name):
+            existing = self._lookup_or_none(conn, name)
+            if existing is not None:
+                if uuid_given and existing.UUIDString() != spec["uuid"]:
+                    self._log_soon("warn", "create {vm}: a domain of that name already "
+                                   "exists with UUID {existing}, not {wanted}; using it",
+                                   vm=name, existing=existing.UUIDString(),
+                                   wanted=spec["uuid"])
+                state = self._state_of(existing)
+                if state == states.HIBERNATED:
+                    self._restore_sync(conn, name, self.image_path(name), paused=False)
+                    self._remove_image(name)
+                    return self._info_of(conn.lookupByName(name))
+                if state == states.SHUTOFF:
+                    existing.create()
+                return self._info_of(existing)
+            xml = domain_xml.build_domain_xml(
+                spec, driver=self._driver, state_dir=self.state_dir,
+                template=self._template, defaults=self._template_defaults)
+            # An image left by a VM of this name that no longer exists would
+            # make the new one look hibernated once it is shut off.
+            self._remove_image(name)
+            dom = conn.defineXML(xml)
+            try:
+                dom.create()
+            except libvirt.libvirtError:
+                with suppress(libvirt.libvirtError):
+                    self._undefine(dom)
+                raise
+            return self._info_of(dom)
+
+    @staticmethod
+    def _lookup_or_none(conn, name):
+        try:
+            return conn.lookupByName(name)
+        except libvirt.libvirtError as e:
+            if _code(e) == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise
+
+    # --- Table 3 operations -----------------------------------------------------
+
+    def operate(self, operation, name, *, shutdown_timeout=DEFAULT_SHUTDOWN_TIMEOUT):
+        return Deferred.fromCoroutine(self._operate(operation, name, shutdown_timeout))
+
+    async def _operate(self, operation, name, shutdown_timeout):
+        if operation not in states.OPERATIONS:
+            raise InvalidRequest(f"unknown operation {operation!r}; the operations "
+                                 f"are {', '.join(states.OPERATIONS)}")
+        domain_xml.check_name(name)
+        if (isinstance(shutdown_timeout, bool)
+                or not isinstance(shutdown_timeout, (int, float))
+                or shutdown_timeout < 0):
+            raise InvalidRequest(f"shutdown_timeout must be a number of seconds >= 0, "
+                                 f"not {shutdown_timeout!r}")
+        return await self._call(f"{operation} {name!r}", name, self._operate_sync,
+                                operation, name, shutdown_timeout)
+
+    def _operate_sync(self, conn, operation, name, shutdown_timeout):
+        with self._locks.hold(name):
+            dom = conn.lookupByName(name)
+            state = self._state_of(dom)
+            allowed = states.OPERATION_PRECONDITIONS[operation]
+            if state not in allowed:
+                raise InvalidRequest(f"cannot {operation} VM {name!r}: it is {state}, "
+                                     f"and {operation} needs it {_either(allowed)}")
+            if operation == "pause":
+                dom.suspend()
+            elif operation == "resume":
+                dom.resume()
+            elif operation == "shutdown":
+                self._shutdown_sync(dom, name, state, shutdown_timeout)
+            elif operation == "reboot":
+                dom.reboot(0)
+            elif operation == "hibernate":
+                self._hibernate_sync(dom, name)
+            elif operation == "restore":
+                self._restore_sync(conn, name, self.image_path(name), paused=False)
+                self._remove_image(name)
+            elif operation == "destroy":
+                self._destroy_sync(dom, name)
+                return None
+            elif operation == "cycle":
+                if not dom.isPersistent():
+                    raise InvalidRequest(f"cannot cycle VM {name!r}: it has no "
+                                         "persistent definition to boot again")
+                if state != states.SHUTOFF:
+                    dom.destroy()
+                dom.create()
+            return self._info_or_none(conn, name)
+
+    def _request_shutdown(self, dom):
+        try:
+            dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
+        except libvirt.libvirtError as e:
+            if _code(e) not in _UNSUPPORTED:
+                raise
+            dom.shutdown()  # drivers without the ACPI flag pick their own way
+
+    def _shutdown_sync(self, dom, name, state, timeout):
+        def stopped():
+            try:
+                return not dom.isActive()
+            except libvirt.libvirtError as e:
+                if _code(e) == libvirt.VIR_ERR_NO_DOMAIN:  # transient: gone
+                    return True
+                raise
+
+        if state == states.PAUSED:
+            dom.resume()  # a paused guest cannot see the power button
+        self._request_shutdown(dom)
+        if self._wait_until(stopped, timeout):
+            return
+        if not stopped():
+            self._log_soon("warn", "VM {vm} did not shut down within {timeout} s; "
+                           "destroying it", vm=name, timeout=timeout)
+            dom.destroy()
+
+    def _hibernate_sync(self, dom, name):
+        if not dom.isPersistent():
+            raise InvalidRequest(f"cannot hibernate VM {name!r}: it has no "
+                                 "persistent definition to restore into")
+        # Save beside the final name and rename: a failed save must not leave
+        # a partial image that would make the VM look hibernated.
+        partial = self._scratch_path(name, "saving")
+        try:
+            dom.save(partial)
+            os.replace(partial, self.image_path(name))
+        finally:
+            with suppress(FileNotFoundError):
+                os.unlink(partial)
+
+    def _restore_sync(self, conn, name, path, *, paused):
+        flag = libvirt.VIR_DOMAIN_SAVE_PAUSED if paused else libvirt.VIR_DOMAIN_SAVE_RUNNING
+        try:
+            conn.restoreFlags(path, None, flag)
+        except libvirt.libvirtError as e:
+            if _code(e) not in _UNSUPPORTED:
+                raise
+            conn.restore(path)  # the test driver takes no flags
+        dom = conn.lookupByName(name)
+        code = dom.state()[0]
+        if paused and code == libvirt.VIR_DOMAIN_RUNNING:
+            dom.suspend()
+        elif not paused and code == libvirt.VIR_DOMAIN_PAUSED:
+            dom.resume()
+        return dom
+
+    def _undefine(self, dom):
+        for flags in _UNDEFINE_FLAG_SETS:
+            try:
+                if flags:
+                    dom.undefineFlags(flags)
+                else:
+                    dom.undefine()
+                return
+            except libvirt.libvirtError as e:
+                if flags == 0 or _code(e) not in _UNSUPPORTED:
+                    raise
+
+    def _destroy_sync(self, dom, name):
+        persistent = dom.isPersistent()
+        if dom.isActive():
+            dom.destroy()
+        if persistent:
+            self._undefine(dom)
+        self._remove_image(name)
+
+    # --- moving VMs -------------------------------------------------------------
+
+    def migrate(self, name, target_uri):
+        return Deferred.fromCoroutine(self._migrate(name, target_uri))
+
+    async def _migrate(self, name, target_uri):
+        domain_xml.check_name(name)
+        if not isinstance(target_uri, str) or not target_uri:
+            raise InvalidRequest(f"the migration target must be a libvirt URI, "
+                                 f"not {target_uri!r}")
+        return await self._call(f"migrate {name!r} to {target_uri}", name,
+                                self._migrate_sync, name, target_uri)
+
+    def _migrate_sync(self, conn, name, target_uri):
+        with self._locks.hold(name):
+            dom = conn.lookupByName(name)
+            state = self._state_of(dom)
+            if state not in (states.RUN, states.PAUSED):
+                raise InvalidRequest(f"cannot live-migrate VM {name!r}: it is {state}")
+            if self._driver in _DRIVERS_WITHOUT_MIGRATION:
+                raise MigrationUnsupported(
+                    f"the {self._driver} driver at {self.uri} cannot migrate VMs; "
+                    "move them with export_image/import_image")
+            try:
+                dom.migrateToURI3(target_uri, {}, _MIGRATE_FLAGS)
+            except libvirt.libvirtError as e:
+                if _code(e) == libvirt.VIR_ERR_NO_SUPPORT:
+                    raise MigrationUnsupported(
+                        f"{self.uri} cannot migrate {name!r}: "
+                        f"{e.get_error_message()}") from None
+                raise
+            return None
+
+    def export_image(self, name):
+        """-> {"xml": definition, "image": bytes or None, "state": state}.
+
+        Takes the VM off this host: a running or paused VM is saved, a
+        hibernated one gives its image, a shut-off one only its definition.
+        """
+        return Deferred.fromCoroutine(self._export_image(name))
+
+    async def _export_image(self, name):
+        domain_xml.check_name(name)
+        return await self._call(f"export {name!r}", name, self._export_sync, name)
+
+    def _export_sync(self, conn, name):
+        with self._locks.hold(name):
+            dom = conn.lookupByName(name)
+            state = self._state_of(dom)
+            if not dom.isPersistent():
+                raise InvalidRequest(f"cannot export VM {name!r}: it has no "
+                                     "persistent definition")
+            xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+            image = None
+            if state in (states.RUN, states.PAUSED):
+                scratch = self._scratch_path(name, "export")
+                try:
+                    dom.save(scratch)
+                    with open(scratch, "rb") as f:
+                        image = f.read()
+                    self._undefine_or_put_back(conn, dom, name, scratch, state)
+                finally:
+                    with suppress(FileNotFoundError):
+                        os.unlink(scratch)
+            elif state == states.HIBERNATED:
+                with open(self.image_path(name), "rb") as f:
+                    image = f.read()
+                self._undefine(dom)
+                self._remove_image(name)
+            else:
+                self._undefine(dom)
+            return {"xml": xml, "image": image, "state": state}
+
+    def _undefine_or_put_back(self, conn, dom, name, scratch, state):
+        try:
+            self._undefine(dom)
+        except libvirt.libvirtError:
+            # Leave the VM as it was; failing that, hibernated, not lost.
+            try:
+                self._restore_sync(conn, name, scratch, paused=state == states.PAUSED)
+            except libvirt.libvirtError:
+                os.replace(scratch, self.image_path(name))
+            raise
+
+    def import_image(self, spec, image):
+        """Counterpart of export_image: ``image`` is its whole result."""
+        return Deferred.fromCoroutine(self._import_image(spec, image))
+
+    async def _import_image(self, spec, payload):
+        uuid_given = isinstance(spec, dict) and spec.get("uuid") is not None
+        spec = domain_xml.normalize_spec(spec)
+        name = spec["name"]
+        if not isinstance(payload, dict) or not isinstance(payload.get("xml"), str):
+            raise InvalidRequest(f"import of {name!r}: the image must be the dict "
+                                 "export_image returned (xml, image, state)")
+        state = payload.get("state", states.RUN)
+        image = payload.get("image")
+        if state not in _VMM_STATES:
+            raise InvalidRequest(f"import of {name!r}: unknown exported state {state!r}")
+        if state != states.SHUTOFF and not isinstance(image, bytes):
+            raise InvalidRequest(f"import of {name!r}: a {state} VM needs its memory "
+                                 "image (bytes)")
+        xml_name, xml_uuid = domain_xml.domain_identity(payload["xml"])
+        if xml_name != name:
+            raise InvalidRequest(f"import of {name!r}: the definition is for {xml_name!r}")
+        if uuid_given and xml_uuid is not None and xml_uuid != spec["uuid"]:
+            raise InvalidRequest(f"import of {name!r}: the definition has UUID "
+                                 f"{xml_uuid}, the spec {spec['uuid']}")
+        return await self._call(f"import {name!r}", name, self._import_sync, name,
+                                payload["xml"], image, state)
+
+    def _import_sync(self, conn, name, xml, image, state):
+        with self._locks.hold(name):
+            if self._lookup_or_none(conn, name) is not None:
+                raise InvalidRequest(f"cannot import VM {name!r}: a VM of that name "
+                                     f"already exists on {self.uri}")
+            if state == states.SHUTOFF:
+                self._remove_image(name)
+                return self._info_of(conn.defineXML(xml))
+            if state == states.HIBERNATED:
+                partial = self._scratch_path(name, "importing")
+                try:
+                    with open(partial, "wb") as f:
+                        f.write(image)
+                    dom = conn.defineXML(xml)
+                    os.replace(partial, self.image_path(name))
+                finally:
+                    with suppress(FileNotFoundError):
+                        os.unlink(partial)
+                return self._info_of(dom)
+            scratch = self._scratch_path(name, "import")
+            dom = conn.defineXML(xml)
+            try:
+                with open(scratch, "wb") as f:
+                    f.write(image)
+                dom = self._restore_sync(conn, name, scratch,
+                                         paused=state == states.PAUSED)
+            except BaseException:
+                with suppress(libvirt.libvirtError):
+                    self._undefine(dom)
+                raise
+            finally:
+                with suppress(FileNotFoundError):
+                    os.unlink(scratch)
+            return self._info_of(dom)

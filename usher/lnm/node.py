@@ -1,0 +1,661 @@
+"""The local node manager's core: cached VM objects, Table 2, change detection
+and reporting. Plain Python and Deferreds; the PB boundary is ``api.py``.
+
+Who knows what
+--------------
+- ``NodeManager._vms``: the cached VM objects, one per VM the controller
+  manages here (``receive``). A ``CachedVM`` holds the controller's record and
+  carries the operations on that VM (the paper: "the cached copy of a VM at its
+  LNM contains methods for manipulating the VM it represents").
+- ``NodeManager._domains``: every domain last observed on the host (events,
+  scans, operation results).
+- What the controller was last told of each domain: the cached record's
+  ``state`` for a cached VM, ``_unadopted`` for the others.
+
+A domain whose observed state differs from what the controller was told is a
+*change*: it is queued (the latest one per VM) and sent in batches through the
+reporter. The controller's acknowledgment is its updated records, which
+replace the cached ones. Operations are the exception: their result carries
+the new state, so their own events are not reported.
+"""
+
+from twisted.internet import defer, task
+from twisted.logger import Logger
+
+from usher import states
+from usher.errors import InvalidRequest, NoSuchVM, Unavailable, UsherError
+from usher.protocol import MAX_FIELD
+
+# States the controller sets while one of its commands is in flight (a record
+# received before ``start``, or before a migration lands here): the command's
+# result, not a comparison with the host, settles them.
+TRANSITIONAL = frozenset({states.STARTING, states.MIGRATING})
+# What a controller may believe of a VM that is not on this host.
+ABSENT = frozenset({None, states.MISSING})
+_NEVER_TOLD = object()
+
+_RECORD_STR_FIELDS = ("uuid", "owner", "cluster", "vmm")
+_RECORD_COUNT_FIELDS = ("memory_mib", "vcpus", "version")
+
+
+def check_record(record):
+    """Validate one VM record from the controller; -> a copy of it.
+
+    Raises InvalidRequest naming the record and the field that is wrong."""
+    if not isinstance(record, dict):
+        raise InvalidRequest(f"VM record must be a dict, not {type(record).__name__}")
+    name = record.get("name")
+    if not isinstance(name, str) or not name or len(name) > MAX_FIELD:
+        raise InvalidRequest("VM record without a valid name")
+    state = record.get("state")
+    if state is not None and state not in states.ALL_STATES:
+        raise InvalidRequest(f"VM record {name}: unknown state {state!r}")
+    for field in _RECORD_STR_FIELDS:
+        value = record.get(field)
+        if value is not None and (not isinstance(value, str) or len(value) > MAX_FIELD):
+            raise InvalidRequest(f"VM record {name}: {field} must be a string")
+    for field in _RECORD_COUNT_FIELDS:
+        value = record.get(field)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 0):
+            raise InvalidRequest(f"VM record {name}: {field} must be a non-negative integer")
+    args = record.get("args")
+    if args is not None and not isinstance(args, dict):
+        raise InvalidRequest(f"VM record {name}: args must be a dict")
+    return dict(record)
+
+
+def _check_domain(info):
+    """Domain info from the VMM is trusted, but a malformed entry must not
+    break the scan: -> True if usable."""
+    return isinstance(info, dict) and isinstance(info.get("name"), str)
+
+
+def _change(name, state, source):
+    """A reported change; ``source`` is the domain info (or, for a VM that
+    vanished before it was ever observed, the cached record)."""
+    metadata = source.get("metadata")
+    if not isinstance(metadata, dict):
+        metadata = {key: source[key] for key in ("owner", "cluster")
+                    if source.get(key) is not None}
+    return {"name": name, "state": state, "uuid": source.get("uuid"),
+            "memory_mib": source.get("memory_mib"), "vcpus": source.get("vcpus"),
+            "metadata": dict(metadata)}
+
+
+class CachedVM:
+    """The LNM's cached copy of a VM the controller manages.
+
+    ``record`` is the controller's record (its view, updated by ``receive``,
+    acknowledgments and the results of operations); ``observed`` is the
+    domain last observed on the host (None if it is not here). The methods
+    carry out operations on the VM through the VMM; bookkeeping around them
+    (serialising, settling the cache) is the NodeManager's.
+    """
+
+    def __init__(self, manager, record):
+        self._manager = manager
+        self.record = record
+        # One operation at a time per VM; a second waits for the first.
+        self.lock = defer.DeferredLock()
+        self.busy = False
+
+    @property
+    def name(self):
+        return self.record["name"]
+
+    @property
+    def observed(self):
+        return self._manager._domains.get(self.name)
+
+    @property
+    def _vmm(self):
+        return self._manager.vmm
+
+    def spec(self):
+        """The creation spec of IVMM.create/import_image."""
+        record = self.record
+        for field in ("memory_mib", "vcpus"):
+            if not record.get(field):
+                raise InvalidRequest(f"cannot start {self.name}: its record has no {field}")
+        return {"name": self.name, "uuid": record.get("uuid"),
+                "memory_mib": record["memory_mib"], "vcpus": record["vcpus"],
+                "owner": record.get("owner"), "cluster": record.get("cluster"),
+                "args": dict(record.get("args") or {})}
+
+    def start(self):
+        return self._vmm.create(self.spec())
+
+    async def operate(self, operation):
+        try:
+            return await self._vmm.operate(operation, self.name)
+        except NoSuchVM:
+            if operation == "destroy":
+                return None  # already gone: destroy's goal is met
+            raise
+
+    def migrate(self, target_uri):
+        return self._vmm.migrate(self.name, target_uri)
+
+    def export_image(self):
+        return self._vmm.export_image(self.name)
+
+    def import_image(self, exported):
+        return self._vmm.import_image(self.spec(), exported)
+
+
+class NodeManager:
+    """The LNM: Table 2 as coroutine methods, change detection and reporting.
+
+    ``clock`` drives the scan (every ``scan_interval`` seconds) and the report
+    flush (every ``report_interval``). The reporter (``set_reporter``) is any
+    object with ``async report(changes) -> acks``; None while detached.
+    """
+
+    log = Logger()
+
+    def __init__(self, vmm, *, name, clock, scan_interval, report_interval,
+                 migration_uri=None):
+        if scan_interval <= 0 or report_interval <= 0:
+            raise ValueError("scan_interval and report_interval must be positive")
+        self.vmm = vmm
+        self.name = name
+        self.clock = clock
+        self.scan_interval = scan_interval
+        self.report_interval = report_interval
+        self.migration_uri = migration_uri
+        self._vms = {}          # name -> CachedVM
+        self._domains = {}      # name -> domain info last observed
+        self._unadopted = {}    # name -> state last told, for uncached domains
+        self._pending = {}      # name -> change not yet delivered
+        self._reporter = None
+        self._reporting = False
+        # Sequence numbers order observations: a listing requested at seq N
+        # must not overwrite what an event or an operation said about a VM
+        # after N.
+        self._seq = 0
+        self._touched = {}      # name -> seq of the latest event/operation
+        self._listings = []     # seqs of listings in progress
+        self._refreshing = {}   # name -> another event came during the read
+        self._baselined = False
+        self._subscribed = False
+        self._running = False
+        self._stopped = False
+        self._active = 0
+        self._idle_waiters = []
+        self._scan_loop = None
+        self._report_loop = None
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def startup(self):
+        """Subscribe to VMM events, take the first inventory (the baseline:
+        nothing on it is a change) and start the scan and report loops."""
+        if self._running:
+            return
+        self._running = True
+        self._stopped = False
+        if not self._subscribed:
+            self.vmm.subscribe(self._on_event)
+            self._subscribed = True
+        await self.scan()
+        if not self._running:
+            return  # shut down while taking the inventory
+        self._scan_loop = self._loop(self.scan, self.scan_interval)
+        self._report_loop = self._loop(self.flush, self.report_interval)
+        self.log.info("LNM {lnm} managing {count} domains on {uri}", lnm=self.name,
+                      count=len(self._domains), uri=getattr(self.vmm, "uri", None))
+
+    def _loop(self, function, interval):
+        async def guarded():
+            try:
+                await function()
+            except Exception:
+                # A LoopingCall stops for good on a failure: never let one out.
+                self.log.failure("LNM {lnm}: periodic {what} failed", lnm=self.name,
+                                 what=function.__name__)
+
+        loop = task.LoopingCall(lambda: defer.Deferred.fromCoroutine(guarded()))
+        loop.clock = self.clock
+        loop.start(interval, now=False)
+        return loop
+
+    async def shutdown(self):
+        """Stop the loops, refuse new operations and wait for in-flight work."""
+        self._running = False
+        self._stopped = True
+        for loop in (self._scan_loop, self._report_loop):
+            if loop is not None and loop.running:
+                loop.stop()
+        self._scan_loop = self._report_loop = None
+        if self._active:
+            waiter = defer.Deferred()
+            self._idle_waiters.append(waiter)
+            await waiter
+
+    def _enter(self):
+        self._active += 1
+
+    def _leave(self):
+        self._active -= 1
+        if not self._active:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def _refuse_if_stopped(self):
+        if self._stopped:
+            raise Unavailable(f"LNM {self.name} is shutting down")
+
+    # -- reporting -----------------------------------------------------------
+
+    def set_reporter(self, reporter):
+        """Attach (a reporter) or detach (None). Changes queued while detached
+        go out at the first flush after attaching."""
+        self._reporter = reporter
+
+    @property
+    def pending_changes(self):
+        """The changes waiting to be reported, by VM name (a copy)."""
+        return {name: dict(change) for name, change in self._pending.items()}
+
+    async def flush(self):
+        """Send the queued changes in one batch, if attached; one batch at a
+        time. A failed batch stays queued for the next flush."""
+        reporter = self._reporter
+        if reporter is None or not self._pending or self._reporting:
+            return
+        batch = {name: dict(change) for name, change in self._pending.items()}
+        self._reporting = True
+        self._enter()
+        try:
+            acks = await reporter.report(list(batch.values()))
+        except Exception as e:
+            self.log.warn("LNM {lnm}: report of {count} changes failed ({error}); "
+                          "retrying at the next flush", lnm=self.name, count=len(batch),
+                          error=str(e) or e.__class__.__name__)
+            return
+        finally:
+            self._reporting = False
+            self._leave()
+        self._acknowledge(batch, acks)
+
+    def _acknowledge(self, batch, acks):
+        """The controller received ``batch``; ``acks`` are its updated records
+        for the VMs it manages."""
+        acked = {}
+        for record in acks if isinstance(acks, (list, tuple)) else ():
+            try:
+                record = check_record(record)
+            except InvalidRequest as e:
+                self.log.warn("LNM {lnm}: ignoring a malformed acknowledgment: {error}",
+                              lnm=self.name, error=str(e))
+                continue
+            acked[record["name"]] = record
+        for name, change in batch.items():
+            if name in acked:
+                continue
+            vm = self._vms.get(name)
+            if vm is not None:
+                if change["state"] is None and not vm.busy:
+                    # Gone from here and no longer the controller's to manage.
+                    del self._vms[name]
+                else:
+                    vm.record["state"] = change["state"]
+            elif change["state"] is None:
+                self._unadopted.pop(name, None)
+            else:
+                self._unadopted[name] = change["state"]
+        for name, record in acked.items():
+            self._cache(record)
+        self.log.debug("LNM {lnm}: {count} changes acknowledged", lnm=self.name,
+                       count=len(batch))
+        for name, change in batch.items():
+            if self._actual_state(name) == change["state"]:
+                # Delivered and still true. If the controller's record says
+                # otherwise, that is its answer: reporting again would loop.
+                self._pending.pop(name, None)
+            else:
+                self._reconcile(name)
+        for name in acked.keys() - batch.keys():
+            self._reconcile(name)
+
+    # -- change detection ----------------------------------------------------
+
+    def _actual_state(self, name):
+        info = self._domains.get(name)
+        return info.get("state") if info else None
+
+    def _told_state(self, name):
+        vm = self._vms.get(name)
+        if vm is not None:
+            return vm.record.get("state")
+        return self._unadopted.get(name, _NEVER_TOLD)
+
+    def _reconcile(self, name, previous=None):
+        """Queue, replace or drop the change for ``name`` by comparing what the
+        host shows with what the controller was told. ``previous`` is the
+        domain info of a VM that just vanished."""
+        vm = self._vms.get(name)
+        if vm is not None and vm.busy:
+            return
+        info = self._domains.get(name)
+        actual = info.get("state") if info else None
+        told = self._told_state(name)
+        if (told in TRANSITIONAL or actual == told
+                or (actual is None and (told is _NEVER_TOLD or told in ABSENT))):
+            self._pending.pop(name, None)
+            return
+        source = info or previous or self._pending.get(name) or (vm.record if vm else {})
+        change = _change(name, actual, source)
+        if self._pending.get(name) != change:
+            self.log.info("LNM {lnm}: {vm} is {actual} (controller has {told})",
+                          lnm=self.name, vm=name, actual=actual,
+                          told=None if told is _NEVER_TOLD else told)
+        self._pending[name] = change
+
+    def _touch(self, name):
+        self._seq += 1
+        self._touched[name] = self._seq
+
+    def _begin_listing(self):
+        self._listings.append(self._seq)
+        return self._seq
+
+    def _end_listing(self, seq):
+        self._listings.remove(seq)
+        floor = min(self._listings) if self._listings else self._seq
+        self._touched = {n: s for n, s in self._touched.items() if s > floor}
+
+    def _is_stale(self, name, seq):
+        """Has an event or operation told us about ``name`` since ``seq``?"""
+        if self._touched.get(name, 0) > seq:
+            return True
+        vm = self._vms.get(name)
+        return vm is not None and vm.busy
+
+    def _apply_listing(self, domains, seq, *, baseline=False):
+        seen = {}
+        for info in domains:
+            if _check_domain(info):
+                seen[info["name"]] = dict(info)
+        for name, info in seen.items():
+            if self._is_stale(name, seq):
+                continue
+            old = self._domains.get(name)
+            self._domains[name] = info
+            if not baseline and (old is None or old.get("state") != info.get("state")):
+                self._reconcile(name)
+        for name in [n for n in self._domains if n not in seen]:
+            if self._is_stale(name, seq):
+                continue
+            previous = self._domains.pop(name)
+            if not baseline:
+                self._reconcile(name, previous)
+        return seen
+
+    async def _observing(self, fetch, apply):
+        """Fetch from the VMM and apply the answer, minding what events and
+        operations said in the meantime (see ``_is_stale``)."""
+        seq = self._begin_listing()
+        self._enter()
+        try:
+            answer = await fetch()
+            apply(answer, seq)
+            return answer
+        finally:
+            self._end_listing(seq)
+            self._leave()
+
+    def _apply_inventory(self, domains, seq):
+        self._apply_listing(domains, seq, baseline=not self._baselined)
+        self._baselined = True
+
+    async def scan(self):
+        """Compare the host's domains with what was last observed (the
+        periodic scan; may be called at any time). Errors are logged."""
+        try:
+            await self._observing(self.vmm.list_domains, self._apply_inventory)
+        except Exception as e:
+            self.log.warn("LNM {lnm}: scan failed: {error}", lnm=self.name,
+                          error=str(e) or e.__class__.__name__)
+
+    async def _refresh(self, name):
+        """Observe one domain afresh (after an unfamiliar event or a failed
+        operation); errors are logged, never raised."""
+        async def fetch():
+            try:
+                return await self.vmm.domain_info(name)
+            except NoSuchVM:
+                return None
+
+        def apply(info, seq):
+            if self._is_stale(name, seq):
+                return
+            if info is not None and _check_domain(info):
+                old = self._domains.get(name)
+                self._domains[name] = dict(info)
+                if old is None or old.get("state") != info.get("state"):
+                    self._reconcile(name)
+            elif name in self._domains:
+                self._reconcile(name, self._domains.pop(name))
+
+        try:
+            await self._observing(fetch, apply)
+        except Exception as e:
+            self.log.warn("LNM {lnm}: cannot read the state of {vm}: {error}",
+                          lnm=self.name, vm=name, error=str(e) or e.__class__.__name__)
+
+    def _on_event(self, name, state):
+        """IVMM lifecycle callback (reactor thread).
+
+        An event is only a hint that ``name`` changed: the domain is read
+        afresh. Events arrive late (a "suspended" may come after the resume
+        that followed it has returned) and in bursts, and the fresh read,
+        ordered by ``_touch``, cannot report a state that is already over."""
+        if not self._running or not isinstance(name, str):
+            return
+        vm = self._vms.get(name)
+        if vm is not None and vm.busy:
+            return  # the operation's own result will carry the new state
+        if state is None and vm is None and name not in self._domains:
+            return
+        self._touch(name)
+        if name in self._refreshing:
+            self._refreshing[name] = True   # read again when the current read ends
+            return
+        self._refreshing[name] = False
+        defer.Deferred.fromCoroutine(self._refresh_after_events(name))
+
+    async def _refresh_after_events(self, name):
+        try:
+            while True:
+                await self._refresh(name)
+                if not self._refreshing.get(name):
+                    return
+                self._refreshing[name] = False
+        finally:
+            self._refreshing.pop(name, None)
+
+    # -- the cache -----------------------------------------------------------
+
+    def _cache(self, record):
+        name = record["name"]
+        vm = self._vms.get(name)
+        if vm is None:
+            self._vms[name] = CachedVM(self, record)
+        else:
+            vm.record = record
+        self._unadopted.pop(name, None)
+
+    def _cached(self, name):
+        vm = self._vms.get(name)
+        if vm is None:
+            raise NoSuchVM(f"{name} is not cached on LNM {self.name}: the controller "
+                           "must send its record (receive) first")
+        return vm
+
+    def cached_vm(self, name):
+        """The CachedVM for ``name``, or None."""
+        return self._vms.get(name)
+
+    def cached_names(self):
+        return sorted(self._vms)
+
+    async def _run(self, name, action, what):
+        """Run ``action(vm)`` on a cached VM, one operation per VM at a time,
+        its events unreported meanwhile; then settle the cache from its
+        result (domain info, or None when the VM left this host)."""
+        self._refuse_if_stopped()
+        vm = self._cached(name)
+        self._enter()
+        try:
+            await vm.lock.acquire()
+            try:
+                if self._vms.get(name) is not vm:
+                    # The operation we queued behind destroyed or moved it.
+                    raise NoSuchVM(f"{name} left LNM {self.name} before {what} could run")
+                vm.busy = True
+                try:
+                    info = await action(vm)
+                except BaseException:
+                    vm.busy = False
+                    self._touch(name)
+                    # The attempt may have changed the VM halfway: look, and
+                    # report whatever differs from what the controller knows.
+                    await self._refresh(name)
+                    raise
+                vm.busy = False
+                self._settle(vm, info)
+            finally:
+                vm.lock.release()
+        except UsherError as e:
+            self.log.warn("LNM {lnm}: {what} {vm} failed: {error}", lnm=self.name,
+                          what=what, vm=name, error=str(e))
+            raise
+        finally:
+            self._leave()
+        self.log.info("LNM {lnm}: {what} {vm} -> {state}", lnm=self.name, what=what,
+                      vm=name, state=info.get("state") if info else None)
+        return info
+
+    def _settle(self, vm, info):
+        name = vm.name
+        self._touch(name)
+        if info is None:
+            self._domains.pop(name, None)
+            self._pending.pop(name, None)
+            self._unadopted.pop(name, None)
+            if self._vms.get(name) is vm:
+                del self._vms[name]
+            return
+        info = dict(info)
+        self._domains[name] = info
+        # The controller learns the new state from the operation's result.
+        vm.record["state"] = info.get("state")
+        self._reconcile(name)
+
+    # -- Table 2 -------------------------------------------------------------
+
+    async def receive(self, records):
+        """Cache the controller's records (all or none); -> how many."""
+        checked = [check_record(record) for record in records]
+        for record in checked:
+            self._cache(record)
+        for record in checked:
+            self._reconcile(record["name"])
+        self.log.debug("LNM {lnm}: received {count} VM records", lnm=self.name,
+                       count=len(checked))
+        return len(checked)
+
+    async def start(self, name):
+        """Boot a cached VM (idempotent) -> domain info."""
+        return await self._run(name, lambda vm: vm.start(), "start")
+
+    async def op_on(self, operation, name):
+        """Apply a Table 3 operation -> domain info, or None after destroy."""
+        if operation not in states.OPERATIONS:
+            raise InvalidRequest(f"unknown operation {operation!r}; expected one of "
+                                 + ", ".join(states.OPERATIONS))
+        return await self._run(name, lambda vm: vm.operate(operation), operation)
+
+    async def migrate(self, name, target):
+        """Live-migrate to ``target["migration_uri"]`` -> None."""
+        uri = target.get("migration_uri") if isinstance(target, dict) else None
+        if not isinstance(uri, str) or not uri:
+            raise InvalidRequest("migration target has no migration_uri")
+        if self.migration_uri is not None and uri == self.migration_uri:
+            raise InvalidRequest(f"cannot migrate {name} to the LNM it runs on")
+
+        async def migrate(vm):
+            await vm.migrate(uri)
+            return None
+
+        await self._run(name, migrate, "migrate")
+        return None
+
+    async def export_image(self, name):
+        """Save the VM and take it off this host -> the VMM's export (for
+        libvirt: {"xml", "image": bytes or None, "state"}), opaque here."""
+        exported = None
+
+        async def export(vm):
+            nonlocal exported
+            exported = await vm.export_image()
+            return None
+
+        await self._run(name, export, "export")
+        return exported
+
+    async def import_image(self, name, exported):
+        """Restore what another LNM's export_image gave (the VM's record
+        received first) -> domain info."""
+        return await self._run(name, lambda vm: vm.import_image(exported), "import")
+
+    async def get_details(self, name):
+        """The cached record merged with fresh domain info; ``state`` is
+        None when the VM is not on this host."""
+        vm = self._vms.get(name)
+        try:
+            info = await self.vmm.domain_info(name)
+        except NoSuchVM:
+            if vm is None:
+                raise NoSuchVM(f"no VM {name} on LNM {self.name}") from None
+            info = None
+        details = dict(vm.record) if vm is not None else {}
+        if info is not None:
+            details.update(info)
+        else:
+            details["state"] = None
+        details["lnm"] = self.name
+        details["cached"] = vm is not None
+        return details
+
+    async def get_status(self, name):
+        """Resource usage of one VM; monitoring is not implemented yet."""
+        if name not in self._vms and name not in self._domains:
+            raise NoSuchVM(f"no VM {name} on LNM {self.name}")
+        return {}
+
+    async def get_node_info(self):
+        info = dict(await self.vmm.node_info())
+        info["name"] = self.name
+        info["migration_uri"] = self.migration_uri
+        return info
+
+    async def get_node_status(self):
+        return dict(await self.vmm.node_status())
+
+    async def list_vms(self):
+        """Every domain on the host. The controller sees them all, so the
+        ones it does not manage count as told."""
+        async def fetch():
+            return [dict(d) for d in await self.vmm.list_domains() if _check_domain(d)]
+
+        domains = await self._observing(fetch, self._apply_inventory)
+        for info in domains:
+            name = info["name"]
+            if name not in self._vms:
+                self._unadopted[name] = info.get("state")
+                self._reconcile(name)
+        return domains

@@ -1,0 +1,182 @@
+"""Assembling a running LNM from its configuration.
+
+``make_service(config, reactor)`` -> one ``LNMService`` (a MultiService)
+holding, in start order:
+
+1. the thread pool that every blocking hypervisor call runs in;
+2. the node: the VMM (libvirt at ``libvirt_uri``, or the embedded test
+   driver on a simulated host written into ``state_dir``) and the
+   NodeManager;
+3. the link to the controller (mutual TLS with the LNM's certificate), started
+   only once the node is ready, since the controller asks for the inventory
+   at once.
+
+Stopping goes the other way, each step waiting for the previous one.
+"""
+
+import os
+
+from cryptography.x509.oid import NameOID
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from usher import pki
+from usher.daemon import ThreadPoolService
+from usher.errors import ConfigError
+from usher.lnm.api import NodeAPI
+from usher.lnm.libvirt_vmm import LibvirtVMM
+from usher.lnm.link import ControllerLink
+from usher.lnm.node import NodeManager
+from usher.lnm.testhost import write_test_host
+
+TEST_HOST_FILE = "testhost.xml"
+
+log = Logger()
+
+
+def lnm_name(lnm_config):
+    """The LNM's name: ``name`` from the configuration, else the common name
+    of its certificate (which is what the controller calls it anyway)."""
+    if lnm_config.get("name"):
+        return lnm_config["name"]
+    cert_file = lnm_config["ssl_cert_file"]
+    names = pki.load_certificate(cert_file).subject.get_attributes_for_oid(
+        NameOID.COMMON_NAME)
+    if not names or not str(names[0].value).strip():
+        raise ConfigError(f"{cert_file}: the certificate has no common name; set "
+                          "[lnm] name")
+    return str(names[0].value)
+
+
+def controller_endpoint(reactor, lnm_config):
+    """The TLS client endpoint to the controller's LNM port, presenting the
+    LNM's certificate and checking the controller's against the site CA."""
+    host = lnm_config["controller_host"]
+    options = pki.client_tls_options(lnm_config.get("controller_tls_name") or host,
+                                     lnm_config["ssl_ca_file"],
+                                     lnm_config["ssl_cert_file"],
+                                     lnm_config["ssl_key_file"])
+    return wrapClientTLS(options, HostnameEndpoint(reactor, host,
+                                                   lnm_config["controller_port"]))
+
+
+class NodeService(service.Service):
+    """Connects the VMM and runs the NodeManager. ``ready`` fires once both
+    are up (or fails with the reason they are not)."""
+
+    def __init__(self, vmm, manager):
+        self.vmm = vmm
+        self.manager = manager
+        self.ready = None
+
+    def startService(self):
+        super().startService()
+        self.ready = defer.Deferred.fromCoroutine(self._start())
+
+    async def _start(self):
+        await self.vmm.connect()
+        await self.manager.startup()
+
+    def stopService(self):
+        super().stopService()
+        return defer.Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self):
+        await self.manager.shutdown()
+        try:
+            await self.vmm.close()
+        except Exception as e:
+            log.warn("closing the hypervisor connection failed: {error}", error=e)
+
+
+class LNMService(service.MultiService):
+    """The whole LNM; see the module docstring for the order of things."""
+
+    def __init__(self, *, name, pool_service, node_service, link):
+        super().__init__()
+        self.name = name
+        self.pool_service = pool_service
+        self.node_service = node_service
+        self.link = link
+        for child, child_name in ((pool_service, "threads"), (node_service, "node"),
+                                  (link, "controller-link")):
+            child.setName(child_name)
+            child.setServiceParent(self)
+        self.ready = None
+
+    @property
+    def manager(self):
+        return self.node_service.manager
+
+    @property
+    def vmm(self):
+        return self.node_service.vmm
+
+    def startService(self):
+        service.Service.startService(self)
+        self.ready = defer.Deferred.fromCoroutine(self._start())
+
+    async def _start(self):
+        self.pool_service.startService()
+        self.node_service.startService()
+        try:
+            await self.node_service.ready
+        except Exception as e:
+            log.critical("LNM {lnm} cannot start: {error}", lnm=self.name,
+                         error=str(e) or e.__class__.__name__)
+            raise
+        if self.running:
+            self.link.startService()
+
+    def stopService(self):
+        service.Service.stopService(self)
+        return defer.Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self):
+        if self.link.running:
+            await self.link.stopService()
+        if self.node_service.running:
+            if self.node_service.ready is not None:
+                # A start still in progress finishes (or fails) first.
+                try:
+                    await self.node_service.ready
+                except Exception:
+                    pass
+            await self.node_service.stopService()
+        if self.pool_service.running:
+            self.pool_service.stopService()
+        log.info("LNM {lnm} stopped", lnm=self.name)
+
+
+def make_service(config, reactor):
+    """Build the LNM from ``load_config(usher.settings.LNM)``'s result.
+
+    Reads the certificate (for the name) and writes the test host file (for
+    the embedded driver): call it at start-up, before the reactor serves.
+    """
+    lnm = config["lnm"]
+    name = lnm_name(lnm)
+    pool = ThreadPool(minthreads=0, maxthreads=lnm["threads"], name=f"usherlnm-{name}")
+    uri = lnm.get("libvirt_uri")
+    if not uri:
+        uri = write_test_host(os.path.join(lnm["state_dir"], TEST_HOST_FILE),
+                              hostname=name, cpus=lnm["host_cpus"],
+                              memory_mib=lnm["host_memory"], model=lnm["host_model"])
+    vmm = LibvirtVMM(uri, reactor=reactor, pool=pool, state_dir=lnm["state_dir"],
+                     domain_template=lnm.get("domain_template"))
+    manager = NodeManager(vmm, name=name, clock=reactor,
+                          scan_interval=lnm["scan_interval"],
+                          report_interval=lnm["report_interval"],
+                          migration_uri=lnm.get("migration_uri"))
+    link = ControllerLink(controller_endpoint(reactor, lnm), manager, NodeAPI(manager),
+                          clock=reactor, call_timeout=lnm["call_timeout"],
+                          # No recovery listener exists yet: advertise none
+                          # rather than a port nobody answers on.
+                          recovery_port=None,
+                          initial_delay=lnm["reconnect_initial_delay"],
+                          max_delay=lnm["reconnect_max_delay"])
+    return LNMService(name=name, pool_service=ThreadPoolService(pool),
+                      node_service=NodeService(vmm, manager), link=link)

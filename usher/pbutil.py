@@ -1,0 +1,42 @@
+"""Helpers at the Perspective Broker boundary."""
+
+from twisted.internet import defer
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.spread import pb
+
+from usher.errors import Unavailable, from_failure
+
+
+def call(remote, method, *args, timeout, clock, **kwargs):
+    """``remote.callRemote`` with a timeout; failures become UsherErrors.
+
+    PB never fires a caller's Deferred whose reply banana refused, and a
+    silent peer never answers: the timeout turns both into ``Unavailable``.
+    """
+    try:
+        d = remote.callRemote(method, *args, **kwargs)
+    except pb.DeadReferenceError:
+        return defer.fail(Unavailable(f"{method}: peer disconnected"))
+    d.addTimeout(timeout, clock)
+
+    def translate(failure):
+        if failure.check(defer.TimeoutError, defer.CancelledError):
+            raise Unavailable(f"{method}: no answer within {timeout:g} s")
+        if failure.check(pb.PBConnectionLost, pb.DeadReferenceError,
+                         ConnectionLost, ConnectionDone):
+            raise Unavailable(f"{method}: connection lost")
+        raise from_failure(failure)
+
+    return d.addErrback(translate)
+
+
+def as_deferred(coroutine_function):
+    """Decorate an ``async def`` remote_/perspective_ method so PB gets a
+    Deferred (PB does not await coroutines)."""
+    import functools
+
+    @functools.wraps(coroutine_function)
+    def wrapper(*args, **kwargs):
+        return defer.Deferred.fromCoroutine(coroutine_function(*args, **kwargs))
+
+    return wrapper

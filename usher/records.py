@@ -1,0 +1,66 @@
+"""VM records and their wire encoding.
+
+A VM record is a plain dict with the keys of ``VM_FIELDS``. Bulk transfers
+(client sync, ``list``, LNM inventories) send records as JSON text chunks,
+each well under banana's 640 KiB string limit: jelly-encoding 10,000 dicts
+takes seconds, JSON takes milliseconds, and one string per chunk costs PB
+almost nothing.
+"""
+
+import json
+
+from usher.errors import InvalidRequest
+
+VM_FIELDS = ("name", "owner", "cluster", "state", "vmm", "memory_mib", "vcpus",
+             "uuid", "managed", "version", "args")
+
+# Leave room under banana.SIZE_LIMIT (640 KiB) for framing and multibyte text.
+CHUNK_BYTES = 256 * 1024
+MAX_CHUNKS = 4096
+
+
+def encode_chunks(items, limit=CHUNK_BYTES):
+    """JSON-encode a list of JSON-able items as a list of strings, each a JSON
+    array of at most ``limit`` bytes (an item larger than that is refused)."""
+    chunks, current, size = [], [], 2
+    for item in items:
+        text = json.dumps(item, separators=(",", ":"))
+        if len(text) + 2 > limit:
+            raise InvalidRequest("record too large to send")
+        if current and size + len(text) + 1 > limit:
+            chunks.append("[" + ",".join(current) + "]")
+            current, size = [], 2
+        current.append(text)
+        size += len(text) + 1
+    if current:
+        chunks.append("[" + ",".join(current) + "]")
+    return chunks
+
+
+def decode_chunks(chunks):
+    """Inverse of encode_chunks, validating the shape (a peer may be hostile)."""
+    if not isinstance(chunks, (list, tuple)) or len(chunks) > MAX_CHUNKS:
+        raise InvalidRequest("expected a list of JSON chunks")
+    items = []
+    for chunk in chunks:
+        if isinstance(chunk, bytes):
+            chunk = chunk.decode("utf-8")
+        if not isinstance(chunk, str):
+            raise InvalidRequest("expected a JSON chunk")
+        try:
+            part = json.loads(chunk)
+        except ValueError as e:
+            raise InvalidRequest(f"malformed JSON chunk: {e}") from None
+        if not isinstance(part, list):
+            raise InvalidRequest("expected a JSON array")
+        items.extend(part)
+    return items
+
+
+def decode_records(chunks):
+    """Decode VM records, checking each is a dict with a string name."""
+    records = decode_chunks(chunks)
+    for rec in records:
+        if not isinstance(rec, dict) or not isinstance(rec.get("name"), str):
+            raise InvalidRequest("malformed VM record")
+    return records

@@ -1,0 +1,141 @@
+"""Every configuration option of the controller, the LNM and ush: types and
+defaults (the sample files in ``etc/*.config.orig`` document each one).
+
+Specs use the configspec format of ``usher.config``. A value of ``None`` in
+a default means "no value"; the option then also accepts a bare ``None``.
+"""
+
+from usher.config import ComponentSpec
+from usher.states import OPERATIONS
+
+# Twisted's log level names (twisted.logger.LogLevel.levelWithName).
+_LOG_LEVEL = "option('debug', 'info', 'warn', 'error', 'critical', default='info')"
+_PORT = "integer(min=1, max=65535, default={})"
+
+# Every request event (as usher.controller.events names them: one per request
+# kind, one per Table 3 operation); open authorization approves them all.
+REQUEST_EVENTS = ("start_request", "migrate_request", "list_request") + tuple(
+    f"{operation}_request" for operation in OPERATIONS)
+
+CTRL_SPEC = f"""
+[ctrl]
+domain = string(default='usher.local')
+client_interface = string(default='0.0.0.0')
+client_port = {_PORT.format(7390)}
+lnm_interface = string(default='0.0.0.0')
+lnm_port = {_PORT.format(7391)}
+ssl_key_file = path(default='/etc/usher/usherctrl_key.pem')
+ssl_cert_file = path(default='/etc/usher/usherctrl_cert.pem')
+ssl_ca_file = path(default='/etc/usher/ca_cert.pem')
+state_dir = path(default='/var/lib/usher/ctrl')
+passwd_file = path(default='/etc/usher/passwd')
+auth_modules = list(min=1, default=list('local'))
+admins = list(default=list())
+plugin_dir = path(default=None)
+call_timeout = float(gt=0, default=30)
+start_timeout = float(gt=0, default=120)
+default_memory = integer(min=1, default=256)
+default_vcpus = integer(min=1, default=1)
+max_request_vms = integer(min=1, default=10000)
+lnm_ping_interval = float(gt=0, default=5)
+lnm_ping_timeout = float(gt=0, default=15)
+log_file = path(default=None)
+log_level = {_LOG_LEVEL}
+pid_file = path(default=None)
+[[plugins]]
+[[[__many__]]]
+plugin = string(default=None)
+events = list(min=1)
+config = path(default=None)
+order = integer(default=None)
+"""
+
+LNM_SPEC = f"""
+[lnm]
+name = string(default=None)
+controller_host = string(default='localhost')
+controller_port = {_PORT.format(7391)}
+controller_tls_name = string(default=None)
+ssl_key_file = path(default='/etc/usher/usherlnm_key.pem')
+ssl_cert_file = path(default='/etc/usher/usherlnm_cert.pem')
+ssl_ca_file = path(default='/etc/usher/ca_cert.pem')
+libvirt_uri = string(default=None)
+host_cpus = integer(min=1, default=8)
+host_memory = integer(min=1, default=16384)
+host_model = string(default='usher-test-host')
+state_dir = path(default='/var/lib/usher/lnm')
+domain_template = path(default=None)
+migration_uri = string(default=None)
+scan_interval = float(gt=0, default=10)
+report_interval = float(gt=0, default=0.2)
+threads = integer(min=1, default=4)
+recovery_port = {_PORT.format(7392)}
+recovery_interface = string(default='0.0.0.0')
+reconnect_initial_delay = float(gt=0, default=1)
+reconnect_max_delay = float(gt=0, default=30)
+call_timeout = float(gt=0, default=60)
+log_file = path(default=None)
+log_level = {_LOG_LEVEL}
+pid_file = path(default=None)
+"""
+
+USH_SPEC = f"""
+[ush]
+controller_host = string(default='localhost')
+controller_port = {_PORT.format(7390)}
+controller_tls_name = string(default=None)
+ssl_ca_file = path(default='/etc/usher/ca_cert.pem')
+username = string(default=None)
+password = string(default=None)
+history_file = path(default='~/.ush_history')
+clusters = list(default=list())
+call_timeout = float(gt=0, default=60)
+"""
+
+
+def default_plugin_registrations() -> dict:
+    """The registrations used when ctrl.config has no [[plugins]] section.
+
+    Shaped like a parsed [[plugins]] section. Open authorization comes first
+    so that placement sees only approved requests (plugins without an order
+    run in registration order).
+    """
+    return {
+        "open_authz": {"plugin": "open_authz", "events": list(REQUEST_EVENTS),
+                       "config": None, "order": None},
+        "roundrobin": {"plugin": "roundrobin", "events": ["start_request", "migrate_request"],
+                       "config": None, "order": None},
+    }
+
+
+def _name_plugins_after_registrations(config: dict) -> None:
+    for registration_name, registration in config["ctrl"]["plugins"].items():
+        if registration["plugin"] is None:
+            registration["plugin"] = registration_name
+
+
+CTRL = ComponentSpec(
+    name="ctrl",
+    spec=CTRL_SPEC,
+    host_file="/etc/usher/ctrl.config",
+    home_file=".usher/ctrl.config",
+    env_var="USHER_CTRL_CONFIG",
+    absent_section_defaults={("ctrl", "plugins"): default_plugin_registrations},
+    finalize=_name_plugins_after_registrations,
+)
+
+LNM = ComponentSpec(
+    name="lnm",
+    spec=LNM_SPEC,
+    host_file="/etc/usher/lnm.config",
+    home_file=".usher/lnm.config",
+    env_var="USHER_LNM_CONFIG",
+)
+
+USH = ComponentSpec(
+    name="ush",
+    spec=USH_SPEC,
+    host_file="/etc/usher/ush.config",
+    home_file=".usher/ush.config",
+    env_var="USHER_USH_CONFIG",
+)
