@@ -42,6 +42,7 @@ setup(
                              "etc/ush.config.orig"]),
         ("share/usher/initscripts", ["initscripts/usherctrl", "initscripts/usherlnm",
                                      "initscripts/usherctrl.service",
-                                     "initscripts/usherlnm.service"]),
+                                     "initscripts/usherlnm.service",
+                                     "initscripts/install.sh"]),
     ],
 )

@@ -1353,3 +1353,7 @@ def main():
         sys.exit(run())
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

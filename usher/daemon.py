@@ -57,6 +57,7 @@ def run(reactor, root, *, name, pid_file=None, on_running=None):
     returns the process exit code."""
     write_pid_file(pid_file)
     exit_code = [0]
+    started = [False]
 
     def startup():
         try:
@@ -66,13 +67,14 @@ def run(reactor, root, *, name, pid_file=None, on_running=None):
             exit_code[0] = 1
             reactor.stop()
             return
+        started[0] = True
         log.info("{name} running (pid {pid})", name=name, pid=os.getpid())
         if on_running is not None:
             on_running()
 
     reactor.callWhenRunning(startup)
     reactor.addSystemEventTrigger("before", "shutdown",
-                                  lambda: root.running and root.stopService())
+                                  lambda: started[0] and root.stopService())
     try:
         reactor.run()
     finally:

@@ -131,7 +131,8 @@ class UsherClient:
         def failed(failure):
             service, self._service = self._service, None
             if service is not None:
-                service.stopService()
+                # Not from inside whenConnected's own failure: a reactor turn later.
+                self.reactor.callLater(0, service.stopService)
             if failure.check(defer.TimeoutError):
                 raise Unavailable(f"no answer from {self.host}:{self.port} "
                                   f"within {self.timeout:g} s")
