@@ -13,9 +13,9 @@ from usher.client import UsherClient
 
 
 class RunningSandbox:
-    def __init__(self, directory, lnms=3):
+    def __init__(self, directory, lnms=3, **host):
         self.description = sandbox.prepare(directory, lnms=lnms, domain="usher.test",
-                                           user="alice", rounds=4)
+                                           user="alice", rounds=4, **host)
         self.box = sandbox.Sandbox(reactor, self.description, out=open(os.devnull, "w"))
         self.clients = []
 

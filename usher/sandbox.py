@@ -38,7 +38,8 @@ def sandbox_user():
     return name if USER_RE.match(name) and name != "root" else "sandbox"
 
 
-def prepare(directory, *, lnms=3, domain="usher.local", user=None, rounds=None):
+def prepare(directory, *, lnms=3, domain="usher.local", user=None, rounds=None,
+            host_cpus=16, host_memory=32768):
     """Write certificates, configuration files and the password file.
     -> dict describing the sandbox (also written to DIR/sandbox.json)."""
     directory = os.path.abspath(directory)
@@ -46,10 +47,12 @@ def prepare(directory, *, lnms=3, domain="usher.local", user=None, rounds=None):
     os.makedirs(pki_dir, exist_ok=True)
     os.makedirs(os.path.join(directory, "logs"), exist_ok=True)
     pki.init_ca(pki_dir, common_name="Usher sandbox CA", force=True)
-    pki.issue_cert(pki_dir, "usherctrl", pki_dir, hostnames=["localhost"], ips=["127.0.0.1"])
+    pki.issue_cert(pki_dir, "usherctrl", pki_dir, hostnames=["localhost"], ips=["127.0.0.1"],
+                   force=True)
     lnm_names = [f"lnm{i}" for i in range(1, lnms + 1)]
     for name in lnm_names:
-        pki.issue_cert(pki_dir, name, pki_dir, hostnames=["localhost"], ips=["127.0.0.1"])
+        pki.issue_cert(pki_dir, name, pki_dir, hostnames=["localhost"], ips=["127.0.0.1"],
+                       force=True)
 
     user = user or sandbox_user()
     password = secrets.token_urlsafe(18)
@@ -92,8 +95,8 @@ ssl_key_file = {pki_dir}/{name}_key.pem
 ssl_cert_file = {pki_dir}/{name}_cert.pem
 ssl_ca_file = {ca}
 state_dir = {directory}/{name}-state
-host_cpus = 16
-host_memory = 32768
+host_cpus = {host_cpus}
+host_memory = {host_memory}
 host_model = sandbox-host-{i + 1}
 scan_interval = 2
 recovery_interface = 127.0.0.1
@@ -237,7 +240,8 @@ def run(options):
     """The ``usher sandbox`` command; returns an exit code."""
     from twisted.internet import reactor
 
-    description = prepare(options.dir, lnms=options.lnms, domain=options.domain)
+    description = prepare(options.dir, lnms=options.lnms, domain=options.domain,
+                          host_cpus=options.host_cpus, host_memory=options.host_memory)
     box = Sandbox(reactor, description)
     exit_code = [0]
 
@@ -273,10 +277,15 @@ def run(options):
     def on_signal(signum, frame):
         reactor.callFromThread(lambda: defer.Deferred.fromCoroutine(shutdown()))
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, signal.SIG_IGN if options.shell else on_signal)
-    reactor.callWhenRunning(lambda: defer.Deferred.fromCoroutine(main()))
-    reactor.run(installSignalHandlers=False)
+    def install_handlers():
+        # After the reactor's own (it must keep reaping children with SIGCHLD):
+        # our stop waits for the children instead of stopping at once.
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, signal.SIG_IGN if options.shell else on_signal)
+        defer.Deferred.fromCoroutine(main())
+
+    reactor.callWhenRunning(install_handlers)
+    reactor.run()
     return exit_code[0]
 
 
@@ -284,6 +293,10 @@ def add_arguments(parser):
     parser.add_argument("--dir", required=True, help="directory for the sandbox's files")
     parser.add_argument("--lnms", type=int, default=3, help="number of LNMs (default 3)")
     parser.add_argument("--domain", default="usher.local", help="the Usher system domain")
+    parser.add_argument("--host-cpus", type=int, default=16,
+                        help="CPUs of each simulated host (default 16)")
+    parser.add_argument("--host-memory", type=int, default=32768,
+                        help="memory of each simulated host in MiB (default 32768)")
     parser.add_argument("--timeout", type=float, default=60.0,
                         help="seconds to wait for every LNM to connect")
     parser.add_argument("--shell", action="store_true",

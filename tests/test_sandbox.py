@@ -1,0 +1,92 @@
+"""``usher sandbox`` as a user runs it: a subprocess that prints ``ready``,
+serves ush and the blocking client library, and stops everything on SIGTERM."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+
+def _children(pid):
+    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid=,args="], capture_output=True,
+                         text=True).stdout
+    return [line for line in out.splitlines() if "usher" in line and f"{pid}" in line]
+
+
+def _wait_ready(proc, timeout=60):
+    deadline = time.monotonic() + timeout
+    lines = []
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if "ready" in line:
+            return line
+    raise AssertionError("sandbox never became ready: " + "".join(lines))
+
+
+@pytest.fixture
+def sandbox_process(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "usher.admin", "sandbox", "--dir",
+                             str(tmp_path / "box"), "--lnms", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            stdin=subprocess.DEVNULL)
+    try:
+        yield proc, tmp_path / "box"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _ush(box, *args):
+    return subprocess.run([sys.executable, "-m", "usher.clients.ush", "--config",
+                           str(box / "ush.config"), "--json", *args], capture_output=True,
+                          text=True, timeout=60, stdin=subprocess.DEVNULL)
+
+
+def test_sandbox_ready_serves_and_stops_on_sigterm(sandbox_process):
+    proc, box = sandbox_process
+    ready = _wait_ready(proc)
+    assert "ush --config" in ready
+    started = json.loads(_ush(box, "start", "-n", "demo", "-c", "4").stdout)
+    assert len(started) == 4 and {s["vmm"] for s in started} == {"lnm1", "lnm2"}
+    listed = json.loads(_ush(box, "list").stdout)
+    assert sorted(r["state"] for r in listed) == ["run"] * 4
+
+    # The blocking client library, from a plain script.
+    description = json.loads((box / "sandbox.json").read_text())
+    script = textwrap.dedent(f"""
+        from usher.client.blocking import BlockingClient
+        with BlockingClient("127.0.0.1", {description['client_port']},
+                            ca_file={description['ca_file']!r}, tls_name="localhost",
+                            username={description['user']!r},
+                            password={description['password']!r}) as usher:
+            result = usher.pause(["1.demo"])
+            print(result["done"][0]["state"], len(usher.list()))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60)
+    assert out.stdout.split() == ["paused", "4"], out.stderr
+
+    pids = [int(line.split()[0]) for line in subprocess.run(
+        ["pgrep", "-f", str(box)], capture_output=True, text=True).stdout.split()]
+    assert len(pids) >= 3        # controller and two LNMs
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    for pid in pids:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError(f"process {pid} outlived the sandbox")
