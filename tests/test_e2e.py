@@ -303,3 +303,25 @@ def test_invalid_controller_configuration_names_file_line_key(tmp_path):
                                timeout=60)
     assert completed.returncode == 2
     assert f"{config}:3" in completed.stderr and "client_port" in completed.stderr
+
+
+@pytest_twisted.ensureDeferred
+async def test_oversized_and_hostile_messages_leave_the_controller_serving(system, monkeypatch):
+    attacker = await system.connected_client()
+    with pytest.raises(InvalidRequest, match="cannot be sent"):
+        # Our own side refuses to send a string over banana's 640 KiB …
+        await attacker._remote("start", ["x" * (700 * 1024)], [], {})
+    from twisted.spread import banana
+    monkeypatch.setattr(banana, "SIZE_LIMIT", 4 * 1024 * 1024)
+    with pytest.raises(Unavailable):
+        # … and the controller drops a connection that sends one anyway.
+        await attacker._remote("start", ["x" * (700 * 1024)], [], {})
+    monkeypatch.undo()
+    other = await system.connected_client()
+    with pytest.raises(InvalidRequest):
+        await other._remote("start", ["a"] * 5, [], {"count": "many"})
+    with pytest.raises(InvalidRequest):
+        await other._remote("op_on", "pause", {"names": [{"nested": "dict"}]}, None)
+    with pytest.raises(InvalidRequest):
+        await other._remote("start", [], [], {"cluster": "x", "count": 10 ** 9})
+    assert (await other.list_lnm())[0]["connected"]

@@ -3,8 +3,9 @@
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.spread import pb
+from twisted.spread.banana import BananaError
 
-from usher.errors import Unavailable, from_failure
+from usher.errors import InvalidRequest, Unavailable, from_failure
 
 
 def call(remote, method, *args, timeout, clock, **kwargs):
@@ -17,6 +18,9 @@ def call(remote, method, *args, timeout, clock, **kwargs):
         d = remote.callRemote(method, *args, **kwargs)
     except pb.DeadReferenceError:
         return defer.fail(Unavailable(f"{method}: peer disconnected"))
+    except BananaError as e:
+        # Raised before anything is sent (e.g. a string over 640 KiB).
+        return defer.fail(InvalidRequest(f"{method}: request cannot be sent: {e}"))
     d.addTimeout(timeout, clock)
 
     def translate(failure):

@@ -65,25 +65,29 @@ class SubscriptionHub:
     def __init__(self, state, clock):
         self.state = state
         self.clock = clock
-        self._subs = set()
+        self._by_user = {}          # user -> set of subscriptions
         self._pending = set()
         self._scheduled = None
         state.listen(self._changed)
 
     def add(self, user, admin, clusters, sink):
         sub = Subscription(self, user, admin, clusters, sink)
-        self._subs.add(sub)
+        self._by_user.setdefault(user, set()).add(sub)
         return sub
 
     def remove(self, sub):
-        self._subs.discard(sub)
+        subs = self._by_user.get(sub.user)
+        if subs is not None:
+            subs.discard(sub)
+            if not subs:
+                del self._by_user[sub.user]
         self._pending.discard(sub)
 
     def __len__(self):
-        return len(self._subs)
+        return sum(len(subs) for subs in self._by_user.values())
 
     def _changed(self, record, old_state):
-        for sub in self._subs:
+        for sub in self._by_user.get(record.get("owner"), ()):
             if sub.wants(record):
                 sub.queue(record)
                 self._pending.add(sub)
