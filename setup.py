@@ -29,6 +29,8 @@ setup(
         "libvirt-python>=9.0",
         "bcrypt>=4",
         "cryptography>=42",
+        "prometheus-client>=0.20",
+        "pamela>=1.2",
     ],
     extras_require={"test": ["pytest>=8", "pytest-twisted>=1.14"]},
     entry_points={"console_scripts": [
@@ -39,7 +41,9 @@ setup(
     ]},
     data_files=[
         ("share/usher/etc", ["etc/ctrl.config.orig", "etc/lnm.config.orig",
-                             "etc/ush.config.orig"]),
+                             "etc/ush.config.orig", "etc/lnm-qemu.config.example"]),
+        ("share/usher/etc/plugins", sorted(f"etc/plugins/{p.name}"
+                                           for p in (HERE / "etc/plugins").glob("*.config"))),
         ("share/usher/initscripts", ["initscripts/usherctrl", "initscripts/usherlnm",
                                      "initscripts/usherctrl.service",
                                      "initscripts/usherlnm.service",

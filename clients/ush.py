@@ -38,7 +38,7 @@ import sys
 import threading
 from collections.abc import Mapping
 
-from twisted.internet import defer, error as net_error
+from twisted.internet import defer, error as net_error, task
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -48,7 +48,7 @@ from usher.errors import (AuthenticationFailed, ConfigError, InvalidRequest, Una
                           UsherError, from_failure)
 from usher.vmset import Selection, compile_regex, expand_ranges
 
-from . import ush_help
+from . import ush_help, ush_monitor
 
 log = Logger()
 
@@ -58,6 +58,8 @@ EXIT_USAGE = 2
 EXIT_CONNECTION = 3
 
 PROMPT = "ush> "
+# Home the cursor and clear the screen (top's redraw).
+CLEAR_SCREEN = "\x1b[H\x1b[2J"
 SEPARATOR = "-----"
 # Seconds ush waits for the controller to acknowledge a logout when leaving.
 CLOSE_TIMEOUT = 5.0
@@ -159,6 +161,16 @@ LNM_STATUS_COLUMNS = (
     Column("free memory", _field("free_memory_mib", format_memory), key="free_memory_mib"),
 )
 LNM_HIDDEN_KEYS = {"name", "vms", "cpus", "memory_mib", "connected", "free_memory_mib"}
+# Monitoring figures (list -s, list_lnm -s, top): the three CPU averages, then
+# the 1-minute rates and memory (--json has every average).
+FIGURE_COLUMNS = tuple(
+    Column(title, lambda record, window=window: ush_monitor.cpu_cell(record, window))
+    for window, title in enumerate(ush_monitor.CPU_TITLES)) + (
+    Column(ush_monitor.NET_TITLE, ush_monitor.net_cell),
+    Column(ush_monitor.DISK_TITLE, ush_monitor.disk_cell),
+    Column(ush_monitor.MEMORY_TITLE, ush_monitor.memory_cell),
+)
+SOURCE_COLUMN = Column(ush_monitor.SOURCE_TITLE, ush_monitor.source_cell)
 # Status queries may nest their figures in a dict under this key.
 STATUS_KEY = "status"
 
@@ -221,9 +233,19 @@ def format_vm_list(records, status=False):
     if status:
         records = [flatten_status(record) for record in records]
         columns += present(VM_STATUS_COLUMNS, records)
-        columns += extra_columns(records, VM_HIDDEN_KEYS)
+        columns += figure_columns(records)
+        columns += extra_columns(records, VM_HIDDEN_KEYS | ush_monitor.HIDDEN_KEYS)
     lines = [f"{plural(len(records), 'VM')}:", SEPARATOR] + format_table(columns, records)
+    if status and ush_monitor.any_simulated(records):
+        lines.append(ush_monitor.SIMULATED_NOTE)
     return "\n".join(lines)
+
+
+def figure_columns(records, source=False):
+    """The monitoring columns, when some record has figures."""
+    if not any(ush_monitor.has_figures(record) for record in records):
+        return ()
+    return FIGURE_COLUMNS + ((SOURCE_COLUMN,) if source else ())
 
 
 def format_lnm_list(lnms, status=False):
@@ -234,8 +256,42 @@ def format_lnm_list(lnms, status=False):
     if status:
         lnms = [flatten_status(lnm) for lnm in lnms]
         columns += present(LNM_STATUS_COLUMNS, lnms)
-        columns += extra_columns(lnms, LNM_HIDDEN_KEYS)
+        columns += figure_columns(lnms, source=True)
+        columns += extra_columns(lnms, LNM_HIDDEN_KEYS | ush_monitor.HIDDEN_KEYS)
     lines = [f"{plural(len(lnms), 'LNM')}:", SEPARATOR] + format_table(columns, lnms)
+    if status and ush_monitor.any_simulated(lnms):
+        lines.append(ush_monitor.SIMULATED_NOTE)
+    return "\n".join(lines)
+
+
+TOP_LNM_COLUMNS = (
+    Column("LNM", _field("name", str), 12),
+    Column("VMs", _field("vms")),
+    Column("CPUs", _field("cpus")),
+) + FIGURE_COLUMNS + (
+    Column("free memory", _field("free_memory_mib", format_memory)),
+    SOURCE_COLUMN,
+)
+TOP_VM_COLUMNS = (
+    Column("VM", _field("name", str), 24),
+    Column("VMM", _field("vmm")),
+    Column("state", _field("state")),
+) + FIGURE_COLUMNS
+
+
+def format_top(view, count):
+    """``top``'s answer ({"lnms", "vms"}) as a screen: hosts, then the
+    busiest VMs."""
+    lnms = [flatten_status(lnm) for lnm in _by_name(view.get("lnms") or [])]
+    vms = [flatten_status(vm) for vm in ush_monitor.busiest_first(view.get("vms") or [])]
+    connected = sum(1 for lnm in lnms if lnm.get("connected"))
+    lines = [f"{plural(len(lnms), 'LNM')} ({connected} connected); averages over 1, 5 "
+             "and 15 minutes; rates per second over 1 minute", SEPARATOR]
+    lines += format_table(TOP_LNM_COLUMNS, lnms) if lnms else ["0 LNMs."]
+    lines += ["", f"Busiest VMs (top {count} by 1-minute CPU):", SEPARATOR]
+    lines += format_table(TOP_VM_COLUMNS, vms) if vms else ["No VM has figures yet."]
+    if ush_monitor.any_simulated(lnms + vms):
+        lines.append(ush_monitor.SIMULATED_NOTE)
     return "\n".join(lines)
 
 
@@ -300,6 +356,43 @@ def format_migrate_result(result):
     if not moved and not failed:
         lines.append("No VMs matched.")
     lines += _note_lines(result)
+    return "\n".join(lines)
+
+
+def _seconds(value):
+    return "-" if value is None else f"{value:g} s"
+
+
+PLUGIN_COLUMNS = (
+    Column("event", _field("event", str), 20),
+    Column("order", _field("order")),
+    Column("plugin", _field("plugin", str)),
+    Column("config", _field("config")),
+    Column("timeout", _field("timeout", _seconds)),
+    Column("interval", _field("interval", _seconds), key="interval"),
+)
+
+
+def format_plugins(description, events=None):
+    """``plugins``' answer (the controller's description of its plugins) as
+    text; ``events`` limits the chains shown."""
+    available = description.get("available") or []
+    about = description.get("about") or {}
+    lines = [f"{plural(len(available), 'available plugin')}:"]
+    width = max((len(name) for name in available), default=0) + 2
+    lines += [f"  {name:<{width}}{about.get(name) or ''}".rstrip() for name in available]
+    lines += ["", format_chains(description, events)]
+    return "\n".join(lines)
+
+
+def format_chains(description, events=None):
+    """The registrations of a plugin description (only ``events``' chains if given)."""
+    registered = [r for r in description.get("registered") or []
+                  if events is None or r.get("event") in events]
+    if not registered:
+        return "No plugin is registered" + (" for these events." if events else ".")
+    lines = ["Event chains (each runs from the lowest order up):"]
+    lines += format_table(present(PLUGIN_COLUMNS, registered), registered)
     return "\n".join(lines)
 
 
@@ -422,6 +515,39 @@ def _positive_int(text):
     return value
 
 
+def _integer(text):
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
+PLUGIN_WORD_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def parse_plugin_words(plugin, events, command):
+    """Check a plugin name and a comma-separated event list -> (name, [events])."""
+    if not PLUGIN_WORD_RE.match(plugin):
+        raise UsageError(f"{plugin!r} is not a plugin name", command)
+    names = [] if events is None else [e.strip() for e in events.split(",") if e.strip()]
+    for event in names:
+        if not PLUGIN_WORD_RE.match(event):
+            raise UsageError(f"{event!r} is not an event name", command)
+    if events is not None and not names:
+        raise UsageError("no event given", command)
+    return plugin, names
+
+
+def _positive_seconds(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
 def _add_selection(parser, positional=True):
     parser.add_argument("-n", "--cluster", action="append", default=[], metavar="CLUSTER")
     parser.add_argument("-r", "--regex", metavar="REGEX")
@@ -457,6 +583,20 @@ def _build_parsers():
     parser = new("migrate")
     _add_selection(parser)
     parser.add_argument("--to", nargs="+", metavar="LNM")
+    parser = new("top")
+    parser.add_argument("-c", "--count", type=_positive_int, default=10)
+    parser.add_argument("-i", "--interval", type=_positive_seconds, default=2.0)
+    parser.add_argument("--iterations", type=_positive_int)
+    parser.add_argument("lnms", nargs="*", metavar="LNM")
+    new("plugins")
+    parser = new("register_plugin")
+    parser.add_argument("-o", "--order", type=_integer)
+    parser.add_argument("plugin")
+    parser.add_argument("events")
+    parser.add_argument("config", nargs="?")
+    parser = new("unregister_plugin")
+    parser.add_argument("plugin")
+    parser.add_argument("events", nargs="?")
     new("help").add_argument("topic", nargs="?")
     new("quit")
     return parsers
@@ -623,6 +763,8 @@ class Shell:
         self._starts_in_flight = 0
         self._user_disconnected = False
         self.show_notices = True
+        # Output is a terminal that ``top`` may redraw (one-shot mode).
+        self.live_output = False
 
     # -- output ---------------------------------------------------------------
 
@@ -851,6 +993,14 @@ class Shell:
             call = self._cmd_start(args)
         elif name == "migrate":
             call = self._cmd_migrate(args)
+        elif name == "top":
+            call = self._cmd_top(args)
+        elif name == "plugins":
+            call = self._cmd_plugins()
+        elif name == "register_plugin":
+            call = self._cmd_register_plugin(args)
+        elif name == "unregister_plugin":
+            call = self._cmd_unregister_plugin(args)
         else:
             call = self._cmd_operation(name, args)
         if check_connection and (self.client is None or not self.client.connected):
@@ -1020,6 +1170,89 @@ class Shell:
             return Outcome(format_migrate_result(result), result,
                            EXIT_FAILED if result.get("failed") else EXIT_OK)
         return Call(migrate)
+
+    def _cmd_plugins(self):
+        async def plugins():
+            description = await self._live_client().plugins()
+            return Outcome(format_plugins(description), description)
+        return Call(plugins)
+
+    def _cmd_register_plugin(self, args):
+        plugin, events = parse_plugin_words(args.plugin, args.events, "register_plugin")
+        config = args.config
+        if config is not None and not config.startswith("/"):
+            raise UsageError(f"the configuration file must be an absolute path on the "
+                             f"controller's host, not {config!r}", "register_plugin")
+        order = args.order
+
+        async def register():
+            client = self._live_client()
+            done = []
+            description = None
+            try:
+                for event in events:
+                    description = await client.register_plugin(plugin, event, config, order)
+                    done.append(event)
+            except UsherError as exc:
+                if not done:
+                    raise
+                message = (f"registered {plugin} for {', '.join(done)}, but not for "
+                           f"{events[len(done)]}: {exc}")
+                # Partly done: a failure, not a usage error.
+                return Outcome(f"Error: {message}", {"error": message, "registered": done},
+                               EXIT_FAILED, error=True)
+            text = (f"Plugin {plugin} registered for {', '.join(events)}.\n"
+                    + format_chains(description, set(events)))
+            return Outcome(text, description)
+        return Call(register)
+
+    def _cmd_unregister_plugin(self, args):
+        plugin, events = parse_plugin_words(args.plugin, args.events, "unregister_plugin")
+
+        async def unregister():
+            client = self._live_client()
+            done = []
+            description = None
+            try:
+                for event in events or [None]:
+                    description = await client.unregister_plugin(plugin, event)
+                    done.append(event)
+            except UsherError as exc:
+                if not done:
+                    raise
+                message = (f"unregistered {plugin} from {', '.join(done)}, but not from "
+                           f"{events[len(done)]}: {exc}")
+                return Outcome(f"Error: {message}", {"error": message, "unregistered": done},
+                               EXIT_FAILED, error=True)
+            where = ", ".join(events) if events else "every event"
+            return Outcome(f"Plugin {plugin} unregistered from {where}.", description)
+        return Call(unregister)
+
+    def _cmd_top(self, args):
+        patterns = check_lnm_patterns(args.lnms, "top")
+        count, interval = args.count, args.interval
+        # Refresh until interrupted only on a terminal in one-shot mode; at the
+        # interactive prompt (and with --json) one view unless --iterations.
+        live = self.live_output and not self.json_output
+        iterations = args.iterations or (None if live else 1)
+        if self.json_output:
+            iterations = 1
+
+        async def top():
+            client = self._live_client()
+            shown = 0
+            while True:
+                view = await client.top(patterns=patterns, count=count)
+                shown += 1
+                text = format_top(view, count)
+                if iterations is not None and shown >= iterations:
+                    return Outcome(text, view)
+                self._out.write((CLEAR_SCREEN if live else "") + text + "\n"
+                                + ("" if live else "\n"))
+                if self._clock is None:
+                    raise UsageError("top needs a clock to refresh", "top")
+                await task.deferLater(self._clock, interval, lambda: None)
+        return Call(top)
 
     # -- the client's callbacks -----------------------------------------------------------
 
@@ -1344,6 +1577,7 @@ def run(argv=None, *, stdout=None, stderr=None, settings_loader=load_settings,
     shell = Shell(client_factory or default_client_factory(reactor, settings), settings,
                   out=stdout, err=stderr, prompter=PasswordPrompter(getpass_fn),
                   clock=reactor, json_output=options.json)
+    shell.live_output = bool(getattr(stdout, "isatty", lambda: False)())
     # Starts synchronously: a password prompt happens before the reactor runs.
     return _wait_for(reactor, Deferred.fromCoroutine(shell.run_once(options.command)))
 

@@ -180,8 +180,12 @@ COMMANDS["list"] = _entry(
 
     Options:
       -s, --status    ask the controller for current details and add columns:
-                      cluster, memory and virtual CPUs, then any resource
-                      figures the controller reports
+                      cluster, memory and virtual CPUs, then the VM's resource
+                      use (see 'help monitoring'): CPU in percent of one host
+                      CPU averaged over 1, 5 and 15 minutes, network in/out
+                      and disk read/write per second and memory in use over
+                      the last minute ("n/a": its hypervisor does not report
+                      it; "-": no figures, e.g. shut off)
       -a, --all       ask the controller instead of the cache, for every VM
                       you are allowed to see (an administrator may see other
                       users' and unmanaged VMs; an owner column then appears)
@@ -214,7 +218,12 @@ COMMANDS["list_lnm"] = _entry(
 
     Options:
       -s, --status    add the host's current figures as the controller reports
-                      them (free memory, and resource usage where monitored)
+                      them: free memory, CPU in percent of the whole host
+                      averaged over 1, 5 and 15 minutes, network, disk and
+                      memory over the last minute, and where the figures come
+                      from ("libvirt", or "simulated:PROFILE" when the LNM's
+                      simulated_load option makes them up for a test host);
+                      see 'help monitoring'
       LNM ...         only these LNMs: exact names, ranges ("vmm[40-49]"), or
                       regular expressions written /REGEX/ or ~REGEX
                       ("/^vmm4/", "~rack2")
@@ -309,6 +318,90 @@ COMMANDS["migrate"] = _entry(
       migrate -n sneetch --to '~^vmm5'
       migrate '[1-4].sneetch' --to vmm50 vmm51""")
 
+COMMANDS["plugins"] = _entry(
+    "List the available plugins and the event chains (administrators)",
+    "plugins",
+    """\
+    Show the plugins the controller can load (Usher's own and those in its
+    plugin_dir) with a line about each, then every registration: the event,
+    the plugin's order on that event's chain (lower runs first), its
+    configuration file, its timeout and, for timer registrations, the
+    interval between calls. Only administrators may see or change plugins.
+
+    Examples:
+      plugins
+      ush --json plugins""")
+
+COMMANDS["register_plugin"] = _entry(
+    "Put a plugin on one or more event chains (administrators)",
+    "register_plugin [-o ORDER] PLUGIN EVENT[,EVENT...] [CONFIG_FILE]",
+    """\
+    Register an available plugin for events while the controller runs: the
+    paper's register_plugin(plugin name, event, configuration file). The
+    plugin is loaded (once per configuration file: one instance serves all
+    its events), its configuration file is read on the controller's host by
+    the usual rules, and it is placed on each event's chain by its order.
+
+      PLUGIN          a name listed by 'plugins'
+      EVENT           start_request, migrate_request, list_request,
+                      <operation>_request, register_vm, start_complete,
+                      migrate_complete, op_complete, vm_state_changed,
+                      vm_lost, vm_missing, vm_unmanaged, vm_adopted,
+                      vm_removed, lnm_connected, lnm_disconnected,
+                      user_authenticated, error, or timer (called every
+                      'interval' seconds of its configuration); several
+                      separated by commas
+      CONFIG_FILE     an absolute path on the controller's host (default:
+                      the plugin's defaults)
+      -o, --order ORDER
+                      position on the chains, overriding the configuration
+
+    Registrations made here last until the controller stops; put lasting
+    ones in the [[plugins]] section of ctrl.config.
+
+    Examples:
+      register_plugin limits start_request,list_request /etc/usher/limits.config
+      register_plugin -o 40 pack start_request,migrate_request
+      register_plugin rebalancer timer,lnm_connected /etc/usher/rebalancer.config""")
+
+COMMANDS["unregister_plugin"] = _entry(
+    "Take a plugin off event chains (administrators)",
+    "unregister_plugin PLUGIN [EVENT[,EVENT...]]",
+    """\
+    Remove a plugin from the given event chains, or from every chain when no
+    event is given. A plugin on a timer stops being called; a plugin no
+    chain uses any more is unloaded. A request already going down a chain
+    no longer reaches the plugin.
+
+    Examples:
+      unregister_plugin roundrobin
+      unregister_plugin limits list_request""")
+
+COMMANDS["top"] = _entry(
+    "A live view of the hosts and their busiest VMs",
+    "top [-c COUNT] [-i SECONDS] [--iterations N] [LNM ...]",
+    """\
+    Show every host (or the LNMs named) with its figures, then the COUNT
+    busiest VMs on them by 1-minute CPU average. Run as 'ush top' from a
+    terminal it redraws the screen every SECONDS until Ctrl-C; at the ush>
+    prompt, in scripts and with --json it shows one view, or N views with
+    --iterations N.
+
+    Options:
+      -c, --count COUNT   how many VMs to show (default 10)
+      -i, --interval SECONDS
+                          seconds between views (default 2)
+      --iterations N      show N views, then stop
+      LNM ...             only these LNMs (names, ranges, /REGEX/ or ~REGEX)
+
+    The figures are the LNMs' 1/5/15-minute averages as last reported to
+    the controller (see 'help monitoring').
+
+    Examples:
+      top
+      top -c 20 '~^vmm4'
+      ush --json top -c 5""")
+
 COMMANDS["help"] = _entry(
     "Show the list of commands, or help on one command or topic",
     "help [COMMAND | TOPIC]",
@@ -365,6 +458,28 @@ TOPICS["states"] = HelpEntry(
     """) + "\n".join(
         f"  {op:<10}  from {', '.join(s for s in states.ALL_STATES if s in states.OPERATION_PRECONDITIONS[op])}"
         for op in states.OPERATIONS))
+
+TOPICS["monitoring"] = _entry(
+    "Resource figures: what list -s, list_lnm -s and top show",
+    "",
+    """\
+    Each LNM samples its hypervisor every few seconds and keeps, like the
+    kernel's load average, exponentially damped averages over 1, 5 and 15
+    minutes of:
+      cpu         percent: of one host CPU for a VM (200 = two CPUs busy),
+                  of the whole host for an LNM (0-100)
+      net in/out  network bytes received and sent per second
+      disk r/w    disk bytes read and written per second
+      mem used    memory in use (a VM's resident memory, the host's used)
+    Rates are shown short: 512 bytes/s, 1.5K, 12M, 1.2G (powers of 1024).
+    The 1-minute average moves first when load changes; the 15-minute one
+    shows the longer trend.
+
+    "n/a" means the hypervisor does not report that figure: Usher never
+    shows a number it did not measure. libvirt's test driver (the embedded
+    test hosts) reports none; an LNM with the simulated_load option fills
+    them with simulated load, and its figures say "simulated:PROFILE".
+    --json shows every average of every figure.""")
 
 TOPICS["notices"] = _entry(
     "The [notice] lines: asynchronous news about your VMs",

@@ -12,10 +12,38 @@ from usher import passwdfile, sandbox
 from usher.client import UsherClient
 
 
+MODULES = {"usherctrl": "usher.controller.main"}
+
+
+def override_settings(path, options):
+    """Set ``key = value`` options in a generated (one-section) configuration
+    file: replace the line of a key that is there, append the others."""
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    remaining = dict(options)
+    for i, line in enumerate(lines):
+        key = line.split("=", 1)[0].strip()
+        if "=" in line and key in remaining:
+            lines[i] = f"{key} = {remaining.pop(key)}"
+    lines.extend(f"{key} = {value}" for key, value in remaining.items())
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+
+
 class RunningSandbox:
-    def __init__(self, directory, lnms=3, **host):
+    """``settings``: {"ctrl": {option: value}, "lnm": {... for every LNM},
+    "lnm2": {... for that one}} written into the generated files."""
+
+    def __init__(self, directory, lnms=3, settings=None, **host):
         self.description = sandbox.prepare(directory, lnms=lnms, domain="usher.test",
                                            user="alice", rounds=4, **host)
+        configs = self.description["configs"]
+        for component, options in (settings or {}).items():
+            if component == "lnm":
+                for name in self.description["lnms"]:
+                    override_settings(configs[name], options)
+            else:
+                override_settings(configs[component], options)
         self.box = sandbox.Sandbox(reactor, self.description, out=open(os.devnull, "w"))
         self.clients = []
 
@@ -31,6 +59,22 @@ class RunningSandbox:
         for client in self.clients:
             await client.disconnect()
         await self.box.stop()
+
+    def kill(self, name, signal="KILL"):
+        """Signal a process of the sandbox (``usherctrl``, ``lnm1`` …) ->
+        Deferred firing with its exit code once it has ended."""
+        child, transport = self.box.children[name]
+        transport.signalProcess(signal)
+        return child.ended
+
+    def restart(self, name):
+        """Start a process of the sandbox again (after ``kill``)."""
+        module = MODULES.get(name, "usher.lnm.main")
+        self.box.spawn(name, module, self.description["configs"]["ctrl" if name == "usherctrl"
+                                                               else name])
+
+    def running(self, name):
+        return name in self.box.children
 
     def add_user(self, user, password, role=None):
         passwdfile.add_user(os.path.join(self.dir, "passwd"), user, password, role=role,

@@ -53,6 +53,9 @@ class LocalReporter:
     async def report(self, changes):
         return self.controller.lnm_report(self.name, changes)
 
+    async def report_status(self, node, vms):
+        return self.controller.lnm_status_report(self.name, node, vms)
+
 
 class Grid:
     def __init__(self, reactor, tmpdir, *, lnms=3, cpus=8, memory_mib=16384,

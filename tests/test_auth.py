@@ -370,4 +370,4 @@ def test_build_auth_chain_checks_the_password_file_at_start_up(tmp_path, pool):
 def test_the_builtin_registry_is_read_only():
     with pytest.raises(TypeError):
         AUTH_MODULES["evil"] = lambda *args: None
-    assert set(AUTH_MODULES) == {"local"}
+    assert set(AUTH_MODULES) == {"local", "pam"}

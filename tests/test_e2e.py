@@ -147,7 +147,7 @@ async def test_plugin_chain_modifies_and_rejects(system):
     admin = await system.connected_client()
     described = await admin.register_plugin("e2e_quota", "start_request")
     assert {"plugin": "e2e_quota", "event": "start_request", "order": 5,
-            "config": None} in described["registered"]
+            "config": None, "timeout": 10} in described["registered"]
     try:
         result = await admin.start(cluster="quota", count=4)
         assert sorted(s["name"] for s in result["started"]) == [full("1.quota"),

@@ -52,6 +52,17 @@ class Unavailable(UsherError):
     """The controller or LNM is not reachable, or the call timed out."""
 
 
+class LinkFailure(Unavailable):
+    """The link failed under a call. ``sent`` is False when the request never
+    left (the peer had disconnected): nothing happened. When True the peer may
+    or may not have carried it out (the connection dropped or the answer did
+    not come in time): its outcome is unknown."""
+
+    def __init__(self, message, sent=True):
+        super().__init__(message)
+        self.sent = sent
+
+
 class ConfigError(UsherError):
     """Invalid configuration; the message names the file, line and key."""
 
@@ -59,7 +70,7 @@ class ConfigError(UsherError):
 _BY_NAME = {cls.__name__: cls for cls in (
     UsherError, InvalidRequest, NoSuchVM, NoSuchLNM, PermissionDenied,
     AuthenticationFailed, Rejected, OperationFailed, MigrationUnsupported,
-    Unavailable, ConfigError)}
+    Unavailable, LinkFailure, ConfigError)}
 
 
 def from_failure(failure):

@@ -80,6 +80,12 @@ class IVMM(Interface):
         lifecycle event the driver reports (state may be None when the
         domain disappeared). Drivers without events never call it."""
 
+    # Optional: ``watch_connection(callback)`` -- callback(connected: bool) on
+    # the reactor thread when the hypervisor connection is lost (False; the
+    # VMM then reconnects with backoff and its calls fail with Unavailable
+    # meanwhile) and when it is back (True). The LNM reports its VMs
+    # "unknown" in between. LibvirtVMM has it.
+
 
 class IPlugin(Interface):
     """A plugin instance registered on one or more event chains.

@@ -5,19 +5,20 @@ from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.spread import pb
 from twisted.spread.banana import BananaError
 
-from usher.errors import InvalidRequest, Unavailable, from_failure
+from usher.errors import InvalidRequest, LinkFailure, from_failure
 
 
 def call(remote, method, *args, timeout, clock, **kwargs):
     """``remote.callRemote`` with a timeout; failures become UsherErrors.
 
     PB never fires a caller's Deferred whose reply banana refused, and a
-    silent peer never answers: the timeout turns both into ``Unavailable``.
+    silent peer never answers: the timeout turns both into ``Unavailable``
+    (a ``LinkFailure``: its ``sent`` says whether the peer may have acted).
     """
     try:
         d = remote.callRemote(method, *args, **kwargs)
     except pb.DeadReferenceError:
-        return defer.fail(Unavailable(f"{method}: peer disconnected"))
+        return defer.fail(LinkFailure(f"{method}: peer disconnected", sent=False))
     except BananaError as e:
         # Raised before anything is sent (e.g. a string over 640 KiB).
         return defer.fail(InvalidRequest(f"{method}: request cannot be sent: {e}"))
@@ -25,10 +26,11 @@ def call(remote, method, *args, timeout, clock, **kwargs):
 
     def translate(failure):
         if failure.check(defer.TimeoutError, defer.CancelledError):
-            raise Unavailable(f"{method}: no answer within {timeout:g} s")
-        if failure.check(pb.PBConnectionLost, pb.DeadReferenceError,
-                         ConnectionLost, ConnectionDone):
-            raise Unavailable(f"{method}: connection lost")
+            raise LinkFailure(f"{method}: no answer within {timeout:g} s")
+        if failure.check(pb.DeadReferenceError):
+            raise LinkFailure(f"{method}: peer disconnected", sent=False)
+        if failure.check(pb.PBConnectionLost, ConnectionLost, ConnectionDone):
+            raise LinkFailure(f"{method}: connection lost")
         raise from_failure(failure)
 
     return d.addErrback(translate)

@@ -10,15 +10,24 @@ The LNM connects to the controller's LNM port and calls, on the root object::
 
     attach(node_api: Referenceable, hello: dict) -> reporter: Referenceable
 
-``hello`` is ``{"protocol": PROTOCOL_VERSION, "recovery_port": int|None}``.
+``hello`` is ``{"protocol": PROTOCOL_VERSION, "recovery_port": int|None}``:
+the port of the LNM's recovery listener (None if it is not listening); the
+controller persists it with the address the connection came from.
 The controller then drives the LNM through ``node_api`` (paper, Table 2)::
 
     get_node_info() -> dict           hostname, uri, driver, cpus, memory_mib,
                                       model, live_migration, migration_uri
-    get_node_status() -> dict         vms, free_memory_mib (None if unknown)
+    get_node_status() -> dict         vms, free_memory_mib (None if unknown),
+                                      and the node's figures (see Monitoring)
     list_vms() -> [json chunk]        domain info of every domain on the host
+                                      (the inventory taken at attach); plus
+                                      "retained": True entries (state
+                                      "migrating") for exports kept for the
+                                      controller, and "busy": True on VMs a
+                                      command of an earlier connection is
+                                      still changing (its end is reported)
     get_details(vm name) -> dict      cached record merged with domain info
-    get_status(vm name) -> dict       resource usage (monitoring; may be {})
+    get_status(vm name) -> dict       the VM's figures (see Monitoring)
     receive([json chunk]) -> int      cache VM records (the controller's view),
                                       returns how many are cached
     start(vm name) -> dict            boot a cached VM (idempotent) -> domain info
@@ -34,7 +43,24 @@ The controller then drives the LNM through ``node_api`` (paper, Table 2)::
     import_image(vm name, payload) -> dict
                                       restore an exported VM (cached first with
                                       receive) -> domain info
+    release_export(vm name) -> bool   the exported VM lives elsewhere: forget
+                                      the export kept since export_image
+    restore_export(vm name) -> dict   put the VM back from the kept export
+                                      (idempotent) -> domain info
     ping() -> True
+
+Commands are idempotent: a replayed start finds the VM and boots nothing;
+pause/resume/shutdown/hibernate/restore of a VM already in their result
+state answer with the VM as it is; an import of the same VM (same UUID)
+answers it; a replayed export answers the kept one. Each answer is the
+command's acknowledgment. An answer that cannot reach the controller (its
+connection is gone) is reported instead: an export is put back, an import
+undone (the source keeps the export), any other result reported as an
+observed change.
+
+Each side pings the other (``ping`` above) every ``ping_interval`` seconds
+and aborts a connection unanswered for ``ping_timeout`` seconds; TCP
+keepalive and TCP_USER_TIMEOUT are set from the same values.
 
 and the LNM reports through ``reporter``::
 
@@ -43,7 +69,47 @@ and the LNM reports through ``reporter``::
         "memory_mib", "vcpus", "metadata"}; the reply holds the controller's
         updated records for the VMs it manages — the acknowledgment of the
         paper: the LNM updates its cached objects from it.
+    report_status(node: dict, vms: [json chunk]) -> True
+        the latest figures of the node and of every VM it samples (all of
+        them: a VM absent from a report has no figures any more); sent every
+        ``status_report_interval`` seconds.
     ping() -> True
+
+Monitoring figures (LNM -> controller -> clients and plugins)
+------------------------------------------------------------
+Each figure is a list of three exponentially damped averages over
+``AVERAGE_WINDOWS`` (1, 5 and 15 minutes, like the kernel's load averages),
+or None when the hypervisor driver does not report it (never a made-up
+number). ``FIGURES`` names them, with their units::
+
+    cpu          percent: of one host CPU for a VM (top's convention: 200 is
+                 two CPUs busy), of the whole host for a node (0-100)
+    net_rx       network bytes received per second
+    net_tx       network bytes sent per second
+    disk_read    disk bytes read per second
+    disk_write   disk bytes written per second
+    memory_used  MiB in use (a VM's resident memory; the host's used memory)
+
+A VM's figures: ``{"name", "cpu", "net_rx", ..., "memory_used",
+"sampled_at" (LNM clock), "source"}``; ``source`` is "libvirt", or
+"simulated:<profile>" where the LNM's ``simulated_load`` option filled in
+what the driver lacks, or None when nothing is available. A node's figures
+add ``vms``, ``free_memory_mib``, ``cpus``, ``memory_mib`` and
+``sample_interval``. The controller adds ``age`` (seconds since the report
+arrived) when it hands figures on.
+
+Recovery announcement (controller -> LNM; mutual TLS, lines)
+------------------------------------------------------------
+A restarted controller connects to each persisted LNM's recovery port,
+presenting its certificate (the LNM checks that it names its configured
+controller) and checking the LNM's (it must name that LNM)::
+
+    controller -> LNM   USHER-RECOVERY <PROTOCOL_VERSION>
+    LNM -> controller   OK attached | OK reconnecting | OK connecting
+                        | ERR <reason>
+
+The LNM then dials its own configured controller at once; the announcement
+carries no address.
 
 Controller <-> client (TLS; user name and password checked by the
 controller's authentication chain)
@@ -56,7 +122,17 @@ Perspective (paper, Table 4, plus session methods)::
 
     subscribe(clusters: list|None) -> {"seq": int, "chunks": [json chunk]}
     list(selection, status: bool) -> [json chunk]
+                                      with status, each record has "status":
+                                      the VM's figures ({} if it has none)
     list_lnm(patterns: list, status: bool) -> [dict]
+                                      with status, each has "status": the
+                                      node's figures ({} before any report)
+    top(patterns: list, count: int) -> {"lnms": [dict], "vms": [dict]}
+                                      the LNMs matching patterns (all if
+                                      empty) with their figures, and the
+                                      ``count`` busiest VMs on them by the
+                                      1-minute CPU average (list_request
+                                      plugins filter them as for list)
     start(vms: list, lnms: list, args: dict) -> result dict
     op_on(operation, selection, args: dict) -> result dict
     migrate(selection, lnms: list, args: dict) -> result dict
@@ -69,6 +145,10 @@ Observer (the client's callback object)::
 """
 
 PROTOCOL_VERSION = 1
+
+# Monitoring: the averaging windows in seconds and the figures reported.
+AVERAGE_WINDOWS = (60.0, 300.0, 900.0)
+FIGURES = ("cpu", "net_rx", "net_tx", "disk_read", "disk_write", "memory_used")
 
 # The most names one request may carry, and the longest string field; PB
 # itself allows more, but nothing legitimate needs it.

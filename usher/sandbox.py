@@ -62,7 +62,12 @@ def prepare(directory, *, lnms=3, domain="usher.local", user=None, rounds=None,
     kwargs = {"rounds": rounds} if rounds else {}
     passwdfile.add_user(passwd, user, password, role="admin", **kwargs)
 
-    client_port, lnm_port = free_port(), free_port()
+    client_port, lnm_port, metrics_port = free_port(), free_port(), free_port()
+    # A new CA and new certificates make a new system: the LNMs an earlier
+    # sandbox in this directory had are not to be waited for after a restart.
+    known_lnms = os.path.join(directory, "ctrl-state", "lnms.json")
+    if os.path.exists(known_lnms):
+        os.unlink(known_lnms)
     ca = os.path.join(pki_dir, "ca_cert.pem")
     files = {"ctrl": os.path.join(directory, "ctrl.config"),
              "ush": os.path.join(directory, "ush.config")}
@@ -80,6 +85,9 @@ ssl_ca_file = {ca}
 state_dir = {directory}/ctrl-state
 passwd_file = {passwd}
 plugin_dir = {directory}/plugins
+# Prometheus metrics (monitoring figures, controller health) on loopback.
+metrics_interface = 127.0.0.1
+metrics_port = {metrics_port}
 """)
     os.makedirs(os.path.join(directory, "plugins"), exist_ok=True)
     for i, name in enumerate(lnm_names):
@@ -99,6 +107,12 @@ host_cpus = {host_cpus}
 host_memory = {host_memory}
 host_model = sandbox-host-{i + 1}
 scan_interval = 2
+# SIMULATED load: the test driver reports no statistics, so the LNM makes up
+# clearly labelled ones (list_lnm -s shows "simulated:wave"); start a VM with
+# --arg simulated_cpu=PERCENT to load a host on purpose.
+simulated_load = wave
+sample_interval = 2
+status_report_interval = 5
 recovery_interface = 127.0.0.1
 recovery_port = {free_port()}
 reconnect_initial_delay = 0.5
@@ -117,7 +131,8 @@ history_file = {directory}/ush_history
 """, mode=0o600)
     description = {"dir": directory, "user": user, "password": password,
                    "domain": domain, "client_port": client_port, "lnm_port": lnm_port,
-                   "ca_file": ca, "lnms": lnm_names, "configs": files}
+                   "ca_file": ca, "lnms": lnm_names, "configs": files,
+                   "metrics_url": f"http://127.0.0.1:{metrics_port}/metrics"}
     _write(os.path.join(directory, "sandbox.json"), json.dumps(description, indent=1),
            mode=0o600)
     return description
@@ -256,7 +271,8 @@ def run(options):
             return
         box.say(f"usher sandbox ready: controller on 127.0.0.1:{description['client_port']}, "
                 f"{len(description['lnms'])} LNMs, user {description['user']}; "
-                f"connect with: ush --config {description['configs']['ush']}")
+                f"connect with: ush --config {description['configs']['ush']}; "
+                f"metrics at {description['metrics_url']}")
         if options.shell:
             shell = _Child("ush", os.path.join(description["dir"], "logs", "ush.log"))
             reactor.spawnProcess(shell, sys.executable,

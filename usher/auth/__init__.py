@@ -2,7 +2,8 @@
 
 ``build_auth_chain`` turns the configured module names into an ``AuthChain``
 (a ``twisted.cred`` checker for ``IUsernamePassword``) to register on the
-controller's Portal; see ``usher.auth.chain`` for adding PAM/LDAP modules.
+controller's Portal. Shipped modules: ``local`` (``usher.auth.local``) and
+``pam`` (``usher.auth.pam``); see ``usher.auth.chain`` for adding others (LDAP).
 """
 
 from usher.auth.chain import (

@@ -7,8 +7,9 @@ chain, the user is authenticated." (LISA 2007 paper, Controller section.)
 ``AuthChain`` is a ``twisted.cred`` checker for ``IUsernamePassword`` whose
 avatar id is the user name (``str``). Modules are ``IAuthModule`` providers,
 built from configuration names by ``build_auth_chain`` through a registry of
-factories; PAM or LDAP modules are added by passing a registry that extends
-``AUTH_MODULES``::
+factories: ``local`` (the bcrypt password file) and ``pam``
+(``usher.auth.pam``: local UNIX accounts) ship with Usher; other modules
+(LDAP …) are added by passing a registry that extends ``AUTH_MODULES``::
 
     registry = {**AUTH_MODULES, "ldap": make_ldap_module}
     checker = build_auth_chain(["ldap", "local"], ctrl_config, pool, reactor,
@@ -141,10 +142,28 @@ def _make_local_module(ctrl_config, pool, reactor) -> LocalPasswordModule:
     return LocalPasswordModule(path, pool, reactor)
 
 
+def _make_pam_module(ctrl_config, pool, reactor):
+    try:
+        from usher.auth.pam import DEFAULT_MIN_UID, DEFAULT_SERVICE, PAMModule
+        import pamela  # noqa: F401 - fail at start-up when libpam is missing
+    except (ImportError, OSError) as exc:
+        raise ConfigError(f"auth module 'pam': PAM is not available here ({exc}); "
+                          "install the pamela package and libpam") from None
+    service = ctrl_config.get("pam_service") or DEFAULT_SERVICE
+    if not os.path.exists(os.path.join("/etc/pam.d", service)):
+        AuthChain.log.info("auth module 'pam': no /etc/pam.d/{service}; PAM applies its "
+                           "'other' policy", service=service)
+    min_uid = ctrl_config.get("pam_min_uid")
+    return PAMModule(pool, reactor, service=service,
+                     admin_group=ctrl_config.get("pam_admin_group"),
+                     min_uid=DEFAULT_MIN_UID if min_uid is None else min_uid)
+
+
 # The modules shipped with Usher. Read-only: extend it by passing your own
 # registry to build_auth_chain.
 AUTH_MODULES: Mapping[str, AuthModuleFactory] = MappingProxyType({
     "local": _make_local_module,
+    "pam": _make_pam_module,
 })
 
 

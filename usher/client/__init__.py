@@ -24,8 +24,9 @@ from twisted.logger import Logger
 from twisted.spread import pb
 
 from usher import pki
-from usher.errors import (InvalidRequest, NoSuchVM, PermissionDenied, Unavailable,
-                          from_failure)
+from usher.errors import (InvalidRequest, LinkFailure, NoSuchVM, PermissionDenied,
+                          Unavailable, from_failure)
+from usher.liveness import enable_tcp_keepalive
 from usher.naming import check_label, check_short_name, qualify
 from usher.pbutil import call
 from usher.records import decode_records
@@ -35,6 +36,19 @@ from usher.vmset import Selection
 log = Logger()
 
 __all__ = ["UsherClient", "Selection"]
+
+# TCP keepalive on the connection to the controller: probes after this many
+# idle seconds, and the connection is dropped (then redialled) after that
+# many seconds without an answer.
+KEEPALIVE_INTERVAL = 10.0
+KEEPALIVE_TIMEOUT = 30.0
+
+
+def _reason(link_failure):
+    text = str(link_failure)
+    if "no answer" in text:
+        return "the controller did not answer in time"
+    return "the connection to the controller was lost"
 
 
 def _deferred(method):
@@ -67,6 +81,10 @@ class _LoginFactory(pb.PBClientFactory):
 
     def clientConnectionMade(self, broker):
         super().clientConnectionMade(broker)
+        # A controller whose host vanished sends no FIN: let TCP notice it
+        # (idle clients make no calls whose timeouts would).
+        enable_tcp_keepalive(broker.transport, interval=KEEPALIVE_INTERVAL,
+                             timeout=KEEPALIVE_TIMEOUT)
         d = defer.Deferred.fromCoroutine(self.client._login(self._root, broker))
         d.addErrback(lambda f: self.client._login_failed(f, broker))
 
@@ -244,9 +262,19 @@ class UsherClient:
 
     async def _remote(self, method, *args):
         if self._perspective is None:
-            raise Unavailable("not connected to the controller")
-        return await call(self._perspective, method, *args, timeout=self.timeout,
-                          clock=self.reactor)
+            raise Unavailable("not connected to the controller"
+                              + ("; reconnecting" if self._service is not None else ""))
+        try:
+            return await call(self._perspective, method, *args, timeout=self.timeout,
+                              clock=self.reactor)
+        except LinkFailure as e:
+            if not e.sent:
+                raise LinkFailure(f"{method}: not connected to the controller; the request "
+                                  "was not sent", sent=False) from None
+            # Never silence: the request may or may not have been carried out.
+            raise LinkFailure(f"{method}: {_reason(e)} while the request was in progress; "
+                              "its outcome is unknown: check with list once reconnected"
+                              ) from None
 
     # -- selections ----------------------------------------------------------
 
@@ -284,6 +312,14 @@ class UsherClient:
     @_deferred
     async def list_lnm(self, patterns=(), status=False):
         return await self._remote("list_lnm", list(patterns), bool(status))
+
+    @_deferred
+    async def top(self, patterns=(), count=10):
+        """Hosts and their busiest VMs: -> {"lnms": [LNM with "status"],
+        "vms": [VM record with "status"]}, the VMs by 1-minute CPU average,
+        busiest first (usher.protocol, Monitoring)."""
+        reply = await self._remote("top", list(patterns), int(count))
+        return {"lnms": reply["lnms"], "vms": decode_records(reply["vms"])}
 
     @_deferred
     async def start(self, names=(), cluster=None, count=None, lnms=(), args=None):

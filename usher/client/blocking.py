@@ -82,6 +82,15 @@ class BlockingClient:
     def migrate(self, selection, lnms=(), args=None):
         return self._call("migrate", selection, lnms, args)
 
+    def plugins(self):
+        return self._call("plugins")
+
+    def register_plugin(self, name, event, config_file=None, order=None):
+        return self._call("register_plugin", name, event, config_file, order)
+
+    def unregister_plugin(self, name, event=None):
+        return self._call("unregister_plugin", name, event)
+
 
 def _operation(operation):
     def method(self, selection, args=None):

@@ -7,6 +7,8 @@ the cred portal (the authentication chain) and returns the user's
 perspective: the capability for the Table 4 API.
 """
 
+import os
+
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm
@@ -17,9 +19,11 @@ from twisted.spread.flavors import IPBRoot
 from zope.interface import implementer
 
 from usher.controller.events import Event
-from usher.errors import AuthenticationFailed, InvalidRequest, PermissionDenied, UsherError
+from usher.errors import (AuthenticationFailed, InvalidRequest, NoSuchVM, PermissionDenied,
+                          Rejected, UsherError)
 from usher.pbutil import call
 from usher.records import encode_chunks
+from usher.states import OPERATIONS
 from usher.vmset import Selection
 
 log = Logger()
@@ -33,6 +37,8 @@ def _boundary(method):
     an unexpected exception's details reach the client."""
     import functools
 
+    kind = method.__name__.removeprefix("perspective_")
+
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         async def run():
@@ -44,9 +50,39 @@ def _boundary(method):
                 log.failure("internal error in {method} for {user}",
                             method=method.__name__, user=self.user)
                 raise UsherError("internal error in the controller; see its log")
-        return defer.Deferred.fromCoroutine(run())
+
+        async def timed():
+            # Requests by kind and outcome, and their latency (metrics).
+            started = self.clock.seconds()
+            request_kind = kind
+            if kind == "op_on" and args and args[0] in OPERATIONS:
+                request_kind = args[0]
+            outcome = "error"
+            try:
+                result = await run()
+                outcome = "partial" if isinstance(result, dict) and result.get("failed") \
+                    else "ok"
+                return result
+            except Exception as e:
+                outcome = request_outcome(e)
+                raise
+            finally:
+                self.controller.instruments.request(request_kind, outcome,
+                                                    self.clock.seconds() - started)
+        return defer.Deferred.fromCoroutine(timed())
 
     return wrapper
+
+
+def request_outcome(error):
+    """The outcome label of a request that failed with ``error``."""
+    if isinstance(error, Rejected):
+        return "rejected"
+    if isinstance(error, (PermissionDenied, AuthenticationFailed)):
+        return "denied"
+    if isinstance(error, (InvalidRequest, NoSuchVM)):
+        return "invalid"
+    return "error"
 
 
 class UserPerspective(pb.Avatar):
@@ -81,6 +117,10 @@ class UserPerspective(pb.Avatar):
         if clusters is not None and (not isinstance(clusters, (list, tuple)) or not all(
                 isinstance(c, str) for c in clusters)):
             raise InvalidRequest("clusters must be a list of names")
+        # After a restart, the snapshot waits for the LNMs to hand over their
+        # VMs (at most the recovery window): a client reconnecting then gets
+        # the rebuilt state, not an empty one.
+        await self.controller.settled()
         if self.subscription is not None:
             self.subscription.close()
         self.subscription = self.controller.hub.add(self.user, self.admin, clusters or None,
@@ -98,6 +138,13 @@ class UserPerspective(pb.Avatar):
         if not isinstance(patterns, (list, tuple)):
             raise InvalidRequest("LNM patterns must be a list")
         return self.controller.list_lnm(self.user, self.admin, patterns, bool(status))
+
+    @_boundary
+    async def perspective_top(self, patterns=(), count=10):
+        if not isinstance(patterns, (list, tuple)):
+            raise InvalidRequest("LNM patterns must be a list")
+        result = await self.controller.top(self.user, self.admin, patterns, count)
+        return {"lnms": result["lnms"], "vms": encode_chunks(result["vms"])}
 
     @_boundary
     async def perspective_start(self, vms=(), lnms=(), args=None):
@@ -134,6 +181,11 @@ class UserPerspective(pb.Avatar):
             raise InvalidRequest("plugin name, event and config file must be strings")
         if order is not None and not isinstance(order, int):
             raise InvalidRequest("order must be an integer")
+        if config_file is not None and not os.path.isabs(config_file):
+            # Relative to what? The controller's working directory is no
+            # place a client can know.
+            raise InvalidRequest(f"the plugin configuration file must be an absolute path "
+                                 f"on the controller's host, not {config_file!r}")
         self.controller.plugins.register(name, event, config_file, order)
         return self.controller.plugins.describe()
 
@@ -170,7 +222,15 @@ class UsherRealm:
                                  call_timeout=self.call_timeout)
         self.controller.chains.notify(Event("user_authenticated", self.controller.api,
                                             user=user, admin=admin))
-        return pb.IPerspective, avatar, avatar.logout
+        self.controller.client_sessions += 1
+        ended = []
+
+        def logout():
+            if not ended:   # count each session once, however often it is ended
+                ended.append(True)
+                self.controller.client_sessions -= 1
+            avatar.logout()
+        return pb.IPerspective, avatar, logout
 
 
 class LoginGateway(pb.Referenceable):

@@ -7,7 +7,15 @@ or an in-process handle in tests) with these coroutine methods::
     get_node_info() get_node_status() list_vms() get_details(name)
     get_status(name) receive(records) start(name) op_on(operation, name)
     migrate(name, target) export_image(name) import_image(name, payload)
-    ping() disconnect()
+    release_export(name) restore_export(name) ping() disconnect() [abort()]
+
+Failures (paper, "Failures"; README "Failures and recovery"): an LNM that
+goes away leaves its VMs ``lost``; a command whose answer never came leaves
+its VM ``lost`` too (its outcome is unknown) and the LNM's next inventory
+settles it; a start never sent is undone; a migration whose outcome is
+unknown keeps the source's export until the VM is found (``_retained``), so
+no VM ever runs twice or vanishes. LNM watchers (``watch_lnms``) hear of
+every attach and detach: the liveness monitor and the recovery tracker.
 """
 
 import time
@@ -18,10 +26,12 @@ from twisted.logger import Logger
 
 from usher import states
 from usher.controller.events import Event, EventChains, Request
+from usher.controller.monitoring import Monitoring, NoInstruments
 from usher.controller.state import GlobalState, VMMInfo
 from usher.controller.subscriptions import SubscriptionHub
-from usher.errors import (InvalidRequest, NoSuchLNM, NoSuchVM, OperationFailed,
-                          PermissionDenied, Rejected, UsherError)
+from usher.errors import (InvalidRequest, LinkFailure, NoSuchLNM, NoSuchVM,
+                          OperationFailed, PermissionDenied, Rejected, Unavailable,
+                          UsherError)
 from usher.naming import check_label, check_short_name, qualify, split
 from usher.vmset import Selection, expand_ranges, match_names
 
@@ -75,6 +85,13 @@ class PluginAPI:
         return self._controller.clock
 
     @property
+    def monitoring(self):
+        """The consolidated monitoring figures
+        (``usher.controller.monitoring.Monitoring``): ``lnm_load(name)``,
+        ``lnm_figure(name, "cpu", 1)``, ``lnm_loads()``, ``vm_load(name)`` ..."""
+        return self._controller.monitoring
+
+    @property
     def default_memory(self):
         return self._controller.default_memory
 
@@ -97,7 +114,8 @@ class PluginAPI:
 class Controller:
     def __init__(self, *, domain, clock, admins=(), default_memory=256, default_vcpus=1,
                  call_timeout=30.0, start_timeout=120.0, max_request_vms=10000,
-                 known_lnms=None, lnm_concurrency=64):
+                 known_lnms=None, lnm_concurrency=64, status_history=60,
+                 vm_status_history=15, status_history_interval=60.0):
         self.domain = domain
         self.clock = clock
         self.admins = set(admins)
@@ -113,8 +131,23 @@ class Controller:
         self.api = PluginAPI(self)
         self.plugins = None          # a PluginRegistry, set by the service
         self.hub = SubscriptionHub(self.state, clock)
+        self.monitoring = Monitoring(self.state, clock, lnm_history=status_history,
+                                     vm_history=vm_status_history,
+                                     history_interval=status_history_interval)
+        # Logged-in client sessions (the PB boundary counts them).
+        self.client_sessions = 0
+        # Request and plugin-chain timings (usher.controller.metrics).
+        self.instruments = NoInstruments()
         self._busy = {}              # VM name -> what is in flight
         self._semaphores = {}
+        # Failures (see the module docstring).
+        self.recovery = None         # a usher.controller.recovery.Recovery, if recovering
+        self._lnm_watchers = []
+        self._unconfirmed = {}       # VM name -> LNM: start sent, answer never came
+        self._retained = {}          # VM name -> {"source", "target"}: kept exports
+        self._in_flux = {}           # VM name -> LNM: listed busy, its end not heard yet
+        self._resolving = set()
+        self._resolve_scheduled = None
         self.state.listen(self._state_changed)
 
     # -- users ---------------------------------------------------------------
@@ -148,6 +181,8 @@ class Controller:
     # -- Table 4: list, list_lnm -----------------------------------------------
 
     async def list(self, user, admin, selection, status=False):
+        # Right after a restart the state is still being rebuilt from the LNMs.
+        await self.settled()
         if selection is None:
             selection = Selection(everything=True)
         elif not isinstance(selection, Selection):
@@ -167,9 +202,7 @@ class Controller:
             if rec["name"] in visible:
                 rec = dict(rec)
                 if status:
-                    vmm = self.state.vmms.get(rec["vmm"])
-                    rec["status"] = dict(vmm.status.get("vms", {}).get(rec["name"], {})) \
-                        if vmm else {}
+                    rec["status"] = self.monitoring.vm_status(rec["name"])
                 result.append(rec)
         return result
 
@@ -177,7 +210,37 @@ class Controller:
         names = sorted(self.state.vmms)
         if patterns:
             names = match_names(names, list(patterns))
-        return [self.state.vmms[n].to_wire(status) for n in names]
+        lnms = []
+        for name in names:
+            data = self.state.vmms[name].to_wire()
+            if status:
+                data["status"] = self.monitoring.lnm_status(name)
+            lnms.append(data)
+        return lnms
+
+    async def top(self, user, admin, patterns=(), count=10):
+        """The LNMs matching ``patterns`` (all if empty) with their figures,
+        and the ``count`` busiest VMs on them by 1-minute CPU average, as
+        ``list`` would show them (list_request plugins filter them)."""
+        if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= 1000:
+            raise InvalidRequest("count must be a whole number from 0 to 1000")
+        lnms = self.list_lnm(user, admin, patterns, status=True)
+        names = [lnm["name"] for lnm in lnms]
+        # Ask for more than needed: list_request plugins may hide some.
+        busiest = self.monitoring.busiest_vms(names, count * 2 + 10)
+        records = [self.state.vms.get(n) or self.state.unmanaged.get(n) for n, _ in busiest]
+        records = [r for r in records if r is not None]
+        request = Request("list", user, admin=admin, vms=[r["name"] for r in records],
+                          records={r["name"]: r for r in records})
+        await self.chains.fire_request(Event("list_request", self.api, request=request))
+        visible = set(request.vms)
+        vms = []
+        for rec in records:
+            if rec["name"] in visible and len(vms) < count:
+                rec = dict(rec)
+                rec["status"] = self.monitoring.vm_status(rec["name"])
+                vms.append(rec)
+        return {"lnms": lnms, "vms": vms}
 
     # -- Table 4: start ----------------------------------------------------------
 
@@ -217,6 +280,7 @@ class Controller:
 
     async def start(self, user, admin, vms, lnms=(), args=None):
         started_at = self.clock.seconds()
+        self._refuse_while_recovering()
         args = _check_args(args)
         lnms = self._check_lnm_list(lnms)
         names = self._new_names(user, admin, vms, args)
@@ -229,8 +293,12 @@ class Controller:
         memory = args.pop("memory_mib", self.default_memory)
         vcpus = args.pop("vcpus", self.default_vcpus)
         cluster = args.pop("cluster", None)
-        request = Request("start", user, admin=admin, vms=new, lnms=lnms, args=args,
-                          records={n: {"memory_mib": memory, "vcpus": vcpus} for n in new})
+        # VMs started again go through the chain too (limits count them), with
+        # their records; they start on the host that holds them.
+        records = {n: {"memory_mib": memory, "vcpus": vcpus} for n in new}
+        records.update((n, dict(self.state.vms[n])) for n in restart)
+        request = Request("start", user, admin=admin, vms=new + restart, lnms=lnms, args=args,
+                          records=records)
         request.args.update(memory_mib=memory, vcpus=vcpus)
         if cluster:
             request.args["cluster"] = cluster
@@ -241,6 +309,8 @@ class Controller:
         failed = [{"name": n, "error": why} for n, why in request.dropped.items()]
         placed = []
         for name in request.vms:
+            if name in restart:
+                continue
             lnm = request.placement.get(name)
             vmm = self.state.vmms.get(lnm) if lnm else None
             if vmm is None or not vmm.connected:
@@ -253,6 +323,8 @@ class Controller:
             self.state.add(record)
             placed.append(record)
         for name in restart:
+            if name not in request.vms:
+                continue     # dropped by a plugin: already in failed
             rec = self.state.vms[name]
             vmm = self.state.vmms.get(rec["vmm"])
             if vmm is None or not vmm.connected:
@@ -283,10 +355,15 @@ class Controller:
     async def _start_on(self, lnm, records, started, failed, restart):
         handle = self.state.vmms[lnm].handle
         try:
+            if handle is None:
+                raise LinkFailure(f"LNM {lnm} disconnected", sent=False)
             await handle.receive([dict(r) for r in records])
         except UsherError as e:
             for rec in records:
-                self._start_failed(rec, failed, f"LNM {lnm} refused the VM: {e}", restart)
+                # No start was sent: whatever happened to the records, no VM.
+                self._start_failed(rec, failed,
+                                   OperationFailed(f"LNM {lnm} did not take the VM: {e}"),
+                                   restart)
             return
 
         async def one(rec):
@@ -294,9 +371,12 @@ class Controller:
             self._busy[name] = "start"
             try:
                 async with self._slot(lnm):
+                    if self.state.vmms[lnm].handle is not handle:
+                        raise LinkFailure(f"LNM {lnm} disconnected before {name} was "
+                                          "started", sent=False)
                     info = await handle.start(name)
             except UsherError as e:
-                self._start_failed(rec, failed, str(e), restart)
+                self._start_failed(rec, failed, e, restart, lnm, handle)
                 return
             finally:
                 self._busy.pop(name, None)
@@ -309,15 +389,34 @@ class Controller:
         await defer.DeferredList([defer.Deferred.fromCoroutine(one(r)) for r in records],
                                  consumeErrors=True)
 
-    def _start_failed(self, rec, failed, error, restart):
-        failed.append({"name": rec["name"], "error": error})
-        if rec["state"] == states.STARTING:
-            if rec["name"] in restart:
-                self.state.update(rec["name"], state=states.SHUTOFF)
-            else:
-                self.state.remove(rec["name"])
+    def _start_failed(self, rec, failed, error, restart, lnm=None, handle=None):
+        name = rec["name"]
+        if isinstance(error, LinkFailure) and error.sent:
+            # Sent, but the answer never came: the VM may be running. Keep its
+            # name (lost) so that nothing starts it a second time; the LNM's
+            # next inventory gives it its real state, or shows it never was.
+            text = (f"{error}: the outcome is unknown; {name} is lost until LNM {lnm} "
+                    "reports back, then takes its real state"
+                    + ("" if name in restart else " (or is removed if it never started)"))
+            if name not in restart:
+                self._unconfirmed[name] = lnm
+            if rec["state"] == states.STARTING:
+                self.state.update(name, state=states.LOST)
+                self.chains.notify(Event("vm_lost", self.api, vm=dict(rec)))
+            self._resynchronize(lnm, handle, f"no answer to the start of {name}")
+        else:
+            text = str(error)
+            if isinstance(error, LinkFailure):
+                text = (f"LNM {lnm} disconnected before {name} could be started; nothing "
+                        "was done")
+            if rec["state"] in (states.STARTING, states.LOST):
+                if name in restart:
+                    self.state.update(name, state=states.SHUTOFF)
+                else:
+                    self.state.remove(name)
+        failed.append({"name": name, "error": text})
         self.chains.notify(Event("start_complete", self.api, vm=dict(rec), ok=False,
-                                 error=error))
+                                 error=text))
 
     def _slot(self, lnm):
         sem = self._semaphores.get(lnm)
@@ -375,15 +474,28 @@ class Controller:
         async def one(rec):
             name, lnm = rec["name"], rec["vmm"]
             self._busy[name] = operation
+            handle = None
             try:
                 async with self._slot(lnm):
-                    info = await self.state.vmms[lnm].handle.op_on(operation, name)
+                    handle = self.state.vmms[lnm].handle
+                    if handle is None:
+                        raise LinkFailure(f"LNM {lnm} disconnected before {operation} was "
+                                          "sent", sent=False)
+                    info = await handle.op_on(operation, name)
             except UsherError as e:
-                failed.append({"name": name, "error": str(e)})
+                error = str(e)
+                if isinstance(e, LinkFailure) and not e.sent:
+                    error = (f"LNM {lnm} disconnected before {operation} could be sent; "
+                             "nothing was done")
+                if isinstance(e, LinkFailure) and e.sent:
+                    error = (f"{e}: the outcome is unknown; {name} is lost until LNM {lnm} "
+                             "reports back")
+                    self._resynchronize(lnm, handle, f"no answer to {operation} {name}")
+                failed.append({"name": name, "error": error})
                 if isinstance(e, NoSuchVM) and operation == "destroy":
                     self.state.remove(name)
                 self.chains.notify(Event("op_complete", self.api, operation=operation,
-                                         vm=dict(rec), ok=False, error=str(e)))
+                                         vm=dict(rec), ok=False, error=error))
                 return
             finally:
                 self._busy.pop(name, None)
@@ -448,45 +560,272 @@ class Controller:
     async def _migrate_one(self, rec, target, migrated, failed):
         name, source = rec["name"], rec["vmm"]
         before = rec["state"]
-        src = self.state.vmms[source]
-        dst = self.state.vmms[target]
         self._busy[name] = "migrate"
         self.state.update(name, state=states.MIGRATING)
         try:
-            moved = dict(rec, vmm=target, state=before)
-            live = (src.info.get("live_migration") and dst.info.get("live_migration")
-                    and dst.info.get("migration_uri"))
-            if live:
-                await dst.handle.receive([moved])
-                await src.handle.migrate(name, {"name": target,
-                                                "migration_uri": dst.info["migration_uri"]})
-                info = await dst.handle.get_details(name)
-            else:
-                payload = await src.handle.export_image(name)
-                try:
-                    await dst.handle.receive([moved])
-                    info = await dst.handle.import_image(name, payload)
-                except UsherError:
-                    # Put the VM back where it was: never zero copies.
-                    await src.handle.import_image(name, payload)
-                    raise
-        except UsherError as e:
-            failed.append({"name": name, "error": f"migration to {target} failed: {e}"})
+            outcome, info, error = await self._move(rec, before, target)
+        except Exception as e:
+            # Never leave the request silent about a VM it was asked to move.
+            log.failure("migration of {vm} to {target} failed", vm=name, target=target)
+            outcome, info, error = "unknown", None, UsherError(
+                f"internal error: {e.__class__.__name__}")
+        finally:
             self._busy.pop(name, None)
-            try:
-                info = await src.handle.get_details(name)
-                self.state.update(name, state=info.get("state") or before)
-            except UsherError:
-                self.state.update(name, state=states.LOST if not self._connected(source)
-                                  else before)
-            self.chains.notify(Event("migrate_complete", self.api, vm=dict(rec), ok=False,
-                                     source=source, target=target, error=str(e)))
+        if outcome == "moved":
+            self.state.update(name, vmm=target, state=info.get("state") or before)
+            await self._send_record(target, name)
+            migrated.append({"name": name, "from": source, "to": target})
+            self.chains.notify(Event("migrate_complete", self.api, vm=dict(rec), ok=True,
+                                     source=source, target=target, error=None))
             return
-        self._busy.pop(name, None)
-        self.state.update(name, vmm=target, state=info.get("state") or before)
-        migrated.append({"name": name, "from": source, "to": target})
-        self.chains.notify(Event("migrate_complete", self.api, vm=dict(rec), ok=True,
-                                 source=source, target=target, error=None))
+        text = f"migration to {target} failed: {error}"
+        if outcome == "stayed":
+            self.state.update(name, state=(info or {}).get("state") or before)
+        elif outcome == "missing":
+            text += f"; {name} is no longer on {source} either"
+            self._mark_missing(rec)
+        else:
+            text += (f"; the outcome is unknown: {name} is lost until its LNMs report back "
+                     "(it is never left running twice, nor nowhere)")
+            self.state.update(name, state=states.LOST)
+        # The record still names the source: the target drops its copy.
+        await self._send_record(target, name)
+        failed.append({"name": name, "error": text})
+        self.chains.notify(Event("migrate_complete", self.api, vm=dict(rec), ok=False,
+                                 source=source, target=target, error=text))
+        self.resolve_soon()
+
+    async def _move(self, rec, before, target):
+        """Move a VM -> (outcome, info, error): "moved" (``info`` from the
+        target), "stayed" (``info`` from the source, or None) or "unknown" (a
+        link failed under a command: the LNMs' next inventories settle it)."""
+        name, source = rec["name"], rec["vmm"]
+        src, dst = self.state.vmms[source], self.state.vmms[target]
+        # The connections these commands go to: an LNM that reattaches
+        # meanwhile is another connection, which knows nothing of them.
+        src_handle, dst_handle = src.handle, dst.handle
+        if src_handle is None or dst_handle is None:
+            return "stayed", None, LinkFailure("source or target LNM disconnected",
+                                               sent=False)
+        moved = dict(rec, vmm=target, state=before)
+        live = (src.info.get("live_migration") and dst.info.get("live_migration")
+                and dst.info.get("migration_uri"))
+        if live:
+            try:
+                # Migrating: the target must not report the VM absent (or its
+                # arrival) while libvirt moves it; the final record settles it.
+                await dst_handle.receive([dict(moved, state=states.MIGRATING)])
+                await src_handle.migrate(name, {"name": target,
+                                                "migration_uri": dst.info["migration_uri"]})
+            except UsherError as e:
+                if isinstance(e, LinkFailure) and e.sent:
+                    self._resynchronize(source, src_handle, f"no answer while moving {name}")
+                where, info = await self._locate(name, target, dst_handle)
+                if where == "there":
+                    return "moved", info, None
+                return await self._stayed(name, source, src_handle, e)
+            where, info = await self._locate(name, target, dst_handle)
+            if where == "there":
+                return "moved", info, None
+            return await self._stayed(name, source, src_handle, LinkFailure(
+                f"{name} did not show up on {target} after the migration"))
+        try:
+            payload = await src_handle.export_image(name)
+        except UsherError as e:
+            # A lost answer: the source keeps the export (or put the VM back);
+            # its inventory, once it reattaches, says which.
+            return await self._stayed(name, source, src_handle, e)
+        # The source keeps the export until it hears what became of the VM.
+        self._retained[name] = {"source": source, "target": target}
+        try:
+            await dst_handle.receive([moved])
+            info = await dst_handle.import_image(name, payload)
+        except UsherError as e:
+            if isinstance(e, LinkFailure) and e.sent:
+                # The import may still finish there. Dropping the connection
+                # makes the target undo an import that ends after it (its
+                # answer could reach no one), and its inventory says which.
+                self._resynchronize(target, dst_handle, f"no answer to the import of {name}")
+                return "unknown", None, e
+            where, info = await self._locate(name, target, dst_handle)
+            if where == "there":
+                await self._release_export(name, source, src_handle)
+                return "moved", info, None
+            if where == "unknown":
+                # It may run there: put back nothing until the target says.
+                self._resynchronize(target, dst_handle, f"no answer about {name}")
+                return "unknown", None, e
+            try:
+                info = await src_handle.restore_export(name)
+            except UsherError as restore_error:
+                self._resynchronize(source, src_handle,
+                                    f"putting {name} back failed: {restore_error}")
+                return "unknown", None, e
+            self._retained.pop(name, None)
+            return "stayed", info, e
+        await self._release_export(name, source, src_handle)
+        return "moved", info, None
+
+    async def _stayed(self, name, source, src_handle, error):
+        """The VM did not move: -> ("stayed", source's details, error), or
+        ("unknown", None, error) when the source cannot say."""
+        if isinstance(error, LinkFailure) and error.sent:
+            self._resynchronize(source, src_handle, f"no answer while moving {name}")
+        where, info = await self._locate(name, source, src_handle)
+        if where == "there":
+            return "stayed", info, error
+        if where == "absent" and not isinstance(error, LinkFailure):
+            return "missing", None, error   # the VMM lost it (paper: "missing")
+        return "unknown", None, error
+
+    async def _release_export(self, name, source, src_handle):
+        """The VM runs on its target: the source may forget its export. On
+        failure it stays in ``_retained`` and is released when the source
+        next attaches."""
+        try:
+            await src_handle.release_export(name)
+        except UsherError as e:
+            log.warn("LNM {lnm} could not be told to forget the export of {vm}: {error}; "
+                     "it will be when it next attaches", lnm=source, vm=name, error=str(e))
+            return
+        self._retained.pop(name, None)
+
+    async def _send_record(self, lnm, name):
+        """Give an LNM the current record of a VM, which replaces (or, when it
+        names another LNM and the VM is not there, drops) its cached copy.
+        Best effort: a failure is logged, the LNM's next report corrects it."""
+        vmm = self.state.vmms.get(lnm)
+        rec = self.state.vms.get(name)
+        if vmm is None or not vmm.connected or rec is None:
+            return
+        try:
+            await vmm.handle.receive([dict(rec)])
+        except UsherError as e:
+            log.warn("could not send the record of {vm} to LNM {lnm}: {error}",
+                     vm=name, lnm=lnm, error=str(e))
+
+    # -- failures ------------------------------------------------------------------
+
+    def watch_lnms(self, watcher):
+        """``watcher.lnm_attached(name, handle)`` once an LNM has attached (its
+        inventory taken), ``watcher.lnm_detached(name, handle)`` when it goes."""
+        self._lnm_watchers.append(watcher)
+
+    def _tell_watchers(self, what, name, handle):
+        for watcher in list(self._lnm_watchers):
+            try:
+                getattr(watcher, what)(name, handle)
+            except Exception:
+                log.failure("LNM watcher {watcher!r} failed on {what} {lnm}",
+                            watcher=watcher, what=what, lnm=name)
+
+    @property
+    def recovering(self):
+        return self.recovery is not None and not self.recovery.done
+
+    async def settled(self):
+        """Wait until the global state is rebuilt after a restart: every LNM
+        known before is back, or the recovery window is over."""
+        if self.recovering:
+            await self.recovery.wait()
+
+    def _refuse_while_recovering(self):
+        if self.recovering:
+            raise Unavailable(f"the controller is recovering: {self.recovery.describe()}; "
+                              "a VM started now could duplicate one of theirs, so starts "
+                              "wait until they are back: try again shortly")
+
+    def _resynchronize(self, lnm, handle, why):
+        """A command on an attached LNM went unanswered: the controller no
+        longer knows what that LNM did. Drop the connection, so that the LNM
+        reattaches and its inventory settles every VM."""
+        vmm = self.state.vmms.get(lnm)
+        if handle is None or vmm is None or vmm.handle is not handle:
+            return
+        log.error("LNM {lnm}: {why}; dropping its connection so that it reattaches and "
+                  "reports its VMs afresh", lnm=lnm, why=why)
+        self.detach_lnm(lnm, handle)
+        (getattr(handle, "abort", None) or handle.disconnect)()
+
+    async def _locate(self, name, lnm, handle):
+        """Is ``name`` on LNM ``lnm`` (through ``handle``, the connection a
+        command went to)? -> ("there", details), ("absent", None) or
+        ("unknown", None)."""
+        vmm = self.state.vmms.get(lnm)
+        if handle is None or vmm is None or vmm.handle is not handle:
+            return "unknown", None
+        try:
+            details = await handle.get_details(name)
+        except NoSuchVM:
+            return "absent", None
+        except UsherError:
+            return "unknown", None
+        if details.get("state") is None:
+            return "absent", None
+        return "there", details
+
+    def resolve_soon(self):
+        """Settle, on the next reactor turn, the migrations cut short whose
+        VMs can now be found (``_resolve_retained``)."""
+        if not self._retained or self._resolve_scheduled is not None:
+            return
+
+        def run():
+            self._resolve_scheduled = None
+            defer.Deferred.fromCoroutine(self._resolve_retained())
+
+        self._resolve_scheduled = self.clock.callLater(0, run)
+
+    async def _resolve_retained(self):
+        """For each export an LNM keeps (a migration cut short): if the VM
+        runs elsewhere, the LNM forgets it; if it is nowhere, and every LNM
+        that could hold it has reported, the LNM puts it back. While in
+        doubt, wait: never two copies, never none."""
+        live = (states.RUN, states.PAUSED, states.SHUTOFF, states.HIBERNATED,
+                states.UNKNOWN)
+        for name in sorted(self._retained):
+            if name in self._resolving or name in self._busy or name in self._in_flux:
+                continue
+            entry = self._retained[name]
+            source, target = entry["source"], entry.get("target")
+            vmm = self.state.vmms.get(source)
+            handle = vmm.handle if vmm is not None else None
+            if handle is None:
+                continue
+            rec = self.state.vms.get(name)
+            other = rec["vmm"] if rec is not None and rec["vmm"] != source else None
+            elsewhere = (other is not None and self._connected(other)
+                         and rec["state"] in live)
+            if not elsewhere:
+                if other is not None and not self._connected(other):
+                    continue     # where it may run cannot answer yet
+                if target not in (None, source) and not self._connected(target):
+                    continue
+                if self.recovering:
+                    continue     # an LNM not back yet may hold it
+            self._resolving.add(name)
+            try:
+                if elsewhere:
+                    await handle.release_export(name)
+                    log.info("VM {vm} runs on {other}: LNM {lnm} forgets its export",
+                             vm=name, other=other, lnm=source)
+                else:
+                    info = await handle.restore_export(name)
+                    log.warn("VM {vm} was found on no LNM after an interrupted migration: "
+                             "LNM {lnm} put it back from the export it kept", vm=name,
+                             lnm=source)
+                    if info:
+                        self._observe(source, dict(info, name=name))
+                        await self._send_record(source, name)
+                self._retained.pop(name, None)
+            except NoSuchVM:
+                self._retained.pop(name, None)
+            except UsherError as e:
+                log.warn("could not settle the interrupted migration of {vm} on LNM {lnm}: "
+                         "{error}; trying again when an LNM attaches", vm=name, lnm=source,
+                         error=str(e))
+            finally:
+                self._resolving.discard(name)
 
     # -- LNMs ----------------------------------------------------------------------
 
@@ -497,7 +836,8 @@ class Controller:
             log.warn("LNM {lnm} connected again; dropping its previous connection", lnm=name)
             old = vmm.handle
             self.detach_lnm(name, old)
-            old.disconnect()
+            # Abort: the old connection may lead nowhere (a cut link).
+            (getattr(old, "abort", None) or old.disconnect)()
         info = await handle.get_node_info()
         vmm = self.state.vmms.setdefault(name, VMMInfo(name))
         vmm.info = info
@@ -519,6 +859,9 @@ class Controller:
                  lnm=name, vms=len(domains), cpus=info.get("cpus"),
                  memory=info.get("memory_mib"))
         self.chains.notify(Event("lnm_connected", self.api, lnm=name, info=dict(info)))
+        if vmm.handle is handle:
+            self._tell_watchers("lnm_attached", name, handle)
+            self.resolve_soon()
 
     def detach_lnm(self, name, handle):
         vmm = self.state.vmms.get(name)
@@ -526,6 +869,10 @@ class Controller:
             return
         vmm.connected = False
         vmm.handle = None
+        self.monitoring.lnm_detached(name)
+        self._tell_watchers("lnm_detached", name, handle)
+        for vm_name in [n for n, where in self._in_flux.items() if where == name]:
+            del self._in_flux[vm_name]
         lost = []
         for vm_name in sorted(vmm.vms):
             rec = self.state.vms[vm_name]
@@ -548,7 +895,18 @@ class Controller:
             rec = self.state.vms[vm_name]
             if vm_name not in self._busy and rec["state"] not in (states.STARTING,
                                                                    states.MIGRATING):
-                self._mark_missing(rec)
+                if self._unconfirmed.get(vm_name) == lnm:
+                    self._never_started(vm_name, lnm)
+                else:
+                    self._mark_missing(rec)
+
+    def _never_started(self, name, lnm):
+        """A start whose answer never came, and the LNM does not have the VM:
+        it never started. Not missing: it never was."""
+        del self._unconfirmed[name]
+        log.info("VM {vm} never started on LNM {lnm} (its start was interrupted); "
+                 "removing it", vm=name, lnm=lnm)
+        self.state.remove(name)
 
     def _mark_missing(self, rec):
         if rec["state"] != states.MISSING:
@@ -557,6 +915,20 @@ class Controller:
 
     def _observe(self, lnm, dom):
         name = dom["name"]
+        if dom.get("busy"):
+            # A command from before this connection is still running on it:
+            # its end is reported; nothing about the VM is settled until then.
+            self._in_flux[name] = lnm
+            return self.state.vms.get(name)
+        if dom.get("retained"):
+            # An export the LNM keeps for us: the VM is in the middle of a
+            # migration that was cut short (see _resolve_retained).
+            entry = self._retained.setdefault(name, {"source": lnm, "target": None})
+            entry["source"] = lnm
+            return self.state.vms.get(name)
+        if self._in_flux.get(name) == lnm:
+            del self._in_flux[name]
+            self.resolve_soon()
         state = dom.get("state")
         if state is not None and state not in states.ALL_STATES:
             state = states.UNKNOWN
@@ -565,7 +937,9 @@ class Controller:
             self.state.set_unmanaged(name, lnm, state, memory_mib=dom.get("memory_mib"),
                                      vcpus=dom.get("vcpus"), uuid=dom.get("uuid"))
             if state is not None and not known:
-                self.chains.notify(Event("vm_unmanaged", self.api, lnm=lnm, name=name))
+                # (Event's own first argument is called name: pass the VM.)
+                self.chains.notify(Event("vm_unmanaged", self.api, lnm=lnm,
+                                         vm=dict(self.state.unmanaged[name])))
             return None
         rec = self.state.vms.get(name)
         if name in self._busy:
@@ -584,8 +958,13 @@ class Controller:
             return rec
         if state is None:
             if rec["vmm"] == lnm:
-                self._mark_missing(rec)
+                if self._unconfirmed.get(name) == lnm:
+                    self._never_started(name, lnm)
+                else:
+                    self._mark_missing(rec)
             return rec
+        if self._unconfirmed.get(name) == lnm:
+            del self._unconfirmed[name]
         if rec["vmm"] != lnm and self._connected(rec["vmm"]) and rec["state"] in (
                 states.RUN, states.PAUSED):
             log.error("VM {vm} reported on {lnm} but runs on {other}; keeping {other}",
@@ -612,6 +991,12 @@ class Controller:
             if rec is not None and rec.get("state") is not None:
                 acks.append(dict(rec))
         return acks
+
+    def lnm_status_report(self, lnm, node, vms):
+        """An LNM's monitoring figures (usher.protocol, Monitoring)."""
+        if not self._connected(lnm):
+            raise NoSuchLNM(f"LNM {lnm} is not attached")
+        return self.monitoring.report(lnm, node, vms)
 
     # -- notifications to plugins ------------------------------------------------------
 

@@ -10,7 +10,12 @@ it. Other events (``register_vm``, ``start_complete``, ``vm_state_changed``,
 Failure rule: on a request chain a plugin that raises or exceeds its timeout
 rejects the request (fail closed: a broken authorization plugin must not let
 requests through); on a notification chain it is logged and the chain goes
-on.
+on. A plugin's timeout is its own ``timeout`` (set from its configuration
+file) or else the chains' default.
+
+The ``timer`` event is not a chain that something fires: each plugin
+registered for it is called on its own, every ``interval`` seconds (see
+``usher.controller.plugins.PluginTimer``).
 """
 
 import time
@@ -116,6 +121,9 @@ class EventChains:
         self.timeout = timeout
         self._chains = {}
         self._seq = 0
+        # observer(event name, outcome, seconds) after each chain ran
+        # (the controller's metrics); None: not timed.
+        self.observer = None
 
     def add(self, plugin, event, *, order=None, config_file=None):
         if event not in ALL_EVENTS:
@@ -150,20 +158,66 @@ class EventChains:
     def has(self, event):
         return bool(self._chains.get(event))
 
+    def _still_registered(self, reg):
+        # A plugin unregistered while a chain is running is not called any more.
+        return reg in self._chains.get(reg.event, ())
+
+    def timeout_of(self, plugin):
+        return getattr(plugin, "timeout", None) or self.timeout
+
     async def _call(self, reg, event):
         result = reg.plugin.entry_point(event)
         if hasattr(result, "__await__") and not isinstance(result, defer.Deferred):
             result = defer.ensureDeferred(result)
         if isinstance(result, defer.Deferred):
-            timeout = getattr(reg.plugin, "timeout", None) or self.timeout
-            result.addTimeout(timeout, self.clock)
+            result.addTimeout(self.timeout_of(reg.plugin), self.clock)
             await result
+
+    async def call_one(self, reg, event):
+        """Call one registration as a notification (timers): a failure or
+        timeout is logged and swallowed. -> True if the plugin succeeded."""
+        try:
+            await self._call(reg, event)
+        except Exception:
+            log.failure("plugin {plugin} failed on {event}", plugin=reg.plugin.name,
+                        event=event.name)
+            return False
+        return True
 
     async def fire_request(self, event):
         """Run a request event down its chain; raises Rejected if a plugin
         rejects the request or fails."""
+        return await self._timed(self._fire_request, event)
+
+    async def fire_notification(self, event):
+        return await self._timed(self._fire_notification, event)
+
+    async def _timed(self, fire, event):
+        observer = self.observer
+        if observer is None:
+            return await fire(event)
+        started = self.clock.seconds()
+        outcome = "error"
+        try:
+            result = await fire(event)
+            outcome = "ok"
+            return result
+        except Rejected:
+            outcome = "rejected"
+            raise
+        finally:
+            try:
+                observer(event.name, outcome, self.clock.seconds() - started)
+            except Exception:
+                log.failure("chain observer failed on {event}", event=event.name)
+
+    async def _fire_request(self, event):
+        """Run a request event down its chain; raises Rejected if a plugin
+        rejects the request or fails."""
         request = event.request
         for reg in self.registrations(event.name):
+            if not self._still_registered(reg):
+                continue
             try:
                 await self._call(reg, event)
             except Exception as e:
@@ -175,8 +229,10 @@ class EventChains:
                 raise Rejected(f"{request.rejected} (rejected by {reg.plugin.name})")
         return request
 
-    async def fire_notification(self, event):
+    async def _fire_notification(self, event):
         for reg in self.registrations(event.name):
+            if not self._still_registered(reg):
+                continue
             try:
                 await self._call(reg, event)
             except Exception:

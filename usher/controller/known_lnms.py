@@ -23,6 +23,7 @@ class KnownLNMs:
         self._load()
 
     def _load(self):
+        self._remove_leftovers()
         try:
             with open(self.path, encoding="utf-8") as f:
                 data = json.load(f)
@@ -33,6 +34,20 @@ class KnownLNMs:
             return
         if isinstance(data, dict):
             self.entries = {str(k): v for k, v in data.items() if isinstance(v, dict)}
+
+    def _remove_leftovers(self):
+        """Temporary files of writes a crash interrupted (never the list)."""
+        directory = os.path.dirname(self.path) or "."
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            return
+        for name in names:
+            if name.startswith(".lnms."):
+                try:
+                    os.unlink(os.path.join(directory, name))
+                except OSError:
+                    pass
 
     def remember(self, name, **fields):
         entry = dict(self.entries.get(name, {}))

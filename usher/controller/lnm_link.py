@@ -72,6 +72,12 @@ class RemoteLNM:
         return await self._call("import_image", name, payload,
                                 timeout=self.command_timeout)
 
+    async def release_export(self, name):
+        return await self._call("release_export", name)
+
+    async def restore_export(self, name):
+        return await self._call("restore_export", name, timeout=self.command_timeout)
+
     async def ping(self):
         return await self._call("ping")
 
@@ -79,6 +85,13 @@ class RemoteLNM:
         transport = getattr(self.broker, "transport", None)
         if transport is not None:
             transport.loseConnection()
+
+    def abort(self):
+        """Drop the connection at once: over a cut link a TLS goodbye would
+        wait forever for its bytes to leave."""
+        transport = getattr(self.broker, "transport", None)
+        if transport is not None:
+            transport.abortConnection()
 
 
 class NodeReporter(pb.Referenceable):
@@ -94,6 +107,16 @@ class NodeReporter(pb.Referenceable):
             acks = self.controller.lnm_report(self.name, changes)
             return defer.succeed(encode_chunks(acks))
         except UsherError as e:
+            return defer.fail(e)
+
+    def remote_report_status(self, node, chunks):
+        """The LNM's monitoring figures (usher.protocol, Monitoring)."""
+        try:
+            vms = decode_records(chunks)
+            self.controller.lnm_status_report(self.name, node, vms)
+            return defer.succeed(True)
+        except UsherError as e:
+            log.warn("LNM {lnm}: status report refused: {error}", lnm=self.name, error=e)
             return defer.fail(e)
 
     def remote_ping(self):

@@ -10,25 +10,113 @@ its configuration file, read with the same rules as the daemons' files) and
 ``register_plugin(name, event, config_file)`` makes one instance per
 (plugin, config file) and puts it on the event's chain, so one plugin may sit
 on several chains and keep one state.
+
+Every plugin configuration file may also set ``order`` (position on chains),
+``timeout`` (seconds a Deferred it returns may take; default: the
+controller's ``plugin_timeout``) and ``interval`` (seconds between calls
+when registered for ``timer``; a module may give ``DEFAULT_INTERVAL``).
+Registering for ``timer`` starts calling the plugin periodically;
+unregistering stops it.
 """
 
+import ast
 import importlib
 import importlib.util
 import os
 import pkgutil
 import sys
 
+from twisted.internet import defer, task
 from twisted.logger import Logger
 from zope.interface import directlyProvides, providedBy
 from zope.interface.verify import verifyObject
 
-from usher.errors import ConfigError, InvalidRequest
+from usher.config import parse_spec
+from usher.controller.events import Event
+from usher.errors import ConfigError, InvalidRequest, UsherError
 from usher.interfaces import IPlugin
 
 log = Logger()
 
 BUILTIN_PACKAGE = "usher.plugins"
 THIRD_PARTY_PREFIX = "usher_thirdparty_plugins"
+TIMER_EVENT = "timer"
+
+# Options every plugin configuration accepts unless its CONFIG_SPEC declares
+# them itself (``order`` is added by usher.config.load_plugin_config).
+COMMON_OPTIONS = {
+    "timeout": "float(gt=0, default=None)",
+    "interval": "float(gt=0, default=None)",
+}
+
+
+def _with_common_options(spec):
+    declared = parse_spec(spec if spec is not None else {})
+    for key, check in COMMON_OPTIONS.items():
+        declared.setdefault(key, check)
+    return declared
+
+
+def _summary(path):
+    """The first sentence of a plugin module's docstring, read without running it."""
+    try:
+        with open(path, encoding="utf-8") as source:
+            doc = ast.get_docstring(ast.parse(source.read(), path))
+    except (OSError, SyntaxError, ValueError):
+        return ""
+    if not doc:
+        return ""
+    paragraph = " ".join(doc.strip().split("\n\n", 1)[0].split())
+    sentence, stop, _rest = paragraph.partition(". ")
+    return sentence + "." if stop else paragraph
+
+
+class PluginTimer:
+    """Calls one plugin's ``entry_point`` with a ``timer`` event every
+    ``interval`` seconds, never waiting on it: a tick that comes while the
+    previous call is still running is skipped (and logged), so a slow plugin
+    cannot pile up calls; a call that fails or exceeds the plugin's timeout
+    is logged and the timer goes on."""
+
+    def __init__(self, chains, registration, api, interval):
+        self.chains = chains
+        self.registration = registration
+        self.api = api
+        self.interval = interval
+        self.ticks = 0
+        self.skipped = 0
+        self._running = None
+        self._loop = task.LoopingCall(self._tick)
+        self._loop.clock = chains.clock
+
+    def start(self):
+        self._loop.start(self.interval, now=False)
+
+    def stop(self):
+        if self._loop.running:
+            self._loop.stop()
+
+    @property
+    def running(self):
+        return self._loop.running
+
+    def _tick(self):
+        name = self.registration.plugin.name
+        if self._running is not None:
+            self.skipped += 1
+            log.warn("plugin {plugin}: timer tick skipped, the previous call is still "
+                     "running", plugin=name)
+            return
+        self.ticks += 1
+        event = Event(TIMER_EVENT, self.api, interval=self.interval, tick=self.ticks)
+        d = defer.Deferred.fromCoroutine(self.chains.call_one(self.registration, event))
+        if not d.called:
+            self._running = d
+
+            def finished(result):
+                self._running = None
+                return result
+            d.addBoth(finished)
 
 
 class PluginRegistry:
@@ -38,6 +126,7 @@ class PluginRegistry:
         self.third_party_dir = third_party_dir
         self._load_config = load_config
         self._instances = {}     # (plugin name, config file) -> instance
+        self._timers = {}        # plugin name -> PluginTimer
 
     # -- discovery -------------------------------------------------------------
 
@@ -88,14 +177,28 @@ class PluginRegistry:
             raise InvalidRequest(f"plugin {name!r} has no Plugin class")
         config = {}
         if self._load_config is not None:
-            config = self._load_config(getattr(module, "CONFIG_SPEC", None), config_file)
+            config = self._load_config(
+                _with_common_options(getattr(module, "CONFIG_SPEC", None)), config_file)
         elif config_file:
             raise ConfigError(f"{config_file}: plugin configuration cannot be read")
-        plugin = cls(config, self.api)
+        try:
+            plugin = cls(config, self.api)
+        except UsherError:
+            raise
+        except Exception as e:
+            log.failure("plugin {plugin} failed to start", plugin=name)
+            raise InvalidRequest(f"plugin {name!r} failed to start: "
+                                 f"{e.__class__.__name__}: {e}") from None
         if not getattr(plugin, "name", None):
             plugin.name = name
         if getattr(plugin, "order", None) is None:
             plugin.order = config.get("order", getattr(module, "DEFAULT_ORDER", None))
+        for option, module_default in (("timeout", "DEFAULT_TIMEOUT"),
+                                       ("interval", "DEFAULT_INTERVAL")):
+            if config.get(option) is not None:
+                setattr(plugin, option, config[option])
+            elif getattr(plugin, option, None) is None:
+                setattr(plugin, option, getattr(module, module_default, None))
         if IPlugin not in providedBy(plugin):
             directlyProvides(plugin, IPlugin)
         try:
@@ -108,9 +211,22 @@ class PluginRegistry:
     def register(self, name, event, config_file=None, order=None):
         plugin = self._instance(name, config_file)
         try:
+            if event == TIMER_EVENT:
+                interval = getattr(plugin, "interval", None)
+                if not isinstance(interval, (int, float)) or interval <= 0:
+                    raise ValueError(
+                        f"plugin {name} needs an interval to be registered for {TIMER_EVENT}: "
+                        "set interval (seconds) in its configuration file")
             self.chains.add(plugin, event, order=order, config_file=config_file)
         except ValueError as e:
+            self._forget_unused()
             raise InvalidRequest(str(e)) from None
+        if event == TIMER_EVENT:
+            registration = next(r for r in self.chains.registrations(TIMER_EVENT)
+                                if r.plugin is plugin)
+            timer = PluginTimer(self.chains, registration, self.api, plugin.interval)
+            self._timers[plugin.name] = timer
+            timer.start()
         log.info("plugin {plugin} registered for {event} (order {order})",
                  plugin=name, event=event, order=order if order is not None else plugin.order)
         return plugin
@@ -120,6 +236,17 @@ class PluginRegistry:
         if not removed:
             raise InvalidRequest(f"plugin {name!r} is not registered"
                                  + (f" for {event}" if event else ""))
+        if any(r.event == TIMER_EVENT for r in removed):
+            timer = self._timers.pop(name, None)
+            if timer is not None:
+                timer.stop()
+        self._forget_unused()
+        log.info("plugin {plugin} unregistered from {events}", plugin=name,
+                 events=", ".join(r.event for r in removed))
+        return [r.event for r in removed]
+
+    def _forget_unused(self):
+        """Drop (and stop) instances no chain uses any more."""
         still_used = {r.plugin for r in self.chains.registrations()}
         for key, plugin in list(self._instances.items()):
             if plugin not in still_used:
@@ -130,14 +257,26 @@ class PluginRegistry:
                         stop()
                     except Exception:
                         log.failure("plugin {plugin} failed to stop", plugin=key[0])
-        log.info("plugin {plugin} unregistered from {events}", plugin=name,
-                 events=", ".join(r.event for r in removed))
-        return [r.event for r in removed]
+
+    def timer(self, name):
+        """-> the PluginTimer of a plugin registered for ``timer`` (or None)."""
+        return self._timers.get(name)
 
     def describe(self):
-        """-> what ``ush plugins`` shows: available plugins and the chains."""
-        return {"available": sorted(self.available()),
-                "registered": [{"plugin": r.plugin.name, "event": r.event,
-                                "order": r.order, "config": r.config_file}
-                               for r in sorted(self.chains.registrations(),
-                                               key=lambda r: (r.event, r.order, r.seq))]}
+        """-> what ``ush plugins`` shows: available plugins (with the first
+        line of their docstring) and the chains, in calling order."""
+        available = self.available()
+        about = {}
+        for name, where in available.items():
+            if where.startswith(BUILTIN_PACKAGE + "."):
+                spec = importlib.util.find_spec(where)
+                where = spec.origin if spec is not None else ""
+            about[name] = _summary(where) if where else ""
+        registered = []
+        for r in sorted(self.chains.registrations(), key=lambda r: (r.event, r.order, r.seq)):
+            entry = {"plugin": r.plugin.name, "event": r.event, "order": r.order,
+                     "config": r.config_file, "timeout": self.chains.timeout_of(r.plugin)}
+            if r.event == TIMER_EVENT:
+                entry["interval"] = getattr(r.plugin, "interval", None)
+            registered.append(entry)
+        return {"available": sorted(available), "about": about, "registered": registered}

@@ -5,7 +5,7 @@ import os
 
 from twisted.application import internet, service
 from twisted.cred.portal import Portal
-from twisted.internet.endpoints import SSL4ServerEndpoint
+from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from twisted.spread import pb
@@ -16,8 +16,10 @@ from usher.config import load_plugin_config
 from usher.controller.client_link import ClientRoot, UsherRealm
 from usher.controller.core import Controller
 from usher.controller.known_lnms import KnownLNMs
+from usher.controller.liveness import KeepAlivePBServerFactory, LNMLiveness
 from usher.controller.lnm_link import LNMRoot
 from usher.controller.plugins import PluginRegistry
+from usher.controller.recovery import RecoveryService
 from usher.daemon import ThreadPoolService
 
 log = Logger()
@@ -72,12 +74,27 @@ def make_service(config, reactor):
         default_memory=ctrl["default_memory"], default_vcpus=ctrl["default_vcpus"],
         call_timeout=ctrl["call_timeout"], start_timeout=ctrl["start_timeout"],
         max_request_vms=ctrl["max_request_vms"],
-        known_lnms=KnownLNMs(os.path.join(ctrl["state_dir"], "lnms.json")))
+        known_lnms=KnownLNMs(os.path.join(ctrl["state_dir"], "lnms.json")),
+        status_history=ctrl["status_history"], vm_status_history=ctrl["vm_status_history"],
+        status_history_interval=ctrl["status_history_interval"])
+    controller.chains.timeout = ctrl["plugin_timeout"]
     registry = PluginRegistry(controller.chains, controller.api,
                               third_party_dir=ctrl["plugin_dir"],
                               load_config=load_plugin_config)
     controller.plugins = registry
     PluginsService(registry, ctrl["plugins"]).setServiceParent(root)
+
+    # Failures (README, "Failures and recovery"): recovery after a restart
+    # (before the listeners: what connects first must find it), and the
+    # heartbeat on every attached LNM.
+    RecoveryService(controller, reactor=reactor, window=ctrl["recovery_window"],
+                    tls_options_for=lambda lnm: pki.client_tls_options(
+                        lnm, ctrl["ssl_ca_file"], ctrl["ssl_cert_file"],
+                        ctrl["ssl_key_file"])).setServiceParent(root)
+    liveness = LNMLiveness(controller, clock=reactor, interval=ctrl["lnm_ping_interval"],
+                           timeout=ctrl["lnm_ping_timeout"])
+    controller.watch_lnms(liveness)
+    liveness.setServiceParent(root)
 
     chain = build_auth_chain(ctrl["auth_modules"], ctrl, pool, reactor)
     portal = Portal(UsherRealm(controller, clock=reactor, call_timeout=ctrl["call_timeout"],
@@ -98,7 +115,33 @@ def make_service(config, reactor):
     lnm_root = LNMRoot(controller, clock=reactor, call_timeout=ctrl["call_timeout"],
                        command_timeout=ctrl["start_timeout"])
     lnm_listener = internet.StreamServerEndpointService(
-        lnm_endpoint, pb.PBServerFactory(lnm_root))
+        lnm_endpoint, KeepAlivePBServerFactory(lnm_root, interval=ctrl["lnm_ping_interval"],
+                                               timeout=ctrl["lnm_ping_timeout"]))
     lnm_listener._raiseSynchronously = True
     lnm_listener.setServiceParent(root)
+
+    if ctrl["metrics_port"] is not None:
+        metrics_listener(controller, ctrl, reactor, pool).setServiceParent(root)
     return root, controller
+
+
+def metrics_listener(controller, ctrl, reactor, pool):
+    """The Prometheus endpoint (plain HTTP at ``/metrics`` on
+    ``metrics_interface:metrics_port``) as a service."""
+    from twisted.web.server import Site
+
+    from usher.controller.metrics import ControllerMetrics
+
+    metrics = ControllerMetrics(controller, reactor=reactor, pool=pool,
+                                per_vm=ctrl["metrics_per_vm"])
+    metrics.install()
+    endpoint = TCP4ServerEndpoint(reactor, ctrl["metrics_port"],
+                                  interface=ctrl["metrics_interface"])
+    site = Site(metrics.resource())
+    site.noisy = False
+    listener = internet.StreamServerEndpointService(endpoint, site)
+    listener._raiseSynchronously = True
+    listener.metrics = metrics
+    log.info("Prometheus metrics at http://{interface}:{port}/metrics",
+             interface=ctrl["metrics_interface"], port=ctrl["metrics_port"])
+    return listener

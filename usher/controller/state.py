@@ -13,17 +13,16 @@ from usher.naming import DEFAULT_CLUSTER, cluster_of, split
 class VMMInfo:
     """One connected (or remembered) LNM and its hypervisor."""
 
-    __slots__ = ("name", "info", "status", "connected", "vms", "handle")
+    __slots__ = ("name", "info", "connected", "vms", "handle")
 
     def __init__(self, name, info=None, handle=None):
         self.name = name
         self.info = info or {}
-        self.status = {}
         self.connected = handle is not None
         self.vms = set()
         self.handle = handle
 
-    def to_wire(self, status=False):
+    def to_wire(self):
         data = {"name": self.name, "connected": self.connected,
                 "vms": len(self.vms),
                 "hostname": self.info.get("hostname"),
@@ -32,8 +31,7 @@ class VMMInfo:
                 "memory_mib": self.info.get("memory_mib"),
                 "model": self.info.get("model"),
                 "live_migration": bool(self.info.get("live_migration"))}
-        if status:
-            data["status"] = dict(self.status)
+        # Monitoring figures live in usher.controller.monitoring.
         return data
 
 

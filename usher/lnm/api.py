@@ -173,3 +173,11 @@ class NodeAPI(pb.Referenceable):
     async def remote_import_image(self, name, payload):
         check_name(name)
         return await self.manager.import_image(name, decode_export(payload))
+
+    @_remote
+    async def remote_release_export(self, name):
+        return await self.manager.release_export(check_name(name))
+
+    @_remote
+    async def remote_restore_export(self, name):
+        return await self.manager.restore_export(check_name(name))

@@ -43,7 +43,7 @@ TEMPLATE_VARIABLES = ("name", "uuid", "memory_kib", "memory_mib", "vcpus",
 # Keys of args (or of the LNM's template defaults) the built-in QEMU template
 # understands.
 QEMU_ARGS = ("domain_type", "kernel", "initrd", "cmdline", "disk",
-             "disk_format", "network", "bridge")
+             "disk_format", "disk_cache", "network", "bridge")
 
 # A VM name becomes a file name (<name>.save, <name>.log): keep it well
 # inside NAME_MAX (255 bytes) once a suffix is added.
@@ -241,7 +241,12 @@ def _build_qemu(spec, state_dir, defaults):
         disk_format = values.get("disk_format") or (
             "qcow2" if disk.endswith(".qcow2") else "raw")
         disk_el = ET.SubElement(devices, "disk", {"type": "file", "device": "disk"})
-        ET.SubElement(disk_el, "driver", {"name": "qemu", "type": disk_format})
+        driver = {"name": "qemu", "type": disk_format}
+        if values.get("disk_cache"):
+            # libvirt live-migrates a disk on shared storage only with
+            # cache none or directsync (else "unsafe migration").
+            driver["cache"] = values["disk_cache"]
+        ET.SubElement(disk_el, "driver", driver)
         ET.SubElement(disk_el, "source", {"file": disk})
         ET.SubElement(disk_el, "target", {"dev": "vda", "bus": "virtio"})
     for kind in ("network", "bridge"):
@@ -250,7 +255,10 @@ def _build_qemu(spec, state_dir, defaults):
             ET.SubElement(nic, "source", {kind: values[kind]})
             ET.SubElement(nic, "model", {"type": "virtio"})
     serial = ET.SubElement(devices, "serial", {"type": "file"})
-    ET.SubElement(serial, "source", {"path": console_path(state_dir, spec["name"])})
+    # Appended, not truncated: after a restore or a live migration a new QEMU
+    # process opens the same log while the guest keeps writing to it.
+    ET.SubElement(serial, "source", {"path": console_path(state_dir, spec["name"]),
+                                     "append": "on"})
     ET.SubElement(serial, "target", {"port": "0"})
     return ET.tostring(root, encoding="unicode")
 

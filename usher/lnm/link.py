@@ -9,7 +9,14 @@ changes until the next attach.
 Attaching happens in the factory's ``clientConnectionMade`` (the buildbot
 pattern), not in ClientService's ``prepareConnection``, which can wedge the
 service when the link drops during PB's handshake. ClientService only keeps
-the connection up, with exponential backoff between attempts.
+the connection up, with exponential backoff between attempts; a recovery
+announcement from a restarted controller (``usher.lnm.recovery``) brings the
+next attempt forward (``retry_now``).
+
+Once attached, the LNM pings the controller every ``ping_interval`` seconds and
+drops a connection that has not answered for ``ping_timeout`` seconds (a cut
+link sends no FIN), and TCP keepalive watches beneath; the controller does
+the same from its side (``usher.controller.liveness``).
 """
 
 from twisted.application.internet import ClientService, backoffPolicy
@@ -19,6 +26,7 @@ from twisted.spread import pb
 
 from usher import records
 from usher.errors import UsherError
+from usher.liveness import Heartbeat, enable_tcp_keepalive
 from usher.pbutil import call
 from usher.protocol import PROTOCOL_VERSION
 
@@ -38,6 +46,12 @@ class RemoteReporter:
                            timeout=self.timeout, clock=self.clock)
         return records.decode_records(reply)
 
+    async def report_status(self, node, vms):
+        """The monitor's figures: the node's as a small dict, the VMs' as
+        JSON chunks (usher.protocol, Monitoring)."""
+        return await call(self.remote, "report_status", node, records.encode_chunks(vms),
+                          timeout=self.timeout, clock=self.clock)
+
 
 class ControllerLinkFactory(pb.PBClientFactory):
     """Attaches to the controller on every new connection."""
@@ -45,16 +59,22 @@ class ControllerLinkFactory(pb.PBClientFactory):
     log = Logger()
     noisy = False  # ClientService logs each attempt already
 
-    def __init__(self, manager, node_api, *, clock, call_timeout, recovery_port=None):
+    def __init__(self, manager, node_api, *, clock, call_timeout, recovery_port=None,
+                 ping_interval=None, ping_timeout=None):
         super().__init__()
         self.manager = manager
         self.node_api = node_api
         self.clock = clock
         self.call_timeout = call_timeout
+        # An int, None, or a callable giving either (the listener may fail).
         self.recovery_port = recovery_port
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
         self.attached_broker = None
+        self.connected_broker = None
         self.attach_count = 0
         self._attach_waiters = []
+        self._heartbeat = None
 
     @property
     def attached(self):
@@ -71,11 +91,25 @@ class ControllerLinkFactory(pb.PBClientFactory):
 
     def clientConnectionMade(self, broker):
         super().clientConnectionMade(broker)
+        self.connected_broker = broker
         broker.notifyOnDisconnect(lambda: self._connection_lost(broker))
+        if self.ping_interval and self.ping_timeout:
+            enable_tcp_keepalive(broker.transport, interval=self.ping_interval,
+                                 timeout=self.ping_timeout)
+        begin_session = getattr(self.manager, "begin_session", None)
+        if begin_session is not None:
+            # Whatever the LNM tells this controller starts from the
+            # inventory it is about to ask for.
+            begin_session()
         defer.Deferred.fromCoroutine(self._attach(broker))
 
+    def _advertised_recovery_port(self):
+        port = self.recovery_port() if callable(self.recovery_port) else self.recovery_port
+        return port if isinstance(port, int) else None
+
     async def _attach(self, broker):
-        hello = {"protocol": PROTOCOL_VERSION, "recovery_port": self.recovery_port}
+        hello = {"protocol": PROTOCOL_VERSION,
+                 "recovery_port": self._advertised_recovery_port()}
         root = broker.remoteForName("root")
         try:
             reporter = await call(root, "attach", self.node_api, hello,
@@ -99,9 +133,34 @@ class ControllerLinkFactory(pb.PBClientFactory):
                                                  timeout=self.call_timeout))
         self.log.info("LNM {lnm} attached to the controller at {peer}",
                       lnm=self.manager.name, peer=_peer(broker))
+        self._start_heartbeat(broker, reporter)
         waiters, self._attach_waiters = self._attach_waiters, []
         for waiter in waiters:
             waiter.callback(self.attach_count)
+
+    def _start_heartbeat(self, broker, reporter):
+        self._stop_heartbeat()
+        if not (self.ping_interval and self.ping_timeout):
+            return
+
+        def silent(silent_for):
+            self.log.error("LNM {lnm}: the controller has not answered for {seconds:.1f} s "
+                           "(timeout {timeout:g} s); dropping the connection",
+                           lnm=self.manager.name, seconds=silent_for,
+                           timeout=self.ping_timeout)
+            # Not loseConnection: over a cut link the TLS goodbye would wait
+            # forever for its bytes to leave.
+            broker.transport.abortConnection()
+
+        self._heartbeat = Heartbeat(
+            lambda: call(reporter, "ping", timeout=self.ping_timeout, clock=self.clock),
+            clock=self.clock, interval=self.ping_interval, timeout=self.ping_timeout,
+            on_silent=silent, name="the controller").start()
+
+    def _stop_heartbeat(self):
+        heartbeat, self._heartbeat = self._heartbeat, None
+        if heartbeat is not None:
+            heartbeat.stop()
 
     def cancel_waiters(self):
         waiters, self._attach_waiters = self._attach_waiters, []
@@ -110,11 +169,18 @@ class ControllerLinkFactory(pb.PBClientFactory):
 
     def detach(self):
         """Stop reporting through the current connection (on purpose)."""
+        self._stop_heartbeat()
         if self.attached_broker is not None:
             self.attached_broker = None
             self.manager.set_reporter(None)
 
     def _connection_lost(self, broker):
+        if self.connected_broker is broker:
+            self.connected_broker = None
+            begin_session = getattr(self.manager, "begin_session", None)
+            if begin_session is not None:
+                # What commands of this connection still finish answers no one.
+                begin_session()
         if self.attached_broker is not broker:
             return
         self.detach()
@@ -130,26 +196,68 @@ def _peer(broker):
         return "?"
 
 
+class _RetryClock:
+    """The clock ClientService schedules its retries on. It remembers the
+    pending retry so that ``ControllerLink.retry_now`` can bring it forward
+    (ClientService itself has no way to)."""
+
+    def __init__(self, clock):
+        self._clock = clock
+        self.pending_retry = None
+
+    def callLater(self, delay, function, *args, **kwargs):
+        call = self._clock.callLater(delay, function, *args, **kwargs)
+        self.pending_retry = call
+        return call
+
+    def seconds(self):
+        return self._clock.seconds()
+
+    def getDelayedCalls(self):
+        return self._clock.getDelayedCalls()
+
+
 class ControllerLink(ClientService):
     """Keeps the LNM connected and attached to the controller.
 
     ``endpoint`` is a client endpoint (in production TLS with the LNM's
     certificate, see ``usher.lnm.service``); ``retry_policy`` defaults to
-    exponential backoff from ``initial_delay`` to ``max_delay`` seconds.
+    exponential backoff from ``initial_delay`` to ``max_delay`` seconds, with
+    up to a second of random jitter so that LNMs do not all dial at once.
+    ``ping_interval``/``ping_timeout`` (both or neither) turn on the heartbeat.
     """
 
     def __init__(self, endpoint, manager, node_api, *, clock, call_timeout,
-                 recovery_port=None, initial_delay=1.0, max_delay=30.0, retry_policy=None):
+                 recovery_port=None, initial_delay=1.0, max_delay=30.0, retry_policy=None,
+                 ping_interval=None, ping_timeout=None):
         self.factory = ControllerLinkFactory(manager, node_api, clock=clock,
                                              call_timeout=call_timeout,
-                                             recovery_port=recovery_port)
+                                             recovery_port=recovery_port,
+                                             ping_interval=ping_interval,
+                                             ping_timeout=ping_timeout)
         if retry_policy is None:
             retry_policy = backoffPolicy(initial_delay, max_delay, RECONNECT_FACTOR)
-        super().__init__(endpoint, self.factory, retryPolicy=retry_policy, clock=clock)
+        self._retry_clock = _RetryClock(clock)
+        super().__init__(endpoint, self.factory, retryPolicy=retry_policy,
+                         clock=self._retry_clock)
 
     @property
     def attached(self):
         return self.factory.attached
+
+    def retry_now(self):
+        """Dial the controller now if a reconnection attempt is only
+        scheduled (a recovery announcement came). -> "attached", "connecting"
+        (an attempt is already under way) or "reconnecting" (one starts now).
+        """
+        if self.factory.attached:
+            return "attached"
+        pending = self._retry_clock.pending_retry
+        if (self.running and self.factory.connected_broker is None
+                and pending is not None and pending.active()):
+            pending.reset(0)
+            return "reconnecting"
+        return "connecting"
 
     def when_attached(self):
         return self.factory.when_attached()

@@ -23,8 +23,8 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from usher import states
-from usher.errors import InvalidRequest, NoSuchVM, Unavailable, UsherError
-from usher.protocol import MAX_FIELD
+from usher.errors import InvalidRequest, NoSuchVM, OperationFailed, Unavailable, UsherError
+from usher.protocol import FIGURES, MAX_FIELD
 
 # States the controller sets while one of its commands is in flight (a record
 # received before ``start``, or before a migration lands here): the command's
@@ -33,6 +33,10 @@ TRANSITIONAL = frozenset({states.STARTING, states.MIGRATING})
 # What a controller may believe of a VM that is not on this host.
 ABSENT = frozenset({None, states.MISSING})
 _NEVER_TOLD = object()
+
+# Operations whose result is a state: replayed on a VM already there, they
+# answer with the VM as it is instead of failing (idempotent commands).
+_IDEMPOTENT_OPERATIONS = frozenset({"pause", "resume", "shutdown", "hibernate", "restore"})
 
 _RECORD_STR_FIELDS = ("uuid", "owner", "cluster", "vmm")
 _RECORD_COUNT_FIELDS = ("memory_mib", "vcpus", "version")
@@ -99,6 +103,9 @@ class CachedVM:
         # One operation at a time per VM; a second waits for the first.
         self.lock = defer.DeferredLock()
         self.busy = False
+        # The controller session (NodeManager.begin_session) whose controller
+        # sent this record.
+        self.session = manager._session
 
     @property
     def name(self):
@@ -133,6 +140,14 @@ class CachedVM:
             if operation == "destroy":
                 return None  # already gone: destroy's goal is met
             raise
+        except (InvalidRequest, OperationFailed):
+            # A retried or replayed command finds its work done: the VM as it
+            # is now is its answer.
+            if operation in _IDEMPOTENT_OPERATIONS:
+                info = await self._vmm.domain_info(self.name)
+                if info.get("state") == states.OPERATION_RESULT[operation]:
+                    return info
+            raise
 
     def migrate(self, target_uri):
         return self._vmm.migrate(self.name, target_uri)
@@ -140,8 +155,16 @@ class CachedVM:
     def export_image(self):
         return self._vmm.export_image(self.name)
 
-    def import_image(self, exported):
-        return self._vmm.import_image(self.spec(), exported)
+    async def import_image(self, exported):
+        try:
+            return await self._vmm.import_image(self.spec(), exported)
+        except InvalidRequest:
+            # Imported already (a replayed import): the same VM is its answer.
+            uuid = self.record.get("uuid")
+            info = await self._vmm.domain_info(self.name)
+            if uuid is not None and info.get("uuid") == uuid:
+                return info
+            raise
 
 
 class NodeManager:
@@ -185,6 +208,23 @@ class NodeManager:
         self._idle_waiters = []
         self._scan_loop = None
         self._report_loop = None
+        # Controller sessions: bumped when a connection to a controller comes
+        # or goes (begin_session). The answer to a command asked in an older
+        # session never reaches a controller, so it is reported instead.
+        self._session = 0
+        # The hypervisor connection (see _hypervisor_changed) and what the
+        # node looked like while it was up.
+        self.hypervisor_connected = True
+        self._node_info = None
+        # Exported VMs kept until the controller says where the VM lives
+        # (release_export) or to put it back (restore_export): a migration
+        # cut short by a failure must leave neither two copies nor none.
+        self._exports = {}      # name -> {"exported", "record", "at"}
+        # VMs the last inventory listed as busy (a command in progress): the
+        # controller waits to hear how that command ended.
+        self._listed_busy = set()
+        # The resource monitor (usher.lnm.monitor.Monitor), if any.
+        self.monitor = None
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -197,6 +237,9 @@ class NodeManager:
         self._stopped = False
         if not self._subscribed:
             self.vmm.subscribe(self._on_event)
+            watch_connection = getattr(self.vmm, "watch_connection", None)
+            if watch_connection is not None:
+                watch_connection(self._hypervisor_changed)
             self._subscribed = True
         await self.scan()
         if not self._running:
@@ -247,12 +290,68 @@ class NodeManager:
         if self._stopped:
             raise Unavailable(f"LNM {self.name} is shutting down")
 
+    # -- controller sessions and the hypervisor connection ---------------------
+
+    def begin_session(self):
+        """A connection to a controller came or went. Commands asked before
+        now answer into a connection that is gone: their results are reported
+        as observations, and an export among them is put back at once (its
+        image reached no one). The next inventory (``list_vms``) is what the
+        new controller knows."""
+        self._session += 1
+
+    @property
+    def session(self):
+        return self._session
+
+    def _hypervisor_changed(self, connected):
+        """The VMM lost (False) or regained (True) its hypervisor connection
+        (e.g. libvirtd restarted). Lost: every domain's state is unknown, not
+        stopped, and is reported so; the VMM reconnects with backoff.
+        Regained: a scan reports what the host really shows."""
+        if not connected:
+            if not self.hypervisor_connected:
+                return
+            self.hypervisor_connected = False
+            self.log.error("LNM {lnm}: lost the hypervisor connection to {uri}; {count} "
+                           "VMs are unknown until it is back", lnm=self.name,
+                           uri=getattr(self.vmm, "uri", None), count=len(self._domains))
+            for name, info in list(self._domains.items()):
+                if info.get("state") != states.UNKNOWN:
+                    self._domains[name] = dict(info, state=states.UNKNOWN)
+                    self._touch(name)
+                    self._reconcile(name)
+            return
+        if self.hypervisor_connected:
+            return
+        self.hypervisor_connected = True
+        self.log.info("LNM {lnm}: the hypervisor connection to {uri} is back; scanning",
+                      lnm=self.name, uri=getattr(self.vmm, "uri", None))
+        if self._running:
+            defer.Deferred.fromCoroutine(self.scan())
+
     # -- reporting -----------------------------------------------------------
 
     def set_reporter(self, reporter):
         """Attach (a reporter) or detach (None). Changes queued while detached
         go out at the first flush after attaching."""
         self._reporter = reporter
+
+    @property
+    def reporter(self):
+        """The current reporter (None while detached)."""
+        return self._reporter
+
+    def set_monitor(self, monitor):
+        """Use ``monitor`` (usher.lnm.monitor.Monitor) for get_status and
+        get_node_status; its lifecycle is the caller's."""
+        self.monitor = monitor
+
+    def vm_args(self, name):
+        """The request arguments of a cached VM ({} for others)."""
+        vm = self._vms.get(name)
+        args = vm.record.get("args") if vm is not None else None
+        return args if isinstance(args, dict) else {}
 
     @property
     def pending_changes(self):
@@ -414,6 +513,8 @@ class NodeManager:
     async def scan(self):
         """Compare the host's domains with what was last observed (the
         periodic scan; may be called at any time). Errors are logged."""
+        if not self.hypervisor_connected:
+            return  # nothing to compare with until the VMM reconnects
         try:
             await self._observing(self.vmm.list_domains, self._apply_inventory)
         except Exception as e:
@@ -482,11 +583,27 @@ class NodeManager:
     def _cache(self, record):
         name = record["name"]
         vm = self._vms.get(name)
+        if vm is not None and not vm.busy and self._placed_elsewhere(vm.record, record):
+            # E.g. the record a migration target was sent, once the migration
+            # failed: the VM stays where it was, and is not ours to report.
+            del self._vms[name]
+            self._pending.pop(name, None)
+            self._unadopted.pop(name, None)
+            return
         if vm is None:
             self._vms[name] = CachedVM(self, record)
         else:
             vm.record = record
+            vm.session = self._session
         self._unadopted.pop(name, None)
+
+    def _placed_elsewhere(self, old, new):
+        """Does ``new`` move a VM this LNM was told it holds to another LNM,
+        while the VM is not on this host? (Compared with the LNM the old
+        record named, the controller's name for this one.)"""
+        old_vmm, new_vmm = old.get("vmm"), new.get("vmm")
+        return (old_vmm is not None and new_vmm is not None and old_vmm != new_vmm
+                and new["name"] not in self._domains)
 
     def _cached(self, name):
         vm = self._vms.get(name)
@@ -502,11 +619,16 @@ class NodeManager:
     def cached_names(self):
         return sorted(self._vms)
 
-    async def _run(self, name, action, what):
+    async def _run(self, name, action, what, *, session=None):
         """Run ``action(vm)`` on a cached VM, one operation per VM at a time,
         its events unreported meanwhile; then settle the cache from its
-        result (domain info, or None when the VM left this host)."""
+        result (domain info, or None when the VM left this host).
+
+        ``session`` is the controller session that asked (default: the
+        current one); a result that outlives it is reported instead."""
         self._refuse_if_stopped()
+        if session is None:
+            session = self._session
         vm = self._cached(name)
         self._enter()
         try:
@@ -524,9 +646,11 @@ class NodeManager:
                     # The attempt may have changed the VM halfway: look, and
                     # report whatever differs from what the controller knows.
                     await self._refresh(name)
+                    self._report_if_awaited(name, session, vm.record)
                     raise
                 vm.busy = False
-                self._settle(vm, info)
+                self._settle(vm, info, session)
+                self._report_if_awaited(name, session, vm.record)
             finally:
                 vm.lock.release()
         except UsherError as e:
@@ -539,9 +663,31 @@ class NodeManager:
                       vm=name, state=info.get("state") if info else None)
         return info
 
-    def _settle(self, vm, info):
+    def _report_if_awaited(self, name, session, record):
+        """A command of an earlier session ended on a VM the current
+        controller saw listed busy: tell it how the VM is now, even if that
+        is what it was told (it waits for this to decide about the VM)."""
+        if session == self._session or name not in self._listed_busy:
+            return
+        self._listed_busy.discard(name)
+        self._pending[name] = _change(name, self._actual_state(name),
+                                      self._domains.get(name) or record)
+
+    def _settle(self, vm, info, session=None):
         name = vm.name
         self._touch(name)
+        if session is not None and session != self._session:
+            # Asked on a connection that is gone: no controller will see this
+            # result, so it is an observation like any other.
+            self.log.info("LNM {lnm}: {vm} is {state} after a command from an earlier "
+                          "controller connection; reporting it", lnm=self.name, vm=name,
+                          state=info.get("state") if info else None)
+            if info is None:
+                self._reconcile(name, self._domains.pop(name, None))
+            else:
+                self._domains[name] = dict(info)
+                self._reconcile(name)
+            return
         if info is None:
             self._domains.pop(name, None)
             self._pending.pop(name, None)
@@ -596,21 +742,93 @@ class NodeManager:
 
     async def export_image(self, name):
         """Save the VM and take it off this host -> the VMM's export (for
-        libvirt: {"xml", "image": bytes or None, "state"}), opaque here."""
+        libvirt: {"xml", "image": bytes or None, "state"}), opaque here.
+
+        The export is kept until the controller says the VM lives elsewhere
+        (``release_export``) or must come back (``restore_export``), and is
+        listed meanwhile by ``list_vms`` (state ``migrating``, ``retained``):
+        if the answer is lost with the connection, the controller can still
+        finish or undo the migration. Asked again, it answers the kept
+        export (a replay moves nothing twice). An export finished after its
+        connection is gone reached no one, and is put back here at once.
+        """
+        kept = self._exports.get(name)
+        if kept is not None and name not in self._domains:
+            return kept["exported"]
+        session = self._session
         exported = None
+        record = None
 
         async def export(vm):
-            nonlocal exported
+            nonlocal exported, record
+            record = dict(vm.record)
             exported = await vm.export_image()
             return None
 
-        await self._run(name, export, "export")
+        await self._run(name, export, "export", session=session)
+        self._exports[name] = {"exported": exported, "record": record,
+                               "at": self.clock.seconds()}
+        if session != self._session:
+            self.log.warn("LNM {lnm}: the export of {vm} finished after its controller "
+                          "connection was gone; putting the VM back", lnm=self.name, vm=name)
+            await self._restore_kept(name, session=session)
+            raise Unavailable(f"export of {name}: the controller connection was lost; "
+                              f"the VM was put back on LNM {self.name}")
         return exported
+
+    def retained_exports(self):
+        """Names of the exported VMs kept for the controller's decision."""
+        return sorted(self._exports)
+
+    async def release_export(self, name):
+        """The migrated VM lives elsewhere now: forget its kept export.
+        Idempotent -> True if one was kept."""
+        kept = self._exports.pop(name, None)
+        if kept is not None:
+            self.log.info("LNM {lnm}: released the export of {vm}", lnm=self.name, vm=name)
+        return kept is not None
+
+    async def restore_export(self, name):
+        """Put an exported VM back on this host from its kept export ->
+        domain info. Idempotent: a VM already back is returned as it is."""
+        if name not in self._exports:
+            try:
+                return await self.vmm.domain_info(name)
+            except NoSuchVM:
+                raise NoSuchVM(f"LNM {self.name} keeps no export of {name} and has no "
+                               "such VM") from None
+        return await self._restore_kept(name)
+
+    async def _restore_kept(self, name, session=None):
+        kept = self._exports[name]
+        if name not in self._vms:
+            self._cache(dict(kept["record"]))
+        info = await self._run(name, lambda vm: vm.import_image(kept["exported"]),
+                               "restore", session=session)
+        self._exports.pop(name, None)
+        return info
 
     async def import_image(self, name, exported):
         """Restore what another LNM's export_image gave (the VM's record
-        received first) -> domain info."""
-        return await self._run(name, lambda vm: vm.import_image(exported), "import")
+        received first) -> domain info.
+
+        An import that finishes after its controller connection is gone is
+        undone: the source keeps the export until the controller, told of
+        the import, releases it, and no one can tell it now. Otherwise the
+        VM could run here and, put back by the controller, there."""
+        session = self._session
+
+        async def restore(vm):
+            info = await vm.import_image(exported)
+            if session != self._session:
+                self.log.warn("LNM {lnm}: the import of {vm} finished after its controller "
+                              "connection was gone; undoing it (its source keeps the VM)",
+                              lnm=self.name, vm=name)
+                await vm.operate("destroy")
+                return None
+            return info
+
+        return await self._run(name, restore, "import", session=session)
 
     async def get_details(self, name):
         """The cached record merged with fresh domain info; ``state`` is
@@ -632,30 +850,95 @@ class NodeManager:
         return details
 
     async def get_status(self, name):
-        """Resource usage of one VM; monitoring is not implemented yet."""
+        """Resource usage of one VM: its 1/5/15-minute averages
+        (usher.protocol, Monitoring); every figure None when it is not
+        sampled (shut off, not sampled yet, or no monitor)."""
         if name not in self._vms and name not in self._domains:
             raise NoSuchVM(f"no VM {name} on LNM {self.name}")
-        return {}
+        status = self.monitor.vm_status(name) if self.monitor is not None else None
+        if status is None:
+            status = dict.fromkeys(FIGURES)
+            status.update(name=name, state=self._actual_state(name), sampled_at=None,
+                          source=None)
+        return status
 
     async def get_node_info(self):
+        if not self.hypervisor_connected and self._node_info is not None:
+            # What the node was; its VMs are reported unknown meanwhile.
+            return dict(self._node_info, hypervisor_connected=False)
         info = dict(await self.vmm.node_info())
         info["name"] = self.name
         info["migration_uri"] = self.migration_uri
+        self._node_info = dict(info)
+        info["hypervisor_connected"] = True
         return info
 
     async def get_node_status(self):
-        return dict(await self.vmm.node_status())
+        """The number of VMs and free memory (asked now), with the node's
+        1/5/15-minute averages when a monitor runs."""
+        status = dict(await self.vmm.node_status())
+        if self.monitor is not None:
+            figures = self.monitor.node_status()
+            if status.get("free_memory_mib") is None:
+                # Only a simulated figure can fill it; its source says so.
+                status["free_memory_mib"] = figures.get("free_memory_mib")
+            figures.pop("free_memory_mib", None)
+            figures.pop("vms", None)
+            status.update(figures)
+        return status
 
     async def list_vms(self):
-        """Every domain on the host. The controller sees them all, so the
-        ones it does not manage count as told."""
-        async def fetch():
-            return [dict(d) for d in await self.vmm.list_domains() if _check_domain(d)]
+        """Every domain on the host (the inventory a controller takes when an
+        LNM attaches), plus the exports kept for it (state ``migrating``,
+        ``retained`` True). The controller sees them all, so what they show
+        counts as told. While the hypervisor is unreachable: the domains last
+        seen, their state unknown."""
+        session = self._session
+        if not self.hypervisor_connected:
+            domains = [dict(info, state=states.UNKNOWN) for info in self._domains.values()]
+        else:
+            async def fetch():
+                return [dict(d) for d in await self.vmm.list_domains() if _check_domain(d)]
 
-        domains = await self._observing(fetch, self._apply_inventory)
-        for info in domains:
-            name = info["name"]
+            domains = await self._observing(fetch, self._apply_inventory)
+        listed = {info["name"]: info for info in domains}
+        for name, vm in list(self._vms.items()):
+            if vm.session >= session:
+                continue
+            # Sent by a controller of an earlier session: this one knows the
+            # VM by the inventory, and sends its own record if it manages it.
+            info = listed.get(name)
+            if info is None and not vm.busy and name not in self._exports:
+                del self._vms[name]
+            else:
+                vm.record["state"] = info.get("state") if info else None
+                vm.session = session
+        self._unadopted = {}
+        for name, info in listed.items():
             if name not in self._vms:
                 self._unadopted[name] = info.get("state")
-                self._reconcile(name)
+        for name in set(listed) | set(self._pending):
+            self._reconcile(name)
+        # A command in progress may still change a VM: the controller is told
+        # (busy) and hears how it ended (_report_if_awaited).
+        self._listed_busy = set()
+        for name, vm in self._vms.items():
+            if vm.busy:
+                entry = listed.get(name)
+                if entry is None:
+                    entry = _change(name, None, vm.record)
+                    domains.append(entry)
+                entry["busy"] = True
+                self._listed_busy.add(name)
+        for name in self._exports:
+            if name not in listed and name not in self._listed_busy:
+                domains.append(self._retained_entry(name))
         return domains
+
+    def _retained_entry(self, name):
+        record = self._exports[name]["record"] or {}
+        return {"name": name, "state": states.MIGRATING, "retained": True,
+                "uuid": record.get("uuid"), "memory_mib": record.get("memory_mib"),
+                "vcpus": record.get("vcpus"),
+                "metadata": {key: record[key] for key in ("owner", "cluster")
+                             if record.get(key) is not None}}

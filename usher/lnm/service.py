@@ -9,7 +9,8 @@ holding, in start order:
    NodeManager;
 3. the link to the controller (mutual TLS with the LNM's certificate), started
    only once the node is ready, since the controller asks for the inventory
-   at once.
+   at once; just before it, the recovery listener (``usher.lnm.recovery``),
+   where a restarted controller announces itself.
 
 Stopping goes the other way, each step waiting for the previous one.
 """
@@ -26,9 +27,12 @@ from twisted.python.threadpool import ThreadPool
 from usher import pki
 from usher.daemon import ThreadPoolService
 from usher.errors import ConfigError
+from usher.lnm import domain_xml
 from usher.lnm.api import NodeAPI
 from usher.lnm.libvirt_vmm import LibvirtVMM
 from usher.lnm.link import ControllerLink
+from usher.lnm.recovery import RecoveryListener
+from usher.lnm.monitor import Monitor
 from usher.lnm.node import NodeManager
 from usher.lnm.testhost import write_test_host
 
@@ -63,6 +67,19 @@ def controller_endpoint(reactor, lnm_config):
                                                    lnm_config["controller_port"]))
 
 
+def template_defaults(lnm_config):
+    """The ``[[domain]]`` subsection: template variables (kernel, initrd,
+    cmdline, disk, ...) for every VM this LNM starts, which a request's own
+    args override. The variables taken from the VM spec itself cannot be
+    set here: the spec would silently win."""
+    defaults = dict(lnm_config.get("domain") or {})
+    reserved = sorted(set(defaults) & set(domain_xml.TEMPLATE_VARIABLES))
+    if reserved:
+        raise ConfigError(f"[lnm] [[domain]] {', '.join(reserved)}: set from each VM's "
+                          "own spec (name, memory, CPUs, owner ...), not configurable")
+    return defaults
+
+
 class NodeService(service.Service):
     """Connects the VMM and runs the NodeManager. ``ready`` fires once both
     are up (or fails with the reason they are not)."""
@@ -79,12 +96,16 @@ class NodeService(service.Service):
     async def _start(self):
         await self.vmm.connect()
         await self.manager.startup()
+        if self.manager.monitor is not None:
+            self.manager.monitor.start()
 
     def stopService(self):
         super().stopService()
         return defer.Deferred.fromCoroutine(self._stop())
 
     async def _stop(self):
+        if self.manager.monitor is not None:
+            await self.manager.monitor.stop()
         await self.manager.shutdown()
         try:
             await self.vmm.close()
@@ -95,14 +116,19 @@ class NodeService(service.Service):
 class LNMService(service.MultiService):
     """The whole LNM; see the module docstring for the order of things."""
 
-    def __init__(self, *, name, pool_service, node_service, link):
+    def __init__(self, *, name, pool_service, node_service, link, recovery=None):
         super().__init__()
         self.name = name
         self.pool_service = pool_service
         self.node_service = node_service
         self.link = link
-        for child, child_name in ((pool_service, "threads"), (node_service, "node"),
-                                  (link, "controller-link")):
+        # The recovery listener (usher.lnm.recovery): up with the link.
+        self.recovery = recovery
+        children = [(pool_service, "threads"), (node_service, "node"),
+                    (link, "controller-link")]
+        if recovery is not None:
+            children.append((recovery, "recovery-listener"))
+        for child, child_name in children:
             child.setName(child_name)
             child.setServiceParent(self)
         self.ready = None
@@ -129,6 +155,8 @@ class LNMService(service.MultiService):
                          error=str(e) or e.__class__.__name__)
             raise
         if self.running:
+            if self.recovery is not None:
+                self.recovery.startService()
             self.link.startService()
 
     def stopService(self):
@@ -136,6 +164,8 @@ class LNMService(service.MultiService):
         return defer.Deferred.fromCoroutine(self._stop())
 
     async def _stop(self):
+        if self.recovery is not None and self.recovery.running:
+            await defer.maybeDeferred(self.recovery.stopService)
         if self.link.running:
             await self.link.stopService()
         if self.node_service.running:
@@ -166,17 +196,35 @@ def make_service(config, reactor):
                               hostname=name, cpus=lnm["host_cpus"],
                               memory_mib=lnm["host_memory"], model=lnm["host_model"])
     vmm = LibvirtVMM(uri, reactor=reactor, pool=pool, state_dir=lnm["state_dir"],
-                     domain_template=lnm.get("domain_template"))
+                     domain_template=lnm.get("domain_template"),
+                     template_defaults=template_defaults(lnm),
+                     reconnect_initial_delay=lnm["reconnect_initial_delay"],
+                     reconnect_max_delay=lnm["reconnect_max_delay"])
     manager = NodeManager(vmm, name=name, clock=reactor,
                           scan_interval=lnm["scan_interval"],
                           report_interval=lnm["report_interval"],
                           migration_uri=lnm.get("migration_uri"))
+    # (.get: configurations built in code may predate the monitoring options)
+    simulated_load = lnm.get("simulated_load") or "off"
+    manager.set_monitor(Monitor(
+        vmm, name=name, clock=reactor, sample_interval=lnm.get("sample_interval", 5.0),
+        report_interval=lnm.get("status_report_interval", 15.0),
+        simulated_load=None if simulated_load == "off" else simulated_load,
+        reporter_of=lambda: manager.reporter, vm_args=manager.vm_args))
+    recovery = []
     link = ControllerLink(controller_endpoint(reactor, lnm), manager, NodeAPI(manager),
                           clock=reactor, call_timeout=lnm["call_timeout"],
-                          # No recovery listener exists yet: advertise none
-                          # rather than a port nobody answers on.
-                          recovery_port=None,
+                          # Advertised only while the listener really listens.
+                          recovery_port=lambda: recovery[0].advertised_port(),
                           initial_delay=lnm["reconnect_initial_delay"],
-                          max_delay=lnm["reconnect_max_delay"])
+                          max_delay=lnm["reconnect_max_delay"],
+                          ping_interval=lnm.get("ping_interval"),
+                          ping_timeout=lnm.get("ping_timeout"))
+    recovery.append(RecoveryListener(
+        reactor, link, lnm_name=name, interface=lnm["recovery_interface"],
+        port=lnm["recovery_port"], cert_file=lnm["ssl_cert_file"],
+        key_file=lnm["ssl_key_file"], ca_file=lnm["ssl_ca_file"],
+        controller_identity=lnm.get("controller_tls_name") or lnm["controller_host"]))
     return LNMService(name=name, pool_service=ThreadPoolService(pool),
-                      node_service=NodeService(vmm, manager), link=link)
+                      node_service=NodeService(vmm, manager), link=link,
+                      recovery=recovery[0])

@@ -1,0 +1,1 @@
+"""Usher's benchmarks: ``make bench`` (``python -m bench.run``)."""

@@ -1,0 +1,158 @@
+"""An in-process grid (``tests.grid``) behind the controller's real client
+boundary: a TLS listener on 127.0.0.1, the authentication chain (the local
+password file, optionally PAM), the realm and perspectives of
+``usher.controller.client_link``; tests drive it with real ``UsherClient``s,
+as a user would through the client API, in well under a second."""
+
+import os
+
+from twisted.cred.portal import Portal
+from twisted.internet.endpoints import SSL4ServerEndpoint
+from twisted.spread import pb
+
+from usher import passwdfile, pki
+from usher.auth.chain import build_auth_chain
+from usher.client import UsherClient
+from usher.controller.client_link import ClientRoot, UsherRealm
+from usher.controller.service import _role_lookup
+
+from tests.grid import Grid
+
+PASSWORDS = {"root": "root-secret", "alice": "alice-secret", "bob": "bob-secret"}
+
+
+def make_pki(directory):
+    """A CA and the controller's certificate for localhost -> (dir, ca file)."""
+    directory = str(directory)
+    pki.init_ca(directory, common_name="Usher test CA", force=True)
+    pki.issue_cert(directory, "usherctrl", directory, hostnames=["localhost"],
+                   ips=["127.0.0.1"], force=True)
+    return directory, os.path.join(directory, "ca_cert.pem")
+
+
+class ClientGrid:
+    def __init__(self, reactor, tmpdir, pki_dir, *, auth_modules=("local",), ctrl_extra=None,
+                 **grid_kwargs):
+        self.reactor = reactor
+        self.tmpdir = str(tmpdir)
+        self.pki_dir = str(pki_dir)
+        self.ca_file = os.path.join(self.pki_dir, "ca_cert.pem")
+        self.grid = Grid(reactor, tmpdir, **grid_kwargs)
+        self.controller = self.grid.controller
+        os.makedirs(self.tmpdir, exist_ok=True)
+        self.passwd = os.path.join(self.tmpdir, "passwd")
+        for user, password in PASSWORDS.items():
+            passwdfile.add_user(self.passwd, user, password, rounds=4)
+        self.auth_modules = list(auth_modules)
+        self.ctrl_extra = dict(ctrl_extra or {})
+        self.port = None
+        self.clients = []
+
+    @property
+    def registry(self):
+        return self.controller.plugins
+
+    async def start(self):
+        await self.grid.start()
+        ctrl = {"passwd_file": self.passwd, **self.ctrl_extra}
+        chain = build_auth_chain(self.auth_modules, ctrl, self.grid.pool, self.reactor)
+        realm = UsherRealm(self.controller, clock=self.reactor, call_timeout=10,
+                           role_of=_role_lookup(chain))
+        tls = pki.server_tls_options(os.path.join(self.pki_dir, "usherctrl_cert.pem"),
+                                     os.path.join(self.pki_dir, "usherctrl_key.pem"))
+        endpoint = SSL4ServerEndpoint(self.reactor, 0, tls, interface="127.0.0.1")
+        self.port = await endpoint.listen(pb.PBServerFactory(ClientRoot(Portal(realm,
+                                                                                [chain]))))
+        return self
+
+    def client(self, user, password=None):
+        client = UsherClient(self.reactor, "127.0.0.1", self.port.getHost().port,
+                             ca_file=self.ca_file, tls_name="localhost", username=user,
+                             password=PASSWORDS.get(user) if password is None else password,
+                             timeout=20)
+        self.clients.append(client)
+        return client
+
+    async def connected(self, user, password=None):
+        client = self.client(user, password)
+        await client.connect()
+        return client
+
+    async def stop(self):
+        for client in self.clients:
+            await client.disconnect()
+        if self.port is not None:
+            await self.port.stopListening()
+        await self.grid.stop()
+
+
+class FakeMonitoring:
+    """Wraps the controller's ``Monitoring`` and answers the figures plugins
+    read with chosen values: ``hosts`` maps an LNM to its CPU percent (of the
+    host), ``vms`` a VM to its CPU percent (of one CPU), the same for every
+    window; everything else goes to the real one.
+
+        grid.controller.monitoring = FakeMonitoring(grid.controller.monitoring,
+                                                    hosts={"lnm1": 95.0})
+    """
+
+    class _Load:
+        def __init__(self, age):
+            self.age = age
+
+    def __init__(self, real, hosts=None, vms=None):
+        self._real = real
+        self.hosts = dict(hosts or {})
+        self.vms = dict(vms or {})
+        self.age = 1.0
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def lnm_figure(self, lnm, figure="cpu", window=1):
+        return self.hosts.get(lnm) if figure == "cpu" else None
+
+    def vm_figure(self, name, figure="cpu", window=1):
+        return self.vms.get(name) if figure == "cpu" else None
+
+    def lnm_load(self, lnm):
+        return self._Load(self.age) if lnm in self.hosts else None
+
+    def vm_load(self, name):
+        return self._Load(self.age) if name in self.vms else None
+
+
+# -- pytest fixtures (import them into a test module to use them) ------------------
+
+import pytest  # noqa: E402
+import pytest_twisted  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def pki_dir(tmp_path_factory):
+    directory, _ca = make_pki(tmp_path_factory.mktemp("pki"))
+    return directory
+
+
+@pytest_twisted.async_yield_fixture
+async def client_grids(tmp_path, pki_dir):
+    """-> async make(**ClientGrid options): started ClientGrids, stopped after the test."""
+    from twisted.internet import reactor
+    made = []
+
+    async def make(**kwargs):
+        grid = ClientGrid(reactor, tmp_path / f"grid{len(made)}", pki_dir, **kwargs)
+        made.append(grid)
+        await grid.start()
+        return grid
+    yield make
+    for grid in made:
+        await grid.stop()
+
+
+def plugin_instance(grid, name):
+    """The instance of plugin ``name`` on any chain of ``grid`` (a Grid or ClientGrid)."""
+    for registration in grid.controller.chains.registrations():
+        if registration.plugin.name == name:
+            return registration.plugin
+    raise LookupError(name)

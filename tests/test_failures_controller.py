@@ -1,0 +1,304 @@
+"""The controller under failures, on an in-process grid (tests/grid.py): real
+NodeManagers on real libvirt test hosts behind handles that fail the way
+links fail — the request lost, the answer lost, the LNM silent. Asserts
+exact states and, on the hosts themselves, that no VM runs twice or
+nowhere."""
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor, task
+
+from usher import states
+from usher.controller.core import Controller
+from usher.controller.liveness import LNMLiveness
+from usher.controller.recovery import Recovery
+from usher.errors import LinkFailure, OperationFailed, Unavailable
+from usher.vmset import Selection
+
+from tests.e2e import wait_for
+from tests.grid import DOMAIN, Grid, LocalLNM, LocalReporter
+
+
+class FaultyLNM(LocalLNM):
+    """A handle on a NodeManager whose commands can fail like a link:
+    ``lose_request`` (it never arrives; the controller cannot tell),
+    ``lose_answer`` (carried out, the answer lost), ``refuse`` (the LNM
+    answers with this error). A dropped connection is seen by the LNM too."""
+
+    def __init__(self, node):
+        super().__init__(node)
+        self.lose_request = set()
+        self.lose_answer = set()
+        self.refuse = {}
+        self.silent = False
+
+    def __getattr__(self, method):
+        target = getattr(self.node, method)
+
+        async def forward(*args):
+            if self.broken:
+                raise LinkFailure(f"{method}: peer disconnected", sent=False)
+            if method in self.refuse:
+                raise self.refuse[method]
+            if method in self.lose_request:
+                raise LinkFailure(f"{method}: connection lost")
+            result = await target(*args)
+            if method in self.lose_answer:
+                raise LinkFailure(f"{method}: connection lost")
+            return result
+        return forward
+
+    def ping(self):
+        if self.broken:
+            return defer.fail(LinkFailure("ping: peer disconnected", sent=False))
+        return defer.Deferred() if self.silent else defer.succeed(True)
+
+    def disconnect(self):
+        self.broken = True
+        self.node.set_reporter(None)
+        self.node.begin_session()
+
+
+async def reattach(grid, name, controller=None):
+    """The LNM connects (again): a new session, a new handle."""
+    controller = controller or grid.controller
+    node = grid.nodes[name]
+    node.begin_session()
+    handle = FaultyLNM(node)
+    grid.handles[name] = handle
+    await controller.attach_lnm(name, handle, {})
+    node.set_reporter(LocalReporter(controller, name))
+    return handle
+
+
+def cut(grid, name):
+    """The link to an LNM fails; both ends notice."""
+    handle = grid.handles[name]
+    grid.controller.detach_lnm(name, handle)
+    handle.disconnect()
+
+
+@pytest_twisted.async_yield_fixture
+async def grid(tmp_path):
+    g = Grid(reactor, tmp_path)
+    await g.start()
+    for name in sorted(g.nodes):
+        cut(g, name)
+        await reattach(g, name)
+    yield g
+    await g.stop()
+
+
+def full(short, owner="alice"):
+    return f"{short}.{owner}.{DOMAIN}"
+
+
+async def hosts_of(grid, name):
+    """The LNMs whose hypervisor has a domain ``name`` (asked of libvirt)."""
+    found = []
+    for lnm, vmm in sorted(grid.vmms.items()):
+        if name in [d["name"] for d in await vmm.list_domains()]:
+            found.append(lnm)
+    return found
+
+
+async def start_one(grid, short, lnm):
+    result = await grid.controller.start("alice", False, [short], [lnm], {})
+    assert result["failed"] == [], result
+    return full(short)
+
+
+# -- start ------------------------------------------------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_a_start_whose_answer_is_lost_is_lost_then_found_running(grid):
+    c = grid.controller
+    grid.handles["lnm1"].lose_answer.add("start")
+    result = await c.start("alice", False, ["x1"], ["lnm1"], {})
+    vm = full("x1")
+    assert result["started"] == []
+    [failure] = result["failed"]
+    assert failure["name"] == vm and "outcome is unknown" in failure["error"]
+    assert c.state.vms[vm]["state"] == states.LOST
+    assert not c.state.vmms["lnm1"].connected          # resynchronising
+    with pytest.raises(Exception, match="already exists"):
+        await c.start("alice", False, ["x1"], ["lnm2"], {})   # a retry copies nothing
+    await reattach(grid, "lnm1")
+    assert c.state.vms[vm]["state"] == states.RUN
+    assert await hosts_of(grid, vm) == ["lnm1"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_start_whose_request_is_lost_disappears_when_the_lnm_returns(grid):
+    c = grid.controller
+    grid.handles["lnm1"].lose_request.add("start")
+    result = await c.start("alice", False, ["x2"], ["lnm1"], {})
+    vm = full("x2")
+    assert "outcome is unknown" in result["failed"][0]["error"]
+    assert c.state.vms[vm]["state"] == states.LOST
+    await reattach(grid, "lnm1")
+    assert vm not in c.state.vms                       # it never was: not "missing"
+    assert await hosts_of(grid, vm) == []
+    assert grid.nodes["lnm1"].cached_names() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_start_never_sent_fails_at_once_and_leaves_nothing(grid):
+    c = grid.controller
+    grid.handles["lnm1"].refuse["start"] = LinkFailure("start: peer disconnected", sent=False)
+    result = await c.start("alice", False, ["x3"], ["lnm1"], {})
+    assert result["failed"] == [{"name": full("x3"), "error": "LNM lnm1 disconnected before "
+                                 f"{full('x3')} could be started; nothing was done"}]
+    assert full("x3") not in c.state.vms and c.state.vmms["lnm1"].connected
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unanswered_operation_resynchronises_the_lnm(grid):
+    c = grid.controller
+    vm = await start_one(grid, "op1", "lnm2")
+    grid.handles["lnm2"].lose_answer.add("op_on")
+    result = await c.op_on("alice", False, "pause", Selection(names=[vm]))
+    assert result["done"] == [] and "outcome is unknown" in result["failed"][0]["error"]
+    assert c.state.vms[vm]["state"] == states.LOST
+    await reattach(grid, "lnm2")
+    assert c.state.vms[vm]["state"] == states.PAUSED   # it did happen
+
+
+# -- recovery ---------------------------------------------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_while_recovering_starts_are_refused_and_listings_wait(grid):
+    c = grid.controller
+    clock = task.Clock()
+    c.recovery = Recovery(["lnm1", "lnm9"], clock=clock, window=30)
+    c.watch_lnms(c.recovery)
+    with pytest.raises(Unavailable, match="recovering.*lnm1, lnm9"):
+        await c.start("alice", False, ["r1"], [], {})
+    listing = defer.Deferred.fromCoroutine(c.list("alice", False, None))
+    await reattach(grid, "lnm1")
+    assert not listing.called
+    clock.advance(30)                                  # lnm9 never came back
+    assert await listing == []
+    assert (await c.start("alice", False, ["r1"], [], {}))["failed"] == []
+
+
+# -- migration: never two copies, never none ----------------------------------------
+
+async def migrate(grid, vm, target):
+    return await grid.controller.migrate("alice", False, Selection(names=[vm]), [target])
+
+
+async def settled(grid, vm, predicate):
+    await wait_for(lambda: predicate(grid.controller.state.vms.get(vm)), timeout=5)
+
+
+@pytest_twisted.ensureDeferred
+async def test_migration_import_answer_lost_the_vm_is_found_on_the_target(grid):
+    vm = await start_one(grid, "m1", "lnm1")
+    grid.handles["lnm2"].lose_answer.add("import_image")
+    result = await migrate(grid, vm, "lnm2")
+    assert result["migrated"] == [] and "outcome is unknown" in result["failed"][0]["error"]
+    assert grid.controller.state.vms[vm]["state"] == states.LOST
+    assert grid.nodes["lnm1"].retained_exports() == [vm]     # not put back: it may run there
+    await reattach(grid, "lnm2")
+    await settled(grid, vm, lambda r: r["state"] == states.RUN and r["vmm"] == "lnm2")
+    await wait_for(lambda: grid.nodes["lnm1"].retained_exports() == [])
+    assert await hosts_of(grid, vm) == ["lnm2"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_migration_import_request_lost_the_vm_comes_back_to_its_source(grid):
+    vm = await start_one(grid, "m2", "lnm1")
+    grid.handles["lnm2"].lose_request.add("import_image")
+    result = await migrate(grid, vm, "lnm2")
+    assert "outcome is unknown" in result["failed"][0]["error"]
+    assert await hosts_of(grid, vm) == []              # only the kept export, on lnm1
+    await reattach(grid, "lnm2")
+    await settled(grid, vm, lambda r: r["state"] == states.RUN and r["vmm"] == "lnm1")
+    assert await hosts_of(grid, vm) == ["lnm1"]
+    assert grid.nodes["lnm1"].retained_exports() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_migration_refused_by_the_target_puts_the_vm_back_at_once(grid):
+    vm = await start_one(grid, "m3", "lnm1")
+    grid.handles["lnm2"].refuse["import_image"] = OperationFailed("no room")
+    result = await migrate(grid, vm, "lnm2")
+    assert result["failed"] == [{"name": vm, "error": "migration to lnm2 failed: no room"}]
+    assert grid.controller.state.vms[vm]["state"] == states.RUN
+    assert grid.controller.state.vms[vm]["vmm"] == "lnm1"
+    assert await hosts_of(grid, vm) == ["lnm1"]
+    assert grid.nodes["lnm1"].retained_exports() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_migration_export_answer_lost_the_source_puts_the_vm_back(grid):
+    vm = await start_one(grid, "m4", "lnm1")
+    grid.handles["lnm1"].lose_answer.add("export_image")
+    result = await migrate(grid, vm, "lnm2")
+    assert "outcome is unknown" in result["failed"][0]["error"]
+    assert grid.controller.state.vms[vm]["state"] == states.LOST
+    await reattach(grid, "lnm1")
+    await settled(grid, vm, lambda r: r["state"] == states.RUN and r["vmm"] == "lnm1")
+    assert await hosts_of(grid, vm) == ["lnm1"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_restarted_controller_finishes_a_migration_cut_short(grid):
+    """The controller died between the import and telling the source: the
+    new one, once every LNM is back, finds the VM on the target and lets
+    the source forget its export. Not before: the source reattached first."""
+    vm = await start_one(grid, "m5", "lnm1")
+    payload = await grid.nodes["lnm1"].export_image(vm)
+    record = dict(grid.controller.state.vms[vm], vmm="lnm2")
+    await grid.nodes["lnm2"].receive([record])
+    await grid.nodes["lnm2"].import_image(vm, payload)
+    # kill -9: a new controller, recovering, sees the LNMs come back one by one.
+    fresh = Controller(domain=DOMAIN, clock=reactor)
+    clock = task.Clock()
+    fresh.recovery = Recovery(["lnm1", "lnm2", "lnm3"], clock=clock, window=30,
+                              on_done=fresh.resolve_soon)
+    fresh.watch_lnms(fresh.recovery)
+    for name in ("lnm1", "lnm3"):
+        await reattach(grid, name, fresh)
+    await task.deferLater(reactor, 0.05, lambda: None)
+    assert grid.nodes["lnm1"].retained_exports() == [vm]     # lnm2 not back: wait
+    await reattach(grid, "lnm2", fresh)
+    await wait_for(lambda: grid.nodes["lnm1"].retained_exports() == [], timeout=5)
+    assert fresh.state.vms[vm]["vmm"] == "lnm2" and fresh.state.vms[vm]["state"] == states.RUN
+    assert await hosts_of(grid, vm) == ["lnm2"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_restarted_controller_puts_back_a_vm_found_nowhere(grid):
+    vm = await start_one(grid, "m6", "lnm1")
+    await grid.nodes["lnm1"].export_image(vm)
+    fresh = Controller(domain=DOMAIN, clock=reactor)
+    for name in ("lnm1", "lnm2", "lnm3"):
+        await reattach(grid, name, fresh)
+    await wait_for(lambda: fresh.state.vms.get(vm, {}).get("state") == states.RUN, timeout=5)
+    assert fresh.state.vms[vm]["vmm"] == "lnm1"
+    assert await hosts_of(grid, vm) == ["lnm1"]
+
+
+# -- liveness ---------------------------------------------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_a_silent_lnm_is_detached_after_the_timeout(grid):
+    c = grid.controller
+    vm = await start_one(grid, "live1", "lnm3")
+    clock = task.Clock()
+    liveness = LNMLiveness(c, clock=clock, interval=1, timeout=3)
+    c.watch_lnms(liveness)
+    handle = await reattach(grid, "lnm3")
+    assert liveness.watching("lnm3")
+    clock.pump([1, 1, 1, 1])
+    assert c.state.vmms["lnm3"].connected              # answering
+    handle.silent = True
+    clock.pump([1, 1])
+    assert c.state.vmms["lnm3"].connected
+    clock.pump([1, 1])
+    assert not c.state.vmms["lnm3"].connected and handle.broken
+    assert c.state.vms[vm]["state"] == states.LOST     # lost, never shutoff
+    assert not liveness.watching("lnm3")
+    liveness.stop()

@@ -1,0 +1,432 @@
+"""The controller's consolidated monitoring figures (paper: "The controller
+is responsible for consolidating monitoring data sent by the local node
+managers into a format accessible by the rest of the system").
+
+Each LNM reports every ``status_report_interval`` seconds the 1/5/15-minute
+averages of its node and of every VM it runs (``usher.protocol``,
+Monitoring). ``Monitoring`` keeps the latest figures per LNM and per VM and a
+short history of the 1-minute averages, and answers clients (``list -s``,
+``list_lnm -s``, ``top``), plugins (``PluginAPI.monitoring``) and the
+Prometheus exporter.
+
+Memory stays bounded and small at the scale Usher targets (10,000 VMs on 500
+LNMs): the latest figures of a VM are one array of 18 doubles (6 figures x 3
+windows, NaN where unavailable), its history a ring of ``vm_history`` rows
+of 6 float32 (one row every ``history_interval`` seconds at most), and a VM's
+entry goes when its LNM stops reporting it, when the VM is removed, or when
+its LNM disconnects. Entries are replaced, never changed in place, so a
+reader holding one (the exporter, in a thread) sees a consistent set.
+
+For plugins (e.g. least-loaded placement)::
+
+    monitoring = event.api.monitoring
+    load = monitoring.lnm_load("vmm47")     # a Load, or None before any report
+    load.cpu                                 # Averages(one, five, fifteen) or None
+    load.cpu.one                             # percent of the host, 1-minute average
+    load.age                                 # seconds since the report arrived
+    monitoring.lnm_figure("vmm47", "cpu", 5) # -> float or None: shortcut
+    monitoring.lnm_loads()                   # {lnm name: Load} for connected LNMs
+    monitoring.vm_load("1.sneetch.alice.usher.local")   # the same for a VM
+    monitoring.history("vmm47")              # [(time, {figure: 1-minute average})]
+"""
+
+import heapq
+import math
+from array import array
+from collections import namedtuple
+
+from twisted.logger import Logger
+
+from usher.errors import InvalidRequest
+from usher.protocol import AVERAGE_WINDOWS, FIGURES, MAX_FIELD, MAX_REQUEST_NAMES
+
+log = Logger()
+
+WINDOW_MINUTES = tuple(int(w // 60) for w in AVERAGE_WINDOWS)     # (1, 5, 15)
+_SLOTS = len(FIGURES) * len(AVERAGE_WINDOWS)
+_NAN = float("nan")
+# Node fields besides the figures, and the types they may have.
+_NODE_COUNTS = ("vms", "cpus", "memory_mib", "free_memory_mib")
+MAX_SOURCE = 64
+
+Averages = namedtuple("Averages", "one five fifteen")
+Averages.__doc__ = "A figure's 1-, 5- and 15-minute averages."
+
+
+class Load(namedtuple("Load", FIGURES + ("age", "source", "extra"))):
+    """The figures of a VM or an LNM: one ``Averages`` (or None when
+    unavailable) per figure of ``usher.protocol.FIGURES``, ``age`` (seconds
+    since the report arrived), ``source`` ("libvirt", "simulated:<profile>",
+    both joined by "+", or None) and ``extra`` (an LNM's vms, cpus,
+    memory_mib, free_memory_mib; {} for a VM)."""
+
+    __slots__ = ()
+
+    def figure(self, figure, window=1):
+        """One average (window 1, 5 or 15 minutes) or None."""
+        averages = getattr(self, figure)
+        if averages is None:
+            return None
+        return averages[_window_index(window)]
+
+
+def _window_index(window):
+    try:
+        return WINDOW_MINUTES.index(int(window))
+    except (ValueError, TypeError):
+        raise InvalidRequest(f"window must be one of {WINDOW_MINUTES} (minutes), "
+                             f"not {window!r}") from None
+
+
+def _figure_index(figure):
+    try:
+        return FIGURES.index(figure)
+    except ValueError:
+        raise InvalidRequest(f"unknown figure {figure!r}; the figures are "
+                             f"{', '.join(FIGURES)}") from None
+
+
+def _number(value):
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def pack_figures(report, what):
+    """A report's figures -> array of 18 doubles (NaN: unavailable).
+    Raises InvalidRequest naming ``what`` and the figure that is wrong."""
+    packed = array("d", [_NAN]) * _SLOTS
+    for index, figure in enumerate(FIGURES):
+        value = report.get(figure)
+        if value is None:
+            continue
+        if (not isinstance(value, (list, tuple)) or len(value) != len(AVERAGE_WINDOWS)
+                or not all(_number(v) for v in value)):
+            raise InvalidRequest(f"{what}: figure {figure} must be None or "
+                                 f"{len(AVERAGE_WINDOWS)} finite numbers")
+        base = index * len(AVERAGE_WINDOWS)
+        for offset, v in enumerate(value):
+            packed[base + offset] = float(v)
+    return packed
+
+
+def _unpack(values):
+    """array of 18 -> {figure: [3 floats] or None}."""
+    width = len(AVERAGE_WINDOWS)
+    figures = {}
+    for index, figure in enumerate(FIGURES):
+        row = values[index * width:(index + 1) * width]
+        figures[figure] = None if math.isnan(row[0]) else list(row)
+    return figures
+
+
+def _source(report, what):
+    source = report.get("source")
+    if source is not None and (not isinstance(source, str) or len(source) > MAX_SOURCE):
+        raise InvalidRequest(f"{what}: source must be a short string or None")
+    return source
+
+
+class History:
+    """A ring of timed rows of the 1-minute averages (float32, NaN where
+    unavailable), at most one row per ``interval`` seconds."""
+
+    __slots__ = ("times", "values", "start", "count", "interval")
+
+    def __init__(self, capacity, interval):
+        self.times = array("d", [0.0]) * capacity
+        self.values = array("f", [_NAN]) * (capacity * len(FIGURES))
+        self.start = 0
+        self.count = 0
+        self.interval = interval
+
+    @property
+    def capacity(self):
+        return len(self.times)
+
+    def add(self, now, packed):
+        """Append the 1-minute averages of ``packed`` unless the last row is
+        younger than ``interval``."""
+        capacity = self.capacity
+        if not capacity:
+            return
+        if self.count:
+            last = self.times[(self.start + self.count - 1) % capacity]
+            if now - last < self.interval:
+                return
+        if self.count < capacity:
+            slot = (self.start + self.count) % capacity
+            self.count += 1
+        else:
+            slot = self.start
+            self.start = (self.start + 1) % capacity
+        self.times[slot] = now
+        width = len(AVERAGE_WINDOWS)
+        for index in range(len(FIGURES)):
+            self.values[slot * len(FIGURES) + index] = packed[index * width]
+
+    def rows(self):
+        """-> [(time, {figure: 1-minute average or None})], oldest first."""
+        capacity = self.capacity
+        rows = []
+        for n in range(self.count):
+            slot = (self.start + n) % capacity
+            base = slot * len(FIGURES)
+            rows.append((self.times[slot], {
+                figure: (None if math.isnan(self.values[base + i])
+                         else float(self.values[base + i]))
+                for i, figure in enumerate(FIGURES)}))
+        return rows
+
+
+class _Entry:
+    """The latest figures of a VM or an LNM (replaced whole on each report)."""
+
+    __slots__ = ("lnm", "received_at", "sampled_at", "source", "values", "extra")
+
+    def __init__(self, lnm, received_at, sampled_at, source, values, extra=None):
+        self.lnm = lnm
+        self.received_at = received_at
+        self.sampled_at = sampled_at
+        self.source = source
+        self.values = values
+        self.extra = extra
+
+
+class Monitoring:
+    """Latest figures per LNM and per VM, and their short histories.
+
+    ``state`` is the controller's GlobalState (a report may only give figures
+    for VMs the state places on the reporting LNM, and a removed VM's
+    figures go); ``clock`` gives the time reports arrive.
+    """
+
+    def __init__(self, state, clock, *, lnm_history=60, vm_history=15,
+                 history_interval=60.0):
+        if lnm_history < 0 or vm_history < 0 or history_interval <= 0:
+            raise ValueError("history lengths must be >= 0 and the interval positive")
+        self.state = state
+        self.clock = clock
+        self.lnm_history = lnm_history
+        self.vm_history = vm_history
+        self.history_interval = history_interval
+        self._lnms = {}          # LNM name -> _Entry
+        self._vms = {}           # VM name -> _Entry
+        self._by_lnm = {}        # LNM name -> set of VM names with figures
+        self._lnm_histories = {}
+        self._vm_histories = {}
+        self.reports = 0
+        self.ignored_vms = 0     # figures for VMs the state does not place there
+        state.listen(self._state_changed)
+
+    # -- reports ---------------------------------------------------------------
+
+    def report(self, lnm, node, vms):
+        """An LNM's status report: its node's figures (dict) and its VMs'
+        (list of dicts). All or nothing: a malformed report changes nothing
+        and raises InvalidRequest. -> how many VMs' figures were kept."""
+        if not isinstance(node, dict):
+            raise InvalidRequest(f"status report from {lnm}: node figures must be a dict")
+        if not isinstance(vms, (list, tuple)) or len(vms) > MAX_REQUEST_NAMES:
+            raise InvalidRequest(f"status report from {lnm}: VM figures must be a list of "
+                                 f"at most {MAX_REQUEST_NAMES}")
+        now = self.clock.seconds()
+        node_values = pack_figures(node, f"status report from {lnm}")
+        extra = {}
+        for key in _NODE_COUNTS:
+            value = node.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 0):
+                raise InvalidRequest(f"status report from {lnm}: {key} must be a "
+                                     "non-negative integer or None")
+            extra[key] = value
+        profile = node.get("simulated_load")
+        if profile is not None and (not isinstance(profile, str) or len(profile) > MAX_SOURCE):
+            raise InvalidRequest(f"status report from {lnm}: simulated_load must be a "
+                                 "short string")
+        extra["simulated_load"] = profile
+        interval = node.get("sample_interval")
+        extra["sample_interval"] = float(interval) if _number(interval) else None
+        node_entry = _Entry(lnm, now, _sampled_at(node), _source(node, f"node {lnm}"),
+                            node_values, extra)
+        entries = {}
+        for vm in vms:
+            name = vm.get("name") if isinstance(vm, dict) else None
+            if not isinstance(name, str) or not name or len(name) > MAX_FIELD:
+                raise InvalidRequest(f"status report from {lnm}: a VM's figures without "
+                                     "a valid name")
+            what = f"status report from {lnm}, VM {name}"
+            entries[name] = _Entry(lnm, now, _sampled_at(vm), _source(vm, what),
+                                   pack_figures(vm, what))
+        # Checked: now apply.
+        self._lnms[lnm] = node_entry
+        self._history(self._lnm_histories, lnm, self.lnm_history, now, node_values)
+        kept = set()
+        for name, entry in entries.items():
+            if not self._placed_on(name, lnm):
+                self.ignored_vms += 1
+                continue
+            self._vms[name] = entry
+            kept.add(name)
+            self._history(self._vm_histories, name, self.vm_history, now, entry.values)
+        for name in self._by_lnm.get(lnm, set()) - kept:
+            self._drop_vm(name, lnm)
+        self._by_lnm[lnm] = kept
+        self.reports += 1
+        return len(kept)
+
+    def _placed_on(self, name, lnm):
+        record = self.state.vms.get(name) or self.state.unmanaged.get(name)
+        return record is not None and record.get("vmm") == lnm
+
+    def _history(self, histories, key, capacity, now, values):
+        if not capacity:
+            return
+        history = histories.get(key)
+        if history is None:
+            history = histories[key] = History(capacity, self.history_interval)
+        history.add(now, values)
+
+    def _drop_vm(self, name, lnm=None):
+        entry = self._vms.get(name)
+        if entry is None or (lnm is not None and entry.lnm != lnm):
+            return
+        del self._vms[name]
+        self._vm_histories.pop(name, None)
+        names = self._by_lnm.get(entry.lnm)
+        if names is not None:
+            names.discard(name)
+
+    def lnm_detached(self, lnm):
+        """The LNM went away: its VMs' figures go (they are lost); its own
+        stay, aging, with their history."""
+        for name in list(self._by_lnm.pop(lnm, ())):
+            entry = self._vms.get(name)
+            if entry is not None and entry.lnm == lnm:
+                del self._vms[name]
+                self._vm_histories.pop(name, None)
+
+    def forget_lnm(self, lnm):
+        self.lnm_detached(lnm)
+        self._lnms.pop(lnm, None)
+        self._lnm_histories.pop(lnm, None)
+
+    def _state_changed(self, record, old_state):
+        if record.get("state") is None:
+            self._drop_vm(record["name"])
+
+    # -- wire form (clients) ------------------------------------------------------
+
+    def _wire(self, entry):
+        data = _unpack(entry.values)
+        data["age"] = round(self.clock.seconds() - entry.received_at, 3)
+        data["sampled_at"] = entry.sampled_at
+        data["source"] = entry.source
+        return data
+
+    def vm_status(self, name):
+        """A VM's figures as ``list -s`` sends them ({} without figures)."""
+        entry = self._vms.get(name)
+        return self._wire(entry) if entry is not None else {}
+
+    def lnm_status(self, lnm):
+        """An LNM's figures as ``list_lnm -s`` sends them ({} before any
+        report)."""
+        entry = self._lnms.get(lnm)
+        if entry is None:
+            return {}
+        data = self._wire(entry)
+        data.update(entry.extra)
+        return data
+
+    # -- plugins ------------------------------------------------------------------------
+
+    def _load(self, entry):
+        figures = _unpack(entry.values)
+        return Load(**{figure: Averages(*values) if values is not None else None
+                       for figure, values in figures.items()},
+                    age=self.clock.seconds() - entry.received_at, source=entry.source,
+                    extra=dict(entry.extra or {}))
+
+    def lnm_load(self, lnm):
+        """The latest figures of an LNM's host (a Load), or None before its
+        first report. Check ``age`` and whether the LNM is connected."""
+        entry = self._lnms.get(lnm)
+        return self._load(entry) if entry is not None else None
+
+    def vm_load(self, name):
+        entry = self._vms.get(name)
+        return self._load(entry) if entry is not None else None
+
+    def lnm_loads(self, connected_only=True):
+        """{LNM name: Load} for every LNM with figures (connected ones only
+        by default)."""
+        loads = {}
+        for lnm, entry in self._lnms.items():
+            vmm = self.state.vmms.get(lnm)
+            if connected_only and (vmm is None or not vmm.connected):
+                continue
+            loads[lnm] = self._load(entry)
+        return loads
+
+    def lnm_figure(self, lnm, figure="cpu", window=1):
+        """One average of an LNM's host (cpu: percent of the host), or None."""
+        return self._figure(self._lnms.get(lnm), figure, window)
+
+    def vm_figure(self, name, figure="cpu", window=1):
+        """One average of a VM (cpu: percent of one host CPU), or None."""
+        return self._figure(self._vms.get(name), figure, window)
+
+    @staticmethod
+    def _figure(entry, figure, window):
+        slot = _figure_index(figure) * len(AVERAGE_WINDOWS) + _window_index(window)
+        if entry is None or math.isnan(entry.values[slot]):
+            return None
+        return entry.values[slot]
+
+    def busiest_vms(self, lnms=None, count=10, figure="cpu", window=1):
+        """-> [(VM name, value)] of the ``count`` VMs with the highest
+        average (on the given LNMs, or all), highest first."""
+        slot = _figure_index(figure) * len(AVERAGE_WINDOWS) + _window_index(window)
+        if lnms is None:
+            names = self._vms.keys()
+        else:
+            names = [n for lnm in lnms for n in self._by_lnm.get(lnm, ())]
+        candidates = ((name, self._vms[name].values[slot]) for name in names)
+        return heapq.nlargest(count, ((n, v) for n, v in candidates if not math.isnan(v)),
+                              key=lambda item: item[1])
+
+    def history(self, lnm):
+        """An LNM's history: [(controller time, {figure: 1-minute average})]."""
+        history = self._lnm_histories.get(lnm)
+        return history.rows() if history is not None else []
+
+    def vm_history_rows(self, name):
+        history = self._vm_histories.get(name)
+        return history.rows() if history is not None else []
+
+    # -- exporter -----------------------------------------------------------------------
+
+    def snapshot(self):
+        """-> (LNM entries, VM entries): lists of (name, entry) to read from
+        another thread. Call it on the reactor thread; entries are never
+        changed once stored."""
+        return list(self._lnms.items()), list(self._vms.items())
+
+    def __len__(self):
+        return len(self._vms)
+
+
+class NoInstruments:
+    """The controller's instruments when no metrics are exported: every
+    observation is dropped (``usher.controller.metrics`` records them)."""
+
+    def request(self, kind, outcome, seconds):
+        pass
+
+    def chain(self, event, outcome, seconds):
+        pass
+
+
+def _sampled_at(report):
+    value = report.get("sampled_at")
+    return float(value) if _number(value) else None

@@ -1,0 +1,285 @@
+"""Controller recovery after a crash or restart (paper, "Failures").
+
+The controller persists one thing, the LNMs it has known
+(``usher.controller.known_lnms``). When it starts with a non-empty list it is
+*recovering*:
+
+- ``RecoveryAnnouncer`` tells every LNM on the list that the controller is
+  back: over mutual TLS it connects to the LNM's recovery listener
+  (``usher.lnm.recovery``), checks that the certificate names that LNM, and
+  says ``USHER-RECOVERY <version>``. The LNM then dials its configured
+  controller at once instead of waiting out its reconnect backoff. Unreachable
+  LNMs are announced to again, with backoff, until they are back or the
+  recovery window ends.
+- ``Recovery`` tracks which of them are back. Each reattaching LNM hands over
+  its node information and its VMs, from which the global state is rebuilt.
+  Until all are back (or ``window`` seconds have passed) the state is
+  incomplete: listings and client subscriptions wait for it, and starts are
+  refused, because a VM started now might already run on an LNM not back yet.
+"""
+
+from twisted.application import service
+from twisted.internet import defer, protocol
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.logger import Logger
+from twisted.protocols.basic import LineOnlyReceiver
+from twisted.protocols.policies import TimeoutMixin
+
+from usher.protocol import PROTOCOL_VERSION
+
+log = Logger()
+
+ANNOUNCEMENT = "USHER-RECOVERY"
+ANSWER_TIMEOUT = 10.0
+
+
+class Recovery:
+    """Which of the LNMs known before a restart are back.
+
+    An LNM watcher (``Controller.watch_lnms``). ``done`` once every expected
+    LNM has attached, or ``window`` seconds after the start; ``on_done()`` is
+    called then (the controller settles what waited for it).
+    """
+
+    def __init__(self, expected, *, clock, window, on_done=None):
+        self.clock = clock
+        self.window = window
+        self.expected = set(expected)
+        self.waiting = set(expected)
+        self.started_at = clock.seconds()
+        self.finished_at = None
+        self.done = False
+        self._on_done = on_done
+        self._waiters = []
+        self._timer = None
+        if self.waiting:
+            log.info("recovering: waiting up to {window:g} s for the LNMs known before "
+                     "the restart: {lnms}", window=window, lnms=", ".join(sorted(self.waiting)))
+            self._timer = clock.callLater(window, self._window_over)
+        else:
+            self._finish()
+
+    def describe(self):
+        left = max(0.0, self.started_at + self.window - self.clock.seconds())
+        names = sorted(self.waiting)
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        return f"waiting for LNM{'s' if len(names) != 1 else ''} {shown} to reconnect " \
+               f"(at most {left:.0f} s more)"
+
+    def wait(self):
+        """A Deferred firing once recovery is done."""
+        if self.done:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._waiters.append(d)
+        return d
+
+    def lnm_attached(self, name, handle):
+        if self.done or name not in self.waiting:
+            return
+        self.waiting.discard(name)
+        if not self.waiting:
+            log.info("recovered: every LNM known before the restart is back after "
+                     "{seconds:.2f} s", seconds=self.clock.seconds() - self.started_at)
+            self._finish()
+
+    def lnm_detached(self, name, handle):
+        pass
+
+    def _window_over(self):
+        self._timer = None
+        if self.done:
+            return
+        log.error("recovery window of {window:g} s over; LNMs still away: {lnms}. Their "
+                  "VMs are unknown until they reconnect", window=self.window,
+                  lnms=", ".join(sorted(self.waiting)))
+        self._finish()
+
+    def _finish(self):
+        self.done = True
+        self.finished_at = self.clock.seconds()
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+        if self._on_done is not None:
+            self._on_done()
+
+    def stop(self):
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+
+class _AnnounceProtocol(LineOnlyReceiver, TimeoutMixin):
+    MAX_LENGTH = 256
+
+    def __init__(self, answered):
+        self.answered = answered
+
+    def connectionMade(self):
+        self.setTimeout(ANSWER_TIMEOUT)
+        self.sendLine(f"{ANNOUNCEMENT} {PROTOCOL_VERSION}".encode("ascii"))
+
+    def lineReceived(self, line):
+        self.setTimeout(None)
+        if not self.answered.called:
+            self.answered.callback(line.decode("ascii", "replace"))
+        self.transport.loseConnection()
+
+    def lineLengthExceeded(self, line):
+        self.transport.abortConnection()
+
+    def timeoutConnection(self):
+        self.transport.abortConnection()
+
+    def connectionLost(self, reason):
+        self.setTimeout(None)
+        if not self.answered.called:
+            self.answered.errback(reason)
+
+
+class _AnnounceFactory(protocol.Factory):
+    noisy = False
+
+    def __init__(self, answered):
+        self.answered = answered
+
+    def buildProtocol(self, addr):
+        proto = _AnnounceProtocol(self.answered)
+        proto.factory = self
+        return proto
+
+
+def announce(reactor, host, port, tls_options, *, timeout=ANSWER_TIMEOUT):
+    """Say ``USHER-RECOVERY`` to one LNM -> Deferred firing with its answer
+    line (``OK attached``, ``OK reconnecting`` …)."""
+    answered = defer.Deferred()
+    endpoint = wrapClientTLS(tls_options, HostnameEndpoint(reactor, host, port,
+                                                           timeout=timeout))
+    connecting = endpoint.connect(_AnnounceFactory(answered))
+
+    def not_connected(failure):
+        if not answered.called:
+            answered.errback(failure)
+    connecting.addErrback(not_connected)
+    return answered
+
+
+class RecoveryAnnouncer(service.Service):
+    """Announces the controller's return to every LNM it knew, with backoff
+    for those that do not answer, until they reattach or ``recovery`` is done.
+
+    ``tls_options_for(name)`` gives the client TLS options for LNM ``name``
+    (the controller's certificate; the LNM's must name ``name``).
+    ``announce`` is the function that talks to one LNM (tests replace it).
+    """
+
+    def __init__(self, known_lnms, recovery, *, reactor, tls_options_for, clock=None,
+                 initial_delay=1.0, max_delay=15.0, announce=announce):
+        self.known_lnms = known_lnms
+        self.recovery = recovery
+        self.reactor = reactor
+        self.clock = clock if clock is not None else reactor
+        self.tls_options_for = tls_options_for
+        self.initial_delay = initial_delay
+        self.max_delay = max_delay
+        self._announce = announce
+        self._retries = {}
+        self.answers = {}     # LNM name -> last answer (or error), for tests and logs
+
+    def startService(self):
+        super().startService()
+        for name in sorted(self.recovery.waiting):
+            self._send(name, 0)
+
+    def stopService(self):
+        super().stopService()
+        for call in self._retries.values():
+            if call.active():
+                call.cancel()
+        self._retries.clear()
+
+    def _wanted(self, name):
+        return self.running and not self.recovery.done and name in self.recovery.waiting
+
+    def _send(self, name, attempt):
+        self._retries.pop(name, None)
+        if not self._wanted(name):
+            return
+        entry = self.known_lnms.entries.get(name) or {}
+        host, port = entry.get("recovery_host"), entry.get("recovery_port")
+        if not host or not isinstance(port, int):
+            log.warn("LNM {lnm} left no recovery address; it will reconnect on its own",
+                     lnm=name)
+            return
+        try:
+            options = self.tls_options_for(name)
+        except Exception as e:
+            log.error("cannot announce recovery to LNM {lnm}: {error}", lnm=name, error=e)
+            return
+        d = self._announce(self.reactor, host, port, options)
+
+        def answered(line):
+            self.answers[name] = line
+            log.info("recovery announced to LNM {lnm} at {host}:{port}: {answer}",
+                     lnm=name, host=host, port=port, answer=line)
+            # Again later if it is still not back (e.g. it believed itself
+            # attached over a connection that leads nowhere any more).
+            self._again(name, attempt)
+
+        def failed(failure):
+            self.answers[name] = f"error: {failure.getErrorMessage()}"
+            log.info("recovery announcement to LNM {lnm} at {host}:{port} failed: "
+                     "{error}", lnm=name, host=host, port=port,
+                     error=failure.getErrorMessage())
+            self._again(name, attempt)
+
+        d.addCallbacks(answered, failed)
+
+    def _again(self, name, attempt):
+        if not self._wanted(name):
+            return
+        delay = min(self.initial_delay * 2 ** attempt, self.max_delay)
+        self._retries[name] = self.clock.callLater(delay, self._send, name, attempt + 1)
+
+
+class RecoveryService(service.Service):
+    """At start: recovering if the controller knew LNMs before (``Recovery``,
+    set as ``controller.recovery``), and announcing its return to them
+    (``RecoveryAnnouncer``). Start it before the listeners."""
+
+    def __init__(self, controller, *, reactor, window, tls_options_for, clock=None,
+                 announce=announce):
+        self.controller = controller
+        self.reactor = reactor
+        self.clock = clock if clock is not None else reactor
+        self.window = window
+        self.tls_options_for = tls_options_for
+        self._announce = announce
+        self.recovery = None
+        self.announcer = None
+
+    def startService(self):
+        super().startService()
+        known = self.controller.known_lnms
+        expected = sorted(known.entries) if known is not None else []
+        self.recovery = Recovery(expected, clock=self.clock, window=self.window,
+                                 on_done=self.controller.resolve_soon)
+        self.controller.recovery = self.recovery
+        self.controller.watch_lnms(self.recovery)
+        if expected:
+            self.announcer = RecoveryAnnouncer(known, self.recovery, reactor=self.reactor,
+                                               clock=self.clock,
+                                               tls_options_for=self.tls_options_for,
+                                               announce=self._announce)
+            self.announcer.startService()
+
+    def stopService(self):
+        super().stopService()
+        if self.announcer is not None and self.announcer.running:
+            self.announcer.stopService()
+        if self.recovery is not None:
+            self.recovery.stop()

@@ -1,0 +1,141 @@
+"""Noticing a silent peer: application-level heartbeats and TCP keepalive.
+
+A peer that crashes is noticed at once (its kernel closes the connection), but
+a peer behind a cut link, a frozen host or a dead NAT entry sends nothing at
+all, and TCP on its own keeps such a connection open for hours. So both ends
+of the controller-LNM link ping each other (``Heartbeat``) and give up on the
+connection after ``timeout`` seconds without an answer; TCP keepalive and
+``TCP_USER_TIMEOUT`` (``enable_tcp_keepalive``) are the backstop beneath it,
+for a peer whose kernel is gone while the application's pings are not due.
+"""
+
+import math
+import socket
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+log = Logger()
+
+
+class Heartbeat:
+    """Pings a peer every ``interval`` seconds; when no ping has been answered
+    for ``timeout`` seconds, calls ``on_silent()`` once and stops.
+
+    ``ping()`` returns a Deferred or an awaitable; any result counts as an
+    answer, any failure as none. At most one ping is in flight: a peer that
+    is slow to answer is not flooded. ``last_answer`` is the clock time of the
+    latest answer (or of ``start``).
+    """
+
+    def __init__(self, ping, *, clock, interval, timeout, on_silent, name="peer"):
+        if interval <= 0 or timeout <= 0:
+            raise ValueError("heartbeat interval and timeout must be positive")
+        self._ping = ping
+        self.clock = clock
+        self.interval = interval
+        self.timeout = timeout
+        self._on_silent = on_silent
+        self.name = name
+        self.last_answer = None
+        self.running = False
+        self._next = None
+        self._watchdog = None
+        self._in_flight = None
+
+    def start(self):
+        if self.running:
+            return self
+        self.running = True
+        self.last_answer = self.clock.seconds()
+        self._watchdog = self.clock.callLater(self.timeout, self._expired)
+        self._next = self.clock.callLater(self.interval, self._beat)
+        return self
+
+    def stop(self):
+        self.running = False
+        for call in (self._next, self._watchdog):
+            if call is not None and call.active():
+                call.cancel()
+        self._next = self._watchdog = None
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is not None:
+            in_flight.cancel()
+
+    def _beat(self):
+        self._next = None
+        if not self.running:
+            return
+        self._next = self.clock.callLater(self.interval, self._beat)
+        if self._in_flight is not None:
+            return
+        try:
+            d = defer.ensureDeferred(self._ping())
+        except Exception as e:
+            d = defer.fail(e)
+        self._in_flight = d
+        d.addCallbacks(self._answered, self._unanswered, callbackArgs=(d,),
+                       errbackArgs=(d,))
+
+    def _answered(self, _result, d):
+        if self._in_flight is d:
+            self._in_flight = None
+        if not self.running:
+            return
+        self.last_answer = self.clock.seconds()
+        if self._watchdog is not None and self._watchdog.active():
+            self._watchdog.reset(self.timeout)
+
+    def _unanswered(self, failure, d):
+        if self._in_flight is d:
+            self._in_flight = None
+        if self.running and not failure.check(defer.CancelledError):
+            log.debug("ping of {peer} failed: {error}", peer=self.name,
+                      error=failure.getErrorMessage())
+
+    def _expired(self):
+        self._watchdog = None
+        if not self.running:
+            return
+        silent_for = self.clock.seconds() - self.last_answer
+        self.stop()
+        self._on_silent(silent_for)
+
+
+def _tcp_transport(transport):
+    """The TCP transport under a TLS one (or the transport itself)."""
+    seen = 0
+    while transport is not None and seen < 4:
+        if hasattr(transport, "setTcpKeepAlive") and hasattr(transport, "getHandle"):
+            handle = transport.getHandle()
+            if isinstance(handle, socket.socket):
+                return transport
+        transport = getattr(transport, "transport", None)
+        seen += 1
+    return None
+
+
+def enable_tcp_keepalive(transport, *, interval, timeout):
+    """Turn on TCP keepalive (first probe after ``interval`` idle seconds, then
+    every ``interval`` seconds, dead after ``timeout``) and bound how long sent
+    data may stay unacknowledged (``TCP_USER_TIMEOUT``) on the TCP connection
+    under ``transport``. -> True if the options were set. Options a platform
+    lacks are skipped: keepalive is the backstop, the heartbeat the detector.
+    """
+    tcp = _tcp_transport(transport)
+    if tcp is None:
+        return False
+    try:
+        tcp.setTcpKeepAlive(True)
+        sock = tcp.getHandle()
+        idle = max(1, int(math.ceil(interval)))
+        probes = max(1, int(math.ceil(timeout / idle)))
+        for option, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", idle),
+                              ("TCP_KEEPCNT", probes),
+                              ("TCP_USER_TIMEOUT", int(timeout * 1000))):
+            if hasattr(socket, option):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+    except OSError as e:
+        log.warn("could not enable TCP keepalive: {error}", error=e)
+        return False
+    return True
