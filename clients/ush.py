@@ -605,7 +605,8 @@ def _build_parsers():
 ALIASES = {"?": "help", "exit": "quit"}
 # Commands meaningful only at the interactive prompt.
 INTERACTIVE_ONLY = {"disconnect", "reconnect", "quit"}
-KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+INT_RE = re.compile(r"^-?[0-9]+$")
 
 
 def parse_extra_args(items):
@@ -618,7 +619,8 @@ def parse_extra_args(items):
             raise UsageError(f"--arg needs KEY=VALUE, not {item!r}", "start")
         if key in extra:
             raise UsageError(f"--arg {key} given twice", "start")
-        extra[key] = value
+        # Whole numbers travel as numbers: memory_mib=1024, vcpus=2.
+        extra[key] = int(value) if INT_RE.match(value.strip()) else value
     return extra or None
 
 

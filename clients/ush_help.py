@@ -261,10 +261,10 @@ COMMANDS["start"] = _entry(
       -c, --count COUNT       how many VMs to start (first form)
       -l, --lnm LNM           preferred LNM (repeatable; names, ranges,
                               /REGEX/ or ~REGEX as for list_lnm)
-      --arg KEY=VALUE         an extra request argument for the controller's
-                              plugins (repeatable), e.g. --arg memory=1024,
-                              --arg image=centos5; which keys mean something
-                              depends on your site's plugins
+      --arg KEY=VALUE         an extra request argument (repeatable): memory_mib
+                              and vcpus size the VMs (e.g. --arg memory_mib=1024);
+                              other keys (--arg image=centos5) go to the site's
+                              plugins, and which mean something depends on them
 
     Preferred LNMs are a suggestion: the controller's policy decides, and an
     empty list lets it place the VMs anywhere.
@@ -279,7 +279,7 @@ COMMANDS["start"] = _entry(
 
     Examples:
       start -n sneetch -c 10
-      start -n web -c 2 --arg memory=2048 vmm47 vmm52
+      start -n web -c 2 --arg memory_mib=2048 vmm47 vmm52
       start 3.sneetch
       start -l vmm47 '[11-12].sneetch'""")
 

@@ -325,3 +325,18 @@ async def test_oversized_and_hostile_messages_leave_the_controller_serving(syste
     with pytest.raises(InvalidRequest):
         await other._remote("start", [], [], {"cluster": "x", "count": 10 ** 9})
     assert (await other.list_lnm())[0]["connected"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_administrator_acts_on_another_users_vm_by_full_name(system):
+    bob = await system.connected_client("bob", "bob-secret")
+    await bob.start(["bobs"])
+    vm = full("bobs", "bob")
+    await wait_for(lambda: bob.vms.get(vm, {}).get("state") == states.RUN)
+    admin = await system.connected_client()          # alice has the admin role
+    assert admin.admin and vm not in admin.vms
+    result = await admin.pause([vm])
+    assert result["done"] == [{"name": vm, "state": states.PAUSED}]
+    await wait_for(lambda: bob.vms[vm]["state"] == states.PAUSED)
+    with pytest.raises(NoSuchVM):
+        await admin.pause([full("nosuch", "bob")])

@@ -604,10 +604,10 @@ def test_list_lnm_table_and_patterns():
 def test_start_forms_and_arguments():
     h = Harness(sample_world())
     h.connect()
-    h.run("start -n web -c 2 --arg memory=1024 --arg image=centos5 vmm43 -l vmm44")
+    h.run("start -n web -c 2 --arg memory_mib=1024 --arg image=centos5 vmm43 -l vmm44")
     assert h.sent("start")[-1][1] == {"names": [], "cluster": "web", "count": 2,
                                       "lnms": ["vmm43", "vmm44"],
-                                      "args": {"memory": "1024", "image": "centos5"}}
+                                      "args": {"memory_mib": 1024, "image": "centos5"}}
     h.run("start '[1-2].db' solo")
     assert h.sent("start")[-1][1]["names"] == ["[1-2].db", "solo"]
     assert h.sent("start")[-1][1]["count"] is None

@@ -133,12 +133,12 @@ def server_tls_options(cert_file, key_file, ca_file=None,
     Without it (the client port) no client certificate is asked for and
     ``ca_file`` is not used.
     """
+    # cryptography objects, not pyOpenSSL's (deprecated for this in pyOpenSSL).
     certificate, private_key = _load_pair(cert_file, key_file)
-    server_certificate = _twisted_private_certificate(certificate, private_key)
     if not require_client_cert:
         return CertificateOptions(
-            privateKey=server_certificate.privateKey.original,
-            certificate=server_certificate.original,
+            privateKey=private_key,
+            certificate=certificate,
             raiseMinimumTo=MINIMUM_TLS_VERSION,
         )
     if ca_file is None:
@@ -147,8 +147,8 @@ def server_tls_options(cert_file, key_file, ca_file=None,
     # A trustRoot makes Twisted verify the peer and refuse a handshake without
     # a certificate.
     return CertificateOptions(
-        privateKey=server_certificate.privateKey.original,
-        certificate=server_certificate.original,
+        privateKey=private_key,
+        certificate=certificate,
         trustRoot=_twisted_certificate(load_certificate(ca_file)),
         raiseMinimumTo=MINIMUM_TLS_VERSION,
     )

@@ -49,7 +49,7 @@ vm_status_history = integer(min=0, default=15)
 status_history_interval = float(gt=0, default=60)
 metrics_port = integer(min=1, max=65535, default=None)
 metrics_interface = string(default='127.0.0.1')
-metrics_per_vm = boolean(default=True)
+metrics_per_vm = boolean(default=False)
 log_file = path(default=None)
 log_level = {_LOG_LEVEL}
 pid_file = path(default=None)

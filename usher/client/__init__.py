@@ -27,7 +27,7 @@ from usher import pki
 from usher.errors import (InvalidRequest, LinkFailure, NoSuchVM, PermissionDenied,
                           Unavailable, from_failure)
 from usher.liveness import enable_tcp_keepalive
-from usher.naming import check_label, check_short_name, qualify
+from usher.naming import check_label, check_short_name, qualify, split
 from usher.pbutil import call
 from usher.records import decode_records
 from usher.states import OPERATIONS, OPERATION_PRECONDITIONS, SHUTOFF
@@ -279,7 +279,18 @@ class UsherClient:
     # -- selections ----------------------------------------------------------
 
     def _qualify(self, name):
+        if self.admin and isinstance(name, str):
+            # Administrators name other users' VMs in full; the controller
+            # checks them (the cache holds only the administrator's own).
+            full = name.strip().lower().rstrip(".")
+            parts = split(full, self.domain)
+            if parts is not None and parts[1] != self.user:
+                return full
         return qualify(name, self.user, self.domain)
+
+    def _foreign(self, name):
+        parts = split(name, self.domain)
+        return parts is not None and parts[1] != self.user
 
     def select(self, selection):
         """Resolve a selection against the cache -> list of records; unknown
@@ -291,8 +302,9 @@ class UsherClient:
         if self.user is None:
             raise Unavailable("not connected to the controller")
         chosen, unknown = selection.pick(self.vms, self._qualify)
-        if unknown and self.clusters is None:
-            raise NoSuchVM(f"no such VM: {', '.join(unknown[:5])}")
+        checkable = [n for n in unknown if not self._foreign(n)]
+        if checkable and self.clusters is None:
+            raise NoSuchVM(f"no such VM: {', '.join(checkable[:5])}")
         return chosen + [{"name": n} for n in unknown]
 
     # -- Table 4 -------------------------------------------------------------
