@@ -37,11 +37,13 @@ setup(
         "usherctrl = usher.controller.main:main",
         "usherlnm = usher.lnm.main:main",
         "ush = usher.clients.ush:main",
+        "plusher = usher.clients.plusher:main",
         "usher = usher.admin:main",
     ]},
     data_files=[
         ("share/usher/etc", ["etc/ctrl.config.orig", "etc/lnm.config.orig",
-                             "etc/ush.config.orig", "etc/lnm-qemu.config.example"]),
+                             "etc/ush.config.orig", "etc/lnm-qemu.config.example",
+                             "etc/plusher.config.orig"]),
         ("share/usher/etc/plugins", sorted(f"etc/plugins/{p.name}"
                                            for p in (HERE / "etc/plugins").glob("*.config"))),
         ("share/usher/initscripts", ["initscripts/usherctrl", "initscripts/usherlnm",

@@ -241,3 +241,43 @@ async def test_plugin_chain_rejects(grid):
 async def _turn():
     from twisted.internet import task
     await task.deferLater(reactor, 0.01, lambda: None)
+
+
+class _SlowPlacer:
+    """An asynchronous plugin: it answers a reactor turn later, and gives
+    each VM an address of its own."""
+    name = "slowplacer"
+    order = 1
+
+    def __init__(self):
+        from zope.interface import directlyProvides
+        from usher.interfaces import IPlugin
+        directlyProvides(self, IPlugin)
+        self.counter = 0
+
+    async def entry_point(self, event):
+        await _turn()
+        for vm in event.request.vms:
+            self.counter += 1
+            event.request.set_vm_arg(vm, "ip", f"10.0.0.{self.counter}")
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_starts_never_pick_the_same_names(grid):
+    from twisted.internet import defer
+    grid.controller.chains.add(_SlowPlacer(), "start_request")
+    first, second = await defer.gatherResults([
+        defer.ensureDeferred(start_cluster(grid, count=3)),
+        defer.ensureDeferred(start_cluster(grid, count=3))])
+    names = [s["name"] for s in first["started"] + second["started"]]
+    assert sorted(names) == sorted(full(f"{i}.sneetch") for i in range(1, 7))
+    ips = {grid.controller.state.vms[n]["args"]["ip"] for n in names}
+    assert len(ips) == 6
+    outcomes = await defer.DeferredList([
+        defer.ensureDeferred(grid.controller.start("alice", False, ["solo"], [], {})),
+        defer.ensureDeferred(grid.controller.start("alice", False, ["solo"], [], {}))],
+        consumeErrors=True)
+    assert outcomes[0][0] and outcomes[0][1]["started"][0]["name"] == full("solo")
+    assert not outcomes[1][0] and outcomes[1][1].check(InvalidRequest)
+    assert "already being started" in str(outcomes[1][1].value)
+    assert grid.controller.state.vms[full("solo")]["state"] == states.RUN

@@ -18,6 +18,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Using readBody:DeprecationWarnin
 @pytest_twisted.async_yield_fixture(scope="module")
 async def system(tmp_path_factory):
     box = RunningSandbox(tmp_path_factory.mktemp("monitored"), lnms=2, settings={
+        "ctrl": {"metrics_per_vm": "true"},
         "lnm": {"sample_interval": "0.2", "status_report_interval": "0.5",
                 "simulated_load": "idle"}})
     await box.start()

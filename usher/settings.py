@@ -159,3 +159,38 @@ USH = ComponentSpec(
     home_file=".usher/ush.config",
     env_var="USHER_USH_CONFIG",
 )
+
+# plusher, the XML-RPC gateway for Plush (usher.clients.plusher).
+PLUSHER_SPEC = f"""
+[plusher]
+interface = string(default='127.0.0.1')
+port = {_PORT.format(7393)}
+ssl_cert_file = path(default=None)
+ssl_key_file = path(default=None)
+controller_host = string(default='localhost')
+controller_port = {_PORT.format(7390)}
+controller_tls_name = string(default=None)
+ssl_ca_file = path(default='/etc/usher/ca_cert.pem')
+call_timeout = float(gt=0, default=60)
+session_idle_timeout = float(gt=0, default=600)
+max_sessions = integer(min=1, default=1000)
+ready_timeout = float(gt=0, default=600)
+request_retention = float(gt=0, default=3600)
+callback_hosts = list(default=list())
+upcall_attempts = integer(min=1, default=5)
+upcall_initial_delay = float(gt=0, default=1)
+upcall_max_delay = float(gt=0, default=60)
+upcall_timeout = float(gt=0, default=30)
+address_args = list(default=list('ip', 'ip_address', 'address'))
+log_file = path(default=None)
+log_level = {_LOG_LEVEL}
+pid_file = path(default=None)
+"""
+
+PLUSHER = ComponentSpec(
+    name="plusher",
+    spec=PLUSHER_SPEC,
+    host_file="/etc/usher/plusher.config",
+    home_file=".usher/plusher.config",
+    env_var="USHER_PLUSHER_CONFIG",
+)

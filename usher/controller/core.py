@@ -139,6 +139,7 @@ class Controller:
         # Request and plugin-chain timings (usher.controller.metrics).
         self.instruments = NoInstruments()
         self._busy = {}              # VM name -> what is in flight
+        self._starting = set()       # names reserved by start requests in flight
         self._semaphores = {}
         # Failures (see the module docstring).
         self.recovery = None         # a usher.controller.recovery.Recovery, if recovering
@@ -262,6 +263,8 @@ class Controller:
                 raise InvalidRequest(f"at most {self.max_request_vms} VMs per request")
             taken = {split(n, self.domain)[0] for n in self.state.vms
                      if self.state.vms[n]["owner"] == user}
+            taken.update(split(n, self.domain)[0] for n in self._starting
+                         if split(n, self.domain)[1] == user)
             taken.update(n.split(".", 1)[0] for n in names)
             index = 0
             while count:
@@ -284,6 +287,18 @@ class Controller:
         args = _check_args(args)
         lnms = self._check_lnm_list(lnms)
         names = self._new_names(user, admin, vms, args)
+        clash = [n for n in names if n in self._starting]
+        if clash:
+            raise InvalidRequest(f"{clash[0]} is already being started")
+        # Reserved until their records are in the state: two concurrent
+        # requests (plugins may take their time) never pick the same names.
+        self._starting.update(names)
+        try:
+            return await self._start(user, admin, names, lnms, args, started_at)
+        finally:
+            self._starting.difference_update(names)
+
+    async def _start(self, user, admin, names, lnms, args, started_at):
         restart = [n for n in names if n in self.state.vms]
         for name in restart:
             rec = self.state.vms[name]
@@ -319,7 +334,8 @@ class Controller:
                 continue
             record = self.state.new_record(
                 name, state=states.STARTING, vmm=lnm, cluster=cluster,
-                memory_mib=memory, vcpus=vcpus, uuid=str(uuid.uuid4()), args=request.args)
+                memory_mib=memory, vcpus=vcpus, uuid=str(uuid.uuid4()),
+                args=dict(request.args, **request.vm_args.get(name, {})))
             self.state.add(record)
             placed.append(record)
         for name in restart:

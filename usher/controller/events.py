@@ -57,6 +57,7 @@ class Request:
         self.args = dict(args or {})
         self.records = records or {}   # name -> record, for requests on existing VMs
         self.placement = {}
+        self.vm_args = {}              # name -> extra arguments for that VM only
         self.dropped = {}              # name -> reason (approved with modification)
         self.rejected = None
         self.rejected_by = None
@@ -74,6 +75,11 @@ class Request:
 
     def place(self, vm, lnm):
         self.placement[vm] = lnm
+
+    def set_vm_arg(self, vm, key, value):
+        """Give one VM an argument of its own (an IP address, a disk …); it
+        lands in that VM's record ``args``."""
+        self.vm_args.setdefault(vm, {})[key] = value
 
     def note(self, message):
         self.notes.append(str(message))
