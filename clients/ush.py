@@ -597,6 +597,7 @@ def _build_parsers():
     parser = new("unregister_plugin")
     parser.add_argument("plugin")
     parser.add_argument("events", nargs="?")
+    new("forget_lnm").add_argument("lnm")
     new("help").add_argument("topic", nargs="?")
     new("quit")
     return parsers
@@ -1003,6 +1004,8 @@ class Shell:
             call = self._cmd_register_plugin(args)
         elif name == "unregister_plugin":
             call = self._cmd_unregister_plugin(args)
+        elif name == "forget_lnm":
+            call = self._cmd_forget_lnm(args)
         else:
             call = self._cmd_operation(name, args)
         if check_connection and (self.client is None or not self.client.connected):
@@ -1229,6 +1232,16 @@ class Shell:
             where = ", ".join(events) if events else "every event"
             return Outcome(f"Plugin {plugin} unregistered from {where}.", description)
         return Call(unregister)
+
+    def _cmd_forget_lnm(self, args):
+        lnm = args.lnm
+
+        async def forget():
+            result = await self._live_client().forget_lnm(lnm)
+            lines = [f"LNM {lnm} forgotten, with {len(result['forgotten'])} VMs:"]
+            lines.extend(sorted(result["forgotten"], key=natural_key))
+            return Outcome("\n".join(lines), result)
+        return Call(forget)
 
     def _cmd_top(self, args):
         patterns = check_lnm_patterns(args.lnms, "top")

@@ -377,6 +377,20 @@ COMMANDS["unregister_plugin"] = _entry(
       unregister_plugin roundrobin
       unregister_plugin limits list_request""")
 
+COMMANDS["forget_lnm"] = _entry(
+    "Retire a host that will not come back (administrators)",
+    "forget_lnm LNM",
+    """\
+    Forget a disconnected LNM: the controller drops it from its persisted
+    list (so it is no longer told when the controller restarts) and forgets
+    the VMs last known on it, which are lost. Use it when a host has been
+    retired or rebuilt; a host that is merely down comes back on its own and
+    its VMs take their real states again. A connected LNM is refused: stop
+    its usherlnm first.
+
+    Example:
+      forget_lnm vmm47""")
+
 COMMANDS["top"] = _entry(
     "A live view of the hosts and their busiest VMs",
     "top [-c COUNT] [-i SECONDS] [--iterations N] [LNM ...]",

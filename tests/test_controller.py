@@ -281,3 +281,20 @@ async def test_concurrent_starts_never_pick_the_same_names(grid):
     assert not outcomes[1][0] and outcomes[1][1].check(InvalidRequest)
     assert "already being started" in str(outcomes[1][1].value)
     assert grid.controller.state.vms[full("solo")]["state"] == states.RUN
+
+
+@pytest_twisted.ensureDeferred
+async def test_forget_a_retired_lnm(grid):
+    from usher.errors import NoSuchLNM
+    await start_cluster(grid, count=3)
+    c = grid.controller
+    on_lnm2 = sorted(c.state.vmms["lnm2"].vms)
+    with pytest.raises(InvalidRequest, match="connected"):
+        c.forget_lnm("lnm2")
+    grid.cut("lnm2")
+    assert c.forget_lnm("lnm2") == on_lnm2
+    assert "lnm2" not in c.state.vmms
+    assert not any(n in c.state.vms for n in on_lnm2)
+    assert len(c.state.vms) == 3 - len(on_lnm2)
+    with pytest.raises(NoSuchLNM):
+        c.forget_lnm("lnm2")

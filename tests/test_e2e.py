@@ -340,3 +340,18 @@ async def test_administrator_acts_on_another_users_vm_by_full_name(system):
     await wait_for(lambda: bob.vms[vm]["state"] == states.PAUSED)
     with pytest.raises(NoSuchVM):
         await admin.pause([full("nosuch", "bob")])
+
+
+@pytest_twisted.ensureDeferred
+async def test_forget_lnm_is_for_administrators_and_disconnected_lnms(system):
+    from usher.errors import NoSuchLNM
+    bob = await system.connected_client("bob", "bob-secret")
+    with pytest.raises(PermissionDenied):
+        await bob.forget_lnm("lnm1")
+    admin = await system.connected_client()
+    with pytest.raises(InvalidRequest, match="connected"):
+        await admin.forget_lnm("lnm1")
+    with pytest.raises(NoSuchLNM):
+        await admin.forget_lnm("lnm99")
+    refused = await system.ush("forget_lnm", "lnm1")
+    assert refused.returncode != 0 and "connected" in parse_json(refused)["error"]

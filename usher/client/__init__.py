@@ -390,6 +390,11 @@ class UsherClient:
     async def unregister_plugin(self, name, event=None):
         return await self._remote("unregister_plugin", name, event)
 
+    @_deferred
+    async def forget_lnm(self, name):
+        """Retire a disconnected LNM and the VMs last known on it (admins)."""
+        return await self._remote("forget_lnm", name)
+
 
 def _operation(operation):
     def method(self, selection, args=None):

@@ -197,6 +197,14 @@ class UserPerspective(pb.Avatar):
         self.controller.plugins.unregister(name, event)
         return self.controller.plugins.describe()
 
+    @_boundary
+    async def perspective_forget_lnm(self, name):
+        if not self.admin:
+            raise PermissionDenied("only administrators may forget LNMs")
+        if not isinstance(name, str):
+            raise InvalidRequest("LNM name must be a string")
+        return {"lnm": name, "forgotten": self.controller.forget_lnm(name)}
+
 
 async def _no_role(user):
     return None

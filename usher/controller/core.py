@@ -901,6 +901,27 @@ class Controller:
             self.chains.notify(Event("vm_lost", self.api, vm=dict(self.state.vms[vm_name])))
         self.chains.notify(Event("lnm_disconnected", self.api, lnm=name, lost=lost))
 
+    def forget_lnm(self, name):
+        """Retire a disconnected LNM: forget it (also in the persisted list)
+        and the VMs Usher last knew on it. -> the names of those VMs."""
+        vmm = self.state.vmms.get(name)
+        if vmm is None:
+            raise NoSuchLNM(f"no LNM {name} is known")
+        if vmm.connected:
+            raise InvalidRequest(f"LNM {name} is connected; stop it before forgetting it")
+        busy = [n for n in vmm.vms if n in self._busy]
+        if busy:
+            raise InvalidRequest(f"LNM {name} has commands in flight ({busy[0]} …)")
+        forgotten = sorted(vmm.vms)
+        for vm_name in forgotten:
+            self._unconfirmed.pop(vm_name, None)
+            self.state.remove(vm_name)
+        del self.state.vmms[name]
+        if self.known_lnms is not None:
+            self.known_lnms.forget(name)
+        log.warn("LNM {lnm} forgotten with {count} VMs", lnm=name, count=len(forgotten))
+        return forgotten
+
     def _reconcile(self, lnm, domains):
         """Take an LNM's full inventory as the truth about its host."""
         seen = set()
