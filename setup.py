@@ -47,8 +47,10 @@ setup(
         ("share/usher/etc/plugins", sorted(f"etc/plugins/{p.name}"
                                            for p in (HERE / "etc/plugins").glob("*.config"))),
         ("share/usher/initscripts", ["initscripts/usherctrl", "initscripts/usherlnm",
+                                     "initscripts/plusher",
                                      "initscripts/usherctrl.service",
                                      "initscripts/usherlnm.service",
+                                     "initscripts/plusher.service",
                                      "initscripts/install.sh"]),
     ],
 )

@@ -1,15 +1,19 @@
 #!/bin/sh
 # Install Usher's service files and sample configuration files.
 #
-# Usage: install.sh [--prefix DIR] [--systemd|--sysv] [--bindir DIR] [ctrl|lnm|all]
+# Usage: install.sh [--prefix DIR] [--systemd|--sysv] [--bindir DIR] [ctrl|lnm|plusher|all]
 #
-#   ctrl|lnm|all  which daemon's files to install (default: all; "all" also
-#                 installs the ush client's sample ush.config.orig)
-#   --systemd     install DIR/etc/systemd/system/usher<x>.service (mode 644)
-#   --sysv        install DIR/etc/init.d/usher<x> (mode 755)
+#   ctrl          the controller, usherctrl
+#   lnm           the local node manager, usherlnm
+#   plusher       plusher, the XML-RPC gateway for Plush
+#   all           ctrl and lnm, and the ush client's sample ush.config.orig
+#                 (the default). plusher is left out: only sites that use
+#                 Plush run it, so it is installed only when named.
+#   --systemd     install DIR/etc/systemd/system/<program>.service (mode 644)
+#   --sysv        install DIR/etc/init.d/<program> (mode 755)
 #                 (default: --systemd when systemd is running, else --sysv)
 #   --prefix DIR  install under DIR instead of / (DIR must exist)
-#   --bindir DIR  where the usherctrl/usherlnm programs are (default
+#   --bindir DIR  where the usherctrl/usherlnm/plusher programs are (default
 #                 /usr/local/bin, where setup.py/pip put them on Debian);
 #                 written into the installed unit or init script
 #
@@ -26,7 +30,7 @@ PROG=install.sh
 DEFAULT_BINDIR=/usr/local/bin
 
 usage() {
-    echo "Usage: $PROG [--prefix DIR] [--systemd|--sysv] [--bindir DIR] [ctrl|lnm|all]"
+    echo "Usage: $PROG [--prefix DIR] [--systemd|--sysv] [--bindir DIR] [ctrl|lnm|plusher|all]"
 }
 
 die() {
@@ -64,8 +68,8 @@ while [ $# -gt 0 ]; do
             usage
             exit 0
             ;;
-        ctrl | lnm | all)
-            [ -z "$component" ] || die "name one of ctrl, lnm, all (got '$component' and '$1')"
+        ctrl | lnm | plusher | all)
+            [ -z "$component" ] || die "name one of ctrl, lnm, plusher, all (got '$component' and '$1')"
             component=$1
             shift
             ;;
@@ -106,6 +110,14 @@ case $component in
     *) names=$component ;;
 esac
 
+# The program, init script and unit name of component $1.
+program_of() {
+    case $1 in
+        plusher) echo plusher ;;
+        *) echo "usher$1" ;;
+    esac
+}
+
 # Check every source before changing anything.
 sample_files=
 for name in $names; do
@@ -119,9 +131,9 @@ for file in $sample_files; do
 done
 for name in $names; do
     if [ "$init_system" = systemd ]; then
-        service_file=usher$name.service
+        service_file=$(program_of "$name").service
     else
-        service_file=usher$name
+        service_file=$(program_of "$name")
     fi
     [ -f "$here/$service_file" ] || die "missing $here/$service_file"
 done
@@ -154,7 +166,7 @@ for file in $sample_files; do
 done
 
 for name in $names; do
-    daemon=usher$name
+    daemon=$(program_of "$name")
     if [ "$init_system" = systemd ]; then
         source_file=$here/$daemon.service
         target=$service_dir/$daemon.service
@@ -175,9 +187,10 @@ done
 
 echo
 for name in $names; do
-    if [ ! -x "$bindir/usher$name" ]; then
-        echo "warning: $bindir/usher$name does not exist yet; install Usher (pip install .) or"
-        echo "         rerun with --bindir \"\$(dirname \"\$(command -v usher$name)\")\""
+    daemon=$(program_of "$name")
+    if [ ! -x "$bindir/$daemon" ]; then
+        echo "warning: $bindir/$daemon does not exist yet; install Usher (pip install .) or"
+        echo "         rerun with --bindir \"\$(dirname \"\$(command -v $daemon)\")\""
     fi
 done
 
@@ -205,9 +218,15 @@ case " $names " in *" lnm "*)
     echo "                   then copy <node name>_cert.pem and _key.pem to the node as"
     echo "                   /etc/usher/usherlnm_cert.pem and usherlnm_key.pem, with ca_cert.pem"
 esac
+case " $names " in *" plusher "*)
+    echo "       plusher:    needs the CA's ca_cert.pem in /etc/usher (ssl_ca_file) to check the"
+    echo "                   controller. By default it serves plain HTTP on 127.0.0.1:7393; for Plush"
+    echo "                   on another host serve HTTPS: usher cert issue plusher --hostname <its DNS name>"
+    echo "                   then set ssl_cert_file and ssl_key_file in plusher.config"
+esac
 step=$((step + 1))
 daemons=
-for name in $names; do daemons="$daemons usher$name"; done
+for name in $names; do daemons="$daemons $(program_of "$name")"; done
 if [ "$init_system" = systemd ]; then
     echo "  $step. Enable and start (the controller first):"
     echo "       systemctl daemon-reload && systemctl enable --now$daemons"

@@ -17,7 +17,9 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 INITSCRIPTS = REPO / "initscripts"
 SAMPLES = REPO / "etc"
-DAEMONS = ("usherctrl", "usherlnm")
+DAEMONS = ("usherctrl", "usherlnm", "plusher")
+# Each program's install.sh component, which is also its configuration's name.
+COMPONENT = {"usherctrl": "ctrl", "usherlnm": "lnm", "plusher": "plusher"}
 SCRIPT_TIMEOUT = 20  # seconds before a hung script fails the test
 
 # Behaves like the daemons' contract: foreground, --isolated --config FILE
@@ -87,7 +89,7 @@ class InitScript:
             "START_WAIT": "0.2", "START_METHOD": start_method,
         }
         self.config.parent.mkdir(parents=True, exist_ok=True)
-        self.config.write_text(f"[{name[5:]}]\n")
+        self.config.write_text(f"[{COMPONENT[name]}]\n")
         self.pids_seen: set[int] = set()
 
     def run(self, action: str, **settings) -> subprocess.CompletedProcess:
@@ -135,6 +137,15 @@ def ctrl_script(request, tmp_path):
     script.kill_leftovers()
 
 
+# The controller's script under every start method, and plusher's once.
+@pytest.fixture(params=[*(("usherctrl", method) for method in START_METHODS),
+                        ("plusher", "auto")], ids="-".join)
+def daemon_script(request, tmp_path):
+    script = InitScript(tmp_path, *request.param)
+    yield script
+    script.kill_leftovers()
+
+
 @pytest.fixture
 def lnm_script(tmp_path):
     script = InitScript(tmp_path, "usherlnm", "auto")
@@ -170,6 +181,7 @@ def test_lsb_and_chkconfig_headers(name):
     assert header["Default-Start"] == "2 3 4 5"
     assert header["Default-Stop"] == "0 1 6"
     assert header["Short-Description"]
+    assert name not in header.get("Should-Start", "").split()
     chkconfig = re.search(r"^# chkconfig: (\d+) (\d+) (\d+)$", text, re.M)
     assert chkconfig and chkconfig.group(1) == "345"
     start, stop = int(chkconfig.group(2)), int(chkconfig.group(3))
@@ -179,7 +191,7 @@ def test_lsb_and_chkconfig_headers(name):
 
 
 def test_lnm_starts_after_the_controller_and_libvirtd():
-    ctrl, lnm = ((INITSCRIPTS / name).read_text() for name in DAEMONS)
+    ctrl, lnm = ((INITSCRIPTS / name).read_text() for name in ("usherctrl", "usherlnm"))
     ctrl_start = int(re.search(r"^# chkconfig: 345 (\d+)", ctrl, re.M).group(1))
     lnm_start = int(re.search(r"^# chkconfig: 345 (\d+)", lnm, re.M).group(1))
     assert ctrl_start == 85
@@ -187,38 +199,63 @@ def test_lnm_starts_after_the_controller_and_libvirtd():
     assert {"libvirtd", "usherctrl"} <= set(_lsb_header(lnm)["Should-Start"].split())
 
 
-def test_both_scripts_share_the_code_below_their_settings():
-    marker = "# ---- Everything below this line is identical in usherctrl and usherlnm. ----\n"
-    ctrl, lnm = ((INITSCRIPTS / name).read_text() for name in DAEMONS)
-    assert ctrl.count(marker) == lnm.count(marker) == 1
-    assert ctrl.split(marker)[1] == lnm.split(marker)[1]
+def test_plusher_starts_after_the_controller_and_stops_before_it():
+    ctrl, plusher = ((INITSCRIPTS / name).read_text() for name in ("usherctrl", "plusher"))
+
+    def start_and_stop(text):
+        return map(int, re.search(r"^# chkconfig: 345 (\d+) (\d+)$", text, re.M).groups())
+    ctrl_start, ctrl_stop = start_and_stop(ctrl)
+    start, stop = start_and_stop(plusher)
+    assert start > ctrl_start and stop < ctrl_stop
+    header = _lsb_header(plusher)
+    assert "usherctrl" in header["Should-Start"].split()
+    assert "usherctrl" in header["Should-Stop"].split()
+    # Should-, not Required-: the controller may run on another host.
+    assert "usherctrl" not in header["Required-Start"].split()
+
+
+def test_every_script_shares_the_code_below_its_settings():
+    marker = "# ---- Everything below this line is identical in every Usher init script. ----\n"
+    texts = {name: (INITSCRIPTS / name).read_text() for name in DAEMONS}
+    for name, text in texts.items():
+        assert text.count(marker) == 1, name
+    bodies = {name: text.split(marker)[1] for name, text in texts.items()}
+    assert bodies["usherlnm"] == bodies["usherctrl"]
+    assert bodies["plusher"] == bodies["usherctrl"]
+    # Above the marker only settings differ: each script names its own program.
+    for name, text in texts.items():
+        settings = text.split(marker)[0]
+        assert re.findall(r"^NAME=(.*)$", settings, re.M) == [name]
+        assert re.findall(r"^DAEMON=(.*)$", settings, re.M) == [f"/usr/local/bin/{name}"]
+        assert re.findall(r"^CONFIG=(.*)$", settings, re.M) == [
+            f"/etc/usher/{COMPONENT[name]}.config"]
 
 
 # --- the SysV scripts, run ----------------------------------------------------
 
-def test_start_status_stop(ctrl_script):
-    status = ctrl_script.run("status")
+def test_start_status_stop(daemon_script):
+    status = daemon_script.run("status")
     assert status.returncode == 3, status.stdout
 
-    pid = ctrl_script.start()
+    pid = daemon_script.start()
     assert alive(pid)
-    assert f"argv --isolated --config {ctrl_script.config}\n" in ctrl_script.log()
-    status = ctrl_script.run("status")
+    assert f"argv --isolated --config {daemon_script.config}\n" in daemon_script.log()
+    status = daemon_script.run("status")
     assert status.returncode == 0
-    assert f"running (pid {pid})" in status.stdout
+    assert f"({daemon_script.name}) is running (pid {pid})" in status.stdout
 
-    again = ctrl_script.run("start")
+    again = daemon_script.run("start")
     assert again.returncode == 0
     assert "already running" in again.stdout
-    assert ctrl_script.pid() == pid
-    assert ctrl_script.log().count("argv ") == 1
+    assert daemon_script.pid() == pid
+    assert daemon_script.log().count("argv ") == 1
 
-    stop = ctrl_script.run("stop")
+    stop = daemon_script.run("stop")
     assert stop.returncode == 0, stop.stderr
     assert not alive(pid)
-    assert "stopping on SIGTERM" in ctrl_script.log()
-    assert not ctrl_script.pidfile.exists()
-    assert ctrl_script.run("status").returncode == 3
+    assert "stopping on SIGTERM" in daemon_script.log()
+    assert not daemon_script.pidfile.exists()
+    assert daemon_script.run("status").returncode == 3
 
 
 def test_restart_replaces_the_daemon(ctrl_script):
@@ -365,14 +402,16 @@ def _unit(name: str) -> configparser.ConfigParser:
     return parser
 
 
-@pytest.mark.parametrize("name, config", [("usherctrl", "ctrl"), ("usherlnm", "lnm")])
-def test_unit_essentials(name, config):
+@pytest.mark.parametrize("name", DAEMONS)
+def test_unit_essentials(name):
     unit = _unit(name)
     service = unit["Service"]
     assert service["Type"] in ("exec", "simple")
     assert service["ExecStart"].split() == [
-        f"/usr/local/bin/{name}", "--isolated", "--config", f"/etc/usher/{config}.config"]
+        f"/usr/local/bin/{name}", "--isolated", "--config",
+        f"/etc/usher/{COMPONENT[name]}.config"]
     assert service["Restart"] == "on-failure"
+    assert service["RestartPreventExitStatus"] == "2"  # a configuration error
     assert service["KillSignal"] == "SIGTERM"
     assert service["TimeoutStopSec"] == "30"
     assert "network-online.target" in unit["Unit"]["After"].split()
@@ -392,6 +431,28 @@ def test_lnm_unit_follows_libvirtd_and_keeps_the_host_view():
     assert service.get("ProtectSystem", "no") in ("no", "true", "yes", "full")
 
 
+def test_plusher_unit_follows_the_controller_and_is_hardened_like_it():
+    unit, ctrl = _unit("plusher"), _unit("usherctrl")
+    assert {"network-online.target", "usherctrl.service"} <= set(unit["Unit"]["After"].split())
+    assert "network-online.target" in unit["Unit"]["Wants"].split()
+    # Ordered after a controller on the same host, but never needing one there.
+    for setting in ("Requires", "Requisite", "BindsTo", "PartOf", "Wants"):
+        assert "usherctrl.service" not in unit["Unit"].get(setting, "").split(), setting
+    service, ctrl_service = unit["Service"], ctrl["Service"]
+    hardening = set(ctrl_service) - {"Type", "ExecStart", "Restart", "RestartSec",
+                                     "RestartPreventExitStatus", "KillSignal", "TimeoutStopSec"}
+    assert hardening <= set(service), hardening - set(service)
+    for setting in hardening - {"ProtectSystem", "RestrictAddressFamilies"}:
+        assert service[setting] == ctrl_service[setting], setting
+    # plusher writes nothing and only needs TCP (and name lookups).
+    assert service["ProtectSystem"] == "strict"
+    families = set(service["RestrictAddressFamilies"].split())
+    assert {"AF_INET", "AF_INET6"} <= families <= {"AF_INET", "AF_INET6", "AF_UNIX", "AF_NETLINK"}
+    assert service["CapabilityBoundingSet"] == "CAP_NET_BIND_SERVICE"
+    for setting in ("ReadWritePaths", "StateDirectory", "LogsDirectory"):
+        assert setting not in service, setting
+
+
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
 def test_systemd_analyze_verify(tmp_path):
     # verify insists that ExecStart exists: install the units pointing at stand-ins.
@@ -400,13 +461,15 @@ def test_systemd_analyze_verify(tmp_path):
         write_fake_daemon(bindir, name)
     prefix = tmp_path / "root"
     prefix.mkdir()
-    install = run_install("--prefix", str(prefix), "--systemd", "--bindir", str(bindir))
-    assert install.returncode == 0, install.stderr
+    for component in ("all", "plusher"):
+        install = run_install("--prefix", str(prefix), "--systemd", "--bindir", str(bindir),
+                              component)
+        assert install.returncode == 0, install.stderr
     units = [str(prefix / "etc/systemd/system" / f"{name}.service") for name in DAEMONS]
     result = subprocess.run(["systemd-analyze", "verify", *units], capture_output=True,
                             text=True, timeout=SCRIPT_TIMEOUT)
     complaints = [line for line in (result.stdout + result.stderr).splitlines()
-                  if "usherctrl" in line or "usherlnm" in line]
+                  if any(name in line for name in DAEMONS)]
     assert result.returncode == 0, result.stderr
     assert complaints == []
 
@@ -429,10 +492,11 @@ def _all_files(root: Path) -> set[str]:
 def test_install_sysv_everything(tmp_path):
     result = run_install("--prefix", str(tmp_path), "--sysv", "all")
     assert result.returncode == 0, result.stderr
+    # "all" is what every site runs: plusher only when named.
     assert _all_files(tmp_path) == {
         "etc/init.d/usherctrl", "etc/init.d/usherlnm", "etc/usher/ctrl.config.orig",
         "etc/usher/lnm.config.orig", "etc/usher/ush.config.orig"}
-    for name in DAEMONS:
+    for name in ("usherctrl", "usherlnm"):
         installed = tmp_path / "etc/init.d" / name
         assert installed.read_bytes() == (INITSCRIPTS / name).read_bytes()
         assert _mode(installed) == 0o755
@@ -477,6 +541,30 @@ def test_install_systemd_lnm_only(tmp_path):
     assert "usher cert issue" in result.stdout
 
 
+@pytest.mark.parametrize("kind, service_file", [
+    ("--sysv", "etc/init.d/plusher"), ("--systemd", "etc/systemd/system/plusher.service")])
+def test_install_plusher(tmp_path, kind, service_file):
+    result = run_install("--prefix", str(tmp_path), kind, "plusher")
+    assert result.returncode == 0, result.stderr
+    assert _all_files(tmp_path) == {service_file, "etc/usher/plusher.config.orig"}
+    installed = tmp_path / service_file
+    assert installed.read_bytes() == (INITSCRIPTS / Path(service_file).name).read_bytes()
+    assert _mode(installed) == (0o755 if kind == "--sysv" else 0o644)
+    sample = tmp_path / "etc/usher/plusher.config.orig"
+    assert sample.read_bytes() == (SAMPLES / "plusher.config.orig").read_bytes()
+    assert _mode(sample) == 0o644
+    out = result.stdout
+    assert f"cp {sample} {tmp_path}/etc/usher/plusher.config" in out
+    assert "usher cert issue plusher" in out
+    assert "ca_cert.pem" in out
+    if kind == "--sysv":
+        assert "update-rc.d plusher defaults" in out
+        assert "/etc/init.d/plusher start" in out
+    else:
+        assert "systemctl enable --now plusher\n" in out
+    assert "usherctrl" not in out and "usherlnm" not in out
+
+
 def test_install_bindir_is_written_into_the_service_files(tmp_path):
     bindir = tmp_path / "venv/bin"
     for name in DAEMONS:
@@ -484,14 +572,24 @@ def test_install_bindir_is_written_into_the_service_files(tmp_path):
     prefix = tmp_path / "root"
     prefix.mkdir()
     for kind in ("--sysv", "--systemd"):
-        result = run_install("--prefix", str(prefix), kind, "--bindir", str(bindir))
-        assert result.returncode == 0, result.stderr
-        assert "warning" not in result.stdout
-    script = (prefix / "etc/init.d/usherlnm").read_text()
-    assert re.findall(r"^DAEMON=.*$", script, re.M) == [f"DAEMON={bindir}/usherlnm"]
-    unit = (prefix / "etc/systemd/system/usherctrl.service").read_text()
-    assert re.findall(r"^ExecStart=.*$", unit, re.M) == [
-        f"ExecStart={bindir}/usherctrl --isolated --config /etc/usher/ctrl.config"]
+        for component in ("all", "plusher"):
+            result = run_install("--prefix", str(prefix), kind, "--bindir", str(bindir),
+                                 component)
+            assert result.returncode == 0, result.stderr
+            assert "warning" not in result.stdout
+    for name in DAEMONS:
+        script = (prefix / "etc/init.d" / name).read_text()
+        assert re.findall(r"^DAEMON=.*$", script, re.M) == [f"DAEMON={bindir}/{name}"]
+        unit = (prefix / "etc/systemd/system" / f"{name}.service").read_text()
+        assert re.findall(r"^ExecStart=.*$", unit, re.M) == [
+            f"ExecStart={bindir}/{name} --isolated --config /etc/usher/{COMPONENT[name]}.config"]
+
+
+def test_install_warns_about_a_missing_program(tmp_path):
+    result = run_install("--prefix", str(tmp_path), "--sysv", "--bindir", str(tmp_path / "bin"),
+                         "plusher")
+    assert result.returncode == 0, result.stderr
+    assert f"warning: {tmp_path}/bin/plusher does not exist yet" in result.stdout
 
 
 def test_installed_init_script_runs(tmp_path):
@@ -525,6 +623,7 @@ def test_installed_init_script_runs(tmp_path):
 @pytest.mark.parametrize("args, complaint", [
     (["--sysv", "--systemd"], "choose one"),
     (["--sysv", "ctrl", "lnm"], "name one"),
+    (["--sysv", "all", "plusher"], "name one"),
     (["--sysv", "everything"], "unknown argument"),
     (["--sysv", "--bindir", "relative/bin"], "absolute"),
     (["--sysv", "--bindir", "/opt/my bin"], "characters"),
@@ -543,3 +642,9 @@ def test_install_refuses_a_missing_prefix(tmp_path):
     assert result.returncode == 2
     assert "not an existing directory" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_setup_py_installs_every_file_in_initscripts():
+    setup_py = (REPO / "setup.py").read_text()
+    for path in INITSCRIPTS.iterdir():
+        assert f'"initscripts/{path.name}"' in setup_py, path.name
