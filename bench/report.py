@@ -5,54 +5,105 @@ import platform
 import os
 import time
 
-# (key, what, unit, target text, target check, peers' figure)
+# (key, what, unit, target text, target check, peers' figure). ``what`` is
+# formatted with the run's scale (bench.run.Scale), so a quick run says what
+# it really measured.
 FIGURES = [
-    ("start_vms_per_s", "start 1,000 VMs on 100 LNMs (end to end)", "VMs/s", ">= 1,000",
-     lambda v: v >= 1000, "OpenNebula ~1 VM/s dispatch (default)"),
-    ("start_vs_raw_libvirt", "  ... time relative to 1,000 raw createXML calls", "x", "<= 10x",
-     lambda v: v <= 10, "-"),
-    ("sync_10k_s", "fresh client connect + sync of 10,000 VMs", "s", "<= 0.5",
+    ("start_vms_per_s", "1 start {start_vms:,} VMs on {start_lnms} LNMs (end to end)", "VMs/s",
+     ">= 1,000", lambda v: v >= 1000, "OpenNebula ~1 VM/s dispatch (default)"),
+    ("start_vs_raw_libvirt", "1 ... time relative to {start_vms:,} raw createXML calls", "x",
+     "<= 10x", lambda v: v <= 10, "-"),
+    ("sync_10k_s", "2 fresh client connect + sync of {vms:,} VMs", "s", "<= 0.5",
      lambda v: v <= 0.5, "-"),
-    ("list_10k_s", "list of 10,000 VMs from the controller", "s", "<= 0.5",
+    ("list_10k_s", "2 list of {vms:,} VMs from the controller", "s", "<= 0.5",
      lambda v: v <= 0.5, "OpenNebula 2.4-6.4 s (20k), CloudStack ~10 s (25k)"),
-    ("ctrl_rss_mb", "controller RSS, 10k VMs / 500 LNMs / 20 clients", "MB", "<= 200",
-     lambda v: v <= 200, "paper: ~20 MB for 75 VMs"),
-    ("ctrl_idle_cpu_pct", "controller idle CPU, same load", "%", "<= 1",
+    ("ctrl_rss_mb", "3 controller RSS, {vms:,} VMs / {lnms} LNMs / {idle_clients} clients",
+     "MB", "<= 200", lambda v: v <= 200, "paper: ~20 MB for 75 VMs"),
+    ("ctrl_idle_cpu_pct", "3 controller idle CPU, same load", "%", "<= 1",
      lambda v: v <= 1, "paper: < 1% for 75 VMs"),
-    ("recovery_s", "controller kill -9 + restart until 10k VMs known", "s", "<= 5",
+    ("recovery_s", "4 controller kill -9 + restart until {vms:,} VMs back", "s", "<= 5",
      lambda v: v <= 5, "-"),
-    ("lost_detect_s", "LNM silent -> its VMs lost (default settings)", "s", "<= 10",
+    ("lost_detect_s", "5 LNM silent -> its VMs lost", "s", "<= 10",
      lambda v: v <= 10, "Nova marks a host down after 60 s"),
-    ("notify_p50_ms", "notification latency p50 at 100 changes/s", "ms", "-",
+    ("notify_p50_ms", "6 notification latency p50 at {notify_rate:g} changes/s", "ms", "-",
      lambda v: True, "-"),
-    ("notify_p99_ms", "notification latency p99 at 100 changes/s", "ms", "<= 100",
-     lambda v: v <= 100, "-"),
-    ("ops_per_s", "100 clients for 60 s: operations per second", "ops/s", "-",
+    ("notify_p99_ms", "6 notification latency p99 at {notify_rate:g} changes/s", "ms",
+     "<= 100", lambda v: v <= 100, "-"),
+    ("ops_per_s", "7 {ops_clients} clients for {ops_duration:g} s: operations/s", "ops/s",
+     "-", lambda v: True, "-"),
+    ("ops_p99_ms", "7 {ops_clients} clients: p99 operation latency", "ms", "-",
      lambda v: True, "-"),
-    ("ops_p99_ms", "100 clients: p99 operation latency", "ms", "-", lambda v: True, "-"),
-    ("ops_errors", "100 clients: errors", "", "0", lambda v: v == 0, "-"),
+    ("ops_errors", "7 {ops_clients} clients: errors", "", "0", lambda v: v == 0, "-"),
 ]
+
+# The issue's scale, for tables made without a run's own.
+FULL_SCALE = {"start_vms": 1000, "start_lnms": 100, "vms": 10000, "lnms": 500,
+              "idle_clients": 20, "notify_rate": 100, "ops_clients": 100, "ops_duration": 60}
 
 
 def machine():
-    return {"cpus": os.cpu_count(), "python": platform.python_version(),
-            "platform": platform.platform(), "date": time.strftime("%Y-%m-%d")}
+    return {"cpus": os.cpu_count(), "memory_mb": _memory_mb(), "cpu_model": _cpu_model(),
+            "python": platform.python_version(), "platform": platform.platform(),
+            "date": time.strftime("%Y-%m-%d")}
 
 
-def table(results):
+def _memory_mb():
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return None
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def describe_machine():
+    m = machine()
+    return (f"{m['cpus']} CPUs ({m['cpu_model']}), {m['memory_mb']:,} MB, Python "
+            f"{m['python']}, {m['platform']}, {m['date']}")
+
+
+def _shown(value, unit):
+    if isinstance(value, float):
+        text = f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+    else:
+        text = f"{value:,}"
+    return f"{text} {unit}".strip()
+
+
+def table(results, scale=None, errors=None):
+    """The Markdown table: each figure, its value, target, whether it is
+    met and the peers' figure; figures a failed step left out say so."""
+    scale = dict(FULL_SCALE, **(scale or {}))
     rows = [("figure", "value", "target", "met", "peers")]
     for key, what, unit, target, check, peers in FIGURES:
-        if key not in results:
+        what = what.format(**scale)
+        if key not in results or results[key] is None:
+            rows.append((what, "not measured", target, "NO", peers))
             continue
         value = results[key]
-        shown = f"{value:,.3g} {unit}".strip() if isinstance(value, float) else f"{value} {unit}"
-        rows.append((what, shown.strip(), target, "yes" if check(value) else "NO", peers))
+        rows.append((what, _shown(value, unit), target, "yes" if check(value) else "NO",
+                     peers))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = []
     for n, row in enumerate(rows):
         lines.append("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |")
         if n == 0:
             lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for step, error in (errors or {}).items():
+        lines.append(f"\n{step} failed: {error}")
     return "\n".join(lines)
 
 

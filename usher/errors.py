@@ -73,6 +73,14 @@ _BY_NAME = {cls.__name__: cls for cls in (
     Unavailable, LinkFailure, ConfigError)}
 
 
+def from_name(kind, message):
+    """The UsherError class named ``kind`` (UsherError itself for a name it
+    does not know) with ``message``: errors sent inside data, not as PB
+    failures (e.g. one per VM of a batch)."""
+    cls = _BY_NAME.get(kind if isinstance(kind, str) else "", UsherError)
+    return cls(str(message))
+
+
 def from_failure(failure):
     """Return an UsherError for a Failure that came over PB (or locally)."""
     if isinstance(failure.value, UsherError):

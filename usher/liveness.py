@@ -14,8 +14,26 @@ import socket
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.spread import pb
 
 log = Logger()
+
+# Heartbeat timers (and status reports, usher.lnm.monitor) fall on multiples
+# of this many seconds of the clock, so that a controller watching hundreds
+# of LNMs wakes up a few times a second for all of them rather than once per
+# LNM and timer: on a virtual machine each wake-up of an idle process costs
+# more CPU than the message that caused it.
+HEARTBEAT_TICK = 0.5
+
+
+def on_tick(clock, delay, tick):
+    """``delay`` lengthened so that it ends on a multiple of ``tick`` seconds
+    of ``clock`` (unchanged when ``tick`` is None or 0)."""
+    if not tick:
+        return delay
+    now = clock.seconds()
+    due = math.ceil((now + delay) / tick - 1e-9) * tick
+    return max(0.0, due - now)
 
 
 class Heartbeat:
@@ -26,12 +44,28 @@ class Heartbeat:
     answer, any failure as none. At most one ping is in flight: a peer that
     is slow to answer is not flooded. ``last_answer`` is the clock time of the
     latest answer (or of ``start``).
+
+    ``last_heard()``, if given, is the clock time at which the peer last sent
+    anything at all (a ``HeardBroker``'s ``last_heard``), or None: any traffic
+    is a sign of life, so the peer is pinged only once it has been quiet for
+    ``patience`` seconds (default ``interval``), and is silent once it has
+    been quiet for ``timeout``. Of two peers watching each other this way, the
+    one with less patience does the asking and keeps the other quiet: one
+    ping per ``interval`` on the link instead of two. (The LNMs ask; the
+    controller, which would otherwise ping hundreds of them, waits longer.)
+
+    ``tick``: every timer ends on a multiple of this many seconds (see
+    ``HEARTBEAT_TICK``); pings and silence are then up to ``tick`` late.
     """
 
-    def __init__(self, ping, *, clock, interval, timeout, on_silent, name="peer"):
+    def __init__(self, ping, *, clock, interval, timeout, on_silent, name="peer",
+                 last_heard=None, patience=None, tick=None):
         if interval <= 0 or timeout <= 0:
             raise ValueError("heartbeat interval and timeout must be positive")
         self._ping = ping
+        self._last_heard = last_heard
+        self.patience = interval if patience is None else patience
+        self.tick = tick
         self.clock = clock
         self.interval = interval
         self.timeout = timeout
@@ -48,9 +82,12 @@ class Heartbeat:
             return self
         self.running = True
         self.last_answer = self.clock.seconds()
-        self._watchdog = self.clock.callLater(self.timeout, self._expired)
-        self._next = self.clock.callLater(self.interval, self._beat)
+        self._watchdog = self._later(self.timeout, self._expired)
+        self._next = self._later(self.interval, self._beat)
         return self
+
+    def _later(self, delay, function):
+        return self.clock.callLater(on_tick(self.clock, delay, self.tick), function)
 
     def stop(self):
         self.running = False
@@ -62,11 +99,24 @@ class Heartbeat:
         if in_flight is not None:
             in_flight.cancel()
 
+    def heard(self):
+        """Clock time of the latest sign of life: an answer, any traffic
+        (``last_heard``) or ``start``."""
+        heard = self._last_heard() if self._last_heard is not None else None
+        if heard is None or (self.last_answer is not None and self.last_answer > heard):
+            return self.last_answer
+        return heard
+
     def _beat(self):
         self._next = None
         if not self.running:
             return
-        self._next = self.clock.callLater(self.interval, self._beat)
+        quiet_for = self.clock.seconds() - self.heard()
+        if self._last_heard is not None and quiet_for < self.patience - 1e-6:
+            # It spoke lately: ask only once it has been quiet for a while.
+            self._next = self._later(self.patience - quiet_for, self._beat)
+            return
+        self._next = self._later(self.interval, self._beat)
         if self._in_flight is not None:
             return
         try:
@@ -84,7 +134,7 @@ class Heartbeat:
             return
         self.last_answer = self.clock.seconds()
         if self._watchdog is not None and self._watchdog.active():
-            self._watchdog.reset(self.timeout)
+            self._watchdog.reset(on_tick(self.clock, self.timeout, self.tick))
 
     def _unanswered(self, failure, d):
         if self._in_flight is d:
@@ -97,9 +147,27 @@ class Heartbeat:
         self._watchdog = None
         if not self.running:
             return
-        silent_for = self.clock.seconds() - self.last_answer
+        silent_for = self.clock.seconds() - self.heard()
+        if silent_for < self.timeout - 1e-6:
+            # Heard from it since (traffic, not an answer): not silent yet.
+            self._watchdog = self._later(self.timeout - silent_for, self._expired)
+            return
         self.stop()
         self._on_silent(silent_for)
+
+
+class HeardBroker(pb.Broker):
+    """A PB broker that notes when its peer last sent anything:
+    ``last_heard``, on its factory's ``clock`` (None until then, or without
+    a clock). For ``Heartbeat(last_heard=...)``."""
+
+    last_heard = None
+
+    def dataReceived(self, data):
+        clock = getattr(self.factory, "clock", None)
+        if clock is not None:
+            self.last_heard = clock.seconds()
+        super().dataReceived(data)
 
 
 def _tcp_transport(transport):

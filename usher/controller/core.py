@@ -18,8 +18,10 @@ no VM ever runs twice or vanishes. LNM watchers (``watch_lnms``) hear of
 every attach and detach: the liveness monitor and the recovery tracker.
 """
 
+import collections
 import time
 import uuid
+from collections.abc import Mapping
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -36,6 +38,9 @@ from usher.naming import check_label, check_short_name, qualify, split
 from usher.vmset import Selection, expand_ranges, match_names
 
 log = Logger()
+
+# VMs per start_many sent to one LNM.
+START_BATCH = 32
 
 # Keys a request's extra arguments may not shadow.
 RESERVED_ARGS = {"memory_mib", "vcpus", "cluster", "count"}
@@ -167,9 +172,14 @@ class Controller:
         """Resolve a selection to records; unknown or foreign names are errors."""
         if not isinstance(selection, Selection):
             selection = Selection.from_wire(selection)
-        pool = self.state.vms if (admin or not own) else self.state.owned_by(user)
+        owner = None if (admin or not own) else user
         if admin and selection.everything:
-            pool = self.state.owned_by(user)
+            owner = user
+        # Views, not copies: a request naming one VM among 10,000 costs the
+        # lookup of one VM.
+        pool = self.state.vms if owner is None else self.state.owned_view(owner)
+        if selection.clusters and not (selection.regex or selection.everything):
+            pool = _ScanOnly(pool, self.state.cluster_members(selection.clusters, owner))
         chosen, unknown = selection.pick(pool, self._qualifier(user, admin))
         if unknown:
             foreign = [n for n in unknown if n in self.state.vms]
@@ -191,8 +201,16 @@ class Controller:
         if selection.names:
             records = self._select(user, admin, selection, own=False)
         else:
-            pool = dict(self.state.vms)
-            pool.update(self.state.unmanaged)
+            if selection.clusters and not (selection.regex or selection.everything):
+                wanted = set(selection.clusters)
+                members = self.state.cluster_members(wanted)
+                members.update(name for name, rec in self.state.unmanaged.items()
+                               if rec.get("cluster") in wanted)
+                pool = _ScanOnly(collections.ChainMap(self.state.vms, self.state.unmanaged),
+                                 members)
+            else:
+                pool = dict(self.state.vms)
+                pool.update(self.state.unmanaged)
             records, _ = selection.pick(pool, self._qualifier(user, admin))
         request = Request("list", user, admin=admin, vms=[r["name"] for r in records],
                           records={r["name"]: r for r in records})
@@ -382,6 +400,13 @@ class Controller:
                                    restart)
             return
 
+        def succeeded(rec, info):
+            self.state.update(rec["name"], state=info.get("state") or states.RUN,
+                              uuid=info.get("uuid"))
+            started.append({"name": rec["name"], "vmm": lnm})
+            self.chains.notify(Event("start_complete", self.api, vm=dict(rec), ok=True,
+                                     error=None))
+
         async def one(rec):
             name = rec["name"]
             self._busy[name] = "start"
@@ -396,14 +421,38 @@ class Controller:
                 return
             finally:
                 self._busy.pop(name, None)
-            self.state.update(name, state=info.get("state") or states.RUN,
-                              uuid=info.get("uuid"))
-            started.append({"name": name, "vmm": lnm})
-            self.chains.notify(Event("start_complete", self.api, vm=dict(rec), ok=True,
-                                     error=None))
+            succeeded(rec, info or {})
 
-        await defer.DeferredList([defer.Deferred.fromCoroutine(one(r)) for r in records],
-                                 consumeErrors=True)
+        async def batch(recs):
+            # One start_many per batch: one round trip for many VMs, and the
+            # LNM creates them together (the per-VM start is Table 2's).
+            names = [rec["name"] for rec in recs]
+            for name in names:
+                self._busy[name] = "start"
+            try:
+                async with self._batch_slot(lnm):
+                    if self.state.vmms[lnm].handle is not handle:
+                        raise LinkFailure(f"LNM {lnm} disconnected before the start of "
+                                          f"{len(names)} VMs was sent", sent=False)
+                    outcomes = dict(await handle.start_many(names))
+            except UsherError as e:
+                outcomes = dict.fromkeys(names, e)
+            finally:
+                for name in names:
+                    self._busy.pop(name, None)
+            for rec in recs:
+                outcome = outcomes[rec["name"]]
+                if isinstance(outcome, UsherError):
+                    self._start_failed(rec, failed, outcome, restart, lnm, handle)
+                else:
+                    succeeded(rec, outcome)
+
+        if getattr(handle, "start_many", None) is None:
+            work = [defer.Deferred.fromCoroutine(one(r)) for r in records]
+        else:
+            work = [defer.Deferred.fromCoroutine(batch(records[i:i + START_BATCH]))
+                    for i in range(0, len(records), START_BATCH)]
+        await defer.DeferredList(work, consumeErrors=True)
 
     def _start_failed(self, rec, failed, error, restart, lnm=None, handle=None):
         name = rec["name"]
@@ -438,6 +487,17 @@ class Controller:
         sem = self._semaphores.get(lnm)
         if sem is None:
             sem = self._semaphores[lnm] = defer.DeferredSemaphore(self.lnm_concurrency)
+        return _SemaphoreSlot(sem)
+
+    def _batch_slot(self, lnm):
+        """Batches of starts in flight on one LNM: as many VMs at most as
+        ``lnm_concurrency`` single commands (each batch's timeout covers only
+        the VMs queued on the LNM before it)."""
+        key = ("batches", lnm)
+        sem = self._semaphores.get(key)
+        if sem is None:
+            sem = self._semaphores[key] = defer.DeferredSemaphore(
+                max(1, self.lnm_concurrency // START_BATCH))
         return _SemaphoreSlot(sem)
 
     def _check_lnm_list(self, lnms):
@@ -990,7 +1050,10 @@ class Controller:
                                         memory_mib=dom.get("memory_mib"),
                                         vcpus=dom.get("vcpus"), uuid=dom.get("uuid"))
             self.state.add(rec)
-            log.info("adopted VM {vm} found on {lnm}", vm=name, lnm=lnm)
+            # After a restart every VM comes back this way: one line each for
+            # thousands of VMs would say nothing the recovery lines do not.
+            (log.debug if self.recovering else log.info)(
+                "adopted VM {vm} found on {lnm}", vm=name, lnm=lnm)
             self.chains.notify(Event("vm_adopted", self.api, vm=dict(rec), lnm=lnm))
             return rec
         if state is None:
@@ -1040,6 +1103,25 @@ class Controller:
     def _state_changed(self, record, old_state):
         if record["state"] is None and old_state is not None:
             self.chains.notify(Event("vm_removed", self.api, vm=dict(record)))
+
+
+class _ScanOnly(Mapping):
+    """``pool`` (a mapping name -> record) for lookups, but only ``names`` are
+    iterated: what a selection of virtual clusters scans, instead of every
+    VM."""
+
+    def __init__(self, pool, names):
+        self._pool = pool
+        self._names = names
+
+    def __getitem__(self, name):
+        return self._pool[name]
+
+    def __iter__(self):
+        return (name for name in sorted(self._names) if name in self._pool)
+
+    def __len__(self):
+        return sum(1 for name in self._names if name in self._pool)
 
 
 class _SemaphoreSlot:

@@ -13,7 +13,7 @@ from twisted.application import service
 from twisted.logger import Logger
 from twisted.spread import pb
 
-from usher.liveness import Heartbeat, enable_tcp_keepalive
+from usher.liveness import HEARTBEAT_TICK, HeardBroker, Heartbeat, enable_tcp_keepalive
 
 log = Logger()
 
@@ -31,8 +31,16 @@ class LNMLiveness(service.Service):
 
     def lnm_attached(self, name, handle):
         self.lnm_detached(name, None)
+        broker = getattr(handle, "broker", None)
+        last_heard = (lambda: broker.last_heard) if isinstance(broker, HeardBroker) else None
+        # The LNM pings after interval seconds of quiet (its own setting, the
+        # same by default): the controller asks only if that did not come,
+        # halfway between interval and timeout.
+        patience = (self.interval + self.timeout) / 2 if self.timeout > self.interval \
+            else self.interval
         beat = Heartbeat(handle.ping, clock=self.clock, interval=self.interval,
-                         timeout=self.timeout, name=f"LNM {name}",
+                         timeout=self.timeout, name=f"LNM {name}", last_heard=last_heard,
+                         patience=patience, tick=HEARTBEAT_TICK,
                          on_silent=lambda silent_for: self._silent(name, handle,
                                                                    silent_for))
         self._beats[name] = (handle, beat)
@@ -68,7 +76,7 @@ class LNMLiveness(service.Service):
         self.stop()
 
 
-class _KeepAliveBroker(pb.Broker):
+class _KeepAliveBroker(HeardBroker):
     def connectionMade(self):
         pb.Broker.connectionMade(self)
         interval, timeout = self.factory.keepalive
@@ -77,10 +85,13 @@ class _KeepAliveBroker(pb.Broker):
 
 class KeepAlivePBServerFactory(pb.PBServerFactory):
     """A PB server factory whose connections have TCP keepalive (and
-    ``TCP_USER_TIMEOUT``) set from the heartbeat's interval and timeout."""
+    ``TCP_USER_TIMEOUT``) set from the heartbeat's interval and timeout, and
+    note when their LNM last sent anything (on ``clock``, for the
+    heartbeat)."""
 
     protocol = _KeepAliveBroker
 
-    def __init__(self, root, *, interval, timeout):
+    def __init__(self, root, *, interval, timeout, clock=None):
         super().__init__(root)
         self.keepalive = (interval, timeout)
+        self.clock = clock

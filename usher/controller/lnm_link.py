@@ -13,7 +13,8 @@ from twisted.spread.flavors import IPBRoot
 from zope.interface import implementer
 
 from usher import pki
-from usher.errors import InvalidRequest, PermissionDenied, UsherError
+from usher.errors import (InvalidRequest, LinkFailure, PermissionDenied, UsherError,
+                          from_name)
 from usher.pbutil import as_deferred, call
 from usher.protocol import PROTOCOL_VERSION
 from usher.records import decode_records, encode_chunks
@@ -58,6 +59,27 @@ class RemoteLNM:
 
     async def start(self, name):
         return await self._call("start", name, timeout=self.command_timeout) or {}
+
+    async def start_many(self, names):
+        """-> [(name, domain info or UsherError)], the LNM's answer per VM."""
+        names = list(names)
+        reply = await self._call("start_many", names, timeout=self.command_timeout)
+        outcomes = []
+        try:
+            for entry in decode_records(reply):
+                if "error" in entry:
+                    outcomes.append((entry["name"], from_name(entry.get("kind"),
+                                                              entry["error"])))
+                elif isinstance(entry.get("info"), dict):
+                    outcomes.append((entry["name"], entry["info"]))
+                else:
+                    raise InvalidRequest("an entry has neither info nor error")
+            if [name for name, _outcome in outcomes] != names:
+                raise InvalidRequest("it does not answer for the VMs asked, in order")
+        except InvalidRequest as e:
+            # The VMs may have started: their outcome is unknown.
+            raise LinkFailure(f"start_many: malformed answer from the LNM ({e})") from None
+        return outcomes
 
     async def op_on(self, operation, name):
         return await self._call("op_on", operation, name, timeout=self.command_timeout)

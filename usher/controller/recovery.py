@@ -18,6 +18,8 @@ The controller persists one thing, the LNMs it has known
   refused, because a VM started now might already run on an LNM not back yet.
 """
 
+import collections
+
 from twisted.application import service
 from twisted.internet import defer, protocol
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
@@ -31,6 +33,8 @@ log = Logger()
 
 ANNOUNCEMENT = "USHER-RECOVERY"
 ANSWER_TIMEOUT = 10.0
+# Announcements under way at once (see RecoveryAnnouncer).
+ANNOUNCE_CONCURRENCY = 16
 
 
 class Recovery:
@@ -175,10 +179,17 @@ class RecoveryAnnouncer(service.Service):
     ``tls_options_for(name)`` gives the client TLS options for LNM ``name``
     (the controller's certificate; the LNM's must name ``name``).
     ``announce`` is the function that talks to one LNM (tests replace it).
+
+    At most ``concurrency`` announcements are under way at once; the others
+    wait their turn, and an LNM that reattached meanwhile (LNMs redial on
+    their own too) is not announced to. A few LNMs hear at once; of hundreds,
+    the many that come back by themselves within a second or two cost no TLS
+    handshake each, which the controller would pay while they reattach.
     """
 
     def __init__(self, known_lnms, recovery, *, reactor, tls_options_for, clock=None,
-                 initial_delay=1.0, max_delay=15.0, announce=announce):
+                 initial_delay=1.0, max_delay=15.0, announce=announce,
+                 concurrency=ANNOUNCE_CONCURRENCY):
         self.known_lnms = known_lnms
         self.recovery = recovery
         self.reactor = reactor
@@ -188,12 +199,26 @@ class RecoveryAnnouncer(service.Service):
         self.max_delay = max_delay
         self._announce = announce
         self._retries = {}
+        self.concurrency = concurrency
+        self._queue = collections.deque()   # (name, attempt) waiting their turn
+        self._under_way = 0
         self.answers = {}     # LNM name -> last answer (or error), for tests and logs
 
     def startService(self):
         super().startService()
-        for name in sorted(self.recovery.waiting):
-            self._send(name, 0)
+        self._queue.extend((name, 0) for name in sorted(self.recovery.waiting))
+        self._next_turns()
+
+    def _next_turns(self):
+        while self._under_way < self.concurrency and self._queue:
+            name, attempt = self._queue.popleft()
+            if self._send(name, attempt):
+                self._under_way += 1
+
+    def _queued(self, name, attempt):
+        self._retries.pop(name, None)
+        self._queue.append((name, attempt))
+        self._next_turns()
 
     def stopService(self):
         super().stopService()
@@ -201,26 +226,32 @@ class RecoveryAnnouncer(service.Service):
             if call.active():
                 call.cancel()
         self._retries.clear()
+        self._queue.clear()
 
     def _wanted(self, name):
         return self.running and not self.recovery.done and name in self.recovery.waiting
 
     def _send(self, name, attempt):
-        self._retries.pop(name, None)
+        """Announce to ``name`` -> True if an announcement is under way."""
         if not self._wanted(name):
-            return
+            return False
         entry = self.known_lnms.entries.get(name) or {}
         host, port = entry.get("recovery_host"), entry.get("recovery_port")
         if not host or not isinstance(port, int):
             log.warn("LNM {lnm} left no recovery address; it will reconnect on its own",
                      lnm=name)
-            return
+            return False
         try:
             options = self.tls_options_for(name)
         except Exception as e:
             log.error("cannot announce recovery to LNM {lnm}: {error}", lnm=name, error=e)
-            return
+            return False
         d = self._announce(self.reactor, host, port, options)
+
+        def turn_over(result):
+            self._under_way -= 1
+            self._next_turns()
+            return result
 
         def answered(line):
             self.answers[name] = line
@@ -238,12 +269,14 @@ class RecoveryAnnouncer(service.Service):
             self._again(name, attempt)
 
         d.addCallbacks(answered, failed)
+        d.addBoth(turn_over)
+        return True
 
     def _again(self, name, attempt):
         if not self._wanted(name):
             return
         delay = min(self.initial_delay * 2 ** attempt, self.max_delay)
-        self._retries[name] = self.clock.callLater(delay, self._send, name, attempt + 1)
+        self._retries[name] = self.clock.callLater(delay, self._queued, name, attempt + 1)
 
 
 class RecoveryService(service.Service):

@@ -24,6 +24,12 @@ from usher.daemon import ThreadPoolService
 
 log = Logger()
 
+# Connections waiting to be accepted. Twisted's default, 50, overflows when
+# hundreds of LNMs dial at once (a restarted controller announces itself to
+# all of them): the kernel drops the extra SYNs and those LNMs retry 1, 3, 7,
+# 15 s later. The kernel caps it at net.core.somaxconn.
+LISTEN_BACKLOG = 4096
+
 
 class PluginsService(service.Service):
     """Registers the configured plugins when the controller starts."""
@@ -88,8 +94,8 @@ def make_service(config, reactor):
     # (before the listeners: what connects first must find it), and the
     # heartbeat on every attached LNM.
     RecoveryService(controller, reactor=reactor, window=ctrl["recovery_window"],
-                    tls_options_for=lambda lnm: pki.client_tls_options(
-                        lnm, ctrl["ssl_ca_file"], ctrl["ssl_cert_file"],
+                    tls_options_for=pki.client_tls_options_for(
+                        ctrl["ssl_ca_file"], ctrl["ssl_cert_file"],
                         ctrl["ssl_key_file"])).setServiceParent(root)
     liveness = LNMLiveness(controller, clock=reactor, interval=ctrl["lnm_ping_interval"],
                            timeout=ctrl["lnm_ping_timeout"])
@@ -102,6 +108,7 @@ def make_service(config, reactor):
 
     client_tls = pki.server_tls_options(ctrl["ssl_cert_file"], ctrl["ssl_key_file"])
     client_endpoint = SSL4ServerEndpoint(reactor, ctrl["client_port"], client_tls,
+                                         backlog=LISTEN_BACKLOG,
                                          interface=ctrl["client_interface"])
     client_listener = internet.StreamServerEndpointService(
         client_endpoint, pb.PBServerFactory(ClientRoot(portal)))
@@ -111,12 +118,14 @@ def make_service(config, reactor):
     lnm_tls = pki.server_tls_options(ctrl["ssl_cert_file"], ctrl["ssl_key_file"],
                                      ctrl["ssl_ca_file"], require_client_cert=True)
     lnm_endpoint = SSL4ServerEndpoint(reactor, ctrl["lnm_port"], lnm_tls,
+                                      backlog=LISTEN_BACKLOG,
                                       interface=ctrl["lnm_interface"])
     lnm_root = LNMRoot(controller, clock=reactor, call_timeout=ctrl["call_timeout"],
                        command_timeout=ctrl["start_timeout"])
     lnm_listener = internet.StreamServerEndpointService(
         lnm_endpoint, KeepAlivePBServerFactory(lnm_root, interval=ctrl["lnm_ping_interval"],
-                                               timeout=ctrl["lnm_ping_timeout"]))
+                                               timeout=ctrl["lnm_ping_timeout"],
+                                               clock=reactor))
     lnm_listener._raiseSynchronously = True
     lnm_listener.setServiceParent(root)
 

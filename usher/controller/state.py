@@ -6,8 +6,35 @@ that it bumps the record's version and tells the listeners (client
 subscriptions, plugin events) exactly once.
 """
 
+from collections.abc import Mapping
+
 from usher import states
 from usher.naming import DEFAULT_CLUSTER, cluster_of, split
+
+
+class VMsByName(Mapping):
+    """Read-only records of some VMs, by name, without copying them: lookups
+    go to ``vms`` (a dict name -> record) but only ``names`` are in it (and
+    iterated). What a selection picks from, among 10,000 VMs, in the time its
+    own names take."""
+
+    def __init__(self, vms, names):
+        self._vms = vms
+        self._names = names
+
+    def __getitem__(self, name):
+        if name not in self._names:
+            raise KeyError(name)
+        return self._vms[name]
+
+    def __contains__(self, name):
+        return name in self._names and name in self._vms
+
+    def __iter__(self):
+        return (name for name in list(self._names) if name in self._vms)
+
+    def __len__(self):
+        return sum(1 for name in self._names if name in self._vms)
 
 
 class VMMInfo:
@@ -42,6 +69,7 @@ class GlobalState:
         self.unmanaged = {}    # VMs on our hosts that Usher does not manage
         self.vmms = {}         # LNM name -> VMMInfo
         self.clusters = {}     # (owner, cluster) -> set of VM names
+        self._owned = {}       # owner -> set of VM names
         self._listeners = []
 
     # -- listeners -----------------------------------------------------------
@@ -65,7 +93,21 @@ class GlobalState:
         return [vm for vm in self.vms.values() if vm["state"] == states.MISSING]
 
     def owned_by(self, owner):
-        return {name: vm for name, vm in self.vms.items() if vm["owner"] == owner}
+        return {name: self.vms[name] for name in self._owned.get(owner, ())}
+
+    def owned_view(self, owner):
+        """``owned_by`` without the copy (a read-only Mapping; do not change
+        the state while iterating it)."""
+        return VMsByName(self.vms, self._owned.get(owner, frozenset()))
+
+    def cluster_members(self, clusters, owner=None):
+        """Names of the VMs in the virtual clusters named ``clusters`` (of
+        ``owner``, or of anyone)."""
+        wanted = set(clusters)
+        if owner is not None:
+            return set().union(*(self.clusters.get((owner, c), ()) for c in wanted))
+        return set().union(*(names for (_owner, cluster), names in self.clusters.items()
+                             if cluster in wanted))
 
     def connected_vmms(self):
         return [v for v in self.vmms.values() if v.connected]
@@ -89,7 +131,7 @@ class GlobalState:
         name = record["name"]
         assert name not in self.vms, name
         self.vms[name] = record
-        self.clusters.setdefault((record["owner"], record["cluster"]), set()).add(name)
+        self._index(record)
         self._place(record, record["vmm"])
         record["version"] += 1
         self._notify(record, None)
@@ -109,6 +151,10 @@ class GlobalState:
             if record.get(key) != value:
                 if key == "vmm":
                     self._place(record, value)
+                if key in ("owner", "cluster"):
+                    self._unindex(record)
+                    record[key] = value
+                    self._index(record)
                 record[key] = value
                 changed = True
         if changed:
@@ -121,16 +167,27 @@ class GlobalState:
         if record is None:
             return None
         self._place(record, None)
-        members = self.clusters.get((record["owner"], record["cluster"]))
-        if members is not None:
-            members.discard(name)
-            if not members:
-                del self.clusters[(record["owner"], record["cluster"])]
+        self._unindex(record)
         old_state = record["state"]
         record["state"] = None
         record["version"] += 1
         self._notify(record, old_state)
         return record
+
+    def _index(self, record):
+        name = record["name"]
+        self.clusters.setdefault((record["owner"], record["cluster"]), set()).add(name)
+        self._owned.setdefault(record["owner"], set()).add(name)
+
+    def _unindex(self, record):
+        name = record["name"]
+        for index, key in ((self.clusters, (record["owner"], record["cluster"])),
+                           (self._owned, record["owner"])):
+            members = index.get(key)
+            if members is not None:
+                members.discard(name)
+                if not members:
+                    del index[key]
 
     def _place(self, record, vmm_name):
         old = self.vmms.get(record["vmm"]) if record["vmm"] else None

@@ -27,6 +27,8 @@ IMAGE_CHUNK_BYTES = 192 * 1024
 MAX_IMAGE_CHUNKS = 65536
 # A domain definition travels as one string: under banana's limit.
 MAX_XML = 512 * 1024
+# VMs in one start_many (the controller sends a few dozen at a time).
+MAX_START_MANY = 1024
 
 log = Logger()
 
@@ -145,6 +147,20 @@ class NodeAPI(pb.Referenceable):
     @_remote
     async def remote_start(self, name):
         return await self.manager.start(check_name(name))
+
+    @_remote
+    async def remote_start_many(self, names):
+        if not isinstance(names, (list, tuple)) or len(names) > MAX_START_MANY:
+            raise InvalidRequest(f"start_many needs a list of at most {MAX_START_MANY} "
+                                 "VM names")
+        names = [check_name(name) for name in names]
+        if len(set(names)) != len(names):
+            raise InvalidRequest("start_many: the same VM appears twice")
+        results = await self.manager.start_many(names)
+        return records.encode_chunks([
+            {"name": name, "error": str(outcome), "kind": outcome.__class__.__name__}
+            if isinstance(outcome, Exception) else {"name": name, "info": outcome}
+            for name, outcome in results])
 
     @_remote
     async def remote_op_on(self, operation, name):

@@ -31,6 +31,7 @@ import libvirt
 from twisted.internet.defer import Deferred, DeferredLock, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from usher import states
@@ -351,6 +352,13 @@ class LibvirtVMM:
         self._closed = False
         # Cleared when the driver refuses getAllDomainStats: per-domain calls then.
         self._bulk_stats = True
+        # Creates asked for in one reactor turn, made by a few pool jobs (see
+        # _create_soon): [(spec, uuid given, Deferred)].
+        self._pending_creates = []
+        self._creates_scheduled = None
+        # name -> (UUID, Usher metadata) of domains seen, while lifecycle
+        # events tell of redefinitions (see _metadata_of).
+        self._metadata = {}
 
     # --- plumbing -------------------------------------------------------------
 
@@ -413,6 +421,13 @@ class LibvirtVMM:
     @property
     def connected(self):
         return self._conn is not None
+
+    @property
+    def libvirt_connection(self):
+        """The libvirt connection in use (None while disconnected): for
+        acting on the hypervisor behind Usher's back, as a benchmark or an
+        administrator's virsh would. Blocking: use it from a thread."""
+        return self._conn
 
     def watch_connection(self, callback):
         """callback(connected: bool) on the reactor thread when the
@@ -486,6 +501,8 @@ class LibvirtVMM:
             conn, driver, template, callback_id = await deferToThreadPool(
                 self._reactor, self._pool, self._open)
             self._conn, self._driver = conn, driver
+            # Redefinitions while disconnected went unseen.
+            self._metadata.clear()
             self._template, self._event_callback_id = template, callback_id
             self.log.info("connected to {uri} (driver {driver}, events {events})",
                           uri=self.uri, driver=driver,
@@ -574,6 +591,8 @@ class LibvirtVMM:
         # so asking libvirt for the state here could report a later one:
         # map the event itself, and never call back into libvirt.
         name = dom.name()
+        if event in (libvirt.VIR_DOMAIN_EVENT_DEFINED, libvirt.VIR_DOMAIN_EVENT_UNDEFINED):
+            self._metadata.pop(name, None)
         state = self._state_for_event(event, detail)
         if state is not _NO_STATE_CHANGE:
             self._reactor.callFromThread(self._deliver, name, state)
@@ -630,14 +649,45 @@ class LibvirtVMM:
 
     def _info_of(self, dom):
         code, max_memory_kib, _memory_kib, vcpus, _cpu_time = dom.info()
+        name, uuid = dom.name(), dom.UUIDString()
         return {
-            "name": dom.name(),
-            "uuid": dom.UUIDString(),
+            "name": name,
+            "uuid": uuid,
             "state": self._state_of(dom, code),
             "memory_mib": max_memory_kib // 1024,
             "vcpus": vcpus,
-            "metadata": self._metadata_of(dom),
+            "metadata": self._remembered_metadata(dom, name, uuid),
         }
+
+    def _remembered_metadata(self, dom, name, uuid):
+        """``_metadata_of``, read once per definition where lifecycle events
+        say when a domain is (re)defined: a scan of a host reads no domain's
+        metadata (a libvirt call and an XML parse each) again and again."""
+        if self._event_callback_id is None:
+            return self._metadata_of(dom)
+        known = self._metadata.get(name)
+        if known is not None and known[0] == uuid:
+            return dict(known[1])
+        metadata = self._metadata_of(dom)
+        self._metadata[name] = (uuid, dict(metadata))
+        return metadata
+
+    def _created_info(self, dom, name, xml):
+        """``_info_of`` a domain just defined from ``xml`` and booted: its
+        name, UUID and metadata are what the definition says, so only its
+        state and size are asked (each libvirt call hands the interpreter
+        lock to other threads and waits to get it back)."""
+        code, max_memory_kib, _memory_kib, vcpus, _cpu_time = dom.info()
+        root = ET.fromstring(xml)
+        uuid = (root.findtext("uuid") or "").strip().lower() or dom.UUIDString()
+        element = root.find(f"metadata/{{{domain_xml.USHER_NS}}}vm")
+        metadata = ({k: v for k, v in element.attrib.items() if not k.startswith("{")}
+                    if element is not None else {})
+        if self._event_callback_id is not None:
+            self._metadata[name] = (uuid, dict(metadata))
+        return {"name": name, "uuid": uuid, "state": self._state_of(dom, code),
+                "memory_mib": max_memory_kib // 1024, "vcpus": vcpus,
+                "metadata": metadata}
 
     def _info_or_none(self, conn, name):
         try:
@@ -849,8 +899,62 @@ class LibvirtVMM:
     async def _create(self, spec):
         uuid_given = isinstance(spec, dict) and spec.get("uuid") is not None
         spec = domain_xml.normalize_spec(spec)
-        return await self._call(f"create {spec['name']!r}", spec["name"],
-                                self._create_sync, spec, uuid_given)
+        return await self._create_soon(spec, uuid_given)
+
+    def _create_soon(self, spec, uuid_given):
+        """Create on the next reactor turn, with every other create asked for
+        in this one: a start of many VMs costs a few pool jobs (one per pool
+        thread, so a slow hypervisor still creates that many at once), not one
+        job, thread hand-over and reactor wake-up per VM."""
+        if self._conn is None:
+            raise Unavailable(f"the hypervisor at {self.uri} is not connected")
+        waiter = Deferred()
+        self._pending_creates.append((spec, uuid_given, waiter))
+        if self._creates_scheduled is None:
+            self._creates_scheduled = self._reactor.callLater(0, self._run_creates)
+        return waiter
+
+    def _run_creates(self):
+        self._creates_scheduled = None
+        batch, self._pending_creates = self._pending_creates, []
+        conn = self._conn
+        if conn is None:
+            for _spec, _uuid_given, waiter in batch:
+                waiter.errback(Unavailable(f"the hypervisor at {self.uri} is not connected"))
+            return
+        jobs = max(1, min(len(batch), getattr(self._pool, "max", 1)))
+        for index in range(jobs):
+            part = batch[index::jobs]
+            d = deferToThreadPool(self._reactor, self._pool, self._create_batch_sync, conn,
+                                  [(spec, uuid_given) for spec, uuid_given, _w in part])
+            d.addCallbacks(self._created, self._creates_failed, callbackArgs=(part,),
+                           errbackArgs=(part,))
+
+    def _create_batch_sync(self, conn, items):
+        """Pool thread: each create of a batch on its own -> [(ok, info or
+        Failure)]."""
+        results = []
+        for spec, uuid_given in items:
+            try:
+                results.append((True, self._translated(
+                    f"create {spec['name']!r}", spec["name"], conn, self._create_sync, spec,
+                    uuid_given)))
+            except Exception:
+                results.append((False, Failure()))
+        return results
+
+    @staticmethod
+    def _created(results, part):
+        for (_spec, _uuid_given, waiter), (ok, value) in zip(part, results):
+            if ok:
+                waiter.callback(value)
+            else:
+                waiter.errback(value)
+
+    @staticmethod
+    def _creates_failed(failure, part):
+        for _spec, _uuid_given, waiter in part:
+            waiter.errback(failure)
 
     def _create_sync(self, conn, spec, uuid_given):
         name = spec["name"]
@@ -883,7 +987,7 @@ class LibvirtVMM:
                 with suppress(libvirt.libvirtError):
                     self._undefine(dom)
                 raise
-            return self._info_of(dom)
+            return self._created_info(dom, name, xml)
 
     @staticmethod
     def _lookup_or_none(conn, name):

@@ -26,7 +26,7 @@ from twisted.spread import pb
 
 from usher import records
 from usher.errors import UsherError
-from usher.liveness import Heartbeat, enable_tcp_keepalive
+from usher.liveness import HEARTBEAT_TICK, HeardBroker, Heartbeat, enable_tcp_keepalive
 from usher.pbutil import call
 from usher.protocol import PROTOCOL_VERSION
 
@@ -58,6 +58,8 @@ class ControllerLinkFactory(pb.PBClientFactory):
 
     log = Logger()
     noisy = False  # ClientService logs each attempt already
+    # Notes when the controller last sent anything (for the heartbeat).
+    protocol = HeardBroker
 
     def __init__(self, manager, node_api, *, clock, call_timeout, recovery_port=None,
                  ping_interval=None, ping_timeout=None):
@@ -155,7 +157,8 @@ class ControllerLinkFactory(pb.PBClientFactory):
         self._heartbeat = Heartbeat(
             lambda: call(reporter, "ping", timeout=self.ping_timeout, clock=self.clock),
             clock=self.clock, interval=self.ping_interval, timeout=self.ping_timeout,
-            on_silent=silent, name="the controller").start()
+            on_silent=silent, name="the controller",
+            last_heard=lambda: broker.last_heard, tick=HEARTBEAT_TICK).start()
 
     def _stop_heartbeat(self):
         heartbeat, self._heartbeat = self._heartbeat, None

@@ -26,8 +26,23 @@ def main(argv=None):
                              "$USHER_LNM_CONFIG")
     parser.add_argument("--name", help="the LNM's name (default: [lnm] name, else the "
                                        "common name of its certificate)")
+    parser.add_argument("--fleet", type=int, metavar="N",
+                        help="run N LNMs in this process, each on its own embedded test "
+                             "host with its own certificate (see usher.lnm.fleet): for "
+                             "benchmarks and trials at scale")
+    parser.add_argument("--fleet-prefix", default="lnm", metavar="PREFIX",
+                        help="fleet members are named PREFIX1 .. PREFIXN (default lnm)")
+    parser.add_argument("--fleet-first", type=int, default=1, metavar="K",
+                        help="number of the first fleet member (default 1)")
+    parser.add_argument("--fleet-certs", metavar="DIR",
+                        help="directory of the members' NAME_cert.pem and NAME_key.pem "
+                             "(default: the directory of ssl_cert_file)")
     parser.add_argument("--version", action="version", version=f"usherlnm {__version__}")
     options = parser.parse_args(argv)
+    if options.fleet is not None and (options.fleet < 1 or options.fleet_first < 0):
+        parser.error("--fleet needs a positive number of LNMs (and --fleet-first >= 0)")
+    if options.fleet is not None and options.name is not None:
+        parser.error("--name names one LNM; a fleet's are --fleet-prefix and a number")
 
     from twisted.internet import reactor
 
@@ -43,6 +58,8 @@ def main(argv=None):
             if not name or len(name) > MAX_FIELD or not name.isprintable():
                 raise ConfigError(f"--name: invalid LNM name {options.name!r}")
             config["lnm"]["name"] = name
+        if options.fleet is not None:
+            return _run_fleet(options, config, reactor)
         root = make_service(config, reactor)
     except ConfigError as e:
         print(f"usherlnm: configuration error: {e}", file=sys.stderr)
@@ -70,6 +87,40 @@ def main(argv=None):
 
     code = daemon.run(reactor, root, name=f"usherlnm {root.name}",
                       pid_file=lnm["pid_file"], on_running=watch_start)
+    return code or (1 if failed else 0)
+
+
+def _run_fleet(options, config, reactor):
+    """``--fleet N``: N LNMs in this process (usher.lnm.fleet)."""
+    import os
+
+    from twisted.internet import defer
+
+    from usher import daemon
+    from usher.lnm.fleet import Fleet
+
+    lnm = config["lnm"]
+    cert_dir = options.fleet_certs or os.path.dirname(os.path.abspath(lnm["ssl_cert_file"]))
+    fleet = Fleet(config, reactor, cert_dir=cert_dir, prefix=options.fleet_prefix)
+    try:
+        daemon.start_logging(lnm["log_file"], lnm["log_level"])
+    except OSError as e:
+        print(f"usherlnm: configuration error: cannot open log file: {e}", file=sys.stderr)
+        return 2
+    failed = []
+
+    def add_members():
+        numbers = range(options.fleet_first, options.fleet_first + options.fleet)
+
+        def cannot_start(failure):
+            # The fleet has logged which member and why.
+            failed.append(failure)
+            reactor.stop()
+
+        defer.Deferred.fromCoroutine(fleet.add(numbers)).addErrback(cannot_start)
+
+    code = daemon.run(reactor, fleet, name=f"usherlnm fleet of {options.fleet}",
+                      pid_file=lnm["pid_file"], on_running=add_members)
     return code or (1 if failed else 0)
 
 

@@ -34,6 +34,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from usher import states
+from usher.liveness import HEARTBEAT_TICK, on_tick
 from usher.protocol import AVERAGE_WINDOWS, FIGURES
 
 log = Logger()
@@ -312,13 +313,19 @@ class Monitor:
     """
 
     def __init__(self, vmm, *, name, clock, sample_interval=5.0, report_interval=15.0,
-                 simulated_load=None, reporter_of=lambda: None, vm_args=lambda name: {}):
+                 simulated_load=None, reporter_of=lambda: None, vm_args=lambda name: {},
+                 sample_phase=None):
         if sample_interval <= 0 or report_interval <= 0:
             raise ValueError("the sample and report intervals must be positive")
         self.vmm = vmm
         self.name = name
         self.clock = clock
         self.sample_interval = sample_interval
+        # Seconds from the first sample (at start) to the second; afterwards
+        # every sample_interval. LNMs started together are given random
+        # ones, so that their samples do not all fall together.
+        self.sample_phase = sample_interval if sample_phase is None else sample_phase
+        self._sample_start = None
         self.report_interval = report_interval
         self.simulation = SimulatedLoad(simulated_load) if simulated_load else None
         self._reporter_of = reporter_of
@@ -333,6 +340,7 @@ class Monitor:
         self._failing = False
         self._sample_loop = None
         self._report_loop = None
+        self._report_start = None
         self._in_flight = set()
 
     @property
@@ -344,17 +352,35 @@ class Monitor:
     def start(self):
         """Sample now and every ``sample_interval``; report every
         ``report_interval``."""
-        if self._sample_loop is not None:
+        if self._sample_loop is not None or self._sample_start is not None:
             return
-        self._sample_loop = self._loop(self.sample, self.sample_interval, now=True)
-        self._report_loop = self._loop(self.report, self.report_interval, now=False)
+        if self.sample_phase >= self.sample_interval:
+            self._sample_loop = self._loop(self.sample, self.sample_interval, now=True)
+        else:
+            self._sample_loop = self._loop(self.sample, self.sample_interval, now=True,
+                                           once=True)
+
+            def start_sampling():
+                self._sample_start = None
+                self._sample_loop = self._loop(self.sample, self.sample_interval, now=True)
+
+            self._sample_start = self.clock.callLater(self.sample_phase, start_sampling)
+
+        def start_reporting():
+            self._report_start = None
+            self._report_loop = self._loop(self.report, self.report_interval, now=False)
+
+        # On a heartbeat tick, so that the controller hears reports together
+        # with other LNMs' pings and reports (usher.liveness.HEARTBEAT_TICK).
+        self._report_start = self.clock.callLater(
+            on_tick(self.clock, 0, HEARTBEAT_TICK), start_reporting)
         log.info("LNM {lnm}: sampling every {sample} s, reporting every {report} s"
                  "{simulated}", lnm=self.name, sample=self.sample_interval,
                  report=self.report_interval,
                  simulated=(f"; SIMULATED load ({self.simulation.profile}) where the "
                             "driver has no statistics") if self.simulation else "")
 
-    def _loop(self, function, interval, *, now):
+    def _loop(self, function, interval, *, now, once=False):
         async def guarded():
             try:
                 await function()
@@ -369,6 +395,10 @@ class Monitor:
             d.addBoth(lambda result: self._in_flight.discard(d) or result)
             return d
 
+        if once:
+            # One call now, tracked like a loop's (stop waits for it).
+            tick()
+            return None
         loop = task.LoopingCall(tick)
         loop.clock = self.clock
         loop.start(interval, now=now)
@@ -376,6 +406,10 @@ class Monitor:
 
     async def stop(self):
         """Stop both loops and wait for a sample or report in flight."""
+        for pending in (self._report_start, self._sample_start):
+            if pending is not None and pending.active():
+                pending.cancel()
+        self._report_start = self._sample_start = None
         for loop in (self._sample_loop, self._report_loop):
             if loop is not None and loop.running:
                 loop.stop()

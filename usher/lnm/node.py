@@ -170,21 +170,29 @@ class CachedVM:
 class NodeManager:
     """The LNM: Table 2 as coroutine methods, change detection and reporting.
 
-    ``clock`` drives the scan (every ``scan_interval`` seconds) and the report
-    flush (every ``report_interval``). The reporter (``set_reporter``) is any
-    object with ``async report(changes) -> acks``; None while detached.
+    ``clock`` drives the scan (every ``scan_interval`` seconds) and the
+    reports: a change goes to the controller on the next reactor turn, and
+    changes that come while a report is on its way go together in the next
+    one; a failed report is retried after ``report_interval`` seconds. The
+    reporter (``set_reporter``) is any object with ``async report(changes) ->
+    acks``; None while detached.
     """
 
     log = Logger()
 
     def __init__(self, vmm, *, name, clock, scan_interval, report_interval,
-                 migration_uri=None):
+                 migration_uri=None, scan_phase=None):
         if scan_interval <= 0 or report_interval <= 0:
             raise ValueError("scan_interval and report_interval must be positive")
         self.vmm = vmm
         self.name = name
         self.clock = clock
         self.scan_interval = scan_interval
+        # Seconds to the first periodic scan (default: scan_interval). LNMs
+        # started together (a fleet, hosts after a power cut) are given
+        # random ones, so that their scans do not all fall together.
+        self.scan_phase = scan_interval if scan_phase is None else scan_phase
+        self._scan_start = None
         self.report_interval = report_interval
         self.migration_uri = migration_uri
         self._vms = {}          # name -> CachedVM
@@ -193,6 +201,7 @@ class NodeManager:
         self._pending = {}      # name -> change not yet delivered
         self._reporter = None
         self._reporting = False
+        self._flush_call = None
         # Sequence numbers order observations: a listing requested at seq N
         # must not overwrite what an event or an operation said about a VM
         # after N.
@@ -244,12 +253,19 @@ class NodeManager:
         await self.scan()
         if not self._running:
             return  # shut down while taking the inventory
-        self._scan_loop = self._loop(self.scan, self.scan_interval)
-        self._report_loop = self._loop(self.flush, self.report_interval)
+        if self.scan_phase >= self.scan_interval:
+            self._scan_loop = self._loop(self.scan, self.scan_interval)
+        else:
+            def start_scanning():
+                self._scan_start = None
+                self._scan_loop = self._loop(self.scan, self.scan_interval, now=True)
+
+            self._scan_start = self.clock.callLater(self.scan_phase, start_scanning)
+        self._flush_soon()
         self.log.info("LNM {lnm} managing {count} domains on {uri}", lnm=self.name,
                       count=len(self._domains), uri=getattr(self.vmm, "uri", None))
 
-    def _loop(self, function, interval):
+    def _loop(self, function, interval, now=False):
         async def guarded():
             try:
                 await function()
@@ -260,7 +276,7 @@ class NodeManager:
 
         loop = task.LoopingCall(lambda: defer.Deferred.fromCoroutine(guarded()))
         loop.clock = self.clock
-        loop.start(interval, now=False)
+        loop.start(interval, now=now)
         return loop
 
     async def shutdown(self):
@@ -271,6 +287,12 @@ class NodeManager:
             if loop is not None and loop.running:
                 loop.stop()
         self._scan_loop = self._report_loop = None
+        if self._scan_start is not None and self._scan_start.active():
+            self._scan_start.cancel()
+        self._scan_start = None
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
         if self._active:
             waiter = defer.Deferred()
             self._idle_waiters.append(waiter)
@@ -334,8 +356,9 @@ class NodeManager:
 
     def set_reporter(self, reporter):
         """Attach (a reporter) or detach (None). Changes queued while detached
-        go out at the first flush after attaching."""
+        go out at once after attaching."""
         self._reporter = reporter
+        self._flush_soon()
 
     @property
     def reporter(self):
@@ -358,9 +381,30 @@ class NodeManager:
         """The changes waiting to be reported, by VM name (a copy)."""
         return {name: dict(change) for name, change in self._pending.items()}
 
+    def _flush_soon(self, delay=0):
+        """Report the queued changes on the next reactor turn (or after
+        ``delay`` seconds: a retry), unless a report is already due."""
+        if (self._flush_call is not None or not self._running or self._reporter is None
+                or not self._pending):
+            return
+
+        def due():
+            self._flush_call = None
+            defer.Deferred.fromCoroutine(self._flush_logged())
+
+        self._flush_call = self.clock.callLater(delay, due)
+
+    async def _flush_logged(self):
+        try:
+            await self.flush()
+        except Exception:
+            self.log.failure("LNM {lnm}: reporting changes failed", lnm=self.name)
+
     async def flush(self):
         """Send the queued changes in one batch, if attached; one batch at a
-        time. A failed batch stays queued for the next flush."""
+        time (what comes meanwhile goes in the next, sent as soon as this one
+        is answered). A failed batch stays queued, retried after
+        ``report_interval``."""
         reporter = self._reporter
         if reporter is None or not self._pending or self._reporting:
             return
@@ -371,13 +415,16 @@ class NodeManager:
             acks = await reporter.report(list(batch.values()))
         except Exception as e:
             self.log.warn("LNM {lnm}: report of {count} changes failed ({error}); "
-                          "retrying at the next flush", lnm=self.name, count=len(batch),
-                          error=str(e) or e.__class__.__name__)
-            return
-        finally:
+                          "retrying in {delay:g} s", lnm=self.name, count=len(batch),
+                          error=str(e) or e.__class__.__name__, delay=self.report_interval)
             self._reporting = False
             self._leave()
+            self._flush_soon(self.report_interval)
+            return
+        self._reporting = False
+        self._leave()
         self._acknowledge(batch, acks)
+        self._flush_soon()
 
     def _acknowledge(self, batch, acks):
         """The controller received ``batch``; ``acks`` are its updated records
@@ -452,6 +499,7 @@ class NodeManager:
                           lnm=self.name, vm=name, actual=actual,
                           told=None if told is _NEVER_TOLD else told)
         self._pending[name] = change
+        self._flush_soon()
 
     def _touch(self, name):
         self._seq += 1
@@ -562,6 +610,13 @@ class NodeManager:
         if state is None and vm is None and name not in self._domains:
             return
         self._touch(name)
+        observed = self._domains.get(name)
+        if name not in self._refreshing and observed is not None and (
+                observed.get("state") == state):
+            # It says what was last observed (typically the late event of an
+            # operation whose result came first): nothing to read. A change
+            # while a read is under way is read again (below).
+            return
         if name in self._refreshing:
             self._refreshing[name] = True   # read again when the current read ends
             return
@@ -659,8 +714,10 @@ class NodeManager:
             raise
         finally:
             self._leave()
-        self.log.info("LNM {lnm}: {what} {vm} -> {state}", lnm=self.name, what=what,
-                      vm=name, state=info.get("state") if info else None)
+        # Per VM and routine: debug (a start of thousands would log thousands
+        # of lines); failures are warnings above.
+        self.log.debug("LNM {lnm}: {what} {vm} -> {state}", lnm=self.name, what=what,
+                       vm=name, state=info.get("state") if info else None)
         return info
 
     def _report_if_awaited(self, name, session, record):
@@ -672,6 +729,7 @@ class NodeManager:
         self._listed_busy.discard(name)
         self._pending[name] = _change(name, self._actual_state(name),
                                       self._domains.get(name) or record)
+        self._flush_soon()
 
     def _settle(self, vm, info, session=None):
         name = vm.name
@@ -717,6 +775,24 @@ class NodeManager:
     async def start(self, name):
         """Boot a cached VM (idempotent) -> domain info."""
         return await self._run(name, lambda vm: vm.start(), "start")
+
+    async def start_many(self, names):
+        """Boot several cached VMs, each as ``start`` does -> [(name, domain
+        info or the UsherError that VM failed with)], in the order given. One
+        answer for many, and the VMM creates them in a few batches."""
+        async def one(name):
+            try:
+                return name, await self.start(name)
+            except UsherError as e:
+                return name, e
+            except Exception:
+                # One VM's unexpected failure must not hide the others' fate.
+                self.log.failure("LNM {lnm}: start {vm} failed", lnm=self.name, vm=name)
+                return name, OperationFailed(f"start {name}: internal error on LNM "
+                                             f"{self.name} (see its log)")
+
+        return list(await defer.gatherResults(
+            [defer.Deferred.fromCoroutine(one(name)) for name in names]))
 
     async def op_on(self, operation, name):
         """Apply a Table 3 operation -> domain info, or None after destroy."""

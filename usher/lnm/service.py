@@ -3,7 +3,8 @@
 ``make_service(config, reactor)`` -> one ``LNMService`` (a MultiService)
 holding, in start order:
 
-1. the thread pool that every blocking hypervisor call runs in;
+1. the thread pool that every blocking hypervisor call runs in (unless one
+   is shared: a fleet of LNMs in one process, ``usher.lnm.fleet``);
 2. the node: the VMM (libvirt at ``libvirt_uri``, or the embedded test
    driver on a simulated host written into ``state_dir``) and the
    NodeManager;
@@ -16,11 +17,15 @@ Stopping goes the other way, each step waiting for the previous one.
 """
 
 import os
+import random
 
 from cryptography.x509.oid import NameOID
 from twisted.application import service
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.abstract import isIPAddress as isIPv4Address
+from twisted.internet.abstract import isIPv6Address
+from twisted.internet.endpoints import (HostnameEndpoint, TCP4ClientEndpoint,
+                                        TCP6ClientEndpoint, wrapClientTLS)
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
@@ -59,12 +64,17 @@ def controller_endpoint(reactor, lnm_config):
     """The TLS client endpoint to the controller's LNM port, presenting the
     LNM's certificate and checking the controller's against the site CA."""
     host = lnm_config["controller_host"]
+    port = lnm_config["controller_port"]
     options = pki.client_tls_options(lnm_config.get("controller_tls_name") or host,
                                      lnm_config["ssl_ca_file"],
                                      lnm_config["ssl_cert_file"],
                                      lnm_config["ssl_key_file"])
-    return wrapClientTLS(options, HostnameEndpoint(reactor, host,
-                                                   lnm_config["controller_port"]))
+    # An address needs no name resolution (a thread job per reconnection).
+    if isIPv4Address(host):
+        return wrapClientTLS(options, TCP4ClientEndpoint(reactor, host, port))
+    if isIPv6Address(host):
+        return wrapClientTLS(options, TCP6ClientEndpoint(reactor, host, port))
+    return wrapClientTLS(options, HostnameEndpoint(reactor, host, port))
 
 
 def template_defaults(lnm_config):
@@ -119,13 +129,15 @@ class LNMService(service.MultiService):
     def __init__(self, *, name, pool_service, node_service, link, recovery=None):
         super().__init__()
         self.name = name
+        # None when the thread pool is someone else's (a fleet shares one).
         self.pool_service = pool_service
         self.node_service = node_service
         self.link = link
         # The recovery listener (usher.lnm.recovery): up with the link.
         self.recovery = recovery
-        children = [(pool_service, "threads"), (node_service, "node"),
-                    (link, "controller-link")]
+        children = [(node_service, "node"), (link, "controller-link")]
+        if pool_service is not None:
+            children.insert(0, (pool_service, "threads"))
         if recovery is not None:
             children.append((recovery, "recovery-listener"))
         for child, child_name in children:
@@ -146,7 +158,8 @@ class LNMService(service.MultiService):
         self.ready = defer.Deferred.fromCoroutine(self._start())
 
     async def _start(self):
-        self.pool_service.startService()
+        if self.pool_service is not None:
+            self.pool_service.startService()
         self.node_service.startService()
         try:
             await self.node_service.ready
@@ -176,20 +189,27 @@ class LNMService(service.MultiService):
                 except Exception:
                     pass
             await self.node_service.stopService()
-        if self.pool_service.running:
+        if self.pool_service is not None and self.pool_service.running:
             self.pool_service.stopService()
         log.info("LNM {lnm} stopped", lnm=self.name)
 
 
-def make_service(config, reactor):
+def make_service(config, reactor, *, pool=None):
     """Build the LNM from ``load_config(usher.settings.LNM)``'s result.
+
+    ``pool``: a thread pool shared with other LNMs (``usher.lnm.fleet``),
+    started and stopped by its owner; by default the LNM has its own, of
+    ``threads`` threads.
 
     Reads the certificate (for the name) and writes the test host file (for
     the embedded driver): call it at start-up, before the reactor serves.
     """
     lnm = config["lnm"]
     name = lnm_name(lnm)
-    pool = ThreadPool(minthreads=0, maxthreads=lnm["threads"], name=f"usherlnm-{name}")
+    pool_service = None
+    if pool is None:
+        pool = ThreadPool(minthreads=0, maxthreads=lnm["threads"], name=f"usherlnm-{name}")
+        pool_service = ThreadPoolService(pool)
     uri = lnm.get("libvirt_uri")
     if not uri:
         uri = write_test_host(os.path.join(lnm["state_dir"], TEST_HOST_FILE),
@@ -200,14 +220,18 @@ def make_service(config, reactor):
                      template_defaults=template_defaults(lnm),
                      reconnect_initial_delay=lnm["reconnect_initial_delay"],
                      reconnect_max_delay=lnm["reconnect_max_delay"])
+    # Scans and samples start at a random point of their intervals: LNMs
+    # started together (a fleet, hosts after a power cut) spread them out.
     manager = NodeManager(vmm, name=name, clock=reactor,
                           scan_interval=lnm["scan_interval"],
                           report_interval=lnm["report_interval"],
-                          migration_uri=lnm.get("migration_uri"))
+                          migration_uri=lnm.get("migration_uri"),
+                          scan_phase=random.uniform(0, lnm["scan_interval"]))
     # (.get: configurations built in code may predate the monitoring options)
     simulated_load = lnm.get("simulated_load") or "off"
     manager.set_monitor(Monitor(
         vmm, name=name, clock=reactor, sample_interval=lnm.get("sample_interval", 5.0),
+        sample_phase=random.uniform(0, lnm.get("sample_interval", 5.0)),
         report_interval=lnm.get("status_report_interval", 15.0),
         simulated_load=None if simulated_load == "off" else simulated_load,
         reporter_of=lambda: manager.reporter, vm_args=manager.vm_args))
@@ -225,6 +249,6 @@ def make_service(config, reactor):
         port=lnm["recovery_port"], cert_file=lnm["ssl_cert_file"],
         key_file=lnm["ssl_key_file"], ca_file=lnm["ssl_ca_file"],
         controller_identity=lnm.get("controller_tls_name") or lnm["controller_host"]))
-    return LNMService(name=name, pool_service=ThreadPoolService(pool),
+    return LNMService(name=name, pool_service=pool_service,
                       node_service=NodeService(vmm, manager), link=link,
                       recovery=recovery[0])

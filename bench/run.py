@@ -1,0 +1,616 @@
+"""``make bench`` (``python -m bench.run``): Usher's figures at scale.
+
+A real controller process (``usherctrl``) and a fleet of real LNMs in this
+process (``usher.lnm.fleet``: each its own libvirt test host, NodeManager and
+mutual-TLS link), real clients, all on 127.0.0.1, default settings. The
+figures, in the order they are taken (see ``bench/report.py`` for targets
+and the peers' figures):
+
+1. one ``start`` of 1,000 VMs over 100 LNMs, request sent -> every VM ``run``
+   in the client's cache, and its time relative to 1,000 raw libvirt
+   ``createXML`` calls in one loop (same domain XML, fresh test hosts);
+   then the fleet grows to 500 LNMs and a second start fills it to 10,000 VMs;
+2. a fresh client's connect + initial sync of the 10,000 VMs, and a ``list``
+   of all of them from the controller (median of 3);
+3. the controller's resident memory and CPU over an idle window, with the
+   10,000 VMs, 500 LNMs and 20 clients connected (from /proc);
+6. notification latency: out-of-band state changes (suspend/resume through
+   the fleet hosts' own libvirt connections) at 100 per second, from the
+   libvirt call to the client's change callback, p50 and p99;
+5. one LNM's link falls silent (a relay stops passing bytes, nothing is
+   closed): time until the client sees all its VMs ``lost``;
+4. controller ``kill -9``, restart, until a client that reconnects counts all
+   10,000 VMs running again;
+7. 100 clients, each with VMs of its own, issuing pause/resume/list
+   operations back to back for 60 s: operations per second, p99 latency,
+   errors.
+
+``--quick`` runs the same harness at toy scale in seconds (the test suite
+does, to keep it working); its numbers mean nothing.
+"""
+
+import argparse
+import dataclasses
+import os
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+
+from twisted.internet import defer, task
+from twisted.internet.threads import deferToThreadPool
+
+from bench import report
+from bench.proxy import SilenceableRelay
+from bench.system import DOMAIN, USER, BenchSystem, ProcessStats, sleep, wait_for
+from usher import states
+from usher.vmset import Selection
+
+
+@dataclasses.dataclass
+class Scale:
+    start_lnms: int = 100
+    start_vms: int = 1000
+    lnms: int = 500
+    vms: int = 10000
+    idle_clients: int = 20
+    idle_settle: float = 10.0
+    idle_window: float = 30.0
+    notify_rate: float = 100.0
+    notify_duration: float = 30.0
+    notify_vms: int = 500
+    ops_clients: int = 100
+    ops_vms: int = 4
+    ops_duration: float = 60.0
+    repeats: int = 3
+    # Options written into the generated files over the defaults.
+    ctrl_settings: dict = dataclasses.field(default_factory=dict)
+    lnm_settings: dict = dataclasses.field(default_factory=dict)
+    # How long to wait for things that should take seconds.
+    patience: float = 300.0
+
+
+FULL = Scale()
+QUICK = Scale(start_lnms=3, start_vms=30, lnms=5, vms=100, idle_clients=2, idle_settle=0.5,
+              idle_window=1.0, notify_rate=50.0, notify_duration=1.0, notify_vms=20,
+              ops_clients=4, ops_vms=2, ops_duration=2.0, repeats=1,
+              ctrl_settings={"lnm_ping_interval": 0.5, "lnm_ping_timeout": 2},
+              lnm_settings={"ping_interval": 0.5, "ping_timeout": 2,
+                            "reconnect_initial_delay": 0.2, "reconnect_max_delay": 1},
+              patience=60.0)
+
+
+def full_name(short):
+    return f"{short}.{USER}.{DOMAIN}"
+
+
+def percentile(values, fraction):
+    """Nearest-rank percentile of a non-empty list."""
+    ordered = sorted(values)
+    rank = max(1, int(round(fraction * len(ordered) + 0.5)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+class Progress:
+    def __init__(self, out):
+        self.out = out
+        self.started = time.monotonic()
+
+    def __call__(self, text):
+        print(f"[{time.monotonic() - self.started:7.1f} s] {text}", file=self.out, flush=True)
+
+
+class RunWatcher:
+    """Counts, from a client's change callbacks, the VMs of a set that are in
+    a state (without scanning the cache at every poll)."""
+
+    def __init__(self, client, names, state):
+        self.names = set(names)
+        self.state = state
+        self.there = {n for n in self.names if client.vms.get(n, {}).get("state") == state}
+        self.done_at = None
+        self._stop = client.on_change(self._changed)
+        self._check()
+
+    def _changed(self, changed, removed):
+        for record in changed:
+            name = record["name"]
+            if name in self.names:
+                if record["state"] == self.state:
+                    self.there.add(name)
+                else:
+                    self.there.discard(name)
+        for name in removed:
+            self.there.discard(name)
+        self._check()
+
+    def _check(self):
+        if self.done_at is None and len(self.there) == len(self.names):
+            self.done_at = time.monotonic()
+
+    @property
+    def done(self):
+        return self.done_at is not None
+
+    def close(self):
+        self._stop()
+
+
+class Bench:
+    def __init__(self, reactor, scale, directory, progress):
+        self.reactor = reactor
+        self.scale = scale
+        self.progress = progress
+        self.system = BenchSystem(reactor, directory, lnms=scale.lnms,
+                                  ctrl_settings=scale.ctrl_settings,
+                                  lnm_settings=scale.lnm_settings)
+        self.results = {}
+        self.details = {}
+        self.errors = {}
+        self.watcher = None          # the client that watches everything
+        self.relay = None
+        self.victim = f"lnm{scale.lnms}"
+
+    # -- set-up --------------------------------------------------------------------
+
+    async def set_up(self):
+        scale = self.scale
+        self.progress(f"preparing certificates and configuration for {scale.lnms} LNMs")
+        self.system.prepare()
+        self.progress("raw libvirt: "
+                      f"{scale.start_vms:,} createXML calls in one loop")
+        raw = [raw_libvirt_loop(os.path.join(self.system.dir, f"raw{n}"), scale.start_vms,
+                                scale.start_lnms) for n in range(max(3, scale.repeats))]
+        self.raw_seconds = statistics.median(raw)
+        self.details["raw_libvirt_s"] = self.raw_seconds
+        self.details["raw_libvirt_runs_s"] = raw
+        self.progress(f"  {self.raw_seconds:.3f} s (median of {len(raw)})")
+        self.system.start_controller()
+        await self.system.wait_controller()
+        self.progress(f"controller up (pid {self.system.controller_pid}); "
+                      f"fleet of {scale.start_lnms} LNMs")
+        self.system.start_fleet()
+        await self.system.fleet.add(range(1, scale.start_lnms + 1))
+        self.watcher = await self.system.connected_client(timeout=120)
+        await self.wait_lnms(scale.start_lnms)
+
+    async def wait_lnms(self, count):
+        async def connected():
+            return sum(1 for lnm in await self.watcher.list_lnm() if lnm["connected"])
+        started = time.monotonic()
+        while (now := await connected()) < count:
+            if time.monotonic() - started > self.scale.patience:
+                raise TimeoutError(f"only {now} of {count} LNMs connected")
+            await sleep(self.reactor, 0.2)
+        self.progress(f"{count} LNMs attached")
+
+    # -- figure 1 ------------------------------------------------------------------
+
+    async def figure_start(self):
+        scale = self.scale
+        names = [full_name(f"{i}.burst") for i in range(1, scale.start_vms + 1)]
+        watch = RunWatcher(self.watcher, names, states.RUN)
+        started = time.monotonic()
+        result = await self.watcher.start(cluster="burst", count=scale.start_vms)
+        answered = time.monotonic()
+        if result["failed"]:
+            raise RuntimeError(f"{len(result['failed'])} VMs failed to start: "
+                               f"{result['failed'][:3]}")
+        await wait_for(self.reactor, lambda: watch.done, scale.patience,
+                       what="every VM run in the client's cache")
+        watch.close()
+        elapsed = max(answered, watch.done_at) - started
+        self.results["start_vms_per_s"] = scale.start_vms / elapsed
+        self.results["start_vs_raw_libvirt"] = elapsed / self.raw_seconds
+        self.details.update(start_s=elapsed, start_answer_s=answered - started,
+                            start_controller_s=result.get("elapsed"))
+        self.progress(f"figure 1: {scale.start_vms:,} VMs in {elapsed:.3f} s "
+                      f"({scale.start_vms / elapsed:,.0f} VMs/s, "
+                      f"{elapsed / self.raw_seconds:.1f}x raw libvirt)")
+
+    async def grow_and_fill(self):
+        scale = self.scale
+        self.relay = SilenceableRelay(self.reactor, "127.0.0.1", self.system.lnm_port)
+        await self.relay.start()
+        self.progress(f"growing the fleet to {scale.lnms} LNMs ({self.victim} through a relay)")
+        fleet = self.system.fleet
+        await fleet.add(range(scale.start_lnms + 1, scale.lnms))
+        await fleet.add([scale.lnms], overrides={"controller_port": self.relay.port})
+        await self.wait_lnms(scale.lnms)
+        fill = scale.vms - scale.start_vms
+        names = [full_name(f"{i}.fill") for i in range(1, fill + 1)]
+        watch = RunWatcher(self.watcher, names, states.RUN)
+        started = time.monotonic()
+        result = await self.watcher.start(cluster="fill", count=fill)
+        if result["failed"]:
+            raise RuntimeError(f"{len(result['failed'])} VMs failed to start")
+        await wait_for(self.reactor, lambda: watch.done, scale.patience,
+                       what="the fill VMs running")
+        watch.close()
+        elapsed = watch.done_at - started
+        self.details["fill_vms_per_s"] = fill / elapsed
+        self.progress(f"filled: {fill:,} more VMs in {elapsed:.2f} s ({fill / elapsed:,.0f} "
+                      f"VMs/s); {len(self.watcher.vms):,} VMs in all")
+
+    # -- figure 2 ------------------------------------------------------------------
+
+    async def figure_sync_and_list(self):
+        scale = self.scale
+        syncs, lists = [], []
+        for _ in range(scale.repeats):
+            client = self.system.client(timeout=120)
+            started = time.monotonic()
+            await client.connect()
+            syncs.append(time.monotonic() - started)
+            if len(client.vms) != scale.vms:
+                raise RuntimeError(f"the fresh client has {len(client.vms)} VMs, "
+                                   f"not {scale.vms}")
+            started = time.monotonic()
+            listed = await client.list(remote=True)
+            lists.append(time.monotonic() - started)
+            if len(listed) != scale.vms:
+                raise RuntimeError(f"list returned {len(listed)} VMs, not {scale.vms}")
+            await client.disconnect()
+            self.system.clients.remove(client)
+        self.results["sync_10k_s"] = statistics.median(syncs)
+        self.results["list_10k_s"] = statistics.median(lists)
+        self.details.update(sync_runs_s=syncs, list_runs_s=lists)
+        self.progress(f"figure 2: connect + sync {statistics.median(syncs):.3f} s, list "
+                      f"{statistics.median(lists):.3f} s (median of {scale.repeats})")
+
+    # -- figure 3 ------------------------------------------------------------------
+
+    async def figure_idle(self):
+        scale = self.scale
+        idle = [self.system.client(timeout=120) for _ in range(scale.idle_clients - 1)]
+        await defer.gatherResults([c.connect() for c in idle])
+        self.idle_clients = idle
+        # The watcher is the 20th client.
+        await sleep(self.reactor, scale.idle_settle)
+        stats = self.system.controller_stats()
+        fleet = ProcessStats(os.getpid())
+        fleet_before = fleet.cpu_seconds()
+        cpu_before, at_before = stats.cpu_seconds(), time.monotonic()
+        rss = [stats.rss_mb()]
+        end = at_before + scale.idle_window
+        while time.monotonic() < end:
+            await sleep(self.reactor, min(1.0, max(0.0, end - time.monotonic())))
+            rss.append(stats.rss_mb())
+        cpu_after, at_after = stats.cpu_seconds(), time.monotonic()
+        cpu = 100.0 * (cpu_after - cpu_before) / (at_after - at_before)
+        # The fleet's own load (this process: 500 LNMs, their scans,
+        # samples and heartbeats), for the record.
+        self.details["fleet_idle_cpu_pct"] = 100.0 * (fleet.cpu_seconds() - fleet_before) / (
+            at_after - at_before)
+        self.results["ctrl_rss_mb"] = max(rss)
+        self.results["ctrl_idle_cpu_pct"] = cpu
+        self.details.update(idle_window_s=at_after - at_before,
+                            idle_clients=scale.idle_clients)
+        self.progress(f"figure 3: RSS {max(rss):.1f} MB, CPU {cpu:.2f}% over "
+                      f"{at_after - at_before:.0f} s (the fleet's process: "
+                      f"{self.details['fleet_idle_cpu_pct']:.0f}%)")
+
+    # -- figure 6 ------------------------------------------------------------------
+
+    async def figure_notify(self):
+        scale = self.scale
+        fleet = self.system.fleet
+        by_lnm = {}
+        for record in self.watcher.vms.values():
+            if record["state"] == states.RUN and record["vmm"] != self.victim:
+                by_lnm.setdefault(record["vmm"], []).append(record["name"])
+        # Spread over the hosts: one VM per LNM in turn.
+        chosen = []
+        while len(chosen) < scale.notify_vms and any(by_lnm.values()):
+            for lnm in sorted(by_lnm):
+                if by_lnm[lnm] and len(chosen) < scale.notify_vms:
+                    chosen.append((lnm, by_lnm[lnm].pop()))
+        pending = {}                 # (name, state) -> time of the libvirt call
+        latencies = []
+        late = []
+
+        def changed(records, removed):
+            now = time.monotonic()
+            for record in records:
+                sent = pending.pop((record["name"], record["state"]), None)
+                if sent is not None:
+                    latencies.append(now - sent)
+
+        stop = self.watcher.on_change(changed)
+        paused = set()
+        errors = []
+
+        def flip(lnm, name, pause):
+            domain = fleet.libvirt_connection(lnm).lookupByName(name)
+            if pause:
+                domain.suspend()
+            else:
+                domain.resume()
+
+        count = int(scale.notify_rate * scale.notify_duration)
+        step = [0]
+
+        def tick():
+            if step[0] >= count:
+                loop.stop()
+                return
+            lnm, name = chosen[step[0] % len(chosen)]
+            step[0] += 1
+            pause = name not in paused
+            target = states.PAUSED if pause else states.RUN
+            (paused.add if pause else paused.discard)(name)
+            pending[(name, target)] = time.monotonic()
+            deferToThreadPool(self.reactor, fleet.pool, flip, lnm, name, pause).addErrback(
+                lambda f: errors.append(f.getErrorMessage()))
+
+        loop = task.LoopingCall(tick)
+        loop.clock = self.reactor
+        await loop.start(1.0 / scale.notify_rate)
+        await wait_for(self.reactor, lambda: not pending, 30, interval=0.05,
+                       what="every change notified")
+        stop()
+        late.extend(pending)
+        if errors:
+            raise RuntimeError(f"{len(errors)} libvirt calls failed: {errors[:3]}")
+        # Leave every VM running for what follows.
+        for lnm, name in chosen:
+            if name in paused:
+                await deferToThreadPool(self.reactor, fleet.pool, flip, lnm, name, False)
+        await wait_for(self.reactor, lambda: all(
+            self.watcher.vms[n]["state"] == states.RUN for _l, n in chosen), 30,
+            what="the notified VMs running again")
+        ms = [1000.0 * v for v in latencies]
+        self.results["notify_p50_ms"] = percentile(ms, 0.50)
+        self.results["notify_p99_ms"] = percentile(ms, 0.99)
+        self.details.update(notify_changes=len(ms), notify_max_ms=max(ms),
+                            notify_rate=scale.notify_rate)
+        self.progress(f"figure 6: {len(ms)} changes at {scale.notify_rate:g}/s: p50 "
+                      f"{percentile(ms, 0.5):.1f} ms, p99 {percentile(ms, 0.99):.1f} ms, "
+                      f"max {max(ms):.1f} ms")
+
+    # -- figure 5 ------------------------------------------------------------------
+
+    async def figure_silent_lnm(self):
+        scale = self.scale
+        names = [n for n, r in self.watcher.vms.items() if r["vmm"] == self.victim]
+        if not names:
+            raise RuntimeError(f"{self.victim} runs no VM")
+        lost = RunWatcher(self.watcher, names, states.LOST)
+        started = time.monotonic()
+        self.relay.freeze()
+        await wait_for(self.reactor, lambda: lost.done, scale.patience,
+                       what=f"the VMs of {self.victim} lost")
+        lost.close()
+        elapsed = lost.done_at - started
+        self.results["lost_detect_s"] = elapsed
+        self.details["lost_vms"] = len(names)
+        self.progress(f"figure 5: {len(names)} VMs of the silent {self.victim} lost after "
+                      f"{elapsed:.2f} s")
+        back = RunWatcher(self.watcher, names, states.RUN)
+        self.relay.thaw()
+        await wait_for(self.reactor, lambda: back.done, scale.patience,
+                       what=f"the VMs of {self.victim} back")
+        back.close()
+        self.progress(f"  {self.victim} back, its VMs running after "
+                      f"{back.done_at - started - elapsed:.2f} s")
+
+    # -- figure 4 ------------------------------------------------------------------
+
+    async def figure_recovery(self):
+        scale = self.scale
+        # Only the counting client from here on: figure 3's are done.
+        for client in getattr(self, "idle_clients", []):
+            await client.disconnect()
+            self.system.clients.remove(client)
+        await self.watcher.disconnect()
+        self.system.clients.remove(self.watcher)
+        self.watcher = None
+        started = time.monotonic()
+        await self.system.kill_controller()
+        self.system.start_controller()
+        counter = None
+        while counter is None:
+            client = self.system.client(timeout=120)
+            try:
+                await client.connect()
+                counter = client
+            except Exception:
+                await client.disconnect()
+                self.system.clients.remove(client)
+                if time.monotonic() - started > scale.patience:
+                    raise
+                await sleep(self.reactor, 0.02)
+        connected = time.monotonic() - started
+
+        def all_running():
+            return len(counter.vms) >= scale.vms and sum(
+                1 for r in counter.vms.values() if r["state"] == states.RUN) >= scale.vms
+
+        await wait_for(self.reactor, all_running, scale.patience, interval=0.02,
+                       what="all VMs running after the restart")
+        elapsed = time.monotonic() - started
+        self.results["recovery_s"] = elapsed
+        self.details["recovery_client_connected_s"] = connected
+        self.watcher = counter
+        self.progress(f"figure 4: killed, restarted; a client counts {scale.vms:,} VMs "
+                      f"running after {elapsed:.2f} s")
+
+    # -- figure 7 ------------------------------------------------------------------
+
+    async def figure_clients(self):
+        scale = self.scale
+        clients = []
+        for k in range(1, scale.ops_clients + 1):
+            clients.append(self.system.client(timeout=120, clusters=[f"ops{k}"]))
+        await defer.gatherResults([c.connect() for c in clients])
+        await defer.gatherResults([
+            c.start(cluster=f"ops{k}", count=scale.ops_vms)
+            for k, c in enumerate(clients, 1)])
+        for k, client in enumerate(clients, 1):
+            names = [full_name(f"{i}.ops{k}") for i in range(1, scale.ops_vms + 1)]
+            await wait_for(self.reactor, lambda c=client, n=names: all(
+                c.vms.get(x, {}).get("state") == states.RUN for x in n), scale.patience,
+                what=f"the VMs of client {k} running")
+        self.progress(f"{scale.ops_clients} clients with {scale.ops_vms} VMs each; "
+                      f"operating for {scale.ops_duration:g} s")
+        latencies, errors = [], []
+        deadline = time.monotonic() + scale.ops_duration
+
+        async def work(k, client):
+            names = [full_name(f"{i}.ops{k}") for i in range(1, scale.ops_vms + 1)]
+            paused = set()
+            rng = random.Random(k)
+            step = rng.randrange(len(names))
+            while time.monotonic() < deadline:
+                step += 1
+                began = time.monotonic()
+                try:
+                    if step % 10 == 0:
+                        listed = await client.list(Selection(clusters=[f"ops{k}"]),
+                                                   remote=True)
+                        if len(listed) != len(names):
+                            errors.append(f"client {k}: list returned {len(listed)} VMs")
+                    else:
+                        name = names[step % len(names)]
+                        if name in paused:
+                            result = await client.resume([name])
+                            paused.discard(name)
+                        else:
+                            result = await client.pause([name])
+                            paused.add(name)
+                        if result["failed"]:
+                            errors.append(f"client {k}: {result['failed']}")
+                except Exception as e:
+                    errors.append(f"client {k}: {e.__class__.__name__}: {e}")
+                latencies.append(time.monotonic() - began)
+
+        began = time.monotonic()
+        await defer.gatherResults([defer.Deferred.fromCoroutine(work(k, c))
+                                   for k, c in enumerate(clients, 1)])
+        elapsed = time.monotonic() - began
+        ms = [1000.0 * v for v in latencies]
+        self.results["ops_per_s"] = len(ms) / elapsed
+        self.results["ops_p99_ms"] = percentile(ms, 0.99)
+        self.results["ops_errors"] = len(errors)
+        self.details.update(ops=len(ms), ops_p50_ms=percentile(ms, 0.5),
+                            ops_error_samples=errors[:10], ops_elapsed_s=elapsed)
+        self.progress(f"figure 7: {len(ms):,} operations in {elapsed:.1f} s "
+                      f"({len(ms) / elapsed:,.0f}/s), p50 {percentile(ms, 0.5):.1f} ms, "
+                      f"p99 {percentile(ms, 0.99):.1f} ms, {len(errors)} errors")
+        for client in clients:
+            await client.disconnect()
+
+    # -- the whole run -----------------------------------------------------------------
+
+    async def run(self):
+        steps = [("set-up", self.set_up), ("figure 1", self.figure_start),
+                 ("fill", self.grow_and_fill), ("figure 2", self.figure_sync_and_list),
+                 ("figure 3", self.figure_idle), ("figure 6", self.figure_notify),
+                 ("figure 5", self.figure_silent_lnm), ("figure 4", self.figure_recovery),
+                 ("figure 7", self.figure_clients)]
+        try:
+            for what, step in steps:
+                try:
+                    await step()
+                except Exception as e:
+                    self.errors[what] = f"{e.__class__.__name__}: {e}"
+                    self.progress(f"{what} FAILED: {self.errors[what]}")
+                    traceback.print_exc()
+                    if what in ("set-up", "fill"):
+                        break   # nothing after it can be measured
+        finally:
+            self.progress("stopping")
+            if self.relay is not None:
+                await self.relay.stop()
+            await self.system.shutdown()
+
+
+def raw_libvirt_loop(directory, count, hosts):
+    """Seconds for ``count`` createXML calls in one loop over ``hosts`` fresh
+    test-driver hosts, with the domain XML Usher itself builds (connections
+    opened and XML built beforehand, outside the timing)."""
+    import libvirt
+
+    from usher.lnm import domain_xml
+    from usher.lnm.libvirt_vmm import _quiet_libvirt
+    from usher.lnm.testhost import write_test_host
+
+    _quiet_libvirt()
+    connections = []
+    for number in range(hosts):
+        uri = write_test_host(os.path.join(directory, f"host{number}.xml"),
+                              hostname=f"raw{number}", cpus=64, memory_mib=262144,
+                              model="usher-test-host")
+        connections.append(libvirt.open(uri))
+    xmls = []
+    for i in range(count):
+        spec = domain_xml.normalize_spec({
+            "name": full_name(f"{i + 1}.raw"), "memory_mib": 256, "vcpus": 1,
+            "owner": USER, "cluster": "raw", "args": {}})
+        xmls.append(domain_xml.build_domain_xml(spec, driver="test", state_dir=directory,
+                                                template=None, defaults={}))
+    started = time.perf_counter()
+    for i, xml in enumerate(xmls):
+        connections[i % hosts].createXML(xml, 0)
+    elapsed = time.perf_counter() - started
+    for connection in connections:
+        connection.close()
+    return elapsed
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="toy scale, seconds long (what the test suite runs)")
+    parser.add_argument("--json", default=os.path.join(os.path.dirname(__file__),
+                                                       "results.json"),
+                        help="where to write the results (default bench/results.json)")
+    parser.add_argument("--dir", help="working directory (default: a temporary one, "
+                                      "removed afterwards)")
+    parser.add_argument("--keep", action="store_true", help="keep the working directory")
+    options = parser.parse_args(argv)
+    scale = QUICK if options.quick else FULL
+    directory = options.dir or tempfile.mkdtemp(prefix="usher-bench-")
+    results = run(scale, directory, out=sys.stdout)
+    report.write_json(options.json, results["results"],
+                      extra={"details": results["details"], "errors": results["errors"],
+                             "scale": "quick" if options.quick else "full"})
+    print()
+    print(report.table(results["results"], scale=dataclasses.asdict(scale),
+                       errors=results["errors"]))
+    print(f"\n(written to {options.json}; machine: {report.describe_machine()})")
+    if not options.keep and not options.dir:
+        shutil.rmtree(directory, ignore_errors=True)
+    else:
+        print(f"working directory kept: {directory}")
+    return 1 if results["errors"] else 0
+
+
+def run(scale, directory, out=sys.stdout):
+    """Run the whole benchmark at ``scale`` in ``directory`` -> {"results",
+    "details", "errors"}. Runs (and stops) the reactor."""
+    from twisted.internet import reactor
+
+    from usher import daemon
+
+    os.makedirs(os.path.join(directory, "logs"), exist_ok=True)
+    daemon.start_logging(os.path.join(directory, "logs", "fleet.log"), "info")
+    bench = Bench(reactor, scale, directory, Progress(out))
+
+    async def main_coroutine():
+        try:
+            await bench.run()
+        finally:
+            reactor.stop()
+
+    reactor.callWhenRunning(lambda: defer.Deferred.fromCoroutine(main_coroutine()))
+    reactor.run()
+    return {"results": bench.results, "details": bench.details, "errors": bench.errors}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
