@@ -31,22 +31,24 @@ does, to keep it working); its numbers mean nothing.
 
 import argparse
 import dataclasses
+import json
 import os
 import random
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
 import time
 import traceback
 
-from twisted.internet import defer, task
+from twisted.internet import defer, protocol, task
 from twisted.internet.threads import deferToThreadPool
 
 from bench import report
 from bench.proxy import SilenceableRelay
 from bench.system import DOMAIN, USER, BenchSystem, ProcessStats, sleep, wait_for
-from usher import states
+from usher import daemon, states
 from usher.vmset import Selection
 
 
@@ -63,6 +65,7 @@ class Scale:
     notify_duration: float = 30.0
     notify_vms: int = 500
     ops_clients: int = 100
+    ops_workers: int = 2
     ops_vms: int = 4
     ops_duration: float = 60.0
     repeats: int = 3
@@ -76,7 +79,7 @@ class Scale:
 FULL = Scale()
 QUICK = Scale(start_lnms=3, start_vms=30, lnms=5, vms=100, idle_clients=2, idle_settle=0.5,
               idle_window=1.0, notify_rate=50.0, notify_duration=1.0, notify_vms=20,
-              ops_clients=4, ops_vms=2, ops_duration=2.0, repeats=1,
+              ops_clients=4, ops_workers=1, ops_vms=2, ops_duration=2.0, repeats=2,
               ctrl_settings={"lnm_ping_interval": 0.5, "lnm_ping_timeout": 2},
               lnm_settings={"ping_interval": 0.5, "ping_timeout": 2,
                             "reconnect_initial_delay": 0.2, "reconnect_max_delay": 1},
@@ -140,8 +143,12 @@ class RunWatcher:
 
 
 class Bench:
-    def __init__(self, reactor, scale, directory, progress):
+    """One run. ``settle_heap``: tune this process's garbage collector as
+    usherlnm does once its LNMs are up (a test run leaves it alone)."""
+
+    def __init__(self, reactor, scale, directory, progress, settle_heap=True):
         self.reactor = reactor
+        self.settle_heap = settle_heap
         self.scale = scale
         self.progress = progress
         self.system = BenchSystem(reactor, directory, lnms=scale.lnms,
@@ -152,6 +159,7 @@ class Bench:
         self.errors = {}
         self.watcher = None          # the client that watches everything
         self.relay = None
+        self.idle_clients = None     # figure 3's clients (a ClientWorker)
         self.victim = f"lnm{scale.lnms}"
 
     # -- set-up --------------------------------------------------------------------
@@ -163,7 +171,7 @@ class Bench:
         self.progress("raw libvirt: "
                       f"{scale.start_vms:,} createXML calls in one loop")
         raw = [raw_libvirt_loop(os.path.join(self.system.dir, f"raw{n}"), scale.start_vms,
-                                scale.start_lnms) for n in range(max(3, scale.repeats))]
+                                scale.start_lnms) for n in range(scale.repeats)]
         self.raw_seconds = statistics.median(raw)
         self.details["raw_libvirt_s"] = self.raw_seconds
         self.details["raw_libvirt_runs_s"] = raw
@@ -174,6 +182,9 @@ class Bench:
                       f"fleet of {scale.start_lnms} LNMs")
         self.system.start_fleet()
         await self.system.fleet.add(range(1, scale.start_lnms + 1))
+        # As usherlnm does once its LNMs are up (usher.daemon.settle_heap).
+        if self.settle_heap:
+            daemon.settle_heap()
         self.watcher = await self.system.connected_client(timeout=120)
         await self.wait_lnms(scale.start_lnms)
 
@@ -190,25 +201,32 @@ class Bench:
     # -- figure 1 ------------------------------------------------------------------
 
     async def figure_start(self):
+        """``repeats`` starts of ``start_vms`` VMs each (clusters burst1 ...),
+        one after the other: the median is the figure."""
         scale = self.scale
-        names = [full_name(f"{i}.burst") for i in range(1, scale.start_vms + 1)]
-        watch = RunWatcher(self.watcher, names, states.RUN)
-        started = time.monotonic()
-        result = await self.watcher.start(cluster="burst", count=scale.start_vms)
-        answered = time.monotonic()
-        if result["failed"]:
-            raise RuntimeError(f"{len(result['failed'])} VMs failed to start: "
-                               f"{result['failed'][:3]}")
-        await wait_for(self.reactor, lambda: watch.done, scale.patience,
-                       what="every VM run in the client's cache")
-        watch.close()
-        elapsed = max(answered, watch.done_at) - started
+        runs = []
+        for run in range(1, scale.repeats + 1):
+            cluster = f"burst{run}"
+            names = [full_name(f"{i}.{cluster}") for i in range(1, scale.start_vms + 1)]
+            watch = RunWatcher(self.watcher, names, states.RUN)
+            started = time.monotonic()
+            result = await self.watcher.start(cluster=cluster, count=scale.start_vms)
+            answered = time.monotonic()
+            if result["failed"]:
+                raise RuntimeError(f"{len(result['failed'])} VMs failed to start: "
+                                   f"{result['failed'][:3]}")
+            await wait_for(self.reactor, lambda w=watch: w.done, scale.patience,
+                           what="every VM run in the client's cache")
+            watch.close()
+            runs.append(max(answered, watch.done_at) - started)
+            self.progress(f"  start {run}: {scale.start_vms:,} VMs in {runs[-1]:.3f} s")
+            await sleep(self.reactor, 1.0)
+        elapsed = statistics.median(runs)
         self.results["start_vms_per_s"] = scale.start_vms / elapsed
         self.results["start_vs_raw_libvirt"] = elapsed / self.raw_seconds
-        self.details.update(start_s=elapsed, start_answer_s=answered - started,
-                            start_controller_s=result.get("elapsed"))
-        self.progress(f"figure 1: {scale.start_vms:,} VMs in {elapsed:.3f} s "
-                      f"({scale.start_vms / elapsed:,.0f} VMs/s, "
+        self.details.update(start_s=elapsed, start_runs_s=runs)
+        self.progress(f"figure 1: {scale.start_vms:,} VMs in {elapsed:.3f} s (median of "
+                      f"{len(runs)}; {scale.start_vms / elapsed:,.0f} VMs/s, "
                       f"{elapsed / self.raw_seconds:.1f}x raw libvirt)")
 
     async def grow_and_fill(self):
@@ -219,8 +237,10 @@ class Bench:
         fleet = self.system.fleet
         await fleet.add(range(scale.start_lnms + 1, scale.lnms))
         await fleet.add([scale.lnms], overrides={"controller_port": self.relay.port})
+        if self.settle_heap:
+            daemon.settle_heap()
         await self.wait_lnms(scale.lnms)
-        fill = scale.vms - scale.start_vms
+        fill = scale.vms - scale.start_vms * scale.repeats
         names = [full_name(f"{i}.fill") for i in range(1, fill + 1)]
         watch = RunWatcher(self.watcher, names, states.RUN)
         started = time.monotonic()
@@ -265,9 +285,12 @@ class Bench:
 
     async def figure_idle(self):
         scale = self.scale
-        idle = [self.system.client(timeout=120) for _ in range(scale.idle_clients - 1)]
-        await defer.gatherResults([c.connect() for c in idle])
-        self.idle_clients = idle
+        # The other clients in a process of their own (they receive every
+        # change pushed to them, as figures 6 and 5 go on), the watcher is
+        # the last one.
+        self.idle_clients = ClientWorker(self.reactor, self.system,
+                                         count=scale.idle_clients - 1, idle=True)
+        await self.idle_clients.ready
         # The watcher is the 20th client.
         await sleep(self.reactor, scale.idle_settle)
         stats = self.system.controller_stats()
@@ -402,9 +425,10 @@ class Bench:
     async def figure_recovery(self):
         scale = self.scale
         # Only the counting client from here on: figure 3's are done.
-        for client in getattr(self, "idle_clients", []):
-            await client.disconnect()
-            self.system.clients.remove(client)
+        if self.idle_clients is not None:
+            self.idle_clients.stop("TERM")
+            await self.idle_clients.done
+            self.idle_clients = None
         await self.watcher.disconnect()
         self.system.clients.remove(self.watcher)
         self.watcher = None
@@ -442,66 +466,42 @@ class Bench:
 
     async def figure_clients(self):
         scale = self.scale
-        clients = []
-        for k in range(1, scale.ops_clients + 1):
-            clients.append(self.system.client(timeout=120, clusters=[f"ops{k}"]))
-        await defer.gatherResults([c.connect() for c in clients])
-        await defer.gatherResults([
-            c.start(cluster=f"ops{k}", count=scale.ops_vms)
-            for k, c in enumerate(clients, 1)])
-        for k, client in enumerate(clients, 1):
-            names = [full_name(f"{i}.ops{k}") for i in range(1, scale.ops_vms + 1)]
-            await wait_for(self.reactor, lambda c=client, n=names: all(
-                c.vms.get(x, {}).get("state") == states.RUN for x in n), scale.patience,
-                what=f"the VMs of client {k} running")
-        self.progress(f"{scale.ops_clients} clients with {scale.ops_vms} VMs each; "
-                      f"operating for {scale.ops_duration:g} s")
-        latencies, errors = [], []
-        deadline = time.monotonic() + scale.ops_duration
-
-        async def work(k, client):
-            names = [full_name(f"{i}.ops{k}") for i in range(1, scale.ops_vms + 1)]
-            paused = set()
-            rng = random.Random(k)
-            step = rng.randrange(len(names))
-            while time.monotonic() < deadline:
-                step += 1
-                began = time.monotonic()
-                try:
-                    if step % 10 == 0:
-                        listed = await client.list(Selection(clusters=[f"ops{k}"]),
-                                                   remote=True)
-                        if len(listed) != len(names):
-                            errors.append(f"client {k}: list returned {len(listed)} VMs")
-                    else:
-                        name = names[step % len(names)]
-                        if name in paused:
-                            result = await client.resume([name])
-                            paused.discard(name)
-                        else:
-                            result = await client.pause([name])
-                            paused.add(name)
-                        if result["failed"]:
-                            errors.append(f"client {k}: {result['failed']}")
-                except Exception as e:
-                    errors.append(f"client {k}: {e.__class__.__name__}: {e}")
-                latencies.append(time.monotonic() - began)
-
-        began = time.monotonic()
-        await defer.gatherResults([defer.Deferred.fromCoroutine(work(k, c))
-                                   for k, c in enumerate(clients, 1)])
-        elapsed = time.monotonic() - began
+        workers = []
+        per_worker = -(-scale.ops_clients // scale.ops_workers)
+        first = 1
+        while first <= scale.ops_clients:
+            count = min(per_worker, scale.ops_clients - first + 1)
+            workers.append(ClientWorker(self.reactor, self.system, first=first, count=count,
+                                        vms=scale.ops_vms, duration=scale.ops_duration))
+            first += count
+        try:
+            await defer.gatherResults([w.ready for w in workers])
+            self.progress(f"{scale.ops_clients} clients with {scale.ops_vms} VMs each, in "
+                          f"{len(workers)} process{'es' if len(workers) > 1 else ''}; "
+                          f"operating for {scale.ops_duration:g} s")
+            for worker in workers:
+                worker.go()
+            outcomes = await defer.gatherResults([w.done for w in workers])
+        finally:
+            for worker in workers:
+                worker.stop()
+        latencies, errors, elapsed = [], [], 0.0
+        for outcome in outcomes:
+            if "fatal" in outcome:
+                raise RuntimeError(f"a client process failed: {outcome['fatal']}")
+            latencies.extend(outcome["latencies"])
+            errors.extend(outcome["errors"])
+            elapsed = max(elapsed, outcome["elapsed"])
         ms = [1000.0 * v for v in latencies]
         self.results["ops_per_s"] = len(ms) / elapsed
         self.results["ops_p99_ms"] = percentile(ms, 0.99)
         self.results["ops_errors"] = len(errors)
         self.details.update(ops=len(ms), ops_p50_ms=percentile(ms, 0.5),
-                            ops_error_samples=errors[:10], ops_elapsed_s=elapsed)
+                            ops_error_samples=errors[:10], ops_elapsed_s=elapsed,
+                            ops_client_processes=len(workers))
         self.progress(f"figure 7: {len(ms):,} operations in {elapsed:.1f} s "
                       f"({len(ms) / elapsed:,.0f}/s), p50 {percentile(ms, 0.5):.1f} ms, "
                       f"p99 {percentile(ms, 0.99):.1f} ms, {len(errors)} errors")
-        for client in clients:
-            await client.disconnect()
 
     # -- the whole run -----------------------------------------------------------------
 
@@ -523,9 +523,64 @@ class Bench:
                         break   # nothing after it can be measured
         finally:
             self.progress("stopping")
+            if self.idle_clients is not None:
+                self.idle_clients.stop()
             if self.relay is not None:
                 await self.relay.stop()
             await self.system.shutdown()
+
+
+class ClientWorker(protocol.ProcessProtocol):
+    """One ``bench.clients`` process: ``ready`` once its clients' VMs run,
+    ``go()`` to start operating (SIGUSR1), ``done`` with its JSON outcome."""
+
+    def __init__(self, reactor, system, *, first=1, count, vms=0, duration=0.0, idle=False):
+        self.ready = defer.Deferred()
+        self.done = defer.Deferred()
+        self._buffer = b""
+        self._stderr = b""
+        argv = [sys.executable, "-m", "bench.clients", "--port", str(system.client_port),
+                "--ca", os.path.join(system.pki_dir, "ca_cert.pem"), "--user", USER,
+                "--domain", DOMAIN, "--first", str(first), "--count", str(count),
+                "--vms", str(vms), "--duration", str(duration)] + (["--idle"] if idle else [])
+        env = dict(os.environ, USHER_BENCH_PASSWORD=system.password, PYTHONUNBUFFERED="1",
+                   PYTHONPATH=os.pathsep.join(
+                       [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+                       + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+        self.transport = reactor.spawnProcess(self, argv[0], argv, env=env)
+
+    def outReceived(self, data):
+        self._buffer += data
+        while b"\n" in self._buffer:
+            line, self._buffer = self._buffer.split(b"\n", 1)
+            line = line.strip()
+            if line == b"ready" and not self.ready.called:
+                self.ready.callback(None)
+            elif line.startswith(b"{") and not self.done.called:
+                outcome = json.loads(line)
+                if "fatal" in outcome and not self.ready.called:
+                    self.ready.errback(RuntimeError(outcome["fatal"]))
+                self.done.callback(outcome)
+
+    def errReceived(self, data):
+        self._stderr = (self._stderr + data)[-4000:]
+
+    def go(self):
+        self.transport.signalProcess(signal.SIGUSR1)
+
+    def processEnded(self, reason):
+        why = RuntimeError(f"client process ended ({reason.getErrorMessage()}): "
+                           f"{self._stderr.decode(errors='replace')[-800:]}")
+        if not self.ready.called:
+            self.ready.errback(why)
+        if not self.done.called:
+            self.done.errback(why)
+
+    def stop(self, how="KILL"):
+        try:
+            self.transport.signalProcess(how)
+        except Exception:
+            pass
 
 
 def raw_libvirt_loop(directory, count, hosts):
@@ -594,8 +649,6 @@ def run(scale, directory, out=sys.stdout):
     """Run the whole benchmark at ``scale`` in ``directory`` -> {"results",
     "details", "errors"}. Runs (and stops) the reactor."""
     from twisted.internet import reactor
-
-    from usher import daemon
 
     os.makedirs(os.path.join(directory, "logs"), exist_ok=True)
     daemon.start_logging(os.path.join(directory, "logs", "fleet.log"), "info")

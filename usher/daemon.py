@@ -4,6 +4,7 @@ Init scripts and systemd units run the daemons in the foreground and let the
 service manager background them, so there is no double-fork here.
 """
 
+import gc
 import os
 import sys
 
@@ -20,6 +21,16 @@ def start_logging(log_file, level):
     predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(level))
     observer = FilteringLogObserver(textFileLogObserver(stream), [predicate])
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+
+
+def settle_heap():
+    """Once a daemon has started: move every object that exists (modules,
+    classes, configuration, a fleet's LNMs and their connections) out of the
+    garbage collector's way. A full collection over the heap of hundreds of
+    LNMs in one process stalls the reactor for 0.2-0.4 s, and what start-up
+    built is not garbage; objects made later are collected as usual."""
+    gc.collect()
+    gc.freeze()
 
 
 def write_pid_file(path):

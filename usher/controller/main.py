@@ -31,7 +31,8 @@ def main(argv=None):
         return 2
     ctrl = config["ctrl"]
     daemon.start_logging(ctrl["log_file"], ctrl["log_level"])
-    return daemon.run(reactor, root, name="usherctrl", pid_file=ctrl["pid_file"])
+    return daemon.run(reactor, root, name="usherctrl", pid_file=ctrl["pid_file"],
+                      on_running=daemon.settle_heap)
 
 
 if __name__ == "__main__":

@@ -356,9 +356,10 @@ class LibvirtVMM:
         # _create_soon): [(spec, uuid given, Deferred)].
         self._pending_creates = []
         self._creates_scheduled = None
-        # name -> (UUID, Usher metadata) of domains seen, while lifecycle
-        # events tell of redefinitions (see _metadata_of).
+        # name -> (UUID, Usher metadata) of domains seen, while events tell
+        # of redefinitions and metadata changes (see _remembered_metadata).
         self._metadata = {}
+        self._metadata_callback_id = None
 
     # --- plumbing -------------------------------------------------------------
 
@@ -454,10 +455,11 @@ class LibvirtVMM:
             return
         self._conn = None
         callback_id, self._event_callback_id = self._event_callback_id, None
+        metadata_id, self._metadata_callback_id = self._metadata_callback_id, None
         self.log.error("lost the connection to {uri} ({why}); reconnecting", uri=self.uri,
                        why=why)
         deferToThreadPool(self._reactor, self._pool, self._close_sync, conn,
-                          callback_id).addErrback(lambda _failure: None)
+                          callback_id, metadata_id).addErrback(lambda _failure: None)
         self._reconnect_attempt = 0
         self._schedule_reconnect()
         self._tell_watchers(False)
@@ -498,12 +500,13 @@ class LibvirtVMM:
         async with self._connection_lock:
             if self._conn is not None:
                 return
-            conn, driver, template, callback_id = await deferToThreadPool(
+            conn, driver, template, callback_id, metadata_id = await deferToThreadPool(
                 self._reactor, self._pool, self._open)
             self._conn, self._driver = conn, driver
             # Redefinitions while disconnected went unseen.
             self._metadata.clear()
             self._template, self._event_callback_id = template, callback_id
+            self._metadata_callback_id = metadata_id
             self.log.info("connected to {uri} (driver {driver}, events {events})",
                           uri=self.uri, driver=driver,
                           events="on" if callback_id is not None else "off")
@@ -525,12 +528,15 @@ class LibvirtVMM:
             if template is None and driver not in domain_xml.BUILTIN_DRIVERS:
                 raise ConfigError(f"no built-in domain template for the {driver!r} "
                                   f"driver at {self.uri}: configure a domain template")
-            callback_id = None
+            callback_id = metadata_id = None
             if self._events_wanted:
                 try:
                     callback_id = conn.domainEventRegisterAny(
                         None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
                         self._on_lifecycle, None)
+                    metadata_id = conn.domainEventRegisterAny(
+                        None, libvirt.VIR_DOMAIN_EVENT_ID_METADATA_CHANGE,
+                        self._on_metadata_change, None)
                 except libvirt.libvirtError as e:
                     if _code(e) not in _UNSUPPORTED:
                         raise
@@ -546,7 +552,7 @@ class LibvirtVMM:
             with suppress(libvirt.libvirtError):
                 conn.close()
             raise
-        return conn, driver, template, callback_id
+        return conn, driver, template, callback_id, metadata_id
 
     def close(self):
         return Deferred.fromCoroutine(self._close())
@@ -559,15 +565,18 @@ class LibvirtVMM:
         async with self._connection_lock:
             conn, self._conn = self._conn, None
             callback_id, self._event_callback_id = self._event_callback_id, None
+            metadata_id, self._metadata_callback_id = self._metadata_callback_id, None
             if conn is None:
                 return
             await deferToThreadPool(self._reactor, self._pool, self._close_sync,
-                                    conn, callback_id)
+                                    conn, callback_id, metadata_id)
             self.log.info("disconnected from {uri}", uri=self.uri)
 
     @staticmethod
-    def _close_sync(conn, callback_id):
-        if callback_id is not None:
+    def _close_sync(conn, *callback_ids):
+        for callback_id in callback_ids:
+            if callback_id is None:
+                continue
             with suppress(libvirt.libvirtError):
                 conn.domainEventDeregisterAny(callback_id)
         with suppress(libvirt.libvirtError):
@@ -596,6 +605,10 @@ class LibvirtVMM:
         state = self._state_for_event(event, detail)
         if state is not _NO_STATE_CHANGE:
             self._reactor.callFromThread(self._deliver, name, state)
+
+    def _on_metadata_change(self, _conn, dom, _kind, _namespace, _opaque):
+        # libvirt's event-loop thread ("virsh metadata" behind Usher's back).
+        self._metadata.pop(dom.name(), None)
 
     @staticmethod
     def _state_for_event(event, detail):
@@ -660,10 +673,11 @@ class LibvirtVMM:
         }
 
     def _remembered_metadata(self, dom, name, uuid):
-        """``_metadata_of``, read once per definition where lifecycle events
-        say when a domain is (re)defined: a scan of a host reads no domain's
-        metadata (a libvirt call and an XML parse each) again and again."""
-        if self._event_callback_id is None:
+        """``_metadata_of``, read once per definition where events say when a
+        domain is (re)defined or its metadata changes: a scan of a host reads
+        no domain's metadata (a libvirt call and an XML parse each) again and
+        again."""
+        if self._metadata_callback_id is None:
             return self._metadata_of(dom)
         known = self._metadata.get(name)
         if known is not None and known[0] == uuid:
@@ -683,7 +697,7 @@ class LibvirtVMM:
         element = root.find(f"metadata/{{{domain_xml.USHER_NS}}}vm")
         metadata = ({k: v for k, v in element.attrib.items() if not k.startswith("{")}
                     if element is not None else {})
-        if self._event_callback_id is not None:
+        if self._metadata_callback_id is not None:
             self._metadata[name] = (uuid, dict(metadata))
         return {"name": name, "uuid": uuid, "state": self._state_of(dom, code),
                 "memory_mib": max_memory_kib // 1024, "vcpus": vcpus,

@@ -83,7 +83,7 @@ def main(argv=None):
             reactor.stop()
 
         # The link logs every attach ("... attached to the controller at ...").
-        root.ready.addErrback(cannot_start)
+        root.ready.addCallbacks(lambda _: daemon.settle_heap(), cannot_start)
 
     code = daemon.run(reactor, root, name=f"usherlnm {root.name}",
                       pid_file=lnm["pid_file"], on_running=watch_start)
@@ -117,7 +117,8 @@ def _run_fleet(options, config, reactor):
             failed.append(failure)
             reactor.stop()
 
-        defer.Deferred.fromCoroutine(fleet.add(numbers)).addErrback(cannot_start)
+        defer.Deferred.fromCoroutine(fleet.add(numbers)).addCallbacks(
+            lambda _: daemon.settle_heap(), cannot_start)
 
     code = daemon.run(reactor, fleet, name=f"usherlnm fleet of {options.fleet}",
                       pid_file=lnm["pid_file"], on_running=add_members)

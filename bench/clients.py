@@ -1,0 +1,151 @@
+"""Figure 7's load: many Usher clients in a process of their own, so that
+the clients' own work neither slows the fleet of LNMs nor is slowed by it.
+
+``python -m bench.clients`` (started by ``bench.run``; the password comes in
+``USHER_BENCH_PASSWORD``) connects ``--count`` clients numbered from
+``--first``, each subscribed to its own virtual cluster ``ops<k>``, starts
+``--vms`` VMs in each and waits until they run, then prints ``ready``. On
+SIGUSR1 every client issues operations back to back for ``--duration``
+seconds — pause or resume of one of its VMs, and
+every tenth operation a ``list`` of its cluster from the controller — and
+the process prints one JSON line: every operation's latency and every error.
+
+With ``--idle`` it only connects ``--count`` clients, each subscribed to all
+the user's VMs (figure 3's), prints ``ready`` and keeps them connected
+(applying the changes pushed to them) until SIGTERM.
+"""
+
+import argparse
+import json
+import os
+import random
+import signal
+import sys
+import time
+
+from twisted.internet import defer, task
+
+from usher.client import UsherClient
+from usher.vmset import Selection
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser(prog="python -m bench.clients")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--ca", required=True)
+    parser.add_argument("--user", required=True)
+    parser.add_argument("--domain", required=True)
+    parser.add_argument("--first", type=int, default=1)
+    parser.add_argument("--count", type=int, required=True)
+    parser.add_argument("--vms", type=int, default=0)
+    parser.add_argument("--duration", type=float, default=0.0)
+    parser.add_argument("--idle", action="store_true",
+                        help="only stay connected, subscribed to every VM")
+    return parser.parse_args(argv)
+
+
+async def stay_connected(reactor, options):
+    password = os.environ["USHER_BENCH_PASSWORD"]
+    clients = [UsherClient(reactor, "127.0.0.1", options.port, ca_file=options.ca,
+                           tls_name="localhost", username=options.user, password=password,
+                           timeout=120)
+               for _ in range(options.count)]
+    await defer.gatherResults([c.connect() for c in clients])
+    stop = defer.Deferred()
+
+    def on_stop(_signum, _frame):
+        reactor.callFromThread(lambda: stop.called or stop.callback(None))
+
+    signal.signal(signal.SIGTERM, on_stop)
+    print("ready", flush=True)
+    await stop
+    await defer.gatherResults([c.disconnect() for c in clients])
+    print(json.dumps({"vms_seen": [len(c.vms) for c in clients]}), flush=True)
+
+
+async def run(reactor, options):
+    password = os.environ["USHER_BENCH_PASSWORD"]
+    numbers = range(options.first, options.first + options.count)
+    clients = {k: UsherClient(reactor, "127.0.0.1", options.port, ca_file=options.ca,
+                              tls_name="localhost", username=options.user,
+                              password=password, clusters=[f"ops{k}"], timeout=120)
+               for k in numbers}
+    await defer.gatherResults([c.connect() for c in clients.values()])
+    names = {k: [f"{i}.ops{k}.{options.user}.{options.domain}"
+                 for i in range(1, options.vms + 1)] for k in numbers}
+    await defer.gatherResults([c.start(cluster=f"ops{k}", count=options.vms)
+                               for k, c in clients.items()])
+    while not all(c.vms.get(n, {}).get("state") == "run"
+                  for k, c in clients.items() for n in names[k]):
+        await task.deferLater(reactor, 0.05, lambda: None)
+    go = defer.Deferred()
+
+    def on_go(_signum, _frame):
+        reactor.callFromThread(lambda: go.called or go.callback(None))
+
+    signal.signal(signal.SIGUSR1, on_go)
+    print("ready", flush=True)
+    await go
+    latencies, errors = [], []
+    deadline = time.monotonic() + options.duration
+
+    async def work(k, client):
+        own = names[k]
+        paused = set()
+        step = random.Random(k).randrange(len(own))
+        while time.monotonic() < deadline:
+            step += 1
+            began = time.monotonic()
+            try:
+                if step % 10 == 0:
+                    listed = await client.list(Selection(clusters=[f"ops{k}"]), remote=True)
+                    if len(listed) != len(own):
+                        errors.append(f"client {k}: list returned {len(listed)} VMs")
+                else:
+                    name = own[step % len(own)]
+                    if name in paused:
+                        result = await client.resume([name])
+                        paused.discard(name)
+                    else:
+                        result = await client.pause([name])
+                        paused.add(name)
+                    if result["failed"]:
+                        errors.append(f"client {k}: {result['failed']}")
+            except Exception as e:
+                errors.append(f"client {k}: {e.__class__.__name__}: {e}")
+            latencies.append(time.monotonic() - began)
+        # Leave every VM running.
+        if paused:
+            await client.resume(sorted(paused))
+
+    began = time.monotonic()
+    await defer.gatherResults([defer.Deferred.fromCoroutine(work(k, c))
+                               for k, c in clients.items()])
+    elapsed = time.monotonic() - began
+    await defer.gatherResults([c.disconnect() for c in clients.values()])
+    print(json.dumps({"latencies": latencies, "errors": errors, "elapsed": elapsed}),
+          flush=True)
+
+
+def main(argv=None):
+    options = parse(argv)
+    from twisted.internet import reactor
+
+    outcome = []
+
+    async def body():
+        try:
+            await (stay_connected if options.idle else run)(reactor, options)
+        except Exception as e:
+            outcome.append(e)
+            print(json.dumps({"fatal": f"{e.__class__.__name__}: {e}"}), flush=True)
+        finally:
+            reactor.stop()
+
+    reactor.callWhenRunning(lambda: defer.Deferred.fromCoroutine(body()))
+    reactor.run()
+    return 1 if outcome else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
