@@ -7,13 +7,16 @@ figures, in the order they are taken (see ``bench/report.py`` for targets
 and the peers' figures):
 
 1. one ``start`` of 1,000 VMs over 100 LNMs, request sent -> every VM ``run``
-   in the client's cache, and its time relative to 1,000 raw libvirt
-   ``createXML`` calls in one loop (same domain XML, fresh test hosts);
-   then the fleet grows to 500 LNMs and a second start fills it to 10,000 VMs;
+   in the client's cache (median of 3 such starts), and its time relative to
+   1,000 raw libvirt ``createXML`` calls in one loop (same domain XML, fresh
+   test hosts, median of 3); then the fleet grows to 500 LNMs and one more
+   start fills it to 10,000 VMs;
 2. a fresh client's connect + initial sync of the 10,000 VMs, and a ``list``
    of all of them from the controller (median of 3);
 3. the controller's resident memory and CPU over an idle window, with the
-   10,000 VMs, 500 LNMs and 20 clients connected (from /proc);
+   10,000 VMs, 500 LNMs and 20 clients connected (from /proc; 19 of the
+   clients in a process of their own, ``bench.clients --idle``, where they
+   stay through figures 6 and 5);
 6. notification latency: out-of-band state changes (suspend/resume through
    the fleet hosts' own libvirt connections) at 100 per second, from the
    libvirt call to the client's change callback, p50 and p99;
@@ -23,7 +26,8 @@ and the peers' figures):
    10,000 VMs running again;
 7. 100 clients, each with VMs of its own, issuing pause/resume/list
    operations back to back for 60 s: operations per second, p99 latency,
-   errors.
+   errors (the clients in two processes of their own, ``bench.clients``, so
+   that their work does not slow the fleet).
 
 ``--quick`` runs the same harness at toy scale in seconds (the test suite
 does, to keep it working); its numbers mean nothing.
@@ -32,8 +36,8 @@ does, to keep it working); its numbers mean nothing.
 import argparse
 import dataclasses
 import json
+import math
 import os
-import random
 import shutil
 import signal
 import statistics
@@ -49,7 +53,6 @@ from bench import report
 from bench.proxy import SilenceableRelay
 from bench.system import DOMAIN, USER, BenchSystem, ProcessStats, sleep, wait_for
 from usher import daemon, states
-from usher.vmset import Selection
 
 
 @dataclasses.dataclass
@@ -93,7 +96,7 @@ def full_name(short):
 def percentile(values, fraction):
     """Nearest-rank percentile of a non-empty list."""
     ordered = sorted(values)
-    rank = max(1, int(round(fraction * len(ordered) + 0.5)))
+    rank = max(1, math.ceil(fraction * len(ordered)))
     return ordered[min(rank, len(ordered)) - 1]
 
 
@@ -168,14 +171,6 @@ class Bench:
         scale = self.scale
         self.progress(f"preparing certificates and configuration for {scale.lnms} LNMs")
         self.system.prepare()
-        self.progress("raw libvirt: "
-                      f"{scale.start_vms:,} createXML calls in one loop")
-        raw = [raw_libvirt_loop(os.path.join(self.system.dir, f"raw{n}"), scale.start_vms,
-                                scale.start_lnms) for n in range(scale.repeats)]
-        self.raw_seconds = statistics.median(raw)
-        self.details["raw_libvirt_s"] = self.raw_seconds
-        self.details["raw_libvirt_runs_s"] = raw
-        self.progress(f"  {self.raw_seconds:.3f} s (median of {len(raw)})")
         self.system.start_controller()
         await self.system.wait_controller()
         self.progress(f"controller up (pid {self.system.controller_pid}); "
@@ -202,10 +197,15 @@ class Bench:
 
     async def figure_start(self):
         """``repeats`` starts of ``start_vms`` VMs each (clusters burst1 ...),
-        one after the other: the median is the figure."""
+        each right after as many raw ``createXML`` calls in one loop (this
+        machine's speed drifts: each pair is measured under the same
+        conditions); the medians are the figures."""
         scale = self.scale
-        runs = []
+        runs, raws, ratios = [], [], []
         for run in range(1, scale.repeats + 1):
+            raws.append(raw_libvirt_loop(os.path.join(self.system.dir, f"raw{run}"),
+                                         scale.start_vms, scale.start_lnms))
+            await sleep(self.reactor, 0.5)
             cluster = f"burst{run}"
             names = [full_name(f"{i}.{cluster}") for i in range(1, scale.start_vms + 1)]
             watch = RunWatcher(self.watcher, names, states.RUN)
@@ -219,15 +219,18 @@ class Bench:
                            what="every VM run in the client's cache")
             watch.close()
             runs.append(max(answered, watch.done_at) - started)
-            self.progress(f"  start {run}: {scale.start_vms:,} VMs in {runs[-1]:.3f} s")
+            ratios.append(runs[-1] / raws[-1])
+            self.progress(f"  start {run}: {scale.start_vms:,} VMs in {runs[-1]:.3f} s; raw "
+                          f"createXML loop {raws[-1]:.3f} s ({ratios[-1]:.1f}x)")
             await sleep(self.reactor, 1.0)
         elapsed = statistics.median(runs)
         self.results["start_vms_per_s"] = scale.start_vms / elapsed
-        self.results["start_vs_raw_libvirt"] = elapsed / self.raw_seconds
-        self.details.update(start_s=elapsed, start_runs_s=runs)
+        self.results["start_vs_raw_libvirt"] = statistics.median(ratios)
+        self.details.update(start_s=elapsed, start_runs_s=runs, raw_libvirt_runs_s=raws,
+                            raw_libvirt_s=statistics.median(raws), start_ratios=ratios)
         self.progress(f"figure 1: {scale.start_vms:,} VMs in {elapsed:.3f} s (median of "
-                      f"{len(runs)}; {scale.start_vms / elapsed:,.0f} VMs/s, "
-                      f"{elapsed / self.raw_seconds:.1f}x raw libvirt)")
+                      f"{len(runs)}; {scale.start_vms / elapsed:,.0f} VMs/s), "
+                      f"{statistics.median(ratios):.1f}x the raw libvirt loop")
 
     async def grow_and_fill(self):
         scale = self.scale
@@ -333,7 +336,6 @@ class Bench:
                     chosen.append((lnm, by_lnm[lnm].pop()))
         pending = {}                 # (name, state) -> time of the libvirt call
         latencies = []
-        late = []
 
         def changed(records, removed):
             now = time.monotonic()
@@ -375,7 +377,6 @@ class Bench:
         await wait_for(self.reactor, lambda: not pending, 30, interval=0.05,
                        what="every change notified")
         stop()
-        late.extend(pending)
         if errors:
             raise RuntimeError(f"{len(errors)} libvirt calls failed: {errors[:3]}")
         # Leave every VM running for what follows.
@@ -586,7 +587,8 @@ class ClientWorker(protocol.ProcessProtocol):
 def raw_libvirt_loop(directory, count, hosts):
     """Seconds for ``count`` createXML calls in one loop over ``hosts`` fresh
     test-driver hosts, with the domain XML Usher itself builds (connections
-    opened and XML built beforehand, outside the timing)."""
+    opened and XML built beforehand, outside the timing). Blocking: the
+    reactor waits the fraction of a second it takes."""
     import libvirt
 
     from usher.lnm import domain_xml

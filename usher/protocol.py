@@ -31,6 +31,13 @@ The controller then drives the LNM through ``node_api`` (paper, Table 2)::
     receive([json chunk]) -> int      cache VM records (the controller's view),
                                       returns how many are cached
     start(vm name) -> dict            boot a cached VM (idempotent) -> domain info
+    start_many([vm name]) -> [json chunk]
+                                      start for each VM (up to 1,024, no
+                                      repeats), one answer for all, in the
+                                      order asked: {"name", "info"} or
+                                      {"name", "error", "kind"} (the
+                                      UsherError class name) per VM; the
+                                      controller sends batches of up to 32
     op_on(operation, vm name) -> dict|None
                                       Table 3 operation -> domain info (None
                                       after destroy)
@@ -58,9 +65,12 @@ connection is gone) is reported instead: an export is put back, an import
 undone (the source keeps the export), any other result reported as an
 observed change.
 
-Each side pings the other (``ping`` above) every ``ping_interval`` seconds
-and aborts a connection unanswered for ``ping_timeout`` seconds; TCP
-keepalive and TCP_USER_TIMEOUT are set from the same values.
+Any message counts as a sign of life: each side pings the other (``ping``
+above) once it has heard nothing from it for ``ping_interval`` seconds (the
+controller waits longer, halfway to its timeout, so that in practice only
+the LNM asks), and aborts a connection it has heard nothing on for
+``ping_timeout`` seconds; TCP keepalive and TCP_USER_TIMEOUT are set from the
+same values.
 
 and the LNM reports through ``reporter``::
 
