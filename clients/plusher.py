@@ -47,7 +47,6 @@ Layout: ``Gateway`` holds sessions and requests and does the work (no HTTP);
 boundary; ``make_service`` and ``main`` the daemon.
 """
 
-import argparse
 import contextlib
 import dataclasses
 import functools
@@ -980,20 +979,13 @@ def make_service(config, reactor):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="plusher", description="plusher: the XML-RPC gateway between Plush and Usher.")
-    parser.add_argument("--config", action="append", default=[], metavar="FILE",
-                        help="read this configuration file last (may be repeated)")
-    parser.add_argument("--isolated", action="store_true",
-                        help="read only the --config files, not /etc/usher, ~/.usher or "
-                             "$USHER_PLUSHER_CONFIG")
-    from usher import __version__
-    parser.add_argument("--version", action="version", version=f"plusher {__version__}")
-    options = parser.parse_args(argv)
+    from usher import daemon, settings as usher_settings
+    options = daemon.argument_parser(
+        "plusher", "plusher: the XML-RPC gateway between Plush and Usher.",
+        usher_settings.PLUSHER).parse_args(argv)
 
     from twisted.internet import reactor
 
-    from usher import daemon, settings as usher_settings
     from usher.config import load_config
     try:
         config = load_config(usher_settings.PLUSHER, extra_files=options.config,

@@ -4,6 +4,7 @@ Init scripts and systemd units run the daemons in the foreground and let the
 service manager background them, so there is no double-fork here.
 """
 
+import argparse
 import gc
 import os
 import sys
@@ -14,6 +15,19 @@ from twisted.logger import (FilteringLogObserver, LogLevel, LogLevelFilterPredic
                             Logger, globalLogBeginner, textFileLogObserver)
 
 log = Logger()
+
+
+def argument_parser(prog, description, component):
+    """The options every Usher daemon takes: --config, --isolated, --version."""
+    from usher import __version__
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", action="append", default=[], metavar="FILE",
+                        help="read this configuration file last (may be repeated)")
+    parser.add_argument("--isolated", action="store_true",
+                        help="read only the --config files, not /etc/usher, ~/.usher or "
+                             f"${component.env_var}")
+    parser.add_argument("--version", action="version", version=f"{prog} {__version__}")
+    return parser
 
 
 def start_logging(log_file, level):

@@ -1,25 +1,17 @@
 """usherctrl: the Usher controller."""
 
-import argparse
 import sys
 
-from usher import __version__
 from usher.errors import ConfigError
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="usherctrl", description="The Usher controller.")
-    parser.add_argument("--config", action="append", default=[], metavar="FILE",
-                        help="read this configuration file last (may be repeated)")
-    parser.add_argument("--isolated", action="store_true",
-                        help="read only the --config files, not /etc/usher, ~/.usher or "
-                             "$USHER_CTRL_CONFIG")
-    parser.add_argument("--version", action="version", version=f"usherctrl {__version__}")
-    options = parser.parse_args(argv)
+    from usher import daemon, settings
+    options = daemon.argument_parser("usherctrl", "The Usher controller.",
+                                     settings.CTRL).parse_args(argv)
 
     from twisted.internet import reactor
 
-    from usher import daemon, settings
     from usher.config import load_config
     from usher.controller.service import make_service
     try:

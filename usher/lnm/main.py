@@ -8,22 +8,15 @@ could not start (e.g. the hypervisor is unreachable), 2 for an invalid
 configuration.
 """
 
-import argparse
 import sys
 
-from usher import __version__
 from usher.errors import ConfigError
 from usher.protocol import MAX_FIELD
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="usherlnm",
-                                     description="The Usher local node manager.")
-    parser.add_argument("--config", action="append", default=[], metavar="FILE",
-                        help="read this configuration file last (may be repeated)")
-    parser.add_argument("--isolated", action="store_true",
-                        help="read only the --config files, not /etc/usher, ~/.usher or "
-                             "$USHER_LNM_CONFIG")
+    from usher import daemon, settings
+    parser = daemon.argument_parser("usherlnm", "The Usher local node manager.", settings.LNM)
     parser.add_argument("--name", help="the LNM's name (default: [lnm] name, else the "
                                        "common name of its certificate)")
     parser.add_argument("--fleet", type=int, metavar="N",
@@ -37,7 +30,6 @@ def main(argv=None):
     parser.add_argument("--fleet-certs", metavar="DIR",
                         help="directory of the members' NAME_cert.pem and NAME_key.pem "
                              "(default: the directory of ssl_cert_file)")
-    parser.add_argument("--version", action="version", version=f"usherlnm {__version__}")
     options = parser.parse_args(argv)
     if options.fleet is not None and (options.fleet < 1 or options.fleet_first < 0):
         parser.error("--fleet needs a positive number of LNMs (and --fleet-first >= 0)")
@@ -46,7 +38,6 @@ def main(argv=None):
 
     from twisted.internet import reactor
 
-    from usher import daemon, settings
     from usher.config import load_config
     from usher.lnm.service import make_service
 
