@@ -119,7 +119,7 @@ class Grid:
         """Make every LNM scan its host and report now."""
         for node in self.nodes.values():
             await node.scan()
-            await node.flush()
+            await node.drain()
 
     async def stop(self):
         for node in self.nodes.values():

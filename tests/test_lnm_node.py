@@ -195,6 +195,24 @@ class RecordingReporter:
         return [c for batch in self.batches for c in batch]
 
 
+class HeldReporter(RecordingReporter):
+    """A reporter whose every report waits, in ``answers``, to be answered
+    (then acknowledged as ``echo_acks`` would, or failed while ``failing``)."""
+
+    def __init__(self):
+        super().__init__(echo_acks)
+        self.answers = []
+
+    async def report(self, changes):
+        self.batches.append([dict(c) for c in changes])
+        answer = defer.Deferred()
+        self.answers.append(answer)
+        await answer
+        if self.failing is not None:
+            raise self.failing
+        return self.acks(changes)
+
+
 # -- helpers ----------------------------------------------------------------------
 
 SCAN = 10.0
@@ -652,17 +670,8 @@ def test_acknowledgment_that_disagrees_does_not_loop(manager, vmm, clock):
 
 def test_change_during_a_report_in_flight_is_sent_next(manager, vmm, clock):
     running_vm(manager)
-    answers = []
-
-    class SlowReporter(RecordingReporter):
-        async def report(self, changes):
-            self.batches.append([dict(c) for c in changes])
-            d = defer.Deferred()
-            answers.append(d)
-            await d
-            return echo_acks(changes)
-
-    reporter = SlowReporter()
+    reporter = HeldReporter()
+    answers = reporter.answers
     manager.set_reporter(reporter)
     vmm.set_state(VM, states.PAUSED)
     clock.advance(REPORT)
@@ -675,6 +684,37 @@ def test_change_during_a_report_in_flight_is_sent_next(manager, vmm, clock):
     assert [c["state"] for c in reporter.reported] == [states.PAUSED, states.RUN]
     answers[1].callback(None)
     assert manager.pending_changes == {}
+
+
+def test_drain_waits_for_the_report_in_flight_and_sends_what_came_meanwhile(manager, vmm,
+                                                                           clock):
+    """What a plain flush cannot promise: a flush while a batch is in flight
+    returns at once, leaving the newer change for a later turn."""
+    running_vm(manager)
+    reporter = HeldReporter()
+    answers = reporter.answers
+    manager.set_reporter(reporter)
+    vmm.set_state(VM, states.PAUSED)
+    clock.advance(REPORT)                       # first batch in flight
+    vmm.set_state(VM, states.RUN)
+    drained = pending(manager.drain())
+    answers[0].callback(None)                   # drain now sends the second itself
+    assert [c["state"] for c in reporter.reported] == [states.PAUSED, states.RUN]
+    assert not drained.called
+    answers[1].callback(None)
+    assert result_of(drained) is True
+    assert manager.pending_changes == {}
+
+
+def test_drain_gives_up_after_its_rounds_when_reports_keep_failing(manager, vmm, clock):
+    running_vm(manager)
+    reporter = RecordingReporter(echo_acks)
+    reporter.failing = RuntimeError("controller away")
+    manager.set_reporter(reporter)
+    vmm.set_state(VM, states.PAUSED)
+    assert result_of(manager.drain(rounds=3)) is False
+    assert len(reporter.batches) == 3
+    assert manager.pending_changes[VM]["state"] == states.PAUSED
 
 
 # -- lifecycle -------------------------------------------------------------------------
@@ -758,7 +798,7 @@ async def test_real_driver_operations_settle_the_cache_and_report_nothing(real_n
         assert info["state"] == expected, operation
         assert node.cached_vm(VM).record["state"] == expected
     await node.scan()
-    await node.flush()
+    await node.drain()
     assert reporter.batches == []
     with pytest.raises(MigrationUnsupported):
         await node.migrate(VM, {"migration_uri": "test:///elsewhere"})
@@ -779,7 +819,7 @@ async def test_real_driver_outside_changes_are_reported(real_node):
     await _on_host(vmm, lambda conn: conn.lookupByName(VM).suspend())
     await _on_host(vmm, lambda conn: conn.createXML(FOREIGN_XML, 0))
     await node.scan()
-    await node.flush()
+    await node.drain()
     assert sorted((c["name"], c["state"], c["metadata"]) for c in reporter.reported) == [
         (VM, states.PAUSED, {"owner": "alice", "cluster": "web"}),
         ("foreign", states.RUN, {})]
@@ -787,7 +827,7 @@ async def test_real_driver_outside_changes_are_reported(real_node):
     await _on_host(vmm, lambda conn: conn.lookupByName(VM).destroy())
     await _on_host(vmm, lambda conn: conn.lookupByName(VM).undefine())
     await node.scan()
-    await node.flush()
+    await node.drain()
     assert (VM, None) in [(c["name"], c["state"]) for c in reporter.batches[-1]]
     assert node.cached_vm(VM).record["state"] == states.MISSING
     await node.shutdown()

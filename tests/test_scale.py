@@ -19,8 +19,8 @@ from usher.liveness import HeardBroker, Heartbeat, on_tick
 from usher.lnm.fleet import Fleet, member_names
 from usher.lnm.node import NodeManager
 
-from tests.test_lnm_node import (REPORT, SCAN, FakeVMM, RecordingReporter, echo_acks, record,
-                                 result_of)
+from tests.test_lnm_node import (REPORT, SCAN, FakeVMM, HeldReporter, RecordingReporter,
+                                 echo_acks, record, result_of)
 
 DOMAIN = "usher.test"
 
@@ -193,28 +193,13 @@ async def test_creates_asked_in_one_turn_go_to_the_pool_in_a_few_jobs(tmp_path):
 
 # -- changes reported at once, batched while a report is on its way -------------------
 
-class SlowReporter(RecordingReporter):
-    def __init__(self):
-        super().__init__(echo_acks)
-        self.answers = []
-
-    async def report(self, changes):
-        self.batches.append([dict(c) for c in changes])
-        d = defer.Deferred()
-        self.answers.append(d)
-        await d
-        if self.failing is not None:
-            raise self.failing
-        return self.acks(changes)
-
-
 def test_a_change_is_reported_on_the_next_turn_and_later_ones_wait_for_the_answer(manager):
     clock, vmm = manager.clock_, manager.vmm
     names = [f"{i}.web.alice.usher.local" for i in (1, 2, 3)]
     result_of(manager.receive([record(n) for n in names]))
     for name in names:
         result_of(manager.start(name))
-    reporter = SlowReporter()
+    reporter = HeldReporter()
     manager.set_reporter(reporter)
     vmm.set_state(names[0], states.PAUSED)
     assert reporter.batches == []
@@ -235,7 +220,7 @@ def test_a_failed_report_is_retried_after_report_interval(manager):
     clock, vmm = manager.clock_, manager.vmm
     result_of(manager.receive([record()]))
     result_of(manager.start(record()["name"]))
-    reporter = SlowReporter()
+    reporter = HeldReporter()
     reporter.failing = Unavailable("report: connection lost")
     manager.set_reporter(reporter)
     vmm.set_state(record()["name"], states.PAUSED)

@@ -400,6 +400,22 @@ class NodeManager:
         except Exception:
             self.log.failure("LNM {lnm}: reporting changes failed", lnm=self.name)
 
+    async def drain(self, rounds=10):
+        """Wait for the work under way (reads, a report in flight) to end and
+        for what is queued to be reported, for at most ``rounds`` reports; so
+        that a caller sees the controller informed of everything observed so
+        far. Returns whether nothing is left queued."""
+        for _ in range(rounds):
+            if self._active:
+                waiter = defer.Deferred()
+                self._idle_waiters.append(waiter)
+                await waiter
+                continue
+            if not self._pending or self._reporter is None:
+                break
+            await self.flush()
+        return not self._pending
+
     async def flush(self):
         """Send the queued changes in one batch, if attached; one batch at a
         time (what comes meanwhile goes in the next, sent as soon as this one
@@ -422,8 +438,10 @@ class NodeManager:
             self._flush_soon(self.report_interval)
             return
         self._reporting = False
-        self._leave()
-        self._acknowledge(batch, acks)
+        try:
+            self._acknowledge(batch, acks)
+        finally:
+            self._leave()       # idle means acknowledged (see ``drain``)
         self._flush_soon()
 
     def _acknowledge(self, batch, acks):
