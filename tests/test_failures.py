@@ -6,10 +6,13 @@ on 127.0.0.1 where TLS is the point. The controller's side is in
 test_failures_controller.py, whole systems in test_failures_e2e.py.
 """
 
+import types
+
 import pytest
 import pytest_twisted
 from twisted.internet import defer, task
 from twisted.spread import pb
+from twisted.test.iosim import connectedServerAndClient
 
 from test_lnm_link import Harness, RETRY
 from test_lnm_node import (REPORT, SCAN, VM, FakeVMM, RecordingReporter, echo_acks, pending,
@@ -17,7 +20,7 @@ from test_lnm_node import (REPORT, SCAN, VM, FakeVMM, RecordingReporter, echo_ac
 from usher import pki, records, states
 from usher.controller.recovery import Recovery, RecoveryAnnouncer, announce
 from usher.errors import NoSuchVM, Unavailable
-from usher.liveness import Heartbeat
+from usher.liveness import HeardBroker, Heartbeat, ping_peer
 from usher.lnm.node import NodeManager
 from usher.lnm.recovery import RecoveryListener
 
@@ -95,6 +98,72 @@ def test_heartbeat_stop_cancels_everything():
 def test_heartbeat_refuses_nonsense():
     with pytest.raises(ValueError):
         Heartbeat(Peer().ping, clock=task.Clock(), interval=0, timeout=1, on_silent=print)
+
+
+# -- protocol-level pings between two HeardBrokers -----------------------------------
+
+def broker_pair():
+    """Two HeardBrokers connected in memory -> (pinger, peer, pump, clock)."""
+    clock = task.Clock()
+
+    def broker(is_client):
+        broker = HeardBroker(isClient=is_client)
+        broker.factory = types.SimpleNamespace(clock=clock,
+                                               clientConnectionMade=lambda broker: None)
+        return broker
+
+    peer, pinger, pump = connectedServerAndClient(lambda: broker(0), lambda: broker(1))
+    return pinger, peer, pump, clock
+
+
+def test_broker_heartbeat_is_answered_and_notes_the_peer_heard():
+    pinger, peer, pump, clock = broker_pair()
+    clock.advance(7)
+    answered = pinger.heartbeat()
+    both = pinger.heartbeat()                     # in flight together: one answer
+    pump.flush()
+    assert result_of(answered) is True and result_of(both) is True
+    assert peer.last_heard == 7 and pinger.last_heard == 7
+
+
+def test_broker_heartbeat_of_a_peer_that_stopped_answering_times_out():
+    pinger, peer, pump, clock = broker_pair()
+    peer.answers_heartbeats = False
+    d = ping_peer(pinger, None, clock=clock, timeout=3)
+    pump.flush()
+    failures = []
+    d.addErrback(failures.append)
+    clock.advance(2.9)
+    assert not failures
+    clock.advance(0.2)
+    assert failures and failures[0].check(defer.TimeoutError)
+    assert pinger._heartbeats == []               # forgotten, no late callback
+    peer.answers_heartbeats = True
+    again = pinger.heartbeat()
+    pump.flush()
+    assert result_of(again) is True               # the next one is answered normally
+
+
+def test_broker_heartbeat_fails_when_the_connection_is_lost():
+    pinger, peer, pump, clock = broker_pair()
+    peer.answers_heartbeats = False
+    d = pinger.heartbeat()
+    pump.flush()
+    failures = []
+    d.addErrback(failures.append)
+    pinger.transport.loseConnection()
+    pump.flush()
+    assert failures and failures[0].check(pb.PBConnectionLost)
+    later = []
+    pinger.heartbeat().addErrback(later.append)
+    assert later and later[0].check(pb.PBConnectionLost)
+
+
+def test_ping_peer_falls_back_to_a_remote_call_on_a_plain_broker():
+    calls = []
+    d = ping_peer(pb.Broker(), lambda: calls.append(1) or defer.succeed("pong"),
+                  clock=task.Clock(), timeout=1)
+    assert result_of(d) == "pong" and calls == [1]
 
 
 # -- the LNM: sessions, kept exports, hypervisor loss ------------------------------
@@ -301,17 +370,6 @@ def harness():
     result_of(h.manager.shutdown())
 
 
-class PingingReporter(pb.Referenceable):
-    def __init__(self):
-        self.answer = True
-
-    def remote_report(self, chunks):
-        return records.encode_chunks([])
-
-    def remote_ping(self):
-        return True if self.answer else defer.Deferred()
-
-
 def test_retry_now_brings_the_next_attempt_forward(harness):
     harness.connect()
     assert harness.link.retry_now() == "attached"
@@ -331,13 +389,11 @@ def test_retry_now_leaves_an_attempt_in_progress_alone(harness):
 
 
 def test_the_lnm_drops_a_controller_that_stops_answering_pings(harness):
-    reporter = PingingReporter()
-    harness.controller.reporter = reporter
     harness.connect()
     for _ in range(10):
         harness.advance(0.5)
     assert harness.link.attached                       # answered
-    reporter.answer = False
+    harness.pump.server.answers_heartbeats = False
     for _ in range(8):
         harness.advance(0.5)
     assert not harness.link.attached                   # dropped, will redial

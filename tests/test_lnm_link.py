@@ -18,6 +18,7 @@ from twisted.test.iosim import ConnectionCompleter
 from test_lnm_node import FakeVMM, record, result_of
 from usher import pki, records, states
 from usher.errors import InvalidRequest, NoSuchVM, OperationFailed, from_failure
+from usher.liveness import HeardBroker
 from usher.lnm import api
 from usher.lnm.api import NodeAPI
 from usher.lnm.link import ControllerLink
@@ -57,6 +58,11 @@ class FakeController(pb.Root):
         return self.reporter
 
 
+class ControllerSideFactory(pb.PBServerFactory):
+    """As the controller's: its brokers answer protocol-level heartbeats."""
+    protocol = HeardBroker
+
+
 class Harness:
     """An LNM (FakeVMM + NodeManager + ControllerLink) and a fake controller,
     connected through in-memory pumps on one MemoryReactorClock."""
@@ -64,7 +70,7 @@ class Harness:
     def __init__(self):
         self.reactor = MemoryReactorClock()
         self.controller = FakeController()
-        self.reactor.listenTCP(PORT, pb.PBServerFactory(self.controller))
+        self.reactor.listenTCP(PORT, ControllerSideFactory(self.controller))
         self.completer = ConnectionCompleter(self.reactor)
         self.vmm = FakeVMM()
         self.manager = NodeManager(self.vmm, name="lnm1", clock=self.reactor,
@@ -303,7 +309,7 @@ async def test_lnm_service_attaches_over_mutual_tls(tmp_path):
                                             require_client_cert=True)
     port = await SSL4ServerEndpoint(reactor, 0, server_options,
                                     interface="127.0.0.1").listen(
-        pb.PBServerFactory(controller))
+        ControllerSideFactory(controller))
     config = {"lnm": {
         "name": None, "controller_host": "127.0.0.1",
         "controller_port": port.getHost().port, "controller_tls_name": None,

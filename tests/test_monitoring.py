@@ -367,6 +367,14 @@ def test_report_status_over_pb_reaches_the_controller():
     assert "cpu must be None" in str(errors[0].value)
     assert controller.monitoring.lnm_status("lnm1")["cpu"] == [10.0, 8.0, 5.0]
 
+    # The node's figures travel as one JSON object; anything else is refused.
+    for hostile in ["not json", "[1, 2]", {"cpu": None}, 7]:
+        errors = []
+        refs[0].callRemote("report_status", hostile, []).addErrback(errors.append)
+        pump.flush()
+        assert errors and "JSON object" in errors[0].getErrorMessage(), hostile
+    assert controller.monitoring.lnm_status("lnm1")["cpu"] == [10.0, 8.0, 5.0]
+
 
 class HideOthers:
     """A list_request policy: ordinary users see only their own VMs."""

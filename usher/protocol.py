@@ -79,11 +79,14 @@ and the LNM reports through ``reporter``::
         "memory_mib", "vcpus", "metadata"}; the reply holds the controller's
         updated records for the VMs it manages — the acknowledgment of the
         paper: the LNM updates its cached objects from it.
-    report_status(node: dict, vms: [json chunk]) -> True
-        the latest figures of the node and of every VM it samples (all of
-        them: a VM absent from a report has no figures any more); sent every
-        ``status_report_interval`` seconds.
+    report_status(node: json object, vms: [json chunk]) -> True
+        the latest figures of the node (one JSON-encoded object: banana
+        decodes a nested dict item by item, far slower than json) and of
+        every VM it samples (all of them: a VM absent from a report has no
+        figures any more); sent every ``status_report_interval`` seconds.
     ping() -> True
+        (the LNM pings with a broker-level heartbeat instead: see
+        usher.liveness.HeardBroker)
 
 Monitoring figures (LNM -> controller -> clients and plugins)
 ------------------------------------------------------------

@@ -57,6 +57,29 @@ def decode_chunks(chunks):
     return items
 
 
+def encode_object(item, limit=CHUNK_BYTES):
+    """One JSON object as a string of at most ``limit`` bytes."""
+    text = json.dumps(item, separators=(",", ":"))
+    if len(text) > limit:
+        raise InvalidRequest("object too large to send")
+    return text
+
+
+def decode_object(text):
+    """Inverse of encode_object, checking it is a JSON object (a dict)."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", errors="replace")
+    if not isinstance(text, str):
+        raise InvalidRequest("expected a JSON object")
+    try:
+        item = json.loads(text)
+    except ValueError as e:
+        raise InvalidRequest(f"malformed JSON object: {e}") from None
+    if not isinstance(item, dict):
+        raise InvalidRequest("expected a JSON object")
+    return item
+
+
 def decode_records(chunks):
     """Decode VM records, checking each is a dict with a string name."""
     records = decode_chunks(chunks)

@@ -15,9 +15,10 @@ from zope.interface import implementer
 from usher import pki
 from usher.errors import (InvalidRequest, LinkFailure, PermissionDenied, UsherError,
                           from_name)
+from usher.liveness import ping_peer
 from usher.pbutil import as_deferred, call
 from usher.protocol import PROTOCOL_VERSION
-from usher.records import decode_records, encode_chunks
+from usher.records import decode_object, decode_records, encode_chunks
 
 log = Logger()
 
@@ -100,8 +101,9 @@ class RemoteLNM:
     async def restore_export(self, name):
         return await self._call("restore_export", name, timeout=self.command_timeout)
 
-    async def ping(self):
-        return await self._call("ping")
+    def ping(self):
+        return ping_peer(self.broker, lambda: self._call("ping"), clock=self.clock,
+                         timeout=self.call_timeout)
 
     def disconnect(self):
         transport = getattr(self.broker, "transport", None)
@@ -135,7 +137,7 @@ class NodeReporter(pb.Referenceable):
         """The LNM's monitoring figures (usher.protocol, Monitoring)."""
         try:
             vms = decode_records(chunks)
-            self.controller.lnm_status_report(self.name, node, vms)
+            self.controller.lnm_status_report(self.name, decode_object(node), vms)
             return defer.succeed(True)
         except UsherError as e:
             log.warn("LNM {lnm}: status report refused: {error}", lnm=self.name, error=e)

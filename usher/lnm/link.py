@@ -26,7 +26,8 @@ from twisted.spread import pb
 
 from usher import records
 from usher.errors import UsherError
-from usher.liveness import HEARTBEAT_TICK, HeardBroker, Heartbeat, enable_tcp_keepalive
+from usher.liveness import (HEARTBEAT_TICK, HeardBroker, Heartbeat, enable_tcp_keepalive,
+                            ping_peer)
 from usher.pbutil import call
 from usher.protocol import PROTOCOL_VERSION
 
@@ -47,10 +48,10 @@ class RemoteReporter:
         return records.decode_records(reply)
 
     async def report_status(self, node, vms):
-        """The monitor's figures: the node's as a small dict, the VMs' as
+        """The monitor's figures: the node's as one JSON object, the VMs' as
         JSON chunks (usher.protocol, Monitoring)."""
-        return await call(self.remote, "report_status", node, records.encode_chunks(vms),
-                          timeout=self.timeout, clock=self.clock)
+        return await call(self.remote, "report_status", records.encode_object(node),
+                          records.encode_chunks(vms), timeout=self.timeout, clock=self.clock)
 
 
 class ControllerLinkFactory(pb.PBClientFactory):
@@ -155,7 +156,9 @@ class ControllerLinkFactory(pb.PBClientFactory):
             broker.transport.abortConnection()
 
         self._heartbeat = Heartbeat(
-            lambda: call(reporter, "ping", timeout=self.ping_timeout, clock=self.clock),
+            lambda: ping_peer(broker, lambda: call(reporter, "ping", timeout=self.ping_timeout,
+                                                   clock=self.clock),
+                              clock=self.clock, timeout=self.ping_timeout),
             clock=self.clock, interval=self.ping_interval, timeout=self.ping_timeout,
             on_silent=silent, name="the controller",
             last_heard=lambda: broker.last_heard, tick=HEARTBEAT_TICK).start()
