@@ -173,6 +173,36 @@ async def test_a_vm_started_again_needs_room_on_its_own_host(tmp_path, client_gr
     assert hosts_of(result) == {full("old"): "lnm1"}
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_vm_on_its_way_holds_room_on_its_target_until_it_arrives(tmp_path,
+                                                                          client_grids):
+    grid = await client_grids(lnms=2, cpus=2, memory_mib=1024,
+                              registrations=registrations(tmp_path, "roundrobin"))
+    alice = await grid.connected("alice")
+    await seen(alice, await alice.start(["mover"], lnms=["lnm1"], args={"memory_mib": 768}))
+    source = grid.grid.handles["lnm1"]
+    export, gate = source.export_image, defer.Deferred()
+
+    async def held_export(name):
+        await gate
+        return await export(name)
+
+    source.export_image = held_export                # the move stops half-way
+    moving = defer.ensureDeferred(alice.migrate([full("mover")], ["lnm2"]))
+    await wait_for(lambda: grid.controller.state.incoming == {full("mover"): "lnm2"})
+    result = await alice.start(["late"], lnms=["lnm2"], args={"memory_mib": 512})
+    assert errors(result) == {full("late"): "no suggested LNM can start it (512 MiB and 1 vCPU): "
+                                            "lnm2: memory: needs 512 MiB, 256 MiB free (of "
+                                            "1024 MiB)"}
+
+    gate.callback(None)
+    moved = await moving
+    assert moved["migrated"] == [{"name": full("mover"), "from": "lnm1", "to": "lnm2"}]
+    assert grid.controller.state.incoming == {}
+    result = await alice.start(["late"], args={"memory_mib": 512})
+    assert hosts_of(result) == {full("late"): "lnm1"}   # room only where it left
+
+
 # -- round-robin, pack, spread ------------------------------------------------------------
 
 @pytest_twisted.ensureDeferred

@@ -236,6 +236,13 @@ class Ledger:
             if host is None or record["name"] in ignore or record["state"] not in ACTIVE_STATES:
                 continue
             host.add(self.demand(record), record.get("owner"), record.get("cluster"))
+        # A VM on its way to a host holds room there too (libvirt reserves
+        # it on the target while it copies; an import restores it there).
+        for name, target in getattr(state, "incoming", {}).items():
+            host, record = self.hosts.get(target), state.vms.get(name)
+            if host is None or record is None or name in ignore or record.get("vmm") == target:
+                continue
+            host.add(self.demand(record), record.get("owner"), record.get("cluster"))
 
     def demand(self, record, args=None) -> Demand:
         return self.policy.demand(record, args, default_memory=self.default_memory,

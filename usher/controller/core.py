@@ -637,6 +637,7 @@ class Controller:
         name, source = rec["name"], rec["vmm"]
         before = rec["state"]
         self._busy[name] = "migrate"
+        self.state.incoming[name] = target
         self.state.update(name, state=states.MIGRATING)
         try:
             outcome, info, error = await self._move(rec, before, target)
@@ -647,6 +648,7 @@ class Controller:
                 f"internal error: {e.__class__.__name__}")
         finally:
             self._busy.pop(name, None)
+            self.state.incoming.pop(name, None)
         if outcome == "moved":
             self.state.update(name, vmm=target, state=info.get("state") or before)
             await self._send_record(target, name)

@@ -69,6 +69,9 @@ class GlobalState:
         self.unmanaged = {}    # VMs on our hosts that Usher does not manage
         self.vmms = {}         # LNM name -> VMMInfo
         self.clusters = {}     # (owner, cluster) -> set of VM names
+        # VM name -> target LNM while a migration is under way: the VM holds
+        # room on both hosts until it is settled on one (usher.controller.capacity).
+        self.incoming = {}
         self._owned = {}       # owner -> set of VM names
         self._listeners = []
 
