@@ -126,6 +126,17 @@ def test_broker_heartbeat_is_answered_and_notes_the_peer_heard():
     assert peer.last_heard == 7 and pinger.last_heard == 7
 
 
+def test_broker_tells_its_peer_it_is_alive_without_an_answer():
+    pinger, peer, pump, clock = broker_pair()
+    pump.flush()
+    heard_before = pinger.last_heard
+    clock.advance(3)
+    pinger.tell_alive()
+    pump.flush()
+    assert pinger.last_sent == 3 and peer.last_heard == 3
+    assert pinger.last_heard == heard_before      # nothing came back
+
+
 def test_broker_heartbeat_of_a_peer_that_stopped_answering_times_out():
     pinger, peer, pump, clock = broker_pair()
     peer.answers_heartbeats = False

@@ -118,6 +118,13 @@ def test_lnm_loads_lists_connected_lnms_only():
     (node_report(source=["x"]), [], "source must be a short string"),
     (node_report(), [{"cpu": None}], "without a valid name"),
     (node_report(), [vm_report("1.onlnm1.alice.usher.test", cpu=(True, 1, 1))], "cpu must"),
+    # As LNMs send them, JSON lists of floats (the fast path): still finite only.
+    (node_report(cpu=[1.0, float("inf"), 2.0]), [], "cpu must be None"),
+    (node_report(cpu=[float("-inf"), 1.0, 2.0]), [], "cpu must be None"),
+    (node_report(), [vm_report("1.onlnm1.alice.usher.test", cpu=[1.0, 2.0, float("nan")])],
+     r"from lnm1, VM 1\.onlnm1\.alice\.usher\.test: figure cpu must be None"),
+    (node_report(), [vm_report("1.onlnm1.alice.usher.test", source=7)],
+     r"VM 1\.onlnm1\.alice\.usher\.test: source must be a short string"),
     (node_report(), "chunk", "must be a list"),
 ])
 def test_a_malformed_report_is_refused_whole_and_changes_nothing(node, vms, message):
@@ -128,6 +135,16 @@ def test_a_malformed_report_is_refused_whole_and_changes_nothing(node, vms, mess
         s.monitoring.report("lnm1", node, vms if vms != "chunk" else "chunk")
     assert s.monitoring.lnm_status("lnm1")["cpu"] == [1.0, 1.0, 1.0]
     assert s.monitoring.vm_status(a)["cpu"] == [50.0, 40.0, 30.0]
+
+
+def test_figures_as_json_lists_or_tuples_of_ints_and_floats_are_kept_alike():
+    s = Setup()
+    a = s.names["lnm1"][0]
+    s.monitoring.report("lnm1", node_report(cpu=[1, 2.5, 3]),
+                        [vm_report(a, cpu=[50.0, 40.0, 30.0], net_rx=(0, 1, 2))])
+    assert s.monitoring.lnm_status("lnm1")["cpu"] == [1.0, 2.5, 3.0]
+    assert s.monitoring.vm_status(a)["cpu"] == [50.0, 40.0, 30.0]
+    assert s.monitoring.vm_status(a)["net_rx"] == [0.0, 1.0, 2.0]
 
 
 def test_figures_only_for_vms_the_state_places_on_the_reporting_lnm():

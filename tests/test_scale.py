@@ -75,6 +75,61 @@ def test_traffic_after_the_last_answer_postpones_silence():
     assert silent == [3.0]
 
 
+class Teller:
+    """This side's link: what it last sent, and its signs of life."""
+
+    def __init__(self, clock):
+        self.clock = clock
+        self.sent = 0.0
+        self.tells = []
+
+    def tell(self):
+        self.tells.append(self.clock.seconds())
+        self.sent = self.clock.seconds()
+
+    def send(self):
+        self.sent = self.clock.seconds()
+
+
+def test_a_side_that_hears_its_peer_tells_it_is_alive_instead_of_asking():
+    clock, peer, silent, heard = task.Clock(), Peer(), [], [0.0]
+    side = Teller(clock)
+    beat = Heartbeat(peer.ping, clock=clock, interval=1.0, timeout=6.0, patience=4.0,
+                     on_silent=silent.append, last_heard=lambda: heard[0],
+                     tell=side.tell, last_sent=lambda: side.sent).start()
+    for step in range(1, 21):
+        clock.advance(0.5)
+        if step % 6 == 0:
+            heard[0] = clock.seconds()      # its answer to a report, every 3 s
+        if step == 9:
+            side.send()                     # a report of ours at 4.5 s
+    assert peer.pings == 0 and silent == [] and beat.running
+    # Once per second of saying nothing, the report putting the next off.
+    assert side.tells == [1.0, 2.0, 3.0, 4.0, 5.5, 6.5, 7.5, 8.5, 9.5]
+    beat.stop()
+
+
+def test_a_side_that_stops_hearing_its_peer_asks_after_patience():
+    clock, peer, silent = task.Clock(), Peer(), []
+    peer.answer = False
+    side = Teller(clock)
+    Heartbeat(peer.ping, clock=clock, interval=1.0, timeout=6.0, patience=4.0,
+              on_silent=silent.append, last_heard=lambda: 0.0, tell=side.tell,
+              last_sent=lambda: side.sent).start()
+    clock.pump([1.0] * 4)
+    assert side.tells == [1.0, 2.0, 3.0] and peer.pings == 1    # asked at 4 s
+    clock.pump([1.0] * 2)
+    assert silent == [6.0]
+
+
+def test_telling_needs_to_know_what_was_sent_and_heard():
+    for kwargs in ({"tell": print}, {"last_sent": lambda: 0.0},
+                   {"tell": print, "last_sent": lambda: 0.0}):
+        with pytest.raises(ValueError):
+            Heartbeat(Peer().ping, clock=task.Clock(), interval=1, timeout=3,
+                      on_silent=print, **kwargs)
+
+
 def test_heartbeat_timers_fall_on_ticks():
     clock = task.Clock()
     clock.advance(0.3)

@@ -54,15 +54,28 @@ class Heartbeat:
     ping per ``interval`` on the link instead of two. (The LNMs ask; the
     controller, which would otherwise ping hundreds of them, waits longer.)
 
+    ``tell()``, if given, sends a sign of life that needs no answer, and
+    ``last_sent()`` is the clock time at which this side last sent anything
+    (a ``HeardBroker``'s ``last_sent``): then, while the peer is heard from
+    within ``patience``, this side tells it it is alive whenever it has sent
+    nothing for ``interval`` seconds, and asks only once the peer has been
+    quiet for ``patience``. One message per ``interval`` keeps the peer's
+    watch satisfied where a ping costs two. (The LNMs tell; they ask the
+    controller only when its answers to their reports stop coming.)
+
     ``tick``: every timer ends on a multiple of this many seconds (see
     ``HEARTBEAT_TICK``); pings and silence are then up to ``tick`` late.
     """
 
     def __init__(self, ping, *, clock, interval, timeout, on_silent, name="peer",
-                 last_heard=None, patience=None, tick=None):
+                 last_heard=None, patience=None, tick=None, tell=None, last_sent=None):
         if interval <= 0 or timeout <= 0:
             raise ValueError("heartbeat interval and timeout must be positive")
+        if (tell is None) != (last_sent is None) or (tell is not None and last_heard is None):
+            raise ValueError("tell needs last_sent and last_heard")
         self._ping = ping
+        self._tell = tell
+        self._last_sent = last_sent
         self._last_heard = last_heard
         self.patience = interval if patience is None else patience
         self.tick = tick
@@ -111,10 +124,19 @@ class Heartbeat:
         self._next = None
         if not self.running:
             return
-        quiet_for = self.clock.seconds() - self.heard()
+        now = self.clock.seconds()
+        quiet_for = now - self.heard()
         if self._last_heard is not None and quiet_for < self.patience - 1e-6:
             # It spoke lately: ask only once it has been quiet for a while.
-            self._next = self._later(self.patience - quiet_for, self._beat)
+            wait = self.patience - quiet_for
+            if self._tell is not None:
+                said = self._last_sent()
+                said_for = now - (said if said is not None else self.last_answer)
+                if said_for >= self.interval - 1e-6:
+                    self._tell()
+                    said_for = 0.0
+                wait = min(wait, self.interval - said_for)
+            self._next = self._later(wait, self._beat)
             return
         self._next = self._later(self.interval, self._beat)
         if self._in_flight is not None:
@@ -163,20 +185,24 @@ class Heartbeat:
 # is most of an idle controller's work.
 HEARTBEAT = b"usher_heartbeat"
 HEARTBEAT_ANSWER = b"usher_heartbeat_answer"
+ALIVE = b"usher_alive"          # the same, wanting no answer
 
 
 class HeardBroker(pb.Broker):
     """A PB broker that notes when its peer last sent anything:
-    ``last_heard``, on its factory's ``clock`` (None until then, or without
-    a clock). For ``Heartbeat(last_heard=...)``.
+    ``last_heard``, and when it last sent anything itself: ``last_sent``,
+    on its factory's ``clock`` (None until then, or without a clock). For
+    ``Heartbeat(last_heard=..., last_sent=...)``.
 
     It also pings at the protocol level (``heartbeat()``) and answers such
-    pings while ``answers_heartbeats``. Both ends must be HeardBrokers: a
+    pings while ``answers_heartbeats``, and tells its peer it is alive
+    without asking for an answer (``tell_alive()``). Both ends must be HeardBrokers: a
     plain broker cannot even say it did not understand (its answer, a str,
     is more than banana can send). The controller and its LNMs speak the
     same protocol version (``usher.protocol``), so they are."""
 
     last_heard = None
+    last_sent = None
     answers_heartbeats = True
 
     def connectionMade(self):
@@ -188,6 +214,20 @@ class HeardBroker(pb.Broker):
         if clock is not None:
             self.last_heard = clock.seconds()
         super().dataReceived(data)
+
+    def sendEncoded(self, obj):
+        clock = getattr(self.factory, "clock", None)
+        if clock is not None:
+            self.last_sent = clock.seconds()
+        super().sendEncoded(obj)
+
+    def tell_alive(self):
+        """A sign of life that needs no answer (ignored if disconnected)."""
+        if not self.disconnected:
+            self.sendCall(ALIVE)
+
+    def proto_usher_alive(self):
+        pass    # hearing it was the point (dataReceived noted the time)
 
     def heartbeat(self):
         """Ask the peer for a sign of life -> Deferred, fired when it answers

@@ -86,7 +86,7 @@ threads = integer(min=1, default=4)
 recovery_port = {_PORT.format(7392)}
 recovery_interface = string(default='0.0.0.0')
 ping_interval = float(gt=0, default=5)
-ping_timeout = float(gt=0, default=9)
+ping_timeout = float(gt=0, default=30)
 reconnect_initial_delay = float(gt=0, default=1)
 reconnect_max_delay = float(gt=0, default=30)
 call_timeout = float(gt=0, default=60)

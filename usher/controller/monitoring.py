@@ -91,19 +91,35 @@ def _number(value):
             and math.isfinite(value))
 
 
-def pack_figures(report, what):
+_UNAVAILABLE = array("d", [_NAN]) * _SLOTS
+_BASES = tuple((figure, index * len(AVERAGE_WINDOWS)) for index, figure in enumerate(FIGURES))
+
+
+def pack_figures(report, what=None):
     """A report's figures -> array of 18 doubles (NaN: unavailable).
-    Raises InvalidRequest naming ``what`` and the figure that is wrong."""
-    packed = array("d", [_NAN]) * _SLOTS
-    for index, figure in enumerate(FIGURES):
+    Raises InvalidRequest naming ``what`` (if given) and the figure that is
+    wrong.
+
+    Every VM of every LNM goes through here on each status report, hence
+    the fast path for what LNMs send: three floats (``x - x == 0`` holds
+    exactly for finite ones)."""
+    packed = array("d", _UNAVAILABLE)
+    for figure, base in _BASES:
         value = report.get(figure)
         if value is None:
             continue
+        if type(value) is list and len(value) == 3:
+            a, b, c = value
+            if (type(a) is float and type(b) is float and type(c) is float
+                    and a - a == 0.0 and b - b == 0.0 and c - c == 0.0):
+                packed[base] = a
+                packed[base + 1] = b
+                packed[base + 2] = c
+                continue
         if (not isinstance(value, (list, tuple)) or len(value) != len(AVERAGE_WINDOWS)
                 or not all(_number(v) for v in value)):
-            raise InvalidRequest(f"{what}: figure {figure} must be None or "
+            raise InvalidRequest(f"{_prefix(what)}figure {figure} must be None or "
                                  f"{len(AVERAGE_WINDOWS)} finite numbers")
-        base = index * len(AVERAGE_WINDOWS)
         for offset, v in enumerate(value):
             packed[base + offset] = float(v)
     return packed
@@ -119,10 +135,14 @@ def _unpack(values):
     return figures
 
 
-def _source(report, what):
+def _prefix(what):
+    return f"{what}: " if what else ""
+
+
+def _source(report, what=None):
     source = report.get("source")
     if source is not None and (not isinstance(source, str) or len(source) > MAX_SOURCE):
-        raise InvalidRequest(f"{what}: source must be a short string or None")
+        raise InvalidRequest(f"{_prefix(what)}source must be a short string or None")
     return source
 
 
@@ -254,9 +274,11 @@ class Monitoring:
             if not isinstance(name, str) or not name or len(name) > MAX_FIELD:
                 raise InvalidRequest(f"status report from {lnm}: a VM's figures without "
                                      "a valid name")
-            what = f"status report from {lnm}, VM {name}"
-            entries[name] = _Entry(lnm, now, _sampled_at(vm), _source(vm, what),
-                                   pack_figures(vm, what))
+            try:
+                entries[name] = _Entry(lnm, now, _sampled_at(vm), _source(vm),
+                                       pack_figures(vm))
+            except InvalidRequest as e:
+                raise InvalidRequest(f"status report from {lnm}, VM {name}: {e}") from None
         # Checked: now apply.
         self._lnms[lnm] = node_entry
         self._history(self._lnm_histories, lnm, self.lnm_history, now, node_values)

@@ -155,13 +155,18 @@ class ControllerLinkFactory(pb.PBClientFactory):
             # forever for its bytes to leave.
             broker.transport.abortConnection()
 
+        # Tell the controller every ping_interval of saying nothing (its
+        # watch needs that); ask it only when its answers to our reports
+        # stop coming, leaving two intervals for the answer.
+        patience = max(self.ping_interval, self.ping_timeout - 2 * self.ping_interval)
         self._heartbeat = Heartbeat(
             lambda: ping_peer(broker, lambda: call(reporter, "ping", timeout=self.ping_timeout,
                                                    clock=self.clock),
                               clock=self.clock, timeout=self.ping_timeout),
             clock=self.clock, interval=self.ping_interval, timeout=self.ping_timeout,
-            on_silent=silent, name="the controller",
-            last_heard=lambda: broker.last_heard, tick=HEARTBEAT_TICK).start()
+            on_silent=silent, name="the controller", patience=patience,
+            last_heard=lambda: broker.last_heard, tell=broker.tell_alive,
+            last_sent=lambda: broker.last_sent, tick=HEARTBEAT_TICK).start()
 
     def _stop_heartbeat(self):
         heartbeat, self._heartbeat = self._heartbeat, None
