@@ -130,6 +130,42 @@ def test_telling_needs_to_know_what_was_sent_and_heard():
                       on_silent=print, **kwargs)
 
 
+class TurnClock(task.Clock):
+    """A clock whose zero-delay calls wait for ``turn()``, as a reactor's
+    wait for its next iteration, after it has read its sockets."""
+
+    def __init__(self):
+        super().__init__()
+        self.next_turn = []
+
+    def callLater(self, delay, f, *args, **kwargs):
+        if delay == 0:
+            self.next_turn.append((f, args, kwargs))
+            return None
+        return super().callLater(delay, f, *args, **kwargs)
+
+    def turn(self):
+        calls, self.next_turn = self.next_turn, []
+        for f, args, kwargs in calls:
+            f(*args, **kwargs)
+
+
+def test_silence_is_judged_after_reading_what_waited_during_a_stall():
+    clock, peer, silent, heard = TurnClock(), Peer(), [], [0.0]
+    peer.answer = False
+    Heartbeat(peer.ping, clock=clock, interval=1.0, timeout=3.0, patience=2.0,
+              on_silent=silent.append, last_heard=lambda: heard[0]).start()
+    clock.advance(3.0)                      # the watchdog is due; the process stalled
+    assert silent == []
+    heard[0] = 3.0                          # the next turn reads the peer's message
+    clock.turn()
+    clock.advance(2.9)
+    assert silent == []                     # alive: judged again 3 s after it spoke
+    clock.advance(0.1)
+    clock.turn()
+    assert silent == [3.0]
+
+
 def test_heartbeat_timers_fall_on_ticks():
     clock = task.Clock()
     clock.advance(0.3)

@@ -165,7 +165,7 @@ class Heartbeat:
             log.debug("ping of {peer} failed: {error}", peer=self.name,
                       error=failure.getErrorMessage())
 
-    def _expired(self):
+    def _expired(self, last_look=False):
         self._watchdog = None
         if not self.running:
             return
@@ -173,6 +173,12 @@ class Heartbeat:
         if silent_for < self.timeout - 1e-6:
             # Heard from it since (traffic, not an answer): not silent yet.
             self._watchdog = self._later(self.timeout - silent_for, self._expired)
+            return
+        if not last_look:
+            # A reactor runs its due timers before it reads its sockets: after
+            # this process stalled (a long plugin, a big request), the peer's
+            # message may be waiting unread. Judge after one more turn.
+            self._watchdog = self.clock.callLater(0, self._expired, True)
             return
         self.stop()
         self._on_silent(silent_for)
