@@ -3,8 +3,9 @@
 A peer that crashes is noticed at once (its kernel closes the connection), but
 a peer behind a cut link, a frozen host or a dead NAT entry sends nothing at
 all, and TCP on its own keeps such a connection open for hours. So both ends
-of the controller-LNM link ping each other (``Heartbeat``) and give up on the
-connection after ``timeout`` seconds without an answer; TCP keepalive and
+of the controller-LNM link watch each other (``Heartbeat``: the LNM tells the
+controller it is alive, either side asks when the other has gone quiet) and
+give up on the connection after ``timeout`` seconds without hearing from it; TCP keepalive and
 ``TCP_USER_TIMEOUT`` (``enable_tcp_keepalive``) are the backstop beneath it,
 for a peer whose kernel is gone while the application's pings are not due.
 """
@@ -51,8 +52,8 @@ class Heartbeat:
     ``patience`` seconds (default ``interval``), and is silent once it has
     been quiet for ``timeout``. Of two peers watching each other this way, the
     one with less patience does the asking and keeps the other quiet: one
-    ping per ``interval`` on the link instead of two. (The LNMs ask; the
-    controller, which would otherwise ping hundreds of them, waits longer.)
+    ping per ``interval`` on the link instead of two. (The controller, which
+    would otherwise ping hundreds of LNMs, waits longer; the LNMs tell.)
 
     ``tell()``, if given, sends a sign of life that needs no answer, and
     ``last_sent()`` is the clock time at which this side last sent anything
