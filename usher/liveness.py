@@ -5,9 +5,10 @@ a peer behind a cut link, a frozen host or a dead NAT entry sends nothing at
 all, and TCP on its own keeps such a connection open for hours. So both ends
 of the controller-LNM link watch each other (``Heartbeat``: the LNM tells the
 controller it is alive, either side asks when the other has gone quiet) and
-give up on the connection after ``timeout`` seconds without hearing from it; TCP keepalive and
-``TCP_USER_TIMEOUT`` (``enable_tcp_keepalive``) are the backstop beneath it,
-for a peer whose kernel is gone while the application's pings are not due.
+give up on the connection after ``timeout`` seconds without hearing from it;
+TCP keepalive and ``TCP_USER_TIMEOUT`` (``enable_tcp_keepalive``) are the
+backstop beneath it, for a peer whose kernel is gone while the application's
+messages are not due.
 """
 
 import math
