@@ -88,6 +88,17 @@ def test_only_vms_holding_resources_count():
     assert ledger.refusal("gone", Demand(1, 1)) == "not connected"
 
 
+def test_a_vm_being_migrated_counts_on_both_hosts():
+    state = state_with({"h1": (4, 4096), "h2": (4, 4096), "h3": (4, 4096)}, [
+        ("1.a.alice.usher.test", "h1", 1024, 1, states.MIGRATING, {})])
+    state.incoming["1.a.alice.usher.test"] = "h2"
+    state.incoming["gone.a.alice.usher.test"] = "h3"      # no record: counts nowhere
+    ledger = Ledger(state, CapacityPolicy({}))
+    assert [ledger.hosts[h].memory for h in ("h1", "h2", "h3")] == [1024, 1024, 0]
+    ignoring = Ledger(state, CapacityPolicy({}), ignore=["1.a.alice.usher.test"])
+    assert [ignoring.hosts[h].memory for h in ("h1", "h2")] == [0, 0]
+
+
 def test_per_host_rules_and_vm_counts():
     state = state_with({"h1": (2, 2048), "h2": (2, 2048)}, [
         ("1.a.alice.usher.test", "h1", 256, 1, states.RUN, {})])

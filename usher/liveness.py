@@ -204,10 +204,10 @@ class HeardBroker(pb.Broker):
 
     It also pings at the protocol level (``heartbeat()``) and answers such
     pings while ``answers_heartbeats``, and tells its peer it is alive
-    without asking for an answer (``tell_alive()``). Both ends must be HeardBrokers: a
-    plain broker cannot even say it did not understand (its answer, a str,
-    is more than banana can send). The controller and its LNMs speak the
-    same protocol version (``usher.protocol``), so they are."""
+    without asking for an answer (``tell_alive()``). Both ends must be
+    HeardBrokers: a plain broker cannot even say it did not understand (its
+    answer, a str, is more than banana can send). The controller and its
+    LNMs speak the same protocol version (``usher.protocol``), so they are."""
 
     last_heard = None
     last_sent = None
