@@ -37,23 +37,29 @@ def encode_chunks(items, limit=CHUNK_BYTES):
     return chunks
 
 
+def _load(text, what, kind):
+    """``text`` (str or UTF-8 bytes) parsed as JSON and checked to be a
+    ``kind`` -> it; anything else raises InvalidRequest naming ``what``."""
+    try:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8")
+        if not isinstance(text, str):
+            raise InvalidRequest(f"expected a {what}")
+        item = json.loads(text)
+    except ValueError as e:   # UnicodeDecodeError and JSONDecodeError alike
+        raise InvalidRequest(f"malformed {what}: {e}") from None
+    if not isinstance(item, kind):
+        raise InvalidRequest(f"expected a {what} holding a JSON {kind.__name__}")
+    return item
+
+
 def decode_chunks(chunks):
     """Inverse of encode_chunks, validating the shape (a peer may be hostile)."""
     if not isinstance(chunks, (list, tuple)) or len(chunks) > MAX_CHUNKS:
         raise InvalidRequest("expected a list of JSON chunks")
     items = []
     for chunk in chunks:
-        if isinstance(chunk, bytes):
-            chunk = chunk.decode("utf-8")
-        if not isinstance(chunk, str):
-            raise InvalidRequest("expected a JSON chunk")
-        try:
-            part = json.loads(chunk)
-        except ValueError as e:
-            raise InvalidRequest(f"malformed JSON chunk: {e}") from None
-        if not isinstance(part, list):
-            raise InvalidRequest("expected a JSON array")
-        items.extend(part)
+        items.extend(_load(chunk, "JSON chunk", list))
     return items
 
 
@@ -67,17 +73,7 @@ def encode_object(item, limit=CHUNK_BYTES):
 
 def decode_object(text):
     """Inverse of encode_object, checking it is a JSON object (a dict)."""
-    if isinstance(text, bytes):
-        text = text.decode("utf-8", errors="replace")
-    if not isinstance(text, str):
-        raise InvalidRequest("expected a JSON object")
-    try:
-        item = json.loads(text)
-    except ValueError as e:
-        raise InvalidRequest(f"malformed JSON object: {e}") from None
-    if not isinstance(item, dict):
-        raise InvalidRequest("expected a JSON object")
-    return item
+    return _load(text, "JSON object", dict)
 
 
 def decode_records(chunks):
