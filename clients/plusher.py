@@ -991,11 +991,11 @@ def main(argv=None):
         config = load_config(usher_settings.PLUSHER, extra_files=options.config,
                              isolated=options.isolated)
         root, _gateway = make_service(config, reactor)
+        section = config["plusher"]
+        daemon.start_logging(section["log_file"], section["log_level"])
     except ConfigError as e:
         print(f"plusher: configuration error: {e}", file=sys.stderr)
         return 2
-    section = config["plusher"]
-    daemon.start_logging(section["log_file"], section["log_level"])
     scheme = "https" if section["ssl_cert_file"] else "http"
 
     def running():

@@ -811,3 +811,10 @@ def test_ctrl_typo_example(tmp_path):
         load_config(without_host_file(settings.CTRL, tmp_path), extra_files=[path], env={},
                     home=str(tmp_path))
     assert str(caught.value) == f"{path}:2: [ctrl] client_port: 'abc' is not an integer"
+
+
+def test_a_log_file_that_cannot_be_opened_is_a_configuration_error(tmp_path):
+    from usher import daemon
+    missing = tmp_path / "no" / "such" / "dir" / "usherctrl.log"
+    with pytest.raises(ConfigError, match=f"log_file {missing}: cannot open it: No such file"):
+        daemon.start_logging(str(missing), "info")

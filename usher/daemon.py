@@ -10,9 +10,10 @@ import os
 import sys
 
 from twisted.application import service
-
 from twisted.logger import (FilteringLogObserver, LogLevel, LogLevelFilterPredicate,
                             Logger, globalLogBeginner, textFileLogObserver)
+
+from usher.errors import ConfigError
 
 log = Logger()
 
@@ -31,7 +32,13 @@ def argument_parser(prog, description, component):
 
 
 def start_logging(log_file, level):
-    stream = open(log_file, "a", buffering=1, encoding="utf-8") if log_file else sys.stdout
+    """Log at ``level`` and above to ``log_file`` (standard output if None);
+    a file that cannot be opened is a ConfigError naming it."""
+    try:
+        stream = open(log_file, "a", buffering=1, encoding="utf-8") if log_file else sys.stdout
+    except OSError as e:
+        raise ConfigError(f"log_file {log_file}: cannot open it: "
+                          f"{e.strerror or e.__class__.__name__}") from None
     predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(level))
     observer = FilteringLogObserver(textFileLogObserver(stream), [predicate])
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)

@@ -18,11 +18,11 @@ def main(argv=None):
         config = load_config(settings.CTRL, extra_files=options.config,
                              isolated=options.isolated)
         root, _controller = make_service(config, reactor)
+        ctrl = config["ctrl"]
+        daemon.start_logging(ctrl["log_file"], ctrl["log_level"])
     except ConfigError as e:
         print(f"usherctrl: configuration error: {e}", file=sys.stderr)
         return 2
-    ctrl = config["ctrl"]
-    daemon.start_logging(ctrl["log_file"], ctrl["log_level"])
     return daemon.run(reactor, root, name="usherctrl", pid_file=ctrl["pid_file"],
                       on_running=daemon.settle_heap)
 

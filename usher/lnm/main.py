@@ -52,17 +52,13 @@ def main(argv=None):
         if options.fleet is not None:
             return _run_fleet(options, config, reactor)
         root = make_service(config, reactor)
+        lnm = config["lnm"]
+        daemon.start_logging(lnm["log_file"], lnm["log_level"])
     except ConfigError as e:
         print(f"usherlnm: configuration error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # e.g. state_dir not writable
         print(f"usherlnm: configuration error: {e}", file=sys.stderr)
-        return 2
-    lnm = config["lnm"]
-    try:
-        daemon.start_logging(lnm["log_file"], lnm["log_level"])
-    except OSError as e:
-        print(f"usherlnm: configuration error: cannot open log file: {e}", file=sys.stderr)
         return 2
 
     failed = []
@@ -93,11 +89,7 @@ def _run_fleet(options, config, reactor):
     lnm = config["lnm"]
     cert_dir = options.fleet_certs or os.path.dirname(os.path.abspath(lnm["ssl_cert_file"]))
     fleet = Fleet(config, reactor, cert_dir=cert_dir, prefix=options.fleet_prefix)
-    try:
-        daemon.start_logging(lnm["log_file"], lnm["log_level"])
-    except OSError as e:
-        print(f"usherlnm: configuration error: cannot open log file: {e}", file=sys.stderr)
-        return 2
+    daemon.start_logging(lnm["log_file"], lnm["log_level"])   # ConfigError: see main
     failed = []
 
     def add_members():
