@@ -44,32 +44,36 @@ def parse(argv):
     return parser.parse_args(argv)
 
 
-async def stay_connected(reactor, options):
-    password = os.environ["USHER_BENCH_PASSWORD"]
-    clients = [UsherClient(reactor, "127.0.0.1", options.port, ca_file=options.ca,
-                           tls_name="localhost", username=options.user, password=password,
-                           timeout=120)
-               for _ in range(options.count)]
-    await defer.gatherResults([c.connect() for c in clients])
-    stop = defer.Deferred()
+def bench_client(reactor, options, **kwargs):
+    """An UsherClient of the benchmark's user on the controller of ``options``."""
+    return UsherClient(reactor, "127.0.0.1", options.port, ca_file=options.ca,
+                       tls_name="localhost", username=options.user,
+                       password=os.environ["USHER_BENCH_PASSWORD"], timeout=120, **kwargs)
 
-    def on_stop(_signum, _frame):
-        reactor.callFromThread(lambda: stop.called or stop.callback(None))
 
-    signal.signal(signal.SIGTERM, on_stop)
+def ready_until(reactor, signum):
+    """Say "ready" to the parent -> a Deferred fired when it sends ``signum``."""
+    fired = defer.Deferred()
+
+    def on_signal(_signum, _frame):
+        reactor.callFromThread(lambda: fired.called or fired.callback(None))
+
+    signal.signal(signum, on_signal)
     print("ready", flush=True)
-    await stop
+    return fired
+
+
+async def stay_connected(reactor, options):
+    clients = [bench_client(reactor, options) for _ in range(options.count)]
+    await defer.gatherResults([c.connect() for c in clients])
+    await ready_until(reactor, signal.SIGTERM)
     await defer.gatherResults([c.disconnect() for c in clients])
     print(json.dumps({"vms_seen": [len(c.vms) for c in clients]}), flush=True)
 
 
 async def run(reactor, options):
-    password = os.environ["USHER_BENCH_PASSWORD"]
     numbers = range(options.first, options.first + options.count)
-    clients = {k: UsherClient(reactor, "127.0.0.1", options.port, ca_file=options.ca,
-                              tls_name="localhost", username=options.user,
-                              password=password, clusters=[f"ops{k}"], timeout=120)
-               for k in numbers}
+    clients = {k: bench_client(reactor, options, clusters=[f"ops{k}"]) for k in numbers}
     await defer.gatherResults([c.connect() for c in clients.values()])
     names = {k: [f"{i}.ops{k}.{options.user}.{options.domain}"
                  for i in range(1, options.vms + 1)] for k in numbers}
@@ -78,14 +82,7 @@ async def run(reactor, options):
     while not all(c.vms.get(n, {}).get("state") == "run"
                   for k, c in clients.items() for n in names[k]):
         await task.deferLater(reactor, 0.05, lambda: None)
-    go = defer.Deferred()
-
-    def on_go(_signum, _frame):
-        reactor.callFromThread(lambda: go.called or go.callback(None))
-
-    signal.signal(signal.SIGUSR1, on_go)
-    print("ready", flush=True)
-    await go
+    await ready_until(reactor, signal.SIGUSR1)
     latencies, errors = [], []
     deadline = time.monotonic() + options.duration
 
