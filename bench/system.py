@@ -11,13 +11,13 @@ import signal
 import sys
 import time
 
-from twisted.internet import defer, error, protocol, task
+from twisted.internet import defer, error, task
 
 from usher import passwdfile, pki, settings
 from usher.client import UsherClient
 from usher.config import load_config
 from usher.lnm.fleet import Fleet
-from usher.sandbox import free_port
+from usher.sandbox import LoggedProcess, free_port
 
 USER = "bench"
 DOMAIN = "usher.bench"
@@ -39,21 +39,6 @@ async def wait_for(reactor, predicate, timeout, interval=0.01, what="condition")
             raise TimeoutError(f"{what}: not reached within {timeout:g} s")
         await sleep(reactor, interval)
     return time.monotonic() - started
-
-
-class _Process(protocol.ProcessProtocol):
-    def __init__(self, log_path):
-        self.log = open(log_path, "ab", buffering=0)
-        self.ended = defer.Deferred()
-
-    def outReceived(self, data):
-        self.log.write(data)
-
-    errReceived = outReceived
-
-    def processEnded(self, reason):
-        self.log.close()
-        self.ended.callback(getattr(reason.value, "exitCode", None))
 
 
 class ProcessStats:
@@ -150,7 +135,7 @@ class BenchSystem:
     def start_controller(self):
         """Spawn usherctrl -> its pid. ``wait_controller`` waits until it serves."""
         log_path = os.path.join(self.dir, "logs", "usherctrl.out")
-        process = _Process(log_path)
+        process = LoggedProcess("usherctrl", log_path)
         argv = [sys.executable, "-m", "usher.controller.main", "--isolated", "--config",
                 self.ctrl_config]
         env = dict(os.environ, PYTHONUNBUFFERED="1")

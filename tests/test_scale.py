@@ -549,7 +549,7 @@ async def test_usherlnm_fleet_runs_many_lnms_against_a_real_controller(tmp_path)
                                   user="alice", rounds=4)
     box = sandbox.Sandbox(reactor, description, out=open(os.devnull, "w"))
     box.spawn("usherctrl", "usher.controller.main", description["configs"]["ctrl"])
-    fleet = sandbox._Child("fleet", str(tmp_path / "fleet.log"))
+    fleet = sandbox.LoggedProcess("fleet", str(tmp_path / "fleet.log"))
     argv = [sys.executable, "-m", "usher.lnm.main", "--isolated", "--config",
             description["configs"]["lnm1"], "--fleet", "3",
             "--fleet-certs", os.path.join(description["dir"], "pki")]

@@ -144,7 +144,10 @@ def _write(path, text, mode=0o644):
         f.write(text)
 
 
-class _Child(protocol.ProcessProtocol):
+class LoggedProcess(protocol.ProcessProtocol):
+    """A child process whose output goes to ``log_path``; ``ended`` fires
+    with its exit code (None if a signal ended it)."""
+
     def __init__(self, name, log_path):
         self.name = name
         self.log = open(log_path, "ab", buffering=0)
@@ -171,7 +174,7 @@ class Sandbox:
 
     def spawn(self, name, module, config):
         log_path = os.path.join(self.d["dir"], "logs", f"{name}.log")
-        child = _Child(name, log_path)
+        child = LoggedProcess(name, log_path)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         argv = [sys.executable, "-m", module, "--isolated", "--config", config]
         # A session of their own keeps the terminal's Ctrl-C (meant for ush)
@@ -274,7 +277,7 @@ def run(options):
                 f"connect with: ush --config {description['configs']['ush']}; "
                 f"metrics at {description['metrics_url']}")
         if options.shell:
-            shell = _Child("ush", os.path.join(description["dir"], "logs", "ush.log"))
+            shell = LoggedProcess("ush", os.path.join(description["dir"], "logs", "ush.log"))
             reactor.spawnProcess(shell, sys.executable,
                                  [sys.executable, "-m", "usher.clients.ush",
                                   "--config", description["configs"]["ush"]],
