@@ -50,7 +50,7 @@ from twisted.internet import defer, protocol, task
 from twisted.internet.threads import deferToThreadPool
 
 from bench import report
-from bench.proxy import SilenceableRelay
+from bench.proxy import CuttableProxy
 from bench.system import DOMAIN, USER, BenchSystem, ProcessStats, sleep, wait_for
 from usher import daemon, states
 
@@ -234,7 +234,7 @@ class Bench:
 
     async def grow_and_fill(self):
         scale = self.scale
-        self.relay = SilenceableRelay(self.reactor, "127.0.0.1", self.system.lnm_port)
+        self.relay = CuttableProxy(self.reactor, "127.0.0.1", self.system.lnm_port)
         await self.relay.start()
         self.progress(f"growing the fleet to {scale.lnms} LNMs ({self.victim} through a relay)")
         fleet = self.system.fleet
@@ -404,7 +404,7 @@ class Bench:
             raise RuntimeError(f"{self.victim} runs no VM")
         lost = RunWatcher(self.watcher, names, states.LOST)
         started = time.monotonic()
-        self.relay.freeze()
+        self.relay.cut()
         await wait_for(self.reactor, lambda: lost.done, scale.patience,
                        what=f"the VMs of {self.victim} lost")
         lost.close()
@@ -414,7 +414,7 @@ class Bench:
         self.progress(f"figure 5: {len(names)} VMs of the silent {self.victim} lost after "
                       f"{elapsed:.2f} s")
         back = RunWatcher(self.watcher, names, states.RUN)
-        self.relay.thaw()
+        self.relay.heal()
         await wait_for(self.reactor, lambda: back.done, scale.patience,
                        what=f"the VMs of {self.victim} back")
         back.close()

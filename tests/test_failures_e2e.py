@@ -5,7 +5,7 @@ A controller and three LNMs as separate processes over real TLS on
 so VMs outlive their LNM as on real hosts, and the test sees each host's
 domains through its own libvirt connection: the independent count that
 shows no VM runs twice. The link between the controller and one LNM is cut
-with a proxy the test controls (``tests/proxy.py``).
+with a proxy the test controls (``bench/proxy.py``).
 
 Timeouts are short (ping every 0.5 s, silent after 2 s) to keep the tests
 fast; the detection and recovery times measured are printed (run with -s).
@@ -21,9 +21,9 @@ from twisted.internet import defer, reactor, threads
 from usher import states
 from usher.errors import InvalidRequest, LinkFailure
 
+from bench.proxy import CuttableProxy
 from tests import libvirtd
 from tests.e2e import RunningSandbox, override_settings, sleep, wait_for
-from tests.proxy import CuttableProxy
 
 pytestmark = pytest.mark.skipif(not libvirtd.available(),
                                 reason="needs root and libvirtd (Debian: libvirt-daemon)")
