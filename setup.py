@@ -31,8 +31,10 @@ setup(
         "cryptography>=42",
         "prometheus-client>=0.20",
         "pamela>=1.2",
+        # Linear-time regular expressions for user-supplied selections.
+        "google-re2>=1.1",
     ],
-    extras_require={"test": ["pytest>=8", "pytest-twisted>=1.14"]},
+    extras_require={"test": ["pytest>=8", "pytest-twisted>=1.14", "hypothesis>=6.100"]},
     entry_points={"console_scripts": [
         "usherctrl = usher.controller.main:main",
         "usherlnm = usher.lnm.main:main",
