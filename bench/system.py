@@ -96,10 +96,11 @@ class BenchSystem:
         os.makedirs(os.path.join(self.dir, "logs"), exist_ok=True)
         os.makedirs(self.fleet_pki, exist_ok=True)
         pki.init_ca(self.pki_dir, common_name="Usher bench CA", force=True)
-        pki.issue_cert(self.pki_dir, "usherctrl", self.pki_dir, hostnames=["localhost"],
-                       ips=["127.0.0.1"], force=True)
+        pki.issue_cert(self.pki_dir, "usherctrl", self.pki_dir, role=pki.ROLE_CONTROLLER,
+                       hostnames=["localhost"], ips=["127.0.0.1"], force=True)
         for number in range(1, self.lnm_count + 1):
-            pki.issue_cert(self.pki_dir, f"lnm{number}", self.fleet_pki, force=True)
+            pki.issue_cert(self.pki_dir, f"lnm{number}", self.fleet_pki, role=pki.ROLE_LNM,
+                           force=True)
         passwd = os.path.join(self.dir, "passwd")
         if os.path.exists(passwd):
             os.unlink(passwd)
@@ -111,7 +112,7 @@ class BenchSystem:
         ca = os.path.join(self.pki_dir, "ca_cert.pem")
         ctrl = {"domain": DOMAIN, "client_interface": "127.0.0.1",
                 "client_port": self.client_port, "lnm_interface": "127.0.0.1",
-                "lnm_port": self.lnm_port,
+                "lnm_port": self.lnm_port, "lnm_names": f"lnm[1-{self.lnm_count}]",
                 "ssl_key_file": os.path.join(self.pki_dir, "usherctrl_key.pem"),
                 "ssl_cert_file": os.path.join(self.pki_dir, "usherctrl_cert.pem"),
                 "ssl_ca_file": ca, "state_dir": state, "passwd_file": passwd,

@@ -144,6 +144,8 @@ class PlusherSettings:
     controller_port: int = 7390
     controller_tls_name: str | None = None
     ssl_ca_file: str | None = "/etc/usher/ca_cert.pem"
+    gateway_cert_file: str | None = None
+    gateway_key_file: str | None = None
     call_timeout: float = 60.0
     session_idle_timeout: float = 600.0
     max_sessions: int = 1000
@@ -384,6 +386,7 @@ class Gateway:
         s = self.settings
         return UsherClient(self.reactor, s.controller_host, s.controller_port,
                            ca_file=s.ssl_ca_file, tls_name=s.controller_tls_name,
+                           cert_file=s.gateway_cert_file, key_file=s.gateway_key_file,
                            username=user, password=password, timeout=s.call_timeout)
 
     def _proxy(self, url):
@@ -967,7 +970,12 @@ class _GatewayService(service.Service):
 def make_service(config, reactor):
     """-> (root MultiService, Gateway) for a loaded plusher configuration."""
     settings = PlusherSettings.from_config(config)
-    pki.load_certificate(settings.ssl_ca_file)     # refuse a bad CA file at start
+    # Refuse a bad CA file, or a gateway certificate without role gateway, at
+    # start (the controller accepts only a controller certificate, and a
+    # client certificate only of role gateway).
+    pki.client_tls_options(settings.controller_tls_name or settings.controller_host,
+                           settings.ssl_ca_file, settings.gateway_cert_file,
+                           settings.gateway_key_file, role=pki.ROLE_GATEWAY)
     root = service.MultiService()
     gateway = Gateway(settings, reactor)
     _GatewayService(gateway).setServiceParent(root)

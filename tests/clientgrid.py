@@ -14,7 +14,7 @@ from usher import passwdfile, pki
 from usher.auth.chain import build_auth_chain
 from usher.client import UsherClient
 from usher.controller.client_link import ClientRoot, UsherRealm
-from usher.controller.service import _role_lookup
+from usher.controller.service import _role_lookup, client_port_tls
 
 from tests.grid import Grid
 
@@ -25,8 +25,8 @@ def make_pki(directory):
     """A CA and the controller's certificate for localhost -> (dir, ca file)."""
     directory = str(directory)
     pki.init_ca(directory, common_name="Usher test CA", force=True)
-    pki.issue_cert(directory, "usherctrl", directory, hostnames=["localhost"],
-                   ips=["127.0.0.1"], force=True)
+    pki.issue_cert(directory, "usherctrl", directory, role=pki.ROLE_CONTROLLER,
+                   hostnames=["localhost"], ips=["127.0.0.1"], force=True)
     return directory, os.path.join(directory, "ca_cert.pem")
 
 
@@ -58,8 +58,10 @@ class ClientGrid:
         chain = build_auth_chain(self.auth_modules, ctrl, self.grid.pool, self.reactor)
         realm = UsherRealm(self.controller, clock=self.reactor, call_timeout=10,
                            role_of=_role_lookup(chain))
-        tls = pki.server_tls_options(os.path.join(self.pki_dir, "usherctrl_cert.pem"),
-                                     os.path.join(self.pki_dir, "usherctrl_key.pem"))
+        # The controller's own client-port TLS (an optional gateway certificate).
+        tls = client_port_tls({"ssl_cert_file": os.path.join(self.pki_dir, "usherctrl_cert.pem"),
+                               "ssl_key_file": os.path.join(self.pki_dir, "usherctrl_key.pem"),
+                               "ssl_ca_file": self.ca_file})
         endpoint = SSL4ServerEndpoint(self.reactor, 0, tls, interface="127.0.0.1")
         self.port = await endpoint.listen(pb.PBServerFactory(ClientRoot(Portal(realm,
                                                                                 [chain]))))

@@ -6,7 +6,7 @@ import ipaddress
 import pytest
 from cryptography import x509
 
-from usher import admin, passwdfile
+from usher import admin, passwdfile, pki
 
 ROUNDS = 4
 
@@ -133,7 +133,8 @@ def test_user_commands_default_to_etc_usher_passwd():
 
 @pytest.mark.parametrize("argv", [
     [], ["user"], ["user", "add"], ["user", "frobnicate"], ["user", "add", "a", "--bogus"],
-    ["ca"], ["cert", "issue"], ["cert", "issue", "x", "--days", "soon"],
+    ["ca"], ["cert", "issue"], ["cert", "issue", "--lnm", "x", "--days", "soon"],
+    ["cert", "issue", "x"], ["cert", "issue", "--lnm", "--gateway", "x"],
     ["ca", "init", "--key-type", "dsa"], ["sandbox"],
 ])
 def test_usage_errors_exit_2(argv, capsys):
@@ -171,38 +172,51 @@ def test_cert_issue_with_hostnames_and_ips(tmp_path):
     ca_dir, out = tmp_path / "ca", tmp_path / "out"
     assert run("ca", "init", "--dir", str(ca_dir)) == 0
 
-    assert run("cert", "issue", "usherctrl", "--dir", str(ca_dir), "--out", str(out),
-               "--hostname", "localhost", "--hostname", "ctrl.example.org",
+    assert run("cert", "issue", "--controller", "usherctrl", "--dir", str(ca_dir), "--out",
+               str(out), "--hostname", "localhost", "--hostname", "ctrl.example.org",
                "--ip", "127.0.0.1") == 0
 
     certificate = x509.load_pem_x509_certificate((out / "usherctrl_cert.pem").read_bytes())
+    assert pki.certificate_identity(certificate) == pki.PeerIdentity("usherctrl", "controller")
     names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert names.get_values_for_type(x509.DNSName) == ["usherctrl", "localhost", "ctrl.example.org"]
     assert names.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1")]
     assert (out / "usherctrl_key.pem").exists()
 
 
-def test_cert_issue_writes_next_to_the_ca_by_default(tmp_path):
+def test_cert_issue_writes_next_to_the_ca_by_default(tmp_path, capsys):
     assert run("ca", "init", "--dir", str(tmp_path)) == 0
-    assert run("cert", "issue", "lnm-01", "--dir", str(tmp_path), "--days", "30") == 0
+    assert run("cert", "issue", "--lnm", "lnm-01", "--dir", str(tmp_path), "--days", "30") == 0
+    assert "lnm_names" in capsys.readouterr().out
     assert (tmp_path / "lnm-01_cert.pem").exists() and (tmp_path / "lnm-01_key.pem").exists()
-    assert run("cert", "issue", "lnm-01", "--dir", str(tmp_path)) == 1
-    assert run("cert", "issue", "lnm-01", "--dir", str(tmp_path), "--force") == 0
+    assert run("cert", "issue", "--lnm", "lnm-01", "--dir", str(tmp_path)) == 1
+    assert run("cert", "issue", "--lnm", "lnm-01", "--dir", str(tmp_path), "--force") == 0
+
+
+@pytest.mark.parametrize("flag, role", [("--controller", "controller"), ("--lnm", "lnm"),
+                                        ("--gateway", "gateway")])
+def test_cert_issue_gives_the_certificate_its_role(tmp_path, flag, role):
+    assert run("ca", "init", "--dir", str(tmp_path)) == 0
+    assert run("cert", "issue", flag, "box", "--dir", str(tmp_path)) == 0
+    certificate = x509.load_pem_x509_certificate((tmp_path / "box_cert.pem").read_bytes())
+    assert pki.certificate_identity(certificate) == pki.PeerIdentity("box", role)
 
 
 @pytest.mark.parametrize("extra, complaint", [
     (["--ip", "300.1.1.1"], "invalid IP address '300.1.1.1'"),
     (["--hostname", "no spaces"], "invalid host name"),
+    (["--lnm", "--hostname", "localhost"], "an LNM certificate names only the LNM"),
 ])
 def test_cert_issue_bad_names_exit_1(tmp_path, capsys, extra, complaint):
     assert run("ca", "init", "--dir", str(tmp_path)) == 0
-    assert run("cert", "issue", "lnm-01", "--dir", str(tmp_path), *extra) == 1
+    role = [] if "--lnm" in extra else ["--controller"]
+    assert run("cert", "issue", *role, "lnm-01", "--dir", str(tmp_path), *extra) == 1
     assert complaint in capsys.readouterr().err
     assert not (tmp_path / "lnm-01_cert.pem").exists()
 
 
 def test_cert_issue_without_a_ca_exits_1_naming_the_file(tmp_path, capsys):
-    assert run("cert", "issue", "lnm-01", "--dir", str(tmp_path)) == 1
+    assert run("cert", "issue", "--lnm", "lnm-01", "--dir", str(tmp_path)) == 1
     assert f"{tmp_path}/ca_cert.pem: certificate file not found" in capsys.readouterr().err
 
 

@@ -226,7 +226,7 @@ async def test_untrusted_controller_certificate_refused(system, tmp_path):
 def test_lnm_with_untrusted_certificate_is_refused(system, tmp_path):
     """An LNM whose certificate is signed by another CA never attaches."""
     pki.init_ca(tmp_path / "rogue", common_name="Rogue CA")
-    pki.issue_cert(tmp_path / "rogue", "lnm9", tmp_path / "rogue")
+    pki.issue_cert(tmp_path / "rogue", "lnm9", tmp_path / "rogue", role="lnm")
     d = system.description
     config = tmp_path / "rogue.config"
     config.write_text(textwrap.dedent(f"""

@@ -428,14 +428,18 @@ class FakeLink:
 
 @pytest.fixture
 def site(tmp_path):
-    """A CA, the controller's certificate, an LNM's, and an impostor's (an
-    LNM certificate of the same CA that does not name the controller)."""
+    """A CA, the controller's certificate, LNMs', and impostors: another LNM
+    (role lnm), a controller certificate of the same CA that does not name
+    the controller, one of another CA."""
     pki.init_ca(tmp_path / "ca")
-    pki.issue_cert(tmp_path / "ca", "usherctrl", tmp_path / "certs", hostnames=["ctrl.test"])
-    pki.issue_cert(tmp_path / "ca", "lnm1", tmp_path / "certs")
-    pki.issue_cert(tmp_path / "ca", "lnm2", tmp_path / "certs")
+    pki.issue_cert(tmp_path / "ca", "usherctrl", tmp_path / "certs", role="controller",
+                   hostnames=["ctrl.test"])
+    pki.issue_cert(tmp_path / "ca", "otherctrl", tmp_path / "certs", role="controller",
+                   hostnames=["ctrl.elsewhere.test"])
+    pki.issue_cert(tmp_path / "ca", "lnm1", tmp_path / "certs", role="lnm")
+    pki.issue_cert(tmp_path / "ca", "lnm2", tmp_path / "certs", role="lnm")
     pki.init_ca(tmp_path / "other")
-    pki.issue_cert(tmp_path / "other", "usherctrl", tmp_path / "rogue",
+    pki.issue_cert(tmp_path / "other", "usherctrl", tmp_path / "rogue", role="controller",
                    hostnames=["ctrl.test"])
     return tmp_path
 
@@ -464,7 +468,7 @@ def announce_as(site, listener, who="usherctrl", where="certs", lnm="lnm1"):
     from twisted.internet import reactor
     cert_file, key_file = cert(site, who, where)
     options = pki.client_tls_options(lnm, str(site / "ca" / "ca_cert.pem"), cert_file,
-                                     key_file)
+                                     key_file, peer_role="lnm")
     d = announce(reactor, "127.0.0.1", listener.advertised_port(), options, timeout=5)
     d.addTimeout(10, reactor)
     return d
@@ -480,7 +484,15 @@ async def test_the_controller_announcement_makes_the_lnm_redial(site, listener):
 
 @pytest_twisted.ensureDeferred
 async def test_an_announcement_from_another_lnm_is_refused(site, listener):
-    answer = await announce_as(site, listener, who="lnm2")
+    # Refused in the handshake: an LNM's certificate is not the controller's.
+    with pytest.raises(Exception):
+        await announce_as(site, listener, who="lnm2")
+    assert listener.link.calls == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_announcement_from_a_controller_not_ours_is_refused(site, listener):
+    answer = await announce_as(site, listener, who="otherctrl")
     assert answer.startswith("ERR") and "does not name the controller" in answer
     assert listener.link.calls == 0
 
@@ -515,7 +527,7 @@ async def test_a_malformed_announcement_is_refused(site, listener):
 
     cert_file, key_file = cert(site, "usherctrl")
     options = pki.client_tls_options("lnm1", str(site / "ca" / "ca_cert.pem"), cert_file,
-                                     key_file)
+                                     key_file, peer_role="lnm")
     from twisted.internet.endpoints import connectProtocol
     await connectProtocol(wrapClientTLS(options, HostnameEndpoint(
         reactor, "127.0.0.1", listener.advertised_port())), Sender())
@@ -674,8 +686,8 @@ def test_the_controller_is_recognised_by_name_or_address(tmp_path):
     from usher.lnm.recovery import certificate_names
 
     pki.init_ca(tmp_path / "ca")
-    pki.issue_cert(tmp_path / "ca", "usherctrl", tmp_path, hostnames=["ctrl.example.org"],
-                   ips=["10.1.2.3"])
+    pki.issue_cert(tmp_path / "ca", "usherctrl", tmp_path, role="controller",
+                   hostnames=["ctrl.example.org"], ips=["10.1.2.3"])
     # What a TLS transport's getPeerCertificate gives: pyOpenSSL's X509.
     certificate = Certificate.loadPEM((tmp_path / "usherctrl_cert.pem").read_bytes()).original
 

@@ -17,6 +17,7 @@ from twisted.test.iosim import ConnectionCompleter
 
 from test_lnm_node import FakeVMM, record, result_of
 from usher import pki, records, states
+from usher.controller.service import lnm_port_tls
 from usher.errors import InvalidRequest, NoSuchVM, OperationFailed, from_failure
 from usher.liveness import HeardBroker
 from usher.lnm import api
@@ -298,15 +299,15 @@ async def test_lnm_service_attaches_over_mutual_tls(tmp_path):
     from usher.lnm.service import make_service
 
     pki.init_ca(tmp_path / "ca")
-    pki.issue_cert(tmp_path / "ca", "ctrl", tmp_path / "ctrl", hostnames=["localhost"],
-                   ips=["127.0.0.1"])
-    pki.issue_cert(tmp_path / "ca", "lnm7", tmp_path / "lnm")
+    pki.issue_cert(tmp_path / "ca", "ctrl", tmp_path / "ctrl", role="controller",
+                   hostnames=["localhost"], ips=["127.0.0.1"])
+    pki.issue_cert(tmp_path / "ca", "lnm7", tmp_path / "lnm", role="lnm")
     controller = CertifyingController()
     controller.names = []
-    server_options = pki.server_tls_options(tmp_path / "ctrl" / "ctrl_cert.pem",
-                                            tmp_path / "ctrl" / "ctrl_key.pem",
-                                            tmp_path / "ca" / "ca_cert.pem",
-                                            require_client_cert=True)
+    server_options = lnm_port_tls({"ssl_cert_file": tmp_path / "ctrl" / "ctrl_cert.pem",
+                                   "ssl_key_file": tmp_path / "ctrl" / "ctrl_key.pem",
+                                   "ssl_ca_file": tmp_path / "ca" / "ca_cert.pem",
+                                   "lnm_names": ["lnm[1-9]"]})
     port = await SSL4ServerEndpoint(reactor, 0, server_options,
                                     interface="127.0.0.1").listen(
         ControllerSideFactory(controller))

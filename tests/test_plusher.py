@@ -610,7 +610,7 @@ def test_half_a_certificate_is_a_configuration_error(tmp_path, capsys):
 async def test_plusher_process_serves_https(system, tmp_path):
     d = system.description
     pki_dir = os.path.join(system.dir, "pki")
-    pki.issue_cert(pki_dir, "plusher", str(tmp_path), hostnames=["localhost"],
+    pki.issue_cert(pki_dir, "plusher", str(tmp_path), role="gateway", hostnames=["localhost"],
                    ips=["127.0.0.1"], force=True)
     from usher.sandbox import free_port
     port = free_port()

@@ -201,7 +201,7 @@ def _lnm_config(tmp_path, text):
 
 def test_domain_subsection_gives_the_template_defaults(tmp_path):
     pki.init_ca(tmp_path, key_type="ec")
-    pki.issue_cert(tmp_path, "lnm1", tmp_path)
+    pki.issue_cert(tmp_path, "lnm1", tmp_path, role="lnm")
     config = _lnm_config(tmp_path, f"""\
 [lnm]
 name = lnm1

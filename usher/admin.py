@@ -5,8 +5,9 @@
     usher user del NAME [--passwd-file F]
     usher user list [--passwd-file F]
     usher ca init [--dir D] [--force] [--cn CN] [--days N] [--key-type ec|rsa]
-    usher cert issue NAME [--dir D] [--out D] [--hostname H]... [--ip IP]...
-                          [--days N] [--key-type ec|rsa] [--force]
+    usher cert issue --controller|--lnm|--gateway NAME [--dir D] [--out D]
+                          [--hostname H]... [--ip IP]... [--days N]
+                          [--key-type ec|rsa] [--force]
 
 Exit status: 0 on success, 2 on usage errors, 1 on any other error; errors
 are printed to stderr as ``usher: error: ...``.
@@ -167,9 +168,11 @@ def _ca_init(args, context: CommandContext) -> int:
 def _cert_issue(args, context: CommandContext) -> int:
     files = pki.issue_cert(
         args.dir, args.name, args.out if args.out is not None else args.dir,
-        hostnames=args.hostname, ips=args.ip, days=args.days,
+        role=args.role, hostnames=args.hostname, ips=args.ip, days=args.days,
         force=args.force, key_type=args.key_type)
-    print(f"Issued certificate {files.cert_path} and key {files.key_path}")
+    print(f"Issued {args.role} certificate {files.cert_path} and key {files.key_path}")
+    if args.role == pki.ROLE_LNM:
+        print(f"The controller accepts LNM {args.name} once [ctrl] lnm_names allows it")
     return 0
 
 
@@ -194,14 +197,27 @@ def register_pki_commands(subparsers) -> None:
     cert_actions = cert.add_subparsers(dest="action", required=True, metavar="ACTION")
     issue = cert_actions.add_parser(
         "issue", parents=[ca_dir_option],
-        help="issue NAME_cert.pem and NAME_key.pem (server and client use)")
+        help="issue NAME_cert.pem and NAME_key.pem for a role")
+    roles = issue.add_mutually_exclusive_group(required=True)
+    roles.add_argument("--controller", dest="role", action="store_const",
+                       const=pki.ROLE_CONTROLLER,
+                       help="the controller's certificate: NAME and every --hostname/--ip "
+                            "clients and LNMs dial it as")
+    roles.add_argument("--lnm", dest="role", action="store_const", const=pki.ROLE_LNM,
+                       help="an LNM's certificate: NAME is the LNM's name (and nothing "
+                            "else); allow it in the controller's [ctrl] lnm_names")
+    roles.add_argument("--gateway", dest="role", action="store_const",
+                       const=pki.ROLE_GATEWAY,
+                       help="a gateway's (plusher's) certificate: HTTPS for NAME and every "
+                            "--hostname/--ip, and trusted as a gateway by the controller")
     issue.add_argument("name", metavar="NAME", help="common name and first DNS name")
     issue.add_argument("--out", metavar="D", default=None,
                        help="where to write the files (default: the CA directory)")
     issue.add_argument("--hostname", metavar="H", action="append", default=[],
-                       help="another DNS name for the certificate (repeatable)")
+                       help="another DNS name for the certificate (repeatable; not for "
+                            "--lnm)")
     issue.add_argument("--ip", metavar="IP", action="append", default=[],
-                       help="an IP address for the certificate (repeatable)")
+                       help="an IP address for the certificate (repeatable; not for --lnm)")
     issue.add_argument("--days", type=_positive_int, default=825, help="validity (default 825)")
     issue.add_argument("--force", action="store_true", help="replace existing files")
     issue.set_defaults(handler=_cert_issue)

@@ -47,12 +47,14 @@ def prepare(directory, *, lnms=3, domain="usher.local", user=None, rounds=None,
     os.makedirs(pki_dir, exist_ok=True)
     os.makedirs(os.path.join(directory, "logs"), exist_ok=True)
     pki.init_ca(pki_dir, common_name="Usher sandbox CA", force=True)
-    pki.issue_cert(pki_dir, "usherctrl", pki_dir, hostnames=["localhost"], ips=["127.0.0.1"],
-                   force=True)
+    # Each certificate only what its role needs (usher.pki): the controller's
+    # names the host everything dials (localhost, 127.0.0.1); an LNM's names
+    # only the LNM, which is how the controller checks its recovery listener.
+    pki.issue_cert(pki_dir, "usherctrl", pki_dir, role=pki.ROLE_CONTROLLER,
+                   hostnames=["localhost"], ips=["127.0.0.1"], force=True)
     lnm_names = [f"lnm{i}" for i in range(1, lnms + 1)]
     for name in lnm_names:
-        pki.issue_cert(pki_dir, name, pki_dir, hostnames=["localhost"], ips=["127.0.0.1"],
-                       force=True)
+        pki.issue_cert(pki_dir, name, pki_dir, role=pki.ROLE_LNM, force=True)
 
     user = user or sandbox_user()
     password = secrets.token_urlsafe(18)
@@ -79,6 +81,8 @@ client_interface = 127.0.0.1
 client_port = {client_port}
 lnm_interface = 127.0.0.1
 lnm_port = {lnm_port}
+# The LNMs allowed to attach (the CN of their certificates).
+lnm_names = {", ".join(lnm_names)}
 ssl_key_file = {pki_dir}/usherctrl_key.pem
 ssl_cert_file = {pki_dir}/usherctrl_cert.pem
 ssl_ca_file = {ca}

@@ -24,6 +24,7 @@ client_interface = string(default='0.0.0.0')
 client_port = {_PORT.format(7390)}
 lnm_interface = string(default='0.0.0.0')
 lnm_port = {_PORT.format(7391)}
+lnm_names = list(default=list())
 ssl_key_file = path(default='/etc/usher/usherctrl_key.pem')
 ssl_cert_file = path(default='/etc/usher/usherctrl_cert.pem')
 ssl_ca_file = path(default='/etc/usher/ca_cert.pem')
@@ -171,6 +172,8 @@ controller_host = string(default='localhost')
 controller_port = {_PORT.format(7390)}
 controller_tls_name = string(default=None)
 ssl_ca_file = path(default='/etc/usher/ca_cert.pem')
+gateway_cert_file = path(default=None)
+gateway_key_file = path(default=None)
 call_timeout = float(gt=0, default=60)
 session_idle_timeout = float(gt=0, default=600)
 max_sessions = integer(min=1, default=1000)

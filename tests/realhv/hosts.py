@@ -623,10 +623,11 @@ class Cluster:
         pki_dir = os.path.join(self.dir, "pki")
         os.makedirs(pki_dir, exist_ok=True)
         pki.init_ca(pki_dir, common_name="Usher realhv test CA", force=True)
-        pki.issue_cert(pki_dir, "usherctrl", pki_dir, hostnames=["localhost"],
-                       ips=["127.0.0.1", CONTROLLER_ADDRESS], force=True)
-        for name, host in zip(self.lnm_names, self.hosts):
-            pki.issue_cert(pki_dir, name, pki_dir, ips=[host.address], force=True)
+        pki.issue_cert(pki_dir, "usherctrl", pki_dir, role=pki.ROLE_CONTROLLER,
+                       hostnames=["localhost"], ips=["127.0.0.1", CONTROLLER_ADDRESS],
+                       force=True)
+        for name in self.lnm_names:
+            pki.issue_cert(pki_dir, name, pki_dir, role=pki.ROLE_LNM, force=True)
         self.password = uuid.uuid4().hex
         passwd = os.path.join(self.dir, "passwd")
         if os.path.exists(passwd):
@@ -640,6 +641,7 @@ client_interface = 127.0.0.1
 client_port = {CLIENT_PORT}
 lnm_interface = {CONTROLLER_ADDRESS}
 lnm_port = {LNM_PORT}
+lnm_names = {", ".join(self.lnm_names)}
 ssl_key_file = {pki_dir}/usherctrl_key.pem
 ssl_cert_file = {pki_dir}/usherctrl_cert.pem
 ssl_ca_file = {ca}

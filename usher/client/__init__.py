@@ -25,7 +25,7 @@ from twisted.spread import pb
 
 from usher import pki
 from usher.errors import (InvalidRequest, LinkFailure, NoSuchVM, PermissionDenied,
-                          Unavailable, from_failure)
+                          Unavailable, UsherError, from_failure)
 from usher.liveness import enable_tcp_keepalive
 from usher.naming import check_label, check_short_name, qualify, split
 from usher.pbutil import call
@@ -91,12 +91,17 @@ class _LoginFactory(pb.PBClientFactory):
 
 class UsherClient:
     def __init__(self, reactor, host, port, *, ca_file, tls_name=None, username,
-                 password, clusters=None, timeout=60.0, initial_delay=1.0, max_delay=30.0):
+                 password, clusters=None, timeout=60.0, initial_delay=1.0, max_delay=30.0,
+                 cert_file=None, key_file=None):
         self.reactor = reactor
         self.host = host
         self.port = port
         self.ca_file = ca_file
         self.tls_name = tls_name or host
+        # A gateway's certificate (role gateway; plusher's gateway_cert_file),
+        # presented to the controller, which then trusts it as a gateway.
+        self.cert_file = cert_file
+        self.key_file = key_file
         self.username = username
         self._password = password
         self.clusters = list(clusters) if clusters else None
@@ -126,7 +131,15 @@ class UsherClient:
         firing {"user", "admin", "domain"}."""
         if self._service is not None:
             return defer.fail(InvalidRequest("already connected; use reconnect()"))
-        endpoint = wrapClientTLS(pki.client_tls_options(self.tls_name, self.ca_file),
+        # Only a certificate of role controller: the password goes nowhere
+        # else (an LNM's or a gateway's key cannot pose as the controller).
+        try:
+            tls = pki.client_tls_options(self.tls_name, self.ca_file, self.cert_file,
+                                         self.key_file, peer_role=pki.ROLE_CONTROLLER,
+                                         role=pki.ROLE_GATEWAY, link="usher client")
+        except UsherError as e:
+            return defer.fail(e)
+        endpoint = wrapClientTLS(tls,
                                  TCP4ClientEndpoint(self.reactor, self.host, self.port,
                                                     timeout=min(self.timeout, 30)))
         self._service = ClientService(

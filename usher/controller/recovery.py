@@ -6,8 +6,8 @@ The controller persists one thing, the LNMs it has known
 
 - ``RecoveryAnnouncer`` tells every LNM on the list that the controller is
   back: over mutual TLS it connects to the LNM's recovery listener
-  (``usher.lnm.recovery``), checks that the certificate names that LNM, and
-  says ``USHER-RECOVERY <version>``. The LNM then dials its configured
+  (``usher.lnm.recovery``), checks that the certificate has role lnm and
+  names that LNM, and says ``USHER-RECOVERY <version>``. The LNM then dials its configured
   controller at once instead of waiting out its reconnect backoff. Unreachable
   LNMs are announced to again, with backoff, until they are back or the
   recovery window ends.
@@ -177,7 +177,8 @@ class RecoveryAnnouncer(service.Service):
     for those that do not answer, until they reattach or ``recovery`` is done.
 
     ``tls_options_for(name)`` gives the client TLS options for LNM ``name``
-    (the controller's certificate; the LNM's must name ``name``).
+    (the controller's certificate; the LNM's must have role lnm and name
+    ``name``).
     ``announce`` is the function that talks to one LNM (tests replace it).
 
     At most ``concurrency`` announcements are under way at once; the others

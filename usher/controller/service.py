@@ -67,6 +67,30 @@ def _role_lookup(chain):
     return role_of
 
 
+def client_port_tls(ctrl):
+    """TLS of the client port: the controller's certificate (role
+    controller). A client certificate is optional; one presented must be a
+    site certificate of role gateway, and marks the connection as a
+    gateway's (``usher.pki.peer_role(broker.transport) == "gateway"``)."""
+    return pki.server_tls_options(ctrl["ssl_cert_file"], ctrl["ssl_key_file"],
+                                  ctrl["ssl_ca_file"], role=pki.ROLE_CONTROLLER,
+                                  client_roles=(pki.ROLE_GATEWAY,),
+                                  link="the controller's client port")
+
+
+def lnm_port_tls(ctrl):
+    """TLS of the LNM port: mutual, and only certificates of role lnm whose
+    name ``[ctrl] lnm_names`` allows (empty: none)."""
+    allowed = pki.NameAllowList(ctrl.get("lnm_names") or (), option="[ctrl] lnm_names")
+    if not allowed:
+        log.warn("[ctrl] lnm_names is empty: no LNM can attach. List the LNMs' names "
+                 "(e.g. lnm_names = node[1-64]) in ctrl.config")
+    return pki.server_tls_options(ctrl["ssl_cert_file"], ctrl["ssl_key_file"],
+                                  ctrl["ssl_ca_file"], require_client_cert=True,
+                                  role=pki.ROLE_CONTROLLER, client_roles=(pki.ROLE_LNM,),
+                                  allowed_names=allowed, link="the controller's LNM port")
+
+
 def make_service(config, reactor):
     """-> (root MultiService, Controller) for a loaded ctrl configuration."""
     ctrl = config["ctrl"]
@@ -95,8 +119,9 @@ def make_service(config, reactor):
     # heartbeat on every attached LNM.
     RecoveryService(controller, reactor=reactor, window=ctrl["recovery_window"],
                     tls_options_for=pki.client_tls_options_for(
-                        ctrl["ssl_ca_file"], ctrl["ssl_cert_file"],
-                        ctrl["ssl_key_file"])).setServiceParent(root)
+                        ctrl["ssl_ca_file"], ctrl["ssl_cert_file"], ctrl["ssl_key_file"],
+                        peer_role=pki.ROLE_LNM, role=pki.ROLE_CONTROLLER,
+                        link="the controller's recovery announcer")).setServiceParent(root)
     liveness = LNMLiveness(controller, clock=reactor, interval=ctrl["lnm_ping_interval"],
                            timeout=ctrl["lnm_ping_timeout"])
     controller.watch_lnms(liveness)
@@ -106,7 +131,7 @@ def make_service(config, reactor):
     portal = Portal(UsherRealm(controller, clock=reactor, call_timeout=ctrl["call_timeout"],
                                role_of=_role_lookup(chain)), [chain])
 
-    client_tls = pki.server_tls_options(ctrl["ssl_cert_file"], ctrl["ssl_key_file"])
+    client_tls = client_port_tls(ctrl)
     client_endpoint = SSL4ServerEndpoint(reactor, ctrl["client_port"], client_tls,
                                          backlog=LISTEN_BACKLOG,
                                          interface=ctrl["client_interface"])
@@ -115,8 +140,7 @@ def make_service(config, reactor):
     client_listener._raiseSynchronously = True
     client_listener.setServiceParent(root)
 
-    lnm_tls = pki.server_tls_options(ctrl["ssl_cert_file"], ctrl["ssl_key_file"],
-                                     ctrl["ssl_ca_file"], require_client_cert=True)
+    lnm_tls = lnm_port_tls(ctrl)
     lnm_endpoint = SSL4ServerEndpoint(reactor, ctrl["lnm_port"], lnm_tls,
                                       backlog=LISTEN_BACKLOG,
                                       interface=ctrl["lnm_interface"])

@@ -5,8 +5,9 @@ A restarted controller connects here and says so; the LNM then dials the
 controller *it is configured with* at once instead of waiting out its
 reconnect backoff. The announcement carries no address and no instruction:
 whoever sends it can at most make the LNM try its own controller early. Even
-so it is authenticated: mutual TLS against the site CA, and the peer's
-certificate must name the controller (``controller_tls_name``, else
+so it is authenticated: mutual TLS against the site CA, the peer's
+certificate must have role controller (``usher.pki``; any other is refused
+in the handshake) and name the controller (``controller_tls_name``, else
 ``controller_host``), the identity the LNM checks when it dials out.
 
 Wire protocol (lines over TLS)::
@@ -18,11 +19,7 @@ Wire protocol (lines over TLS)::
 then the LNM closes the connection.
 """
 
-import ipaddress
-
 from service_identity import VerificationError
-from service_identity.cryptography import (verify_certificate_hostname,
-                                           verify_certificate_ip_address)
 from twisted.application import service
 from twisted.internet import protocol
 from twisted.internet.endpoints import SSL4ServerEndpoint
@@ -49,14 +46,8 @@ def certificate_names(transport, identity):
     certificate = get_peer_certificate() if get_peer_certificate else None
     if certificate is None:
         return False
-    certificate = certificate.to_cryptography()
     try:
-        try:
-            address = ipaddress.ip_address(identity)
-        except ValueError:
-            verify_certificate_hostname(certificate, identity)
-        else:
-            verify_certificate_ip_address(certificate, str(address))
+        pki.verify_certificate_names(certificate.to_cryptography(), identity)
     except VerificationError:
         return False
     return True
@@ -142,12 +133,15 @@ class RecoveryFactory(protocol.Factory):
 
 class RecoveryListener(service.Service):
     """Listens for the controller's recovery announcements on
-    ``recovery_interface:recovery_port`` (mutual TLS)."""
+    ``recovery_interface:recovery_port`` (mutual TLS; only a certificate of
+    role controller)."""
 
     def __init__(self, reactor, link, *, lnm_name, interface, port, cert_file, key_file,
                  ca_file, controller_identity):
         options = pki.server_tls_options(cert_file, key_file, ca_file,
-                                         require_client_cert=True)
+                                         require_client_cert=True, role=pki.ROLE_LNM,
+                                         client_roles=(pki.ROLE_CONTROLLER,),
+                                         link=f"LNM {lnm_name}'s recovery listener")
         self.endpoint = SSL4ServerEndpoint(reactor, port, options, interface=interface)
         self.factory = RecoveryFactory(link, lnm_name=lnm_name,
                                        controller_identity=controller_identity)

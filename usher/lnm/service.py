@@ -62,13 +62,16 @@ def lnm_name(lnm_config):
 
 def controller_endpoint(reactor, lnm_config):
     """The TLS client endpoint to the controller's LNM port, presenting the
-    LNM's certificate and checking the controller's against the site CA."""
+    LNM's certificate (role lnm) and accepting only a certificate of the site
+    CA with role controller that names the controller."""
     host = lnm_config["controller_host"]
     port = lnm_config["controller_port"]
     options = pki.client_tls_options(lnm_config.get("controller_tls_name") or host,
                                      lnm_config["ssl_ca_file"],
                                      lnm_config["ssl_cert_file"],
-                                     lnm_config["ssl_key_file"])
+                                     lnm_config["ssl_key_file"],
+                                     peer_role=pki.ROLE_CONTROLLER, role=pki.ROLE_LNM,
+                                     link=f"LNM {lnm_name(lnm_config)}")
     # An address needs no name resolution (a thread job per reconnection).
     if isIPv4Address(host):
         return wrapClientTLS(options, TCP4ClientEndpoint(reactor, host, port))
