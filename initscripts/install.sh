@@ -210,18 +210,19 @@ echo "       usher ca init            (ca_cert.pem and ca_key.pem in /etc/usher)
 step=$((step + 1))
 echo "  $step. Issue certificates with the CA:"
 case " $names " in *" ctrl "*)
-    echo "       controller: usher cert issue usherctrl --hostname <controller's DNS name>"
-    echo "                   (usherctrl_cert.pem/_key.pem, the names ctrl.config expects)"
+    echo "       controller: usher cert issue --controller usherctrl --hostname <controller's DNS name>"
+    echo "                   (usherctrl_cert.pem/_key.pem, the names ctrl.config expects);"
+    echo "                   list the LNMs' names in ctrl.config's lnm_names (empty: none may attach)"
 esac
 case " $names " in *" lnm "*)
-    echo "       each node:  usher cert issue <node name> --out <dir>   (the CN is the node's name)"
+    echo "       each node:  usher cert issue --lnm <node name> --out <dir>   (the CN is the node's name)"
     echo "                   then copy <node name>_cert.pem and _key.pem to the node as"
     echo "                   /etc/usher/usherlnm_cert.pem and usherlnm_key.pem, with ca_cert.pem"
 esac
 case " $names " in *" plusher "*)
     echo "       plusher:    needs the CA's ca_cert.pem in /etc/usher (ssl_ca_file) to check the"
     echo "                   controller. By default it serves plain HTTP on 127.0.0.1:7393; for Plush"
-    echo "                   on another host serve HTTPS: usher cert issue plusher --hostname <its DNS name>"
+    echo "                   on another host serve HTTPS: usher cert issue --gateway plusher --hostname <its DNS name>"
     echo "                   then set ssl_cert_file and ssl_key_file in plusher.config"
 esac
 step=$((step + 1))

@@ -30,6 +30,40 @@ def make_pki(directory):
     return directory, os.path.join(directory, "ca_cert.pem")
 
 
+def issue_without_role(ca_dir, name, out_dir):
+    """``name``_cert.pem/_key.pem in ``out_dir`` as ``usher cert issue`` made
+    them before certificate roles (both usages, no role), signed by the CA in
+    ``ca_dir``: what an existing deployment still has."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    ca_cert = pki.load_certificate(os.path.join(ca_dir, "ca_cert.pem"))
+    ca_key = pki.load_private_key(os.path.join(ca_dir, "ca_key.pem"))
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca_cert.subject).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.ExtendedKeyUsage(
+            [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .sign(ca_key, hashes.SHA256()))
+    with open(os.path.join(out_dir, f"{name}_cert.pem"), "wb") as f:
+        f.write(certificate.public_bytes(serialization.Encoding.PEM))
+    with open(os.path.join(out_dir, f"{name}_key.pem"), "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM,
+                                  serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+
+
 class ClientGrid:
     def __init__(self, reactor, tmpdir, pki_dir, *, auth_modules=("local",), ctrl_extra=None,
                  **grid_kwargs):

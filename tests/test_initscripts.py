@@ -555,7 +555,7 @@ def test_install_plusher(tmp_path, kind, service_file):
     assert _mode(sample) == 0o644
     out = result.stdout
     assert f"cp {sample} {tmp_path}/etc/usher/plusher.config" in out
-    assert "usher cert issue plusher" in out
+    assert "usher cert issue --gateway plusher" in out
     assert "ca_cert.pem" in out
     if kind == "--sysv":
         assert "update-rc.d plusher defaults" in out

@@ -24,6 +24,8 @@ from usher import pki
 from usher.controller.service import client_port_tls, lnm_port_tls
 from usher.errors import ConfigError, InvalidRequest
 
+from tests.clientgrid import issue_without_role
+
 # A safety net against a hung handshake; no test relies on timing.
 _HANG_GUARD_SECONDS = 10
 
@@ -384,36 +386,8 @@ def roles_site(site):
     pki.issue_cert(ca_dir, "plusher", site["certs"], role="gateway", hostnames=["localhost"])
     pki.issue_cert(ca_dir, "lnm-99", site["certs"], role="lnm")
     pki.issue_cert(ca_dir, "lnm-02", site["certs"], role="lnm")
-    _issue_without_role(ca_dir, "lnm-03", site["certs"])
+    issue_without_role(ca_dir, "lnm-03", site["certs"])
     return site
-
-
-def _issue_without_role(ca_dir, name, out_dir):
-    """A certificate as ``usher cert issue`` made them before roles: both
-    usages, no role attribute."""
-    import datetime
-
-    from cryptography.hazmat.primitives import hashes
-    ca_cert = _load(ca_dir / "ca_cert.pem")
-    ca_key = serialization.load_pem_private_key((ca_dir / "ca_key.pem").read_bytes(), None)
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-        .issuer_name(ca_cert.subject).public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.ExtendedKeyUsage(
-            [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
-        .sign(ca_key, hashes.SHA256()))
-    (out_dir / f"{name}_cert.pem").write_bytes(certificate.public_bytes(
-        serialization.Encoding.PEM))
-    (out_dir / f"{name}_key.pem").write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))
 
 
 @pytest.fixture

@@ -17,6 +17,8 @@ flushes its cache and receives a fresh one; callbacks keep working.
 
 import functools
 
+from OpenSSL import SSL
+from service_identity import VerificationError
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
@@ -71,9 +73,21 @@ class _Observer(pb.Referenceable):
         self.client._fire_connection("notice", f"{kind}: {message}")
 
 
+class _Broker(pb.Broker):
+    """Tells the client why its connection was lost: a controller refused in
+    the TLS handshake (usher.pki: wrong role, wrong name, unknown CA) ends
+    the first connection attempt at once, with that reason."""
+
+    def connectionLost(self, reason):
+        self.factory.client._connection_lost(reason)
+        super().connectionLost(reason)
+
+
 class _LoginFactory(pb.PBClientFactory):
     """Logs in again on every new connection (buildbot's pattern: logging in
     from ClientService's prepareConnection can wedge the service)."""
+
+    protocol = _Broker
 
     def __init__(self, client):
         super().__init__()
@@ -206,6 +220,16 @@ class UsherClient:
             self._first_login.callback(who)
         else:
             self._fire_connection("connected", f"reconnected to {self.host}:{self.port}")
+
+    def _connection_lost(self, reason):
+        if reason.check(pki.CertificateRefused, VerificationError, SSL.Error) is None:
+            return
+        error = Unavailable(f"cannot reach the controller at {self.host}:{self.port}: "
+                            f"TLS refused: {reason.getErrorMessage()}")
+        if self._first_login is not None and not self._first_login.called:
+            self._first_login.errback(error)
+        else:
+            log.error("{error}", error=error)
 
     def _login_failed(self, failure, broker):
         error = from_failure(failure)
