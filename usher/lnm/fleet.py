@@ -12,7 +12,8 @@ for trying placement and failure handling at scale on one machine.
 
 Members are named ``<prefix><n>``; each takes its certificate and key from
 ``<cert_dir>/<name>_cert.pem`` and ``<name>_key.pem`` (what ``usher cert
-issue <name> --dir <cert_dir>`` writes), its state from
+issue --lnm <name> --out <cert_dir>`` writes; the controller's lnm_names must
+allow the names, e.g. ``lnm[1-500]``), its state from
 ``<state_dir>/<name>``, and listens for recovery announcements on an
 ephemeral port of ``recovery_interface`` (a fixed port cannot serve
 hundreds of members; each tells the controller its own when it attaches).
