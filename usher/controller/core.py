@@ -246,7 +246,9 @@ class Controller:
         pool = self.state.vms if owner is None else self.state.owned_view(owner)
         if selection.clusters and not (selection.regex is not None or selection.everything):
             pool = _ScanOnly(pool, self.state.cluster_members(selection.clusters, owner))
-        chosen, unknown = await self._pick(selection, pool, self._qualifier(user, admin))
+        # Who may see others' VMs may name them in full.
+        chosen, unknown = await self._pick(selection, pool,
+                                           self._qualifier(user, admin or not own))
         if unknown:
             foreign = [n for n in unknown if n in self.state.vms]
             if foreign:
