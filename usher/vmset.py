@@ -97,7 +97,8 @@ def _group(inner, pattern):
         part = part.strip()
         lo, dash, hi = part.partition("-")
         if not _number(lo) or (dash and not _number(hi)):
-            raise InvalidRequest(f"malformed range {_shown('[' + inner + ']')[1:-1]} in {_shown(pattern)}")
+            shown = inner if len(inner) <= 40 else inner[:40] + "…"
+            raise InvalidRequest(f"malformed range [{shown}] in {_shown(pattern)}")
         if not dash:
             group.append((lo,))
             size += 1

@@ -268,13 +268,8 @@ class Controller:
         # Right after a restart the state is still being rebuilt from the LNMs.
         await self.settled()
         everyone = self.sees_all(admin)
-        if selection.names:
+        if selection.names or not everyone:
             records = await self._resolve(user, admin, selection, own=not everyone)
-        elif not everyone:
-            pool = self.state.owned_view(user)
-            if selection.clusters and not (selection.regex is not None or selection.everything):
-                pool = _ScanOnly(pool, self.state.cluster_members(selection.clusters, user))
-            records, _ = await self._pick(selection, pool, self._qualifier(user, admin))
         else:
             if selection.clusters and not (selection.regex is not None or selection.everything):
                 wanted = set(selection.clusters)
