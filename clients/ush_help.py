@@ -32,11 +32,15 @@ SELECTION_OPTIONS = """\
                       every VM of the virtual cluster (repeatable)
       -r, --regex REGEX
                       every VM whose full name matches the regular expression
-                      (Python syntax, searched anywhere in the name: anchor
-                      with ^ and $); quote it so the shell leaves it alone
+                      (RE2 syntax, as Python's without backreferences or
+                      lookaround; at most 256 characters; searched anywhere
+                      in the name: anchor with ^ and $); quote it so the
+                      shell leaves it alone
     Names are checked against your cached VM list before anything is sent:
     an unknown name, a malformed range or regular expression is an error
-    and no VM is touched.
+    and no VM is touched. One command may name at most 10,000 VMs (a range
+    counts as every name it expands to) and carry at most 32 ranges and
+    regular expressions; the site may set other limits.
 """
 
 _OPERATIONS = {
@@ -187,13 +191,19 @@ COMMANDS["list"] = _entry(
                       the last minute ("n/a": its hypervisor does not report
                       it; "-": no figures, e.g. shut off)
       -a, --all       ask the controller instead of the cache, for every VM
-                      you are allowed to see (an administrator may see other
-                      users' and unmanaged VMs; an owner column then appears)
+                      you are allowed to see: your own; administrators see
+                      every user's VMs and the hosts' unmanaged ones (an
+                      owner column then appears). A site may let every user
+                      see all VMs (user_visibility = all in ctrl.config);
+                      another user's args are never shown but to
+                      administrators
       -n, --cluster CLUSTER
                       only VMs of this virtual cluster (repeatable)
       -r, --regex REGEX
                       only VMs whose full name matches the regular expression
-      VM ...          only these VMs (names and [ranges] as for pause)
+                      (RE2 syntax: see 'help selections')
+      VM ...          only these VMs (names and [ranges] as for pause); naming
+                      another user's VM is refused unless you may see it
 
     With no selection, all VMs are listed, sorted by name (numbers in names
     sort numerically: 2.sneetch before 10.sneetch).
@@ -396,7 +406,9 @@ COMMANDS["top"] = _entry(
     "top [-c COUNT] [-i SECONDS] [--iterations N] [LNM ...]",
     """\
     Show every host (or the LNMs named) with its figures, then the COUNT
-    busiest VMs on them by 1-minute CPU average. Run as 'ush top' from a
+    busiest VMs on them by 1-minute CPU average: your own VMs, or every VM
+    for administrators (and for everyone where the site sets
+    user_visibility = all). Run as 'ush top' from a
     terminal it redraws the screen every SECONDS until Ctrl-C; at the ush>
     prompt, in scripts and with --json it shows one view, or N views with
     --iterations N.

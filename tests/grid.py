@@ -59,14 +59,15 @@ class LocalReporter:
 
 class Grid:
     def __init__(self, reactor, tmpdir, *, lnms=3, cpus=8, memory_mib=16384,
-                 plugin_dir=None, registrations=None):
+                 plugin_dir=None, registrations=None, controller_options=None):
         self.reactor = reactor
         self.tmpdir = str(tmpdir)
         self.lnm_count = lnms
         self.cpus = cpus
         self.memory_mib = memory_mib
         self.pool = ThreadPool(minthreads=1, maxthreads=4, name="grid")
-        self.controller = Controller(domain=DOMAIN, clock=reactor, admins=["root"])
+        self.controller = Controller(domain=DOMAIN, clock=reactor, admins=["root"],
+                                     **(controller_options or {}))
         self.controller.plugins = PluginRegistry(
             self.controller.chains, self.controller.api, third_party_dir=plugin_dir,
             load_config=load_plugin_config)

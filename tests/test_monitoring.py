@@ -408,15 +408,17 @@ class HideOthers:
 @pytest_twisted.ensureDeferred
 async def test_top_shows_only_what_list_request_plugins_let_through():
     clock = task.Clock()
-    controller = Controller(domain=DOMAIN, clock=clock)
+    # A site that lets users see each other's VMs: what the plugin hides counts.
+    controller = Controller(domain=DOMAIN, clock=clock, user_visibility="all")
     controller.state.vmms["lnm1"] = VMMInfo("lnm1", {}, handle=object())
     mine, theirs = full("1.web"), full("1.db", owner="bob")
     for name in (mine, theirs):
         controller.state.add(controller.state.new_record(name, state="run", vmm="lnm1"))
     controller.lnm_status_report("lnm1", node_report(), [
         vm_report(mine, cpu=(10.0, 10.0, 10.0)), vm_report(theirs, cpu=(90.0, 90.0, 90.0))])
-    assert [vm["name"] for vm in (await controller.top("alice", False))["vms"]] == \
-        [theirs, mine]
+    view = (await controller.top("alice", False))["vms"]
+    assert [vm["name"] for vm in view] == [theirs, mine]
+    assert "args" not in view[0] and "args" in view[1]       # never another user's args
     controller.chains.add(HideOthers(), "list_request")
     assert [vm["name"] for vm in (await controller.top("alice", False))["vms"]] == [mine]
     assert [vm["name"] for vm in (await controller.top("bob", False, count=5))["vms"]] == \

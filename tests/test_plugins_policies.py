@@ -399,9 +399,11 @@ async def test_limits_roles_and_what_queries_return(tmp_path, client_grids):
 
 @pytest_twisted.ensureDeferred
 async def test_limits_reject_mode_and_open_queries(tmp_path, client_grids):
+    # list_scope = all shows what the site's user_visibility lets users see.
     grid = await client_grids(registrations=registrations(
         tmp_path, authz="limits", authz_config="on_excess = reject\nmax_vms_per_user = 3\n"
-                                              "list_scope = all\nadmin_only =\n"))
+                                              "list_scope = all\nadmin_only =\n"),
+        controller_options={"user_visibility": "all"})
     alice = await grid.connected("alice")
     bob = await grid.connected("bob")
     await bob.start(["b1"])

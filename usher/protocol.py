@@ -151,6 +151,15 @@ Perspective (paper, Table 4, plus session methods)::
     migrate(selection, lnms: list, args: dict) -> result dict
     whoami() -> {"user", "admin", "domain"}
 
+A selection is None (every VM), a list of names and ranges, or a dict with
+"names", "regex", "clusters" and "everything". One request (its selection
+and its LNM list together) may name at most max_selection_names names,
+ranges expanded, and carry at most max_selection_patterns ranges and
+regular expressions (RE2 syntax, 256 characters at most); past that it is
+refused whole (InvalidRequest). list and top show an ordinary user their
+own VMs only, unless the controller's user_visibility is "all"; another
+user's "args" never reach an ordinary user; pushes carry only one's own.
+
 Observer (the client's callback object)::
 
     vm_changes(seq: int, changed: [json chunk], removed: [str]) -> None

@@ -4,107 +4,270 @@ expressions and whole virtual clusters.
 Ranges use brackets, as in pdsh and Slurm: ``[1-3,7].sneetch`` is
 ``1.sneetch 2.sneetch 3.sneetch 7.sneetch``; ``web[01-03]`` keeps the zero
 padding. A regular expression is searched in the full VM name.
+
+Every selection a peer sends is bounded as a whole (``Budget``): the names it
+names, once its ranges are expanded, and the patterns (ranges and regular
+expressions) it carries. A range's size is computed before a name is made, so
+a request over the limit is refused before anything is allocated. Regular
+expressions are RE2's (``google-re2``): matching takes time linear in the
+name, whatever the pattern; backreferences and lookaround do not exist there.
 """
 
-import re
+import collections
+import itertools
+
+import re2
 
 from usher.errors import InvalidRequest
+from usher.naming import MAX_NAME
 
-RANGE_RE = re.compile(r"\[([^\[\]]*)\]")
-MAX_EXPANSION = 100_000
-MAX_REGEX = 1000
+# Names one request may name, every range expanded (the controller's
+# max_selection_names), and ranges plus regular expressions it may carry
+# (max_selection_patterns).
+MAX_NAMES = 10_000
+MAX_PATTERNS = 32
+# Characters of one name or range pattern, and of one regular expression.
+MAX_PATTERN = 1024
+MAX_REGEX = 256
+# Memory of one compiled regular expression (RE2's max_mem: its program and
+# its DFA cache). Enough for any pattern of MAX_REGEX characters that makes
+# sense on names; larger programs are refused as "too large".
+REGEX_MEMORY = 1 << 20
+# A regex scan of many records pauses after this many characters of names
+# (see Selection.picking): a few milliseconds at RE2's slowest.
+SCAN_SLICE = 16_384
+
+Limits = collections.namedtuple("Limits", "names patterns")
+DEFAULT_LIMITS = Limits(MAX_NAMES, MAX_PATTERNS)
 
 
-def expand_ranges(pattern):
-    """Expand every ``[a-b,c]`` group in pattern; -> list of names."""
-    match = RANGE_RE.search(pattern)
-    if not match:
-        if "[" in pattern or "]" in pattern:
-            raise InvalidRequest(f"unbalanced bracket in {pattern!r}")
-        return [pattern]
-    head, tail = pattern[: match.start()], pattern[match.end():]
-    values = []
-    for part in match.group(1).split(","):
+class Budget:
+    """What one request may still name: every part of it (VM names, ranges,
+    clusters, the regex, LNM names) draws on the same budget."""
+
+    def __init__(self, limits=DEFAULT_LIMITS):
+        self.limits = limits
+        self.names = 0
+        self.patterns = 0
+
+    def take_names(self, count):
+        if self.names + count > self.limits.names:
+            raise InvalidRequest(
+                f"too many names in one request: at most {self.limits.names}, counting "
+                "every name a range expands to (ask for fewer, or name a cluster)")
+        self.names += count
+
+    def take_pattern(self):
+        if self.patterns + 1 > self.limits.patterns:
+            raise InvalidRequest(f"too many ranges and regular expressions in one request: "
+                                 f"at most {self.limits.patterns}")
+        self.patterns += 1
+
+
+def _parse(pattern):
+    """-> (parts, count, longest): the literal strings and range groups of
+    ``pattern`` (a group: a list of (low, high, width) or (text,)), how many
+    names it expands to and the length of the longest, without making one."""
+    if not isinstance(pattern, str):
+        raise InvalidRequest("names must be strings")
+    if len(pattern) > MAX_PATTERN:
+        raise InvalidRequest(f"name or range too long (at most {MAX_PATTERN} characters)")
+    parts, count, longest, start = [], 1, 0, 0
+    while True:
+        opening, closing = pattern.find("[", start), pattern.find("]", start)
+        if opening < 0 or closing < opening:
+            if opening >= 0 or closing >= 0:
+                raise InvalidRequest(f"unbalanced bracket in {_shown(pattern)}")
+            parts.append(pattern[start:])
+            return parts, count, longest + len(pattern) - start
+        closing = pattern.find("]", opening)
+        inner = pattern[opening + 1:closing]
+        if closing < 0 or "[" in inner:
+            raise InvalidRequest(f"unbalanced bracket in {_shown(pattern)}")
+        group, size, widest = _group(inner, pattern)
+        parts.extend((pattern[start:opening], group))
+        count *= size
+        longest += opening - start + widest
+        start = closing + 1
+
+
+def _group(inner, pattern):
+    group, size, widest = [], 0, 0
+    for part in inner.split(","):
         part = part.strip()
         lo, dash, hi = part.partition("-")
-        if not lo.isdigit() or (dash and not hi.isdigit()):
-            raise InvalidRequest(f"malformed range [{match.group(1)}] in {pattern!r}")
+        if not _number(lo) or (dash and not _number(hi)):
+            shown = inner if len(inner) <= 40 else inner[:40] + "…"
+            raise InvalidRequest(f"malformed range [{shown}] in {_shown(pattern)}")
         if not dash:
-            values.append(lo)
+            group.append((lo,))
+            size += 1
+            widest = max(widest, len(lo))
             continue
         a, b = int(lo), int(hi)
         if b < a:
-            raise InvalidRequest(f"empty range {part} in {pattern!r}")
-        if b - a + 1 > MAX_EXPANSION:
-            raise InvalidRequest(f"range {part} is too large")
+            raise InvalidRequest(f"empty range {part} in {_shown(pattern)}")
         width = len(lo) if lo.startswith("0") and len(lo) > 1 else 0
-        values.extend(str(i).zfill(width) for i in range(a, b + 1))
+        group.append((a, b, width))
+        size += b - a + 1
+        widest = max(widest, width, len(hi.lstrip("0")) or 1)
+    return group, size, widest
+
+
+def _shown(text):
+    """``text`` quoted for a message, at most 64 characters of it."""
+    return repr(text) if len(text) <= 64 else repr(text[:64]) + "…"
+
+
+def _number(text):
+    return text.isascii() and text.isdigit()
+
+
+def _values(group):
+    for item in group:
+        if len(item) == 1:
+            yield item[0]
+        else:
+            a, b, width = item
+            yield from (str(i).zfill(width) for i in range(a, b + 1))
+
+
+def expand_ranges(pattern, budget=None):
+    """Expand every ``[a-b,c]`` group in pattern; -> list of names. The names
+    are counted against ``budget`` (a fresh default one if None) before any
+    is made; a pattern with a range also counts as a pattern."""
+    budget = Budget() if budget is None else budget
+    parts, count, longest = _parse(pattern)
+    if len(parts) > 1:
+        budget.take_pattern()
+    budget.take_names(count)
+    if longest > MAX_NAME:
+        raise InvalidRequest(f"{_shown(pattern)} makes names longer than {MAX_NAME} characters")
+    if len(parts) == 1:
+        return [pattern]
+    # Each group has at most ``count`` values: what is materialised here is
+    # bounded by the budget just taken.
+    literals, groups = parts[0::2], [list(_values(g)) for g in parts[1::2]]
     names = []
-    for value in values:
-        for rest in expand_ranges(tail):
-            names.append(head + value + rest)
-            if len(names) > MAX_EXPANSION:
-                raise InvalidRequest(f"{pattern!r} expands to too many names")
+    for values in itertools.product(*groups):
+        names.append("".join(itertools.chain.from_iterable(
+            itertools.zip_longest(literals, values, fillvalue=""))))
     return names
 
 
+def _regex_options():
+    options = re2.Options()
+    options.max_mem = REGEX_MEMORY
+    options.log_errors = False      # RE2 would print the pattern on stderr
+    options.never_capture = True    # only "does it match" is ever asked
+    return options
+
+
+_OPTIONS = _regex_options()
+# RE2's module-level compile keeps the last 128 patterns (and their DFA
+# memory) in a cache; a pattern from a peer is compiled afresh and dropped
+# with its selection.
+_compile = getattr(re2, "_Regexp", None) or re2.compile
+
+
 def compile_regex(text):
-    if not isinstance(text, str) or len(text) > MAX_REGEX:
-        raise InvalidRequest("regular expression missing or too long")
+    """A user's regular expression compiled with RE2 -> its regex object;
+    anything that is not a short RE2 pattern raises InvalidRequest."""
+    if not isinstance(text, str):
+        raise InvalidRequest("a regular expression must be a string")
+    if len(text) > MAX_REGEX:
+        raise InvalidRequest(f"regular expression too long (at most {MAX_REGEX} characters)")
     try:
-        return re.compile(text)
-    except re.error as e:
-        raise InvalidRequest(f"malformed regular expression {text!r}: {e}") from None
+        return _compile(text, _OPTIONS)
+    except re2.error as e:
+        raise InvalidRequest(_regex_error(text, e)) from None
+    except UnicodeError:                 # a lone surrogate, which UTF-8 cannot hold
+        raise InvalidRequest(f"malformed regular expression {text!r}: not valid Unicode"
+                             ) from None
+
+
+def _regex_error(text, error):
+    reason = error.args[0] if error.args else ""
+    if isinstance(reason, bytes):
+        reason = reason.decode("utf-8", "replace")
+    reason = str(reason)[:200]
+    if any(f"perl operator: {op}" in reason for op in ("(?=", "(?!", "(?<=", "(?<!")):
+        why = "lookahead and lookbehind are not supported"
+    elif any(f"\\{d}" in reason for d in "123456789"):
+        why = "backreferences are not supported"
+    elif "too large" in reason:
+        why = "the pattern is too large (fewer or smaller repetitions)"
+    else:
+        why = f"{reason} (RE2 syntax)"
+    return f"malformed regular expression {text!r}: {why}"
+
+
+def _strings(items, what):
+    if not isinstance(items, (list, tuple)):
+        raise InvalidRequest(f"{what} must be a list")
+    return items
 
 
 class Selection:
     """A set of VMs described by names/ranges, a regex and/or clusters.
 
     The parts combine as a union; an empty selection selects nothing unless
-    ``everything`` is set.
+    ``everything`` is set. ``limits`` (or a shared ``budget``) bound the
+    whole selection: names (ranges expanded, clusters included) and
+    patterns (ranges and the regex).
     """
 
-    def __init__(self, names=(), regex=None, clusters=(), everything=False):
+    def __init__(self, names=(), regex=None, clusters=(), everything=False, *,
+                 limits=DEFAULT_LIMITS, budget=None):
+        budget = Budget(limits) if budget is None else budget
         self.names = []
         for pattern in names:
-            if not isinstance(pattern, str):
-                raise InvalidRequest("VM names must be strings")
-            self.names.extend(expand_ranges(pattern))
+            self.names.extend(expand_ranges(pattern, budget))
+        self.clusters = []
+        for cluster in clusters:
+            if not isinstance(cluster, str) or len(cluster) > MAX_NAME:
+                raise InvalidRequest("cluster names must be short strings")
+            budget.take_names(1)
+            self.clusters.append(cluster)
+        if regex is not None:
+            budget.take_pattern()
         self.regex = compile_regex(regex) if regex is not None else None
-        self.clusters = list(clusters)
-        self.everything = everything
+        self.everything = bool(everything)
 
     def __bool__(self):
-        return bool(self.names or self.regex or self.clusters or self.everything)
+        return bool(self.names or self.regex is not None or self.clusters or self.everything)
 
     def to_wire(self):
         return {"names": list(self.names),
-                "regex": self.regex.pattern if self.regex else None,
+                "regex": self.regex.pattern if self.regex is not None else None,
                 "clusters": list(self.clusters),
                 "everything": self.everything}
 
     @classmethod
-    def from_wire(cls, data):
+    def from_wire(cls, data, limits=DEFAULT_LIMITS, budget=None):
         if data is None:
-            return cls(everything=True)
+            return cls(everything=True, limits=limits, budget=budget)
         if isinstance(data, (list, tuple)):
-            return cls(names=data)
+            return cls(names=data, limits=limits, budget=budget)
         if not isinstance(data, dict):
             raise InvalidRequest("a VM selection is a list of names or a dict")
         unknown = set(data) - {"names", "regex", "clusters", "everything"}
         if unknown:
-            raise InvalidRequest(f"unknown selection keys: {', '.join(sorted(unknown))}")
-        names = data.get("names") or []
-        clusters = data.get("clusters") or []
-        if not isinstance(names, (list, tuple)) or not isinstance(clusters, (list, tuple)):
-            raise InvalidRequest("selection names and clusters must be lists")
+            raise InvalidRequest("unknown selection keys: "
+                                 + ", ".join(sorted(repr(k)[:40] for k in unknown)[:5]))
+        names = _strings(data.get("names") or [], "selection names")
+        clusters = _strings(data.get("clusters") or [], "selection clusters")
+        everything = data.get("everything")
+        if everything is not None and not isinstance(everything, (bool, int)):
+            raise InvalidRequest("selection 'everything' must be true or false")
         return cls(names=names, regex=data.get("regex"), clusters=clusters,
-                   everything=bool(data.get("everything")))
+                   everything=bool(everything), limits=limits, budget=budget)
 
-    def pick(self, records, qualify):
-        """Split into (selected records, unknown names) against ``records``,
-        a dict name -> record; ``qualify`` maps a requested name to a full name.
-        """
+    def picking(self, records, qualify, slice_chars=SCAN_SLICE):
+        """``pick`` as a generator: it yields (None) each time a regular
+        expression has scanned ``slice_chars`` characters of names, so that
+        the caller may let other work run (and drop what was removed
+        meanwhile), and returns what ``pick`` returns."""
         chosen, unknown, seen = [], [], set()
 
         def take(rec):
@@ -119,32 +282,61 @@ class Selection:
                 unknown.append(full)
             else:
                 take(rec)
-        if self.regex or self.clusters or self.everything:
-            clusters = set(self.clusters)
-            for rec in records.values():
-                if (self.everything or rec.get("cluster") in clusters
-                        or (self.regex and self.regex.search(rec["name"]))):
+        if self.regex is not None or self.clusters or self.everything:
+            clusters, scanned = set(self.clusters), 0
+            for rec in list(records.values()):
+                if self.everything or rec.get("cluster") in clusters:
                     take(rec)
+                elif self.regex is not None:
+                    scanned += len(rec["name"])
+                    if self.regex.search(rec["name"]):
+                        take(rec)
+                    if scanned >= slice_chars:
+                        scanned = 0
+                        yield
         return chosen, unknown
 
+    def pick(self, records, qualify):
+        """Split into (selected records, unknown names) against ``records``,
+        a dict name -> record; ``qualify`` maps a requested name to a full name.
+        """
+        steps = self.picking(records, qualify)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
 
-def match_names(candidates, patterns):
+
+def match_names(candidates, patterns, budget=None):
     """Select LNM names by explicit names or regexes (``/re/`` or ``~re``).
 
-    Returns the matched names in candidate order; raises for an explicit name
-    that is not a candidate.
+    Returns the matched names, pattern by pattern, each pattern's in
+    candidate order; raises for an explicit name that is not a candidate.
+    Names and patterns count against ``budget`` (a fresh default one if None).
     """
-    chosen = []
+    budget = Budget() if budget is None else budget
+    patterns = _strings(patterns, "LNM patterns")
+    chosen, taken = [], set()
+    known = set(candidates)
+
+    def take(name):
+        if name not in taken:
+            taken.add(name)
+            chosen.append(name)
+
     for pattern in patterns:
         if not isinstance(pattern, str):
             raise InvalidRequest("LNM names must be strings")
         if pattern.startswith("~") or (len(pattern) > 1 and pattern[0] == pattern[-1] == "/"):
+            budget.take_pattern()
             regex = compile_regex(pattern[1:-1] if pattern.startswith("/") else pattern[1:])
-            chosen.extend(c for c in candidates if regex.search(c) and c not in chosen)
+            for candidate in candidates:
+                if candidate not in taken and regex.search(candidate):
+                    take(candidate)
         else:
-            for name in expand_ranges(pattern):
-                if name not in candidates:
+            for name in expand_ranges(pattern, budget):
+                if name not in known:
                     raise InvalidRequest(f"no such LNM: {name}")
-                if name not in chosen:
-                    chosen.append(name)
+                take(name)
     return chosen

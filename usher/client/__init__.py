@@ -349,7 +349,9 @@ class UsherClient:
     @_deferred
     async def list(self, selection=None, status=False, remote=False):
         """List VMs: from the cache (no remote call, like ush's ``list``), or
-        from the controller with ``remote`` or ``status``."""
+        from the controller with ``remote`` or ``status``: every VM this user
+        may see (their own, unless the site's user_visibility is "all";
+        administrators see all; other users' records come without args)."""
         if not remote and not status:
             return sorted((dict(r) for r in self.select(selection) if "state" in r),
                           key=lambda r: r["name"])

@@ -114,9 +114,11 @@ class UserPerspective(pb.Avatar):
 
     @_boundary
     async def perspective_subscribe(self, clusters=None):
-        if clusters is not None and (not isinstance(clusters, (list, tuple)) or not all(
-                isinstance(c, str) for c in clusters)):
-            raise InvalidRequest("clusters must be a list of names")
+        if clusters is not None:
+            # As a selection of clusters would be: a list of short strings,
+            # within the controller's limits.
+            clusters = Selection.from_wire({"clusters": clusters},
+                                           budget=self.controller.budget()).clusters
         # After a restart, the snapshot waits for the LNMs to hand over their
         # VMs (at most the recovery window): a client reconnecting then gets
         # the rebuilt state, not an empty one.
@@ -129,8 +131,8 @@ class UserPerspective(pb.Avatar):
 
     @_boundary
     async def perspective_list(self, selection=None, status=False):
-        records = await self.controller.list(self.user, self.admin,
-                                             Selection.from_wire(selection), bool(status))
+        # The controller parses the selection, within its limits.
+        records = await self.controller.list(self.user, self.admin, selection, bool(status))
         return encode_chunks(records)
 
     @_boundary
@@ -154,13 +156,11 @@ class UserPerspective(pb.Avatar):
     async def perspective_op_on(self, operation, selection, args=None):
         if not isinstance(operation, str):
             raise InvalidRequest("operation must be a string")
-        return await self.controller.op_on(self.user, self.admin, operation,
-                                           Selection.from_wire(selection), args)
+        return await self.controller.op_on(self.user, self.admin, operation, selection, args)
 
     @_boundary
     async def perspective_migrate(self, selection, lnms=(), args=None):
-        return await self.controller.migrate(self.user, self.admin,
-                                             Selection.from_wire(selection), lnms, args)
+        return await self.controller.migrate(self.user, self.admin, selection, lnms, args)
 
     # -- plugin administration -------------------------------------------------
 

@@ -19,6 +19,7 @@ every attach and detach: the liveness monitor and the recovery tracker.
 """
 
 import collections
+import heapq
 import time
 import uuid
 from collections.abc import Mapping
@@ -35,12 +36,18 @@ from usher.errors import (InvalidRequest, LinkFailure, NoSuchLNM, NoSuchVM,
                           OperationFailed, PermissionDenied, Rejected, Unavailable,
                           UsherError)
 from usher.naming import check_label, check_short_name, qualify, split
-from usher.vmset import Selection, expand_ranges, match_names
+from usher.vmset import (MAX_NAMES, MAX_PATTERNS, Budget, Limits, Selection, expand_ranges,
+                         match_names)
 
 log = Logger()
 
 # VMs per start_many sent to one LNM.
 START_BATCH = 32
+
+# What an ordinary user's queries show (user_visibility): "own", their own
+# VMs only; "all", every VM, other users' without their args, and the hosts'
+# unmanaged domains. Administrators see everything.
+VISIBILITY = ("own", "all")
 
 # Keys a request's extra arguments may not shadow.
 RESERVED_ARGS = {"memory_mib", "vcpus", "cluster", "count"}
@@ -120,7 +127,9 @@ class Controller:
     def __init__(self, *, domain, clock, admins=(), default_memory=256, default_vcpus=1,
                  call_timeout=30.0, start_timeout=120.0, max_request_vms=10000,
                  known_lnms=None, lnm_concurrency=64, status_history=60,
-                 vm_status_history=15, status_history_interval=60.0):
+                 vm_status_history=15, status_history_interval=60.0,
+                 user_visibility="own", max_selection_names=MAX_NAMES,
+                 max_selection_patterns=MAX_PATTERNS):
         self.domain = domain
         self.clock = clock
         self.admins = set(admins)
@@ -129,6 +138,11 @@ class Controller:
         self.call_timeout = call_timeout
         self.start_timeout = start_timeout
         self.max_request_vms = max_request_vms
+        if user_visibility not in VISIBILITY:
+            raise ValueError(f"user_visibility must be one of {', '.join(VISIBILITY)}")
+        self.user_visibility = user_visibility
+        # Every selection of one request together (usher.vmset.Budget).
+        self.selection_limits = Limits(max_selection_names, max_selection_patterns)
         self.known_lnms = known_lnms
         self.lnm_concurrency = lnm_concurrency
         self.state = GlobalState(domain)
@@ -168,19 +182,73 @@ class Controller:
             return qualify(name, user, self.domain)
         return qualify_name
 
-    def _select(self, user, admin, selection, *, own=True):
+    def budget(self):
+        """A fresh count of what one request may name (``selection_limits``)."""
+        return Budget(self.selection_limits)
+
+    def selection(self, selection, budget=None):
+        """A selection from the wire (or a Selection already made, checked
+        against this controller's limits) -> Selection."""
+        budget = self.budget() if budget is None else budget
+        if isinstance(selection, Selection):
+            budget.take_names(len(selection.names) + len(selection.clusters))
+            if selection.regex is not None:
+                budget.take_pattern()
+            return selection
+        return Selection.from_wire(selection, budget=budget)
+
+    def sees_all(self, admin):
+        """Does this user see other users' VMs (user_visibility)?"""
+        return admin or self.user_visibility == "all"
+
+    @staticmethod
+    def shown(record, user, admin):
+        """A copy of ``record`` as it may leave the controller for ``user``:
+        other users' args never reach an ordinary user."""
+        record = dict(record)
+        if not admin and record.get("owner") != user:
+            record.pop("args", None)
+        return record
+
+    def _next_turn(self):
+        d = defer.Deferred()
+        self.clock.callLater(0, d.callback, None)
+        return d
+
+    async def _pick(self, selection, pool, qualify):
+        """``selection.pick`` over ``pool``; a regex scan lets the reactor run
+        between slices (usher.vmset.SCAN_SLICE), and what was removed
+        meanwhile is left out."""
+        steps = selection.picking(pool, qualify)
+        paused = False
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                chosen, unknown = done.value
+                break
+            paused = True
+            await self._next_turn()
+        if paused:
+            chosen = [rec for rec in chosen if rec.get("state") is not None]
+        return chosen, unknown
+
+    async def _select(self, user, admin, selection, *, own=True, budget=None):
         """Resolve a selection to records; unknown or foreign names are errors."""
-        if not isinstance(selection, Selection):
-            selection = Selection.from_wire(selection)
+        return await self._resolve(user, admin, self.selection(selection, budget), own)
+
+    async def _resolve(self, user, admin, selection, own):
         owner = None if (admin or not own) else user
         if admin and selection.everything:
             owner = user
         # Views, not copies: a request naming one VM among 10,000 costs the
         # lookup of one VM.
         pool = self.state.vms if owner is None else self.state.owned_view(owner)
-        if selection.clusters and not (selection.regex or selection.everything):
+        if selection.clusters and not (selection.regex is not None or selection.everything):
             pool = _ScanOnly(pool, self.state.cluster_members(selection.clusters, owner))
-        chosen, unknown = selection.pick(pool, self._qualifier(user, admin))
+        # Who may see others' VMs may name them in full.
+        chosen, unknown = await self._pick(selection, pool,
+                                           self._qualifier(user, admin or not own))
         if unknown:
             foreign = [n for n in unknown if n in self.state.vms]
             if foreign:
@@ -192,16 +260,18 @@ class Controller:
     # -- Table 4: list, list_lnm -----------------------------------------------
 
     async def list(self, user, admin, selection, status=False):
+        """The VMs of ``selection`` that ``user`` may see: an ordinary user
+        sees only their own unless user_visibility is "all" (then other
+        users' without args, and unmanaged VMs); list_request plugins may
+        hide more."""
+        selection = self.selection(selection)       # (None: everything)
         # Right after a restart the state is still being rebuilt from the LNMs.
         await self.settled()
-        if selection is None:
-            selection = Selection(everything=True)
-        elif not isinstance(selection, Selection):
-            selection = Selection.from_wire(selection)
-        if selection.names:
-            records = self._select(user, admin, selection, own=False)
+        everyone = self.sees_all(admin)
+        if selection.names or not everyone:
+            records = await self._resolve(user, admin, selection, own=not everyone)
         else:
-            if selection.clusters and not (selection.regex or selection.everything):
+            if selection.clusters and not (selection.regex is not None or selection.everything):
                 wanted = set(selection.clusters)
                 members = self.state.cluster_members(wanted)
                 members.update(name for name, rec in self.state.unmanaged.items()
@@ -211,24 +281,30 @@ class Controller:
             else:
                 pool = dict(self.state.vms)
                 pool.update(self.state.unmanaged)
-            records, _ = selection.pick(pool, self._qualifier(user, admin))
+            records, _ = await self._pick(selection, pool, self._qualifier(user, admin))
+        return await self._visible(user, admin, records, status)
+
+    async def _visible(self, user, admin, records, status, count=None):
+        """``records`` through the list_request chain -> the copies that may
+        leave the controller (at most ``count``; with figures if ``status``)."""
         request = Request("list", user, admin=admin, vms=[r["name"] for r in records],
                           records={r["name"]: r for r in records})
         await self.chains.fire_request(Event("list_request", self.api, request=request))
         visible = set(request.vms)
         result = []
         for rec in records:
-            if rec["name"] in visible:
-                rec = dict(rec)
+            if rec["name"] in visible and rec.get("state") is not None and (
+                    count is None or len(result) < count):
+                rec = self.shown(rec, user, admin)
                 if status:
                     rec["status"] = self.monitoring.vm_status(rec["name"])
                 result.append(rec)
         return result
 
-    def list_lnm(self, user, admin, patterns=(), status=False):
+    def list_lnm(self, user, admin, patterns=(), status=False, budget=None):
         names = sorted(self.state.vmms)
         if patterns:
-            names = match_names(names, list(patterns))
+            names = match_names(names, patterns, self.budget() if budget is None else budget)
         lnms = []
         for name in names:
             data = self.state.vmms[name].to_wire()
@@ -240,38 +316,39 @@ class Controller:
     async def top(self, user, admin, patterns=(), count=10):
         """The LNMs matching ``patterns`` (all if empty) with their figures,
         and the ``count`` busiest VMs on them by 1-minute CPU average, as
-        ``list`` would show them (list_request plugins filter them)."""
+        ``list`` would show them (an ordinary user's own, unless
+        user_visibility is "all"; list_request plugins filter them)."""
         if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= 1000:
             raise InvalidRequest("count must be a whole number from 0 to 1000")
         lnms = self.list_lnm(user, admin, patterns, status=True)
         names = [lnm["name"] for lnm in lnms]
         # Ask for more than needed: list_request plugins may hide some.
-        busiest = self.monitoring.busiest_vms(names, count * 2 + 10)
+        wanted = count * 2 + 10
+        if self.sees_all(admin):
+            busiest = self.monitoring.busiest_vms(names, wanted)
+        else:
+            on = set(names)
+            figures = ((name, self.monitoring.vm_figure(name, "cpu", 1))
+                       for name, rec in self.state.owned_view(user).items()
+                       if rec["vmm"] in on)
+            busiest = heapq.nlargest(wanted, ((n, v) for n, v in figures if v is not None),
+                                     key=lambda item: item[1])
         records = [self.state.vms.get(n) or self.state.unmanaged.get(n) for n, _ in busiest]
         records = [r for r in records if r is not None]
-        request = Request("list", user, admin=admin, vms=[r["name"] for r in records],
-                          records={r["name"]: r for r in records})
-        await self.chains.fire_request(Event("list_request", self.api, request=request))
-        visible = set(request.vms)
-        vms = []
-        for rec in records:
-            if rec["name"] in visible and len(vms) < count:
-                rec = dict(rec)
-                rec["status"] = self.monitoring.vm_status(rec["name"])
-                vms.append(rec)
-        return {"lnms": lnms, "vms": vms}
+        return {"lnms": lnms, "vms": await self._visible(user, admin, records, True, count)}
 
     # -- Table 4: start ----------------------------------------------------------
 
-    def _new_names(self, user, admin, vms, args):
+    def _new_names(self, user, admin, vms, args, budget=None):
         qualify_name = self._qualifier(user, admin)
         if not isinstance(vms, (list, tuple)):
             raise InvalidRequest("vms must be a list of names")
+        budget = self.budget() if budget is None else budget
         names = []
         for pattern in vms:
             if not isinstance(pattern, str):
                 raise InvalidRequest("VM names must be strings")
-            names.extend(qualify_name(n) for n in expand_ranges(pattern))
+            names.extend(qualify_name(n) for n in expand_ranges(pattern, budget))
         count = args.pop("count", None)
         if count is not None:
             cluster = args.get("cluster")
@@ -279,11 +356,10 @@ class Controller:
                 raise InvalidRequest("a count needs a cluster name (-n CLUSTER)")
             if count > self.max_request_vms:
                 raise InvalidRequest(f"at most {self.max_request_vms} VMs per request")
-            taken = {split(n, self.domain)[0] for n in self.state.vms
-                     if self.state.vms[n]["owner"] == user}
+            taken = {split(n, self.domain)[0] for n in self.state.owned_view(user)}
             taken.update(split(n, self.domain)[0] for n in self._starting
                          if split(n, self.domain)[1] == user)
-            taken.update(n.split(".", 1)[0] for n in names)
+            taken.update(split(n, self.domain)[0] for n in names)
             index = 0
             while count:
                 index += 1
@@ -303,8 +379,9 @@ class Controller:
         started_at = self.clock.seconds()
         self._refuse_while_recovering()
         args = _check_args(args)
-        lnms = self._check_lnm_list(lnms)
-        names = self._new_names(user, admin, vms, args)
+        budget = self.budget()
+        lnms = self._check_lnm_list(lnms, budget)
+        names = self._new_names(user, admin, vms, args, budget)
         clash = [n for n in names if n in self._starting]
         if clash:
             raise InvalidRequest(f"{clash[0]} is already being started")
@@ -500,14 +577,15 @@ class Controller:
                 max(1, self.lnm_concurrency // START_BATCH))
         return _SemaphoreSlot(sem)
 
-    def _check_lnm_list(self, lnms):
+    def _check_lnm_list(self, lnms, budget=None):
         if lnms is None:
             return []
         if not isinstance(lnms, (list, tuple)):
             raise InvalidRequest("lnms must be a list")
         if not lnms:
             return []
-        return match_names(sorted(self.state.vmms), list(lnms))
+        return match_names(sorted(self.state.vmms), list(lnms),
+                           self.budget() if budget is None else budget)
 
     # -- Table 4: op_on ------------------------------------------------------------
 
@@ -516,7 +594,7 @@ class Controller:
             raise InvalidRequest(f"unknown operation {operation!r}; valid: "
                                  + ", ".join(states.OPERATIONS))
         args = _check_args(args)
-        records = self._select(user, admin, selection)
+        records = await self._select(user, admin, selection)
         if not records:
             raise NoSuchVM("no VM matches")
         request = Request(operation, user, admin=admin, vms=[r["name"] for r in records],
@@ -595,8 +673,9 @@ class Controller:
 
     async def migrate(self, user, admin, selection, lnms=(), args=None):
         args = _check_args(args)
-        lnms = self._check_lnm_list(lnms)
-        records = self._select(user, admin, selection)
+        budget = self.budget()
+        lnms = self._check_lnm_list(lnms, budget)
+        records = await self._select(user, admin, selection, budget=budget)
         if not records:
             raise NoSuchVM("no VM matches")
         request = Request("migrate", user, admin=admin, vms=[r["name"] for r in records],

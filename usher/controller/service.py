@@ -104,6 +104,9 @@ def make_service(config, reactor):
         default_memory=ctrl["default_memory"], default_vcpus=ctrl["default_vcpus"],
         call_timeout=ctrl["call_timeout"], start_timeout=ctrl["start_timeout"],
         max_request_vms=ctrl["max_request_vms"],
+        max_selection_names=ctrl["max_selection_names"],
+        max_selection_patterns=ctrl["max_selection_patterns"],
+        user_visibility=ctrl["user_visibility"],
         known_lnms=KnownLNMs(os.path.join(ctrl["state_dir"], "lnms.json")),
         status_history=ctrl["status_history"], vm_status_history=ctrl["vm_status_history"],
         status_history_interval=ctrl["status_history_interval"])

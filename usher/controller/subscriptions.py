@@ -6,6 +6,11 @@ A client subscribes once (optionally to some clusters only) and receives a
 snapshot; afterwards every change to a VM it may see is queued, coalesced
 per VM, and pushed in one batch per reactor turn with a sequence number so
 the client can detect a gap and re-subscribe.
+
+A subscription carries only its user's own VMs (an administrator's too, and
+whatever the controller's user_visibility): a client's cache is its user's
+VMs, and nothing about another user's VM is ever pushed; other VMs are for
+``list`` to show, as the site allows.
 """
 
 from twisted.logger import Logger
@@ -28,6 +33,7 @@ class Subscription:
         self.active = True
 
     def wants(self, record):
+        # Never another user's VM (see the module docstring).
         if record.get("owner") != self.user:
             return False
         return self.clusters is None or record.get("cluster") in self.clusters
