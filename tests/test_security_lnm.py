@@ -14,18 +14,23 @@ import uuid
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from twisted.spread import pb
 
 from usher import pki, records, states
 from usher.client import Selection
+from usher.controller import core, lnm_input
+from usher.controller.core import Controller
+from usher.controller.recovery import Recovery
 from usher.errors import InvalidRequest, NoSuchVM
 from usher.liveness import HeardBroker
 from usher.pbutil import call
 from usher.protocol import PROTOCOL_VERSION
 
 from tests.e2e import RunningSandbox, wait_for
+from tests.grid import DOMAIN as GRID_DOMAIN
+from tests.grid import Grid, LocalLNM, LocalReporter
 
 DOMAIN = "usher.test"
 MAX_UNMANAGED = 40
@@ -442,3 +447,100 @@ async def test_the_fake_cannot_take_over_an_export_kept_elsewhere(system):
     assert await snapshot(system) == before
     assert full("ghost2", "bob") not in {r["name"] for r in await system.admin.list(
         remote=True)}
+
+
+# -- in process: the controller's rules, on a grid of real libvirt test hosts ----------
+
+@pytest_twisted.async_yield_fixture
+async def grid(tmp_path):
+    g = Grid(reactor, tmp_path)
+    await g.start()
+    yield g
+    await g.stop()
+
+
+def grid_name(short, owner):
+    return f"{short}.{owner}.{GRID_DOMAIN}"
+
+
+async def define(grid, lnm, name, owner, cluster="x"):
+    """A domain defined on a host behind the controller's back."""
+    await grid.vmms[lnm].create({"name": name, "uuid": None, "memory_mib": 128, "vcpus": 1,
+                                 "owner": owner, "cluster": cluster, "args": {}})
+
+
+async def reattach(grid, name, controller):
+    node = grid.nodes[name]
+    node.begin_session()
+    handle = LocalLNM(node)
+    grid.handles[name] = handle
+    await controller.attach_lnm(name, handle, {})
+    node.set_reporter(LocalReporter(controller, name))
+
+
+@pytest_twisted.ensureDeferred
+async def test_after_a_restart_only_names_vouched_for_by_known_lnms_come_back(grid):
+    c = grid.controller
+    assert (await c.start("alice", False, ["a1"], ["lnm1"], {"cluster": "red"}))[
+        "failed"] == []
+    assert (await c.start("bob", False, ["b1"], ["lnm2"], {}))["failed"] == []
+    mismatch, newcomer = grid_name("mismatch", "bob"), grid_name("newcomer", "bob")
+    await define(grid, "lnm2", mismatch, owner="alice")      # metadata names someone else
+    await define(grid, "lnm3", newcomer, owner="bob")        # lnm3 was not known before
+    # The controller restarts: it knew lnm1 and lnm2.
+    fresh = Controller(domain=GRID_DOMAIN, clock=reactor)
+    fresh.recovery = Recovery(["lnm1", "lnm2"], clock=task.Clock(), window=30)
+    fresh.watch_lnms(fresh.recovery)
+    for name in ("lnm1", "lnm2", "lnm3"):
+        await reattach(grid, name, fresh)
+    assert fresh.recovery.done
+    a1, b1 = grid_name("a1", "alice"), grid_name("b1", "bob")
+    assert {n: (r["owner"], r["cluster"], r["vmm"], r["state"])
+            for n, r in fresh.state.vms.items()} == {
+        a1: ("alice", "red", "lnm1", states.RUN), b1: ("bob", "default", "lnm2", states.RUN)}
+    for name in (mismatch, newcomer):
+        assert fresh.state.unmanaged[name]["quarantined"]
+        assert fresh.state.unmanaged[name]["owner"] is None
+    assert set(fresh.state.owned_by("bob")) == {b1}
+    # Past its first inventory an LNM vouches for nothing more.
+    late = grid_name("late", "alice")
+    await define(grid, "lnm1", late, owner="alice")
+    await grid.nodes["lnm1"].scan()
+    await grid.nodes["lnm1"].drain()
+    assert late not in fresh.state.vms and fresh.state.unmanaged[late]["quarantined"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_report_never_moves_a_vm_whose_host_is_away(grid):
+    c = grid.controller
+    assert (await c.start("bob", False, ["b1"], ["lnm2"], {}))["failed"] == []
+    b1 = grid_name("b1", "bob")
+    grid.cut("lnm2")
+    assert c.state.vms[b1]["state"] == states.LOST
+    claim = lnm_input.check_domain(domain(b1, owner="bob"), GRID_DOMAIN)
+    assert c.lnm_report("lnm3", [claim]) == []
+    assert (c.state.vms[b1]["vmm"], c.state.vms[b1]["state"]) == ("lnm2", states.LOST)
+    assert b1 not in c.state.vmms["lnm3"].vms and b1 not in c.state.unmanaged
+    # Its own host back, the lost VM is there again.
+    await grid.attach("lnm2")
+    assert (c.state.vms[b1]["vmm"], c.state.vms[b1]["state"]) == ("lnm2", states.RUN)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_lnm_is_sent_its_own_vms_only_and_no_more_of_them_than_it_needs(grid):
+    c = grid.controller
+    sent = []
+    assert (await c.start("bob", False, ["b1"], ["lnm2"], {"token": "s3cret"}))[
+        "failed"] == []
+    assert (await c.start("alice", False, ["a1"], ["lnm1"], {}))["failed"] == []
+    node = grid.nodes["lnm2"]
+    receive = node.receive
+
+    async def recording(records_):
+        sent.extend(records_)
+        return await receive(records_)
+    node.receive = recording
+    grid.cut("lnm2")
+    await grid.attach("lnm2")
+    assert [r["name"] for r in sent] == [grid_name("b1", "bob")]
+    assert set(sent[0]) == set(core.LNM_FIELDS)
