@@ -154,8 +154,8 @@ def check_metadata(value):
     if len(value) > MAX_METADATA_KEYS:
         raise InvalidRequest(f"metadata may have at most {MAX_METADATA_KEYS} keys")
     for key, item in value.items():
-        if not isinstance(key, str) or len(key) > 64 or not isinstance(item, str) \
-                or len(item) > MAX_TEXT:
+        if not isinstance(key, str) or len(key) > 64 or not (
+                item is None or (isinstance(item, str) and len(item) <= MAX_TEXT)):
             raise InvalidRequest("metadata must map short strings to short strings")
     owner, cluster = value.get("owner"), value.get("cluster")
     return {"owner": owner if owner and USER_RE.fullmatch(owner) else None,
