@@ -11,8 +11,7 @@ import math
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from twisted.internet import defer, task
-from twisted.python.failure import Failure
+from twisted.internet import task
 
 from usher import records, states
 from usher.controller import lnm_input
@@ -23,6 +22,8 @@ from usher.controller.recovery import Recovery
 from usher.controller.state import GlobalState, VMMInfo, check_fields
 from usher.errors import InvalidRequest
 from usher.protocol import PROTOCOL_VERSION
+
+from test_lnm_node import result_of
 
 DOMAIN = "usher.test"
 LIMITS = LNMLimits(max_report_changes=8, max_vms=12, max_unmanaged=4)
@@ -295,16 +296,6 @@ def controller_with_vms(recovering):
     return c
 
 
-def run(coroutine):
-    d = defer.Deferred.fromCoroutine(coroutine)
-    results = []
-    d.addBoth(results.append)
-    assert results, "an in-memory step waited"
-    if isinstance(results[0], Failure):
-        results[0].raiseException()
-    return results[0]
-
-
 @RUNS
 @given(st.booleans(), st.lists(steps, max_size=12))
 def test_random_reports_keep_the_state_consistent(recovering, script):
@@ -322,7 +313,7 @@ def test_random_reports_keep_the_state_consistent(recovering, script):
             handle = Handle(records.encode_chunks(list({e["name"]: e for e in payload}
                                                        .values())))
             try:
-                run(c.attach_lnm(lnm, handle, {}))
+                result_of(c.attach_lnm(lnm, handle, {}))
             except InvalidRequest:
                 assert snapshot(c.state) == before
             for sent in handle.received:

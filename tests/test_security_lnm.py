@@ -30,7 +30,8 @@ from usher.protocol import PROTOCOL_VERSION
 
 from tests.e2e import RunningSandbox, wait_for
 from tests.grid import DOMAIN as GRID_DOMAIN
-from tests.grid import Grid, LocalLNM, LocalReporter
+from tests.grid import Grid
+from tests.test_failures_controller import reattach
 
 DOMAIN = "usher.test"
 MAX_UNMANAGED = 40
@@ -467,15 +468,6 @@ async def define(grid, lnm, name, owner, cluster="x"):
     """A domain defined on a host behind the controller's back."""
     await grid.vmms[lnm].create({"name": name, "uuid": None, "memory_mib": 128, "vcpus": 1,
                                  "owner": owner, "cluster": cluster, "args": {}})
-
-
-async def reattach(grid, name, controller):
-    node = grid.nodes[name]
-    node.begin_session()
-    handle = LocalLNM(node)
-    grid.handles[name] = handle
-    await controller.attach_lnm(name, handle, {})
-    node.set_reporter(LocalReporter(controller, name))
 
 
 @pytest_twisted.ensureDeferred

@@ -53,6 +53,7 @@ def lnm_view(record):
     """The copy of a record an LNM is sent."""
     return {key: record[key] for key in LNM_FIELDS if key in record}
 
+
 # Keys a request's extra arguments may not shadow.
 RESERVED_ARGS = {"memory_mib", "vcpus", "cluster", "count"}
 MAX_ARG_LEN = 4096
