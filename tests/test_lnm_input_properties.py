@@ -260,7 +260,8 @@ def consistent(state):
         assert rec["name"] == name and rec["managed"] is True
         clusters.setdefault((rec["owner"], rec["cluster"]), set()).add(name)
         owned.setdefault(rec["owner"], set()).add(name)
-        placed.setdefault(rec["vmm"], set()).add(name)
+        if rec["vmm"] is not None:
+            placed.setdefault(rec["vmm"], set()).add(name)
     for name, rec in state.unmanaged.items():
         check_fields(rec, name)
         assert rec["owner"] is None and rec["managed"] is False
@@ -339,3 +340,30 @@ def test_random_reports_keep_the_state_consistent(recovering, script):
         # Only a trusted first inventory puts managed VMs in a namespace.
         if not recovering:
             assert set(c.state.vms) <= started
+
+
+record_fields = st.fixed_dictionaries({}, optional={
+    key: json_values for key in ("owner", "cluster", "state", "vmm", "memory_mib", "vcpus",
+                                 "uuid", "args", "quarantined")})
+
+
+@FAST
+@given(record_fields, record_fields)
+def test_global_state_changes_are_all_or_nothing(added, updated):
+    state = GlobalState(DOMAIN)
+    state.vmms["lnm1"] = VMMInfo("lnm1")
+    kept = state.add(state.new_record(f"0.web.alice.{DOMAIN}", state=states.RUN, vmm="lnm1"))
+    record = dict(state.new_record(f"1.web.bob.{DOMAIN}", state=states.RUN, vmm="lnm1"),
+                  **added)
+    before = snapshot(state)
+    try:
+        state.add(record)
+    except InvalidRequest:
+        assert snapshot(state) == before
+    consistent(state)
+    before = snapshot(state)
+    try:
+        state.update(kept["name"], **updated)
+    except InvalidRequest:
+        assert snapshot(state) == before
+    consistent(state)

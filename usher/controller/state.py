@@ -27,7 +27,7 @@ _FIELD_CHECKS = {
     "name": lambda v: isinstance(v, str) and bool(v),
     "owner": lambda v: v is None or isinstance(v, str),
     "cluster": lambda v: isinstance(v, str),
-    "state": lambda v: v in _STATES,
+    "state": lambda v: isinstance(v, str) and v in _STATES,
     "vmm": lambda v: v is None or isinstance(v, str),
     "memory_mib": _is_count,
     "vcpus": _is_count,
