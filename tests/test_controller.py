@@ -189,9 +189,15 @@ async def test_out_of_band_changes(grid):
                                     "vcpus": 1, "owner": "", "cluster": "", "args": {}})
     await grid.report()
     assert c.state.vms[victim]["state"] == states.MISSING
-    assert c.state.vms[full("7.adopted")]["state"] == states.RUN
-    assert c.state.vms[full("7.adopted")]["cluster"] == "adopted"
+    # A managed name the controller did not start there is quarantined: not
+    # alice's (it could be anyone's forgery), listed as unmanaged with why.
+    assert full("7.adopted") not in c.state.vms
+    assert full("7.adopted") not in c.state.owned_by("alice")
+    stray = c.state.unmanaged[full("7.adopted")]
+    assert (stray["owner"], stray["managed"], stray["vmm"]) == (None, False, "lnm2")
+    assert "no record" in stray["quarantined"]
     assert "stranger" in c.state.unmanaged
+    assert "quarantined" not in c.state.unmanaged["stranger"]
 
 
 class _Recorder:

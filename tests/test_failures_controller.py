@@ -276,7 +276,12 @@ async def test_a_restarted_controller_finishes_a_migration_cut_short(grid):
 async def test_a_restarted_controller_puts_back_a_vm_found_nowhere(grid):
     vm = await start_one(grid, "m6", "lnm1")
     await grid.nodes["lnm1"].export_image(vm)
+    # As RecoveryService makes it: recovering, expecting the LNMs it knew
+    # (their first inventories vouch for their VMs).
     fresh = Controller(domain=DOMAIN, clock=reactor)
+    fresh.recovery = Recovery(["lnm1", "lnm2", "lnm3"], clock=task.Clock(), window=30,
+                              on_done=fresh.resolve_soon)
+    fresh.watch_lnms(fresh.recovery)
     for name in ("lnm1", "lnm2", "lnm3"):
         await reattach(grid, name, fresh)
     await wait_for(lambda: fresh.state.vms.get(vm, {}).get("state") == states.RUN, timeout=5)

@@ -19,7 +19,7 @@ import pytest_twisted
 from twisted.internet import defer, reactor, threads
 
 from usher import states
-from usher.errors import InvalidRequest, LinkFailure
+from usher.errors import InvalidRequest, LinkFailure, NoSuchVM
 
 from bench.proxy import CuttableProxy
 from tests import libvirtd
@@ -419,24 +419,32 @@ async def test_vm_destroyed_behind_usher_back_is_missing(system):
 
 
 @pytest_twisted.ensureDeferred
-async def test_vm_started_behind_usher_back_is_adopted_or_unmanaged(system):
+async def test_vm_started_behind_usher_back_is_quarantined_or_unmanaged(system):
+    """A VM with a managed name that Usher did not start is not given to the
+    user it names (anyone with access to a host could forge it): it is
+    quarantined, listed as unmanaged with the reason."""
     alice = await system.client()
-    adopted, stranger = full("7.extra"), "stranger.example.org"
+    stray, stranger = full("7.extra"), "stranger.example.org"
 
     def create(conn):
-        for name in (adopted, stranger):
+        for name in (stray, stranger):
             conn.createXML(libvirtd.domain_xml(name), 0)
     await system.host_call("lnm3", create)
-    detected = await until(lambda: alice.vms.get(adopted, {}).get("state") == states.RUN)
-    report("VM started behind Usher's back -> adopted", detected)
-    record = alice.vms[adopted]
-    assert (record["owner"], record["cluster"], record["vmm"]) == ("alice", "extra", "lnm3")
-    listed = {r["name"]: r for r in await alice.list(remote=True)}
-    assert listed[stranger]["managed"] is False and listed[stranger]["vmm"] == "lnm3"
-    assert stranger not in alice.vms
-    # Adopted means managed: Usher operates it like its own.
-    assert (await alice.pause([adopted]))["done"] == [{"name": adopted,
-                                                        "state": states.PAUSED}]
+    listed = {}
+    started = time.monotonic()
+    while not {stray, stranger} <= set(listed):
+        assert time.monotonic() - started < 20, listed
+        listed = {r["name"]: r for r in await alice.list(remote=True)}
+    report("VM started behind Usher's back -> quarantined", time.monotonic() - started)
+    for name in (stray, stranger):
+        assert listed[name]["managed"] is False and listed[name]["vmm"] == "lnm3"
+        assert listed[name]["owner"] is None
+    assert "no record" in listed[stray]["quarantined"]
+    assert "quarantined" not in listed[stranger]
+    assert stray not in alice.vms and stranger not in alice.vms
+    # Not alice's: she cannot operate it.
+    with pytest.raises(NoSuchVM):
+        await alice.pause([stray])
 
 
 @pytest_twisted.ensureDeferred

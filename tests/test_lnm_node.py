@@ -19,6 +19,7 @@ from usher.errors import (InvalidRequest, MigrationUnsupported, NoSuchVM, Operat
                           Unavailable)
 from usher.interfaces import IVMM
 from usher.lnm.node import NodeManager
+from usher.protocol import REPORT_BATCH
 
 _RESULTS = dict(states.OPERATION_RESULT)
 
@@ -482,6 +483,23 @@ def test_scan_catches_changes_without_events(manager, vmm, clock, reporter):
     clock.advance(SCAN)
     clock.advance(REPORT)
     assert [(c["name"], c["state"]) for c in reporter.reported] == [(VM, states.SHUTOFF)]
+
+
+def test_reports_go_in_batches_the_controller_takes(manager, vmm, clock):
+    """At most REPORT_BATCH changes per report (the controller refuses more
+    than its lnm_max_report_changes); a domain whose name the controller
+    would refuse is left out, not sent to spoil the whole report."""
+    reporter = RecordingReporter()
+    manager.set_reporter(reporter)
+    for i in range(REPORT_BATCH + 10):
+        vmm.add_domain(f"s{i}.example.org")
+    vmm.add_domain("has space")
+    clock.advance(SCAN)
+    for _ in range(3):
+        clock.advance(REPORT)
+    assert [len(batch) for batch in reporter.batches] == [REPORT_BATCH, 10]
+    assert "has space" not in {c["name"] for c in reporter.reported}
+    assert "has space" not in {d["name"] for d in result_of(manager.list_vms())}
 
 
 def test_vanished_vm_is_reported_once_with_state_none(manager, vmm, clock, reporter):

@@ -86,3 +86,15 @@ def cluster_of(short):
 def short_name(name, domain):
     parts = split(name, domain)
     return parts[0] if parts else name
+
+
+# A VM's name on a host as an LNM may send it to the controller: DNS-style
+# labels of letters, digits, hyphens and underscores, dot-separated, at most
+# MAX_NAME characters (libvirt allows more: the LNM leaves such domains out).
+_HOST_LABEL = r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+HOST_VM_NAME_RE = re.compile(rf"^{_HOST_LABEL}(\.{_HOST_LABEL})*$")
+
+
+def is_host_vm_name(name):
+    return (isinstance(name, str) and 0 < len(name) <= MAX_NAME
+            and HOST_VM_NAME_RE.fullmatch(name) is not None)

@@ -176,3 +176,7 @@ FIGURES = ("cpu", "net_rx", "net_tx", "disk_read", "disk_write", "memory_used")
 # itself allows more, but nothing legitimate needs it.
 MAX_REQUEST_NAMES = 100_000
 MAX_FIELD = 4096
+
+# Changes in one LNM report at most (the controller refuses more than its
+# ``lnm_max_report_changes``, which may not be set below this).
+REPORT_BATCH = 512

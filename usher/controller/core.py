@@ -29,6 +29,7 @@ from twisted.logger import Logger
 
 from usher import states
 from usher.controller.events import Event, EventChains, Request
+from usher.controller.lnm_input import LNMLimits
 from usher.controller.monitoring import Monitoring, NoInstruments
 from usher.controller.state import GlobalState, VMMInfo
 from usher.controller.subscriptions import SubscriptionHub
@@ -48,6 +49,16 @@ START_BATCH = 32
 # VMs only; "all", every VM, other users' without their args, and the hosts'
 # unmanaged domains. Administrators see everything.
 VISIBILITY = ("own", "all")
+
+# What an LNM is sent of a VM record (receive, acknowledgments): what it needs
+# to run the VM, nothing else.
+LNM_FIELDS = ("name", "owner", "cluster", "state", "vmm", "memory_mib", "vcpus", "uuid",
+              "version", "args", "plugin_args")
+
+
+def lnm_view(record):
+    """The copy of a record an LNM is sent."""
+    return {key: record[key] for key in LNM_FIELDS if key in record}
 
 # Keys a request's extra arguments may not shadow.
 RESERVED_ARGS = {"memory_mib", "vcpus", "cluster", "count"}
@@ -129,7 +140,7 @@ class Controller:
                  known_lnms=None, lnm_concurrency=64, status_history=60,
                  vm_status_history=15, status_history_interval=60.0,
                  user_visibility="own", max_selection_names=MAX_NAMES,
-                 max_selection_patterns=MAX_PATTERNS):
+                 max_selection_patterns=MAX_PATTERNS, lnm_limits=None):
         self.domain = domain
         self.clock = clock
         self.admins = set(admins)
@@ -145,6 +156,7 @@ class Controller:
         self.selection_limits = Limits(max_selection_names, max_selection_patterns)
         self.known_lnms = known_lnms
         self.lnm_concurrency = lnm_concurrency
+        self.lnm_limits = lnm_limits or LNMLimits()
         self.state = GlobalState(domain)
         self.chains = EventChains(clock)
         self.api = PluginAPI(self)
@@ -168,6 +180,15 @@ class Controller:
         self._in_flux = {}           # VM name -> LNM: listed busy, its end not heard yet
         self._resolving = set()
         self._resolve_scheduled = None
+        # A compromised LNM must not reach other hosts' VMs or other users'
+        # namespaces (README "Security"): a VM changes host only by a
+        # migration the controller drove (a migration whose outcome is
+        # unknown may still land on its target), and a managed name nobody
+        # started there is quarantined, except in the first inventory an LNM
+        # known before a restart hands over (``_trusted``, recovery).
+        self._unsettled_moves = {}   # VM name -> target LNM: migration outcome unknown
+        self._first_attached = set() # LNMs whose first inventory has been taken
+        self._trusted = {}           # LNM -> managed names its recovery inventory vouches for
         self.state.listen(self._state_changed)
 
     # -- users ---------------------------------------------------------------
@@ -468,7 +489,7 @@ class Controller:
         try:
             if handle is None:
                 raise LinkFailure(f"LNM {lnm} disconnected", sent=False)
-            await handle.receive([dict(r) for r in records])
+            await handle.receive([lnm_view(r) for r in records])
         except UsherError as e:
             for rec in records:
                 # No start was sent: whatever happened to the records, no VM.
@@ -728,6 +749,12 @@ class Controller:
         finally:
             self._busy.pop(name, None)
             self.state.incoming.pop(name, None)
+        if outcome == "unknown":
+            # It may yet be found on its target: the one report that may
+            # move it there (see _may_move).
+            self._unsettled_moves[name] = target
+        else:
+            self._unsettled_moves.pop(name, None)
         if outcome == "moved":
             self.state.update(name, vmm=target, state=info.get("state") or before)
             await self._send_record(target, name)
@@ -771,7 +798,7 @@ class Controller:
             try:
                 # Migrating: the target must not report the VM absent (or its
                 # arrival) while libvirt moves it; the final record settles it.
-                await dst_handle.receive([dict(moved, state=states.MIGRATING)])
+                await dst_handle.receive([lnm_view(dict(moved, state=states.MIGRATING))])
                 await src_handle.migrate(name, {"name": target,
                                                 "migration_uri": dst.info["migration_uri"]})
             except UsherError as e:
@@ -795,7 +822,7 @@ class Controller:
         # The source keeps the export until it hears what became of the VM.
         self._retained[name] = {"source": source, "target": target}
         try:
-            await dst_handle.receive([moved])
+            await dst_handle.receive([lnm_view(moved)])
             info = await dst_handle.import_image(name, payload)
         except UsherError as e:
             if isinstance(e, LinkFailure) and e.sent:
@@ -856,7 +883,7 @@ class Controller:
         if vmm is None or not vmm.connected or rec is None:
             return
         try:
-            await vmm.handle.receive([dict(rec)])
+            await vmm.handle.receive([lnm_view(rec)])
         except UsherError as e:
             log.warn("could not send the record of {vm} to LNM {lnm}: {error}",
                      vm=name, lnm=lnm, error=str(e))
@@ -1007,8 +1034,9 @@ class Controller:
         domains = await handle.list_vms()
         if vmm.handle is not handle:
             return       # replaced while we waited
-        self._reconcile(name, domains)
-        mine = [dict(self.state.vms[n]) for n in sorted(vmm.vms)
+        self._reconcile(name, domains, trusting=self._trusts_inventory(name))
+        self._first_attached.add(name)
+        mine = [lnm_view(self.state.vms[n]) for n in sorted(vmm.vms)
                 if self.state.vms[n]["state"] not in (states.MISSING,)]
         if mine:
             await handle.receive(mine)
@@ -1057,18 +1085,38 @@ class Controller:
         for vm_name in forgotten:
             self._unconfirmed.pop(vm_name, None)
             self.state.remove(vm_name)
+        self.state.drop_unmanaged_on(name)
         del self.state.vmms[name]
+        self._trusted.pop(name, None)
+        self._first_attached.discard(name)
         if self.known_lnms is not None:
             self.known_lnms.forget(name)
         log.warn("LNM {lnm} forgotten with {count} VMs", lnm=name, count=len(forgotten))
         return forgotten
 
-    def _reconcile(self, lnm, domains):
-        """Take an LNM's full inventory as the truth about its host."""
+    def _reconcile(self, lnm, domains, trusting=False):
+        """Take an LNM's full inventory as the truth about its host (about
+        the VMs the controller has there, and its strangers). ``trusting``:
+        the first inventory, after a restart, of an LNM known before it
+        (``_trusts_inventory``)."""
+        complaints = {}
+        if trusting:
+            self._trust(lnm, domains)
         seen = set()
         for dom in domains:
-            self._observe(lnm, dom)
+            self._observe(lnm, dom, complaints)
             seen.add(dom["name"])
+        if trusting:
+            # What is still trusted: VMs whose end is still to come (busy,
+            # kept exports); the rest is settled (adopted, or not).
+            unsettled = {name for name in self._trusted.get(lnm, ())
+                         if self._in_flux.get(name) == lnm
+                         or self._retained.get(name, {}).get("source") == lnm}
+            if unsettled:
+                self._trusted[lnm] = unsettled
+            else:
+                self._trusted.pop(lnm, None)
+        self._complained(lnm, complaints)
         for vm_name in sorted(self.state.vmms[lnm].vms - seen):
             rec = self.state.vms[vm_name]
             if vm_name not in self._busy and rec["state"] not in (states.STARTING,
@@ -1077,6 +1125,82 @@ class Controller:
                     self._never_started(vm_name, lnm)
                 else:
                     self._mark_missing(rec)
+
+    def _trusts_inventory(self, lnm):
+        """Recovery: the controller persists nothing about VMs, so after a
+        restart every VM comes back by its LNM's inventory. The first
+        inventory of an LNM known before the restart (``recovery.expected``,
+        from state_dir/lnms.json) vouches for the managed VMs on it whose
+        Usher metadata (written from the records the controller sent) names
+        the owner their name does. Any other managed name the controller has
+        no record of is quarantined."""
+        return (self.recovery is not None and lnm in self.recovery.expected
+                and lnm not in self._first_attached)
+
+    def _trust(self, lnm, domains):
+        names = set()
+        for dom in domains[:self.lnm_limits.max_vms]:
+            parts = split(dom["name"], self.domain)
+            meta = dom.get("metadata")
+            if parts is not None and isinstance(meta, dict) and meta.get("owner") == parts[1]:
+                names.add(dom["name"])
+        if names:
+            self._trusted[lnm] = names
+
+    def _trusted_name(self, lnm, name):
+        return name in self._trusted.get(lnm, ())
+
+    def _untrust(self, lnm, name):
+        names = self._trusted.get(lnm)
+        if names is not None:
+            names.discard(name)
+            if not names:
+                del self._trusted[lnm]
+
+    def _may_move(self, name, lnm):
+        """May a report from ``lnm`` place ``name`` there, though the
+        controller has it on another LNM? Only as the target of a migration
+        the controller drove, whose outcome it does not know."""
+        return (self._unsettled_moves.get(name) == lnm
+                or (self._retained.get(name) or {}).get("target") == lnm)
+
+    def _on_lnm(self, lnm, rec):
+        """Is ``rec`` a VM the controller has on ``lnm`` (or is moving there)?
+        Only those are acknowledged to it."""
+        return rec["vmm"] == lnm or self.state.incoming.get(rec["name"]) == lnm
+
+    def _complain(self, complaints, kind, lnm, name, **details):
+        """A VM an LNM reported that the controller will not take as it
+        says: one "error" event per VM for plugins, one log line per kind
+        and report (``_complained``)."""
+        if complaints is not None:
+            complaints.setdefault(kind, []).append(name)
+        self.chains.notify(Event("error", self.api, kind=kind, lnm=lnm, vm_name=name,
+                                 **details))
+
+    _COMPLAINTS = {
+        "duplicate_vm": "reported VMs the controller has on another LNM (a VM changes "
+                        "host only by migration; kept where they are)",
+        "vm_quarantined": "reported VMs with managed names that the controller did not "
+                          "start there and has no record of (quarantined: listed for "
+                          "administrators, not given to their owners)",
+        "foreign_export": "listed exports of VMs it does not hold (ignored)",
+        "unmanaged_limit": "reported VMs beyond lnm_max_unmanaged (not listed)",
+    }
+
+    def _complained(self, lnm, complaints):
+        for kind, names in sorted(complaints.items()):
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more"
+                                            if len(names) > 3 else "")
+            log.error("LNM {lnm}: {count} {what}: {names}", lnm=lnm, count=len(names),
+                      what=self._COMPLAINTS.get(kind, kind), names=shown)
+
+    def lnm_refused(self, lnm, what, error):
+        """The PB boundary refused what ``lnm`` sent (usher.controller.lnm_input)."""
+        log.warn("LNM {lnm}: {what} refused: {error}", lnm=lnm, what=what,
+                 error=str(error)[:300])
+        self.chains.notify(Event("error", self.api, kind="lnm_input_refused", lnm=lnm,
+                                 what=what, error=str(error)[:300]))
 
     def _never_started(self, name, lnm):
         """A start whose answer never came, and the LNM does not have the VM:
@@ -1091,52 +1215,56 @@ class Controller:
             self.state.update(rec["name"], state=states.MISSING)
             self.chains.notify(Event("vm_missing", self.api, vm=dict(rec)))
 
-    def _observe(self, lnm, dom):
+    def _observe(self, lnm, dom, complaints=None):
+        """What ``lnm`` reports of one domain (validated: usher.controller.
+        lnm_input) -> the record of the VM when it is this LNM's, else None."""
         name = dom["name"]
+        rec = self.state.vms.get(name)
+        if dom.get("retained"):
+            # An export the LNM keeps for us: the VM is in the middle of a
+            # migration that was cut short (see _resolve_retained). Only the
+            # LNM the controller exported it from, or (recovery) one whose
+            # inventory vouches for it, may hold one.
+            entry = self._retained.get(name)
+            if entry is None and ((rec is not None and rec["vmm"] == lnm)
+                                  or self._trusted_name(lnm, name)):
+                entry = self._retained[name] = {"source": lnm, "target": None}
+            if entry is None or entry["source"] != lnm:
+                self._complain(complaints, "foreign_export", lnm, name)
+                return None
+            return rec if rec is not None and self._on_lnm(lnm, rec) else None
+        if (rec is not None and rec["vmm"] != lnm and self.state.incoming.get(name) != lnm
+                and not self._may_move(name, lnm)):
+            if dom.get("state") is not None or dom.get("busy"):
+                self._complain(complaints, "duplicate_vm", lnm, name, other=rec["vmm"],
+                               vm=dict(rec))
+            return None
         if dom.get("busy"):
             # A command from before this connection is still running on it:
             # its end is reported; nothing about the VM is settled until then.
             self._in_flux[name] = lnm
-            return self.state.vms.get(name)
-        if dom.get("retained"):
-            # An export the LNM keeps for us: the VM is in the middle of a
-            # migration that was cut short (see _resolve_retained).
-            entry = self._retained.setdefault(name, {"source": lnm, "target": None})
-            entry["source"] = lnm
-            return self.state.vms.get(name)
+            return rec
         if self._in_flux.get(name) == lnm:
             del self._in_flux[name]
             self.resolve_soon()
         state = dom.get("state")
         if state is not None and state not in states.ALL_STATES:
             state = states.UNKNOWN
-        if split(name, self.domain) is None:
-            known = name in self.state.unmanaged
-            self.state.set_unmanaged(name, lnm, state, memory_mib=dom.get("memory_mib"),
-                                     vcpus=dom.get("vcpus"), uuid=dom.get("uuid"))
-            if state is not None and not known:
-                # (Event's own first argument is called name: pass the VM.)
-                self.chains.notify(Event("vm_unmanaged", self.api, lnm=lnm,
-                                         vm=dict(self.state.unmanaged[name])))
+        parts = split(name, self.domain)
+        if parts is None:
+            self._observe_stranger(lnm, dom, state, complaints)
             return None
-        rec = self.state.vms.get(name)
         if name in self._busy:
             return rec
         if rec is None:
+            if state is not None and self._trusted_name(lnm, name):
+                self._untrust(lnm, name)
+                return self._adopt(lnm, dom, state)
             if state is None:
-                return None
-            meta = dom.get("metadata") or {}
-            rec = self.state.new_record(name, state=state, vmm=lnm,
-                                        cluster=meta.get("cluster"),
-                                        memory_mib=dom.get("memory_mib"),
-                                        vcpus=dom.get("vcpus"), uuid=dom.get("uuid"))
-            self.state.add(rec)
-            # After a restart every VM comes back this way: one line each for
-            # thousands of VMs would say nothing the recovery lines do not.
-            (log.debug if self.recovering else log.info)(
-                "adopted VM {vm} found on {lnm}", vm=name, lnm=lnm)
-            self.chains.notify(Event("vm_adopted", self.api, vm=dict(rec), lnm=lnm))
-            return rec
+                self._untrust(lnm, name)
+            self._observe_stranger(lnm, dom, state, complaints, quarantine=(
+                "the controller did not start it on this LNM and has no record of it"))
+            return None
         if state is None:
             if rec["vmm"] == lnm:
                 if self._unconfirmed.get(name) == lnm:
@@ -1146,13 +1274,9 @@ class Controller:
             return rec
         if self._unconfirmed.get(name) == lnm:
             del self._unconfirmed[name]
-        if rec["vmm"] != lnm and self._connected(rec["vmm"]) and rec["state"] in (
-                states.RUN, states.PAUSED):
-            log.error("VM {vm} reported on {lnm} but runs on {other}; keeping {other}",
-                      vm=name, lnm=lnm, other=rec["vmm"])
-            self.chains.notify(Event("error", self.api, kind="duplicate_vm", vm=dict(rec),
-                                     lnm=lnm))
-            return rec
+        if self._unsettled_moves.pop(name, None) is not None and rec["vmm"] != lnm:
+            log.info("VM {vm} found on LNM {lnm} after a migration whose outcome was "
+                     "unknown", vm=name, lnm=lnm)
         old = rec["state"]
         self.state.update(name, state=state, vmm=lnm, uuid=dom.get("uuid"))
         if old != state:
@@ -1160,17 +1284,72 @@ class Controller:
                                      old_state=old, new_state=state))
         return rec
 
+    def _adopt(self, lnm, dom, state):
+        """Recovery: a managed VM the LNM's trusted inventory vouches for."""
+        name = dom["name"]
+        meta = dom.get("metadata") or {}
+        rec = self.state.new_record(name, state=state, vmm=lnm,
+                                    cluster=meta.get("cluster"),
+                                    memory_mib=dom.get("memory_mib"),
+                                    vcpus=dom.get("vcpus"), uuid=dom.get("uuid"))
+        self.state.add(rec)
+        # After a restart every VM comes back this way: one line each for
+        # thousands of VMs would say nothing the recovery lines do not.
+        (log.debug if self.recovering else log.info)(
+            "adopted VM {vm} found on {lnm}", vm=name, lnm=lnm)
+        self.chains.notify(Event("vm_adopted", self.api, vm=dict(rec), lnm=lnm))
+        return rec
+
+    def _observe_stranger(self, lnm, dom, state, complaints, quarantine=None):
+        """A VM Usher does not manage, or (``quarantine``: why) one with a
+        managed name that is not given to its owner: listed as unmanaged on
+        its LNM, at most ``lnm_max_unmanaged`` per LNM, first LNM first."""
+        name = dom["name"]
+        known = self.state.unmanaged.get(name)
+        if known is not None and known["vmm"] != lnm:
+            if state is not None:
+                self._complain(complaints, "duplicate_vm", lnm, name, other=known["vmm"])
+            return
+        if state is None:
+            if known is not None:
+                self.state.set_unmanaged(name, lnm, None)
+            return
+        if known is None and self.state.unmanaged_on(lnm) >= self.lnm_limits.max_unmanaged:
+            if complaints is not None:
+                complaints.setdefault("unmanaged_limit", []).append(name)
+            return
+        record = self.state.set_unmanaged(name, lnm, state, quarantined=quarantine,
+                                          memory_mib=dom.get("memory_mib"),
+                                          vcpus=dom.get("vcpus"), uuid=dom.get("uuid"))
+        if known is None:
+            # (Event's own first argument is called name: pass the VM.)
+            if quarantine is not None:
+                self._complain(complaints, "vm_quarantined", lnm, name, reason=quarantine,
+                               vm=dict(record))
+            else:
+                self.chains.notify(Event("vm_unmanaged", self.api, lnm=lnm,
+                                         vm=dict(record)))
+
     def lnm_report(self, lnm, changes):
-        """An LNM's observed changes -> the updated records (the paper's ack)."""
+        """An LNM's observed changes -> the updated records of its own VMs
+        (the paper's ack), as LNMs are sent them (``lnm_view``)."""
         if not self._connected(lnm):
             raise NoSuchLNM(f"LNM {lnm} is not attached")
+        if len(changes) > self.lnm_limits.max_report_changes:
+            raise InvalidRequest(f"a report may have at most "
+                                 f"{self.lnm_limits.max_report_changes} changes")
+        complaints = {}
         acks = []
         for change in changes:
             if not isinstance(change, dict) or not isinstance(change.get("name"), str):
                 raise InvalidRequest("malformed change report")
-            rec = self._observe(lnm, change)
-            if rec is not None and rec.get("state") is not None:
-                acks.append(dict(rec))
+            if change.get("busy") or change.get("retained"):
+                # Inventory-only flags (list_vms): a report carries neither.
+                change = dict(change, busy=False, retained=False)
+            rec = self._observe(lnm, change, complaints)
+            if rec is not None and rec.get("state") is not None and self._on_lnm(lnm, rec):
+                acks.append(lnm_view(rec))
+        self._complained(lnm, complaints)
         return acks
 
     def lnm_status_report(self, lnm, node, vms):
@@ -1183,6 +1362,7 @@ class Controller:
 
     def _state_changed(self, record, old_state):
         if record["state"] is None and old_state is not None:
+            self._unsettled_moves.pop(record["name"], None)
             self.chains.notify(Event("vm_removed", self.api, vm=dict(record)))
 
 

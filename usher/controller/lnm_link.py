@@ -4,6 +4,10 @@ An LNM proves who it is with its certificate; its name is the certificate's
 common name, never what it claims. On ``attach`` it hands over a reference
 to its node API (paper, Table 2), which the controller wraps as a
 ``RemoteLNM`` handle, and receives a ``NodeReporter`` for its event reports.
+
+An LNM host may be compromised: whatever it sends (hello, node information,
+inventory, reports, answers to commands) is checked here by
+``usher.controller.lnm_input`` before the controller sees it.
 """
 
 from twisted.internet import defer
@@ -13,12 +17,13 @@ from twisted.spread.flavors import IPBRoot
 from zope.interface import implementer
 
 from usher import pki
+from usher.controller import lnm_input
 from usher.errors import (InvalidRequest, LinkFailure, PermissionDenied, UsherError,
                           from_name)
 from usher.liveness import ping_peer
 from usher.pbutil import as_deferred, call
 from usher.protocol import PROTOCOL_VERSION
-from usher.records import decode_object, decode_records, encode_chunks
+from usher.records import decode_object, encode_chunks
 
 log = Logger()
 
@@ -26,31 +31,35 @@ log = Logger()
 class RemoteLNM:
     """A handle on one LNM's node API; every call has a timeout."""
 
-    def __init__(self, ref, broker, *, clock, call_timeout, command_timeout):
+    def __init__(self, ref, broker, *, clock, call_timeout, command_timeout, domain,
+                 limits=None):
         self.ref = ref
         self.broker = broker
         self.clock = clock
         self.call_timeout = call_timeout
         self.command_timeout = command_timeout
+        self.domain = domain
+        self.limits = limits or lnm_input.LNMLimits()
 
     def _call(self, method, *args, timeout=None):
         return call(self.ref, method, *args, clock=self.clock,
                     timeout=timeout or self.call_timeout)
 
     async def get_node_info(self):
-        info = await self._call("get_node_info")
-        if not isinstance(info, dict):
-            raise InvalidRequest("LNM sent malformed node information")
-        return info
+        try:
+            return lnm_input.check_node_info(await self._call("get_node_info"))
+        except InvalidRequest as e:
+            raise InvalidRequest(f"LNM sent malformed node information: {e}") from None
 
     async def get_node_status(self):
         return await self._call("get_node_status")
 
     async def list_vms(self):
-        return decode_records(await self._call("list_vms"))
+        return lnm_input.check_inventory(await self._call("list_vms"), self.domain,
+                                         self.limits)
 
     async def get_details(self, name):
-        return await self._call("get_details", name)
+        return lnm_input.check_domain_info(await self._call("get_details", name), name)
 
     async def get_status(self, name):
         return await self._call("get_status", name)
@@ -59,7 +68,8 @@ class RemoteLNM:
         return await self._call("receive", encode_chunks(records))
 
     async def start(self, name):
-        return await self._call("start", name, timeout=self.command_timeout) or {}
+        info = await self._call("start", name, timeout=self.command_timeout)
+        return lnm_input.check_domain_info(info, name, optional=True) or {}
 
     async def start_many(self, names):
         """-> [(name, domain info or UsherError)], the LNM's answer per VM."""
@@ -67,14 +77,12 @@ class RemoteLNM:
         reply = await self._call("start_many", names, timeout=self.command_timeout)
         outcomes = []
         try:
-            for entry in decode_records(reply):
-                if "error" in entry:
-                    outcomes.append((entry["name"], from_name(entry.get("kind"),
-                                                              entry["error"])))
-                elif isinstance(entry.get("info"), dict):
-                    outcomes.append((entry["name"], entry["info"]))
-                else:
-                    raise InvalidRequest("an entry has neither info nor error")
+            for entry in lnm_input.decode_bounded(reply, self.limits.bulk_chunks,
+                                                  "the answer to start_many"):
+                name, outcome = lnm_input.check_start_outcome(entry)
+                if isinstance(outcome, tuple):
+                    outcome = from_name(*outcome)
+                outcomes.append((name, outcome))
             if [name for name, _outcome in outcomes] != names:
                 raise InvalidRequest("it does not answer for the VMs asked, in order")
         except InvalidRequest as e:
@@ -83,7 +91,8 @@ class RemoteLNM:
         return outcomes
 
     async def op_on(self, operation, name):
-        return await self._call("op_on", operation, name, timeout=self.command_timeout)
+        info = await self._call("op_on", operation, name, timeout=self.command_timeout)
+        return lnm_input.check_domain_info(info, name, optional=True)
 
     async def migrate(self, name, target):
         return await self._call("migrate", name, target, timeout=self.command_timeout)
@@ -92,14 +101,16 @@ class RemoteLNM:
         return await self._call("export_image", name, timeout=self.command_timeout)
 
     async def import_image(self, name, payload):
-        return await self._call("import_image", name, payload,
+        info = await self._call("import_image", name, payload,
                                 timeout=self.command_timeout)
+        return lnm_input.check_domain_info(info, name)
 
     async def release_export(self, name):
         return await self._call("release_export", name)
 
     async def restore_export(self, name):
-        return await self._call("restore_export", name, timeout=self.command_timeout)
+        info = await self._call("restore_export", name, timeout=self.command_timeout)
+        return lnm_input.check_domain_info(info, name, optional=True)
 
     def ping(self):
         return ping_peer(self.broker, lambda: self._call("ping"), clock=self.clock,
@@ -126,9 +137,15 @@ class NodeReporter(pb.Referenceable):
         self.name = name
 
     def remote_report(self, chunks):
+        controller = self.controller
         try:
-            changes = decode_records(chunks)
-            acks = self.controller.lnm_report(self.name, changes)
+            changes = lnm_input.check_report(chunks, controller.domain,
+                                             controller.lnm_limits)
+        except InvalidRequest as e:
+            controller.lnm_refused(self.name, "report", e)
+            return defer.fail(e)
+        try:
+            acks = controller.lnm_report(self.name, changes)
             return defer.succeed(encode_chunks(acks))
         except UsherError as e:
             return defer.fail(e)
@@ -136,11 +153,13 @@ class NodeReporter(pb.Referenceable):
     def remote_report_status(self, node, chunks):
         """The LNM's monitoring figures (usher.protocol, Monitoring)."""
         try:
-            vms = decode_records(chunks)
+            vms = lnm_input.check_status_size(chunks, self.controller.lnm_limits)
             self.controller.lnm_status_report(self.name, decode_object(node), vms)
             return defer.succeed(True)
+        except InvalidRequest as e:
+            self.controller.lnm_refused(self.name, "status report", e)
+            return defer.fail(e)
         except UsherError as e:
-            log.warn("LNM {lnm}: status report refused: {error}", lnm=self.name, error=e)
             return defer.fail(e)
 
     def remote_ping(self):
@@ -167,17 +186,14 @@ class LNMGateway(pb.Referenceable):
             raise InvalidRequest("already attached on this connection")
         if not isinstance(node_api, pb.RemoteReference):
             raise InvalidRequest("attach needs a reference to the node API")
-        hello = hello if isinstance(hello, dict) else {}
-        if hello.get("protocol", PROTOCOL_VERSION) != PROTOCOL_VERSION:
-            raise InvalidRequest(f"protocol {hello.get('protocol')!r} not supported")
+        hello = lnm_input.check_hello(hello, PROTOCOL_VERSION)
         peer = self.broker.transport.getPeer()
-        hello = {"protocol": PROTOCOL_VERSION,
-                 "recovery_port": hello.get("recovery_port")
-                 if isinstance(hello.get("recovery_port"), int) else None,
-                 "recovery_host": getattr(peer, "host", None)}
+        hello["recovery_host"] = getattr(peer, "host", None)
         handle = RemoteLNM(node_api, self.broker, clock=self.clock,
                            call_timeout=self.call_timeout,
-                           command_timeout=self.command_timeout)
+                           command_timeout=self.command_timeout,
+                           domain=self.controller.domain,
+                           limits=self.controller.lnm_limits)
         self.attached = name
         self.broker.notifyOnDisconnect(lambda: self.controller.detach_lnm(name, handle))
         await self.controller.attach_lnm(name, handle, hello)

@@ -37,8 +37,10 @@ from collections import namedtuple
 
 from twisted.logger import Logger
 
+from usher.controller.lnm_input import MAX_COUNT, MAX_FIGURE, is_figure
 from usher.errors import InvalidRequest
-from usher.protocol import AVERAGE_WINDOWS, FIGURES, MAX_FIELD, MAX_REQUEST_NAMES
+from usher.naming import is_host_vm_name
+from usher.protocol import AVERAGE_WINDOWS, FIGURES, MAX_REQUEST_NAMES
 
 log = Logger()
 
@@ -87,8 +89,11 @@ def _figure_index(figure):
 
 
 def _number(value):
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value))
+    """A finite float, or an int a float holds exactly (a huge int would
+    overflow ``float``)."""
+    if type(value) is float:
+        return math.isfinite(value)
+    return isinstance(value, int) and not isinstance(value, bool) and abs(value) <= 1 << 53
 
 
 _UNAVAILABLE = array("d", [_NAN]) * _SLOTS
@@ -101,8 +106,8 @@ def pack_figures(report, what=None):
     wrong.
 
     Every VM of every LNM goes through here on each status report, hence
-    the fast path for what LNMs send: three floats (``x - x == 0`` holds
-    exactly for finite ones)."""
+    the fast path for what LNMs send: three floats (the range test fails
+    for NaN and infinities; no figure is negative)."""
     packed = array("d", _UNAVAILABLE)
     for figure, base in _BASES:
         value = report.get(figure)
@@ -111,15 +116,17 @@ def pack_figures(report, what=None):
         if type(value) is list and len(value) == 3:
             a, b, c = value
             if (type(a) is float and type(b) is float and type(c) is float
-                    and a - a == 0.0 and b - b == 0.0 and c - c == 0.0):
+                    and 0.0 <= a <= MAX_FIGURE and 0.0 <= b <= MAX_FIGURE
+                    and 0.0 <= c <= MAX_FIGURE):
                 packed[base] = a
                 packed[base + 1] = b
                 packed[base + 2] = c
                 continue
         if (not isinstance(value, (list, tuple)) or len(value) != len(AVERAGE_WINDOWS)
-                or not all(_number(v) for v in value)):
+                or not all(is_figure(v) for v in value)):
             raise InvalidRequest(f"{_prefix(what)}figure {figure} must be None or "
-                                 f"{len(AVERAGE_WINDOWS)} finite numbers")
+                                 f"{len(AVERAGE_WINDOWS)} finite numbers from 0 to "
+                                 f"{MAX_FIGURE:g}")
         for offset, v in enumerate(value):
             packed[base + offset] = float(v)
     return packed
@@ -255,9 +262,9 @@ class Monitoring:
         for key in _NODE_COUNTS:
             value = node.get(key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                      or value < 0):
+                                      or not 0 <= value <= MAX_COUNT):
                 raise InvalidRequest(f"status report from {lnm}: {key} must be a "
-                                     "non-negative integer or None")
+                                     f"non-negative integer (at most {MAX_COUNT}) or None")
             extra[key] = value
         profile = node.get("simulated_load")
         if profile is not None and (not isinstance(profile, str) or len(profile) > MAX_SOURCE):
@@ -271,7 +278,7 @@ class Monitoring:
         entries = {}
         for vm in vms:
             name = vm.get("name") if isinstance(vm, dict) else None
-            if not isinstance(name, str) or not name or len(name) > MAX_FIELD:
+            if not is_host_vm_name(name):
                 raise InvalidRequest(f"status report from {lnm}: a VM's figures without "
                                      "a valid name")
             try:

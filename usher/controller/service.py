@@ -17,6 +17,7 @@ from usher.controller.client_link import ClientRoot, UsherRealm
 from usher.controller.core import Controller
 from usher.controller.known_lnms import KnownLNMs
 from usher.controller.liveness import KeepAlivePBServerFactory, LNMLiveness
+from usher.controller.lnm_input import LNMLimits
 from usher.controller.lnm_link import LNMRoot
 from usher.controller.plugins import PluginRegistry
 from usher.controller.recovery import RecoveryService
@@ -109,7 +110,10 @@ def make_service(config, reactor):
         user_visibility=ctrl["user_visibility"],
         known_lnms=KnownLNMs(os.path.join(ctrl["state_dir"], "lnms.json")),
         status_history=ctrl["status_history"], vm_status_history=ctrl["vm_status_history"],
-        status_history_interval=ctrl["status_history_interval"])
+        status_history_interval=ctrl["status_history_interval"],
+        lnm_limits=LNMLimits(max_report_changes=ctrl["lnm_max_report_changes"],
+                             max_vms=ctrl["lnm_max_vms"],
+                             max_unmanaged=ctrl["lnm_max_unmanaged"]))
     controller.chains.timeout = ctrl["plugin_timeout"]
     registry = PluginRegistry(controller.chains, controller.api,
                               third_party_dir=ctrl["plugin_dir"],

@@ -9,7 +9,44 @@ subscriptions, plugin events) exactly once.
 from collections.abc import Mapping
 
 from usher import states
+from usher.errors import InvalidRequest
 from usher.naming import DEFAULT_CLUSTER, cluster_of, split
+
+_STATES = frozenset(states.ALL_STATES)
+
+
+def _is_count(value):
+    return value is None or (isinstance(value, int) and not isinstance(value, bool)
+                             and value >= 0)
+
+
+# What each field of a record may hold; a change that breaks one is refused
+# before anything is stored (an index built from a bad field would fail
+# halfway, leaving a record no listing can read).
+_FIELD_CHECKS = {
+    "name": lambda v: isinstance(v, str) and bool(v),
+    "owner": lambda v: v is None or isinstance(v, str),
+    "cluster": lambda v: isinstance(v, str),
+    "state": lambda v: isinstance(v, str) and v in _STATES,
+    "vmm": lambda v: v is None or isinstance(v, str),
+    "memory_mib": _is_count,
+    "vcpus": _is_count,
+    "uuid": lambda v: v is None or isinstance(v, str),
+    "managed": lambda v: isinstance(v, bool),
+    "version": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "args": lambda v: isinstance(v, dict),
+    "quarantined": lambda v: v is None or isinstance(v, str),
+}
+
+
+def check_fields(fields, name="a VM"):
+    """Refuse (InvalidRequest) a record or change whose known fields do not
+    hold what they must; changes nothing."""
+    for key, value in fields.items():
+        check = _FIELD_CHECKS.get(key)
+        if check is not None and not check(value):
+            raise InvalidRequest(f"VM {str(name)[:64]}: invalid {key} "
+                                 f"({type(value).__name__})")
 
 
 class VMsByName(Mapping):
@@ -40,7 +77,7 @@ class VMsByName(Mapping):
 class VMMInfo:
     """One connected (or remembered) LNM and its hypervisor."""
 
-    __slots__ = ("name", "info", "connected", "vms", "handle")
+    __slots__ = ("name", "info", "connected", "vms", "handle", "unmanaged")
 
     def __init__(self, name, info=None, handle=None):
         self.name = name
@@ -48,10 +85,11 @@ class VMMInfo:
         self.connected = handle is not None
         self.vms = set()
         self.handle = handle
+        self.unmanaged = set()     # names in GlobalState.unmanaged on this LNM
 
     def to_wire(self):
         data = {"name": self.name, "connected": self.connected,
-                "vms": len(self.vms),
+                "vms": len(self.vms), "unmanaged": len(self.unmanaged),
                 "hostname": self.info.get("hostname"),
                 "driver": self.info.get("driver"),
                 "cpus": self.info.get("cpus"),
@@ -130,9 +168,16 @@ class GlobalState:
                 "args": dict(args or {})}
 
     def add(self, record):
-        """Add a managed VM (a new record from ``new_record``)."""
-        name = record["name"]
-        assert name not in self.vms, name
+        """Add a managed VM (a new record from ``new_record``). All or
+        nothing: a record with a bad field is refused (InvalidRequest)
+        before it is stored or indexed."""
+        name = record.get("name")
+        check_fields(record, name)
+        if name in self.vms:
+            raise InvalidRequest(f"VM {name} already exists")
+        # A quarantined stranger of that name (usher.controller.core) gives
+        # way to the owner's own VM: on its host it is a duplicate now.
+        self._forget_unmanaged(name)
         self.vms[name] = record
         self._index(record)
         self._place(record, record["vmm"])
@@ -142,15 +187,17 @@ class GlobalState:
 
     def update(self, name, **fields):
         """Change fields of a managed VM; returns the record (None if unknown).
-        Notifies only when something really changed."""
+        Notifies only when something really changed. All or nothing: a bad
+        field (InvalidRequest) changes nothing."""
         record = self.vms.get(name)
         if record is None:
             return None
+        fields = {key: value for key, value in fields.items()
+                  if value is not None or key == "vmm"}
+        check_fields(fields, name)
         old_state = record["state"]
         changed = False
         for key, value in fields.items():
-            if value is None and key not in ("vmm",):
-                continue
             if record.get(key) != value:
                 if key == "vmm":
                     self._place(record, value)
@@ -202,16 +249,54 @@ class GlobalState:
 
     # -- unmanaged -----------------------------------------------------------
 
-    def set_unmanaged(self, name, vmm, state, **fields):
+    def set_unmanaged(self, name, vmm, state, *, quarantined=None, memory_mib=None,
+                      vcpus=None, uuid=None):
+        """Note (``state`` None: forget) a VM on LNM ``vmm`` that Usher does
+        not manage; ``quarantined`` is why a VM with a managed name is kept
+        here instead of in its owner's namespace. Such records have no owner
+        and are managed False. -> the record (None once forgotten)."""
         if state is None:
-            self.unmanaged.pop(name, None)
-            return
+            self._forget_unmanaged(name)
+            return None
         record = self.unmanaged.get(name)
         if record is None:
-            record = self.new_record(name, state=state, vmm=vmm, **fields)
+            record = {"name": name, "owner": None, "cluster": DEFAULT_CLUSTER,
+                      "state": state, "vmm": vmm, "memory_mib": memory_mib,
+                      "vcpus": vcpus, "uuid": uuid, "managed": False, "version": 0,
+                      "args": {}}
+            if quarantined is not None:
+                record["quarantined"] = quarantined
+            check_fields(record, name)
             self.unmanaged[name] = record
-        record.update(state=state, vmm=vmm)
+        else:
+            check_fields({"state": state, "vmm": vmm}, name)
+            self._unmanaged_index(record, discard=True)
+            record.update(state=state, vmm=vmm)
+        self._unmanaged_index(record)
+        return record
+
+    def unmanaged_on(self, vmm):
+        """How many unmanaged (and quarantined) VMs LNM ``vmm`` has here."""
+        info = self.vmms.get(vmm)
+        return len(info.unmanaged) if info is not None else 0
+
+    def _unmanaged_index(self, record, discard=False):
+        if record["vmm"] is None:
+            return
+        if discard:
+            info = self.vmms.get(record["vmm"])
+            if info is not None:
+                info.unmanaged.discard(record["name"])
+        else:
+            self.vmms.setdefault(record["vmm"], VMMInfo(record["vmm"])).unmanaged.add(
+                record["name"])
+
+    def _forget_unmanaged(self, name):
+        record = self.unmanaged.pop(name, None)
+        if record is not None:
+            self._unmanaged_index(record, discard=True)
 
     def drop_unmanaged_on(self, vmm):
-        for name in [n for n, r in self.unmanaged.items() if r["vmm"] == vmm]:
-            del self.unmanaged[name]
+        info = self.vmms.get(vmm)
+        for name in sorted(info.unmanaged) if info is not None else ():
+            self._forget_unmanaged(name)

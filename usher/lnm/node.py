@@ -24,7 +24,8 @@ from twisted.logger import Logger
 
 from usher import states
 from usher.errors import InvalidRequest, NoSuchVM, OperationFailed, Unavailable, UsherError
-from usher.protocol import FIGURES, MAX_FIELD
+from usher.naming import is_host_vm_name
+from usher.protocol import FIGURES, MAX_FIELD, REPORT_BATCH
 
 # States the controller sets while one of its commands is in flight (a record
 # received before ``start``, or before a migration lands here): the command's
@@ -71,8 +72,9 @@ def check_record(record):
 
 def _check_domain(info):
     """Domain info from the VMM is trusted, but a malformed entry must not
-    break the scan: -> True if usable."""
-    return isinstance(info, dict) and isinstance(info.get("name"), str)
+    break the scan: -> True if usable. A name the controller would refuse
+    (usher.naming.is_host_vm_name; libvirt allows more) is left out."""
+    return isinstance(info, dict) and is_host_vm_name(info.get("name"))
 
 
 def _change(name, state, source):
@@ -424,7 +426,11 @@ class NodeManager:
         reporter = self._reporter
         if reporter is None or not self._pending or self._reporting:
             return
-        batch = {name: dict(change) for name, change in self._pending.items()}
+        batch = {}
+        for name, change in self._pending.items():
+            if len(batch) == REPORT_BATCH:
+                break    # the rest goes in the next batch, once this one is answered
+            batch[name] = dict(change)
         self._reporting = True
         self._enter()
         try:
