@@ -153,8 +153,10 @@ def _user_key(user):
 
 
 def _shown(text, limit=MAX_KEY):
-    """A peer-chosen string as it may appear in the log: bounded."""
-    return text if len(text) <= limit else text[:limit] + f"… ({len(text)} characters)"
+    """A peer-chosen string as it may appear in the log: bounded, its repr
+    unless it is printable."""
+    shown = text if text.isprintable() else repr(text)
+    return shown if len(shown) <= limit else shown[:limit] + f"… ({len(shown)} characters)"
 
 
 class LoginThrottle:

@@ -270,11 +270,15 @@ KEEPALIVE_TIMEOUT = 90.0
 # Longest method name a call may give; peer data is logged at most this long.
 MAX_METHOD_NAME = 64
 MAX_LOGGED = 200
+# Deepest nesting of lists and dictionaries in a call's arguments (a
+# selection is 3 deep).
+MAX_NESTING = 32
 
 
 def _shown(value, limit=MAX_LOGGED):
-    """Peer-controlled data as it may appear in the log: its repr, bounded."""
-    text = value if isinstance(value, str) else repr(value)
+    """Peer-controlled data as it may appear in the log: bounded, and its
+    repr unless it is printable text (no forged lines)."""
+    text = value if isinstance(value, str) and value.isprintable() else repr(value)
     if len(text) > limit:
         text = f"{text[:limit]}… ({len(text)} characters)"
     return text
@@ -310,6 +314,9 @@ def _dispatch(target, broker, prefix, message, net_args, net_kw, perspective):
         raise InvalidRequest(f"{message}: malformed call")
     kw = {k.decode("utf-8", "replace") if isinstance(k, bytes) else k: v
           for k, v in kw.items()}
+    problem = _shape_problem((args, kw))
+    if problem:
+        raise InvalidRequest(f"{message}: {problem}")
     try:
         inspect.signature(method).bind(*args, **kw)
     except TypeError:
@@ -318,6 +325,27 @@ def _dispatch(target, broker, prefix, message, net_args, net_kw, perspective):
         raise InvalidRequest(f"{message}: wrong arguments; it takes ({params})") from None
     state = method(*args, **kw)
     return broker.serialize(state, perspective, method, args, kw)
+
+
+def _shape_problem(value):
+    """What no Usher call carries, anywhere in its arguments: dictionaries
+    whose keys are not strings, nesting deeper than MAX_NESTING. -> a
+    description, or None."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (list, tuple, set, frozenset)):
+            children = item
+        elif isinstance(item, dict):
+            if not all(isinstance(key, str) for key in item):
+                return "dictionary keys must be strings"
+            children = item.values()
+        else:
+            continue
+        if depth >= MAX_NESTING:
+            return f"arguments nested deeper than {MAX_NESTING} levels"
+        stack.extend((child, depth + 1) for child in children)
+    return None
 
 
 def _peer_host(broker):
