@@ -57,7 +57,7 @@ import ipaddress
 import secrets
 import sys
 from collections.abc import Mapping
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from twisted.application import internet, service
 from twisted.internet import defer, task
@@ -228,21 +228,17 @@ def _normal_host(host):
 
 def parse_callback_hosts(entries):
     """``callback_hosts`` -> {(host, port)}: ``host`` (the scheme's default
-    port only), ``host:port``, or ``host:*`` (any port); an IPv6 address in
-    brackets when it has a port (``[::1]:8000``). Host names are matched
-    exactly, never resolved, never as suffixes."""
+    port only), ``host:port``, or ``host:*`` (any port); a host is a name or
+    an IPv4 address (Twisted's XML-RPC client cannot call IPv6 literals).
+    Host names are matched exactly, never resolved, never as suffixes."""
     rules = set()
     for entry in entries:
         text = str(entry).strip()
         host, port = text, None
-        if text.startswith("["):
-            host, _, rest = text[1:].partition("]")
-            if rest:
-                if not rest.startswith(":"):
-                    raise ConfigError(f"[plusher] callback_hosts: {text!r} is not host, "
-                                      "host:port or host:*")
-                port = rest[1:]
-        elif text.count(":") == 1:
+        if text.startswith("[") or text.count(":") > 1:
+            raise ConfigError(f"[plusher] callback_hosts: {text!r}: IPv6 addresses are not "
+                              "supported (use a host name)")
+        if ":" in text:
             host, port = text.split(":")
         if port is not None and port != ANY_PORT:
             if not port.isdigit() or not 1 <= int(port) <= 65535:
@@ -287,6 +283,9 @@ def check_callback_url(url, allowed_hosts=()):
         raise InvalidRequest(f"callback_url {shown!r}: {e}") from None
     if not host:
         raise InvalidRequest(f"callback_url {shown!r} names no host")
+    if parts.netloc.count("@") > 1 or ":" in host:
+        raise InvalidRequest(f"callback_url {shown!r}: give a host name or IPv4 address, "
+                             "and at most one user name and password")
     rules = allowed_hosts if isinstance(allowed_hosts, frozenset) \
         else parse_callback_hosts(allowed_hosts)
     if not rules:
@@ -461,8 +460,17 @@ class Gateway:
                            source=source)
 
     def _proxy(self, url):
-        return xmlrpc.Proxy(url.encode("ascii"), connectTimeout=self.settings.upcall_timeout,
-                            reactor=self.reactor)
+        # From the parts check_callback_url checked, so that the proxy's own
+        # URL parsing (naive about "@") can only see what was checked.
+        parts = urlsplit(url)
+        port = parts.port or _DEFAULT_PORTS[parts.scheme.lower()]
+        target = urlunsplit((parts.scheme, f"{parts.hostname}:{port}", parts.path or "/",
+                             parts.query, ""))
+        user = unquote(parts.username) if parts.username else None
+        password = unquote(parts.password) if parts.password else None
+        return xmlrpc.Proxy(target.encode("ascii"), user=user and user.encode(),
+                            password=password and password.encode(),
+                            connectTimeout=self.settings.upcall_timeout, reactor=self.reactor)
 
     # -- sessions ----------------------------------------------------------------
 
