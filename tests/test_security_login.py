@@ -129,7 +129,7 @@ async def test_login_arguments_and_hostile_calls_never_reach_the_log(system):
     text = ctrl_log(system)
     assert SECRET not in text
     assert len(text) - size_before < 16 * 1024
-    assert "JJJJJJJJJJJJJJJJJJJJJJJJJJJJJJJJJJJJJJJJJJJJJJJJJJJJJJJJJJJJJJJJJJJJJJJJJJJJ" not in text
+    assert "J" * 300 not in text
     # The log itself is no longer world-readable (the sandbox's, like usherctrl's own).
     mode = stat.S_IMODE(os.stat(os.path.join(system.dir, "logs", "usherctrl.log")).st_mode)
     assert mode & 0o007 == 0
@@ -308,6 +308,25 @@ async def held(clock):
     return min(c.getTime() for c in clock.getDelayedCalls()) - clock.seconds()
 
 
+async def throttled_grid(client_grids, policy=None):
+    """-> (ClientGrid whose login clock is a task.Clock, that clock, its
+    Gateways, the names the local module checked)."""
+    clock = task.Clock()
+    gateways = Gateways()
+    grid = await client_grids(login_clock=clock, is_gateway=gateways,
+                              throttle_policy=policy)
+    return grid, clock, gateways, counting(grid)
+
+
+async def login_once(grid, user, password, source=None, gateways=None):
+    """One login on a fresh connection, closed after -> its outcome."""
+    raw, d = await attempt(grid, user, password, source, gateways)
+    try:
+        return await outcome(d)
+    finally:
+        await raw.close()
+
+
 def counting(grid):
     checked = []
     module = grid.chain.modules[0]
@@ -322,62 +341,40 @@ def counting(grid):
 
 @pytest_twisted.ensureDeferred
 async def test_a_guessing_source_is_locked_out_and_others_are_not(client_grids):
-    clock = task.Clock()
-    gateways = Gateways()
-    grid = await client_grids(login_clock=clock, is_gateway=gateways,
-                              throttle_policy=ThrottlePolicy(source_failures=10,
-                                                             source_lockout=60))
-    checked = counting(grid)
+    grid, clock, gateways, checked = await throttled_grid(
+        client_grids, ThrottlePolicy(source_failures=10, source_lockout=60))
     with LogCapture() as logged:
         for i in range(10):   # ten names, one guess each: no user delay on the way
-            raw, d = await attempt(grid, f"user{i}", "guess")
-            assert await outcome(d) == "wrong user name or password"
-            await raw.close()
+            assert await login_once(grid, f"user{i}", "guess") == "wrong user name or password"
     assert any(e.get("audit") == "source_locked_out" and e.get("source") == "127.0.0.1"
                for e in logged.events)
     # the source is locked out: refused at once, even with a right password,
     # and whatever it claims to be (it is no gateway)
-    for kwargs in ({}, {"source": "10.9.9.9"}):
-        raw, d = await attempt(grid, "bob", PASSWORDS["bob"], **kwargs)
+    for claim in (None, "10.9.9.9"):
         assert re.fullmatch(r"too many failed logins from 127\.0\.0\.1; try again in 60 s",
-                            await outcome(d))
-        await raw.close()
+                            await login_once(grid, "bob", PASSWORDS["bob"], source=claim))
     assert len(checked) == 10
     # a user behind a gateway, from another address, logs in meanwhile
-    raw, d = await attempt(grid, "bob", PASSWORDS["bob"], source="192.0.2.7",
-                           gateways=gateways)
-    assert await outcome(d) == "ok"
-    await raw.close()
+    assert await login_once(grid, "bob", PASSWORDS["bob"], source="192.0.2.7",
+                            gateways=gateways) == "ok"
     # after the lockout one guess is allowed; it fails: locked out twice as long
     clock.advance(60)
-    raw, d = await attempt(grid, "user99", "guess")
-    assert await outcome(d) == "wrong user name or password"
-    await raw.close()
-    raw, d = await attempt(grid, "alice", PASSWORDS["alice"])
-    assert "try again in 120 s" in await outcome(d)
-    await raw.close()
+    assert await login_once(grid, "user99", "guess") == "wrong user name or password"
+    assert "try again in 120 s" in await login_once(grid, "alice", PASSWORDS["alice"])
     clock.advance(120)
-    raw, d = await attempt(grid, "alice", PASSWORDS["alice"])
-    assert await outcome(d) == "ok"
-    await raw.close()
+    assert await login_once(grid, "alice", PASSWORDS["alice"]) == "ok"
     assert len(checked) == 13
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_guessed_user_is_delayed_never_locked_out(client_grids):
-    clock = task.Clock()
-    gateways = Gateways()
-    grid = await client_grids(login_clock=clock, is_gateway=gateways,
-                              throttle_policy=ThrottlePolicy(user_free_failures=3,
-                                                             user_delay_max=16))
-    checked = counting(grid)
+    grid, clock, gateways, checked = await throttled_grid(
+        client_grids, ThrottlePolicy(user_free_failures=3, user_delay_max=16))
     bob = await grid.connected("bob")
     # guesses for alice from ever new addresses (a botnet behind plusher)
     for i in range(3):
-        raw, d = await attempt(grid, "alice", "guess", source=f"198.51.100.{i}",
-                               gateways=gateways)
-        assert await outcome(d) == "wrong user name or password"
-        await raw.close()
+        assert await login_once(grid, "alice", "guess", source=f"198.51.100.{i}",
+                                gateways=gateways) == "wrong user name or password"
     # the fourth login for alice waits 1 s before it is checked
     raw, d = await attempt(grid, "alice", "guess", source="198.51.100.3", gateways=gateways)
     assert await held(clock) == 1
@@ -403,28 +400,18 @@ async def test_a_guessed_user_is_delayed_never_locked_out(client_grids):
     assert await outcome(d) == "ok"
     await raw.close()
     # which ends her delay
-    raw, d = await attempt(grid, "alice", PASSWORDS["alice"], source="203.0.113.5",
-                           gateways=gateways)
-    assert await outcome(d) == "ok"
-    await raw.close()
+    assert await login_once(grid, "alice", PASSWORDS["alice"], source="203.0.113.5",
+                            gateways=gateways) == "ok"
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_claimed_source_counts_only_from_a_gateway(client_grids):
-    clock = task.Clock()
-    gateways = Gateways()
-    grid = await client_grids(login_clock=clock, is_gateway=gateways)
+    grid, _clock, gateways, _checked = await throttled_grid(client_grids)
     with LogCapture() as logged:
-        raw, d = await attempt(grid, "bob", "guess", source="10.1.1.1")
-        await outcome(d)
-        await raw.close()
-        raw, d = await attempt(grid, "bob", "guess", source="10.1.1.1", gateways=gateways)
-        await outcome(d)
-        await raw.close()
-        raw, d = await attempt(grid, "bob", "guess", source="not an address " * 100,
-                               gateways=gateways)
-        await outcome(d)
-        await raw.close()
+        await login_once(grid, "bob", "guess", source="10.1.1.1")
+        await login_once(grid, "bob", "guess", source="10.1.1.1", gateways=gateways)
+        await login_once(grid, "bob", "guess", source="not an address " * 100,
+                         gateways=gateways)
     assert set(grid.throttle.sources._records) == {"127.0.0.1", "10.1.1.1"}
     assert grid.throttle.sources.get("127.0.0.1").failures == 2
     texts = logged.texts()

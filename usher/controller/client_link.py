@@ -552,7 +552,12 @@ class LoginGateway(pb.Referenceable):
         peer = _peer_host(self.broker)
         if claimed is None:
             return peer
-        if not self.is_gateway(self.broker):
+        try:
+            gateway = bool(self.is_gateway(self.broker))
+        except Exception:
+            log.failure("is_gateway failed for the connection from {peer}", peer=peer)
+            gateway = False
+        if not gateway:
             log.info("a login from {peer} claims to come from {claimed}: ignored (not a "
                      "gateway)", peer=peer, claimed=_shown(claimed, MAX_METHOD_NAME))
             return peer
