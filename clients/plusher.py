@@ -25,8 +25,9 @@ Down-calls (``session`` is a session id from ``login``, or a struct
         -> {"operation", "done": [{"name", "state"}], "failed": [{"name", "error"}],
             "notes"}
 
-Up-calls, to the request's ``callback_url`` only, once every VM of the request
-runs, or as soon as the request cannot be met::
+Up-calls, to the request's ``callback_url`` only (and only to hosts the site
+allows: ``callback_hosts``; an empty ``callback_url`` asks for none), once
+every VM of the request runs, or as soon as the request cannot be met::
 
     resources_ready(request id, [hosts])
     resources_failed(request id, message, [hosts that did start])
@@ -52,10 +53,11 @@ import dataclasses
 import functools
 import hashlib
 import inspect
+import ipaddress
 import secrets
 import sys
 from collections.abc import Mapping
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from twisted.application import internet, service
 from twisted.internet import defer, task
@@ -152,6 +154,8 @@ class PlusherSettings:
     ready_timeout: float = 600.0
     request_retention: float = 3600.0
     callback_hosts: list = dataclasses.field(default_factory=list)
+    max_request_bytes: int = 1024 * 1024
+    allow_plain_http: bool = False
     upcall_attempts: int = 5
     upcall_initial_delay: float = 1.0
     upcall_max_delay: float = 60.0
@@ -211,24 +215,91 @@ def check_options(options):
     return args, lnms
 
 
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+ANY_PORT = "*"
+
+
+def _normal_host(host):
+    """A host name lowercased, an IP address in its canonical form."""
+    host = host.lower()
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return host
+
+
+def parse_callback_hosts(entries):
+    """``callback_hosts`` -> {(host, port)}: ``host`` (the scheme's default
+    port only), ``host:port``, or ``host:*`` (any port); a host is a name or
+    an IPv4 address (Twisted's XML-RPC client cannot call IPv6 literals).
+    Host names are matched exactly, never resolved, never as suffixes."""
+    rules = set()
+    for entry in entries:
+        text = str(entry).strip()
+        host, port = text, None
+        if text.startswith("[") or text.count(":") > 1:
+            raise ConfigError(f"[plusher] callback_hosts: {text!r}: IPv6 addresses are not "
+                              "supported (use a host name)")
+        if ":" in text:
+            host, port = text.split(":")
+        if port is not None and port != ANY_PORT:
+            if not port.isdigit() or not 1 <= int(port) <= 65535:
+                raise ConfigError(f"[plusher] callback_hosts: {text!r}: port must be 1-65535 "
+                                  "or *")
+            port = int(port)
+        if not host or any(c.isspace() or c in "/@?#" for c in host):
+            raise ConfigError(f"[plusher] callback_hosts: {text!r} is not host, host:port "
+                              "or host:*")
+        rules.add((_normal_host(host), port))
+    return frozenset(rules)
+
+
+def safe_url(url):
+    """``url`` without its user name and password, for logs and messages."""
+    try:
+        parts = urlsplit(url)
+        if "@" not in parts.netloc:
+            return url
+        return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    except ValueError:
+        return "(an unparsable URL)"
+
+
 def check_callback_url(url, allowed_hosts=()):
-    """An up-call target: an http(s) URL with a host (one of ``allowed_hosts``
-    when the site lists them)."""
+    """An up-call target: an http(s) URL whose host and port ``allowed_hosts``
+    (``callback_hosts``: no up-call to anywhere while it is empty) allow, or
+    the empty string for no up-call."""
+    if url == "":
+        return url
     _check_string(url, "callback_url")
     if not url.isascii() or any(c.isspace() or ord(c) < 32 for c in url):
         raise InvalidRequest("callback_url must be an ASCII URL without spaces")
+    shown = safe_url(url)
     parts = urlsplit(url)
-    if parts.scheme.lower() not in ("http", "https"):
-        raise InvalidRequest(f"callback_url must be an http or https URL, not {url!r}")
+    scheme = parts.scheme.lower()
+    if scheme not in _DEFAULT_PORTS:
+        raise InvalidRequest(f"callback_url must be an http or https URL, not {shown!r}")
     try:
-        host, _port = parts.hostname, parts.port
+        host, port = parts.hostname, parts.port
     except ValueError as e:
-        raise InvalidRequest(f"callback_url {url!r}: {e}") from None
+        raise InvalidRequest(f"callback_url {shown!r}: {e}") from None
     if not host:
-        raise InvalidRequest(f"callback_url {url!r} names no host")
-    if allowed_hosts and host not in {h.lower() for h in allowed_hosts}:
-        raise InvalidRequest(f"callback_url host {host!r} is not one plusher may call back "
-                             "(callback_hosts)")
+        raise InvalidRequest(f"callback_url {shown!r} names no host")
+    if parts.netloc.count("@") > 1 or ":" in host:
+        raise InvalidRequest(f"callback_url {shown!r}: give a host name or IPv4 address, "
+                             "and at most one user name and password")
+    rules = allowed_hosts if isinstance(allowed_hosts, frozenset) \
+        else parse_callback_hosts(allowed_hosts)
+    if not rules:
+        raise InvalidRequest("this plusher makes no up-calls (the site allows no "
+                             "callback_hosts): give an empty callback_url and poll status")
+    host = _normal_host(host)
+    default = _DEFAULT_PORTS[scheme]
+    port = default if port is None else port
+    if not any(h == host and (p == ANY_PORT or p == port or (p is None and port == default))
+               for h, p in rules):
+        raise InvalidRequest(f"callback_url {shown!r}: plusher may not call back "
+                             f"{host} port {port} (callback_hosts)")
     return url
 
 
@@ -281,12 +352,12 @@ class UpcallSender:
                 call.addTimeout(self.timeout, self.clock)
                 await call
                 log.info("up-call {method} for request {request_id} delivered to {url}",
-                         method=method, request_id=request_id, url=url)
+                         method=method, request_id=request_id, url=safe_url(url))
                 return UPCALL_DELIVERED
             except xmlrpc.Fault as fault:
                 log.warn("Plush refused up-call {method} for request {request_id}: fault "
                          "{code}: {message}", method=method, request_id=request_id,
-                         code=fault.faultCode, message=fault.faultString)
+                         code=fault.faultCode, message=str(fault.faultString)[:MAX_FIELD])
                 return UPCALL_REFUSED
             except defer.CancelledError:
                 return UPCALL_CANCELLED
@@ -296,7 +367,7 @@ class UpcallSender:
                 break
             log.warn("up-call {method} for request {request_id} to {url} failed (attempt "
                      "{attempt} of {attempts}): {reason}; trying again in {delay:g} s",
-                     method=method, request_id=request_id, url=url, attempt=attempt,
+                     method=method, request_id=request_id, url=safe_url(url), attempt=attempt,
                      attempts=self.attempts, reason=reason, delay=delay)
             try:
                 await task.deferLater(self.clock, delay, lambda: None)
@@ -305,7 +376,7 @@ class UpcallSender:
             delay = min(delay * 2, self.max_delay)
         log.error("giving up up-call {method} for request {request_id} to {url} after "
                   "{attempts} attempts: {reason}", method=method, request_id=request_id,
-                  url=url, attempts=self.attempts, reason=reason)
+                  url=safe_url(url), attempts=self.attempts, reason=reason)
         return UPCALL_GAVE_UP
 
 
@@ -380,29 +451,41 @@ class Gateway:
         self._logins = 0        # logins at the controller in progress
         self.requests = {}      # request id -> PlushRequest
         self._stopped = False
+        self.callback_rules = parse_callback_hosts(settings.callback_hosts)
 
-    def _usher_client(self, user, password):
+    def _usher_client(self, user, password, source=None):
         from usher.client import UsherClient
         s = self.settings
         return UsherClient(self.reactor, s.controller_host, s.controller_port,
                            ca_file=s.ssl_ca_file, tls_name=s.controller_tls_name,
                            cert_file=s.gateway_cert_file, key_file=s.gateway_key_file,
-                           username=user, password=password, timeout=s.call_timeout)
+                           username=user, password=password, timeout=s.call_timeout,
+                           source=source)
 
     def _proxy(self, url):
-        return xmlrpc.Proxy(url.encode("ascii"), connectTimeout=self.settings.upcall_timeout,
-                            reactor=self.reactor)
+        # From the parts check_callback_url checked, so that the proxy's own
+        # URL parsing (naive about "@") can only see what was checked.
+        parts = urlsplit(url)
+        port = parts.port or _DEFAULT_PORTS[parts.scheme.lower()]
+        target = urlunsplit((parts.scheme, f"{parts.hostname}:{port}", parts.path or "/",
+                             parts.query, ""))
+        user = unquote(parts.username) if parts.username else None
+        password = unquote(parts.password) if parts.password else None
+        return xmlrpc.Proxy(target.encode("ascii"), user=user and user.encode(),
+                            password=password and password.encode(),
+                            connectTimeout=self.settings.upcall_timeout, reactor=self.reactor)
 
     # -- sessions ----------------------------------------------------------------
 
     @_deferred
-    async def login(self, user, password):
-        """-> a new session id; the controller checks the credentials."""
-        session = await self._open(user, password)
+    async def login(self, user, password, source=None):
+        """-> a new session id; the controller checks the credentials
+        (``source``: the address of Plush's HTTP peer, for its back-off)."""
+        session = await self._open(user, password, source=source)
         log.info("session for {user} opened", user=user)
         return session.id
 
-    async def _open(self, user, password, implicit_key=None):
+    async def _open(self, user, password, implicit_key=None, source=None):
         _check_string(user, "user")
         if not isinstance(password, str) or len(password) > MAX_FIELD:
             raise InvalidRequest("password must be a string")
@@ -411,7 +494,7 @@ class Gateway:
         if len(self.sessions) + self._logins >= self.settings.max_sessions:
             raise Unavailable(f"too many open sessions ({self.settings.max_sessions}); "
                               "try again later")
-        client = self._client_factory(user, password)
+        client = self._client_factory(user, password, source=source)
         self._logins += 1
         try:
             who = await client.connect()
@@ -430,9 +513,9 @@ class Gateway:
         self._settle(session)
         return session
 
-    async def _session(self, ref):
+    async def _session(self, ref, source=None):
         """The session a call names: an id, or credentials (reusing the
-        session they opened before)."""
+        session they opened before; ``source`` opens a new one)."""
         if isinstance(ref, str):
             session = self.sessions.get(ref)
             if session is None or session.logged_out:
@@ -454,7 +537,7 @@ class Gateway:
                 return await waiter
             waiters = self._opening[key] = []
             try:
-                session = await self._open(user, password, implicit_key=key)
+                session = await self._open(user, password, implicit_key=key, source=source)
             except Exception:
                 failed = Failure()
                 for waiter in waiters:
@@ -532,7 +615,7 @@ class Gateway:
     # -- requests ------------------------------------------------------------------
 
     @_deferred
-    async def request_vms(self, ref, cluster, count, options, callback_url):
+    async def request_vms(self, ref, cluster, count, options, callback_url, source=None):
         if not isinstance(cluster, str):
             raise InvalidRequest("cluster must be a string")
         naming.check_label(cluster, "cluster name")
@@ -541,8 +624,8 @@ class Gateway:
         if count > MAX_REQUEST_NAMES:
             raise InvalidRequest(f"at most {MAX_REQUEST_NAMES} VMs per request")
         args, lnms = check_options(options)
-        check_callback_url(callback_url, self.settings.callback_hosts)
-        session = await self._session(ref)
+        check_callback_url(callback_url, self.callback_rules)
+        session = await self._session(ref, source)
         with self._using(session):
             if self._stopped:
                 raise Unavailable("plusher is shutting down")
@@ -692,8 +775,8 @@ class Gateway:
             del self.requests[request.id]
 
     def _upcall(self, request, method, *args):
-        if self._stopped:
-            return
+        if self._stopped or not request.callback_url:
+            return      # no up-call asked for: Plush polls status
         request.upcall = UPCALL_PENDING
         delivery = defer.Deferred.fromCoroutine(
             self.upcalls.deliver(request.callback_url, method, *args))
@@ -735,8 +818,8 @@ class Gateway:
     # -- down-calls on VMs -----------------------------------------------------------
 
     @_deferred
-    async def status(self, ref, request_id):
-        session = await self._session(ref)
+    async def status(self, ref, request_id, source=None):
+        session = await self._session(ref, source)
         with self._using(session):
             request = self._request_of(session, request_id)
             vms = session.client.vms
@@ -750,12 +833,12 @@ class Gateway:
                 "message": request.message, "upcall": request.upcall})
 
     @_deferred
-    async def list_vms(self, ref, cluster=None):
+    async def list_vms(self, ref, cluster=None, source=None):
         if cluster is not None:
             if not isinstance(cluster, str):
                 raise InvalidRequest("cluster must be a string")
             naming.check_label(cluster, "cluster name")
-        session = await self._session(ref)
+        session = await self._session(ref, source)
         with self._using(session):
             client = session.client
             if not client.connected:
@@ -765,13 +848,13 @@ class Gateway:
                     if cluster is None or r.get("cluster") == cluster]
 
     @_deferred
-    async def operate(self, ref, operation, target):
+    async def operate(self, ref, operation, target, source=None):
         if not isinstance(operation, str) or operation not in states.OPERATIONS:
             raise InvalidRequest(f"unknown operation {operation!r}; valid: "
                                  + ", ".join(states.OPERATIONS))
         if not isinstance(target, str):
             check_names(target)
-        session = await self._session(ref)
+        session = await self._session(ref, source)
         with self._using(session):
             if isinstance(target, str):
                 request = self._request_of(session, target)
@@ -787,10 +870,10 @@ class Gateway:
                                 "notes": result.get("notes", [])})
 
     @_deferred
-    async def release(self, ref, target):
+    async def release(self, ref, target, source=None):
         if not isinstance(target, str):
             check_names(target)
-        session = await self._session(ref)
+        session = await self._session(ref, source)
         with self._using(session):
             if isinstance(target, str):
                 request = self._request_of(session, target)
@@ -849,24 +932,35 @@ def _to_fault(failure, method):
                         "see its log")
 
 
+def _client_host(request):
+    address = request.getClientAddress()
+    return getattr(address, "host", None)
+
+
 def _boundary(name, procedure):
-    """Check the argument count, run, and turn every error into a Fault."""
+    """Check the argument count, run, and turn every error into a Fault. A
+    procedure with a keyword-only ``source`` is given the HTTP peer's address
+    (for the controller's login back-off)."""
     signature = inspect.signature(procedure)
+    positional = [p for p in signature.parameters.values() if p.kind is not p.KEYWORD_ONLY]
     params = ", ".join(p.name if p.default is p.empty else f"[{p.name}]"
-                       for p in signature.parameters.values())
+                       for p in positional)
+    takes_source = "source" in signature.parameters
 
     @functools.wraps(procedure)
-    def call(*args):
+    def call(request, *args):
+        source = {"source": _client_host(request)} if takes_source else {}
         try:
-            signature.bind(*args)
+            signature.bind(*args, **source)
         except TypeError:
             return xmlrpc.Fault(FAULT_INVALID_REQUEST,
                                 f"{name}({params}): got {len(args)} argument"
                                 f"{'' if len(args) == 1 else 's'}")
-        d = defer.maybeDeferred(procedure, *args)
+        d = defer.maybeDeferred(procedure, *args, **source)
         d.addCallback(_strip_none)
         d.addErrback(_to_fault, name)
         return d
+    call.withRequest = True
     return call
 
 
@@ -884,11 +978,11 @@ class PlusherResource(xmlrpc.XMLRPC):
             return procedure          # system.* introspection
         return _boundary(procedurePath, procedure)
 
-    def xmlrpc_login(self, user, password):
+    def xmlrpc_login(self, user, password, *, source=None):
         """login(user, password) -> session id. The controller checks the
         credentials; the session holds one connection to it, closed after
         session_idle_timeout seconds without calls."""
-        return self.gateway.login(user, password)
+        return self.gateway.login(user, password, source=source)
     xmlrpc_login.signature = [["string", "string", "string"]]
 
     def xmlrpc_logout(self, session):
@@ -897,52 +991,115 @@ class PlusherResource(xmlrpc.XMLRPC):
         return self.gateway.logout(session)
     xmlrpc_logout.signature = [["boolean", "string"]]
 
-    def xmlrpc_request_vms(self, session, cluster, count, options, callback_url):
+    def xmlrpc_request_vms(self, session, cluster, count, options, callback_url, *,
+                           source=None):
         """request_vms(session, cluster, count, options, callback_url) -> request
         id, at once. Starts count VMs in the virtual cluster; options (a
         struct) become the start request's arguments (memory_mib, vcpus, os
         ...; "lnms": array of suggested hosts). When every VM runs plusher
         calls resources_ready(request id, [hosts]) at callback_url (http or
-        https); if some cannot start, resources_failed(request id, message,
-        [hosts that did start])."""
-        return self.gateway.request_vms(session, cluster, count, options, callback_url)
+        https, on a host callback_hosts allows; an empty callback_url: no
+        up-call, poll status); if some cannot start, resources_failed(request
+        id, message, [hosts that did start])."""
+        return self.gateway.request_vms(session, cluster, count, options, callback_url,
+                                        source=source)
     xmlrpc_request_vms.signature = [["string", "string", "string", "int", "struct",
                                      "string"]]
 
-    def xmlrpc_release(self, session, target):
+    def xmlrpc_release(self, session, target, *, source=None):
         """release(session, request id | [VM names]) -> {released: [names],
         failed: [{name, error}], notes}. Destroys the VMs; no up-call follows
         the release of a request."""
-        return self.gateway.release(session, target)
+        return self.gateway.release(session, target, source=source)
     xmlrpc_release.signature = [["struct", "string", "string"], ["struct", "string", "array"]]
 
-    def xmlrpc_status(self, session, request_id):
+    def xmlrpc_status(self, session, request_id, *, source=None):
         """status(session, request id) -> {request_id, state (starting, waiting,
         ready, failed, released), cluster, count, vms: [{name, state, ...}],
         hosts, failed: [{name, error}], notes, message, upcall (none, pending,
         delivered, refused, gave_up, cancelled)}."""
-        return self.gateway.status(session, request_id)
+        return self.gateway.status(session, request_id, source=source)
     xmlrpc_status.signature = [["struct", "string", "string"]]
 
-    def xmlrpc_list_vms(self, session, cluster=None):
+    def xmlrpc_list_vms(self, session, cluster=None, *, source=None):
         """list_vms(session[, cluster]) -> [{name, state, vmm, cluster,
         memory_mib, vcpus, address}]: the user's VMs (of one cluster)."""
-        return self.gateway.list_vms(session, cluster)
+        return self.gateway.list_vms(session, cluster, source=source)
     xmlrpc_list_vms.signature = [["array", "string"], ["array", "string", "string"]]
 
-    def xmlrpc_operate(self, session, operation, target):
+    def xmlrpc_operate(self, session, operation, target, *, source=None):
         """operate(session, operation, request id | [VM names]) -> {operation,
         done: [{name, state}], failed: [{name, error}], notes}. Operations:
         pause, resume, shutdown, reboot, hibernate, restore, destroy, cycle."""
-        return self.gateway.operate(session, operation, target)
+        return self.gateway.operate(session, operation, target, source=source)
     xmlrpc_operate.signature = [["struct", "string", "string", "string"],
                                 ["struct", "string", "string", "array"]]
 
 
+class BoundedRequest(server.Request):
+    """A request whose body may be at most ``max_body`` bytes: a larger
+    Content-Length is answered 413 before any of the body is read, and a
+    chunked body that grows past it is cut off there with a 413; nothing of
+    either is parsed."""
+
+    max_body = 1024 * 1024
+    _body = 0
+    _refused = False
+
+    def gotLength(self, length):
+        if length is not None and length > self.max_body:
+            self._too_large(length)
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data):
+        if self._refused:
+            return
+        self._body += len(data)
+        if self._body > self.max_body:
+            self._too_large(self._body)
+            return
+        super().handleContentChunk(data)
+
+    def requestReceived(self, command, path, version):
+        if not self._refused:
+            super().requestReceived(command, path, version)
+
+    def _too_large(self, size):
+        self._refused = True
+        self.content = None
+        self.requestHeaders.removeHeader(b"expect")     # no "100 Continue" after this
+        log.warn("refused a request of {size} bytes or more from {peer} (at most {limit}: "
+                 "max_request_bytes)", size=size, peer=_client_host(self),
+                 limit=self.max_body)
+        transport = self.channel.transport
+        transport.write(b"HTTP/1.1 413 Request Entity Too Large\r\nContent-Length: 0\r\n"
+                        b"Connection: close\r\n\r\n")
+        transport.loseConnection()
+
+
 def make_site(gateway):
     site = server.Site(PlusherResource(gateway))
+    site.requestFactory = type("PlusherRequest", (BoundedRequest,),
+                               {"max_body": gateway.settings.max_request_bytes})
     site.noisy = False
     return site
+
+
+def check_transport(settings):
+    """Plain HTTP carries users' passwords in clear text: only on a loopback
+    interface, unless the site says otherwise (allow_plain_http)."""
+    if settings.ssl_cert_file is not None or settings.allow_plain_http:
+        return
+    try:
+        loopback = ipaddress.ip_address(settings.interface).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ConfigError(f"[plusher] interface {settings.interface} is not a loopback "
+                          "address: serve HTTPS there (ssl_cert_file, ssl_key_file), or set "
+                          "allow_plain_http = true (passwords then cross the network in "
+                          "clear text)")
 
 
 def server_endpoint(reactor, settings, port=None):
@@ -976,6 +1133,7 @@ def make_service(config, reactor):
     pki.client_tls_options(settings.controller_tls_name or settings.controller_host,
                            settings.ssl_ca_file, settings.gateway_cert_file,
                            settings.gateway_key_file, role=pki.ROLE_GATEWAY)
+    check_transport(settings)
     root = service.MultiService()
     gateway = Gateway(settings, reactor)
     _GatewayService(gateway).setServiceParent(root)

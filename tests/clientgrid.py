@@ -8,12 +8,12 @@ import os
 
 from twisted.cred.portal import Portal
 from twisted.internet.endpoints import SSL4ServerEndpoint
-from twisted.spread import pb
 
 from usher import passwdfile, pki
 from usher.auth.chain import build_auth_chain
 from usher.client import UsherClient
-from usher.controller.client_link import ClientRoot, UsherRealm
+from usher.auth.throttle import LoginThrottle
+from usher.controller.client_link import ClientPBFactory, ClientRoot, LoginSlots, UsherRealm
 from usher.controller.service import _role_lookup, client_port_tls
 
 from tests.grid import Grid
@@ -66,6 +66,8 @@ def issue_without_role(ca_dir, name, out_dir):
 
 class ClientGrid:
     def __init__(self, reactor, tmpdir, pki_dir, *, auth_modules=("local",), ctrl_extra=None,
+                 login_clock=None, throttle_policy=None, concurrent_logins=16,
+                 is_gateway=None, login_timeout=30.0, prelogin_bytes=64 * 1024,
                  **grid_kwargs):
         self.reactor = reactor
         self.tmpdir = str(tmpdir)
@@ -81,6 +83,15 @@ class ClientGrid:
         self.ctrl_extra = dict(ctrl_extra or {})
         self.port = None
         self.clients = []
+        # The client port's login limits (usher.controller.client_link);
+        # login_clock runs the throttle and the login deadline.
+        self.login_clock = login_clock or reactor
+        self.throttle = LoginThrottle(self.login_clock, throttle_policy)
+        self.logins = LoginSlots(concurrent_logins)
+        self.is_gateway = is_gateway
+        self.login_timeout = login_timeout
+        self.prelogin_bytes = prelogin_bytes
+        self.chain = None
 
     @property
     def registry(self):
@@ -89,7 +100,8 @@ class ClientGrid:
     async def start(self):
         await self.grid.start()
         ctrl = {"passwd_file": self.passwd, **self.ctrl_extra}
-        chain = build_auth_chain(self.auth_modules, ctrl, self.grid.pool, self.reactor)
+        chain = self.chain = build_auth_chain(self.auth_modules, ctrl, self.grid.pool,
+                                              self.reactor)
         realm = UsherRealm(self.controller, clock=self.reactor, call_timeout=10,
                            role_of=_role_lookup(chain))
         # The controller's own client-port TLS (an optional gateway certificate).
@@ -97,8 +109,12 @@ class ClientGrid:
                                "ssl_key_file": os.path.join(self.pki_dir, "usherctrl_key.pem"),
                                "ssl_ca_file": self.ca_file})
         endpoint = SSL4ServerEndpoint(self.reactor, 0, tls, interface="127.0.0.1")
-        self.port = await endpoint.listen(pb.PBServerFactory(ClientRoot(Portal(realm,
-                                                                                [chain]))))
+        root = ClientRoot(Portal(realm, [chain]), clock=self.login_clock,
+                          throttle=self.throttle, logins=self.logins,
+                          is_gateway=self.is_gateway)
+        self.port = await endpoint.listen(ClientPBFactory(
+            root, clock=self.login_clock, login_timeout=self.login_timeout,
+            prelogin_bytes=self.prelogin_bytes))
         return self
 
     def client(self, user, password=None):

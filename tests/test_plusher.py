@@ -151,7 +151,8 @@ class Running:
 async def gw(system):
     plush = PlushServer()
     plush_port, plush_url = listen(server.Site(plush))
-    gateway = Gateway(plusher_settings(system), reactor)
+    gateway = Gateway(plusher_settings(
+        system, callback_hosts=[f"127.0.0.1:{plush_port.getHost().port}"]), reactor)
     port, url = listen(plusher.make_site(gateway))
     yield Running(url=url, gateway=gateway, plush=plush, callback=plush_url + "RPC2",
                   password=system.description["password"])
@@ -488,15 +489,15 @@ class Upcalls:
 def scripted_gateway(**changes):
     clients = []
 
-    def factory(user, password):
+    def factory(user, password, source=None):
         if password != "pw":
             raise AssertionError("only the right password reaches the controller here")
         clients.append(ScriptedClient(user))
         return clients[-1]
     upcalls = Upcalls()
     clock = task.Clock()
-    settings = PlusherSettings(**dict(dict(ready_timeout=60, session_idle_timeout=300),
-                                      **changes))
+    settings = PlusherSettings(**dict(dict(ready_timeout=60, session_idle_timeout=300,
+                                           callback_hosts=["plush"]), **changes))
     gateway = Gateway(settings, reactor, clock=clock, client_factory=factory,
                       proxy_factory=upcalls)
     return gateway, clients, upcalls, clock

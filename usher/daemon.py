@@ -7,11 +7,13 @@ service manager background them, so there is no double-fork here.
 import argparse
 import gc
 import os
+import stat
 import sys
 
 from twisted.application import service
-from twisted.logger import (FilteringLogObserver, LogLevel, LogLevelFilterPredicate,
-                            Logger, globalLogBeginner, textFileLogObserver)
+from twisted.logger import (FileLogObserver, FilteringLogObserver, LogLevel,
+                            LogLevelFilterPredicate, Logger, formatEventAsClassicLogText,
+                            globalLogBeginner)
 
 from usher.errors import ConfigError
 
@@ -31,16 +33,47 @@ def argument_parser(prog, description, component):
     return parser
 
 
-def start_logging(log_file, level):
-    """Log at ``level`` and above to ``log_file`` (standard output if None);
-    a file that cannot be opened is a ConfigError naming it."""
+# Longest log event written (characters): whatever a peer manages to get
+# into an event (an exception message repeating what it sent …) is cut
+# there. Room for a deep traceback.
+MAX_LOG_EVENT = 16 * 1024
+# Log files are created readable by the owner and its group only.
+LOG_FILE_MODE = 0o640
+
+
+def bounded_event_text(event, limit=MAX_LOG_EVENT):
+    """An event formatted as Twisted's text log does, cut to ``limit``
+    characters (or None when there is nothing to write)."""
+    text = formatEventAsClassicLogText(event)
+    if text is None or len(text) <= limit:
+        return text
+    return f"{text[:limit]}… [{len(text) - limit} more characters cut]\n"
+
+
+def open_log_file(path):
+    """Append to ``path``, creating it 0640 (never wider: an existing file
+    loses any permission for others)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, LOG_FILE_MODE)
     try:
-        stream = open(log_file, "a", buffering=1, encoding="utf-8") if log_file else sys.stdout
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)
+        if mode & ~LOG_FILE_MODE:
+            os.fchmod(fd, mode & LOG_FILE_MODE)
+    except OSError:
+        pass      # not ours to change: keep what the administrator set
+    return open(fd, "a", buffering=1, encoding="utf-8")
+
+
+def start_logging(log_file, level):
+    """Log at ``level`` and above to ``log_file`` (standard output if None),
+    every event at most MAX_LOG_EVENT characters; a file that cannot be
+    opened is a ConfigError naming it."""
+    try:
+        stream = open_log_file(log_file) if log_file else sys.stdout
     except OSError as e:
         raise ConfigError(f"log_file {log_file}: cannot open it: "
                           f"{e.strerror or e.__class__.__name__}") from None
     predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(level))
-    observer = FilteringLogObserver(textFileLogObserver(stream), [predicate])
+    observer = FilteringLogObserver(FileLogObserver(stream, bounded_event_text), [predicate])
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
 

@@ -129,7 +129,10 @@ controller's authentication chain)
 ------------------------------------------------------------------
 Root object::
 
-    login(username: str, password: str, observer: Referenceable) -> perspective
+    login(username: str, password: str, observer: Referenceable[, source: str])
+        -> perspective      (source: the address of the user behind a gateway,
+                             e.g. plusher; it counts only from a gateway's
+                             connection, usher.controller.client_link)
 
 Perspective (paper, Table 4, plus session methods)::
 

@@ -154,7 +154,9 @@ class LoggedProcess(protocol.ProcessProtocol):
 
     def __init__(self, name, log_path):
         self.name = name
-        self.log = open(log_path, "ab", buffering=0)
+        # 0640, as the daemons' own log files (usher.daemon.open_log_file).
+        self.log = open(os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640), "ab",
+                        buffering=0)
         self.ended = defer.Deferred()
 
     def outReceived(self, data):

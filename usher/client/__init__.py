@@ -106,7 +106,7 @@ class _LoginFactory(pb.PBClientFactory):
 class UsherClient:
     def __init__(self, reactor, host, port, *, ca_file, tls_name=None, username,
                  password, clusters=None, timeout=60.0, initial_delay=1.0, max_delay=30.0,
-                 cert_file=None, key_file=None):
+                 cert_file=None, key_file=None, source=None):
         self.reactor = reactor
         self.host = host
         self.port = port
@@ -118,6 +118,9 @@ class UsherClient:
         self.key_file = key_file
         self.username = username
         self._password = password
+        # A gateway (plusher) logs in on behalf of a user at this address;
+        # the controller counts it only from a gateway's certificate.
+        self.source = source
         self.clusters = list(clusters) if clusters else None
         self.timeout = timeout
         self.initial_delay = initial_delay
@@ -199,8 +202,10 @@ class UsherClient:
 
     async def _login(self, root, broker):
         try:
+            claim = {"source": self.source} if self.source is not None else {}
             perspective = await call(root, "login", self.username, self._password,
-                                     self._observer, timeout=self.timeout, clock=self.reactor)
+                                     self._observer, timeout=self.timeout, clock=self.reactor,
+                                     **claim)
             who = await call(perspective, "whoami", timeout=self.timeout, clock=self.reactor)
             snapshot = await call(perspective, "subscribe", self.clusters,
                                   timeout=self.timeout, clock=self.reactor)

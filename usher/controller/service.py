@@ -8,12 +8,11 @@ from twisted.cred.portal import Portal
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
-from twisted.spread import pb
 
 from usher import pki
 from usher.auth.chain import build_auth_chain
 from usher.config import load_plugin_config
-from usher.controller.client_link import ClientRoot, UsherRealm
+from usher.controller.client_link import UsherRealm, client_factory
 from usher.controller.core import Controller
 from usher.controller.known_lnms import KnownLNMs
 from usher.controller.liveness import KeepAlivePBServerFactory, LNMLiveness
@@ -66,6 +65,12 @@ def _role_lookup(chain):
                 return role
         return None
     return role_of
+
+
+def _is_gateway(broker):
+    """Is this client connection a gateway's (plusher): did it present a
+    certificate of role gateway that the handshake accepted?"""
+    return pki.peer_role(broker.transport) == pki.ROLE_GATEWAY
 
 
 def client_port_tls(ctrl):
@@ -142,8 +147,10 @@ def make_service(config, reactor):
     client_endpoint = SSL4ServerEndpoint(reactor, ctrl["client_port"], client_tls,
                                          backlog=LISTEN_BACKLOG,
                                          interface=ctrl["client_interface"])
+    # Pre-login budget, deadline and login back-off (client_link); a login's
+    # claimed source address counts only from a gateway's certificate.
     client_listener = internet.StreamServerEndpointService(
-        client_endpoint, pb.PBServerFactory(ClientRoot(portal)))
+        client_endpoint, client_factory(portal, ctrl, reactor, is_gateway=_is_gateway))
     client_listener._raiseSynchronously = True
     client_listener.setServiceParent(root)
 
