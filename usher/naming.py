@@ -10,14 +10,15 @@ import re
 
 from usher.errors import InvalidRequest, PermissionDenied
 
-LABEL_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+# Matched whole (fullmatch): "$" would let a label end in a newline.
+LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+USER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 DEFAULT_CLUSTER = "default"
 MAX_NAME = 253
 
 
 def check_label(label, what="name"):
-    if not LABEL_RE.match(label):
+    if not isinstance(label, str) or not LABEL_RE.fullmatch(label):
         raise InvalidRequest(
             f"invalid {what} {label!r}: use lower-case letters, digits and "
             "hyphens (a DNS label, at most 63 characters)")
@@ -25,7 +26,7 @@ def check_label(label, what="name"):
 
 
 def check_user(user):
-    if not isinstance(user, str) or not USER_RE.match(user):
+    if not isinstance(user, str) or not USER_RE.fullmatch(user):
         raise InvalidRequest(f"invalid user name {user!r}")
     return user
 

@@ -35,7 +35,7 @@ def free_port(host="127.0.0.1"):
 
 def sandbox_user():
     name = (os.environ.get("SUDO_USER") or getpass.getuser() or "").lower()
-    return name if USER_RE.match(name) and name != "root" else "sandbox"
+    return name if USER_RE.fullmatch(name) and name != "root" else "sandbox"
 
 
 def prepare(directory, *, lnms=3, domain="usher.local", user=None, rounds=None,
