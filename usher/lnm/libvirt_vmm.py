@@ -306,7 +306,8 @@ class LibvirtVMM:
     ``domain_template``: path of a site domain XML template (see
     ``usher.lnm.domain_xml``); None for the driver's built-in one.
     ``template_defaults``: template variables (kernel, initrd, cmdline, disk,
-    network, ...) that request args override.
+    network, ...) that request args override where ``arg_policy``
+    (``domain_xml.ArgPolicy``; None: args set no template variable) lets them.
     ``events``: use libvirt lifecycle events when the driver has them.
     ``reconnect_initial_delay``/``reconnect_max_delay``: when the connection
     to the hypervisor is lost (libvirtd restarted), reconnect after this
@@ -319,7 +320,7 @@ class LibvirtVMM:
 
     def __init__(self, uri, *, reactor, pool, state_dir, domain_template=None,
                  events=True, template_defaults=None, reconnect_initial_delay=1.0,
-                 reconnect_max_delay=30.0, clock=None):
+                 reconnect_max_delay=30.0, clock=None, arg_policy=None):
         if not isinstance(uri, str) or not uri:
             raise ConfigError(f"the hypervisor URI must be a non-empty string, not {uri!r}")
         defaults = dict(template_defaults or {})
@@ -333,6 +334,8 @@ class LibvirtVMM:
         self._pool = pool
         self._template_path = domain_template
         self._template_defaults = defaults
+        self._arg_policy = (arg_policy if arg_policy is not None
+                            else domain_xml.ArgPolicy(state_dir=self.state_dir))
         self._events_wanted = events
         self._conn = None
         self._driver = None
@@ -990,7 +993,8 @@ class LibvirtVMM:
                 return self._info_of(existing)
             xml = domain_xml.build_domain_xml(
                 spec, driver=self._driver, state_dir=self.state_dir,
-                template=self._template, defaults=self._template_defaults)
+                template=self._template, defaults=self._template_defaults,
+                policy=self._arg_policy)
             # An image left by a VM of this name that no longer exists would
             # make the new one look hibernated once it is shut off.
             self._remove_image(name)

@@ -66,6 +66,10 @@ def check_record(record):
     args = record.get("args")
     if args is not None and not isinstance(args, dict):
         raise InvalidRequest(f"VM record {name}: args must be a dict")
+    plugin_args = record.get("plugin_args")
+    if plugin_args is not None and (not isinstance(plugin_args, list) or not all(
+            isinstance(key, str) for key in plugin_args)):
+        raise InvalidRequest(f"VM record {name}: plugin_args must be a list of names")
     return dict(record)
 
 
@@ -128,7 +132,9 @@ class CachedVM:
         return {"name": self.name, "uuid": record.get("uuid"),
                 "memory_mib": record["memory_mib"], "vcpus": record["vcpus"],
                 "owner": record.get("owner"), "cluster": record.get("cluster"),
-                "args": dict(record.get("args") or {})}
+                "args": dict(record.get("args") or {}),
+                # The args the controller's plugins set (the site's values).
+                "plugin_args": list(record.get("plugin_args") or ())}
 
     def start(self):
         return self._vmm.create(self.spec())

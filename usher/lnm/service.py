@@ -90,6 +90,20 @@ def template_defaults(lnm_config):
     return defaults
 
 
+def arg_policy(lnm_config):
+    """What VMs' args may set in their definitions here (``request_args``,
+    ``plugin_args``, ``image_dirs``, ``path_args``, ``bridges``, ``networks``;
+    see ``usher.lnm.domain_xml.ArgPolicy``). Reads the file system (the
+    directories are canonicalised): at start-up."""
+    return domain_xml.ArgPolicy(
+        state_dir=lnm_config["state_dir"],
+        request_args=lnm_config.get("request_args"),
+        plugin_args=lnm_config.get("plugin_args"),
+        image_dirs=lnm_config.get("image_dirs"),
+        path_args=lnm_config.get("path_args"),
+        bridges=lnm_config.get("bridges"), networks=lnm_config.get("networks"))
+
+
 class NodeService(service.Service):
     """Connects the VMM and runs the NodeManager. ``ready`` fires once both
     are up (or fails with the reason they are not)."""
@@ -218,6 +232,7 @@ def make_service(config, reactor, *, pool=None):
     vmm = LibvirtVMM(uri, reactor=reactor, pool=pool, state_dir=lnm["state_dir"],
                      domain_template=lnm.get("domain_template"),
                      template_defaults=template_defaults(lnm),
+                     arg_policy=arg_policy(lnm),
                      reconnect_initial_delay=lnm["reconnect_initial_delay"],
                      reconnect_max_delay=lnm["reconnect_max_delay"])
     # Scans and samples start at a random point of their intervals: LNMs
