@@ -144,7 +144,7 @@ class PluginAPI:
 
 class Controller:
     def __init__(self, *, domain, clock, admins=(), default_memory=256, default_vcpus=1,
-                 call_timeout=30.0, start_timeout=120.0, max_request_vms=10000,
+                 call_timeout=30.0, start_timeout=120.0, max_request_vms=1000,
                  known_lnms=None, lnm_concurrency=64, status_history=60,
                  vm_status_history=15, status_history_interval=60.0):
         self.domain = domain
