@@ -6,7 +6,7 @@ For ordinary users (administrators too, unless ``admins_exempt``):
 - VMs per user, VMs per virtual cluster, and memory and vCPUs per user
   (counting VMs that hold resources: running, paused, starting, migrating;
   per-user overrides in a ``[users]`` section); by default 100 VMs, 32 GiB
-  and 64 vCPUs per user (``DEFAULT_QUOTAS``: the controller registers this
+  and 128 vCPUs per user (``DEFAULT_QUOTAS``: the controller registers this
   plugin on ``start_request`` when ctrl.config has no [[plugins]]), 0 for
   no limit;
 - the largest VM one may ask for (memory, vCPUs), and VMs per request;
@@ -36,7 +36,7 @@ from usher.naming import DEFAULT_CLUSTER, cluster_of, split
 
 # The per-user quotas a site gets without saying (MiB of memory).
 DEFAULT_QUOTAS = {"max_vms_per_user": 100, "max_memory_per_user": 32768,
-                  "max_vcpus_per_user": 64}
+                  "max_vcpus_per_user": 128}
 
 CONFIG_SPEC = f"""
 order = integer(default=20)
