@@ -13,8 +13,9 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
 
+from bench.system import BENCH_LIMITS, BenchSystem
 from usher import settings
-from usher.config import load_config
+from usher.config import load_config, load_plugin_config
 from usher.controller.core import MAX_ARGS, MAX_ARGS_BYTES, MAX_ARG_LEN, Controller, _check_args
 from usher.errors import InvalidRequest
 from usher.plugins import limits as limits_plugin
@@ -185,3 +186,17 @@ def test_the_sandbox_binds_loopback_everywhere(system):
     assert set(seen.values()) == {"127.0.0.1"}
     assert {key for _component, key in seen} == {"client_interface", "lnm_interface",
                                                  "metrics_interface", "recovery_interface"}
+
+
+def test_the_benchmark_raises_its_own_limits_explicitly(tmp_path):
+    bench = BenchSystem(reactor, str(tmp_path), lnms=1)
+    bench.prepare()
+    ctrl = load_config(settings.CTRL, [bench.ctrl_config], isolated=True)["ctrl"]
+    assert ctrl["max_request_vms"] == 10000
+    limits = ctrl["plugins"]["limits"]
+    assert limits["events"] == ["start_request"]
+    quotas = load_plugin_config(limits_plugin.CONFIG_SPEC, limits["config"])
+    assert {key: quotas[key] for key in BENCH_LIMITS} == dict.fromkeys(BENCH_LIMITS, 0)
+    # The rest of the chain is the default one.
+    assert {name: dict(reg, config=None) for name, reg in ctrl["plugins"].items()} == \
+        settings.default_plugin_registrations()
