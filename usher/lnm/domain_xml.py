@@ -283,7 +283,7 @@ class ArgPolicy:
 
     def _value(self, key, value):
         if key in self.path_variables:
-            return self._path(key, value)
+            return self.confine(key, value)
         if key in ENUM_VARIABLES:
             if value not in ENUM_VARIABLES[key]:
                 raise InvalidRequest(f"argument {key!r} must be one of "
@@ -298,29 +298,37 @@ class ArgPolicy:
             return value
         return value
 
-    def _path(self, key, value):
+    def confine(self, key, value, *, directory=False, what=None):
+        """A host path named by ``key`` -> its canonical form, if it lies in
+        an image directory (never the state directory) and is a file or a
+        block device (or, with ``directory``, a directory); else
+        InvalidRequest saying why (``what`` names the value: default
+        "argument 'key'"). Blocking (stat)."""
+        what = what or f"argument {key!r}"
         if not os.path.isabs(value):
-            raise InvalidRequest(f"argument {key!r} must be an absolute path, "
+            raise InvalidRequest(f"{what} must be an absolute path, "
                                  f"not {value[:64]!r}")
         if ".." in value.split(os.sep):
-            raise InvalidRequest(f"argument {key!r} must not contain '..'")
+            raise InvalidRequest(f"{what} must not contain '..'")
         real = os.path.realpath(value)
         if _inside(real, self.state_dir):
-            raise InvalidRequest(f"argument {key!r}: {value[:200]} is in the host's Usher "
+            raise InvalidRequest(f"{what}: {value[:200]} is in the host's Usher "
                                  "state directory (hibernation images, consoles), never "
                                  "an image")
         if not any(_inside(real, d) for d in self.image_dirs):
             dirs = ", ".join(self.image_dirs) or "none configured"
-            raise InvalidRequest(f"argument {key!r}: {value[:200]} is not inside this "
+            raise InvalidRequest(f"{what}: {value[:200]} is not inside this "
                                  f"host's image directories ({dirs})")
         try:
             mode = os.stat(real).st_mode
         except OSError as e:
-            raise InvalidRequest(f"argument {key!r}: {value[:200]}: no usable image there "
+            raise InvalidRequest(f"{what}: {value[:200]}: no usable image there "
                                  f"({e.strerror})") from None
-        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
-            raise InvalidRequest(f"argument {key!r}: {value[:200]} is not a file or a "
-                                 "block device")
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)
+                or (directory and stat.S_ISDIR(mode))):
+            kinds = "a file, a block device or a directory" if directory else (
+                "a file or a block device")
+            raise InvalidRequest(f"{what}: {value[:200]} is not {kinds}")
         return real
 
 
@@ -563,14 +571,3 @@ def read_usher_metadata(text):
             return {}
     return {k: v for k, v in root.attrib.items() if not k.startswith("{")}
 
-
-def domain_identity(text):
-    """(name, uuid or None) of a domain XML document; InvalidRequest if it is not one."""
-    try:
-        root = ET.fromstring(text)
-    except ET.ParseError as e:
-        raise InvalidRequest(f"not well-formed domain XML: {e}") from None
-    if root.tag != "domain" or root.findtext("name") is None:
-        raise InvalidRequest("not a libvirt domain XML document (no <domain> with a <name>)")
-    vm_uuid = root.findtext("uuid")
-    return root.findtext("name"), (vm_uuid.strip().lower() if vm_uuid else None)

@@ -24,6 +24,7 @@ from twisted.logger import Logger
 
 from usher import states
 from usher.errors import InvalidRequest, NoSuchVM, OperationFailed, Unavailable, UsherError
+from usher.lnm.received_xml import DEFAULT_IMPORT_OVERHEAD_MIB, image_limit
 from usher.protocol import FIGURES, MAX_FIELD
 
 # States the controller sets while one of its commands is in flight (a record
@@ -164,10 +165,13 @@ class CachedVM:
     async def import_image(self, exported):
         try:
             return await self._vmm.import_image(self.spec(), exported)
-        except InvalidRequest:
+        except InvalidRequest as refused:
             # Imported already (a replayed import): the same VM is its answer.
             uuid = self.record.get("uuid")
-            info = await self._vmm.domain_info(self.name)
+            try:
+                info = await self._vmm.domain_info(self.name)
+            except NoSuchVM:
+                raise refused from None      # the refusal says why, not "no such VM"
             if uuid is not None and info.get("uuid") == uuid:
                 return info
             raise
@@ -187,7 +191,8 @@ class NodeManager:
     log = Logger()
 
     def __init__(self, vmm, *, name, clock, scan_interval, report_interval,
-                 migration_uri=None, scan_phase=None):
+                 migration_uri=None, scan_phase=None,
+                 import_overhead_mib=DEFAULT_IMPORT_OVERHEAD_MIB):
         if scan_interval <= 0 or report_interval <= 0:
             raise ValueError("scan_interval and report_interval must be positive")
         self.vmm = vmm
@@ -201,6 +206,8 @@ class NodeManager:
         self._scan_start = None
         self.report_interval = report_interval
         self.migration_uri = migration_uri
+        # An imported VM's memory image: at most its memory and this (MiB).
+        self.import_overhead_mib = import_overhead_mib
         self._vms = {}          # name -> CachedVM
         self._domains = {}      # name -> domain info last observed
         self._unadopted = {}    # name -> state last told, for uncached domains
@@ -907,6 +914,15 @@ class NodeManager:
                                "restore", session=session)
         self._exports.pop(name, None)
         return info
+
+    def import_limit(self, name):
+        """The largest memory image (bytes) an import of the cached VM
+        ``name`` may bring: its record's memory and ``import_overhead_mib``;
+        0 without its record (no import happens then)."""
+        vm = self._vms.get(name)
+        if vm is None:
+            return 0
+        return image_limit(vm.record.get("memory_mib") or 0, self.import_overhead_mib)
 
     async def import_image(self, name, exported):
         """Restore what another LNM's export_image gave (the VM's record

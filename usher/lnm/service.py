@@ -39,6 +39,7 @@ from usher.lnm.link import ControllerLink
 from usher.lnm.recovery import RecoveryListener
 from usher.lnm.monitor import Monitor
 from usher.lnm.node import NodeManager
+from usher.lnm.received_xml import DEFAULT_IMPORT_OVERHEAD_MIB as IMPORT_OVERHEAD_MIB
 from usher.lnm.testhost import write_test_host
 
 TEST_HOST_FILE = "testhost.xml"
@@ -233,6 +234,7 @@ def make_service(config, reactor, *, pool=None):
                      domain_template=lnm.get("domain_template"),
                      template_defaults=template_defaults(lnm),
                      arg_policy=arg_policy(lnm),
+                     import_overhead_mib=lnm.get("import_overhead_mib", IMPORT_OVERHEAD_MIB),
                      reconnect_initial_delay=lnm["reconnect_initial_delay"],
                      reconnect_max_delay=lnm["reconnect_max_delay"])
     # Scans and samples start at a random point of their intervals: LNMs
@@ -241,6 +243,7 @@ def make_service(config, reactor, *, pool=None):
                           scan_interval=lnm["scan_interval"],
                           report_interval=lnm["report_interval"],
                           migration_uri=lnm.get("migration_uri"),
+                          import_overhead_mib=lnm.get("import_overhead_mib", IMPORT_OVERHEAD_MIB),
                           scan_phase=random.uniform(0, lnm["scan_interval"]))
     # (.get: configurations built in code may predate the monitoring options)
     simulated_load = lnm.get("simulated_load") or "off"
