@@ -19,20 +19,25 @@ plugin_args, image_dirs, path_args, bridges, networks) decides:
 
 import os
 import re
+import struct
+import uuid
 import xml.etree.ElementTree as ET
 
+import libvirt
 import pytest
 import pytest_twisted
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet import defer, reactor
 from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
 
 from usher import states
 from usher.config import load_config
 from usher.controller.core import plugin_set_args
 from usher.errors import ConfigError, InvalidRequest
-from usher.lnm import domain_xml, service
+from usher.lnm import domain_xml, received_xml, service, testhost
+from usher.lnm.libvirt_vmm import LibvirtVMM
 from usher import settings as usher_settings
 
 from tests.clientgrid import client_grids, pki_dir  # noqa: F401 (fixtures)
@@ -475,3 +480,490 @@ async def test_attacks_through_the_real_start_path_are_refused(system):
     # An allowed request starts.
     result = await mallory.start(["fine"], args={"disk": f"{images}/web.img"})
     assert result["failed"] == [] and len(result["started"]) == 1
+
+
+# === hole 4 (a compromised LNM is contained): a migrated VM's definitions ===============
+#
+# A save/restore migration defines on the target what the source exported,
+# and libvirt restores from the definition inside the memory image. The
+# target checks both against what it would build itself for the VM's record
+# (usher.lnm.received_xml) before defining anything.
+
+# What libvirt 9.0 with QEMU 7.2 answers for a VM of the built-in QEMU
+# template (XMLDesc(INACTIVE); the definition inside its save image is the
+# same), recorded on a real host.
+QEMU_DEFINITION = """\
+<domain type='qemu'>
+  <name>{name}</name>
+  <uuid>{uuid}</uuid>
+  <metadata>
+    <usher:vm xmlns:usher="https://usher.invalid/xmlns/vm/1" owner="alice" cluster="web"/>
+  </metadata>
+  <memory unit='KiB'>131072</memory>
+  <currentMemory unit='KiB'>131072</currentMemory>
+  <vcpu placement='static'>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='pc-i440fx-7.2'>hvm</type>
+    <kernel>{kernel}</kernel>
+    <initrd>{initrd}</initrd>
+    <cmdline>console=ttyS0</cmdline>
+    <boot dev='hd'/>
+  </os>
+  <features>
+    <acpi/>
+  </features>
+  <cpu mode='custom' match='exact' check='none'>
+    <model fallback='forbid'>qemu64</model>
+  </cpu>
+  <clock offset='utc'/>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>restart</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='raw'/>
+      <source file='{disk}'/>
+      <target dev='vda' bus='virtio'/>
+      <address type='pci' domain='0x0000' bus='0x00' slot='0x04' function='0x0'/>
+    </disk>
+    <controller type='usb' index='0' model='piix3-uhci'>
+      <address type='pci' domain='0x0000' bus='0x00' slot='0x01' function='0x2'/>
+    </controller>
+    <controller type='pci' index='0' model='pci-root'/>
+    <interface type='bridge'>
+      <mac address='52:54:00:6b:3c:58'/>
+      <source bridge='br0'/>
+      <model type='virtio'/>
+      <address type='pci' domain='0x0000' bus='0x00' slot='0x03' function='0x0'/>
+    </interface>
+    <serial type='file'>
+      <source path='{console}' append='on'/>
+      <target type='isa-serial' port='0'>
+        <model name='isa-serial'/>
+      </target>
+    </serial>
+    <console type='file'>
+      <source path='{console}' append='on'/>
+      <target type='serial' port='0'/>
+    </console>
+    <input type='mouse' bus='ps2'/>
+    <input type='keyboard' bus='ps2'/>
+    <audio id='1' type='none'/>
+    <memballoon model='virtio'>
+      <address type='pci' domain='0x0000' bus='0x00' slot='0x02' function='0x0'/>
+    </memballoon>
+  </devices>
+</domain>
+"""
+QEMU_EMULATORS = ["/usr/bin/qemu-system-x86_64", "/usr/bin/qemu-system-i386"]
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+
+
+def qemu_reach(site, spec, policy=None, template=None):
+    """What the target (a QEMU host with the site's defaults) may let through."""
+    policy = policy or policy_for(site, site["state"])
+    reference = domain_xml.build_domain_xml(spec, driver="qemu", state_dir=site["state"],
+                                            template=template, defaults=site["defaults"],
+                                            policy=policy)
+    return received_xml.HostReach(
+        reference, policy=policy, defaults=site["defaults"], emulators=QEMU_EMULATORS,
+        own_paths=[domain_xml.console_path(site["state"], spec["name"])])
+
+
+def qemu_definition(site, spec):
+    return QEMU_DEFINITION.format(
+        name=spec["name"], uuid=spec["uuid"], kernel=site["defaults"]["kernel"],
+        initrd=site["defaults"]["initrd"], disk=site["defaults"]["disk"],
+        console=domain_xml.console_path(site["state"], spec["name"]))
+
+
+def crafted(xml, change):
+    """A definition changed by ``change``: ("devices"|"domain"|"os", snippet)
+    inserts before that element's end tag; (old, new) replaces once."""
+    where, what = change
+    if where in ("devices", "domain", "os"):
+        end = f"</{where}>"
+        assert end in xml
+        return xml.replace(end, what + end, 1)
+    assert where in xml, where
+    return xml.replace(where, what, 1)
+
+
+def hostile_changes(site, victim_uuid, own_uuid):
+    """(change, what the refusal says): every way the issue names for a
+    compromised source to reach another host through a definition, and more."""
+    images, state, save = site["images"], site["state"], site["save"]
+    dev = "devices"
+    return [
+        # host files: disks, kernels, firmware, consoles, logs, sockets, shares
+        ((dev, "<disk type='file' device='disk'><source file='/etc/shadow'/>"
+               "<target dev='vdb'/></disk>"), "/etc/shadow is not inside this host's image"),
+        ((dev, f"<disk type='file' device='disk'><source file='{save}'/>"
+               "<target dev='vdb'/></disk>"), "state directory"),
+        ((dev, f"<disk type='file' device='cdrom'><source file='{images}/escape.img'/>"
+               "<target dev='hdc'/></disk>"), "not inside this host's image directories"),
+        ((dev, "<disk type='file'><source file='etc/shadow'/><target dev='vdb'/></disk>"),
+         "must be an absolute path"),
+        ((dev, f"<disk type='file'><driver name='qemu' type='qcow2'/><source file="
+               f"'{images}/base.img'/><backingStore type='file'><source file='/etc/shadow'/>"
+               "</backingStore><target dev='vdb'/></disk>"), "/etc/shadow is not inside"),
+        ((site["defaults"]["initrd"], save), "state directory"),
+        ((site["defaults"]["kernel"], "/boot/vmlinuz-other"), "not inside this host's image"),
+        (("os", "<loader readonly='yes' type='pflash'>/etc/shadow</loader>"),
+         "<os/loader> /etc/shadow is a host path"),
+        (("os", "<nvram>/var/lib/libvirt/qemu/nvram/victim_VARS.fd</nvram>"),
+         "is a host path that the definition"),
+        ((dev, "<serial type='file'><source path='/etc/cron.d/evil'/></serial>"),
+         "<devices/serial/source path> /etc/cron.d/evil is a host path"),
+        ((dev, "<serial type='pty'><log file='/root/.ssh/authorized_keys'/></serial>"),
+         "authorized_keys is a host path"),
+        ((dev, "<channel type='unix'><source mode='connect' path='/run/libvirt/libvirt-sock'/>"
+               "<target type='virtio' name='x'/></channel>"), "libvirt-sock is a host path"),
+        ((dev, "<filesystem type='mount' accessmode='passthrough'><source dir='/'/>"
+               "<target dir='root'/></filesystem>"), "/ is not inside this host's image"),
+        ((dev, "<interface type='bridge'><source bridge='br0'/><rom file='/etc/shadow'/>"
+               "</interface>"), "rom file> /etc/shadow is a host path"),
+        ((dev, "<audio id='2' type='file' path='/etc/motd'/>"), "devices/audio type=file"),
+        (("/usr/bin/qemu-system-x86_64", "/tmp/evil-qemu"), "not an emulator this host"),
+        # the host's networks
+        ((dev, "<interface type='bridge'><source bridge='mgmt0'/></interface>"),
+         "bridge 'mgmt0' is not one this host offers (br0)"),
+        ((dev, "<interface type='network'><source network='management'/></interface>"),
+         "network 'management' is not one this host offers"),
+        ((dev, "<interface type='direct'><source dev='eth0' mode='bridge'/></interface>"),
+         "devices/interface type=direct"),
+        ((dev, "<interface type='user'/>"), "devices/interface type=user"),
+        ((dev, "<interface type='ethernet'><script path='/tmp/x.sh'/></interface>"),
+         "type=ethernet"),
+        ((dev, "<interface type='bridge'><source bridge='br0'/><script path='/tmp/x.sh'/>"
+               "</interface>"), "devices/interface/script"),
+        ((dev, "<interface type='bridge'><source bridge='br0'/><vlan><tag id='1'/></vlan>"
+               "</interface>"), "devices/interface/vlan"),
+        ((dev, "<interface type='bridge'><source bridge='br0'/><target dev='tap-victim' "
+               "managed='no'/></interface>"), "devices/interface/target"),
+        ((dev, "<serial type='tcp'><source mode='connect' host='10.0.0.1' service='22'/>"
+               "</serial>"), "devices/serial type=tcp"),
+        ((dev, "<channel type='pty'><target type='guestfwd' address='10.0.2.1' port='22'/>"
+               "</channel>"), "guestfwd"),
+        ((dev, "<disk type='network' device='disk'><source protocol='nbd' name='x'>"
+               "<host name='10.0.0.1' port='10809'/></source><target dev='vdc'/></disk>"),
+         "devices/disk type=network"),
+        ((dev, f"<disk type='file'><source file='{images}/base.img'/><backingStore "
+               "type='network'><source protocol='nbd'/></backingStore><target dev='vdb'/>"
+               "</disk>"), "backingStore type=network"),
+        ((dev, "<graphics type='vnc' port='-1' listen='0.0.0.0'/>"), "devices/graphics"),
+        # host devices and the emulator's command line
+        ((dev, "<hostdev mode='subsystem' type='pci' managed='yes'><source><address "
+               "domain='0' bus='0' slot='3' function='0'/></source></hostdev>"),
+         "<devices/hostdev> is not in the definition this host builds"),
+        (("domain", f"<qemu:commandline xmlns:qemu='{QEMU_NS}'><qemu:arg value='-chardev'/>"
+                    "<qemu:arg value='file,id=x,path=/etc/shadow'/></qemu:commandline>"),
+         "commandline> is not in the definition"),
+        ((dev, "<disk type='block' device='lun' sgio='unfiltered'><source dev='/dev/sda'/>"
+               "<target dev='sda' bus='scsi'/></disk>"), "device=lun"),
+        ((dev, f"<disk type='file'><source file='{images}/base.img'/><encryption "
+               "format='luks'><secret type='passphrase' uuid='" + victim_uuid + "'/>"
+               "</encryption><target dev='vdb'/></disk>"), "encryption"),
+        ((dev, "<input type='evdev'><source dev='/dev/input/event0'/></input>"),
+         "devices/input type=evdev"),
+        ((dev, "<shmem name='victim-shm'><model type='ivshmem-plain'/></shmem>"),
+         "devices/shmem"),
+        ((dev, "<memory model='nvdimm'><source><path>/etc/shadow</path></source><target>"
+               "<size unit='KiB'>1024</size></target></memory>"), "devices/memory"),
+        ((dev, "<smartcard mode='passthrough' type='tcp'><source mode='connect' "
+               "host='10.0.0.1' service='2001'/></smartcard>"), "devices/smartcard"),
+        ((dev, "<redirdev bus='usb' type='tcp'><source mode='connect' host='10.0.0.1' "
+               "service='4000'/></redirdev>"), "devices/redirdev"),
+        ((dev, "<rng model='virtio'><backend model='egd' type='tcp'><source mode='connect' "
+               "host='10.0.0.1' service='708'/></backend></rng>"), "backend=egd"),
+        ((dev, "<rng model='virtio'><backend model='random'>/etc/shadow</backend></rng>"),
+         "is not a random number source"),
+        ((dev, "<tpm model='tpm-tis'><backend type='passthrough'><device path='/dev/tpm0'/>"
+               "</backend></tpm>"), "backend=passthrough"),
+        (("domain", "<sysinfo type='fwcfg'><entry name='opt/x' file='/etc/shadow'/></sysinfo>"),
+         "<sysinfo> is not in the definition"),
+        (("domain", "<seclabel type='none'/>"), "seclabel type=none"),
+        (("domain", "<seclabel type='dynamic' model='selinux'><baselabel>"
+                    "system_u:system_r:unconfined_t:s0</baselabel></seclabel>"),
+         "seclabel/baselabel"),
+        (("domain", "<cputune><shares>262144</shares></cputune>"), "<cputune> is not"),
+        (("domain", "<memoryBacking><locked/></memoryBacking>"), "<memoryBacking> is not"),
+        (("domain", "<resource><partition>/machine/victims</partition></resource>"),
+         "<resource> is not"),
+        (("<on_crash>destroy</on_crash>", "<on_crash>coredump-destroy</on_crash>"),
+         "action 'coredump-destroy'"),
+        # the record's identity and size
+        (("<name>", "<name>1.secret.bob.usher.test"), "<name> must be the record's"),
+        ((own_uuid, victim_uuid), "<uuid> must be the record's"),
+        (("domain type='qemu'", "domain type='kvm'"), "has type 'kvm'"),
+        (('owner="alice"', 'owner="bob"'), "names owner 'bob'"),
+        (("<memory unit='KiB'>131072", "<memory unit='GiB'>64"), "more than the record's"),
+        (("<currentMemory unit='KiB'>131072", "<currentMemory unit='KiB'>999999"),
+         "more than the record's"),
+        (("<vcpu placement='static'>1", "<vcpu placement='static'>64"),
+         "more than the record's 1"),
+        (("<vcpu placement='static'>", "<vcpu placement='static' cpuset='0'>"),
+         "vcpu cpuset"),
+        # the parser
+        (("<domain type='qemu'>", "<!DOCTYPE domain [<!ENTITY a 'aaaaaaaaaa'>"
+                                  "<!ENTITY b '&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;'>]>"
+                                  "<domain type='qemu'><title>&b;</title>"),
+         "DOCTYPE or an entity declaration"),
+        (("<domain type='qemu'>", "<!DOCTYPE domain [<!ENTITY s SYSTEM 'file:///etc/shadow'>]>"
+                                  "<domain type='qemu'><title>&s;</title>"),
+         "DOCTYPE or an entity declaration"),
+        (("<cmdline>console=ttyS0", "<cmdline>&shadow;"), "not well-formed XML"),
+        (("domain", "<title>" + "x" * received_xml.MAX_DEFINITION_CHARS + "</title>"),
+         "longer than 524288 characters"),
+        (("domain", "<a>" * 70 + "</a>" * 70), "levels"),
+    ]
+
+
+
+def test_every_hostile_definition_is_refused(site):
+    spec = vm_spec(name="1.web.alice.usher.test")
+    spec["memory_mib"], spec["vcpus"] = 128, 1
+    reach = qemu_reach(site, spec)
+    honest = qemu_definition(site, spec)
+    received_xml.check(honest, spec=spec, reach=reach)            # the honest one passes
+    wrong = []
+    for change, complaint in hostile_changes(site, "6f1f3c2a-0c59-4a38-8d0e-5f1d2c3b4a59",
+                                             spec["uuid"]):
+        try:
+            received_xml.check(crafted(honest, change), spec=spec, reach=reach,
+                               what="import of it")
+        except InvalidRequest as e:
+            refusal = str(e)
+            if complaint not in refusal or not refusal.startswith("import of it"):
+                wrong.append((change, refusal[:300]))
+            assert "root:" not in refusal                # nothing of /etc/shadow read
+        else:
+            wrong.append((change, "accepted"))
+    assert wrong == []
+
+
+def test_what_this_host_allows_itself_is_accepted(site):
+    spec = vm_spec(name="1.web.alice.usher.test")
+    spec["memory_mib"], spec["vcpus"] = 128, 1
+    honest = qemu_definition(site, spec)
+    policy = policy_for(site, site["state"], networks=["default"])
+    reach = qemu_reach(site, spec, policy)
+    images = site["images"]
+    for change in [
+            # a disk, cdrom or share inside image_dirs, as args could have set it
+            ("devices", f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+                        f"<source file='{images}/real/web2.qcow2'/><target dev='vdb'/></disk>"),
+            ("devices", f"<disk type='file' device='cdrom'><source file='{images}/link.qcow2'/>"
+                        "<target dev='hdc'/><readonly/></disk>"),
+            ("devices", f"<filesystem type='mount'><source dir='{images}/real'/>"
+                        "<target dir='share'/></filesystem>"),
+            # its bridges and networks (a running VM shows the network's port and bridge)
+            ("devices", "<interface type='network'><source network='default' portid="
+                        "'0b5e8ab6-4b37-4a3e-9f61-2a7f3e1f7d10' bridge='virbr0'/></interface>"),
+            # guest devices, labels and consoles libvirt chooses
+            ("devices", "<serial type='pty'><source path='/dev/pts/3'/><target port='1'/>"
+                        "</serial>"),
+            ("devices", "<channel type='unix'><target type='virtio' name='org.qemu.guest_agent"
+                        ".0'/></channel>"),
+            ("devices", "<rng model='virtio'><backend model='random'>/dev/urandom</backend></rng>"),
+            ("devices", "<watchdog model='i6300esb' action='reset'/>"),
+            ("domain", "<seclabel type='dynamic' model='dac' relabel='yes'/>"),
+            ("domain", "<resource><partition>/machine</partition></resource>"),
+            ("<memory unit='KiB'>131072", "<memory unit='MiB'>128"),
+            ("<cmdline>console=ttyS0", "<cmdline>/init root=/dev/vda"),
+            ("<metadata>", "<metadata><site:x xmlns:site='https://site.invalid/x' path='/etc'/>")]:
+        received_xml.check(crafted(honest, change), spec=spec, reach=reach)
+
+
+def test_the_site_templates_own_host_reaching_elements_pass_and_nothing_more(site, tmp_path):
+    path = tmp_path / "qemu-site.xml"
+    path.write_text(
+        f"<domain type='kvm' xmlns:qemu='{QEMU_NS}'><name>${{name}}</name><uuid>${{uuid}}</uuid>"
+        "<memory unit='KiB'>${memory_kib}</memory><vcpu>${vcpus}</vcpu>"
+        "<os><type>hvm</type><loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE.fd"
+        "</loader></os><devices>"
+        "<hostdev mode='subsystem' type='pci' managed='yes'><source><address domain='0x0000' "
+        "bus='0x65' slot='0x00' function='0x0'/></source></hostdev>"
+        "<graphics type='vnc' port='-1' listen='127.0.0.1'/></devices>"
+        "<qemu:commandline><qemu:arg value='-global'/><qemu:arg value='kvm-pit.lost_tick_policy"
+        "=discard'/></qemu:commandline></domain>")
+    template = domain_xml.DomainTemplate.from_file(path)
+    spec = vm_spec(name="1.gpu.alice.usher.test")
+    policy = policy_for(site, site["state"])
+    reach = qemu_reach(site, spec, policy, template)
+    reference = domain_xml.build_domain_xml(spec, driver="qemu", state_dir=site["state"],
+                                            template=template, defaults=site["defaults"],
+                                            policy=policy)
+    # As libvirt gives it back: with guest addresses and aliases added.
+    honest = reference.replace("</hostdev>", "<alias name='hostdev0'/><address type='pci' "
+                               "domain='0x0000' bus='0x00' slot='0x05' function='0x0'/>"
+                               "</hostdev>")
+    assert "alias name='hostdev0'" in honest
+    received_xml.check(honest, spec=spec, reach=reach)
+    for change, complaint in [
+            (('bus="0x65"', 'bus="0x66"'), "devices/hostdev"),
+            (("lost_tick_policy=discard", "lost_tick_policy=discard,x=/etc/shadow"),
+             "commandline>"),
+            (('listen="127.0.0.1"', 'listen="0.0.0.0"'), "devices/graphics"),
+            (("/usr/share/OVMF/OVMF_CODE.fd", "/etc/shadow"), "<os/loader> /etc/shadow")]:
+        with pytest.raises(InvalidRequest, match=re.escape(complaint)):
+            received_xml.check(crafted(honest, change), spec=spec, reach=reach)
+
+
+def test_the_test_drivers_definitions_pass_and_a_record_this_host_refuses_fails(site, tmp_path):
+    """libvirt's test driver as the LNM uses it: the definition it exports and
+    the one its save image carries pass; args this host's policy refuses
+    make it refuse the VM whatever the definition says."""
+    uri = testhost.write_test_host(tmp_path / "host.xml", hostname="t", cpus=2,
+                                   memory_mib=4096, model="t")
+    conn = libvirt.open(uri)
+    try:
+        spec = vm_spec(name="1.web.alice.usher.test")
+        built = domain_xml.build_domain_xml(spec, driver="test", state_dir=site["state"])
+        dom = conn.defineXML(built)
+        dom.create()
+        reach = received_xml.HostReach(built, policy=domain_xml.ArgPolicy(
+            state_dir=site["state"]))
+        received_xml.check(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE), spec=spec, reach=reach)
+        image = str(tmp_path / "vm.save")
+        dom.save(image)
+        embedded = conn.saveImageGetXMLDesc(image, 0)
+        received_xml.check(embedded, spec=spec, reach=reach)
+        with pytest.raises(InvalidRequest, match="has type 'qemu'"):
+            received_xml.check(qemu_definition(site, spec), spec=spec, reach=reach)
+    finally:
+        conn.close()
+    # An honest definition of a VM whose args this host would not accept.
+    refused = vm_spec(name="1.web.alice.usher.test", args={"initrd": "/etc/shadow"})
+    with pytest.raises(InvalidRequest, match="not inside this host's image directories"):
+        qemu_reach(site, refused)
+    assert received_xml.image_limit(128) == (128 + 256) * 2 ** 20
+
+
+def saved_image(xml, memory=b""):
+    """A memory image of libvirt's test driver that carries ``xml`` (its
+    format: magic, length, the definition)."""
+    data = xml.encode()
+    return b"TestGuestMagic\x00" + struct.pack("<I", len(data)) + data + memory
+
+
+@pytest.fixture
+def vmm_pool():
+    pool = ThreadPool(minthreads=1, maxthreads=2, name="test-received-xml")
+    pool.start()
+    yield pool
+    pool.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_crafted_definition_or_image_is_refused_and_nothing_is_defined(tmp_path,
+                                                                                vmm_pool):
+    vmms = []
+    for label in ("source", "target"):
+        uri = testhost.write_test_host(tmp_path / label / "host.xml", hostname=label, cpus=2,
+                                       memory_mib=4096, model="t")
+        vmm = LibvirtVMM(uri, reactor=reactor, pool=vmm_pool,
+                         state_dir=str(tmp_path / label / "state"))
+        await vmm.connect()
+        vmms.append(vmm)
+    source, target = vmms
+    try:
+        spec = {"name": "1.web.alice.usher.test", "uuid": str(uuid.uuid4()), "memory_mib": 1,
+                "vcpus": 1, "owner": "alice", "cluster": "web"}
+        await source.create(spec)
+        honest = await source.export_image(spec["name"])
+        assert honest["state"] == states.RUN
+        shadow = ("devices", "<disk type='file' device='disk'><source file='/etc/shadow'/>"
+                             "<target dev='vdb'/></disk>")
+        victim = (spec["name"], "1.secret.bob.usher.test")
+        evil_xml = crafted(honest["xml"], shadow)
+        payloads = [
+            (dict(honest, xml=evil_xml), "import of '1.web.alice.usher.test': the definition "
+                                         "is refused: <devices/disk/source file>: /etc/shadow"),
+            # The exported definition is honest, the one libvirt would restore from is not.
+            (dict(honest, image=saved_image(evil_xml)), "the definition in its memory image "
+                                                        "is refused: <devices/disk/source file>"),
+            (dict(honest, image=saved_image(crafted(honest["xml"], victim))),
+             "memory image is refused: <name> must be the record's"),
+            (dict(honest, state=states.HIBERNATED, image=saved_image(evil_xml)),
+             "memory image is refused"),
+            (dict(honest, image=b"not a memory image"), "memory image cannot be read"),
+            (dict(honest, image=honest["image"] + b"\0" * (257 * 2 ** 20)),
+             "is larger than a VM of 1 MiB may have here"),
+        ]
+        for payload, complaint in payloads:
+            with pytest.raises(InvalidRequest) as refused:
+                await target.import_image(spec, payload)
+            assert complaint in str(refused.value)
+            assert await target.list_domains() == []
+            assert os.listdir(os.path.join(target.state_dir, "images")) == []
+        # The honest export still moves the VM.
+        assert (await target.import_image(spec, honest))["state"] == states.RUN
+    finally:
+        for vmm in vmms:
+            await vmm.close()
+
+
+# --- through the controller's migration path ---------------------------------------------
+
+def compromise_export(node, change):
+    """Make a real LNM's answer to export_image a crafted one (a compromised
+    host: it keeps the honest export, and can put the VM back)."""
+    honest = node.export_image
+
+    async def export_image(name):
+        exported = await honest(name)
+        return change(dict(exported))
+    node.export_image = export_image
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_compromised_source_cannot_migrate_a_crafted_definition(client_grids):
+    """A real LNM whose export answers are crafted (a compromised host) hands
+    them to a real target through the controller's migration saga."""
+    grid = await client_grids(lnms=2)
+    alice, bob = await grid.connected("alice"), await grid.connected("bob")
+    await bob.start(cluster="secret", count=1, lnms=["lnm2"])
+    secret = f"1.secret.bob.{DOMAIN}"
+    shadow = ("devices", "<disk type='file' device='disk'><source file='/etc/shadow'/>"
+                         "<target dev='vdb'/></disk>")
+    commandline = ("domain", f"<qemu:commandline xmlns:qemu='{QEMU_NS}'><qemu:arg "
+                             "value='-runas'/></qemu:commandline>")
+    attacks_by_source = [
+        (lambda e: dict(e, xml=crafted(e["xml"], shadow)), "/etc/shadow"),
+        (lambda e: dict(e, xml=crafted(e["xml"], commandline)), "commandline> is not"),
+        (lambda e: dict(e, image=saved_image(crafted(e["xml"], shadow))),
+         "the definition in its memory image is refused"),
+        (lambda e: dict(e, image=saved_image(re.sub("<name>[^<]*", f"<name>{secret}",
+                                                    e["xml"]))),
+         "<name> must be the record's"),
+    ]
+    started = await alice.start(cluster="movers", count=len(attacks_by_source) + 1,
+                                lnms=["lnm1"])
+    assert started["failed"] == [] and {s["vmm"] for s in started["started"]} == {"lnm1"}
+    movers = sorted(s["name"] for s in started["started"])
+    before = await _domains(grid)
+    images = os.path.join(grid.grid.vmms["lnm2"].state_dir, "images")
+    node = grid.grid.nodes["lnm1"]
+    honest_export = node.export_image
+    for mover, (change, complaint) in zip(movers, attacks_by_source):
+        node.export_image = honest_export
+        compromise_export(node, change)
+        moved, listed = await defer.gatherResults([
+            defer.ensureDeferred(alice.migrate([mover], ["lnm2"])),
+            defer.ensureDeferred(bob.list(remote=True))])
+        assert moved["migrated"] == [] and len(moved["failed"]) == 1, moved
+        assert "migration to lnm2 failed" in moved["failed"][0]["error"]
+        assert complaint in moved["failed"][0]["error"], moved
+        assert [r["name"] for r in listed if r["owner"] == "bob"] == [secret]  # answered
+        # Nothing defined on the target; the VM runs on its source, as before.
+        assert await _domains(grid) == before
+        assert os.listdir(images) == []
+        record = grid.controller.state.vms[mover]
+        assert (record["vmm"], record["state"]) == ("lnm1", states.RUN)
+        assert grid.controller.state.vms[secret]["vmm"] == "lnm2"
+    # An honest source still migrates.
+    node.export_image = honest_export
+    moved = await alice.migrate([movers[-1]], ["lnm2"])
+    assert moved["migrated"] == [{"name": movers[-1], "from": "lnm1", "to": "lnm2"}], moved

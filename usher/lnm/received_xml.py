@@ -112,12 +112,13 @@ def parse(text, what="the definition"):
 
 # --- what this host's own definition reaches -------------------------------------
 
-def _canonical(element):
-    """An element compared as the site wrote it: libvirt's guest addresses
-    and aliases aside."""
+def _canonical(element, device=True):
+    """An element compared as the site wrote it: the guest address and alias
+    libvirt gives a device aside (its own children; a <source>'s address is
+    the host's)."""
     return (element.tag, tuple(sorted(element.attrib.items())), (element.text or "").strip(),
-            tuple(_canonical(child) for child in element
-                  if child.tag not in ("address", "alias")))
+            tuple(_canonical(child, False) for child in element
+                  if not (device and child.tag in ("address", "alias"))))
 
 
 def _absolute_values(root):
