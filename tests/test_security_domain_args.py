@@ -15,6 +15,21 @@ plugin_args, image_dirs, path_args, bridges, networks) decides:
   (``tests.clientgrid``), looking into libvirt itself: nothing is defined;
 - the real start path end to end: a sandbox of processes, the attacks sent
   through the client library and ush.
+
+Hole 4, for migrations: a compromised LNM must not reach another host
+through the definition of a VM it hands over (``usher.lnm.received_xml``):
+
+- the checker: every hostile element refused with its reason, the
+  definitions the host builds itself (the test driver's, QEMU's as libvirt
+  gives them back, a site template's own host-reaching elements) accepted;
+- a real LibvirtVMM refusing crafted definitions and memory images (and
+  oversized ones), defining nothing;
+- a compromised source's exports through the controller's migration saga
+  (in process, clients over TLS) and end to end (the controller and the
+  target as processes over PB/TLS, the compromised LNM a real one with its
+  real certificate): refused, nothing in the target's libvirt, the VM still
+  on its source, another user answered meanwhile;
+- ``live_migration = False``, which keeps every move on the checked path.
 """
 
 import os
@@ -28,20 +43,22 @@ import pytest
 import pytest_twisted
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task, threads
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
 from usher import states
 from usher.config import load_config
 from usher.controller.core import plugin_set_args
-from usher.errors import ConfigError, InvalidRequest
+from usher.errors import ConfigError, InvalidRequest, MigrationUnsupported
 from usher.lnm import domain_xml, received_xml, service, testhost
 from usher.lnm.libvirt_vmm import LibvirtVMM
 from usher import settings as usher_settings
 
+from tests import libvirtd
 from tests.clientgrid import client_grids, pki_dir  # noqa: F401 (fixtures)
 from tests.e2e import RunningSandbox, parse_json, wait_for
+from tests.libvirtd import PrivateLibvirtd
 
 DOMAIN = "usher.test"
 
@@ -908,9 +925,13 @@ async def test_a_crafted_definition_or_image_is_refused_and_nothing_is_defined(t
 # --- through the controller's migration path ---------------------------------------------
 
 def compromise_export(node, change):
-    """Make a real LNM's answer to export_image a crafted one (a compromised
-    host: it keeps the honest export, and can put the VM back)."""
-    honest = node.export_image
+    """Make a real LNM's answer to export_image ``change(honest answer)`` (a
+    compromised host: it keeps the honest export, and can put the VM back);
+    None: honest again."""
+    honest = node.__dict__.setdefault("honest_export", node.export_image)
+    if change is None:
+        node.export_image = honest
+        return
 
     async def export_image(name):
         exported = await honest(name)
@@ -946,9 +967,7 @@ async def test_a_compromised_source_cannot_migrate_a_crafted_definition(client_g
     before = await _domains(grid)
     images = os.path.join(grid.grid.vmms["lnm2"].state_dir, "images")
     node = grid.grid.nodes["lnm1"]
-    honest_export = node.export_image
     for mover, (change, complaint) in zip(movers, attacks_by_source):
-        node.export_image = honest_export
         compromise_export(node, change)
         moved, listed = await defer.gatherResults([
             defer.ensureDeferred(alice.migrate([mover], ["lnm2"])),
@@ -964,6 +983,103 @@ async def test_a_compromised_source_cannot_migrate_a_crafted_definition(client_g
         assert (record["vmm"], record["state"]) == ("lnm1", states.RUN)
         assert grid.controller.state.vms[secret]["vmm"] == "lnm2"
     # An honest source still migrates.
-    node.export_image = honest_export
+    compromise_export(node, None)
     moved = await alice.migrate([movers[-1]], ["lnm2"])
     assert moved["migrated"] == [{"name": movers[-1], "from": "lnm1", "to": "lnm2"}], moved
+
+
+# --- end to end: the real migration path, LNMs over PB/TLS --------------------------------
+
+async def _connected_lnms(admin, wanted, timeout=30.0):
+    deadline = reactor.seconds() + timeout
+    while True:
+        connected = {h["name"] for h in await admin.list_lnm() if h["connected"]}
+        if wanted <= connected:
+            return
+        assert reactor.seconds() < deadline, connected
+        await task.deferLater(reactor, 0.05, lambda: None)
+
+
+@pytest.mark.skipif(not libvirtd.available(), reason="needs root and libvirtd (a private "
+                                                     "test-driver host for the target)")
+@pytest_twisted.ensureDeferred
+async def test_a_compromised_lnm_cannot_hand_another_host_a_crafted_definition(tmp_path):
+    """The controller and the target LNM are processes; the target drives a
+    private libvirtd the test looks into. lnm1's host is compromised: its LNM
+    process gives way to a real LNM with lnm1's certificate whose export
+    answers are crafted."""
+    target_host = PrivateLibvirtd(tmp_path / "libvirtd2")
+    await threads.deferToThread(target_host.start)
+    box = RunningSandbox(tmp_path / "box", lnms=2,
+                         settings={"lnm2": {"libvirt_uri": target_host.uri}})
+    compromised = None
+    try:
+        await box.start()
+        box.add_user("carol", "carol-secret")
+        box.add_user("dave", "dave-secret")
+        await box.kill("lnm1")
+        compromised = service.make_service(load_config(
+            usher_settings.LNM, [box.description["configs"]["lnm1"]], isolated=True), reactor)
+        compromised.startService()
+        await compromised.ready
+        admin = await box.connected_client()
+        await _connected_lnms(admin, {"lnm1", "lnm2"})
+        carol = await box.connected_client("carol", "carol-secret")
+        dave = await box.connected_client("dave", "dave-secret")
+        await dave.start(["other"], lnms=["lnm2"])
+        started = await carol.start(cluster="movers", count=2, lnms=["lnm1"])
+        assert started["failed"] == [], started
+        movers = sorted(s["name"] for s in started["started"])
+        shadow = ("devices", "<disk type='file' device='disk'><source file='/etc/shadow'/>"
+                             "<target dev='vdb'/></disk>")
+        images = os.path.join(box.dir, "lnm2-state", "images")
+        on_target = await threads.deferToThread(target_host.domains)
+        assert sorted(on_target) == [f"other.dave.{DOMAIN}"]
+        for mover, (change, complaint) in zip(movers, [
+                (lambda e: dict(e, xml=crafted(e["xml"], shadow)),
+                 "the definition is refused: <devices/disk/source file>: /etc/shadow"),
+                (lambda e: dict(e, image=saved_image(crafted(e["xml"], shadow))),
+                 "the definition in its memory image is refused")]):
+            compromise_export(compromised.manager, change)
+            moved, listed = await defer.gatherResults([
+                defer.ensureDeferred(carol.migrate([mover], ["lnm2"])),
+                defer.ensureDeferred(dave.list(remote=True))])
+            assert moved["migrated"] == [] and complaint in moved["failed"][0]["error"], moved
+            assert [r["name"] for r in listed if r["owner"] == "dave"] == [
+                f"other.dave.{DOMAIN}"]                                  # dave answered
+            assert await threads.deferToThread(target_host.domains) == on_target
+            assert os.listdir(images) == []
+            mine = {r["name"]: (r["vmm"], r["state"]) for r in await carol.list(remote=True)
+                    if r["owner"] == "carol"}
+            assert mine == {name: ("lnm1", states.RUN) for name in movers}
+    finally:
+        if compromised is not None:
+            await compromised.stopService()
+        await box.stop()
+        await threads.deferToThread(target_host.stop)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_site_can_turn_live_migration_off_so_every_move_is_checked(tmp_path, vmm_pool):
+    """libvirt's live migration hands the target the source's definition
+    without the target LNM seeing it: ``live_migration = False`` makes an
+    LNM neither offer nor do it, so the controller moves its VMs by
+    export/import (checked)."""
+    uri = testhost.write_test_host(tmp_path / "host.xml", hostname="h", cpus=2,
+                                   memory_mib=4096, model="t")
+    vmm = LibvirtVMM(uri, reactor=reactor, pool=vmm_pool, state_dir=str(tmp_path / "state"),
+                     live_migration=False)
+    await vmm.connect()
+    try:
+        assert (await vmm.node_info())["live_migration"] is False
+        await vmm.create({"name": "v1", "memory_mib": 8, "vcpus": 1})
+        with pytest.raises(MigrationUnsupported, match=r"turned off on this LNM"):
+            await vmm.migrate("v1", "qemu+tcp://elsewhere/system")
+    finally:
+        await vmm.close()
+    lnm = tmp_path / "lnm.config"
+    lnm.write_text("[lnm]\nlive_migration = false\nimport_overhead_mib = 64\n")
+    options = load_config(usher_settings.LNM, [str(lnm)], isolated=True)["lnm"]
+    assert (options["live_migration"], options["import_overhead_mib"]) == (False, 64)
+    defaults = load_config(usher_settings.LNM, [], isolated=True)["lnm"]
+    assert (defaults["live_migration"], defaults["import_overhead_mib"]) == (True, 256)

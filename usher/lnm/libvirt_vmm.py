@@ -311,6 +311,9 @@ class LibvirtVMM:
     ``events``: use libvirt lifecycle events when the driver has them.
     ``import_overhead_mib``: how much larger than a VM's memory the memory
     image of an imported VM may be (``received_xml.image_limit``).
+    ``live_migration``: False: never live-migrate (libvirt hands the target
+    the source's definition unchecked); VMs move by export/import, whose
+    definitions the target checks.
     ``reconnect_initial_delay``/``reconnect_max_delay``: when the connection
     to the hypervisor is lost (libvirtd restarted), reconnect after this
     delay, doubling (with jitter) up to the maximum; ``watch_connection``
@@ -323,7 +326,8 @@ class LibvirtVMM:
     def __init__(self, uri, *, reactor, pool, state_dir, domain_template=None,
                  events=True, template_defaults=None, reconnect_initial_delay=1.0,
                  reconnect_max_delay=30.0, clock=None, arg_policy=None,
-                 import_overhead_mib=received_xml.DEFAULT_IMPORT_OVERHEAD_MIB):
+                 import_overhead_mib=received_xml.DEFAULT_IMPORT_OVERHEAD_MIB,
+                 live_migration=True):
         if not isinstance(uri, str) or not uri:
             raise ConfigError(f"the hypervisor URI must be a non-empty string, not {uri!r}")
         defaults = dict(template_defaults or {})
@@ -340,6 +344,7 @@ class LibvirtVMM:
         self._arg_policy = (arg_policy if arg_policy is not None
                             else domain_xml.ArgPolicy(state_dir=self.state_dir))
         self.import_overhead_mib = import_overhead_mib
+        self.live_migration = bool(live_migration)
         # (connection, emulator paths its capabilities offer), see _host_emulators.
         self._emulators = (None, frozenset())
         self._events_wanted = events
@@ -745,7 +750,8 @@ class LibvirtVMM:
             "cpus": cpus,
             "memory_mib": memory_mib,
             "model": model,
-            "live_migration": driver.lower() not in _DRIVERS_WITHOUT_MIGRATION,
+            "live_migration": (self.live_migration
+                               and driver.lower() not in _DRIVERS_WITHOUT_MIGRATION),
         }
 
     def node_status(self):
@@ -1169,6 +1175,10 @@ class LibvirtVMM:
             state = self._state_of(dom)
             if state not in (states.RUN, states.PAUSED):
                 raise InvalidRequest(f"cannot live-migrate VM {name!r}: it is {state}")
+            if not self.live_migration:
+                raise MigrationUnsupported(
+                    f"live migration is turned off on this LNM (live_migration = False): "
+                    "move VMs with export_image/import_image")
             if self._driver in _DRIVERS_WITHOUT_MIGRATION:
                 raise MigrationUnsupported(
                     f"the {self._driver} driver at {self.uri} cannot migrate VMs; "

@@ -235,6 +235,7 @@ def make_service(config, reactor, *, pool=None):
                      template_defaults=template_defaults(lnm),
                      arg_policy=arg_policy(lnm),
                      import_overhead_mib=lnm.get("import_overhead_mib", IMPORT_OVERHEAD_MIB),
+                     live_migration=lnm.get("live_migration", True),
                      reconnect_initial_delay=lnm["reconnect_initial_delay"],
                      reconnect_max_delay=lnm["reconnect_max_delay"])
     # Scans and samples start at a random point of their intervals: LNMs
