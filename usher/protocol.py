@@ -47,12 +47,17 @@ The controller then drives the LNM through ``node_api`` (paper, Table 2)::
     migrate(vm name, target: dict) -> None
                                       live migration to target["migration_uri"];
                                       fails with MigrationUnsupported if the
-                                      driver cannot
+                                      driver cannot (or live_migration is off)
     export_image(vm name) -> dict     {"xml": str, "image": [str chunks]}: the
                                       save/restore fallback, base64 text chunks
     import_image(vm name, payload) -> dict
                                       restore an exported VM (cached first with
-                                      receive) -> domain info
+                                      receive) -> domain info; InvalidRequest,
+                                      nothing defined, unless the definition
+                                      and the image's are what this LNM would
+                                      build for the record (usher.lnm.
+                                      received_xml) and the image is at most
+                                      the record's memory + import_overhead_mib
     release_export(vm name) -> bool   the exported VM lives elsewhere: forget
                                       the export kept since export_image
     restore_export(vm name) -> dict   put the VM back from the kept export

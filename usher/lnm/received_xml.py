@@ -224,7 +224,8 @@ class _Check:
         self.what = what
 
     def refuse(self, where, why):
-        raise InvalidRequest(f"{self.what} is refused: <{where}> {why}")
+        # (``where`` holds the peer's tag names: bounded, as every value is)
+        raise InvalidRequest(f"{self.what} is refused: <{where[:160]}> {why}")
 
     def absent(self, where):
         self.refuse(where, "is not in the definition this host builds for the VM (only the "
@@ -459,4 +460,4 @@ class _Check:
             self.refuse(where, f"{value[:200]} is a host path that the definition this host "
                                "builds for the VM does not use")
         self.reach.policy.confine(None, value, directory=directory,
-                                  what=f"{self.what} is refused: <{where}>")
+                                  what=f"{self.what} is refused: <{where[:160]}>")
