@@ -1,7 +1,9 @@
 """The system under test: a real controller process (``usherctrl``) and a
 fleet of real LNMs (``usher.lnm.fleet``) in the benchmark's own process,
 all on 127.0.0.1 over mutual TLS, with the default settings except where
-the benchmark has to say (ports, files, the size of the test hosts).
+the benchmark has to say (ports, files, the size of the test hosts, and the
+limits one user's 10,000 VMs would break: VMs per request and the default
+per-user quotas, raised explicitly in ``BENCH_LIMITS``).
 """
 
 import json
@@ -24,6 +26,10 @@ DOMAIN = "usher.bench"
 # bcrypt cost of the benchmark user: logins are not what is measured, and a
 # hundred clients log in at once.
 BCRYPT_ROUNDS = 4
+# The benchmark's one ordinary user starts every VM: no per-user quota
+# (limits.config) and whole-system starts in one request.
+BENCH_LIMITS = {"max_vms_per_user": 0, "max_memory_per_user": 0, "max_vcpus_per_user": 0}
+MAX_REQUEST_VMS = 10000
 
 
 def sleep(reactor, seconds):
@@ -116,10 +122,15 @@ class BenchSystem:
                 "ssl_key_file": os.path.join(self.pki_dir, "usherctrl_key.pem"),
                 "ssl_cert_file": os.path.join(self.pki_dir, "usherctrl_cert.pem"),
                 "ssl_ca_file": ca, "state_dir": state, "passwd_file": passwd,
-                "log_file": os.path.join(self.dir, "logs", "usherctrl.log")}
+                "log_file": os.path.join(self.dir, "logs", "usherctrl.log"),
+                "max_request_vms": MAX_REQUEST_VMS}
         ctrl.update(self.ctrl_settings)
+        limits = os.path.join(self.dir, "limits.config")
+        _write_config(limits, None, BENCH_LIMITS)
+        plugins = settings.default_plugin_registrations()
+        plugins["limits"]["config"] = limits
         self.ctrl_config = os.path.join(self.dir, "ctrl.config")
-        _write_config(self.ctrl_config, "ctrl", ctrl)
+        _write_config(self.ctrl_config, "ctrl", ctrl, plugins=plugins)
         lnm = {"controller_host": "127.0.0.1", "controller_port": self.lnm_port,
                "controller_tls_name": "localhost", "ssl_ca_file": ca,
                "ssl_cert_file": os.path.join(self.fleet_pki, "lnm1_cert.pem"),
@@ -245,10 +256,18 @@ def _kill_quietly(transport):
         pass
 
 
-def _write_config(path, section, options):
-    lines = [f"[{section}]"]
+def _write_config(path, section, options, plugins=None):
+    """``section`` None: a plugin's file (no section); ``plugins``: a
+    [[plugins]] section shaped like settings.default_plugin_registrations()."""
+    lines = [f"[{section}]"] if section else []
     for key, value in options.items():
         lines.append(f"{key} = {value}")
+    if plugins is not None:
+        lines.append("[[plugins]]")
+        for name, registration in plugins.items():
+            lines.append(f"[[[{name}]]]")
+            lines.extend(f"{key} = {', '.join(value) if isinstance(value, list) else value}"
+                         for key, value in registration.items() if value is not None)
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
 

@@ -5,7 +5,10 @@ For ordinary users (administrators too, unless ``admins_exempt``):
 
 - VMs per user, VMs per virtual cluster, and memory and vCPUs per user
   (counting VMs that hold resources: running, paused, starting, migrating;
-  per-user overrides in a ``[users]`` section);
+  per-user overrides in a ``[users]`` section); by default 100 VMs, 32 GiB
+  and 128 vCPUs per user (``DEFAULT_QUOTAS``: the controller registers this
+  plugin on ``start_request`` when ctrl.config has no [[plugins]]), 0 for
+  no limit;
 - the largest VM one may ask for (memory, vCPUs), and VMs per request;
 - which requests only administrators may make (``admin_only``, e.g.
   ``migrate``), and which nobody may make (``denied``);
@@ -31,14 +34,18 @@ from usher.controller.capacity import ACTIVE_STATES, is_true
 from usher.errors import ConfigError
 from usher.naming import DEFAULT_CLUSTER, cluster_of, split
 
-CONFIG_SPEC = """
+# The per-user quotas a site gets without saying (MiB of memory).
+DEFAULT_QUOTAS = {"max_vms_per_user": 100, "max_memory_per_user": 32768,
+                  "max_vcpus_per_user": 128}
+
+CONFIG_SPEC = f"""
 order = integer(default=20)
 on_excess = option('trim', 'reject', default='trim')
 admins_exempt = boolean(default=True)
-max_vms_per_user = integer(min=0, default=0)
+max_vms_per_user = integer(min=0, default={DEFAULT_QUOTAS["max_vms_per_user"]})
 max_vms_per_cluster = integer(min=0, default=0)
-max_memory_per_user = integer(min=0, default=0)
-max_vcpus_per_user = integer(min=0, default=0)
+max_memory_per_user = integer(min=0, default={DEFAULT_QUOTAS["max_memory_per_user"]})
+max_vcpus_per_user = integer(min=0, default={DEFAULT_QUOTAS["max_vcpus_per_user"]})
 max_vms_per_request = integer(min=0, default=0)
 max_memory_per_vm = integer(min=0, default=0)
 max_vcpus_per_vm = integer(min=0, default=0)

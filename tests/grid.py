@@ -59,12 +59,16 @@ class LocalReporter:
 
 class Grid:
     def __init__(self, reactor, tmpdir, *, lnms=3, cpus=8, memory_mib=16384,
-                 plugin_dir=None, registrations=None, controller_options=None):
+                 plugin_dir=None, registrations=None, controller_options=None,
+                 vmm_options=None):
         self.reactor = reactor
         self.tmpdir = str(tmpdir)
         self.lnm_count = lnms
         self.cpus = cpus
         self.memory_mib = memory_mib
+        # LibvirtVMM options of every LNM, or a function of its state_dir
+        # giving them (domain_template, arg_policy ...).
+        self.vmm_options = vmm_options or {}
         self.pool = ThreadPool(minthreads=1, maxthreads=4, name="grid")
         self.controller = Controller(domain=DOMAIN, clock=reactor, admins=["root"],
                                      **(controller_options or {}))
@@ -92,7 +96,10 @@ class Grid:
         os.makedirs(state_dir, exist_ok=True)
         uri = write_test_host(os.path.join(state_dir, "host.xml"), hostname=name,
                               cpus=self.cpus, memory_mib=self.memory_mib, model="grid")
-        vmm = LibvirtVMM(uri, reactor=self.reactor, pool=self.pool, state_dir=state_dir)
+        options = (self.vmm_options(state_dir) if callable(self.vmm_options)
+                   else self.vmm_options)
+        vmm = LibvirtVMM(uri, reactor=self.reactor, pool=self.pool, state_dir=state_dir,
+                         **options)
         await vmm.connect()
         node = NodeManager(vmm, name=name, clock=self.reactor, scan_interval=3600,
                            report_interval=3600)

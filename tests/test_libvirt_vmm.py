@@ -360,7 +360,9 @@ def test_site_template_escapes_values_and_embeds_metadata(tmp_path):
         "</domain>\n")
     template = domain_xml.DomainTemplate.from_file(path)
     clean = domain_xml.normalize_spec(spec(NASTY, owner="o'<", args={"note": "it's \"x\""}))
-    root = ET.fromstring(template.render(clean, str(tmp_path)))
+    policy = domain_xml.ArgPolicy(state_dir=str(tmp_path), request_args=["note"])
+    root = ET.fromstring(domain_xml.build_domain_xml(
+        clean, driver="test", state_dir=str(tmp_path), template=template, policy=policy))
     assert root.findtext("name") == NASTY
     assert root.findtext("title") == "o'< in sneetch"
     assert root.find("description").get("note") == "it's \"x\""
@@ -399,24 +401,29 @@ async def test_vmm_uses_a_site_template(make_vmm, tmp_path):
 
 
 def test_qemu_template_boots_a_kernel_and_logs_the_console(tmp_path):
-    clean = domain_xml.normalize_spec(spec("q1", args={"kernel": "/boot/vmlinuz",
-                                                       "bridge": "br0"}))
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "vmlinuz").touch()
+    kernel = str(tmp_path / "images" / "vmlinuz")
+    clean = domain_xml.normalize_spec(spec("q1", args={"kernel": kernel, "bridge": "br0"}))
+    state = str(tmp_path / "state")
+    policy = domain_xml.ArgPolicy(state_dir=state, request_args=["kernel", "bridge"],
+                                  image_dirs=[str(tmp_path / "images")], bridges=["br0"])
     root = ET.fromstring(domain_xml.build_domain_xml(
-        clean, driver="qemu", state_dir=str(tmp_path),
+        clean, driver="qemu", state_dir=state, policy=policy,
         defaults={"initrd": "/boot/initrd.gz", "kernel": "/default/kernel"}))
     assert root.get("type") == "qemu"
-    assert root.findtext("os/kernel") == "/boot/vmlinuz"   # args beat defaults
+    assert root.findtext("os/kernel") == kernel             # args beat defaults
     assert root.findtext("os/initrd") == "/boot/initrd.gz"
     assert root.findtext("os/cmdline") == "console=ttyS0"
     assert root.find("features/acpi") is not None
-    assert root.find("devices/serial/source").get("path") == str(tmp_path / "consoles" / "q1.log")
+    assert root.find("devices/serial/source").get("path") == f"{state}/consoles/q1.log"
     assert root.find("devices/interface/source").get("bridge") == "br0"
     assert root.findtext("memory") == str(256 * 1024)
     with pytest.raises(InvalidRequest, match="kernel"):
         domain_xml.build_domain_xml(domain_xml.normalize_spec(spec("q2")),
                                     driver="qemu", state_dir=str(tmp_path))
     with pytest.raises(ConfigError, match="lxc"):
-        domain_xml.build_domain_xml(clean, driver="lxc", state_dir=str(tmp_path))
+        domain_xml.build_domain_xml(clean, driver="lxc", state_dir=state, policy=policy)
 
 
 # --- migration and moving images ------------------------------------------------------

@@ -211,7 +211,8 @@ async def test_plugin_administration_is_for_administrators_and_checks_input(tmp_
         await root.register_plugin("pack", "timer")
     # nothing changed by any of the refused calls
     assert sorted((r.plugin.name, r.event) for r in grid.controller.chains.registrations()
-                  if r.event == "start_request") == [("open_authz", "start_request"),
+                  if r.event == "start_request") == [("limits", "start_request"),
+                                                     ("open_authz", "start_request"),
                                                      ("roundrobin", "start_request")]
 
 
@@ -439,7 +440,7 @@ async def test_the_readme_example_plugin_works_as_documented(tmp_path, client_gr
 
     description = await root.plugins()
     assert [r["plugin"] for r in description["registered"] if r["event"] == "start_request"] \
-        == ["open_authz", "quota", "roundrobin"]
+        == ["open_authz", "limits", "quota", "roundrobin"]
     result = await alice.start(cluster="web", count=5)
     assert len(result["started"]) == 3
     assert sorted(f["name"] for f in result["failed"]) == [full("4.web"), full("5.web")]

@@ -43,6 +43,8 @@ async def test_ush_manages_plugins_and_swaps_placement(system, tmp_path):
         max_vms_per_cluster = 2
         admins_exempt = no
         """)
+    # In place of the default registration (the default quotas).
+    await system.ush("unregister_plugin", "limits", "start_request", check=True)
     done = await system.ush("register_plugin", "limits", "start_request", limits,
                             json_output=False)
     assert done.returncode == 0, done.stderr
@@ -60,6 +62,7 @@ async def test_ush_manages_plugins_and_swaps_placement(system, tmp_path):
         admin = await system.connected_client()
         await admin.unregister_plugin("pack")
         await admin.unregister_plugin("limits")
+        await admin.register_plugin("limits", "start_request")
         await admin.register_plugin("roundrobin", "start_request")
     started = await admin.start(cluster="rr", count=3)
     assert len({s["vmm"] for s in started["started"]}) == 3

@@ -41,9 +41,10 @@ async def test_administrators_list_register_and_unregister_plugins(tmp_path, cli
     assert code == ush.EXIT_OK, err
     assert out.startswith("Plugin pack registered for start_request, migrate_request.\n")
     rows = [line.split()[:3] for line in out.splitlines() if line.startswith(("start_", "migr"))]
+    default_limits = {"start_request": [("20", "limits")], "migrate_request": []}
     assert rows == [[event, order, plugin] for event in ("migrate_request", "start_request")
-                    for order, plugin in (("10", "open_authz"), ("40", "pack"),
-                                          ("50", "roundrobin"))]
+                    for order, plugin in [("10", "open_authz")] + default_limits[event]
+                    + [("40", "pack"), ("50", "roundrobin")]]
 
     code, out, _ = await run_ush(grid, "root", "plugins", json_output=True)
     described = json.loads(out)

@@ -261,6 +261,7 @@ async def test_request_beyond_plugin_limits_calls_resources_failed(gw, system, t
     limits = tmp_path / "limits.config"
     limits.write_text("max_vms_per_request = 2\n")
     admin = await system.connected_client()
+    await admin.unregister_plugin("limits")          # the default registration
     await admin.register_plugin("limits", "start_request", str(limits))
     bob = {"user": "bob", "password": "bob-secret"}     # credentials with every call
     try:
@@ -268,6 +269,7 @@ async def test_request_beyond_plugin_limits_calls_resources_failed(gw, system, t
         method, message, hosts = await gw.plush.upcall(request_id)
     finally:
         await admin.unregister_plugin("limits")
+        await admin.register_plugin("limits", "start_request")
     assert method == "resources_failed"
     assert sorted(hosts) == [full("1.plushlim", "bob"), full("2.plushlim", "bob")]
     assert message.startswith("1 of 3 VMs could not start: ")

@@ -268,22 +268,32 @@ def test_host_memory_falls_back_to_get_info_and_free_memory():
 # --- the built-in QEMU template ----------------------------------------------------------
 
 def _qemu_xml(tmp_path, **args):
+    """The built-in template's XML for a request's args; a ``disk`` is a file
+    name in an image directory the LNM lets requests use."""
+    images = tmp_path / "images"
+    images.mkdir(exist_ok=True)
+    if "disk" in args:
+        (images / args["disk"]).touch()
+        args["disk"] = str(images / args["disk"])
     spec = domain_xml.normalize_spec({"name": "q1", "memory_mib": 128, "vcpus": 1,
                                       "owner": "alice", "cluster": "web", "args": args})
+    state = str(tmp_path / "state")
+    policy = domain_xml.ArgPolicy(state_dir=state, request_args=["disk", "disk_cache"],
+                                  image_dirs=[str(images)])
     return ET.fromstring(domain_xml.build_domain_xml(
-        spec, driver="qemu", state_dir=str(tmp_path),
-        defaults={"kernel": "/k", "initrd": "/i"}))
+        spec, driver="qemu", state_dir=state, defaults={"kernel": "/k", "initrd": "/i"},
+        policy=policy))
 
 
 def test_console_log_is_appended_to_by_each_new_qemu(tmp_path):
     source = _qemu_xml(tmp_path).find("devices/serial/source")
-    assert source.get("path") == str(tmp_path / "consoles" / "q1.log")
+    assert source.get("path") == str(tmp_path / "state" / "consoles" / "q1.log")
     assert source.get("append") == "on"
 
 
 def test_disk_cache_mode_is_set_only_when_asked(tmp_path):
-    driver = _qemu_xml(tmp_path, disk="/srv/a.qcow2").find("devices/disk/driver")
+    driver = _qemu_xml(tmp_path, disk="a.qcow2").find("devices/disk/driver")
     assert driver.attrib == {"name": "qemu", "type": "qcow2"}
-    driver = _qemu_xml(tmp_path, disk="/srv/a.img", disk_cache="none").find(
+    driver = _qemu_xml(tmp_path, disk="a.img", disk_cache="none").find(
         "devices/disk/driver")
     assert driver.attrib == {"name": "qemu", "type": "raw", "cache": "none"}

@@ -29,7 +29,10 @@ The controller then drives the LNM through ``node_api`` (paper, Table 2)::
     get_details(vm name) -> dict      cached record merged with domain info
     get_status(vm name) -> dict       the VM's figures (see Monitoring)
     receive([json chunk]) -> int      cache VM records (the controller's view),
-                                      returns how many are cached
+                                      returns how many are cached; a record's
+                                      "plugin_args" names the args plugins set
+                                      (the LNM's plugin_args option applies to
+                                      them, request_args to the others)
     start(vm name) -> dict            boot a cached VM (idempotent) -> domain info
     start_many([vm name]) -> [json chunk]
                                       start for each VM (up to 1,024, no
@@ -44,12 +47,17 @@ The controller then drives the LNM through ``node_api`` (paper, Table 2)::
     migrate(vm name, target: dict) -> None
                                       live migration to target["migration_uri"];
                                       fails with MigrationUnsupported if the
-                                      driver cannot
+                                      driver cannot (or live_migration is off)
     export_image(vm name) -> dict     {"xml": str, "image": [str chunks]}: the
                                       save/restore fallback, base64 text chunks
     import_image(vm name, payload) -> dict
                                       restore an exported VM (cached first with
-                                      receive) -> domain info
+                                      receive) -> domain info; InvalidRequest,
+                                      nothing defined, unless the definition
+                                      and the image's are what this LNM would
+                                      build for the record (usher.lnm.
+                                      received_xml) and the image is at most
+                                      the record's memory + import_overhead_mib
     release_export(vm name) -> bool   the exported VM lives elsewhere: forget
                                       the export kept since export_image
     restore_export(vm name) -> dict   put the VM back from the kept export
@@ -150,6 +158,9 @@ Perspective (paper, Table 4, plus session methods)::
                                       1-minute CPU average (list_request
                                       plugins filter them as for list)
     start(vms: list, lnms: list, args: dict) -> result dict
+                                      (args: at most 32, values of 4,096
+                                      characters, 16 KiB in all; VMs: at most
+                                      max_request_vms)
     op_on(operation, selection, args: dict) -> result dict
     migrate(selection, lnms: list, args: dict) -> result dict
     whoami() -> {"user", "admin", "domain"}

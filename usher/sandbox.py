@@ -89,6 +89,11 @@ ssl_ca_file = {ca}
 state_dir = {directory}/ctrl-state
 passwd_file = {passwd}
 plugin_dir = {directory}/plugins
+# The defaults, said here: at most 1000 VMs per request; without a [[plugins]]
+# section open_authz, limits (on start_request: 100 VMs, 32768 MiB and 128
+# vCPUs per ordinary user) and roundrobin. The sandbox user {user} is an
+# administrator, exempt from the quotas.
+max_request_vms = 1000
 # Prometheus metrics (monitoring figures, controller health) on loopback.
 metrics_interface = 127.0.0.1
 metrics_port = {metrics_port}

@@ -20,9 +20,9 @@ REQUEST_EVENTS = ("start_request", "migrate_request", "list_request") + tuple(
 CTRL_SPEC = f"""
 [ctrl]
 domain = string(default='usher.local')
-client_interface = string(default='0.0.0.0')
+client_interface = string(default='127.0.0.1')
 client_port = {_PORT.format(7390)}
-lnm_interface = string(default='0.0.0.0')
+lnm_interface = string(default='127.0.0.1')
 lnm_port = {_PORT.format(7391)}
 lnm_names = list(default=list())
 ssl_key_file = path(default='/etc/usher/usherctrl_key.pem')
@@ -50,7 +50,7 @@ call_timeout = float(gt=0, default=30)
 start_timeout = float(gt=0, default=120)
 default_memory = integer(min=1, default=256)
 default_vcpus = integer(min=1, default=1)
-max_request_vms = integer(min=1, default=10000)
+max_request_vms = integer(min=1, default=1000)
 max_selection_names = integer(min=1, default=10000)
 max_selection_patterns = integer(min=1, default=32)
 user_visibility = option('own', 'all', default='own')
@@ -92,7 +92,15 @@ host_memory = integer(min=1, default=16384)
 host_model = string(default='usher-test-host')
 state_dir = path(default='/var/lib/usher/lnm')
 domain_template = path(default=None)
+request_args = list(default=list())
+plugin_args = list(default=list())
+image_dirs = list(default=list())
+path_args = list(default=list())
+bridges = list(default=list())
+networks = list(default=list())
 migration_uri = string(default=None)
+import_overhead_mib = integer(min=0, max=65536, default=256)
+live_migration = boolean(default=True)
 scan_interval = float(gt=0, default=10)
 report_interval = float(gt=0, default=0.2)
 sample_interval = float(gt=0, default=5)
@@ -100,7 +108,7 @@ status_report_interval = float(gt=0, default=15)
 simulated_load = option('off', 'idle', 'steady', 'wave', 'bursty', default='off')
 threads = integer(min=1, default=4)
 recovery_port = {_PORT.format(7392)}
-recovery_interface = string(default='0.0.0.0')
+recovery_interface = string(default='127.0.0.1')
 ping_interval = float(gt=0, default=5)
 ping_timeout = float(gt=0, default=30)
 reconnect_initial_delay = float(gt=0, default=1)
@@ -134,11 +142,15 @@ def default_plugin_registrations() -> dict:
 
     Shaped like a parsed [[plugins]] section. Open authorization comes first
     so that placement sees only approved requests (plugins without an order
-    run in registration order).
+    run in registration order); ``limits`` on starts with its default
+    per-user quotas (plugins/limits.py: administrators exempt), so that no
+    ordinary user can take every host.
     """
     return {
         "open_authz": {"plugin": "open_authz", "events": list(REQUEST_EVENTS),
                        "config": None, "order": None},
+        "limits": {"plugin": "limits", "events": ["start_request"], "config": None,
+                   "order": None},
         "roundrobin": {"plugin": "roundrobin", "events": ["start_request", "migrate_request"],
                        "config": None, "order": None},
     }

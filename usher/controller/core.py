@@ -62,7 +62,12 @@ def lnm_view(record):
 
 # Keys a request's extra arguments may not shadow.
 RESERVED_ARGS = {"memory_mib", "vcpus", "cluster", "count"}
+# A request's extra arguments are copied into every VM's record, to plugins,
+# LNMs and clients: at most MAX_ARGS of them, each value at most MAX_ARG_LEN
+# characters, names and values together at most MAX_ARGS_BYTES (UTF-8).
 MAX_ARG_LEN = 4096
+MAX_ARGS = 32
+MAX_ARGS_BYTES = 16384
 
 
 def _check_args(args):
@@ -70,18 +75,27 @@ def _check_args(args):
         return {}
     if not isinstance(args, dict):
         raise InvalidRequest("request arguments must be a dict")
+    if len(args) > MAX_ARGS:
+        raise InvalidRequest(f"at most {MAX_ARGS} request arguments (got {len(args)})")
     clean = {}
+    size = 0
     for key, value in args.items():
         if not isinstance(key, str) or not key.isidentifier() or len(key) > 64:
-            raise InvalidRequest(f"invalid argument name {key!r}")
+            raise InvalidRequest(f"invalid argument name {key[:64]!r}"
+                                 if isinstance(key, str) else "invalid argument name")
         if isinstance(value, bool) or value is None:
             clean[key] = value
         elif isinstance(value, (int, float)):
             clean[key] = value
         elif isinstance(value, str) and len(value) <= MAX_ARG_LEN:
             clean[key] = value
+            size += len(value.encode("utf-8", "surrogatepass"))
         else:
             raise InvalidRequest(f"argument {key!r} must be a short string or a number")
+        size += len(key)
+        if size > MAX_ARGS_BYTES:
+            raise InvalidRequest(f"request arguments are larger than {MAX_ARGS_BYTES} "
+                                 "bytes in all")
     for key in ("memory_mib", "vcpus", "count"):
         if key in clean and (not isinstance(clean[key], int) or isinstance(clean[key], bool)
                              or clean[key] < 1):
@@ -91,6 +105,18 @@ def _check_args(args):
             raise InvalidRequest("cluster must be a string")
         check_label(clean["cluster"], "cluster name")
     return clean
+
+
+def plugin_set_args(user_args, args, vm_args):
+    """The names of a new VM's ``args`` that plugins set rather than the
+    user's request (its record's ``plugin_args``, which the LNM's
+    ``plugin_args`` option applies to instead of ``request_args``): those of
+    ``vm_args`` (``Request.set_vm_arg``) and those whose value is not the one
+    the user sent. A value the user sent and no plugin changed stays the
+    user's, whatever plugins saw it."""
+    return sorted(key for key, value in args.items()
+                  if key in vm_args or key not in user_args
+                  or not (user_args[key] is value or user_args[key] == value))
 
 
 class PluginAPI:
@@ -136,7 +162,7 @@ class PluginAPI:
 
 class Controller:
     def __init__(self, *, domain, clock, admins=(), default_memory=256, default_vcpus=1,
-                 call_timeout=30.0, start_timeout=120.0, max_request_vms=10000,
+                 call_timeout=30.0, start_timeout=120.0, max_request_vms=1000,
                  known_lnms=None, lnm_concurrency=64, status_history=60,
                  vm_status_history=15, status_history_interval=60.0,
                  user_visibility="own", max_selection_names=MAX_NAMES,
@@ -448,10 +474,12 @@ class Controller:
                 failed.append({"name": name, "error": "no placement: no plugin placed it"
                                if lnm is None else f"LNM {lnm} is not connected"})
                 continue
+            vm_args = request.vm_args.get(name, {})
             record = self.state.new_record(
                 name, state=states.STARTING, vmm=lnm, cluster=cluster,
                 memory_mib=memory, vcpus=vcpus, uuid=str(uuid.uuid4()),
-                args=dict(request.args, **request.vm_args.get(name, {})))
+                args=dict(request.args, **vm_args))
+            record["plugin_args"] = plugin_set_args(args, record["args"], vm_args)
             self.state.add(record)
             placed.append(record)
         for name in restart:

@@ -17,6 +17,7 @@ from twisted.spread import pb
 
 from usher import records, states
 from usher.errors import InvalidRequest, OperationFailed, UsherError
+from usher.lnm.received_xml import MAX_DEFINITION_CHARS
 from usher.pbutil import as_deferred
 from usher.protocol import MAX_FIELD
 
@@ -26,7 +27,7 @@ IMAGE_CHUNK_BYTES = 192 * 1024
 # 16 GiB of image text: a memory image is as large as the VM's memory.
 MAX_IMAGE_CHUNKS = 65536
 # A domain definition travels as one string: under banana's limit.
-MAX_XML = 512 * 1024
+MAX_XML = MAX_DEFINITION_CHARS
 # VMs in one start_many (the controller sends a few dozen at a time).
 MAX_START_MANY = 1024
 
@@ -39,18 +40,25 @@ def encode_image(data):
             for i in range(0, len(data), IMAGE_CHUNK_BYTES)]
 
 
-def decode_image(chunks):
-    """Inverse of encode_image, refusing anything malformed."""
+def decode_image(chunks, max_bytes=None):
+    """Inverse of encode_image, refusing anything malformed or (before
+    decoding it) decoding to more than ``max_bytes``."""
     if not isinstance(chunks, (list, tuple)) or len(chunks) > MAX_IMAGE_CHUNKS:
         raise InvalidRequest("image must be a list of at most "
                              f"{MAX_IMAGE_CHUNKS} base64 chunks")
+    if not all(isinstance(chunk, (str, bytes)) and len(chunk) <= 2 * IMAGE_CHUNK_BYTES
+               for chunk in chunks):
+        raise InvalidRequest("image chunk must be base64 text of at most "
+                             f"{2 * IMAGE_CHUNK_BYTES} characters")
+    encoded = sum(len(chunk) for chunk in chunks)
+    if max_bytes is not None and encoded // 4 * 3 > max_bytes:
+        raise InvalidRequest(f"the image (about {encoded // 4 * 3} bytes) is larger than "
+                             f"this LNM accepts for the VM ({max_bytes} bytes: the memory "
+                             "of its record here and import_overhead_mib)")
     parts = []
     for chunk in chunks:
         if isinstance(chunk, str):
             chunk = chunk.encode("ascii", "replace")
-        if not isinstance(chunk, bytes) or len(chunk) > 2 * IMAGE_CHUNK_BYTES:
-            raise InvalidRequest("image chunk must be base64 text of at most "
-                                 f"{2 * IMAGE_CHUNK_BYTES} characters")
         try:
             parts.append(base64.b64decode(chunk, validate=True))
         except (binascii.Error, ValueError):
@@ -66,8 +74,9 @@ def encode_export(exported):
             "image": None if image is None else encode_image(image)}
 
 
-def decode_export(payload):
-    """Inverse of encode_export, refusing anything malformed."""
+def decode_export(payload, max_image_bytes=None):
+    """Inverse of encode_export, refusing anything malformed or an image of
+    more than ``max_image_bytes``."""
     if not isinstance(payload, dict):
         raise InvalidRequest("image payload must be a dict")
     xml = payload.get("xml")
@@ -79,7 +88,7 @@ def decode_export(payload):
         raise InvalidRequest(f"image payload has an unknown state {str(state)[:80]!r}")
     image = payload.get("image")
     return {"xml": xml, "state": state or states.RUN,
-            "image": None if image is None else decode_image(image)}
+            "image": None if image is None else decode_image(image, max_image_bytes)}
 
 
 def check_name(name, what="VM name"):
@@ -188,7 +197,8 @@ class NodeAPI(pb.Referenceable):
     @_remote
     async def remote_import_image(self, name, payload):
         check_name(name)
-        return await self.manager.import_image(name, decode_export(payload))
+        limit = self.manager.import_limit(name)    # the record came first (receive)
+        return await self.manager.import_image(name, decode_export(payload, limit))
 
     @_remote
     async def remote_release_export(self, name):

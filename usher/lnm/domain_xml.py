@@ -19,11 +19,24 @@ Every domain carries Usher's metadata element::
     </metadata>
 
 which ``read_usher_metadata`` reads back. Nothing here touches libvirt or
-blocks, except ``DomainTemplate.from_file`` (one file read).
+blocks, except ``DomainTemplate.from_file`` (one file read) and
+``ArgPolicy.check`` (a few ``stat`` calls: run it in the LNM's thread pool).
+
+What a VM's args may put into its definition is the LNM's ``ArgPolicy``:
+args are untrusted (a user's request) unless the controller marked them as
+set by its plugins (the spec's ``plugin_args``: names, computed by the
+controller, never by a client). Only the template variables the LNM's
+``request_args`` (or, for plugin values, ``plugin_args``) option lists may be
+set; host paths are canonicalised and must lie in ``image_dirs`` (never in
+the LNM's state directory: hibernation images, consoles); enumerations come
+from fixed sets and devices from the sets the LNM configures. The LNM's own
+``[[domain]]`` defaults are the site's and are not checked. Args that are no
+template variable (``os``, ``guaranteed`` ...) never reach the XML.
 """
 
 import os
 import re
+import stat
 import string
 import uuid as uuidlib
 import xml.etree.ElementTree as ET
@@ -44,6 +57,25 @@ TEMPLATE_VARIABLES = ("name", "uuid", "memory_kib", "memory_mib", "vcpus",
 # understands.
 QEMU_ARGS = ("domain_type", "kernel", "initrd", "cmdline", "disk",
              "disk_format", "disk_cache", "network", "bridge")
+
+# What each template variable a VM's args may set is, and how its value is
+# checked (``ArgPolicy``; etc/lnm.config.orig documents each one):
+# host files: canonicalised (realpath), inside the LNM's image_dirs;
+PATH_VARIABLES = ("kernel", "initrd", "disk", "cdrom")
+# fixed sets of values;
+ENUM_VARIABLES = {
+    "domain_type": ("qemu", "kvm"),
+    "disk_format": ("raw", "qcow2", "qed", "vmdk", "vdi", "vpc", "vhdx"),
+    "disk_cache": ("default", "none", "writethrough", "writeback", "directsync", "unsafe"),
+    "disk_bus": ("virtio", "sata", "scsi", "ide", "usb"),
+    "net_model": ("virtio", "e1000", "e1000e", "rtl8139"),
+}
+# host devices: from the set the LNM's option of that name gives;
+DEVICE_VARIABLES = {"bridge": "bridges", "network": "networks"}
+# free text (XML-escaped), e.g. the guest kernel's command line: cmdline and
+# every other ${variable} of a site template.
+KNOWN_VARIABLES = frozenset(QEMU_ARGS + PATH_VARIABLES) | set(ENUM_VARIABLES) | set(
+    DEVICE_VARIABLES)
 
 # A VM name becomes a file name (<name>.save, <name>.log): keep it well
 # inside NAME_MAX (255 bytes) once a suffix is added.
@@ -123,6 +155,17 @@ def _check_args(args):
     return clean
 
 
+def _check_plugin_args(names, args):
+    """The spec's ``plugin_args``: the names of the args the controller's
+    plugins set (the site's values, not the user's) -> a sorted list of those
+    present in ``args``."""
+    if names is None:
+        return []
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise InvalidRequest("spec field 'plugin_args' must be a list of argument names")
+    return sorted(set(names) & set(args))
+
+
 def normalize_spec(spec):
     """Check a VM spec and return a clean copy (uuid generated when absent).
 
@@ -142,6 +185,7 @@ def normalize_spec(spec):
             vm_uuid = str(uuidlib.UUID(str(raw_uuid)))
         except ValueError:
             raise InvalidRequest(f"spec field 'uuid' is not a UUID: {raw_uuid!r}") from None
+    args = _check_args(spec.get("args"))
     return {
         "name": check_name(spec["name"]),
         "uuid": vm_uuid,
@@ -149,7 +193,8 @@ def normalize_spec(spec):
         "vcpus": _check_count("vcpus", spec["vcpus"], MAX_VCPUS),
         "owner": _check_text("owner", spec.get("owner")),
         "cluster": _check_text("cluster", spec.get("cluster")),
-        "args": _check_args(spec.get("args")),
+        "args": args,
+        "plugin_args": _check_plugin_args(spec.get("plugin_args"), args),
     }
 
 
@@ -158,10 +203,139 @@ def console_path(state_dir, name):
     return os.path.join(os.path.abspath(state_dir), "consoles", f"{name}.log")
 
 
-def template_values(spec, state_dir, defaults=None):
-    """The variables a template sees: defaults, then args, then the spec."""
-    values = dict(defaults or {})
-    values.update(spec["args"])
+def _inside(path, directory):
+    return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
+
+
+def _names(option, names):
+    names = list(names or ())
+    bad = [n for n in names if not isinstance(n, str) or not _ARG_KEY.match(n)
+           or n in TEMPLATE_VARIABLES]
+    if bad:
+        raise ConfigError(f"[lnm] {option}: {', '.join(map(repr, bad))} cannot be set by "
+                          "a VM's args (not a variable name, or set from the VM spec)")
+    return frozenset(names)
+
+
+class ArgPolicy:
+    """What a VM's args may set in its domain definition on this LNM (the
+    [lnm] options of the same names; empty: nothing).
+
+    ``request_args``: template variables a user's request may set;
+    ``plugin_args``: those the controller's plugins may set (the spec's
+    ``plugin_args`` names them); ``image_dirs``: where host files named by
+    path variables (``PATH_VARIABLES`` and ``path_args``) must lie once
+    canonicalised; ``bridges``, ``networks``: the host devices a VM may be
+    attached to. ``state_dir`` (hibernation images, consoles) is never an
+    image directory. Directories are canonicalised here: build it at start-up.
+    """
+
+    def __init__(self, *, state_dir, request_args=(), plugin_args=(), image_dirs=(),
+                 bridges=(), networks=(), path_args=()):
+        self.request_args = _names("request_args", request_args)
+        self.plugin_args = _names("plugin_args", plugin_args)
+        self.path_variables = frozenset(PATH_VARIABLES) | _names("path_args", path_args)
+        self.state_dir = os.path.realpath(state_dir)
+        dirs = []
+        for directory in image_dirs or ():
+            if not isinstance(directory, str) or not os.path.isabs(directory):
+                raise ConfigError(f"[lnm] image_dirs: {directory!r} is not an absolute path")
+            real = os.path.realpath(directory)
+            if _inside(real, self.state_dir) or _inside(self.state_dir, real):
+                raise ConfigError(
+                    f"[lnm] image_dirs: {directory} overlaps the LNM's state_dir "
+                    f"{self.state_dir} (hibernation images, consoles): never an image "
+                    "directory")
+            dirs.append(real)
+        self.image_dirs = tuple(dirs)
+        self.devices = {"bridge": frozenset(bridges or ()),
+                        "network": frozenset(networks or ())}
+
+    def variables(self, template=None):
+        """The template variables args may reach: the built-in ones (on every
+        driver, so a request means the same on every host), the site
+        template's, and the path variables."""
+        found = KNOWN_VARIABLES | self.path_variables
+        if template is not None:
+            found = found | (template.identifiers - set(TEMPLATE_VARIABLES))
+        return found
+
+    def check(self, spec, template=None):
+        """The template variables a normalized spec's args set, checked ->
+        {name: value} (paths canonical); InvalidRequest saying why not.
+        Blocking (stat): the LNM's thread pool."""
+        variables = self.variables(template)
+        by_plugin = set(spec.get("plugin_args") or ())
+        values = {}
+        for key, value in spec["args"].items():
+            if key not in variables:
+                continue          # not for the template: kept in the record only
+            if key in by_plugin:
+                allowed, option, who = self.plugin_args, "plugin_args", "a plugin"
+            else:
+                allowed, option, who = self.request_args, "request_args", "a request"
+            if key not in allowed:
+                listed = ", ".join(sorted(allowed)) or "none"
+                raise InvalidRequest(f"argument {key!r} may not be set by {who} on this "
+                                     f"host (its {option}: {listed})")
+            values[key] = self._value(key, value)
+        return values
+
+    def _value(self, key, value):
+        if key in self.path_variables:
+            return self.confine(key, value)
+        if key in ENUM_VARIABLES:
+            if value not in ENUM_VARIABLES[key]:
+                raise InvalidRequest(f"argument {key!r} must be one of "
+                                     f"{', '.join(ENUM_VARIABLES[key])}, not {value[:64]!r}")
+            return value
+        if key in DEVICE_VARIABLES:
+            offered = self.devices[key]
+            if value not in offered:
+                raise InvalidRequest(
+                    f"argument {key!r}: {value[:64]!r} is not one this host offers "
+                    f"(its {DEVICE_VARIABLES[key]}: {', '.join(sorted(offered)) or 'none'})")
+            return value
+        return value
+
+    def confine(self, key, value, *, directory=False, what=None):
+        """A host path named by ``key`` -> its canonical form, if it lies in
+        an image directory (never the state directory) and is a file or a
+        block device (or, with ``directory``, a directory); else
+        InvalidRequest saying why (``what`` names the value: default
+        "argument 'key'"). Blocking (stat)."""
+        what = what or f"argument {key!r}"
+        if not os.path.isabs(value):
+            raise InvalidRequest(f"{what} must be an absolute path, "
+                                 f"not {value[:64]!r}")
+        if ".." in value.split(os.sep):
+            raise InvalidRequest(f"{what} must not contain '..'")
+        real = os.path.realpath(value)
+        if _inside(real, self.state_dir):
+            raise InvalidRequest(f"{what}: {value[:200]} is in the host's Usher "
+                                 "state directory (hibernation images, consoles), never "
+                                 "an image")
+        if not any(_inside(real, d) for d in self.image_dirs):
+            dirs = ", ".join(self.image_dirs) or "none configured"
+            raise InvalidRequest(f"{what}: {value[:200]} is not inside this "
+                                 f"host's image directories ({dirs})")
+        try:
+            mode = os.stat(real).st_mode
+        except OSError as e:
+            raise InvalidRequest(f"{what}: {value[:200]}: no usable image there "
+                                 f"({e.strerror})") from None
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)
+                or (directory and stat.S_ISDIR(mode))):
+            kinds = "a file, a block device or a directory" if directory else (
+                "a file or a block device")
+            raise InvalidRequest(f"{what}: {value[:200]} is not {kinds}")
+        return real
+
+
+def template_values(spec, state_dir, variables=None):
+    """The variables a template sees: ``variables`` (the LNM's defaults and
+    the args its ArgPolicy let through), then the spec's own."""
+    values = dict(variables or {})
     values.update({
         "name": spec["name"],
         "uuid": spec["uuid"],
@@ -211,9 +385,7 @@ def _build_test(spec):
     return ET.tostring(root, encoding="unicode")
 
 
-def _build_qemu(spec, state_dir, defaults):
-    values = dict(defaults or {})
-    values.update(spec["args"])
+def _build_qemu(spec, state_dir, values):
     domain_type = values.get("domain_type", "qemu")
     if domain_type not in ("qemu", "kvm"):
         raise InvalidRequest(f"domain_type must be 'qemu' or 'kvm', not {domain_type!r}")
@@ -319,8 +491,10 @@ class DomainTemplate:
                         f"<{root.tagName}>, not <domain>")
         return root
 
-    def render(self, spec, state_dir, defaults=None):
-        values = template_values(spec, state_dir, defaults)
+    def render(self, spec, state_dir, variables=None):
+        """``variables``: the LNM's defaults and the checked args
+        (``build_domain_xml`` gives them)."""
+        values = template_values(spec, state_dir, variables)
         missing = sorted(self.identifiers - values.keys())
         if missing:
             wanted = ", ".join("${%s}" % m for m in missing)
@@ -357,20 +531,27 @@ def _embed_metadata_dom(root, owner, cluster):
     metadata.appendChild(element)
 
 
-def build_domain_xml(spec, *, driver, state_dir, template=None, defaults=None):
+def build_domain_xml(spec, *, driver, state_dir, template=None, defaults=None,
+                     policy=None):
     """Domain XML for a normalized spec.
 
     ``driver`` is the libvirt driver name in lower case ("test", "qemu");
     ``template`` a DomainTemplate that replaces the built-in one;
-    ``defaults`` template variables (kernel, initrd, ...) that request args
-    override.
+    ``defaults`` template variables (kernel, initrd, ...) that the args
+    ``policy`` (an ArgPolicy; None: args set nothing) lets through override.
+    Raises InvalidRequest for args the policy refuses; blocking (see
+    ``ArgPolicy.check``).
     """
+    if policy is None:
+        policy = ArgPolicy(state_dir=state_dir)
+    values = dict(defaults or {})
+    values.update(policy.check(spec, template))
     if template is not None:
-        return template.render(spec, state_dir, defaults)
+        return template.render(spec, state_dir, values)
     if driver == "test":
         return _build_test(spec)
     if driver == "qemu":
-        return _build_qemu(spec, state_dir, defaults)
+        return _build_qemu(spec, state_dir, values)
     raise ConfigError(f"there is no built-in domain template for the {driver!r} "
                       "driver: configure a domain template file")
 
@@ -390,14 +571,3 @@ def read_usher_metadata(text):
             return {}
     return {k: v for k, v in root.attrib.items() if not k.startswith("{")}
 
-
-def domain_identity(text):
-    """(name, uuid or None) of a domain XML document; InvalidRequest if it is not one."""
-    try:
-        root = ET.fromstring(text)
-    except ET.ParseError as e:
-        raise InvalidRequest(f"not well-formed domain XML: {e}") from None
-    if root.tag != "domain" or root.findtext("name") is None:
-        raise InvalidRequest("not a libvirt domain XML document (no <domain> with a <name>)")
-    vm_uuid = root.findtext("uuid")
-    return root.findtext("name"), (vm_uuid.strip().lower() if vm_uuid else None)

@@ -38,7 +38,7 @@ from usher import states
 from usher.errors import (ConfigError, InvalidRequest, MigrationUnsupported,
                           NoSuchVM, OperationFailed, Unavailable)
 from usher.interfaces import IVMM
-from usher.lnm import domain_xml, testhost
+from usher.lnm import domain_xml, received_xml, testhost
 
 MIB = 1024 * 1024
 DEFAULT_SHUTDOWN_TIMEOUT = 60.0
@@ -306,8 +306,14 @@ class LibvirtVMM:
     ``domain_template``: path of a site domain XML template (see
     ``usher.lnm.domain_xml``); None for the driver's built-in one.
     ``template_defaults``: template variables (kernel, initrd, cmdline, disk,
-    network, ...) that request args override.
+    network, ...) that request args override where ``arg_policy``
+    (``domain_xml.ArgPolicy``; None: args set no template variable) lets them.
     ``events``: use libvirt lifecycle events when the driver has them.
+    ``import_overhead_mib``: how much larger than a VM's memory the memory
+    image of an imported VM may be (``received_xml.image_limit``).
+    ``live_migration``: False: never live-migrate (libvirt hands the target
+    the source's definition unchecked); VMs move by export/import, whose
+    definitions the target checks.
     ``reconnect_initial_delay``/``reconnect_max_delay``: when the connection
     to the hypervisor is lost (libvirtd restarted), reconnect after this
     delay, doubling (with jitter) up to the maximum; ``watch_connection``
@@ -319,7 +325,9 @@ class LibvirtVMM:
 
     def __init__(self, uri, *, reactor, pool, state_dir, domain_template=None,
                  events=True, template_defaults=None, reconnect_initial_delay=1.0,
-                 reconnect_max_delay=30.0, clock=None):
+                 reconnect_max_delay=30.0, clock=None, arg_policy=None,
+                 import_overhead_mib=received_xml.DEFAULT_IMPORT_OVERHEAD_MIB,
+                 live_migration=True):
         if not isinstance(uri, str) or not uri:
             raise ConfigError(f"the hypervisor URI must be a non-empty string, not {uri!r}")
         defaults = dict(template_defaults or {})
@@ -333,6 +341,12 @@ class LibvirtVMM:
         self._pool = pool
         self._template_path = domain_template
         self._template_defaults = defaults
+        self._arg_policy = (arg_policy if arg_policy is not None
+                            else domain_xml.ArgPolicy(state_dir=self.state_dir))
+        self.import_overhead_mib = import_overhead_mib
+        self.live_migration = bool(live_migration)
+        # (connection, emulator paths its capabilities offer), see _host_emulators.
+        self._emulators = (None, frozenset())
         self._events_wanted = events
         self._conn = None
         self._driver = None
@@ -736,7 +750,8 @@ class LibvirtVMM:
             "cpus": cpus,
             "memory_mib": memory_mib,
             "model": model,
-            "live_migration": driver.lower() not in _DRIVERS_WITHOUT_MIGRATION,
+            "live_migration": (self.live_migration
+                               and driver.lower() not in _DRIVERS_WITHOUT_MIGRATION),
         }
 
     def node_status(self):
@@ -990,7 +1005,8 @@ class LibvirtVMM:
                 return self._info_of(existing)
             xml = domain_xml.build_domain_xml(
                 spec, driver=self._driver, state_dir=self.state_dir,
-                template=self._template, defaults=self._template_defaults)
+                template=self._template, defaults=self._template_defaults,
+                policy=self._arg_policy)
             # An image left by a VM of this name that no longer exists would
             # make the new one look hibernated once it is shut off.
             self._remove_image(name)
@@ -1159,6 +1175,10 @@ class LibvirtVMM:
             state = self._state_of(dom)
             if state not in (states.RUN, states.PAUSED):
                 raise InvalidRequest(f"cannot live-migrate VM {name!r}: it is {state}")
+            if not self.live_migration:
+                raise MigrationUnsupported(
+                    f"live migration is turned off on this LNM (live_migration = False): "
+                    "move VMs with export_image/import_image")
             if self._driver in _DRIVERS_WITHOUT_MIGRATION:
                 raise MigrationUnsupported(
                     f"the {self._driver} driver at {self.uri} cannot migrate VMs; "
@@ -1242,46 +1262,89 @@ class LibvirtVMM:
         if state != states.SHUTOFF and not isinstance(image, bytes):
             raise InvalidRequest(f"import of {name!r}: a {state} VM needs its memory "
                                  "image (bytes)")
-        xml_name, xml_uuid = domain_xml.domain_identity(payload["xml"])
-        if xml_name != name:
-            raise InvalidRequest(f"import of {name!r}: the definition is for {xml_name!r}")
-        if uuid_given and xml_uuid is not None and xml_uuid != spec["uuid"]:
-            raise InvalidRequest(f"import of {name!r}: the definition has UUID "
-                                 f"{xml_uuid}, the spec {spec['uuid']}")
-        return await self._call(f"import {name!r}", name, self._import_sync, name,
-                                payload["xml"], image, state)
+        limit = received_xml.image_limit(spec["memory_mib"], self.import_overhead_mib)
+        if state != states.SHUTOFF and len(image) > limit:
+            raise InvalidRequest(
+                f"import of {name!r}: its memory image ({len(image)} bytes) is larger than "
+                f"a VM of {spec['memory_mib']} MiB may have here ({limit} bytes: its memory "
+                "and the LNM's import_overhead_mib)")
+        if len(payload["xml"]) > received_xml.MAX_DEFINITION_CHARS:
+            raise InvalidRequest(f"import of {name!r}: the definition is longer than "
+                                 f"{received_xml.MAX_DEFINITION_CHARS} characters")
+        return await self._call(f"import {name!r}", name, self._import_sync, spec,
+                                uuid_given, payload["xml"], image, state)
 
-    def _import_sync(self, conn, name, xml, image, state):
+    def _host_emulators(self, conn):
+        """The emulator binaries this hypervisor offers (its capabilities),
+        asked once per connection. Blocking."""
+        cached_conn, emulators = self._emulators
+        if cached_conn is not conn:
+            root = ET.fromstring(conn.getCapabilities())
+            emulators = frozenset(e.text.strip() for e in root.iter("emulator") if e.text)
+            self._emulators = (conn, emulators)
+        return emulators
+
+    def _host_reach(self, conn, spec):
+        """What this host's own definition of the VM ``spec`` may reach
+        (``received_xml.HostReach``); InvalidRequest if this host would not
+        define the VM at all (its ArgPolicy refuses the record's args)."""
+        try:
+            reference = domain_xml.build_domain_xml(
+                spec, driver=self._driver, state_dir=self.state_dir,
+                template=self._template, defaults=self._template_defaults,
+                policy=self._arg_policy)
+        except InvalidRequest as e:
+            raise InvalidRequest(f"import of {spec['name']!r} is refused: this host would "
+                                 f"not define the VM itself: {e}") from None
+        return received_xml.HostReach(
+            reference, policy=self._arg_policy, defaults=self._template_defaults,
+            own_paths=[domain_xml.console_path(self.state_dir, spec["name"])],
+            emulators=self._host_emulators(conn))
+
+    def _check_image(self, conn, path, spec, reach, uuid_given):
+        """The definition a memory image carries (libvirt restores from it)
+        must pass the same check as the exported one. Blocking."""
+        what = f"import of {spec['name']!r}: the definition in its memory image"
+        try:
+            embedded = conn.saveImageGetXMLDesc(path, 0)
+        except libvirt.libvirtError as e:
+            raise InvalidRequest(f"{what} cannot be read, so the image is refused: "
+                                 f"{e.get_error_message()}") from None
+        received_xml.check(embedded, spec=spec, reach=reach, uuid_given=uuid_given,
+                           what=what)
+
+    def _import_sync(self, conn, spec, uuid_given, xml, image, state):
+        name = spec["name"]
         with self._locks.hold(name):
             if self._lookup_or_none(conn, name) is not None:
                 raise InvalidRequest(f"cannot import VM {name!r}: a VM of that name "
                                      f"already exists on {self.uri}")
+            # Another host's definitions: nothing is defined unless they are
+            # what this host would define itself (usher.lnm.received_xml).
+            reach = self._host_reach(conn, spec)
+            received_xml.check(xml, spec=spec, reach=reach, uuid_given=uuid_given,
+                               what=f"import of {name!r}: the definition")
             if state == states.SHUTOFF:
                 self._remove_image(name)
                 return self._info_of(conn.defineXML(xml))
-            if state == states.HIBERNATED:
-                partial = self._scratch_path(name, "importing")
-                try:
-                    with open(partial, "wb") as f:
-                        f.write(image)
-                    dom = conn.defineXML(xml)
-                    os.replace(partial, self.image_path(name))
-                finally:
-                    with suppress(FileNotFoundError):
-                        os.unlink(partial)
-                return self._info_of(dom)
-            scratch = self._scratch_path(name, "import")
-            dom = conn.defineXML(xml)
+            hibernated = state == states.HIBERNATED
+            scratch = self._scratch_path(name, "importing" if hibernated else "import")
             try:
                 with open(scratch, "wb") as f:
                     f.write(image)
-                dom = self._restore_sync(conn, name, scratch,
-                                         paused=state == states.PAUSED)
-            except BaseException:
-                with suppress(libvirt.libvirtError):
-                    self._undefine(dom)
-                raise
+                self._check_image(conn, scratch, spec, reach, uuid_given)
+                dom = conn.defineXML(xml)
+                if hibernated:
+                    os.replace(scratch, self.image_path(name))
+                    return self._info_of(dom)
+                try:
+                    dom = self._restore_sync(conn, name, scratch,
+                                             paused=state == states.PAUSED)
+                except BaseException:
+                    with suppress(libvirt.libvirtError):
+                        self._undefine(dom)
+                    raise
+                return self._info_of(dom)
             finally:
                 with suppress(FileNotFoundError):
                     os.unlink(scratch)
-            return self._info_of(dom)

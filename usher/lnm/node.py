@@ -24,6 +24,7 @@ from twisted.logger import Logger
 
 from usher import states
 from usher.errors import InvalidRequest, NoSuchVM, OperationFailed, Unavailable, UsherError
+from usher.lnm.received_xml import DEFAULT_IMPORT_OVERHEAD_MIB, image_limit
 from usher.naming import is_host_vm_name
 from usher.protocol import FIGURES, MAX_FIELD, REPORT_BATCH
 
@@ -67,6 +68,10 @@ def check_record(record):
     args = record.get("args")
     if args is not None and not isinstance(args, dict):
         raise InvalidRequest(f"VM record {name}: args must be a dict")
+    plugin_args = record.get("plugin_args")
+    if plugin_args is not None and (not isinstance(plugin_args, list) or not all(
+            isinstance(key, str) for key in plugin_args)):
+        raise InvalidRequest(f"VM record {name}: plugin_args must be a list of names")
     return dict(record)
 
 
@@ -130,7 +135,9 @@ class CachedVM:
         return {"name": self.name, "uuid": record.get("uuid"),
                 "memory_mib": record["memory_mib"], "vcpus": record["vcpus"],
                 "owner": record.get("owner"), "cluster": record.get("cluster"),
-                "args": dict(record.get("args") or {})}
+                "args": dict(record.get("args") or {}),
+                # The args the controller's plugins set (the site's values).
+                "plugin_args": list(record.get("plugin_args") or ())}
 
     def start(self):
         return self._vmm.create(self.spec())
@@ -160,10 +167,13 @@ class CachedVM:
     async def import_image(self, exported):
         try:
             return await self._vmm.import_image(self.spec(), exported)
-        except InvalidRequest:
+        except InvalidRequest as refused:
             # Imported already (a replayed import): the same VM is its answer.
             uuid = self.record.get("uuid")
-            info = await self._vmm.domain_info(self.name)
+            try:
+                info = await self._vmm.domain_info(self.name)
+            except NoSuchVM:
+                raise refused from None      # the refusal says why, not "no such VM"
             if uuid is not None and info.get("uuid") == uuid:
                 return info
             raise
@@ -183,7 +193,8 @@ class NodeManager:
     log = Logger()
 
     def __init__(self, vmm, *, name, clock, scan_interval, report_interval,
-                 migration_uri=None, scan_phase=None):
+                 migration_uri=None, scan_phase=None,
+                 import_overhead_mib=DEFAULT_IMPORT_OVERHEAD_MIB):
         if scan_interval <= 0 or report_interval <= 0:
             raise ValueError("scan_interval and report_interval must be positive")
         self.vmm = vmm
@@ -197,6 +208,8 @@ class NodeManager:
         self._scan_start = None
         self.report_interval = report_interval
         self.migration_uri = migration_uri
+        # An imported VM's memory image: at most its memory and this (MiB).
+        self.import_overhead_mib = import_overhead_mib
         self._vms = {}          # name -> CachedVM
         self._domains = {}      # name -> domain info last observed
         self._unadopted = {}    # name -> state last told, for uncached domains
@@ -907,6 +920,15 @@ class NodeManager:
                                "restore", session=session)
         self._exports.pop(name, None)
         return info
+
+    def import_limit(self, name):
+        """The largest memory image (bytes) an import of the cached VM
+        ``name`` may bring: its record's memory and ``import_overhead_mib``;
+        0 without its record (no import happens then)."""
+        vm = self._vms.get(name)
+        if vm is None:
+            return 0
+        return image_limit(vm.record.get("memory_mib") or 0, self.import_overhead_mib)
 
     async def import_image(self, name, exported):
         """Restore what another LNM's export_image gave (the VM's record

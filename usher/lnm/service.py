@@ -39,6 +39,7 @@ from usher.lnm.link import ControllerLink
 from usher.lnm.recovery import RecoveryListener
 from usher.lnm.monitor import Monitor
 from usher.lnm.node import NodeManager
+from usher.lnm.received_xml import DEFAULT_IMPORT_OVERHEAD_MIB as IMPORT_OVERHEAD_MIB
 from usher.lnm.testhost import write_test_host
 
 TEST_HOST_FILE = "testhost.xml"
@@ -91,6 +92,20 @@ def template_defaults(lnm_config):
         raise ConfigError(f"[lnm] [[domain]] {', '.join(reserved)}: set from each VM's "
                           "own spec (name, memory, CPUs, owner ...), not configurable")
     return defaults
+
+
+def arg_policy(lnm_config):
+    """What VMs' args may set in their definitions here (``request_args``,
+    ``plugin_args``, ``image_dirs``, ``path_args``, ``bridges``, ``networks``;
+    see ``usher.lnm.domain_xml.ArgPolicy``). Reads the file system (the
+    directories are canonicalised): at start-up."""
+    return domain_xml.ArgPolicy(
+        state_dir=lnm_config["state_dir"],
+        request_args=lnm_config.get("request_args"),
+        plugin_args=lnm_config.get("plugin_args"),
+        image_dirs=lnm_config.get("image_dirs"),
+        path_args=lnm_config.get("path_args"),
+        bridges=lnm_config.get("bridges"), networks=lnm_config.get("networks"))
 
 
 class NodeService(service.Service):
@@ -221,6 +236,9 @@ def make_service(config, reactor, *, pool=None):
     vmm = LibvirtVMM(uri, reactor=reactor, pool=pool, state_dir=lnm["state_dir"],
                      domain_template=lnm.get("domain_template"),
                      template_defaults=template_defaults(lnm),
+                     arg_policy=arg_policy(lnm),
+                     import_overhead_mib=lnm.get("import_overhead_mib", IMPORT_OVERHEAD_MIB),
+                     live_migration=lnm.get("live_migration", True),
                      reconnect_initial_delay=lnm["reconnect_initial_delay"],
                      reconnect_max_delay=lnm["reconnect_max_delay"])
     # Scans and samples start at a random point of their intervals: LNMs
@@ -229,6 +247,7 @@ def make_service(config, reactor, *, pool=None):
                           scan_interval=lnm["scan_interval"],
                           report_interval=lnm["report_interval"],
                           migration_uri=lnm.get("migration_uri"),
+                          import_overhead_mib=lnm.get("import_overhead_mib", IMPORT_OVERHEAD_MIB),
                           scan_phase=random.uniform(0, lnm["scan_interval"]))
     # (.get: configurations built in code may predate the monitoring options)
     simulated_load = lnm.get("simulated_load") or "off"
