@@ -20,7 +20,6 @@ every attach and detach: the liveness monitor and the recovery tracker.
 
 import collections
 import heapq
-import time
 import uuid
 from collections.abc import Mapping
 
@@ -34,9 +33,9 @@ from usher.controller.monitoring import Monitoring, NoInstruments
 from usher.controller.state import GlobalState, VMMInfo
 from usher.controller.subscriptions import SubscriptionHub
 from usher.errors import (InvalidRequest, LinkFailure, NoSuchLNM, NoSuchVM,
-                          OperationFailed, PermissionDenied, Rejected, Unavailable,
+                          OperationFailed, PermissionDenied, Unavailable,
                           UsherError)
-from usher.naming import check_label, check_short_name, qualify, split
+from usher.naming import check_label, qualify, split
 from usher.vmset import (MAX_NAMES, MAX_PATTERNS, Budget, Limits, Selection, expand_ranges,
                          match_names)
 

@@ -1177,7 +1177,7 @@ class LibvirtVMM:
                 raise InvalidRequest(f"cannot live-migrate VM {name!r}: it is {state}")
             if not self.live_migration:
                 raise MigrationUnsupported(
-                    f"live migration is turned off on this LNM (live_migration = False): "
+                    "live migration is turned off on this LNM (live_migration = False): "
                     "move VMs with export_image/import_image")
             if self._driver in _DRIVERS_WITHOUT_MIGRATION:
                 raise MigrationUnsupported(
