@@ -13,7 +13,8 @@ from usher import passwdfile, pki
 from usher.auth.chain import build_auth_chain
 from usher.client import UsherClient
 from usher.auth.throttle import LoginThrottle
-from usher.controller.client_link import ClientPBFactory, ClientRoot, LoginSlots, UsherRealm
+from usher.controller.client_link import UsherRealm
+from usher.controller.client_login import ClientPBFactory, ClientRoot, LoginSlots
 from usher.controller.service import _role_lookup, client_port_tls
 
 from tests.grid import Grid
@@ -83,7 +84,7 @@ class ClientGrid:
         self.ctrl_extra = dict(ctrl_extra or {})
         self.port = None
         self.clients = []
-        # The client port's login limits (usher.controller.client_link);
+        # The client port's login limits (usher.controller.client_login);
         # login_clock runs the throttle and the login deadline.
         self.login_clock = login_clock or reactor
         self.throttle = LoginThrottle(self.login_clock, throttle_policy)

@@ -21,7 +21,8 @@ from twisted.spread import pb
 from twisted.spread.banana import BananaError
 from twisted.spread.jelly import InsecureJelly
 
-from usher.controller.client_link import LoginGateway, UserPerspective
+from usher.controller.client_link import UserPerspective
+from usher.controller.client_login import LoginGateway
 from usher.auth.throttle import ThrottlePolicy
 from usher import states
 from usher.settings import default_plugin_registrations

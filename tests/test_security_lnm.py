@@ -257,7 +257,7 @@ async def test_acknowledgments_cover_only_its_own_vms_and_what_it_needs(system):
     [ack] = seen["acks"]
     assert ack["name"] == there and ack["vmm"] == "lnm3" and ack["state"] == states.PAUSED
     assert set(ack) <= {"name", "owner", "cluster", "state", "vmm", "memory_mib", "vcpus",
-                        "uuid", "version", "args"}
+                        "uuid", "version", "args", "plugin_args"}
     assert system.bob.vms[full("web1", "bob")]["state"] == states.RUN
     assert system.carol.vms[full("mine", "carol")]["state"] == states.RUN
 

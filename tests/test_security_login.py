@@ -21,8 +21,8 @@ from twisted.spread import banana, pb
 
 from usher import daemon
 from usher.auth.throttle import LoginThrottle, SourceLockedOut, ThrottlePolicy
-from usher.controller.client_link import (PRELOGIN_BYTES, ClientPBFactory, ClientRoot,
-                                          client_factory)
+from usher.controller.client_broker import PRELOGIN_BYTES
+from usher.controller.client_login import ClientPBFactory, ClientRoot, client_factory
 from usher.errors import ConfigError
 
 from tests.clientgrid import PASSWORDS, client_grids, pki_dir  # noqa: F401 (fixtures)

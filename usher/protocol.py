@@ -140,7 +140,7 @@ Root object::
     login(username: str, password: str, observer: Referenceable[, source: str])
         -> perspective      (source: the address of the user behind a gateway,
                              e.g. plusher; it counts only from a gateway's
-                             connection, usher.controller.client_link)
+                             connection, usher.controller.client_login)
 
 Perspective (paper, Table 4, plus session methods)::
 

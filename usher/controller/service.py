@@ -12,7 +12,8 @@ from twisted.python.threadpool import ThreadPool
 from usher import pki
 from usher.auth.chain import build_auth_chain
 from usher.config import load_plugin_config
-from usher.controller.client_link import UsherRealm, client_factory
+from usher.controller.client_link import UsherRealm
+from usher.controller.client_login import client_factory
 from usher.controller.core import Controller
 from usher.controller.known_lnms import KnownLNMs
 from usher.controller.liveness import KeepAlivePBServerFactory, LNMLiveness
@@ -147,7 +148,7 @@ def make_service(config, reactor):
     client_endpoint = SSL4ServerEndpoint(reactor, ctrl["client_port"], client_tls,
                                          backlog=LISTEN_BACKLOG,
                                          interface=ctrl["client_interface"])
-    # Pre-login budget, deadline and login back-off (client_link); a login's
+    # Pre-login budget, deadline and login back-off (client_broker, client_login); a login's
     # claimed source address counts only from a gateway's certificate.
     client_listener = internet.StreamServerEndpointService(
         client_endpoint, client_factory(portal, ctrl, reactor, is_gateway=_is_gateway))
