@@ -2,6 +2,8 @@
 
 - ``IVMM``: one hypervisor on one host, driven by an LNM (libvirt is the
   shipped implementation, for any libvirt URI).
+- ``ILNMHandle``: the controller's handle on one attached LNM (its Table 2
+  node API); ``usher.controller.lnm_link.RemoteLNM`` over PB.
 - ``IPlugin``: a policy or integration module on one or more event chains.
 - ``IAuthModule``: one link of the controller's authentication chain.
 
@@ -85,6 +87,76 @@ class IVMM(Interface):
     # VMM then reconnects with backoff and its calls fail with Unavailable
     # meanwhile) and when it is back (True). The LNM reports its VMs
     # "unknown" in between. LibvirtVMM has it.
+
+
+class ILNMHandle(Interface):
+    """The controller's handle on one attached LNM: its node API (paper,
+    Table 2) as coroutine methods, each with a timeout.
+
+    Every method is a coroutine function unless stated. Answers have been
+    checked (``usher.controller.lnm_input``): an LNM may be compromised.
+    Errors: an ``usher.errors.UsherError`` the LNM reported (``NoSuchVM``,
+    ``OperationFailed``, ...), or ``usher.errors.LinkFailure`` when the call
+    failed on the way -- its ``sent`` tells "never sent, nothing happened"
+    from "sent, outcome unknown".
+    """
+
+    def get_node_info():
+        """-> dict: the host's hostname, uri, driver, cpus, memory_mib,
+        model, live_migration."""
+
+    def get_node_status():
+        """-> dict: vms, free_memory_mib and the LNM's figures."""
+
+    def list_vms():
+        """-> list of domain info: the LNM's whole inventory."""
+
+    def get_details(name):
+        """-> domain info for one VM."""
+
+    def get_status(name):
+        """-> the VM's state on the LNM."""
+
+    def receive(records):
+        """Hand the LNM the records (``LNM_FIELDS`` only) of VMs it is to
+        start or take in. -> None."""
+
+    def start(name):
+        """Start one received VM. -> domain info (may be empty)."""
+
+    def start_many(names):
+        """Start received VMs. -> [(name, domain info or UsherError)] in
+        the order asked."""
+
+    def op_on(operation, name):
+        """Apply one Table 3 operation. -> domain info, or None (destroy)."""
+
+    def migrate(name, target):
+        """Live-migrate to the LNM described by ``target`` (name, uri)."""
+
+    def export_image(name):
+        """Save the VM for a cold move; the LNM keeps the export until
+        released or restored. -> the payload for ``import_image``."""
+
+    def import_image(name, payload):
+        """Take in a VM exported by another LNM. -> domain info."""
+
+    def release_export(name):
+        """Drop a kept export: the VM runs elsewhere now."""
+
+    def restore_export(name):
+        """Bring a kept export back to life here. -> domain info or None."""
+
+    def ping():
+        """Not a coroutine: -> Deferred firing when the LNM answered, failing
+        when it did not in time (used by the liveness monitor)."""
+
+    def disconnect():
+        """Not a coroutine: close the link politely."""
+
+    def abort():
+        """Not a coroutine: drop the link at once (a cut link never
+        finishes a polite close)."""
 
 
 class IPlugin(Interface):

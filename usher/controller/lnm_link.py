@@ -20,6 +20,7 @@ from usher import pki
 from usher.controller import lnm_input
 from usher.errors import (InvalidRequest, LinkFailure, PermissionDenied, UsherError,
                           from_name)
+from usher.interfaces import ILNMHandle
 from usher.liveness import ping_peer
 from usher.pbutil import as_deferred, call
 from usher.protocol import PROTOCOL_VERSION
@@ -28,6 +29,7 @@ from usher.records import decode_object, encode_chunks
 log = Logger()
 
 
+@implementer(ILNMHandle)
 class RemoteLNM:
     """A handle on one LNM's node API; every call has a timeout."""
 
