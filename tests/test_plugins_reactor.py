@@ -5,9 +5,7 @@ plugin's synchronous part holds the reactor too long (measured with a fake
 timer, never the wall clock)."""
 
 import os
-import textwrap
 import threading
-from pathlib import Path
 
 import pytest
 import pytest_twisted
@@ -25,19 +23,7 @@ from usher.errors import Rejected
 
 from tests.clientgrid import client_grids, pki_dir, plugin_instance  # noqa: F401 (fixtures)
 from tests.e2e import wait_for
-from tests.grid import DOMAIN
-from tests.test_plugins_api import Recorder
-
-
-def full(short, owner="alice"):
-    return f"{short}.{owner}.{DOMAIN}"
-
-
-def write(path, text):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(textwrap.dedent(text).lstrip("\n"), encoding="utf-8")
-    return str(path)
+from tests.test_plugins_api import Recorder, full, write
 
 
 def outcome(d):
