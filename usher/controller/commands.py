@@ -88,20 +88,6 @@ def dropped_failures(request):
     return [{"name": n, "error": why} for n, why in request.dropped.items()]
 
 
-def precondition_failure(state, ledger, name, allowed, verb):
-    """Why a command ``verb`` may not go to VM ``name`` (its record must be
-    in one of the ``allowed`` states, nothing else in flight on it), or None.
-    -> (record or None, the reason or None)."""
-    rec = state.vms.get(name)
-    if rec is None:
-        return None, "no such VM"
-    if ledger.is_busy(name):
-        return rec, f"busy ({ledger.command_on(name)} in progress)"
-    if rec["state"] not in allowed:
-        return rec, f"cannot {verb} a VM that is {rec['state']}"
-    return rec, None
-
-
 def unanswered(error):
     """Was the command sent, its answer never came (its outcome unknown)?"""
     return isinstance(error, LinkFailure) and error.sent
@@ -142,6 +128,33 @@ def unaccounted(names, *answered):
 
 
 INTERNAL_ERROR = "internal error in the controller (see its log); nothing more is known"
+
+
+class Room:
+    """What each room of commands (start, operations, migration) works
+    with: the global state, the plugin chains and their API, the in-flight
+    ledger, the LNM inventory and who sees which VMs."""
+
+    def __init__(self, *, state, chains, api, ledger, inventory, visibility):
+        self.state = state
+        self.chains = chains
+        self.api = api
+        self.ledger = ledger
+        self.inventory = inventory
+        self.visibility = visibility
+
+    def refusal(self, name, allowed, verb):
+        """Why a command ``verb`` may not go to VM ``name`` (its record must
+        be in one of the ``allowed`` states, nothing else in flight on it),
+        or None. -> (record or None, the reason or None)."""
+        rec = self.state.vms.get(name)
+        if rec is None:
+            return None, "no such VM"
+        if self.ledger.is_busy(name):
+            return rec, f"busy ({self.ledger.command_on(name)} in progress)"
+        if rec["state"] not in allowed:
+            return rec, f"cannot {verb} a VM that is {rec['state']}"
+        return rec, None
 
 
 class _SemaphoreSlot:

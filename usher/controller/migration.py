@@ -17,9 +17,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from usher import states
-from usher.controller.commands import (INTERNAL_ERROR, check_args, dropped_failures,
-                                       lnm_view, precondition_failure, run_each, unaccounted,
-                                       unanswered)
+from usher.controller.commands import (INTERNAL_ERROR, Room, check_args, dropped_failures,
+                                       lnm_view, run_each, unaccounted, unanswered)
 from usher.controller.events import Event, Request
 from usher.errors import LinkFailure, NoSuchVM, UsherError
 
@@ -366,16 +365,8 @@ class Move:
         self.released()
 
 
-class Migrations:
+class Migrations(Room):
     """Migrating VMs."""
-
-    def __init__(self, *, state, chains, api, ledger, inventory, visibility):
-        self.state = state
-        self.chains = chains
-        self.api = api
-        self.ledger = ledger
-        self.inventory = inventory
-        self.visibility = visibility
 
     async def migrate(self, user, admin, selection, lnms=(), args=None):
         args = check_args(args)
@@ -392,17 +383,9 @@ class Migrations:
         work = []
         for name in request.vms:
             target = request.placement.get(name)
-            rec, why = precondition_failure(self.state, self.ledger, name,
-                                            (states.RUN, states.PAUSED), "migrate")
-            if why is not None:
-                pass
-            elif target is None:
-                why = "no placement plugin chose a target"
-            elif target == rec["vmm"]:
-                why = f"already on {target}"
-            elif not (self.inventory.connected(rec["vmm"])
-                      and self.inventory.connected(target)):
-                why = "source or target LNM not connected"
+            rec, why = self.refusal(name, (states.RUN, states.PAUSED), "migrate")
+            if why is None:
+                why = self._target_refusal(rec, target)
             if why is None:
                 work.append((rec, target))
             else:
@@ -415,6 +398,16 @@ class Migrations:
                 self.state.update(name, state=states.LOST)
         migrated.sort(key=lambda m: m["name"])
         return {"migrated": migrated, "failed": failed, "notes": request.notes}
+
+    def _target_refusal(self, rec, target):
+        """Why ``rec`` may not move to ``target`` (the placement's choice), or None."""
+        if target is None:
+            return "no placement plugin chose a target"
+        if target == rec["vmm"]:
+            return f"already on {target}"
+        if not (self.inventory.connected(rec["vmm"]) and self.inventory.connected(target)):
+            return "source or target LNM not connected"
+        return None
 
     async def _migrate_one(self, rec, target, migrated, failed):
         name, source = rec["name"], rec["vmm"]

@@ -12,25 +12,20 @@ and the answer says so. Every VM of a request ends in ``done`` or
 from twisted.logger import Logger
 
 from usher import states
-from usher.controller.commands import (INTERNAL_ERROR, check_args, dropped_failures,
-                                       failure_text, precondition_failure, run_each,
-                                       unaccounted, unanswered, unexpected)
+from usher.controller.commands import (INTERNAL_ERROR, Room, check_args, dropped_failures,
+                                       failure_text, run_each, unaccounted, unanswered,
+                                       unexpected)
 from usher.controller.events import Event, Request
 from usher.errors import InvalidRequest, LinkFailure, NoSuchVM, UsherError
 
 log = Logger()
 
 
-class Operations:
+class Operations(Room):
     """Operations on existing VMs."""
 
-    def __init__(self, *, state, chains, api, ledger, inventory, visibility, slots):
-        self.state = state
-        self.chains = chains
-        self.api = api
-        self.ledger = ledger
-        self.inventory = inventory
-        self.visibility = visibility
+    def __init__(self, *, slots, **room):
+        super().__init__(**room)
         self.slots = slots
 
     async def op_on(self, user, admin, operation, selection, args=None):
@@ -50,7 +45,7 @@ class Operations:
         work = []
         allowed = states.OPERATION_PRECONDITIONS[operation]
         for name in request.vms:
-            rec, why = precondition_failure(self.state, self.ledger, name, allowed, operation)
+            rec, why = self.refusal(name, allowed, operation)
             if why is not None:
                 failed.append({"name": name, "error": why})
             elif not self.inventory.connected(rec["vmm"]):

@@ -14,7 +14,7 @@ import uuid
 from twisted.logger import Logger
 
 from usher import states
-from usher.controller.commands import (INTERNAL_ERROR, check_args, dropped_failures,
+from usher.controller.commands import (INTERNAL_ERROR, Room, check_args, dropped_failures,
                                        failure_text, lnm_view, plugin_set_args, run_each,
                                        unaccounted, unanswered, unexpected)
 from usher.controller.events import Event, Request
@@ -28,19 +28,14 @@ log = Logger()
 START_BATCH = 32
 
 
-class Starts:
+class Starts(Room):
     """Starting VMs."""
 
-    def __init__(self, *, domain, clock, state, chains, api, ledger, inventory, visibility,
-                 slots, max_request_vms, default_memory, default_vcpus):
+    def __init__(self, *, domain, clock, slots, max_request_vms, default_memory,
+                 default_vcpus, **room):
+        super().__init__(**room)
         self.domain = domain
         self.clock = clock
-        self.state = state
-        self.chains = chains
-        self.api = api
-        self.ledger = ledger
-        self.inventory = inventory
-        self.visibility = visibility
         self.slots = slots
         self.max_request_vms = max_request_vms
         self.default_memory = default_memory
