@@ -33,6 +33,8 @@ setup(
         "pamela>=1.2",
         # Linear-time regular expressions for user-supplied selections.
         "google-re2>=1.1",
+        # The migration state machine (usher.controller.migration).
+        "automat>=22.10",
     ],
     extras_require={"test": ["pytest>=8", "pytest-twisted>=1.14", "hypothesis>=6.100"]},
     entry_points={"console_scripts": [

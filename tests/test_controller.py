@@ -304,3 +304,45 @@ async def test_forget_a_retired_lnm(grid):
     assert len(c.state.vms) == 3 - len(on_lnm2)
     with pytest.raises(NoSuchLNM):
         c.forget_lnm("lnm2")
+
+
+class _StateWatcher:
+    """A plugin on vm_state_changed: every change it hears of."""
+    name = "statewatcher"
+    order = 1
+
+    def __init__(self):
+        from zope.interface import directlyProvides
+        from usher.interfaces import IPlugin
+        directlyProvides(self, IPlugin)
+        self.changes = []
+
+    def entry_point(self, event):
+        self.changes.append((event.vm["name"], event.old_state, event.new_state))
+
+
+@pytest_twisted.ensureDeferred
+async def test_plugins_hear_of_every_state_change_once(grid):
+    c = grid.controller
+    watcher = _StateWatcher()
+    c.chains.add(watcher, "vm_state_changed")
+    vm = full("w1")
+    await c.start("alice", False, ["w1"], ["lnm1"], {})
+    assert watcher.changes == [(vm, states.STARTING, states.RUN)]
+    await grid.report()                        # the LNM confirms: nothing new
+    await c.op_on("alice", False, "pause", Selection(names=[vm]))
+    await grid.report()
+    await c.op_on("alice", False, "resume", Selection(names=[vm]))
+    await c.migrate("root", True, Selection(names=[vm]), ["lnm2"])
+    await grid.report()
+    assert watcher.changes == [(vm, states.STARTING, states.RUN),
+                               (vm, states.RUN, states.PAUSED),
+                               (vm, states.PAUSED, states.RUN),
+                               (vm, states.RUN, states.MIGRATING),
+                               (vm, states.MIGRATING, states.RUN)]
+    del watcher.changes[:]
+    await grid.vmms["lnm2"].operate("pause", vm)   # behind Usher's back
+    await grid.report()
+    grid.cut("lnm2")
+    assert watcher.changes == [(vm, states.RUN, states.PAUSED),
+                               (vm, states.PAUSED, states.LOST)]

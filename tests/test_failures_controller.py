@@ -11,12 +11,16 @@ from twisted.internet import defer, reactor, task
 from usher import states
 from usher.controller.core import Controller
 from usher.controller.liveness import LNMLiveness
+from usher.controller.lnm_input import LNMLimits
+from usher.controller.lnm_link import NodeReporter
 from usher.controller.recovery import Recovery
 from usher.errors import LinkFailure, OperationFailed, Unavailable
+from usher.records import encode_chunks, encode_object
 from usher.vmset import Selection
 
 from tests.e2e import wait_for
 from tests.grid import DOMAIN, Grid, LocalLNM, LocalReporter
+from tests.hostile import LogCapture
 
 
 class FaultyLNM(LocalLNM):
@@ -310,3 +314,121 @@ async def test_a_silent_lnm_is_detached_after_the_timeout(grid):
     assert c.state.vms[vm]["state"] == states.LOST     # lost, never shutoff
     assert not liveness.watching("lnm3")
     liveness.stop()
+
+
+# -- errors no one expected ----------------------------------------------------------
+
+def failures_logged(logged, kind):
+    return [e for e in logged.events
+            if "log_failure" in e and e["log_failure"].check(kind) is not None]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unexpected_error_under_a_start_is_reported_logged_and_settled(grid):
+    c = grid.controller
+    grid.handles["lnm1"].refuse["start"] = RuntimeError("boom")
+    with LogCapture() as logged:
+        result = await c.start("alice", False, ["u1", "u2"], ["lnm1"], {})
+    assert result["started"] == []
+    assert sorted(f["name"] for f in result["failed"]) == [full("u1"), full("u2")]
+    assert all("RuntimeError: boom" in f["error"] for f in result["failed"])
+    assert failures_logged(logged, RuntimeError)
+    # Its outcome unknown, never left starting: lost until the LNM says.
+    for vm in (full("u1"), full("u2")):
+        assert c.state.vms[vm]["state"] == states.LOST
+    await reattach(grid, "lnm1")
+    assert full("u1") not in c.state.vms and full("u2") not in c.state.vms   # never started
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unexpected_error_before_a_start_is_sent_leaves_nothing(grid):
+    c = grid.controller
+    grid.handles["lnm2"].refuse["receive"] = RuntimeError("bad records")
+    with LogCapture() as logged:
+        result = await c.start("alice", False, ["u3"], ["lnm2"], {})
+    assert result["started"] == [] and [f["name"] for f in result["failed"]] == [full("u3")]
+    assert failures_logged(logged, RuntimeError)
+    assert full("u3") not in c.state.vms
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unexpected_error_while_placing_a_vm_fails_that_vm_only(grid, monkeypatch):
+    c = grid.controller
+    place = c.starts._place
+
+    def broken(name, *args):
+        if name == full("u5"):
+            raise RuntimeError("placement bug")
+        return place(name, *args)
+    monkeypatch.setattr(c.starts, "_place", broken)
+    with LogCapture() as logged:
+        result = await c.start("alice", False, ["u4", "u5"], ["lnm3"], {})
+    assert [s["name"] for s in result["started"]] == [full("u4")]
+    assert [f["name"] for f in result["failed"]] == [full("u5")]
+    assert failures_logged(logged, RuntimeError)
+    assert full("u5") not in c.state.vms
+    assert all(r["state"] != states.STARTING for r in c.state.vms.values())
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unexpected_error_under_an_operation_is_reported_and_logged(grid):
+    c = grid.controller
+    vm = await start_one(grid, "u6", "lnm2")
+    grid.handles["lnm2"].refuse["op_on"] = RuntimeError("boom")
+    with LogCapture() as logged:
+        result = await c.op_on("alice", False, "pause", Selection(names=[vm]))
+    assert result["done"] == []
+    [failure] = result["failed"]
+    assert failure["name"] == vm and "RuntimeError: boom" in failure["error"]
+    assert failures_logged(logged, RuntimeError)
+    del grid.handles["lnm2"].refuse["op_on"]
+    await reattach(grid, "lnm2")                       # its inventory settles it
+    assert c.state.vms[vm]["state"] == states.RUN
+
+
+class _BrokenController:
+    domain = DOMAIN
+    lnm_limits = LNMLimits()
+
+    def lnm_report(self, lnm, changes):
+        raise RuntimeError("report bug")
+
+    def lnm_status_report(self, lnm, node, vms):
+        raise RuntimeError("status bug")
+
+    def lnm_refused(self, lnm, what, error):
+        raise AssertionError("nothing was refused")
+
+
+def test_the_lnm_report_port_logs_an_unexpected_error_and_answers_cleanly():
+    reporter = NodeReporter(_BrokenController(), "lnm1")
+    change = {"name": full("r1"), "state": states.RUN}
+    with LogCapture() as logged:
+        answers = [reporter.remote_report(encode_chunks([change])),
+                   reporter.remote_report_status(encode_object({}), encode_chunks([]))]
+    for d, what in zip(answers, ("report", "report_status")):
+        failure = []
+        d.addErrback(failure.append)
+        [failure] = failure
+        assert failure.check(OperationFailed)
+        assert str(failure.value) == (f"{what}: internal error on the controller "
+                                      "(see its log)")
+    assert len(failures_logged(logged, RuntimeError)) == 2
+
+
+# -- destroy ----------------------------------------------------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_destroying_a_vm_that_went_missing_while_its_lnm_was_away_is_done(grid):
+    c = grid.controller
+    vm = await start_one(grid, "gone1", "lnm1")
+    cut(grid, "lnm1")
+    await grid.vmms["lnm1"].operate("destroy", vm)     # behind Usher's back
+    await reattach(grid, "lnm1")
+    assert c.state.vms[vm]["state"] == states.MISSING
+    result = await c.op_on("alice", False, "destroy", Selection(names=[vm]))
+    assert result["failed"] == []
+    assert result["done"] == [{"name": vm, "state": None}]
+    [note] = result["notes"]
+    assert vm in note and "no longer on LNM lnm1" in note
+    assert vm not in c.state.vms

@@ -15,7 +15,8 @@ from twisted.internet import task
 
 from usher import records, states
 from usher.controller import lnm_input
-from usher.controller.core import LNM_FIELDS, Controller
+from usher.controller.commands import LNM_FIELDS
+from usher.controller.core import Controller
 from usher.controller.lnm_input import LNMLimits
 from usher.controller.monitoring import Monitoring
 from usher.controller.recovery import Recovery

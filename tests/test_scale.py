@@ -373,15 +373,15 @@ async def test_selections_by_cluster_pick_exactly_what_a_full_scan_would(tmp_pat
         await c.start("bob", False, [], [], {"cluster": "web", "count": 2})
         from usher.vmset import Selection
 
-        mine = await c._select("alice", False, Selection(clusters=["web"], names=["1.db"]))
+        mine = await c.visibility.select("alice", False, Selection(clusters=["web"], names=["1.db"]))
         assert sorted(r["name"] for r in mine) == sorted(
             [f"{i}.web.alice.{DOMAIN}" for i in (1, 2, 3)] + [f"1.db.alice.{DOMAIN}"])
-        everyone = await c._select("root", True, Selection(clusters=["web"]))
+        everyone = await c.visibility.select("root", True, Selection(clusters=["web"]))
         assert len(everyone) == 5
         listed = await c.list("alice", False, Selection(clusters=["db"]))
         assert sorted(r["name"] for r in listed) == [f"{i}.db.alice.{DOMAIN}" for i in (1, 2)]
         with pytest.raises(NoSuchVM):
-            await c._select("alice", False, Selection(names=["9.web"]))
+            await c.visibility.select("alice", False, Selection(names=["9.web"]))
     finally:
         await grid.stop()
 

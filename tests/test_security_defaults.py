@@ -16,7 +16,9 @@ from twisted.internet import defer, reactor
 from bench.system import BENCH_LIMITS, BenchSystem
 from usher import settings
 from usher.config import load_config, load_plugin_config
-from usher.controller.core import MAX_ARGS, MAX_ARGS_BYTES, MAX_ARG_LEN, Controller, _check_args
+from usher.controller.commands import MAX_ARG_LEN, MAX_ARGS, MAX_ARGS_BYTES
+from usher.controller.commands import check_args as _check_args
+from usher.controller.core import Controller
 from usher.errors import InvalidRequest
 from usher.plugins import limits as limits_plugin
 

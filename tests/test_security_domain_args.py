@@ -49,7 +49,7 @@ from twisted.python.threadpool import ThreadPool
 
 from usher import states
 from usher.config import load_config
-from usher.controller.core import plugin_set_args
+from usher.controller.commands import plugin_set_args
 from usher.errors import ConfigError, InvalidRequest, MigrationUnsupported
 from usher.lnm import domain_xml, received_xml, service, testhost
 from usher.lnm.libvirt_vmm import LibvirtVMM

@@ -20,7 +20,7 @@ from twisted.spread import pb
 
 from usher import pki, records, states
 from usher.client import Selection
-from usher.controller import core, lnm_input
+from usher.controller import commands, lnm_input
 from usher.controller.core import Controller
 from usher.controller.recovery import Recovery
 from usher.errors import InvalidRequest, NoSuchVM
@@ -538,4 +538,4 @@ async def test_an_lnm_is_sent_its_own_vms_only_and_no_more_of_them_than_it_needs
     grid.cut("lnm2")
     await grid.attach("lnm2")
     assert [r["name"] for r in sent] == [grid_name("b1", "bob")]
-    assert set(sent[0]) == set(core.LNM_FIELDS)
+    assert set(sent[0]) == set(commands.LNM_FIELDS)

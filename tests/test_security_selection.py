@@ -332,11 +332,11 @@ def test_limits_are_the_controllers_settings():
     # One budget for a whole request: the VMs and the LNMs of a migration.
     for lnm in ("l1", "l2", "l3"):
         controller.state.vmms[lnm] = VMMInfo(lnm, {}, handle=object())
-    assert controller._check_lnm_list(["l1", "l2", "l3"]) == ["l1", "l2", "l3"]
+    assert controller.visibility.check_lnm_list(["l1", "l2", "l3"]) == ["l1", "l2", "l3"]
     budget = controller.budget()
     controller.selection({"names": ["[1-3].a"]}, budget)
     with pytest.raises(InvalidRequest, match="at most 5"):
-        controller._check_lnm_list(["l1", "l2", "l3"], budget)
+        controller.visibility.check_lnm_list(["l1", "l2", "l3"], budget)
     with pytest.raises(ValueError):
         Controller(domain=DOMAIN, clock=task.Clock(), user_visibility="some")
 

@@ -10,6 +10,8 @@ inventory, reports, answers to commands) is checked here by
 ``usher.controller.lnm_input`` before the controller sees it.
 """
 
+import functools
+
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.spread import pb
@@ -18,8 +20,8 @@ from zope.interface import implementer
 
 from usher import pki
 from usher.controller import lnm_input
-from usher.errors import (InvalidRequest, LinkFailure, PermissionDenied, UsherError,
-                          from_name)
+from usher.errors import (InvalidRequest, LinkFailure, OperationFailed, PermissionDenied,
+                          UsherError, from_name)
 from usher.interfaces import ILNMHandle
 from usher.liveness import ping_peer
 from usher.pbutil import as_deferred, call
@@ -131,6 +133,27 @@ class RemoteLNM:
             transport.abortConnection()
 
 
+def _reporting(method):
+    """A ``NodeReporter.remote_*`` method -> one that returns a Deferred:
+    UsherErrors reach the LNM as they are; any other error is logged here
+    with its traceback and reaches it as OperationFailed, so no internals
+    leak (as the LNM's own remote entry points do, usher.lnm.api)."""
+
+    @functools.wraps(method)
+    def guarded(self, *args):
+        try:
+            return defer.succeed(method(self, *args))
+        except UsherError as e:
+            return defer.fail(e)
+        except Exception:
+            log.failure("LNM {lnm}: {method} failed", lnm=self.name, method=method.__name__)
+            return defer.fail(OperationFailed(
+                f"{method.__name__.removeprefix('remote_')}: internal error on the "
+                "controller (see its log)"))
+
+    return guarded
+
+
 class NodeReporter(pb.Referenceable):
     """The capability an LNM gets back: where it reports what it observes."""
 
@@ -138,6 +161,7 @@ class NodeReporter(pb.Referenceable):
         self.controller = controller
         self.name = name
 
+    @_reporting
     def remote_report(self, chunks):
         controller = self.controller
         try:
@@ -145,24 +169,19 @@ class NodeReporter(pb.Referenceable):
                                              controller.lnm_limits)
         except InvalidRequest as e:
             controller.lnm_refused(self.name, "report", e)
-            return defer.fail(e)
-        try:
-            acks = controller.lnm_report(self.name, changes)
-            return defer.succeed(encode_chunks(acks))
-        except UsherError as e:
-            return defer.fail(e)
+            raise
+        return encode_chunks(controller.lnm_report(self.name, changes))
 
+    @_reporting
     def remote_report_status(self, node, chunks):
         """The LNM's monitoring figures (usher.protocol, Monitoring)."""
         try:
             vms = lnm_input.check_status_size(chunks, self.controller.lnm_limits)
             self.controller.lnm_status_report(self.name, decode_object(node), vms)
-            return defer.succeed(True)
         except InvalidRequest as e:
             self.controller.lnm_refused(self.name, "status report", e)
-            return defer.fail(e)
-        except UsherError as e:
-            return defer.fail(e)
+            raise
+        return True
 
     def remote_ping(self):
         return defer.succeed(True)

@@ -104,7 +104,6 @@ def make_service(config, reactor):
     controller = Controller(
         domain=ctrl["domain"], clock=reactor, admins=ctrl["admins"],
         default_memory=ctrl["default_memory"], default_vcpus=ctrl["default_vcpus"],
-        call_timeout=ctrl["call_timeout"], start_timeout=ctrl["start_timeout"],
         max_request_vms=ctrl["max_request_vms"],
         max_selection_names=ctrl["max_selection_names"],
         max_selection_patterns=ctrl["max_selection_patterns"],

@@ -175,7 +175,7 @@ class GlobalState:
         check_fields(record, name)
         if name in self.vms:
             raise InvalidRequest(f"VM {name} already exists")
-        # A quarantined stranger of that name (usher.controller.core) gives
+        # A quarantined stranger of that name (usher.controller.observation) gives
         # way to the owner's own VM: on its host it is a duplicate now.
         self._forget_unmanaged(name)
         self.vms[name] = record
