@@ -1,6 +1,6 @@
 """The controller under failures, on an in-process grid (tests/grid.py): real
-NodeManagers on real libvirt test hosts behind handles that fail the way
-links fail — the request lost, the answer lost, the LNM silent. Asserts
+NodeManagers on real libvirt test hosts behind links (tests.wire) that fail
+the way links fail — the request lost, the answer lost, the LNM silent. Asserts
 exact states and, on the hosts themselves, that no VM runs twice or
 nowhere."""
 
@@ -12,82 +12,22 @@ from usher import states
 from usher.controller.core import Controller
 from usher.controller.liveness import LNMLiveness
 from usher.controller.recovery import Recovery
-from usher.errors import LinkFailure, OperationFailed, Unavailable
+from usher.errors import OperationFailed, Unavailable
 from usher.vmset import Selection
 
 from tests.e2e import wait_for
-from tests.grid import DOMAIN, Grid, LocalLNM, LocalReporter
-
-
-class FaultyLNM(LocalLNM):
-    """A handle on a NodeManager whose commands can fail like a link:
-    ``lose_request`` (it never arrives; the controller cannot tell),
-    ``lose_answer`` (carried out, the answer lost), ``refuse`` (the LNM
-    answers with this error). A dropped connection is seen by the LNM too."""
-
-    def __init__(self, node):
-        super().__init__(node)
-        self.lose_request = set()
-        self.lose_answer = set()
-        self.refuse = {}
-        self.silent = False
-
-    def __getattr__(self, method):
-        target = getattr(self.node, method)
-        # The controller starts VMs in batches (start_many): they fail as a
-        # start would.
-        kind = "start" if method == "start_many" else method
-
-        async def forward(*args):
-            if self.broken:
-                raise LinkFailure(f"{method}: peer disconnected", sent=False)
-            if kind in self.refuse:
-                raise self.refuse[kind]
-            if kind in self.lose_request:
-                raise LinkFailure(f"{method}: connection lost")
-            result = await target(*args)
-            if kind in self.lose_answer:
-                raise LinkFailure(f"{method}: connection lost")
-            return result
-        return forward
-
-    def ping(self):
-        if self.broken:
-            return defer.fail(LinkFailure("ping: peer disconnected", sent=False))
-        return defer.Deferred() if self.silent else defer.succeed(True)
-
-    def disconnect(self):
-        self.broken = True
-        self.node.set_reporter(None)
-        self.node.begin_session()
+from tests.grid import DOMAIN, Grid
 
 
 async def reattach(grid, name, controller=None):
-    """The LNM connects (again): a new session, a new handle."""
-    controller = controller or grid.controller
-    node = grid.nodes[name]
-    node.begin_session()
-    handle = FaultyLNM(node)
-    grid.handles[name] = handle
-    await controller.attach_lnm(name, handle, {})
-    node.set_reporter(LocalReporter(controller, name))
-    return handle
-
-
-def cut(grid, name):
-    """The link to an LNM fails; both ends notice."""
-    handle = grid.handles[name]
-    grid.controller.detach_lnm(name, handle)
-    handle.disconnect()
+    """The LNM connects (again): a new session, a new handle. -> its connection."""
+    return await grid.attach(name, controller)
 
 
 @pytest_twisted.async_yield_fixture
 async def grid(tmp_path):
     g = Grid(reactor, tmp_path)
     await g.start()
-    for name in sorted(g.nodes):
-        cut(g, name)
-        await reattach(g, name)
     yield g
     await g.stop()
 
@@ -116,7 +56,7 @@ async def start_one(grid, short, lnm):
 @pytest_twisted.ensureDeferred
 async def test_a_start_whose_answer_is_lost_is_lost_then_found_running(grid):
     c = grid.controller
-    grid.handles["lnm1"].lose_answer.add("start")
+    grid.to_lnm("lnm1").lose_answer.add("start_many")
     result = await c.start("alice", False, ["x1"], ["lnm1"], {})
     vm = full("x1")
     assert result["started"] == []
@@ -134,7 +74,7 @@ async def test_a_start_whose_answer_is_lost_is_lost_then_found_running(grid):
 @pytest_twisted.ensureDeferred
 async def test_a_start_whose_request_is_lost_disappears_when_the_lnm_returns(grid):
     c = grid.controller
-    grid.handles["lnm1"].lose_request.add("start")
+    grid.to_lnm("lnm1").lose_request.add("start_many")
     result = await c.start("alice", False, ["x2"], ["lnm1"], {})
     vm = full("x2")
     assert "outcome is unknown" in result["failed"][0]["error"]
@@ -148,7 +88,7 @@ async def test_a_start_whose_request_is_lost_disappears_when_the_lnm_returns(gri
 @pytest_twisted.ensureDeferred
 async def test_a_start_never_sent_fails_at_once_and_leaves_nothing(grid):
     c = grid.controller
-    grid.handles["lnm1"].refuse["start"] = LinkFailure("start: peer disconnected", sent=False)
+    grid.to_lnm("lnm1").not_sent.add("start_many")
     result = await c.start("alice", False, ["x3"], ["lnm1"], {})
     assert result["failed"] == [{"name": full("x3"), "error": "LNM lnm1 disconnected before "
                                  f"{full('x3')} could be started; nothing was done"}]
@@ -159,7 +99,7 @@ async def test_a_start_never_sent_fails_at_once_and_leaves_nothing(grid):
 async def test_an_unanswered_operation_resynchronises_the_lnm(grid):
     c = grid.controller
     vm = await start_one(grid, "op1", "lnm2")
-    grid.handles["lnm2"].lose_answer.add("op_on")
+    grid.to_lnm("lnm2").lose_answer.add("op_on")
     result = await c.op_on("alice", False, "pause", Selection(names=[vm]))
     assert result["done"] == [] and "outcome is unknown" in result["failed"][0]["error"]
     assert c.state.vms[vm]["state"] == states.LOST
@@ -198,7 +138,7 @@ async def settled(grid, vm, predicate):
 @pytest_twisted.ensureDeferred
 async def test_migration_import_answer_lost_the_vm_is_found_on_the_target(grid):
     vm = await start_one(grid, "m1", "lnm1")
-    grid.handles["lnm2"].lose_answer.add("import_image")
+    grid.to_lnm("lnm2").lose_answer.add("import_image")
     result = await migrate(grid, vm, "lnm2")
     assert result["migrated"] == [] and "outcome is unknown" in result["failed"][0]["error"]
     assert grid.controller.state.vms[vm]["state"] == states.LOST
@@ -212,7 +152,7 @@ async def test_migration_import_answer_lost_the_vm_is_found_on_the_target(grid):
 @pytest_twisted.ensureDeferred
 async def test_migration_import_request_lost_the_vm_comes_back_to_its_source(grid):
     vm = await start_one(grid, "m2", "lnm1")
-    grid.handles["lnm2"].lose_request.add("import_image")
+    grid.to_lnm("lnm2").lose_request.add("import_image")
     result = await migrate(grid, vm, "lnm2")
     assert "outcome is unknown" in result["failed"][0]["error"]
     assert await hosts_of(grid, vm) == []              # only the kept export, on lnm1
@@ -225,7 +165,7 @@ async def test_migration_import_request_lost_the_vm_comes_back_to_its_source(gri
 @pytest_twisted.ensureDeferred
 async def test_migration_refused_by_the_target_puts_the_vm_back_at_once(grid):
     vm = await start_one(grid, "m3", "lnm1")
-    grid.handles["lnm2"].refuse["import_image"] = OperationFailed("no room")
+    grid.to_lnm("lnm2").refuse["import_image"] = OperationFailed("no room")
     result = await migrate(grid, vm, "lnm2")
     assert result["failed"] == [{"name": vm, "error": "migration to lnm2 failed: no room"}]
     assert grid.controller.state.vms[vm]["state"] == states.RUN
@@ -237,7 +177,7 @@ async def test_migration_refused_by_the_target_puts_the_vm_back_at_once(grid):
 @pytest_twisted.ensureDeferred
 async def test_migration_export_answer_lost_the_source_puts_the_vm_back(grid):
     vm = await start_one(grid, "m4", "lnm1")
-    grid.handles["lnm1"].lose_answer.add("export_image")
+    grid.to_lnm("lnm1").lose_answer.add("export_image")
     result = await migrate(grid, vm, "lnm2")
     assert "outcome is unknown" in result["failed"][0]["error"]
     assert grid.controller.state.vms[vm]["state"] == states.LOST
@@ -298,15 +238,21 @@ async def test_a_silent_lnm_is_detached_after_the_timeout(grid):
     clock = task.Clock()
     liveness = LNMLiveness(c, clock=clock, interval=1, timeout=3)
     c.watch_lnms(liveness)
-    handle = await reattach(grid, "lnm3")
+    link = await reattach(grid, "lnm3")
     assert liveness.watching("lnm3")
-    clock.pump([1, 1, 1, 1])
+
+    async def seconds(*steps):
+        for step in steps:          # each ping's answer crosses before the next tick
+            clock.advance(step)
+            await grid.settle()
+
+    await seconds(1, 1, 1, 1)
     assert c.state.vmms["lnm3"].connected              # answering
-    handle.silent = True
-    clock.pump([1, 1])
+    link.to_lnm.hang["ping"] = defer.Deferred()        # silent from now on
+    await seconds(1, 1)
     assert c.state.vmms["lnm3"].connected
-    clock.pump([1, 1])
-    assert not c.state.vmms["lnm3"].connected and handle.broken
+    await seconds(1, 1)
+    assert not c.state.vmms["lnm3"].connected and link.lost
     assert c.state.vms[vm]["state"] == states.LOST     # lost, never shutoff
     assert not liveness.watching("lnm3")
     liveness.stop()
