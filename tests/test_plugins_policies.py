@@ -15,7 +15,7 @@ from usher.errors import ConfigError, InvalidRequest, Rejected, Unavailable
 from usher.settings import REQUEST_EVENTS
 from usher.vmset import Selection
 
-from tests.clientgrid import FakeMonitoring, client_grids, pki_dir  # noqa: F401 (fixtures)
+from tests.fakes import FakeMonitoring
 from tests.e2e import wait_for
 from tests.grid import DOMAIN
 
