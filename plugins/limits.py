@@ -72,7 +72,6 @@ class Plugin:
 
     def __init__(self, config, api):
         self.api = api
-        self.order = config.get("order", DEFAULT_ORDER)
         self.config = dict(config)
         for option in ("admin_only", "denied"):
             unknown = [k for k in config.get(option, ()) if k not in REQUEST_KINDS]

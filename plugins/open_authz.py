@@ -19,7 +19,7 @@ class Plugin:
     name = "open_authz"
 
     def __init__(self, config, api):
-        self.order = config.get("order", DEFAULT_ORDER)
+        pass
 
     def entry_point(self, event):
         request = event.request

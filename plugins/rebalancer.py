@@ -91,7 +91,6 @@ class Plugin:
     def __init__(self, config, api):
         self.api = api
         self.clock = api.clock
-        self.order = config.get("order", DEFAULT_ORDER)
         self.interval = config.get("interval", DEFAULT_INTERVAL)
         self.window = int(config.get("window") or 5)
         self.high_load = config.get("high_load", 0.85)

@@ -131,10 +131,7 @@ class Grid:
 
     async def start(self):
         self.pool.start()
-        for reg_name, reg in self.registrations.items():
-            for event in reg["events"]:
-                self.controller.plugins.register(reg["plugin"] or reg_name, event,
-                                                 reg.get("config"), reg.get("order"))
+        self.controller.plugins.register_configured(self.registrations)
         for i in range(1, self.lnm_count + 1):
             await self.add_lnm(f"lnm{i}")
         return self

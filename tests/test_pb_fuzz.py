@@ -154,11 +154,8 @@ ADMIN_ON_ANYONE = {"start", "op_on", "migrate"}
 
 
 def default_plugins(grid):
-    for registration in grid.controller.chains.registrations():
-        grid.registry.unregister(registration.plugin.name, registration.event)
-    for name, registration in default_plugin_registrations().items():
-        for event in registration["events"]:
-            grid.registry.register(registration["plugin"], event, None, None)
+    grid.registry.unregister_all()
+    grid.registry.register_configured(default_plugin_registrations())
 
 
 async def settle(calls):

@@ -452,3 +452,109 @@ async def test_the_readme_example_plugin_works_as_documented(tmp_path, client_gr
     assert len(result["started"]) == 1
     await root.unregister_plugin("quota")
     assert len((await alice.start(cluster="big", count=5))["started"]) == 5
+
+
+# -- a plugin's position on its chains ------------------------------------------------------
+
+# A third-party plugin with a module default order and no ``order`` in its
+# CONFIG_SPEC, written as the shipped plugins are: its configuration always
+# holds ``order`` (None when unset), so its own fallback never applies.
+EARLY = '''
+    """Early: a plugin that wants to run early (a test's third-party plugin)."""
+
+    DEFAULT_ORDER = 5
+
+
+    class Plugin:
+        def __init__(self, config, api):
+            self.order = config.get("order", DEFAULT_ORDER)
+
+        def entry_point(self, event):
+            pass
+'''
+
+UNORDERED = '''
+    """Unordered: says nothing about its order (a test's third-party plugin)."""
+
+
+    class Plugin:
+        def __init__(self, config, api):
+            pass
+
+        def entry_point(self, event):
+            pass
+'''
+
+
+def orders(registry, event):
+    return [(r["plugin"], r["order"]) for r in registry.describe()["registered"]
+            if r["event"] == event]
+
+
+def test_order_from_the_daemons_configuration_path(tmp_path):
+    """[[plugins]] in ctrl.config, registered as the daemon does: an order in
+    the registration beats the plugin's configuration file, which beats the
+    module's DEFAULT_ORDER, which beats 1000."""
+    from usher.controller.service import PluginsService
+
+    plugin_dir = tmp_path / "thirdparty"
+    write(plugin_dir / "early.py", EARLY)
+    write(plugin_dir / "unordered.py", UNORDERED)
+    seven = write(tmp_path / "early7.config", "order = 7\n")
+    ctrl = ctrl_config(tmp_path, plugin_dir, f"""
+        [[[early]]]
+        events = start_request
+        [[[unordered]]]
+        events = start_request
+        [[[early_configured]]]
+        plugin = early
+        events = list_request
+        config = {seven}
+        [[[early_placed]]]
+        plugin = early
+        events = migrate_request
+        config = {seven}
+        order = 3
+        """)
+    registry = PluginRegistry(EventChains(task.Clock()), api=object(),
+                              third_party_dir=ctrl["plugin_dir"],
+                              load_config=load_plugin_config)
+    service = PluginsService(registry, ctrl["plugins"])
+    service.startService()
+    assert orders(registry, "start_request") == [("early", 5), ("unordered", 1000)]
+    assert orders(registry, "list_request") == [("early", 7)]
+    assert orders(registry, "migrate_request") == [("early", 3)]
+    service.stopService()
+    assert registry.chains.registrations() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_order_of_a_plugin_registered_at_run_time(tmp_path, client_grids):
+    plugin_dir = tmp_path / "thirdparty"
+    write(plugin_dir / "early.py", EARLY)
+    grid = await client_grids(plugin_dir=str(plugin_dir))
+    root = await grid.connected("root")
+    description = await root.register_plugin("early", "start_request")
+    assert [(r["plugin"], r["order"]) for r in description["registered"]
+            if r["event"] == "start_request"] == [
+        ("early", 5), ("open_authz", 10), ("limits", 20), ("roundrobin", 50)]
+    description = await root.register_plugin("early", "list_request", None, 60)
+    assert [(r["plugin"], r["order"]) for r in description["registered"]
+            if r["event"] == "list_request"] == [("open_authz", 10), ("early", 60)]
+
+
+def test_register_configured_registers_a_whole_section_and_stops_at_a_failure(tmp_path):
+    plugin_dir = tmp_path / "thirdparty"
+    write(plugin_dir / "unordered.py", UNORDERED)
+    registry = PluginRegistry(EventChains(task.Clock()), api=object(),
+                              third_party_dir=str(plugin_dir), load_config=load_plugin_config)
+    registry.register_configured(settings.default_plugin_registrations())
+    assert orders(registry, "start_request") == [
+        ("open_authz", 10), ("limits", 20), ("roundrobin", 50)]
+    with pytest.raises(InvalidRequest, match="unknown event 'no_such_event'"):
+        registry.register_configured({
+            "unordered": {"plugin": None, "events": ["vm_lost", "no_such_event"],
+                          "config": None, "order": None}})
+    assert [r.plugin.name for r in registry.chains.registrations("vm_lost")] == ["unordered"]
+    registry.unregister_all()
+    assert registry.chains.registrations() == []

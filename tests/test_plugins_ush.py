@@ -7,7 +7,8 @@ import json
 import pytest_twisted
 from twisted.internet import reactor
 
-from usher.clients import ush, ush_help
+from usher.clients import ush
+from usher.clients.ush import help_text as ush_help
 
 from tests.clientgrid import PASSWORDS
 

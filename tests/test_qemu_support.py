@@ -70,10 +70,7 @@ class TwoHosts:
         self.controller.plugins = PluginRegistry(
             self.controller.chains, self.controller.api, third_party_dir=None,
             load_config=load_plugin_config)
-        for reg_name, reg in settings.default_plugin_registrations().items():
-            for event in reg["events"]:
-                self.controller.plugins.register(reg["plugin"] or reg_name, event,
-                                                 reg.get("config"), reg.get("order"))
+        self.controller.plugins.register_configured(settings.default_plugin_registrations())
         self.eventual = EventualQueue(self.clock)
         peers = {}
         self.vmms, self.nodes, self.links = {}, {}, {}

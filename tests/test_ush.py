@@ -21,10 +21,10 @@ from usher.vmset import Selection, match_names
 
 try:
     ush = importlib.import_module("usher.clients.ush")
-    ush_help = importlib.import_module("usher.clients.ush_help")
+    ush_help = importlib.import_module("usher.clients.ush.help_text")
 except ImportError:  # before packaging: the source tree's clients/ package
     ush = importlib.import_module("clients.ush")
-    ush_help = importlib.import_module("clients.ush_help")
+    ush_help = importlib.import_module("clients.ush.help_text")
 
 DOMAIN = "usher.ucsdys.net"
 USER = "mmcnett"
@@ -828,7 +828,7 @@ def test_help_for_every_command(name):
     assert h.run(f"? {name}").splitlines()[1:] == output.splitlines()[1:]
     assert h.run(f"{name} -h").splitlines()[1:] == output.splitlines()[1:]
     # Every option the parser accepts is explained in the help text.
-    parser = ush._build_parsers()[name]
+    parser = ush.build_parsers()[name]
     for action in parser._actions:
         for option in action.option_strings:
             if option not in ("-h", "--help"):

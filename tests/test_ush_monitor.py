@@ -15,10 +15,10 @@ from usher.protocol import FIGURES
 
 try:
     ush = importlib.import_module("usher.clients.ush")
-    ush_monitor = importlib.import_module("usher.clients.ush_monitor")
+    ush_monitor = importlib.import_module("usher.clients.ush.monitor")
 except ImportError:  # before packaging: the source tree's clients/ package
     ush = importlib.import_module("clients.ush")
-    ush_monitor = importlib.import_module("clients.ush_monitor")
+    ush_monitor = importlib.import_module("clients.ush.monitor")
 
 DOMAIN = "usher.test"
 USER = "alice"

@@ -27,13 +27,10 @@ from collections.abc import Callable
 from typing import TextIO
 
 from usher import passwdfile, pki
+from usher.cliargs import UsageError, positive_int
 from usher.errors import InvalidRequest, UsherError
 
 PROG = "usher"
-
-
-class UsageError(Exception):
-    """A command line that is well-formed for argparse but still wrong (exit 2)."""
 
 
 @dataclasses.dataclass
@@ -149,16 +146,6 @@ def register_user_commands(subparsers) -> None:
 
 # -- usher ca / usher cert -------------------------------------------------------
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
-    return value
-
-
 def _ca_init(args, context: CommandContext) -> int:
     files = pki.init_ca(args.dir, args.cn, args.days, force=args.force, key_type=args.key_type)
     print(f"Created CA certificate {files.cert_path} and key {files.key_path}")
@@ -190,7 +177,7 @@ def register_pki_commands(subparsers) -> None:
     init.add_argument("--force", action="store_true",
                       help="replace an existing CA (certificates it issued stop working)")
     init.add_argument("--cn", default="Usher CA", help="the CA's common name")
-    init.add_argument("--days", type=_positive_int, default=3650, help="validity (default 3650)")
+    init.add_argument("--days", type=positive_int, default=3650, help="validity (default 3650)")
     init.set_defaults(handler=_ca_init)
 
     cert = subparsers.add_parser("cert", help="issue certificates signed by the site CA")
@@ -218,7 +205,7 @@ def register_pki_commands(subparsers) -> None:
                             "--lnm)")
     issue.add_argument("--ip", metavar="IP", action="append", default=[],
                        help="an IP address for the certificate (repeatable; not for --lnm)")
-    issue.add_argument("--days", type=_positive_int, default=825, help="validity (default 825)")
+    issue.add_argument("--days", type=positive_int, default=825, help="validity (default 825)")
     issue.add_argument("--force", action="store_true", help="replace existing files")
     issue.set_defaults(handler=_cert_issue)
 

@@ -164,7 +164,22 @@ class IPlugin(Interface):
 
     A plugin module exposes a class ``Plugin`` taking ``(config, api)``:
     ``config`` is its parsed configuration (a dict, see ``CONFIG_SPEC``),
-    ``api`` the controller's plugin API (``usher.controller.plugins``).
+    ``api`` the controller's plugin API
+    (``usher.controller.plugin_api.PluginAPI``, also ``event.api``).
+    Finding, loading and ordering plugins: ``usher.controller.plugins``.
+
+    Plugins run on the reactor thread: while ``entry_point`` computes, the
+    controller serves nobody. Blocking work (a database, DNS, files, a
+    subprocess) goes through ``api.run_blocking(function, *args,
+    **kwargs)``: ``function`` runs in the controller's plugin thread pool
+    and the returned Deferred fires, on the reactor, with its result::
+
+        async def entry_point(self, event):
+            rows = await event.api.run_blocking(self.db.fetch, event.vm["name"])
+
+    ``function`` must not touch the controller's state or Twisted; pass it
+    what it needs. A call that holds the reactor longer than ``[ctrl]
+    plugin_hold_warning`` seconds is logged as a warning naming the plugin.
     """
 
     name = Attribute("The plugin's name (its module name).")

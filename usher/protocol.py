@@ -15,8 +15,11 @@ the port of the LNM's recovery listener (None if it is not listening); the
 controller persists it with the address the connection came from.
 The controller then drives the LNM through ``node_api`` (paper, Table 2)::
 
-    get_node_info() -> dict           hostname, uri, driver, cpus, memory_mib,
-                                      model, live_migration, migration_uri
+    get_node_info() -> dict           name, hostname, uri, driver, cpus,
+                                      memory_mib, model, live_migration,
+                                      migration_uri, hypervisor_connected
+                                      (False: what the node was, while its
+                                      hypervisor connection is down)
     get_node_status() -> dict         vms, free_memory_mib (None if unknown),
                                       and the node's figures (see Monitoring)
     list_vms() -> [json chunk]        domain info of every domain on the host
@@ -26,7 +29,9 @@ The controller then drives the LNM through ``node_api`` (paper, Table 2)::
                                       controller, and "busy": True on VMs a
                                       command of an earlier connection is
                                       still changing (its end is reported)
-    get_details(vm name) -> dict      cached record merged with domain info
+    get_details(vm name) -> dict      cached record merged with domain info,
+                                      plus "lnm" and "cached" (bool); "state"
+                                      None when the VM is not on the host
     get_status(vm name) -> dict       the VM's figures (see Monitoring)
     receive([json chunk]) -> int      cache VM records (the controller's view),
                                       returns how many are cached; a record's
@@ -137,33 +142,68 @@ controller's authentication chain)
 ------------------------------------------------------------------
 Root object::
 
-    login(username: str, password: str, observer: Referenceable[, source: str])
-        -> perspective      (source: the address of the user behind a gateway,
-                             e.g. plusher; it counts only from a gateway's
-                             connection, usher.controller.client_login)
+    login(username: str, password: str[, observer: Referenceable|None
+          [, source: str|None]]) -> perspective
+                        (observer: where the controller pushes changes, see
+                         below; source: the address of the user behind a
+                         gateway, e.g. plusher; it counts only from a
+                         gateway's connection, usher.controller.client_login)
 
-Perspective (paper, Table 4, plus session methods)::
+Perspective (paper, Table 4, plus session and administration methods)::
 
+    whoami() -> {"user", "admin": bool, "domain"}
     subscribe(clusters: list|None) -> {"seq": int, "chunks": [json chunk]}
+                                      the records the session may see (of
+                                      those clusters; None: all), then pushes
+                                      to the observer
     list(selection, status: bool) -> [json chunk]
                                       with status, each record has "status":
                                       the VM's figures ({} if it has none)
     list_lnm(patterns: list, status: bool) -> [dict]
-                                      with status, each has "status": the
-                                      node's figures ({} before any report)
-    top(patterns: list, count: int) -> {"lnms": [dict], "vms": [dict]}
+                                      each {"name", "connected", "vms",
+                                      "unmanaged", "hostname", "driver",
+                                      "cpus", "memory_mib", "model",
+                                      "live_migration"}; with status, each has
+                                      "status": the node's figures ({} before
+                                      any report)
+    top(patterns: list, count: int) -> {"lnms": [dict], "vms": [json chunk]}
                                       the LNMs matching patterns (all if
                                       empty) with their figures, and the
-                                      ``count`` busiest VMs on them by the
-                                      1-minute CPU average (list_request
-                                      plugins filter them as for list)
-    start(vms: list, lnms: list, args: dict) -> result dict
+                                      ``count`` (0-1000) busiest VMs on them
+                                      by the 1-minute CPU average
+                                      (list_request plugins filter them as
+                                      for list)
+    start(vms: list, lnms: list, args: dict|None) -> {"started": [{"name",
+                                      "vmm"}], "failed": [{"name", "error"}],
+                                      "notes": [str], "elapsed": float}
                                       (args: at most 32, values of 4,096
                                       characters, 16 KiB in all; VMs: at most
                                       max_request_vms)
-    op_on(operation, selection, args: dict) -> result dict
-    migrate(selection, lnms: list, args: dict) -> result dict
-    whoami() -> {"user", "admin", "domain"}
+    op_on(operation: str, selection, args: dict|None) -> {"operation",
+                                      "done": [{"name", "state" (None:
+                                      destroyed)}], "failed": [{"name",
+                                      "error"}], "notes": [str]}
+    migrate(selection, lnms: list, args: dict|None) -> {"migrated": [{"name",
+                                      "from", "to"}], "failed": [{"name",
+                                      "error"}], "notes": [str]}
+
+Administrators only (others get PermissionDenied)::
+
+    plugins() -> {"available": [name], "about": {name: first sentence of its
+                                      docstring}, "registered": [{"plugin",
+                                      "event", "order", "config", "timeout"
+                                      [, "interval" (timer)]}] in calling order}
+    register_plugin(name: str, event: str, config_file: str|None,
+                    order: int|None) -> as plugins(), after registering
+                                      (config_file: an absolute path on the
+                                      controller's host)
+    unregister_plugin(name: str, event: str|None) -> as plugins(), after
+                                      taking the plugin off that event's
+                                      chain (None: off every chain)
+    forget_lnm(name: str) -> {"lnm": name, "forgotten": [vm name]}
+                                      retire a disconnected LNM and the VMs
+                                      last known on it (also from the
+                                      persisted list of LNMs)
 
 A selection is None (every VM), a list of names and ranges, or a dict with
 "names", "regex", "clusters" and "everything". One request (its selection
@@ -174,10 +214,9 @@ refused whole (InvalidRequest). list and top show an ordinary user their
 own VMs only, unless the controller's user_visibility is "all"; another
 user's "args" never reach an ordinary user; pushes carry only one's own.
 
-Observer (the client's callback object)::
+Observer (the client's callback object; the controller calls only this)::
 
     vm_changes(seq: int, changed: [json chunk], removed: [str]) -> None
-    notice(kind: str, message: str) -> None
 """
 
 PROTOCOL_VERSION = 1

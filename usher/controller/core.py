@@ -30,6 +30,7 @@ from usher import states
 from usher.controller.events import Event, EventChains, Request
 from usher.controller.lnm_input import LNMLimits
 from usher.controller.monitoring import Monitoring, NoInstruments
+from usher.controller.plugin_api import PluginAPI
 from usher.controller.state import GlobalState, VMMInfo
 from usher.controller.subscriptions import SubscriptionHub
 from usher.errors import (InvalidRequest, LinkFailure, NoSuchLNM, NoSuchVM,
@@ -116,47 +117,6 @@ def plugin_set_args(user_args, args, vm_args):
     return sorted(key for key, value in args.items()
                   if key in vm_args or key not in user_args
                   or not (user_args[key] is value or user_args[key] == value))
-
-
-class PluginAPI:
-    """What plugins may use: the state, configuration and a few actions."""
-
-    def __init__(self, controller):
-        self._controller = controller
-
-    @property
-    def state(self):
-        return self._controller.state
-
-    @property
-    def clock(self):
-        return self._controller.clock
-
-    @property
-    def monitoring(self):
-        """The consolidated monitoring figures
-        (``usher.controller.monitoring.Monitoring``): ``lnm_load(name)``,
-        ``lnm_figure(name, "cpu", 1)``, ``lnm_loads()``, ``vm_load(name)`` ..."""
-        return self._controller.monitoring
-
-    @property
-    def default_memory(self):
-        return self._controller.default_memory
-
-    @property
-    def default_vcpus(self):
-        return self._controller.default_vcpus
-
-    def register_plugin(self, name, event, config_file=None, order=None):
-        return self._controller.plugins.register(name, event, config_file, order)
-
-    def unregister_plugin(self, name, event=None):
-        return self._controller.plugins.unregister(name, event)
-
-    def migrate(self, vms, lnms=(), args=None):
-        """Migrate VMs on the system's behalf (rebalancers); -> Deferred."""
-        return defer.Deferred.fromCoroutine(self._controller.migrate(
-            "usher", True, Selection(names=list(vms)), list(lnms), args))
 
 
 class Controller:

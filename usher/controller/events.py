@@ -16,6 +16,13 @@ file) or else the chains' default.
 The ``timer`` event is not a chain that something fires: each plugin
 registered for it is called on its own, every ``interval`` seconds (see
 ``usher.controller.plugins.PluginTimer``).
+
+Plugins run on the reactor thread. The chains time the synchronous part of
+every call (``entry_point`` itself and, for a coroutine, its first step up
+to the first ``await`` that waits) and log a warning naming the plugin, the
+event and the milliseconds when it held the reactor longer than
+``hold_warning`` seconds: blocking work belongs in
+``PluginAPI.run_blocking`` (``usher.controller.plugin_api``).
 """
 
 import time
@@ -122,9 +129,13 @@ class Registration:
 class EventChains:
     """The per-event chains of plugin registrations, and firing them."""
 
-    def __init__(self, clock, timeout=10.0):
+    def __init__(self, clock, timeout=10.0, *, hold_warning=0.1, monotonic=time.monotonic):
         self.clock = clock
         self.timeout = timeout
+        # Seconds a plugin's synchronous part may hold the reactor before a
+        # warning; measured with ``monotonic`` (tests give a fake).
+        self.hold_warning = hold_warning
+        self.monotonic = monotonic
         self._chains = {}
         self._seq = 0
         # observer(event name, outcome, seconds) after each chain ran
@@ -172,12 +183,29 @@ class EventChains:
         return getattr(plugin, "timeout", None) or self.timeout
 
     async def _call(self, reg, event):
-        result = reg.plugin.entry_point(event)
-        if hasattr(result, "__await__") and not isinstance(result, defer.Deferred):
-            result = defer.ensureDeferred(result)
+        result = self._enter(reg, event)
         if isinstance(result, defer.Deferred):
             result.addTimeout(self.timeout_of(reg.plugin), self.clock)
             await result
+
+    def _enter(self, reg, event):
+        """Call the plugin and run it as far as it goes without waiting,
+        timing how long it held the reactor. -> its result, a coroutine
+        made a Deferred."""
+        started = self.monotonic()
+        try:
+            result = reg.plugin.entry_point(event)
+            if hasattr(result, "__await__") and not isinstance(result, defer.Deferred):
+                result = defer.ensureDeferred(result)
+            return result
+        finally:
+            held = self.monotonic() - started
+            if held > self.hold_warning:
+                log.warn("plugin {plugin} held the reactor for {held_ms} ms on {event} "
+                         "(warning above {threshold_ms} ms): the controller served nobody "
+                         "meanwhile; blocking work belongs in api.run_blocking",
+                         plugin=reg.plugin.name, event=event.name,
+                         held_ms=round(held * 1000), threshold_ms=round(self.hold_warning * 1000))
 
     async def call_one(self, reg, event):
         """Call one registration as a notification (timers): a failure or

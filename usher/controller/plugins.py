@@ -17,6 +17,15 @@ controller's ``plugin_timeout``) and ``interval`` (seconds between calls
 when registered for ``timer``; a module may give ``DEFAULT_INTERVAL``).
 Registering for ``timer`` starts calling the plugin periodically;
 unregistering stops it.
+
+A plugin's position on a chain is, first found: the order given to
+``register`` (``order`` of a ``[[plugins]]`` registration, or of
+``register_plugin``), the ``order`` of its configuration file, the order its
+instance set itself, the module's ``DEFAULT_ORDER``, else 1000 (after the
+ordered plugins, in registration order).
+
+``register_configured`` registers a whole ``[[plugins]]`` section: the
+daemon's service and the test grids use it.
 """
 
 import ast
@@ -191,9 +200,12 @@ class PluginRegistry:
                                  f"{e.__class__.__name__}: {e}") from None
         if not getattr(plugin, "name", None):
             plugin.name = name
-        if getattr(plugin, "order", None) is None:
-            plugin.order = config.get("order", getattr(module, "DEFAULT_ORDER", None))
-        for option, module_default in (("timeout", "DEFAULT_TIMEOUT"),
+        # Each option: the configuration file's value, else what the plugin
+        # set itself, else the module's default. A configuration always holds
+        # ``order``, ``timeout`` and ``interval`` (None when unset), so
+        # ``config.get(option, default)`` would never reach the default.
+        for option, module_default in (("order", "DEFAULT_ORDER"),
+                                       ("timeout", "DEFAULT_TIMEOUT"),
                                        ("interval", "DEFAULT_INTERVAL")):
             if config.get(option) is not None:
                 setattr(plugin, option, config[option])
@@ -230,6 +242,25 @@ class PluginRegistry:
         log.info("plugin {plugin} registered for {event} (order {order})",
                  plugin=name, event=event, order=order if order is not None else plugin.order)
         return plugin
+
+    def register_configured(self, registrations):
+        """Register every plugin of a parsed ``[[plugins]]`` section
+        (registration name -> plugin, events, config, order) on each of its
+        events, in the section's order. Raises on the first that fails."""
+        for registration_name, registration in registrations.items():
+            for event in registration["events"]:
+                self.register(registration.get("plugin") or registration_name, event,
+                              registration.get("config"), registration.get("order"))
+
+    def unregister_all(self):
+        """Take every plugin off every chain (stopping timers and instances);
+        a failure is logged and the others still go."""
+        for registration in self.chains.registrations():
+            try:
+                self.unregister(registration.plugin.name, registration.event)
+            except Exception:
+                log.failure("plugin {plugin} failed to unregister from {event}",
+                            plugin=registration.plugin.name, event=registration.event)
 
     def unregister(self, name, event=None):
         removed = self.chains.remove(name, event)

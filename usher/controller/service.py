@@ -1,5 +1,6 @@
-"""Assembling usherctrl: one root MultiService holding the thread pool, the
-client listener (TLS), the LNM listener (mutual TLS) and the plugins."""
+"""Assembling usherctrl: one root MultiService holding the thread pools (the
+controller's, the plugins'), the client listener (TLS), the LNM listener
+(mutual TLS) and the plugins."""
 
 import os
 
@@ -19,6 +20,7 @@ from usher.controller.known_lnms import KnownLNMs
 from usher.controller.liveness import KeepAlivePBServerFactory, LNMLiveness
 from usher.controller.lnm_input import LNMLimits
 from usher.controller.lnm_link import LNMRoot
+from usher.controller.plugin_api import PLUGIN_THREADS, thread_pool_runner
 from usher.controller.plugins import PluginRegistry
 from usher.controller.recovery import RecoveryService
 from usher.daemon import ThreadPoolService
@@ -41,18 +43,11 @@ class PluginsService(service.Service):
 
     def startService(self):
         super().startService()
-        for reg_name, reg in self.registrations.items():
-            for event in reg["events"]:
-                self.registry.register(reg["plugin"] or reg_name, event, reg.get("config"),
-                                       reg.get("order"))
+        self.registry.register_configured(self.registrations)
 
     def stopService(self):
         super().stopService()
-        for reg in self.registry.chains.registrations():
-            try:
-                self.registry.unregister(reg.plugin.name, reg.event)
-            except Exception:
-                pass
+        self.registry.unregister_all()
 
 
 def _role_lookup(chain):
@@ -121,6 +116,13 @@ def make_service(config, reactor):
                              max_vms=ctrl["lnm_max_vms"],
                              max_unmanaged=ctrl["lnm_max_unmanaged"]))
     controller.chains.timeout = ctrl["plugin_timeout"]
+    controller.chains.hold_warning = ctrl["plugin_hold_warning"]
+    # Plugins' blocking work (PluginAPI.run_blocking), in a pool of its own so
+    # that it never holds up logins (PAM, bcrypt) or metrics; started before
+    # the plugins, stopped after them.
+    plugin_pool = ThreadPool(minthreads=0, maxthreads=PLUGIN_THREADS, name="usherctrl-plugins")
+    ThreadPoolService(plugin_pool).setServiceParent(root)
+    controller.api.run_in_thread = thread_pool_runner(reactor, plugin_pool)
     registry = PluginRegistry(controller.chains, controller.api,
                               third_party_dir=ctrl["plugin_dir"],
                               load_config=load_plugin_config)

@@ -1,0 +1,5 @@
+"""``python -m usher.clients.ush``: the ush program."""
+
+from .program import main
+
+main()

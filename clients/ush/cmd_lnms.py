@@ -1,0 +1,72 @@
+"""ush's LNM commands: list_lnm, top (the monitoring view, refreshed on a
+terminal) and forget_lnm."""
+
+from twisted.internet import task
+
+from usher.cliargs import UsageError, positive_int, positive_seconds
+
+from .format import by_name, format_lnm_list, format_top, natural_key
+from .outcome import Call, Outcome
+from .parsing import check_lnm_patterns
+
+# Home the cursor and clear the screen (top's redraw).
+CLEAR_SCREEN = "\x1b[H\x1b[2J"
+
+
+async def cmd_list_lnm(shell, args):
+    patterns = check_lnm_patterns(args.lnms, "list_lnm")
+    status = args.status
+
+    async def list_lnms():
+        lnms = by_name(await shell.live_client().list_lnm(patterns=patterns, status=status))
+        return Outcome(format_lnm_list(lnms, status), lnms)
+    return Call(list_lnms)
+
+
+async def cmd_top(shell, args):
+    patterns = check_lnm_patterns(args.lnms, "top")
+    count, interval = args.count, args.interval
+    # Refresh until interrupted only on a terminal in one-shot mode; at the
+    # interactive prompt (and with --json) one view unless --iterations.
+    live = shell.live_output and not shell.json_output
+    iterations = args.iterations or (None if live else 1)
+    if shell.json_output:
+        iterations = 1
+
+    async def top():
+        client = shell.live_client()
+        shown = 0
+        while True:
+            view = await client.top(patterns=patterns, count=count)
+            shown += 1
+            text = format_top(view, count)
+            if iterations is not None and shown >= iterations:
+                return Outcome(text, view)
+            shell.write((CLEAR_SCREEN if live else "") + text + ("" if live else "\n"))
+            if shell.clock is None:
+                raise UsageError("top needs a clock to refresh", "top")
+            await task.deferLater(shell.clock, interval, lambda: None)
+    return Call(top)
+
+
+async def cmd_forget_lnm(shell, args):
+    lnm = args.lnm
+
+    async def forget():
+        result = await shell.live_client().forget_lnm(lnm)
+        lines = [f"LNM {lnm} forgotten, with {len(result['forgotten'])} VMs:"]
+        lines.extend(sorted(result["forgotten"], key=natural_key))
+        return Outcome("\n".join(lines), result)
+    return Call(forget)
+
+
+def register(declare):
+    parser = declare("list_lnm", cmd_list_lnm)
+    parser.add_argument("-s", "--status", action="store_true")
+    parser.add_argument("lnms", nargs="*", metavar="LNM")
+    parser = declare("top", cmd_top)
+    parser.add_argument("-c", "--count", type=positive_int, default=10)
+    parser.add_argument("-i", "--interval", type=positive_seconds, default=2.0)
+    parser.add_argument("--iterations", type=positive_int)
+    parser.add_argument("lnms", nargs="*", metavar="LNM")
+    declare("forget_lnm", cmd_forget_lnm).add_argument("lnm")

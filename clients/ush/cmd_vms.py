@@ -1,0 +1,137 @@
+"""ush's VM commands: list, start, the operations of Table 3 (pause,
+resume, shutdown, ...) and migrate."""
+
+import re
+
+from usher import naming, states
+from usher.cliargs import UsageError, positive_int
+from usher.errors import InvalidRequest
+from usher.vmset import expand_ranges
+
+from .format import (HOST_KEY, by_name, format_migrate_result, format_operation_result,
+                     format_start_result, format_vm_list, host_of)
+from .outcome import EXIT_FAILED, EXIT_OK, Call, Outcome
+from .parsing import (add_selection, check_cluster, check_lnm_patterns, make_selection,
+                      selection_of)
+
+KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+INT_RE = re.compile(r"^-?[0-9]+$")
+
+
+def parse_extra_args(items):
+    """``--arg key=value`` items -> dict (None if there are none)."""
+    extra = {}
+    for item in items:
+        key, equals, value = item.partition("=")
+        key = key.strip()
+        if not equals or not KEY_RE.match(key):
+            raise UsageError(f"--arg needs KEY=VALUE, not {item!r}", "start")
+        if key in extra:
+            raise UsageError(f"--arg {key} given twice", "start")
+        # Whole numbers travel as numbers: memory_mib=1024, vcpus=2.
+        extra[key] = int(value) if INT_RE.match(value.strip()) else value
+    return extra or None
+
+
+def _failed_if_any(result):
+    return EXIT_FAILED if result.get("failed") else EXIT_OK
+
+
+async def cmd_list(shell, args):
+    selection = make_selection(args, "list", required=False)
+    status, remote = args.status, args.all
+
+    async def list_vms():
+        records = await shell.live_client().list(selection=selection, status=status,
+                                                 remote=remote)
+        records = by_name(records)
+        return Outcome(format_vm_list(records, status), records)
+    return Call(list_vms, immediate=not (status or remote))
+
+
+async def cmd_start(shell, args):
+    extra = parse_extra_args(args.arg)
+    lnms = list(args.lnm)
+    names = []
+    if args.count is not None:
+        if args.cluster is None:
+            raise UsageError("-c COUNT needs -n CLUSTER", "start")
+        cluster = check_cluster(args.cluster, "start")
+        lnms = list(args.words) + lnms
+    else:
+        if args.cluster is not None:
+            raise UsageError("-n CLUSTER needs -c COUNT (to start VMs by name, give "
+                             "their names instead)", "start")
+        if not args.words:
+            raise UsageError("nothing to start: give -n CLUSTER -c COUNT, or VM names",
+                             "start")
+        cluster = None
+        for pattern in args.words:
+            try:
+                for name in expand_ranges(pattern):
+                    naming.check_short_name(name.strip().lower().rstrip("."))
+            except InvalidRequest as exc:
+                raise UsageError(str(exc), "start") from None
+        names = list(args.words)
+    check_lnm_patterns(lnms, "start")
+    count = args.count
+
+    async def start():
+        client = shell.live_client()
+        with shell.own_starts():
+            result = await client.start(names=names, cluster=cluster, count=count,
+                                        lnms=lnms, args=extra)
+        started = result.get("started") or []
+        failed = result.get("failed") or []
+        data = ([{"name": item["name"], HOST_KEY: host_of(item)} for item in by_name(started)]
+                + [{"name": item.get("name"), "error": item.get("error")}
+                   for item in by_name(failed)])
+        return Outcome(format_start_result(result), data, _failed_if_any(result))
+    return Call(start)
+
+
+async def cmd_operation(shell, args):
+    operation = args.command
+    selection = make_selection(args, operation)
+
+    async def operate():
+        result = await shell.live_client().op_on(operation, selection)
+        return Outcome(format_operation_result(operation, result), result,
+                       _failed_if_any(result))
+    return Call(operate)
+
+
+async def cmd_migrate(shell, args):
+    if args.to is None:
+        if args.cluster or args.regex is not None or len(args.vms) != 2:
+            raise UsageError("give one VM and one LNM ('migrate VM LNM'), or a "
+                             "selection followed by --to LNM [LNM ...]", "migrate")
+        vm, lnm = args.vms
+        selection = selection_of("migrate", names=[vm])
+        lnms = check_lnm_patterns([lnm], "migrate")
+    else:
+        selection = make_selection(args, "migrate")
+        lnms = check_lnm_patterns(args.to, "migrate")
+
+    async def migrate():
+        result = await shell.live_client().migrate(selection, lnms)
+        return Outcome(format_migrate_result(result), result, _failed_if_any(result))
+    return Call(migrate)
+
+
+def register(declare):
+    parser = declare("list", cmd_list)
+    parser.add_argument("-s", "--status", action="store_true")
+    parser.add_argument("-a", "--all", action="store_true")
+    add_selection(parser)
+    parser = declare("start", cmd_start)
+    parser.add_argument("-n", "--cluster")
+    parser.add_argument("-c", "--count", type=positive_int)
+    parser.add_argument("-l", "--lnm", action="append", default=[])
+    parser.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("words", nargs="*")
+    for operation in states.OPERATIONS:
+        add_selection(declare(operation, cmd_operation))
+    parser = declare("migrate", cmd_migrate)
+    add_selection(parser)
+    parser.add_argument("--to", nargs="+", metavar="LNM")

@@ -1,0 +1,178 @@
+"""Interactive ush's terminal: readline and getpass in the main thread, the
+Shell on the reactor thread.
+
+Readline and getpass need the main thread (that is where Python delivers
+Ctrl-C as KeyboardInterrupt, which clears the line), so the reactor runs in
+a background thread and the two meet through ``callFromThread`` and a queue.
+Also the password prompter of one-shot mode, and readline's history and
+completion.
+"""
+
+import getpass
+import os
+import queue
+import sys
+import threading
+
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from .outcome import Cancelled
+
+log = Logger()
+
+
+class PasswordPrompter:
+    """Asks with getpass right away; for one-shot mode, before the reactor
+    runs (so the blocking prompt stops nothing)."""
+
+    def __init__(self, getpass_fn=getpass.getpass):
+        self._getpass = getpass_fn
+
+    def ask_password(self, prompt):
+        try:
+            return defer.succeed(self._getpass(prompt))
+        except (EOFError, KeyboardInterrupt):
+            return defer.fail(Cancelled())
+
+
+class Console:
+    """Interactive mode's terminal: readline and getpass in the main thread,
+    the Shell on the reactor thread.
+
+    The main thread reads a line, hands it to the reactor thread and waits
+    for the shell to ask for the next one (or for a password, or to stop).
+    Output produced while a prompt is showing (results, notices) is written
+    over the prompt line, which is then drawn again with what was typed so
+    far.
+    """
+
+    def __init__(self, reactor, *, stdout=None, input_fn=input, getpass_fn=getpass.getpass,
+                 interactive=None, readline_module=None):
+        self._reactor = reactor
+        self._stdout = stdout if stdout is not None else sys.stdout
+        self._input = input_fn
+        self._getpass = getpass_fn
+        self.interactive = (sys.stdin.isatty() and self._stdout.isatty()
+                            if interactive is None else interactive)
+        self._readline = readline_module
+        self._lock = threading.Lock()
+        self._requests = queue.Queue()
+        self._reading_prompt = None
+        self.shell = None
+
+    # Called on any thread.
+    def write(self, text):
+        with self._lock:
+            prompt = self._reading_prompt
+            if prompt is not None and self.interactive:
+                typed = self._readline.get_line_buffer() if self._readline else ""
+                current = self.shell.prompt if self.shell is not None else prompt
+                self._stdout.write("\r\x1b[K" + text + current + typed)
+            else:
+                self._stdout.write(text)
+            self._stdout.flush()
+
+    # Called on the reactor thread by the Shell.
+    def ask_password(self, prompt):
+        d = Deferred()
+        self._requests.put(("password", prompt, d))
+        return d
+
+    def _dispatch(self, line):
+        d = self.shell.handle_line(line)
+
+        def next_step(keep_going):
+            self._requests.put(("read",) if keep_going else ("stop",))
+
+        def crashed(failure):
+            log.failure("ush command failed", failure)
+            self.write(f"internal error: {failure.getErrorMessage()}\n")
+            self._requests.put(("read",))
+        d.addCallbacks(next_step, crashed)
+
+    def _read_line(self):
+        prompt = self.shell.prompt if self.interactive else ""
+        with self._lock:
+            self._reading_prompt = prompt
+        try:
+            return self._input(prompt)
+        finally:
+            with self._lock:
+                self._reading_prompt = None
+
+    def _ask_password(self, prompt, d):
+        try:
+            password = self._getpass(prompt)
+        except (EOFError, KeyboardInterrupt):
+            self.write("\n")
+            self._reactor.callFromThread(d.errback, Failure(Cancelled()))
+        else:
+            self._reactor.callFromThread(d.callback, password)
+
+    def loop(self, shell):
+        """Read and dispatch lines until quit/EOF; runs in the main thread."""
+        self.shell = shell
+        self._requests.put(("read",))
+        while True:
+            try:
+                request = self._requests.get()
+            except KeyboardInterrupt:
+                # Only while leaving with commands pending: leave at once.
+                self.write("\n")
+                return
+            if request[0] == "stop":
+                return
+            if request[0] == "password":
+                self._ask_password(request[1], request[2])
+                continue
+            try:
+                line = self._read_line()
+            except KeyboardInterrupt:
+                self.write("\n")
+                self._requests.put(("read",))
+                continue
+            except EOFError:
+                if self.interactive:
+                    self.write("\n")
+                line = None
+            self._reactor.callFromThread(self._dispatch, line)
+
+
+def setup_readline(history_file, shell):
+    try:
+        import readline
+    except ImportError:
+        return None
+    if history_file:
+        try:
+            readline.read_history_file(history_file)
+        except OSError:
+            pass
+    readline.set_history_length(1000)
+
+    def completer(text, state):
+        try:
+            line = readline.get_line_buffer()[:readline.get_begidx()]
+            matches = shell.complete(text, line)
+        except Exception:
+            return None
+        return matches[state] if state < len(matches) else None
+    readline.set_completer(completer)
+    readline.set_completer_delims(" \t")
+    readline.parse_and_bind("tab: complete")
+    return readline
+
+
+def save_history(readline, history_file):
+    if readline is None or not history_file:
+        return
+    try:
+        directory = os.path.dirname(history_file)
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+        readline.write_history_file(history_file)
+    except OSError as exc:
+        sys.stderr.write(f"ush: cannot save history to {history_file}: {exc}\n")

@@ -1,0 +1,149 @@
+"""The ush program: its options, then the interactive shell (no command)
+or one command run once, and the exit status (0 success, 1 the command
+failed, or failed for some VMs, 2 usage or configuration error, 3 cannot
+connect or log in). The console script ``ush`` is ``main``."""
+
+import argparse
+import getpass
+import sys
+import threading
+
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+
+from usher.errors import ConfigError
+
+from .console import Console, PasswordPrompter, save_history, setup_readline
+from .format import error_json
+from .outcome import EXIT_OK, EXIT_USAGE
+from .settings import load_settings
+from .shell import CLOSE_TIMEOUT, Shell
+
+
+def version():
+    try:
+        from usher import __version__
+        return __version__
+    except ImportError:
+        return "unknown"
+
+
+def banner():
+    return (f"Usher Shell {version()}\n"
+            "Type '?' or 'help' for help\n"
+            "Use: help <command> for command specific help")
+
+
+def default_client_factory(reactor, settings):
+    def factory(host, port, username, password):
+        from usher.client import UsherClient
+        return UsherClient(reactor, host, port, ca_file=settings.ssl_ca_file,
+                           tls_name=settings.controller_tls_name, username=username,
+                           password=password, clusters=settings.clusters or None,
+                           timeout=settings.call_timeout)
+    return factory
+
+
+def run_interactive(settings, reactor, client_factory=None):
+    """The interactive shell: reactor in a background thread, terminal here."""
+    from twisted.internet import threads
+    console = Console(reactor)
+    shell = Shell(client_factory or default_client_factory(reactor, settings), settings,
+                  out=console, prompter=console, clock=reactor,
+                  wait_for_results=not console.interactive)
+    readline = setup_readline(settings.history_file, shell) if console.interactive else None
+    console._readline = readline
+    reactor_thread = threading.Thread(target=reactor.run,
+                                      kwargs={"installSignalHandlers": False},
+                                      name="ush-reactor", daemon=True)
+    reactor_thread.start()
+    if console.interactive:
+        console.write(banner() + "\n")
+    try:
+        console.loop(shell)
+    finally:
+        save_history(readline, settings.history_file)
+        try:
+            threads.blockingCallFromThread(reactor, shell.close)
+        except Exception:
+            pass
+        reactor.callFromThread(reactor.stop)
+        reactor_thread.join(CLOSE_TIMEOUT)
+    return EXIT_OK
+
+
+def _wait_for(reactor, d):
+    """Run the reactor until ``d`` fires (not at all if it has) -> its result."""
+    box = []
+    running = []
+
+    def done(result):
+        box.append(result)
+        if running:
+            reactor.stop()
+    d.addBoth(done)
+    if not box:
+        running.append(True)
+        reactor.run()
+    if not box:  # the reactor was stopped (Ctrl-C) before the command finished
+        return 130
+    result = box[0]
+    if isinstance(result, Failure):
+        result.raiseException()
+    return result
+
+
+
+
+def command_line_parser():
+    parser = argparse.ArgumentParser(
+        prog="ush", description="The Usher shell. Without a command, an interactive "
+        "shell; with one, run it and exit (type 'ush help' for the commands).",
+        epilog="Exit status: 0 success, 1 command failed, 2 usage or configuration "
+        "error, 3 cannot connect or log in.")
+    parser.add_argument("--config", metavar="FILE",
+                        help="read this configuration file after the usual ones")
+    parser.add_argument("--json", action="store_true",
+                        help="print results as JSON (one-shot mode)")
+    parser.add_argument("--version", action="version", version=f"ush {version()}")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="COMMAND [ARGUMENTS...]")
+    return parser
+
+
+def run(argv=None, *, stdout=None, stderr=None, settings_loader=load_settings,
+        client_factory=None, reactor=None, getpass_fn=getpass.getpass):
+    """The whole program; -> exit status. Arguments exist for tests."""
+    stdout = stdout if stdout is not None else sys.stdout
+    stderr = stderr if stderr is not None else sys.stderr
+    options = command_line_parser().parse_args(argv)
+
+    def fail(message, code):
+        if options.json:
+            stdout.write(error_json(message) + "\n")
+        else:
+            stderr.write(f"ush: {message}\n")
+        return code
+
+    try:
+        settings = settings_loader(options.config)
+    except ConfigError as exc:
+        return fail(str(exc), EXIT_USAGE)
+    if reactor is None:
+        from twisted.internet import reactor
+    if not options.command:
+        if options.json:
+            return fail("--json needs a command (one-shot mode)", EXIT_USAGE)
+        return run_interactive(settings, reactor, client_factory)
+    shell = Shell(client_factory or default_client_factory(reactor, settings), settings,
+                  out=stdout, err=stderr, prompter=PasswordPrompter(getpass_fn),
+                  clock=reactor, json_output=options.json)
+    shell.live_output = bool(getattr(stdout, "isatty", lambda: False)())
+    # Starts synchronously: a password prompt happens before the reactor runs.
+    return _wait_for(reactor, Deferred.fromCoroutine(shell.run_once(options.command)))
+
+
+def main():
+    try:
+        sys.exit(run())
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,89 @@
+"""What plugins may use of the controller: the ``api`` a plugin's class is
+given, and every event carries (``event.api``).
+
+Plugins run on the reactor thread: while an ``entry_point`` computes, the
+controller serves nobody (the event chains log a warning when one holds the
+reactor longer than ``[ctrl] plugin_hold_warning``). Blocking work -- a
+database, a DNS update, a file, a subprocess -- goes through
+``api.run_blocking(function, *args, **kwargs)``, which runs ``function`` in
+the controller's plugin thread pool and returns a Deferred of its result
+(``await`` it in a coroutine ``entry_point``, or return it). The function
+runs in another thread: it must not touch the controller's state or call
+Twisted APIs; pass it what it needs and act on its result back on the
+reactor.
+"""
+
+import functools
+
+from twisted.internet import defer, threads
+
+from usher.vmset import Selection
+
+# Threads of the controller's plugin pool (usher.controller.service): blocking
+# plugin work beyond these many calls at once waits its turn.
+PLUGIN_THREADS = 4
+
+
+def thread_pool_runner(reactor, pool):
+    """-> run(function, *args, **kwargs): a Deferred, fired on the reactor,
+    of ``function``'s result computed in ``pool`` (a Twisted ThreadPool,
+    started and stopped by its owner)."""
+    return functools.partial(threads.deferToThreadPool, reactor, pool)
+
+
+class PluginAPI:
+    """What plugins may use: the state, configuration and a few actions.
+
+    ``run_in_thread`` is how ``run_blocking`` leaves the reactor: a
+    callable ``(function, *args, **kwargs) -> Deferred``, normally
+    ``thread_pool_runner(reactor, pool)`` with the pool the controller's
+    service owns; tests may give a synchronous fake. None: no pool, and
+    ``run_blocking`` fails.
+    """
+
+    def __init__(self, controller, run_in_thread=None):
+        self._controller = controller
+        self.run_in_thread = run_in_thread
+
+    @property
+    def state(self):
+        return self._controller.state
+
+    @property
+    def clock(self):
+        return self._controller.clock
+
+    @property
+    def monitoring(self):
+        """The consolidated monitoring figures
+        (``usher.controller.monitoring.Monitoring``): ``lnm_load(name)``,
+        ``lnm_figure(name, "cpu", 1)``, ``lnm_loads()``, ``vm_load(name)`` ..."""
+        return self._controller.monitoring
+
+    @property
+    def default_memory(self):
+        return self._controller.default_memory
+
+    @property
+    def default_vcpus(self):
+        return self._controller.default_vcpus
+
+    def run_blocking(self, function, *args, **kwargs):
+        """Run ``function(*args, **kwargs)`` in the controller's plugin
+        thread pool, off the reactor. -> Deferred of its result (or of its
+        exception). See the module docstring for what the function may do."""
+        if self.run_in_thread is None:
+            return defer.fail(RuntimeError(
+                "this controller has no plugin thread pool (PluginAPI.run_in_thread)"))
+        return self.run_in_thread(function, *args, **kwargs)
+
+    def register_plugin(self, name, event, config_file=None, order=None):
+        return self._controller.plugins.register(name, event, config_file, order)
+
+    def unregister_plugin(self, name, event=None):
+        return self._controller.plugins.unregister(name, event)
+
+    def migrate(self, vms, lnms=(), args=None):
+        """Migrate VMs on the system's behalf (rebalancers); -> Deferred."""
+        return defer.Deferred.fromCoroutine(self._controller.migrate(
+            "usher", True, Selection(names=list(vms)), list(lnms), args))
