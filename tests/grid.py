@@ -1,75 +1,106 @@
 """A whole Usher grid in one process, for fast tests (after Tahoe-LAFS's
 no_network): a real Controller and real NodeManagers on real libvirt
-test-driver hosts, joined by in-process handles instead of PB, which a test
-can break and mend.
+test-driver hosts, each LNM attached as it is over the network -- its
+``ControllerLinkFactory`` calls ``attach`` on the controller's ``LNMRoot``,
+the controller drives it through a ``RemoteLNM`` and it reports through the
+``NodeReporter`` it got back -- over an in-process PB connection
+(``tests.wire``), so every call runs the real remote methods, eventually,
+through the real serialisation. A test can break, hold, cut and mend a link.
 """
 
 import os
 
+from twisted.internet import defer
 from twisted.python.threadpool import ThreadPool
+from twisted.spread import pb
 
 from usher.config import load_plugin_config
 from usher.controller.core import Controller
+from usher.controller.lnm_link import LNMRoot
 from usher.controller.plugins import PluginRegistry
-from usher.errors import Unavailable
+from usher.errors import UsherError
+from usher.lnm.api import NodeAPI
 from usher.lnm.libvirt_vmm import LibvirtVMM
+from usher.lnm.link import ControllerLinkFactory
 from usher.lnm.node import NodeManager
 from usher.lnm.testhost import write_test_host
 from usher.settings import default_plugin_registrations
 
+from tests.wire import EventualQueue, LocalConnection, peer_certificate
+
 DOMAIN = "usher.test"
+CALL_TIMEOUT = 60.0
+COMMAND_TIMEOUT = 600.0
 
 
-class LocalLNM:
-    """The controller's handle on an in-process NodeManager."""
+class _SeesHandles:
+    """The controller as an ``LNMRoot`` sees it, noting the handle each
+    attach brings (the grid's view of the controller's side of a link)."""
 
-    def __init__(self, node):
-        self.node = node
-        self.broken = False
+    def __init__(self, controller):
+        self._controller = controller
+        self.handle = None
 
-    def __getattr__(self, method):
-        target = getattr(self.node, method)
+    def __getattr__(self, name):
+        return getattr(self._controller, name)
 
-        async def forward(*args):
-            if self.broken:
-                raise Unavailable(f"{method}: LNM {self.node.name} unreachable")
-            return await target(*args)
-        return forward
-
-    async def ping(self):
-        if self.broken:
-            raise Unavailable("ping: unreachable")
-        return True
-
-    def disconnect(self):
-        self.broken = True
+    async def attach_lnm(self, name, handle, hello=None):
+        self.handle = handle
+        return await self._controller.attach_lnm(name, handle, hello)
 
 
-class LocalReporter:
-    def __init__(self, controller, name):
-        self.controller = controller
-        self.name = name
+class LNMConnection(LocalConnection):
+    """One LNM's connection to a controller: ``to_lnm`` are the switches of
+    the controller's calls on the LNM, ``to_controller`` of the LNM's reports
+    and pings; ``handle`` the controller's ``RemoteLNM``."""
 
-    async def report(self, changes):
-        return self.controller.lnm_report(self.name, changes)
+    handle = None
 
-    async def report_status(self, node, vms):
-        return self.controller.lnm_status_report(self.name, node, vms)
+    @property
+    def to_lnm(self):
+        return self.server_calls
+
+    @property
+    def to_controller(self):
+        return self.client_calls
+
+
+async def connect_lnm(controller, lnm_link, eventual, *, clock, certificate,
+                      call_timeout=CALL_TIMEOUT, command_timeout=COMMAND_TIMEOUT):
+    """Connect the LNM whose link factory is ``lnm_link`` to ``controller`` (as
+    its ClientService would, over a new in-process connection) and wait until
+    it is attached. -> the LNMConnection. ``certificate`` is the LNM's (its
+    common name is its name on the controller)."""
+    seen = _SeesHandles(controller)
+    root = LNMRoot(seen, clock=clock, call_timeout=call_timeout,
+                   command_timeout=command_timeout)
+    server = pb.PBServerFactory(root).buildProtocol(None)
+    client = lnm_link.buildProtocol(None)
+    attached = lnm_link.when_attached()
+    connection = LNMConnection(client, server, eventual, client_certificate=certificate)
+    index, _result = await defer.race([attached, connection.when_lost()])
+    if index == 1 or lnm_link.attached_broker is not client:
+        raise UsherError(f"LNM {lnm_link.manager.name} could not attach (see the log)")
+    connection.handle = seen.handle
+    return connection
 
 
 class Grid:
     def __init__(self, reactor, tmpdir, *, lnms=3, cpus=8, memory_mib=16384,
                  plugin_dir=None, registrations=None, controller_options=None,
-                 vmm_options=None):
+                 vmm_options=None, call_timeout=CALL_TIMEOUT, command_timeout=COMMAND_TIMEOUT):
         self.reactor = reactor
         self.tmpdir = str(tmpdir)
         self.lnm_count = lnms
         self.cpus = cpus
         self.memory_mib = memory_mib
+        self.call_timeout = call_timeout
+        self.command_timeout = command_timeout
         # LibvirtVMM options of every LNM, or a function of its state_dir
         # giving them (domain_template, arg_policy ...).
         self.vmm_options = vmm_options or {}
         self.pool = ThreadPool(minthreads=1, maxthreads=4, name="grid")
+        self.eventual = EventualQueue(reactor)
         self.controller = Controller(domain=DOMAIN, clock=reactor, admins=["root"],
                                      **(controller_options or {}))
         self.controller.plugins = PluginRegistry(
@@ -78,15 +109,29 @@ class Grid:
         self.registrations = (default_plugin_registrations() if registrations is None
                               else registrations)
         self.nodes = {}
-        self.handles = {}
         self.vmms = {}
+        # Per LNM: its link factory (kept across connections, as its
+        # ClientService keeps it), certificate and current connection.
+        self.lnm_links = {}
+        self.certificates = {}
+        self.links = {}
+
+    @property
+    def handles(self):
+        """The controller's RemoteLNM of each LNM's current connection."""
+        return {name: link.handle for name, link in self.links.items()}
+
+    def to_lnm(self, name):
+        """The switches (tests.wire.Faults) of the controller's calls on LNM ``name``."""
+        return self.links[name].to_lnm
+
+    def to_controller(self, name):
+        """The switches of LNM ``name``'s calls on the controller."""
+        return self.links[name].to_controller
 
     async def start(self):
         self.pool.start()
-        for reg_name, reg in self.registrations.items():
-            for event in reg["events"]:
-                self.controller.plugins.register(reg["plugin"] or reg_name, event,
-                                                 reg.get("config"), reg.get("order"))
+        self.controller.plugins.register_configured(self.registrations)
         for i in range(1, self.lnm_count + 1):
             await self.add_lnm(f"lnm{i}")
         return self
@@ -106,22 +151,34 @@ class Grid:
         await node.startup()
         self.vmms[name] = vmm
         self.nodes[name] = node
+        self.lnm_links[name] = ControllerLinkFactory(node, NodeAPI(node), clock=self.reactor,
+                                                     call_timeout=self.call_timeout)
+        self.certificates[name] = peer_certificate(name)
         await self.attach(name)
         return node
 
-    async def attach(self, name):
-        node = self.nodes[name]
-        handle = LocalLNM(node)
-        self.handles[name] = handle
-        await self.controller.attach_lnm(name, handle, {})
-        node.set_reporter(LocalReporter(self.controller, name))
+    async def attach(self, name, controller=None):
+        """LNM ``name`` connects (again) to the controller (or to
+        ``controller``, e.g. a restarted one); its previous connection, if
+        still up, drops first. -> the new LNMConnection."""
+        previous = self.links.get(name)
+        if previous is not None:
+            previous.cut()
+        link = await connect_lnm(controller or self.controller, self.lnm_links[name],
+                                 self.eventual, clock=self.reactor,
+                                 certificate=self.certificates[name],
+                                 call_timeout=self.call_timeout,
+                                 command_timeout=self.command_timeout)
+        self.links[name] = link
+        return link
 
     def cut(self, name):
-        """The link to an LNM fails: the controller sees it disconnect."""
-        handle = self.handles[name]
-        handle.broken = True
-        self.nodes[name].set_reporter(None)
-        self.controller.detach_lnm(name, handle)
+        """The link to an LNM fails: both ends see it drop, now."""
+        self.links[name].cut()
+
+    def settle(self):
+        """-> Deferred firing once nothing is on its way on any link."""
+        return self.eventual.flush()
 
     async def report(self):
         """Make every LNM scan its host and report now."""
@@ -132,6 +189,7 @@ class Grid:
     async def stop(self):
         for node in self.nodes.values():
             await node.shutdown()
+        self.eventual.stop()
         for vmm in self.vmms.values():
             await vmm.close()
         self.pool.stop()

@@ -11,7 +11,6 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet import defer, reactor, task
 from twisted.logger import Logger
-from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from usher import passwdfile
@@ -20,15 +19,9 @@ from usher.auth import local as local_module
 from usher.errors import ConfigError, InvalidRequest
 from usher.interfaces import IAuthModule
 
+from tests.fakes import FakeAuthModule
+
 ROUNDS = 4  # bcrypt's minimum: keeps the tests fast
-
-
-@pytest.fixture
-def pool():
-    threads = ThreadPool(minthreads=1, maxthreads=2, name="test-auth")
-    threads.start()
-    yield threads
-    threads.stop()
 
 
 @pytest.fixture
@@ -206,24 +199,6 @@ async def test_local_module_refuses_everybody_when_the_file_breaks(passwd, pool)
 
 # -- the chain -----------------------------------------------------------------------
 
-@implementer(IAuthModule)
-class FakeModule:
-    """Answers from a table; records who it was asked about."""
-
-    def __init__(self, name, answer):
-        self.name = name
-        self.answer = answer
-        self.asked = []
-
-    def authenticate(self, username, password):
-        self.asked.append((username, password))
-        if isinstance(self.answer, Exception):
-            return defer.fail(self.answer)
-        if callable(self.answer):
-            return self.answer(username, password)
-        return defer.succeed(self.answer)
-
-
 @pytest.fixture
 def log_events(monkeypatch):
     events = []
@@ -238,7 +213,7 @@ def _login(chain, username, password):
 
 @pytest_twisted.ensureDeferred
 async def test_chain_asks_modules_in_order_until_one_accepts(log_events):
-    first, second, third = FakeModule("a", False), FakeModule("b", True), FakeModule("c", True)
+    first, second, third = FakeAuthModule("a", False), FakeAuthModule("b", True), FakeAuthModule("c", True)
     chain = AuthChain([first, second, third])
 
     assert ICredentialsChecker.providedBy(chain)
@@ -250,16 +225,16 @@ async def test_chain_asks_modules_in_order_until_one_accepts(log_events):
 
 @pytest_twisted.ensureDeferred
 async def test_chain_first_success_wins():
-    first, second = FakeModule("a", True), FakeModule("b", False)
+    first, second = FakeAuthModule("a", True), FakeAuthModule("b", False)
     assert await _login(AuthChain([first, second]), "bob", "pw") == "bob"
     assert second.asked == []
 
 
 @pytest_twisted.ensureDeferred
 async def test_chain_logs_and_skips_a_broken_module(log_events):
-    broken = FakeModule("ldap", RuntimeError("LDAP server on fire"))
-    weird = FakeModule("weird", "yes")
-    local = FakeModule("local", True)
+    broken = FakeAuthModule("ldap", RuntimeError("LDAP server on fire"))
+    weird = FakeAuthModule("weird", "yes")
+    local = FakeAuthModule("local", True)
 
     assert await _login(AuthChain([broken, weird, local]), "alice", "pw") == "alice"
 
@@ -275,7 +250,7 @@ async def test_chain_logs_and_skips_a_broken_module(log_events):
 
 @pytest_twisted.ensureDeferred
 async def test_chain_refuses_when_no_module_accepts(log_events):
-    modules = [FakeModule("a", False), FakeModule("b", RuntimeError("down"))]
+    modules = [FakeAuthModule("a", False), FakeAuthModule("b", RuntimeError("down"))]
     with pytest.raises(UnauthorizedLogin):
         await _login(AuthChain(modules), "alice", "wrong")
     assert all(module.asked == [("alice", "wrong")] for module in modules)
@@ -287,7 +262,7 @@ async def test_chain_refuses_when_no_module_accepts(log_events):
 @pytest_twisted.ensureDeferred
 async def test_chain_refuses_impossible_names_and_empty_passwords_without_asking(
         username, password):
-    module = FakeModule("anything-goes", True)
+    module = FakeAuthModule("anything-goes", True)
     with pytest.raises(UnauthorizedLogin):
         await _login(AuthChain([module]), username, password)
     assert module.asked == []
@@ -295,8 +270,8 @@ async def test_chain_refuses_impossible_names_and_empty_passwords_without_asking
 
 def test_chain_skips_a_module_that_times_out():
     clock = task.Clock()
-    hanging = FakeModule("slow", lambda username, password: defer.Deferred())
-    local = FakeModule("local", True)
+    hanging = FakeAuthModule("slow", lambda username, password: defer.Deferred())
+    local = FakeAuthModule("local", True)
     chain = AuthChain([hanging, local], clock=clock, module_timeout=5)
 
     login = _login(chain, "alice", "pw")
@@ -338,7 +313,7 @@ def test_build_auth_chain_maps_names_through_the_registry(passwd, pool):
 
     def make_ldap(ctrl_config, thread_pool, the_reactor):
         made.append((ctrl_config, thread_pool, the_reactor))
-        return FakeModule("ldap", False)
+        return FakeAuthModule("ldap", False)
 
     config = {"passwd_file": str(passwd), "ldap_uri": "ldap://directory"}
     chain = build_auth_chain("ldap, local", config, pool, reactor,

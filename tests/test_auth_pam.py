@@ -14,13 +14,11 @@ import subprocess
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.python.threadpool import ThreadPool
 
 from usher.auth.chain import AUTH_MODULES, build_auth_chain
 from usher.auth.pam import PAMModule, PAMUnavailable
 from usher.errors import AuthenticationFailed, ConfigError
 
-from tests.clientgrid import client_grids, pki_dir  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not all(shutil.which(tool) for tool in ("useradd", "chpasswd",
@@ -51,14 +49,6 @@ def unix_account():
     finally:
         run("groupdel", group)
         run("groupdel", other_group)
-
-
-@pytest.fixture
-def pool():
-    pool = ThreadPool(minthreads=1, maxthreads=2, name="pam-test")
-    pool.start()
-    yield pool
-    pool.stop()
 
 
 @pytest_twisted.ensureDeferred

@@ -15,18 +15,9 @@ from usher.client import Selection, UsherClient
 from usher.errors import (AuthenticationFailed, InvalidRequest, NoSuchVM, PermissionDenied,
                           Rejected, Unavailable, UsherError)
 
-from tests.e2e import RunningSandbox, parse_json, wait_for
+from tests.e2e import parse_json, wait_for
 
 DOMAIN = "usher.test"
-
-
-@pytest_twisted.async_yield_fixture(scope="module")
-async def system(tmp_path_factory):
-    box = RunningSandbox(tmp_path_factory.mktemp("sandbox"), lnms=3)
-    await box.start()
-    box.add_user("bob", "bob-secret")
-    yield box
-    await box.stop()
 
 
 def full(short, owner="alice"):

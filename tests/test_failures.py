@@ -15,14 +15,15 @@ from twisted.spread import pb
 from twisted.test.iosim import connectedServerAndClient
 
 from test_lnm_link import Harness, RETRY
-from test_lnm_node import (REPORT, SCAN, VM, FakeVMM, RecordingReporter, echo_acks, pending,
-                           record, result_of)
-from usher import pki, records, states
+from test_lnm_node import REPORT, SCAN, pending, result_of
+from usher import pki, states
 from usher.controller.recovery import Recovery, RecoveryAnnouncer, announce
 from usher.errors import NoSuchVM, Unavailable
 from usher.liveness import HeardBroker, Heartbeat, ping_peer
 from usher.lnm.node import NodeManager
 from usher.lnm.recovery import RecoveryListener
+
+from tests.fakes import VM, FakeVMM, RecordingReporter, echo_acks, record
 
 from tests import libvirtd
 

@@ -1,6 +1,6 @@
 """The controller under failures, on an in-process grid (tests/grid.py): real
-NodeManagers on real libvirt test hosts behind handles that fail the way
-links fail — the request lost, the answer lost, the LNM silent. Asserts
+NodeManagers on real libvirt test hosts behind links (tests.wire) that fail
+the way links fail — the request lost, the answer lost, the LNM silent. Asserts
 exact states and, on the hosts themselves, that no VM runs twice or
 nowhere."""
 
@@ -14,84 +14,24 @@ from usher.controller.liveness import LNMLiveness
 from usher.controller.lnm_input import LNMLimits
 from usher.controller.lnm_link import NodeReporter
 from usher.controller.recovery import Recovery
-from usher.errors import LinkFailure, OperationFailed, Unavailable
+from usher.errors import OperationFailed, Unavailable
 from usher.records import encode_chunks, encode_object
 from usher.vmset import Selection
 
 from tests.e2e import wait_for
-from tests.grid import DOMAIN, Grid, LocalLNM, LocalReporter
+from tests.grid import DOMAIN, Grid
 from tests.hostile import LogCapture
 
 
-class FaultyLNM(LocalLNM):
-    """A handle on a NodeManager whose commands can fail like a link:
-    ``lose_request`` (it never arrives; the controller cannot tell),
-    ``lose_answer`` (carried out, the answer lost), ``refuse`` (the LNM
-    answers with this error). A dropped connection is seen by the LNM too."""
-
-    def __init__(self, node):
-        super().__init__(node)
-        self.lose_request = set()
-        self.lose_answer = set()
-        self.refuse = {}
-        self.silent = False
-
-    def __getattr__(self, method):
-        target = getattr(self.node, method)
-        # The controller starts VMs in batches (start_many): they fail as a
-        # start would.
-        kind = "start" if method == "start_many" else method
-
-        async def forward(*args):
-            if self.broken:
-                raise LinkFailure(f"{method}: peer disconnected", sent=False)
-            if kind in self.refuse:
-                raise self.refuse[kind]
-            if kind in self.lose_request:
-                raise LinkFailure(f"{method}: connection lost")
-            result = await target(*args)
-            if kind in self.lose_answer:
-                raise LinkFailure(f"{method}: connection lost")
-            return result
-        return forward
-
-    def ping(self):
-        if self.broken:
-            return defer.fail(LinkFailure("ping: peer disconnected", sent=False))
-        return defer.Deferred() if self.silent else defer.succeed(True)
-
-    def disconnect(self):
-        self.broken = True
-        self.node.set_reporter(None)
-        self.node.begin_session()
-
-
 async def reattach(grid, name, controller=None):
-    """The LNM connects (again): a new session, a new handle."""
-    controller = controller or grid.controller
-    node = grid.nodes[name]
-    node.begin_session()
-    handle = FaultyLNM(node)
-    grid.handles[name] = handle
-    await controller.attach_lnm(name, handle, {})
-    node.set_reporter(LocalReporter(controller, name))
-    return handle
-
-
-def cut(grid, name):
-    """The link to an LNM fails; both ends notice."""
-    handle = grid.handles[name]
-    grid.controller.detach_lnm(name, handle)
-    handle.disconnect()
+    """The LNM connects (again): a new session, a new handle. -> its connection."""
+    return await grid.attach(name, controller)
 
 
 @pytest_twisted.async_yield_fixture
 async def grid(tmp_path):
     g = Grid(reactor, tmp_path)
     await g.start()
-    for name in sorted(g.nodes):
-        cut(g, name)
-        await reattach(g, name)
     yield g
     await g.stop()
 
@@ -120,7 +60,7 @@ async def start_one(grid, short, lnm):
 @pytest_twisted.ensureDeferred
 async def test_a_start_whose_answer_is_lost_is_lost_then_found_running(grid):
     c = grid.controller
-    grid.handles["lnm1"].lose_answer.add("start")
+    grid.to_lnm("lnm1").lose_answer.add("start_many")
     result = await c.start("alice", False, ["x1"], ["lnm1"], {})
     vm = full("x1")
     assert result["started"] == []
@@ -138,7 +78,7 @@ async def test_a_start_whose_answer_is_lost_is_lost_then_found_running(grid):
 @pytest_twisted.ensureDeferred
 async def test_a_start_whose_request_is_lost_disappears_when_the_lnm_returns(grid):
     c = grid.controller
-    grid.handles["lnm1"].lose_request.add("start")
+    grid.to_lnm("lnm1").lose_request.add("start_many")
     result = await c.start("alice", False, ["x2"], ["lnm1"], {})
     vm = full("x2")
     assert "outcome is unknown" in result["failed"][0]["error"]
@@ -152,7 +92,7 @@ async def test_a_start_whose_request_is_lost_disappears_when_the_lnm_returns(gri
 @pytest_twisted.ensureDeferred
 async def test_a_start_never_sent_fails_at_once_and_leaves_nothing(grid):
     c = grid.controller
-    grid.handles["lnm1"].refuse["start"] = LinkFailure("start: peer disconnected", sent=False)
+    grid.to_lnm("lnm1").not_sent.add("start_many")
     result = await c.start("alice", False, ["x3"], ["lnm1"], {})
     assert result["failed"] == [{"name": full("x3"), "error": "LNM lnm1 disconnected before "
                                  f"{full('x3')} could be started; nothing was done"}]
@@ -163,7 +103,7 @@ async def test_a_start_never_sent_fails_at_once_and_leaves_nothing(grid):
 async def test_an_unanswered_operation_resynchronises_the_lnm(grid):
     c = grid.controller
     vm = await start_one(grid, "op1", "lnm2")
-    grid.handles["lnm2"].lose_answer.add("op_on")
+    grid.to_lnm("lnm2").lose_answer.add("op_on")
     result = await c.op_on("alice", False, "pause", Selection(names=[vm]))
     assert result["done"] == [] and "outcome is unknown" in result["failed"][0]["error"]
     assert c.state.vms[vm]["state"] == states.LOST
@@ -202,7 +142,7 @@ async def settled(grid, vm, predicate):
 @pytest_twisted.ensureDeferred
 async def test_migration_import_answer_lost_the_vm_is_found_on_the_target(grid):
     vm = await start_one(grid, "m1", "lnm1")
-    grid.handles["lnm2"].lose_answer.add("import_image")
+    grid.to_lnm("lnm2").lose_answer.add("import_image")
     result = await migrate(grid, vm, "lnm2")
     assert result["migrated"] == [] and "outcome is unknown" in result["failed"][0]["error"]
     assert grid.controller.state.vms[vm]["state"] == states.LOST
@@ -216,7 +156,7 @@ async def test_migration_import_answer_lost_the_vm_is_found_on_the_target(grid):
 @pytest_twisted.ensureDeferred
 async def test_migration_import_request_lost_the_vm_comes_back_to_its_source(grid):
     vm = await start_one(grid, "m2", "lnm1")
-    grid.handles["lnm2"].lose_request.add("import_image")
+    grid.to_lnm("lnm2").lose_request.add("import_image")
     result = await migrate(grid, vm, "lnm2")
     assert "outcome is unknown" in result["failed"][0]["error"]
     assert await hosts_of(grid, vm) == []              # only the kept export, on lnm1
@@ -229,7 +169,7 @@ async def test_migration_import_request_lost_the_vm_comes_back_to_its_source(gri
 @pytest_twisted.ensureDeferred
 async def test_migration_refused_by_the_target_puts_the_vm_back_at_once(grid):
     vm = await start_one(grid, "m3", "lnm1")
-    grid.handles["lnm2"].refuse["import_image"] = OperationFailed("no room")
+    grid.to_lnm("lnm2").refuse["import_image"] = OperationFailed("no room")
     result = await migrate(grid, vm, "lnm2")
     assert result["failed"] == [{"name": vm, "error": "migration to lnm2 failed: no room"}]
     assert grid.controller.state.vms[vm]["state"] == states.RUN
@@ -241,7 +181,7 @@ async def test_migration_refused_by_the_target_puts_the_vm_back_at_once(grid):
 @pytest_twisted.ensureDeferred
 async def test_migration_export_answer_lost_the_source_puts_the_vm_back(grid):
     vm = await start_one(grid, "m4", "lnm1")
-    grid.handles["lnm1"].lose_answer.add("export_image")
+    grid.to_lnm("lnm1").lose_answer.add("export_image")
     result = await migrate(grid, vm, "lnm2")
     assert "outcome is unknown" in result["failed"][0]["error"]
     assert grid.controller.state.vms[vm]["state"] == states.LOST
@@ -302,21 +242,35 @@ async def test_a_silent_lnm_is_detached_after_the_timeout(grid):
     clock = task.Clock()
     liveness = LNMLiveness(c, clock=clock, interval=1, timeout=3)
     c.watch_lnms(liveness)
-    handle = await reattach(grid, "lnm3")
+    link = await reattach(grid, "lnm3")
     assert liveness.watching("lnm3")
-    clock.pump([1, 1, 1, 1])
+
+    async def seconds(*steps):
+        for step in steps:          # each ping's answer crosses before the next tick
+            clock.advance(step)
+            await grid.settle()
+
+    await seconds(1, 1, 1, 1)
     assert c.state.vmms["lnm3"].connected              # answering
-    handle.silent = True
-    clock.pump([1, 1])
+    link.to_lnm.hang["ping"] = defer.Deferred()        # silent from now on
+    await seconds(1, 1)
     assert c.state.vmms["lnm3"].connected
-    clock.pump([1, 1])
-    assert not c.state.vmms["lnm3"].connected and handle.broken
+    await seconds(1, 1)
+    assert not c.state.vmms["lnm3"].connected and link.lost
     assert c.state.vms[vm]["state"] == states.LOST     # lost, never shutoff
     assert not liveness.watching("lnm3")
     liveness.stop()
 
 
 # -- errors no one expected ----------------------------------------------------------
+
+def break_handle(grid, lnm, method, error):
+    """The controller's handle on ``lnm`` raises ``error`` from ``method``:
+    a bug no one expected, on the controller's side of the link."""
+    async def broken(*args):
+        raise error
+    setattr(grid.controller.state.vmms[lnm].handle, method, broken)
+
 
 def failures_logged(logged, kind):
     return [e for e in logged.events
@@ -326,7 +280,7 @@ def failures_logged(logged, kind):
 @pytest_twisted.ensureDeferred
 async def test_an_unexpected_error_under_a_start_is_reported_logged_and_settled(grid):
     c = grid.controller
-    grid.handles["lnm1"].refuse["start"] = RuntimeError("boom")
+    break_handle(grid, "lnm1", "start_many", RuntimeError("boom"))
     with LogCapture() as logged:
         result = await c.start("alice", False, ["u1", "u2"], ["lnm1"], {})
     assert result["started"] == []
@@ -343,7 +297,7 @@ async def test_an_unexpected_error_under_a_start_is_reported_logged_and_settled(
 @pytest_twisted.ensureDeferred
 async def test_an_unexpected_error_before_a_start_is_sent_leaves_nothing(grid):
     c = grid.controller
-    grid.handles["lnm2"].refuse["receive"] = RuntimeError("bad records")
+    break_handle(grid, "lnm2", "receive", RuntimeError("bad records"))
     with LogCapture() as logged:
         result = await c.start("alice", False, ["u3"], ["lnm2"], {})
     assert result["started"] == [] and [f["name"] for f in result["failed"]] == [full("u3")]
@@ -374,14 +328,13 @@ async def test_an_unexpected_error_while_placing_a_vm_fails_that_vm_only(grid, m
 async def test_an_unexpected_error_under_an_operation_is_reported_and_logged(grid):
     c = grid.controller
     vm = await start_one(grid, "u6", "lnm2")
-    grid.handles["lnm2"].refuse["op_on"] = RuntimeError("boom")
+    break_handle(grid, "lnm2", "op_on", RuntimeError("boom"))
     with LogCapture() as logged:
         result = await c.op_on("alice", False, "pause", Selection(names=[vm]))
     assert result["done"] == []
     [failure] = result["failed"]
     assert failure["name"] == vm and "RuntimeError: boom" in failure["error"]
     assert failures_logged(logged, RuntimeError)
-    del grid.handles["lnm2"].refuse["op_on"]
     await reattach(grid, "lnm2")                       # its inventory settles it
     assert c.state.vms[vm]["state"] == states.RUN
 
@@ -422,7 +375,7 @@ def test_the_lnm_report_port_logs_an_unexpected_error_and_answers_cleanly():
 async def test_destroying_a_vm_that_went_missing_while_its_lnm_was_away_is_done(grid):
     c = grid.controller
     vm = await start_one(grid, "gone1", "lnm1")
-    cut(grid, "lnm1")
+    grid.cut("lnm1")
     await grid.vmms["lnm1"].operate("destroy", vm)     # behind Usher's back
     await reattach(grid, "lnm1")
     assert c.state.vms[vm]["state"] == states.MISSING

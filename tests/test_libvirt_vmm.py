@@ -9,7 +9,6 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
 from twisted.logger import globalLogPublisher
-from twisted.python.threadpool import ThreadPool
 from zope.interface.verify import verifyObject
 
 from usher import states
@@ -20,14 +19,6 @@ from usher.lnm import domain_xml, testhost
 from usher.lnm.libvirt_vmm import LibvirtVMM, wait_until
 
 NASTY = "x<y&z\"'>]]>"
-
-
-@pytest.fixture
-def pool():
-    pool = ThreadPool(minthreads=1, maxthreads=4, name="test-libvirt-vmm")
-    pool.start()
-    yield pool
-    pool.stop()
 
 
 @pytest.fixture

@@ -26,6 +26,8 @@ from usher.protocol import PROTOCOL_VERSION
 
 from test_lnm_node import result_of
 
+from tests.fakes import FakeLNMHandle
+
 DOMAIN = "usher.test"
 LIMITS = LNMLimits(max_report_changes=8, max_vms=12, max_unmanaged=4)
 FAST = settings(max_examples=150, deadline=None,
@@ -231,26 +233,13 @@ steps = st.one_of(
     st.tuples(st.just("detach"), st.sampled_from(LNMS), st.none()))
 
 
-class Handle:
+def Handle(inventory):
     """An LNM handle whose inventory is the step's (everything it sends
     passes the PB boundary's checks first, as over PB)."""
-
-    def __init__(self, inventory):
-        self.inventory = inventory
-        self.received = []
-
-    async def get_node_info(self):
-        return lnm_input.check_node_info({"hostname": "h", "cpus": 8, "memory_mib": 8192})
-
-    async def list_vms(self):
-        return lnm_input.check_inventory(self.inventory, DOMAIN, LIMITS)
-
-    async def receive(self, records_):
-        self.received.extend(copy.deepcopy(records_))
-        return len(records_)
-
-    def disconnect(self):
-        pass
+    return FakeLNMHandle(
+        inventory, node_info=lnm_input.check_node_info({"hostname": "h", "cpus": 8,
+                                                       "memory_mib": 8192}),
+        check=lambda chunks: lnm_input.check_inventory(chunks, DOMAIN, LIMITS))
 
 
 def consistent(state):

@@ -15,7 +15,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.spread import pb
 from twisted.test.iosim import ConnectionCompleter
 
-from test_lnm_node import FakeVMM, record, result_of
+from test_lnm_node import result_of
 from usher import pki, records, states
 from usher.controller.service import lnm_port_tls
 from usher.errors import InvalidRequest, NoSuchVM, OperationFailed, from_failure
@@ -24,6 +24,8 @@ from usher.lnm import api
 from usher.lnm.api import NodeAPI
 from usher.lnm.link import ControllerLink
 from usher.lnm.node import NodeManager
+
+from tests.fakes import FakeVMM, record
 
 PORT = 7391
 SCAN = 10.0

@@ -1,224 +1,26 @@
 """The LNM core (usher.lnm.node): cache, Table 2, change detection, reporting.
 
-Runs against ``FakeVMM``, an in-memory IVMM verified against the interface
-(test_lnm_link.py imports it too), with task.Clock driving scans and flushes.
+Runs against ``tests.fakes.FakeVMM``, an in-memory IVMM, with task.Clock
+driving scans and flushes.
 """
-
-import copy
-import uuid as uuidlib
 
 import pytest
 import pytest_twisted
 from twisted.internet import defer, task
 from twisted.python.failure import Failure
-from zope.interface import implementer
-from zope.interface.verify import verifyObject
 
 from usher import states
 from usher.errors import (InvalidRequest, MigrationUnsupported, NoSuchVM, OperationFailed,
                           Unavailable)
-from usher.interfaces import IVMM
 from usher.lnm.node import NodeManager
 from usher.protocol import REPORT_BATCH
 
-_RESULTS = dict(states.OPERATION_RESULT)
-
-
-@implementer(IVMM)
-class FakeVMM:
-    """A hypervisor in a dict. Calls answer at once unless ``hold`` is set:
-    then each call waits in ``held`` until ``release()``."""
-
-    def __init__(self, uri="fake:///host", hostname="host1", live_migration=True):
-        self.uri = uri
-        self.hostname = hostname
-        self.live_migration = live_migration
-        self.domains = {}
-        self.callbacks = []
-        self.calls = []
-        self.hold = False
-        self.held = []
-        self.fail_next = None
-
-    # -- test controls -------------------------------------------------------
-
-    def release(self):
-        held, self.held = self.held, []
-        for d, action in held:
-            self._answer(d, action)
-
-    def emit(self, name, state):
-        for callback in list(self.callbacks):
-            callback(name, state)
-
-    def set_state(self, name, state, *, emit=True):
-        self.domains[name]["state"] = state
-        if emit:
-            self.emit(name, state)
-
-    def add_domain(self, name, state=states.RUN, metadata=None, *, emit=False):
-        self.domains[name] = {"name": name, "uuid": str(uuidlib.uuid4()), "state": state,
-                              "memory_mib": 64, "vcpus": 1, "metadata": dict(metadata or {})}
-        if emit:
-            self.emit(name, state)
-
-    def remove_domain(self, name, *, emit=False):
-        del self.domains[name]
-        if emit:
-            self.emit(name, None)
-
-    # -- plumbing ------------------------------------------------------------
-
-    def _answer(self, d, action):
-        try:
-            d.callback(action())
-        except Exception as e:
-            d.errback(e)
-
-    def _call(self, method, action, *args):
-        self.calls.append((method,) + args)
-        if self.fail_next is not None:
-            error, self.fail_next = self.fail_next, None
-            return defer.fail(error)
-        d = defer.Deferred()
-        if self.hold:
-            self.held.append((d, action))
-        else:
-            self._answer(d, action)
-        return d
-
-    def _info(self, name):
-        if name not in self.domains:
-            raise NoSuchVM(f"no domain {name}")
-        return copy.deepcopy(self.domains[name])
-
-    # -- IVMM ----------------------------------------------------------------
-
-    def connect(self):
-        return defer.succeed(None)
-
-    def close(self):
-        return defer.succeed(None)
-
-    def node_info(self):
-        return self._call("node_info", lambda: {
-            "hostname": self.hostname, "uri": self.uri, "driver": "fake", "cpus": 4,
-            "memory_mib": 4096, "model": "fake-model", "live_migration": self.live_migration})
-
-    def node_status(self):
-        return self._call("node_status", lambda: {
-            "vms": sum(1 for d in self.domains.values() if d["state"] == states.RUN),
-            "free_memory_mib": None})
-
-    def list_domains(self):
-        return self._call("list_domains",
-                          lambda: [copy.deepcopy(d) for d in self.domains.values()])
-
-    def domain_info(self, name):
-        return self._call("domain_info", lambda: self._info(name), name)
-
-    def create(self, spec):
-        def create():
-            name = spec["name"]
-            if name in self.domains:
-                if self.domains[name]["state"] == states.SHUTOFF:
-                    self.domains[name]["state"] = states.RUN
-                return self._info(name)
-            self.domains[name] = {
-                "name": name, "uuid": spec.get("uuid") or str(uuidlib.uuid4()),
-                "state": states.RUN, "memory_mib": spec["memory_mib"],
-                "vcpus": spec["vcpus"],
-                "metadata": {"owner": spec["owner"], "cluster": spec["cluster"]}}
-            return self._info(name)
-        return self._call("create", create, spec["name"])
-
-    def operate(self, operation, name):
-        def operate():
-            info = self._info(name)
-            if info["state"] not in states.OPERATION_PRECONDITIONS[operation]:
-                raise OperationFailed(f"cannot {operation} {name}: it is {info['state']}")
-            if operation == "destroy":
-                del self.domains[name]
-                return None
-            self.domains[name]["state"] = _RESULTS[operation]
-            return self._info(name)
-        return self._call("operate", operate, operation, name)
-
-    def migrate(self, name, target_uri):
-        def migrate():
-            self._info(name)
-            if not self.live_migration:
-                raise MigrationUnsupported("the fake driver cannot migrate")
-            del self.domains[name]
-        return self._call("migrate", migrate, name, target_uri)
-
-    def export_image(self, name):
-        def export():
-            info = self._info(name)
-            del self.domains[name]
-            image = b"IMAGE:" + info["name"].encode() + bytes(range(256)) * 3
-            return {"xml": f"<domain><name>{name}</name></domain>", "image": image,
-                    "state": info["state"]}
-        return self._call("export_image", export, name)
-
-    def import_image(self, spec, exported):
-        def restore():
-            if not exported["image"].startswith(b"IMAGE:" + spec["name"].encode()):
-                raise OperationFailed("not an image of " + spec["name"])
-            self.domains[spec["name"]] = {
-                "name": spec["name"], "uuid": spec.get("uuid") or str(uuidlib.uuid4()),
-                "state": states.RUN, "memory_mib": spec["memory_mib"], "vcpus": spec["vcpus"],
-                "metadata": {"owner": spec["owner"], "cluster": spec["cluster"]}}
-            return self._info(spec["name"])
-        return self._call("import_image", restore, spec["name"])
-
-    def subscribe(self, callback):
-        self.callbacks.append(callback)
-
-
-class RecordingReporter:
-    """A reporter that records each batch and answers with ``acks(changes)``
-    (default: no records, as for unmanaged VMs), or fails while ``failing``."""
-
-    def __init__(self, acks=None):
-        self.batches = []
-        self.acks = acks or (lambda changes: [])
-        self.failing = None
-
-    async def report(self, changes):
-        self.batches.append([dict(c) for c in changes])
-        if self.failing is not None:
-            raise self.failing
-        return self.acks(changes)
-
-    @property
-    def reported(self):
-        return [c for batch in self.batches for c in batch]
-
-
-class HeldReporter(RecordingReporter):
-    """A reporter whose every report waits, in ``answers``, to be answered
-    (then acknowledged as ``echo_acks`` would, or failed while ``failing``)."""
-
-    def __init__(self):
-        super().__init__(echo_acks)
-        self.answers = []
-
-    async def report(self, changes):
-        self.batches.append([dict(c) for c in changes])
-        answer = defer.Deferred()
-        self.answers.append(answer)
-        await answer
-        if self.failing is not None:
-            raise self.failing
-        return self.acks(changes)
-
+from tests.fakes import VM, FakeVMM, HeldReporter, RecordingReporter, echo_acks, record
 
 # -- helpers ----------------------------------------------------------------------
 
 SCAN = 10.0
 REPORT = 0.5
-VM = "1.web.alice.usher.local"
 
 
 def result_of(coroutine_or_deferred):
@@ -243,19 +45,6 @@ def pending(coroutine):
     assert not fired, f"finished too early: {fired}"
     return d
 
-
-def record(name=VM, state=states.STARTING, **extra):
-    base = {"name": name, "owner": "alice", "cluster": "web", "state": state,
-            "vmm": "lnm1", "memory_mib": 128, "vcpus": 2, "uuid": None, "managed": True,
-            "version": 1, "args": {}}
-    base.update(extra)
-    return base
-
-
-def echo_acks(changes):
-    """A controller that manages every reported VM and records its new state
-    (MISSING for a VM that vanished)."""
-    return [record(c["name"], c["state"] or states.MISSING, version=2) for c in changes]
 
 
 @pytest.fixture
@@ -289,12 +78,6 @@ def reporter(manager):
 def running_vm(manager, name=VM):
     result_of(manager.receive([record(name)]))
     return result_of(manager.start(name))
-
-
-# -- the double -------------------------------------------------------------------
-
-def test_fake_vmm_provides_ivmm():
-    assert verifyObject(IVMM, FakeVMM())
 
 
 # -- Table 2: the cache and operations ---------------------------------------------

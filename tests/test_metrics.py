@@ -6,7 +6,6 @@ import pytest
 import pytest_twisted
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor, task
-from twisted.python.threadpool import ThreadPool
 from twisted.spread import pb
 from twisted.web.client import Agent, readBody
 
@@ -30,14 +29,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:Using readBody:DeprecationWarnin
 
 def full(short, owner="alice"):
     return f"{short}.{owner}.{DOMAIN}"
-
-
-@pytest.fixture
-def pool():
-    pool = ThreadPool(minthreads=1, maxthreads=2, name="test-metrics")
-    pool.start()
-    yield pool
-    pool.stop()
 
 
 class Rejecter:

@@ -12,7 +12,6 @@ import os
 import pytest
 import pytest_twisted
 from twisted.internet import defer, task
-from twisted.python.threadpool import ThreadPool
 
 from usher.errors import NoSuchVM
 from usher.lnm import libvirt_vmm
@@ -347,14 +346,6 @@ def test_simulation_fills_only_what_the_driver_lacks_and_says_so():
 
 
 # --- on libvirt's test driver --------------------------------------------------------------
-
-@pytest.fixture
-def pool():
-    pool = ThreadPool(minthreads=1, maxthreads=2, name="test-monitor")
-    pool.start()
-    yield pool
-    pool.stop()
-
 
 async def make_test_host(reactor, pool, tmp_path):
     uri = write_test_host(os.path.join(tmp_path, "host.xml"), hostname="lnm1", cpus=4,

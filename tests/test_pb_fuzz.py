@@ -28,7 +28,7 @@ from usher import states
 from usher.settings import default_plugin_registrations
 from usher.states import OPERATIONS
 
-from tests.clientgrid import PASSWORDS, client_grids, pki_dir  # noqa: F401 (fixtures)
+from tests.clientgrid import PASSWORDS
 from tests.e2e import wait_for
 from tests.grid import DOMAIN
 from tests.hostile import LogCapture, connect_pb, remote_type

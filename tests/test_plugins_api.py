@@ -20,7 +20,7 @@ from usher.errors import InvalidRequest, PermissionDenied, Rejected
 from usher.interfaces import IPlugin
 from usher.config import load_plugin_config
 
-from tests.clientgrid import client_grids, pki_dir, plugin_instance  # noqa: F401 (fixtures)
+from tests.clientgrid import plugin_instance
 from tests.e2e import wait_for
 from tests.grid import DOMAIN
 

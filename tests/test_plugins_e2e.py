@@ -10,22 +10,13 @@ import pytest_twisted
 
 from usher.errors import Rejected
 
-from tests.e2e import RunningSandbox, parse_json
+from tests.e2e import parse_json
 
 DOMAIN = "usher.test"
 
 
 def full(short, owner="alice"):
     return f"{short}.{owner}.{DOMAIN}"
-
-
-@pytest_twisted.async_yield_fixture(scope="module")
-async def system(tmp_path_factory):
-    box = RunningSandbox(tmp_path_factory.mktemp("plugins-sandbox"), lnms=3)
-    await box.start()
-    box.add_user("bob", "bob-secret")
-    yield box
-    await box.stop()
 
 
 def write(path, text):

@@ -15,7 +15,7 @@ from usher.errors import ConfigError, InvalidRequest, Rejected, Unavailable
 from usher.settings import REQUEST_EVENTS
 from usher.vmset import Selection
 
-from tests.clientgrid import FakeMonitoring, client_grids, pki_dir  # noqa: F401 (fixtures)
+from tests.fakes import FakeMonitoring
 from tests.e2e import wait_for
 from tests.grid import DOMAIN
 
@@ -180,14 +180,8 @@ async def test_a_vm_on_its_way_holds_room_on_its_target_until_it_arrives(tmp_pat
                               registrations=registrations(tmp_path, "roundrobin"))
     alice = await grid.connected("alice")
     await seen(alice, await alice.start(["mover"], lnms=["lnm1"], args={"memory_mib": 768}))
-    source = grid.grid.handles["lnm1"]
-    export, gate = source.export_image, defer.Deferred()
-
-    async def held_export(name):
-        await gate
-        return await export(name)
-
-    source.export_image = held_export                # the move stops half-way
+    gate = defer.Deferred()
+    grid.grid.to_lnm("lnm1").hang["export_image"] = gate     # the move stops half-way
     moving = defer.ensureDeferred(alice.migrate([full("mover")], ["lnm2"]))
     await wait_for(lambda: grid.controller.state.incoming == {full("mover"): "lnm2"})
     result = await alice.start(["late"], lnms=["lnm2"], args={"memory_mib": 512})
@@ -495,18 +489,16 @@ async def test_rebalancer_failing_and_hanging_migrations_do_not_block_the_rest(t
     grid.controller.monitoring = FakeMonitoring(
         grid.controller.monitoring, hosts={"lnm1": 99.0, "lnm2": 98.0, "lnm3": 97.0,
                                            "lnm4": 0.0})
-    grid.grid.handles["lnm1"].broken = True          # a's migration fails
+    grid.grid.to_lnm("lnm1").broken = True           # a's migration fails
     hung = defer.Deferred()
-
-    async def hang(name):
-        return await hung
-    grid.grid.handles["lnm2"].export_image = hang    # b's migration never ends
+    grid.grid.to_lnm("lnm2").hang["export_image"] = hung    # b's migration never ends
 
     timers = grid.controller.chains.clock
     timers.advance(10)
     assert [m.vm for m in plugin.history] == [full("a"), full("b")]   # two slots
     await wait_for(lambda: plugin.history[0].outcome is not None)
-    assert plugin.history[0].outcome == "failed" and "lnm1" in plugin.history[0].error
+    assert plugin.history[0].outcome == "failed"
+    assert "export_image: peer disconnected" in plugin.history[0].error
     timers.advance(10)      # a's failure freed a slot: c moves while b still hangs
     assert [m.vm for m in plugin.history] == [full("a"), full("b"), full("c")]
     await wait_for(lambda: plugin.history[2].outcome is not None)

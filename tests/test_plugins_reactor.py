@@ -21,7 +21,7 @@ from usher.controller.service import PluginsService, make_service
 from usher.daemon import ThreadPoolService
 from usher.errors import Rejected
 
-from tests.clientgrid import client_grids, pki_dir, plugin_instance  # noqa: F401 (fixtures)
+from tests.clientgrid import plugin_instance
 from tests.e2e import wait_for
 from tests.test_plugins_api import Recorder, full, write
 

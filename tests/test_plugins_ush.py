@@ -10,7 +10,7 @@ from twisted.internet import reactor
 from usher.clients import ush
 from usher.clients.ush import help_text as ush_help
 
-from tests.clientgrid import PASSWORDS, client_grids, pki_dir  # noqa: F401 (fixtures)
+from tests.clientgrid import PASSWORDS
 
 
 async def run_ush(grid, user, *words, json_output=False):

@@ -34,9 +34,10 @@ from usher.clients.plusher import (FAULT_AUTHENTICATION, FAULT_INVALID_REQUEST,
 from usher.config import load_config, parse_spec
 from usher.errors import AuthenticationFailed, Unavailable
 
-from tests.e2e import RunningSandbox, sleep, wait_for
+from tests.e2e import sleep, wait_for
 
 DOMAIN = "usher.test"
+SANDBOX_LNMS = 2
 # Twisted's readBody cannot abort the transports Agent hands it: harmless here.
 pytestmark = pytest.mark.filterwarnings("ignore:Using readBody:DeprecationWarning")
 ETC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "etc")
@@ -127,15 +128,6 @@ def plusher_settings(box, **changes):
                   upcall_timeout=5)
     fields.update(changes)
     return PlusherSettings(**fields)
-
-
-@pytest_twisted.async_yield_fixture(scope="module")
-async def system(tmp_path_factory):
-    box = RunningSandbox(tmp_path_factory.mktemp("plusher-sandbox"), lnms=2)
-    await box.start()
-    box.add_user("bob", "bob-secret")
-    yield box
-    await box.stop()
 
 
 @dataclasses.dataclass

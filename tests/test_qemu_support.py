@@ -3,8 +3,8 @@ does it all on real QEMU guests):
 
 - live migration between LNMs, in process: a real Controller and real
   NodeManagers over FakeVMMs whose migration lands the domain on the peer (as
-  libvirt's peer-to-peer migration does), task.Clock driving scans and
-  reports; what is checked is who holds the VM's cached object and what gets
+  libvirt's peer-to-peer migration does), joined by in-process PB links
+  (tests.wire), task.Clock driving scans, reports and the links; what is checked is who holds the VM's cached object and what gets
   reported while and after it moves;
 - the LNM's ``[[domain]]`` template defaults;
 - the built-in QEMU template's console log and disk cache mode;
@@ -23,13 +23,17 @@ from usher.controller.core import Controller
 from usher.controller.plugins import PluginRegistry
 from usher.errors import ConfigError, OperationFailed
 from usher.lnm import domain_xml, service
+from usher.lnm.api import NodeAPI
 from usher.lnm.libvirt_vmm import host_memory_kib
+from usher.lnm.link import ControllerLinkFactory
 from usher.lnm.node import NodeManager
 from usher.vmset import Selection
 
-from tests.grid import LocalLNM, LocalReporter
-from tests.test_lnm_node import VM as RECORD_VM
-from tests.test_lnm_node import FakeVMM, record, result_of
+from tests.grid import connect_lnm
+from tests.fakes import VM as RECORD_VM
+from tests.fakes import FakeVMM, record
+from tests.test_lnm_node import result_of
+from tests.wire import EventualQueue, peer_certificate
 
 DOMAIN = "usher.test"
 VM = f"1.web.alice.{DOMAIN}"
@@ -67,8 +71,9 @@ class TwoHosts:
             self.controller.chains, self.controller.api, third_party_dir=None,
             load_config=load_plugin_config)
         self.controller.plugins.register_configured(settings.default_plugin_registrations())
+        self.eventual = EventualQueue(self.clock)
         peers = {}
-        self.vmms, self.nodes = {}, {}
+        self.vmms, self.nodes, self.links = {}, {}, {}
         for name in ("lnm1", "lnm2"):
             uri = f"fake+tcp://{name}/system"
             vmm = peers[uri] = MigratingVMM(name, peers)
@@ -80,18 +85,28 @@ class TwoHosts:
     async def start(self):
         for name, node in self.nodes.items():
             await node.startup()
-            await self.controller.attach_lnm(name, LocalLNM(node), {})
-            node.set_reporter(LocalReporter(self.controller, name))
+            link = ControllerLinkFactory(node, NodeAPI(node), clock=self.clock, call_timeout=60)
+            self.links[name] = await connect_lnm(self.controller, link, self.eventual,
+                                                 clock=self.clock,
+                                                 certificate=peer_certificate(name))
         await self.controller.start("alice", False, [], ["lnm1"],
                                     {"cluster": "web", "count": 1})
         assert self.controller.state.vms[VM]["vmm"] == "lnm1"
         return self
+
+    def finished(self, work):
+        """The result of ``work`` (a coroutine or Deferred), which must end
+        once what is on its way on the links has crossed."""
+        d = work if isinstance(work, defer.Deferred) else defer.Deferred.fromCoroutine(work)
+        self.clock.advance(0)       # every delivery due now, and those they cause
+        return result_of(d)
 
     async def stop(self):
         for vmm in self.vmms.values():
             vmm.release()
         for node in self.nodes.values():
             await node.shutdown()
+        self.eventual.stop()
 
     def migrate(self):
         return defer.Deferred.fromCoroutine(self.controller.migrate(
@@ -101,16 +116,9 @@ class TwoHosts:
 @pytest.fixture
 def hosts():
     grid = TwoHosts()
-    result_of(grid.start())
+    grid.finished(grid.start())
     yield grid
-    result_of(grid.stop())
-
-
-def _finished(d):
-    results = []
-    d.addBoth(results.append)
-    assert results, "the migration is still running"
-    return results[0]
+    grid.finished(grid.stop())
 
 
 def test_live_migration_hands_the_cached_object_to_the_target(hosts):
@@ -119,7 +127,7 @@ def test_live_migration_hands_the_cached_object_to_the_target(hosts):
     migration = hosts.migrate()
     hosts.clock.advance(REPORT)            # ... and the LNMs report meanwhile
     source.release()
-    result = _finished(migration)
+    result = hosts.finished(migration)
     assert result["migrated"] == [{"name": VM, "from": "lnm1", "to": "lnm2"}]
     assert hosts.nodes["lnm1"].cached_vm(VM) is None
     cached = hosts.nodes["lnm2"].cached_vm(VM)
@@ -145,14 +153,14 @@ def test_target_reports_nothing_while_the_vm_is_on_its_way(hosts):
     hosts.clock.advance(REPORT)
     assert reported == []                  # not "absent": it has not landed yet
     hosts.vmms["lnm1"].release()
-    _finished(migration)
+    hosts.finished(migration)
     hosts.clock.advance(REPORT)
     assert reported == []                  # its arrival is the migration's result
 
 
 def test_failed_live_migration_leaves_the_vm_and_its_object_on_the_source(hosts):
     hosts.vmms["lnm1"].abort = True
-    result = _finished(hosts.migrate())
+    result = hosts.finished(hosts.migrate())
     assert result["migrated"] == []
     assert "canceled by client" in result["failed"][0]["error"]
     assert list(hosts.vmms["lnm1"].domains) == [VM] and hosts.vmms["lnm2"].domains == {}

@@ -19,7 +19,8 @@ from usher.liveness import HeardBroker, Heartbeat, on_tick
 from usher.lnm.fleet import Fleet, member_names
 from usher.lnm.node import NodeManager
 
-from tests.test_lnm_node import REPORT, SCAN, FakeVMM, HeldReporter, record, result_of
+from tests.fakes import FakeVMM, HeldReporter, record
+from tests.test_lnm_node import REPORT, SCAN, result_of
 
 DOMAIN = "usher.test"
 

@@ -45,7 +45,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet import defer, reactor, task, threads
 from twisted.internet.threads import deferToThreadPool
-from twisted.python.threadpool import ThreadPool
 
 from usher import states
 from usher.config import load_config
@@ -56,8 +55,7 @@ from usher.lnm.libvirt_vmm import LibvirtVMM
 from usher import settings as usher_settings
 
 from tests import libvirtd
-from tests.clientgrid import client_grids, pki_dir  # noqa: F401 (fixtures)
-from tests.e2e import RunningSandbox, parse_json, wait_for
+from tests.e2e import RunningSandbox, wait_for
 from tests.libvirtd import PrivateLibvirtd
 
 DOMAIN = "usher.test"
@@ -865,22 +863,14 @@ def saved_image(xml, memory=b""):
     return b"TestGuestMagic\x00" + struct.pack("<I", len(data)) + data + memory
 
 
-@pytest.fixture
-def vmm_pool():
-    pool = ThreadPool(minthreads=1, maxthreads=2, name="test-received-xml")
-    pool.start()
-    yield pool
-    pool.stop()
-
-
 @pytest_twisted.ensureDeferred
 async def test_a_crafted_definition_or_image_is_refused_and_nothing_is_defined(tmp_path,
-                                                                                vmm_pool):
+                                                                                pool):
     vmms = []
     for label in ("source", "target"):
         uri = testhost.write_test_host(tmp_path / label / "host.xml", hostname=label, cpus=2,
                                        memory_mib=4096, model="t")
-        vmm = LibvirtVMM(uri, reactor=reactor, pool=vmm_pool,
+        vmm = LibvirtVMM(uri, reactor=reactor, pool=pool,
                          state_dir=str(tmp_path / label / "state"))
         await vmm.connect()
         vmms.append(vmm)
@@ -1060,14 +1050,14 @@ async def test_a_compromised_lnm_cannot_hand_another_host_a_crafted_definition(t
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_site_can_turn_live_migration_off_so_every_move_is_checked(tmp_path, vmm_pool):
+async def test_a_site_can_turn_live_migration_off_so_every_move_is_checked(tmp_path, pool):
     """libvirt's live migration hands the target the source's definition
     without the target LNM seeing it: ``live_migration = False`` makes an
     LNM neither offer nor do it, so the controller moves its VMs by
     export/import (checked)."""
     uri = testhost.write_test_host(tmp_path / "host.xml", hostname="h", cpus=2,
                                    memory_mib=4096, model="t")
-    vmm = LibvirtVMM(uri, reactor=reactor, pool=vmm_pool, state_dir=str(tmp_path / "state"),
+    vmm = LibvirtVMM(uri, reactor=reactor, pool=pool, state_dir=str(tmp_path / "state"),
                      live_migration=False)
     await vmm.connect()
     try:

@@ -25,7 +25,7 @@ from usher.controller.client_broker import PRELOGIN_BYTES
 from usher.controller.client_login import ClientPBFactory, ClientRoot, client_factory
 from usher.errors import ConfigError
 
-from tests.clientgrid import PASSWORDS, client_grids, pki_dir  # noqa: F401 (fixtures)
+from tests.clientgrid import PASSWORDS
 from tests.e2e import RunningSandbox, wait_for
 from tests.hostile import (LogCapture, banana_list_header, banana_string, connect_pb,
                            connect_tls, remote_type)

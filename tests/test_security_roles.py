@@ -32,7 +32,7 @@ from usher.controller.recovery import announce
 from usher.errors import ConfigError, UsherError
 from usher.protocol import PROTOCOL_VERSION
 
-from tests.clientgrid import PASSWORDS, client_grids, issue_without_role, pki_dir  # noqa: F401
+from tests.clientgrid import PASSWORDS, issue_without_role
 from tests.e2e import RunningSandbox, wait_for
 
 HANG_GUARD = 20     # seconds; a safety net, no test relies on timing

@@ -18,7 +18,6 @@ from usher.controller.core import Controller
 from usher.controller.state import VMMInfo
 from usher.errors import InvalidRequest, NoSuchVM, PermissionDenied
 
-from tests.clientgrid import client_grids, pki_dir  # noqa: F401 (fixtures)
 from tests.e2e import RunningSandbox, parse_json, sleep, wait_for
 
 DOMAIN = "usher.test"

@@ -1,0 +1,60 @@
+"""Fixtures shared by the tests (pytest finds them here; no import needed):
+
+- ``pool``: a started thread pool for blocking work (libvirt, bcrypt, PAM);
+- ``pki_dir``: a CA and the controller's certificate (one per module);
+- ``client_grids``: in-process grids behind the real client port
+  (``tests.clientgrid.ClientGrid``), stopped after the test;
+- ``system``: a sandbox of real processes (``tests.e2e.RunningSandbox``, one
+  per module); a module sets ``SANDBOX_LNMS`` for other than three LNMs.
+"""
+
+import pytest
+import pytest_twisted
+from twisted.python.threadpool import ThreadPool
+
+
+@pytest.fixture
+def pool(request):
+    threads = ThreadPool(minthreads=1, maxthreads=4, name=f"test-{request.node.name}"[:60])
+    threads.start()
+    yield threads
+    threads.stop()
+
+
+@pytest.fixture(scope="module")
+def pki_dir(tmp_path_factory):
+    from tests.clientgrid import make_pki
+    directory, _ca = make_pki(tmp_path_factory.mktemp("pki"))
+    return directory
+
+
+@pytest_twisted.async_yield_fixture
+async def client_grids(tmp_path, pki_dir):
+    """-> async make(**ClientGrid options): started ClientGrids, stopped after the test."""
+    from twisted.internet import reactor
+
+    from tests.clientgrid import ClientGrid
+    made = []
+
+    async def make(**kwargs):
+        grid = ClientGrid(reactor, tmp_path / f"grid{len(made)}", pki_dir, **kwargs)
+        made.append(grid)
+        await grid.start()
+        return grid
+    yield make
+    for grid in made:
+        await grid.stop()
+
+
+@pytest_twisted.async_yield_fixture(scope="module")
+async def system(request, tmp_path_factory):
+    """A sandbox with ``SANDBOX_LNMS`` LNMs (3 unless the module says) and
+    the user bob besides the sandbox's own."""
+    from tests.e2e import RunningSandbox
+    label = request.module.__name__.rsplit(".", 1)[-1]
+    box = RunningSandbox(tmp_path_factory.mktemp(f"{label}-sandbox"),
+                         lnms=getattr(request.module, "SANDBOX_LNMS", 3))
+    await box.start()
+    box.add_user("bob", "bob-secret")
+    yield box
+    await box.stop()
