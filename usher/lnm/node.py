@@ -19,11 +19,12 @@ replace the cached ones. Operations are the exception: their result carries
 the new state, so their own events are not reported.
 """
 
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from usher import states
 from usher.errors import InvalidRequest, NoSuchVM, OperationFailed, Unavailable, UsherError
+from usher.loops import every, unfailing
 from usher.lnm.received_xml import DEFAULT_IMPORT_OVERHEAD_MIB, image_limit
 from usher.naming import is_host_vm_name
 from usher.protocol import FIGURES, MAX_FIELD, REPORT_BATCH
@@ -281,18 +282,9 @@ class NodeManager:
                       count=len(self._domains), uri=getattr(self.vmm, "uri", None))
 
     def _loop(self, function, interval, now=False):
-        async def guarded():
-            try:
-                await function()
-            except Exception:
-                # A LoopingCall stops for good on a failure: never let one out.
-                self.log.failure("LNM {lnm}: periodic {what} failed", lnm=self.name,
-                                 what=function.__name__)
-
-        loop = task.LoopingCall(lambda: defer.Deferred.fromCoroutine(guarded()))
-        loop.clock = self.clock
-        loop.start(interval, now=now)
-        return loop
+        call = unfailing(function, log=self.log, message="LNM {lnm}: periodic {what} failed",
+                         lnm=self.name, what=function.__name__)
+        return every(interval, call, clock=self.clock, now=now)
 
     async def shutdown(self):
         """Stop the loops, refuse new operations and wait for in-flight work."""
