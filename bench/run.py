@@ -592,10 +592,10 @@ def raw_libvirt_loop(directory, count, hosts):
     import libvirt
 
     from usher.lnm import domain_xml
-    from usher.lnm.libvirt_vmm import _quiet_libvirt
+    from usher.lnm.libvirt_connection import quiet_libvirt
     from usher.lnm.testhost import write_test_host
 
-    _quiet_libvirt()
+    quiet_libvirt()
     connections = []
     for number in range(hosts):
         uri = write_test_host(os.path.join(directory, f"host{number}.xml"),

@@ -626,7 +626,7 @@ async def test_libvirt_vmm_reconnects_with_backoff_after_libvirtd_restarts(tmp_p
         assert not vmm.connected
         with pytest.raises(Unavailable):
             await vmm.list_domains()
-        await wait_for(lambda: vmm._reconnect_attempt >= 2, timeout=5)   # backing off
+        await wait_for(lambda: vmm.hypervisor.reconnect_attempt >= 2, timeout=5)   # backing off
         await threads.deferToThread(host.start)
         await wait_for(lambda: seen == [False, True], timeout=5)
         assert await vmm.list_domains() == []

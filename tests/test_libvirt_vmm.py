@@ -1,5 +1,6 @@
 """LibvirtVMM against libvirt's real test driver (no mocks of libvirt)."""
 
+import inspect
 import os
 import uuid
 import xml.etree.ElementTree as ET
@@ -88,6 +89,32 @@ def test_provides_ivmm(vmm):
     assert verifyObject(IVMM, vmm)
 
 
+def test_every_method_answers_a_deferred_and_a_bad_argument_is_a_failed_one(tmp_path, pool):
+    vmm = LibvirtVMM("test:///default", reactor=reactor, pool=pool,
+                     state_dir=str(tmp_path / "state"))
+    # The methods show the IVMM signatures, not the pool functions' (conn).
+    assert list(inspect.signature(vmm.operate).parameters) == [
+        "operation", "name", "shutdown_timeout"]
+    assert list(inspect.signature(vmm.import_image).parameters) == ["spec", "payload"]
+    assert list(inspect.signature(vmm.node_info).parameters) == []
+    # Checked before the connection is asked for: the argument's error wins.
+    for d, error in [(vmm.domain_info("a/b"), InvalidRequest),
+                     (vmm.operate("explode", "web1"), InvalidRequest),
+                     (vmm.operate("shutdown", "web1", shutdown_timeout=-1), InvalidRequest),
+                     (vmm.migrate("web1", ""), InvalidRequest),
+                     (vmm.create({"name": "web1"}), InvalidRequest),
+                     (vmm.import_image(spec(), {"xml": 3}), InvalidRequest),
+                     (vmm.domain_info("web1"), Unavailable),
+                     (vmm.create(spec()), Unavailable),
+                     (vmm.list_domains(), Unavailable)]:
+        assert isinstance(d, defer.Deferred)
+        failure = []
+        d.addErrback(failure.append)
+        assert failure and failure[0].check(error), (failure, error)
+    with pytest.raises(TypeError):
+        vmm.operate("pause")            # not a call of the method at all
+
+
 @pytest_twisted.ensureDeferred
 async def test_node_info_describes_the_simulated_host(vmm):
     info = await vmm.node_info()
@@ -170,7 +197,7 @@ async def test_domains_not_made_by_usher_have_empty_metadata(vmm):
         conn.defineXML("<domain type='test'><name>foreign</name>"
                        "<memory unit='KiB'>65536</memory><os><type>hvm</type></os>"
                        "</domain>")
-    await vmm._call("define", None, define_foreign)
+    await vmm.hypervisor.run("define", None, define_foreign)
     info = await vmm.domain_info("foreign")
     assert info["metadata"] == {} and info["state"] == states.SHUTOFF
 
@@ -331,7 +358,7 @@ async def test_xml_specials_in_names_and_metadata_round_trip_without_injection(v
 
     def desc(conn):
         return conn.lookupByName(NASTY).XMLDesc(0)
-    root = ET.fromstring(await vmm._call("xml", NASTY, desc))
+    root = ET.fromstring(await vmm.hypervisor.run("xml", NASTY, desc))
     assert root.findtext("name") == NASTY
     usher = root.findall(f"metadata/{{{domain_xml.USHER_NS}}}vm")
     assert len(usher) == 1 and usher[0].get("owner") == evil_owner

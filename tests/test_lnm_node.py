@@ -580,7 +580,7 @@ async def _on_host(vmm, fn, *args):
     test-driver host exists only inside the connection that opened it)."""
     from twisted.internet import reactor
     from twisted.internet.threads import deferToThreadPool
-    return await deferToThreadPool(reactor, vmm._pool, fn, vmm._conn, *args)
+    return await deferToThreadPool(reactor, vmm._pool, fn, vmm.libvirt_connection, *args)
 
 
 @pytest_twisted.ensureDeferred

@@ -14,7 +14,7 @@ import pytest_twisted
 from twisted.internet import defer, task
 
 from usher.errors import NoSuchVM
-from usher.lnm import libvirt_vmm
+from usher.lnm import libvirt_stats
 from usher.lnm.libvirt_vmm import LibvirtVMM
 from usher.lnm.monitor import CounterRate, DampedAverages, Monitor, SimulatedLoad
 from usher.lnm.node import NodeManager
@@ -365,7 +365,7 @@ async def test_the_test_driver_reports_sizes_but_no_statistics(pool, tmp_path):
         assert vmm.fixed_stats
         [sample] = await vmm.domain_stats()
         assert sample["name"] == VM and sample["vcpus"] == 2 and sample["memory_kib"] == 524288
-        assert all(sample[key] is None for key in libvirt_vmm.DOMAIN_COUNTERS)
+        assert all(sample[key] is None for key in libvirt_stats.DOMAIN_COUNTERS)
         assert sample["memory_used_kib"] is None
         node = await vmm.node_stats()
         assert node["cpus"] == 4 and node["memory_kib"] == 8192 * 1024 and node["vms"] == 1
@@ -454,7 +454,7 @@ def test_bulk_statistics_are_summed_over_devices():
              "net.count": 2, "net.0.rx.bytes": 100, "net.0.tx.bytes": 10,
              "net.1.rx.bytes": 50, "net.1.tx.bytes": 5,
              "block.count": 1, "block.0.rd.bytes": 4096, "block.0.wr.bytes": 512}
-    sample = libvirt_vmm.sample_from_bulk_stats(VM, "u-1", stats)
+    sample = libvirt_stats.sample_from_bulk_stats(VM, "u-1", stats)
     assert sample == {"name": VM, "uuid": "u-1", "state": "run", "vcpus": 2,
                       "memory_kib": 131072, "cpu_time_ns": 123_000_000,
                       "net_rx_bytes": 150, "net_tx_bytes": 15, "disk_read_bytes": 4096,
@@ -462,31 +462,31 @@ def test_bulk_statistics_are_summed_over_devices():
 
 
 def test_bulk_statistics_a_driver_left_out_are_none_and_no_devices_are_zero():
-    sample = libvirt_vmm.sample_from_bulk_stats(VM, "u-1", {"state.state": 3,
+    sample = libvirt_stats.sample_from_bulk_stats(VM, "u-1", {"state.state": 3,
                                                             "net.count": 0})
     assert sample["state"] == "paused"
     assert sample["net_rx_bytes"] == 0 and sample["net_tx_bytes"] == 0
     assert sample["cpu_time_ns"] is None and sample["disk_read_bytes"] is None
     assert sample["memory_used_kib"] is None
-    partial = libvirt_vmm.sample_from_bulk_stats(VM, "u", {"block.count": 2,
+    partial = libvirt_stats.sample_from_bulk_stats(VM, "u", {"block.count": 2,
                                                            "block.0.rd.bytes": 1})
     assert partial["disk_read_bytes"] is None      # one disk unreported: no sum
 
 
 def test_memory_in_use_prefers_the_resident_set_then_the_guest_view():
-    assert libvirt_vmm.memory_used_kib({"rss": 500, "available": 1000, "unused": 100}) == 500
-    assert libvirt_vmm.memory_used_kib({"available": 1000, "unused": 100}) == 900
-    assert libvirt_vmm.memory_used_kib({}) is None
+    assert libvirt_stats.memory_used_kib({"rss": 500, "available": 1000, "unused": 100}) == 500
+    assert libvirt_stats.memory_used_kib({"available": 1000, "unused": 100}) == 900
+    assert libvirt_stats.memory_used_kib({}) is None
 
 
 def test_node_counters_from_libvirt_node_calls():
-    assert libvirt_vmm.node_cpu_counters({"kernel": 10, "user": 30, "idle": 50,
+    assert libvirt_stats.node_cpu_counters({"kernel": 10, "user": 30, "idle": 50,
                                           "iowait": 10}) == (40, 100)
-    assert libvirt_vmm.node_cpu_counters({"kernel": 10}) == (None, None)
-    assert libvirt_vmm.node_memory_used_kib({"total": 1000, "free": 200, "buffers": 100,
+    assert libvirt_stats.node_cpu_counters({"kernel": 10}) == (None, None)
+    assert libvirt_stats.node_memory_used_kib({"total": 1000, "free": 200, "buffers": 100,
                                              "cached": 300}) == 400
-    assert libvirt_vmm.node_memory_used_kib({"free": 1}) is None
+    assert libvirt_stats.node_memory_used_kib({"free": 1}) is None
     xml = ("<domain><devices><interface type='network'><target dev='vnet3'/></interface>"
            "<disk type='file'><target dev='vda'/></disk><disk type='file'>"
            "<target dev='vdb'/></disk></devices></domain>")
-    assert libvirt_vmm.device_targets(xml) == (["vnet3"], ["vda", "vdb"])
+    assert libvirt_stats.device_targets(xml) == (["vnet3"], ["vda", "vdb"])

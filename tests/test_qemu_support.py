@@ -24,7 +24,7 @@ from usher.controller.plugins import PluginRegistry
 from usher.errors import ConfigError, OperationFailed
 from usher.lnm import domain_xml, service
 from usher.lnm.api import NodeAPI
-from usher.lnm.libvirt_vmm import host_memory_kib
+from usher.lnm.libvirt_stats import host_memory_kib
 from usher.lnm.link import ControllerLinkFactory
 from usher.lnm.node import NodeManager
 from usher.vmset import Selection

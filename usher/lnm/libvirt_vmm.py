@@ -1,10 +1,17 @@
 """``IVMM`` over libvirt: any libvirt URI, the test driver included.
 
-Every libvirt call runs in an injected Twisted thread pool (one shared,
-thread-safe libvirt connection); results and errors come back as Deferreds on
-the reactor thread. libvirt errors become Usher errors: ``NoSuchVM`` for a
+Every libvirt call runs in an injected Twisted thread pool, on the one shared
+(thread-safe) connection of ``usher.lnm.libvirt_connection``, which also
+brings the lifecycle events and reconnects; results and errors come back as
+Deferreds on the reactor thread. Each operation is written once: the blocking
+function a pool thread runs, made an IVMM method by ``pool_call`` with its
+argument checks. libvirt errors become Usher errors: ``NoSuchVM`` for a
 missing domain, ``OperationFailed`` carrying libvirt's message otherwise,
 ``MigrationUnsupported`` where the driver cannot migrate.
+
+Beside it: ``libvirt_domains`` (blocking building blocks on domains),
+``libvirt_import`` (what a VM from another host must pass),
+``libvirt_stats`` (the statistics the monitor samples).
 
 Files under ``state_dir``:
 
@@ -12,291 +19,121 @@ Files under ``state_dir``:
   that has one is reported ``hibernated``; ``restore`` boots from it and
   deletes it.
 - ``consoles/<name>.log``: serial console of VMs built from the QEMU template.
-
-Lifecycle events (when the driver has them) are mapped straight from the
-event to an Usher state on libvirt's event-loop thread and handed to
-subscribers on the reactor thread. Events the test driver never sends (reboot)
-are left to the LNM's periodic scan.
 """
 
+import functools
+import inspect
 import os
-import random
-import threading
-import time
 import uuid as uuidlib
-import xml.etree.ElementTree as ET
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 
 import libvirt
-from twisted.internet.defer import Deferred, DeferredLock, succeed
-from twisted.internet.threads import deferToThreadPool
+from twisted.internet.defer import fail, succeed
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from usher import states
-from usher.errors import (ConfigError, InvalidRequest, MigrationUnsupported,
-                          NoSuchVM, OperationFailed, Unavailable)
+from usher.errors import ConfigError, InvalidRequest, MigrationUnsupported
 from usher.interfaces import IVMM
-from usher.lnm import domain_xml, received_xml, testhost
+from usher.lnm import domain_xml, libvirt_domains, received_xml, testhost
+from usher.lnm.libvirt_connection import HypervisorConnection, error_code
+from usher.lnm.libvirt_domains import NameLocks, wait_until
+from usher.lnm.libvirt_import import VMM_STATES, ImportChecks, import_arguments
+from usher.lnm.libvirt_stats import (DOMAIN_STATES, DRIVERS_WITH_FIXED_STATS,
+                                     StatisticsSampler, host_memory_kib, read_each)
 
-MIB = 1024 * 1024
 DEFAULT_SHUTDOWN_TIMEOUT = 60.0
-SHUTDOWN_POLL_INTERVAL = 0.25
-
-_STATE_MAP = {
-    libvirt.VIR_DOMAIN_NOSTATE: states.RUN,
-    libvirt.VIR_DOMAIN_RUNNING: states.RUN,
-    libvirt.VIR_DOMAIN_BLOCKED: states.RUN,
-    libvirt.VIR_DOMAIN_PAUSED: states.PAUSED,
-    libvirt.VIR_DOMAIN_PMSUSPENDED: states.PAUSED,
-    libvirt.VIR_DOMAIN_SHUTOFF: states.SHUTOFF,
-    libvirt.VIR_DOMAIN_SHUTDOWN: states.SHUTOFF,
-    libvirt.VIR_DOMAIN_CRASHED: states.SHUTOFF,
-}
-
-# The states a VMM itself can report (the others are the controller's).
-_VMM_STATES = (states.RUN, states.PAUSED, states.HIBERNATED, states.SHUTOFF)
 
 _MIGRATE_FLAGS = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER
                   | libvirt.VIR_MIGRATE_PERSIST_DEST
                   | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE)
 
-# Tried in order: drivers reject flags they do not know (the test driver
-# refuses NVRAM), and a plain undefine is the last resort.
-_UNDEFINE_FLAG_SETS = (
-    libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
-    | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
-    | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM,
-    libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
-    | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA,
-    0,
-)
-
-# Error codes a driver answers with when it does not know a flag or call.
-_UNSUPPORTED = frozenset((libvirt.VIR_ERR_INVALID_ARG, libvirt.VIR_ERR_NO_SUPPORT,
-                          libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED))
-
 _DRIVERS_WITHOUT_MIGRATION = frozenset(("test",))
 
-# Marks a lifecycle event that says nothing certain about the run state.
-_NO_STATE_CHANGE = object()
 
-# Errors that say something about a domain or a request, never about the
-# connection: no need to ask whether the connection is still alive.
-_REQUEST_ERRORS = frozenset((libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID,
-                             libvirt.VIR_ERR_NO_DOMAIN_METADATA)) | _UNSUPPORTED
+def pool_call(what, *, check=None, soon=False):
+    """An IVMM method written once, as the blocking ``fn(self, conn, *args)``
+    that a pool thread runs on the hypervisor connection
+    (``HypervisorConnection.run``, or ``run_soon`` when ``soon``: libvirt
+    errors translated). The method takes fn's arguments after ``conn`` and
+    returns a Deferred.
 
-_CLOSE_REASONS = {
-    libvirt.VIR_CONNECT_CLOSE_REASON_ERROR: "I/O error",
-    libvirt.VIR_CONNECT_CLOSE_REASON_EOF: "the hypervisor closed the connection",
-    libvirt.VIR_CONNECT_CLOSE_REASON_KEEPALIVE: "keepalive timeout",
-    libvirt.VIR_CONNECT_CLOSE_REASON_CLIENT: "closed by the client",
-}
-
-# Drivers whose statistics calls answer fixed values (the test driver: CPU
-# time, block and node CPU figures never move, memoryStats is {}): passing
-# them on would be making numbers up, so their statistics count as missing.
-_DRIVERS_WITH_FIXED_STATS = frozenset(("test",))
-
-_BULK_STATS_GROUPS = (libvirt.VIR_DOMAIN_STATS_STATE | libvirt.VIR_DOMAIN_STATS_CPU_TOTAL
-                      | libvirt.VIR_DOMAIN_STATS_BALLOON | libvirt.VIR_DOMAIN_STATS_VCPU
-                      | libvirt.VIR_DOMAIN_STATS_INTERFACE | libvirt.VIR_DOMAIN_STATS_BLOCK)
-
-# The counters of a raw domain sample (``LibvirtVMM.domain_stats``).
-DOMAIN_COUNTERS = ("cpu_time_ns", "net_rx_bytes", "net_tx_bytes", "disk_read_bytes",
-                   "disk_write_bytes")
-
-
-def _summed(stats, group, field):
-    """Sum ``<group>.<i>.<field>`` over ``<group>.count`` devices of a bulk
-    stats record; None when the driver did not report the group or the field
-    (a domain without devices has a true 0)."""
-    count = stats.get(f"{group}.count")
-    if count is None:
-        return None
-    total = 0
-    for index in range(count):
-        value = stats.get(f"{group}.{index}.{field}")
-        if value is None:
-            return None
-        total += value
-    return total
-
-
-def memory_used_kib(balloon):
-    """A VM's memory in use from balloon/memoryStats figures (KiB): its
-    resident set on the host, else the guest's own view (available minus
-    unused), else None."""
-    rss = balloon.get("rss")
-    if rss:
-        return rss
-    available, unused = balloon.get("available"), balloon.get("unused")
-    if available is not None and unused is not None:
-        return max(available - unused, 0)
-    return None
-
-
-def sample_from_bulk_stats(name, uuid, stats):
-    """One ``getAllDomainStats`` record -> a raw domain sample (see
-    ``LibvirtVMM.domain_stats``); None where the driver reported nothing."""
-    code = stats.get("state.state")
-    balloon = {key: stats.get(f"balloon.{key}") for key in ("rss", "available", "unused")}
-    return {
-        "name": name,
-        "uuid": uuid,
-        "state": _STATE_MAP.get(code, states.UNKNOWN) if code is not None else None,
-        "vcpus": stats.get("vcpu.current"),
-        "memory_kib": stats.get("balloon.current"),
-        "cpu_time_ns": stats.get("cpu.time"),
-        "net_rx_bytes": _summed(stats, "net", "rx.bytes"),
-        "net_tx_bytes": _summed(stats, "net", "tx.bytes"),
-        "disk_read_bytes": _summed(stats, "block", "rd.bytes"),
-        "disk_write_bytes": _summed(stats, "block", "wr.bytes"),
-        "memory_used_kib": memory_used_kib(balloon),
-    }
-
-
-def device_targets(xml):
-    """A live domain definition -> (interface target devices, disk target
-    devices): the names interfaceStats and blockStats take."""
-    root = ET.fromstring(xml)
-    interfaces = [t.get("dev") for t in root.findall("./devices/interface/target")
-                  if t.get("dev")]
-    disks = [t.get("dev") for t in root.findall("./devices/disk/target") if t.get("dev")]
-    return interfaces, disks
-
-
-def node_cpu_counters(cpu_stats):
-    """``conn.getCPUStats(ALL_CPUS)`` -> (busy ns, total ns), or (None, None)
-    when the driver's answer lacks the fields."""
-    try:
-        busy = cpu_stats["kernel"] + cpu_stats["user"]
-        total = busy + cpu_stats["idle"] + cpu_stats.get("iowait", 0)
-    except (KeyError, TypeError):
-        return None, None
-    return busy, total
-
-
-def node_memory_used_kib(memory_stats):
-    """``conn.getMemoryStats(ALL_CELLS)`` -> KiB in use (total less free,
-    buffers and cache, as free(1) counts it), or None."""
-    try:
-        return max(memory_stats["total"] - memory_stats["free"]
-                   - memory_stats.get("buffers", 0) - memory_stats.get("cached", 0), 0)
-    except (KeyError, TypeError):
-        return None
-
-
-def _code(error):
-    return error.get_error_code()
-
-
-def host_memory_kib(conn):
-    """A real host's memory -> (total KiB, free KiB or None). Blocking.
-
-    From the whole host's memory statistics (``/proc/meminfo`` on Linux)
-    where the driver has them. ``getInfo`` and ``getFreeMemory`` add up the
-    NUMA cells instead, which on some machines cover only part of the memory
-    (measured: 4.7 GiB of cells on a 24 GiB host), so they are the fallback.
+    ``check(vmm, *args, **kwargs)``, if given, takes the method's arguments
+    instead and runs first, on the reactor thread: it raises InvalidRequest
+    for bad ones and returns fn's arguments (a tuple), or None to pass them
+    as given. ``what`` names the call in errors: a format string over fn's
+    arguments by name; fn's argument ``name`` is the VM whose absence is
+    ``NoSuchVM``. Every failure, a bad argument included, is a failed
+    Deferred; only a call that does not fit the signature raises TypeError.
     """
-    try:
-        stats = conn.getMemoryStats(libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS)
-    except libvirt.libvirtError as e:
-        if _code(e) not in _UNSUPPORTED:
-            raise
-        stats = {}
-    total, free = stats.get("total"), stats.get("free")
-    if not total:
-        total = conn.getInfo()[1] * 1024
-    if free is None:
-        free_bytes = conn.getFreeMemory()
-        free = free_bytes // 1024 if free_bytes > 0 else None
-    return total, free
+    def decorate(fn):
+        signature = inspect.signature(fn)
+        own = list(signature.parameters.values())
+        given = list(inspect.signature(check).parameters.values())[1:] if check else own[2:]
+        public = signature.replace(parameters=own[:1] + given)   # self, the arguments
+
+        @functools.wraps(fn)
+        def method(self, *args, **kwargs):
+            public.bind(self, *args, **kwargs)
+            try:
+                if check is not None:
+                    checked = check(self, *args, **kwargs)
+                    if checked is not None:
+                        args, kwargs = checked, {}
+                bound = signature.bind(self, None, *args, **kwargs)
+                bound.apply_defaults()
+                arguments = dict(list(bound.arguments.items())[2:])
+                run = self.hypervisor.run_soon if soon else self.hypervisor.run
+                return run(what.format(**arguments), arguments.get("name"),
+                           functools.partial(fn, self, **bound.kwargs), *bound.args[2:])
+            except Exception:
+                return fail()
+
+        del method.__wrapped__          # its signature is the public one, not fn's
+        method.__signature__ = public
+        return method
+
+    return decorate
 
 
-def wait_until(predicate, timeout, *, interval=SHUTDOWN_POLL_INTERVAL,
-               clock=time.monotonic, sleep=time.sleep):
-    """Poll predicate until it is true (-> True) or timeout seconds pass
-    (-> False). Blocking: for pool threads only."""
-    deadline = clock() + timeout
-    while not predicate():
-        remaining = deadline - clock()
-        if remaining <= 0:
-            return False
-        sleep(min(interval, remaining))
-    return True
+# --- argument checks (reactor thread) ----------------------------------------------
+
+def _checked_name(_vmm, name):
+    domain_xml.check_name(name)
 
 
-# --- process-wide libvirt set-up ---------------------------------------------
-# libvirt keeps its error handler and its event-loop implementation per
-# process, so these are guarded module state rather than per-VMM state.
-
-_process_guard = threading.Lock()
-_quieted = False
-_event_loop_thread = None
+def _checked_create(_vmm, spec):
+    uuid_given = isinstance(spec, dict) and spec.get("uuid") is not None
+    spec = domain_xml.normalize_spec(spec)
+    return spec["name"], spec, uuid_given
 
 
-def _discard_libvirt_error(_context, _error):
-    # Every error is raised as libvirtError and reported from there; libvirt's
-    # default handler would also print each one to stderr.
-    pass
+def _checked_operation(_vmm, operation, name, *, shutdown_timeout=DEFAULT_SHUTDOWN_TIMEOUT):
+    if operation not in states.OPERATIONS:
+        raise InvalidRequest(f"unknown operation {operation!r}; the operations "
+                             f"are {', '.join(states.OPERATIONS)}")
+    domain_xml.check_name(name)
+    if (isinstance(shutdown_timeout, bool)
+            or not isinstance(shutdown_timeout, (int, float))
+            or shutdown_timeout < 0):
+        raise InvalidRequest(f"shutdown_timeout must be a number of seconds >= 0, "
+                             f"not {shutdown_timeout!r}")
+    return operation, name, shutdown_timeout
 
 
-def _quiet_libvirt():
-    global _quieted
-    with _process_guard:
-        if not _quieted:
-            libvirt.registerErrorHandler(_discard_libvirt_error, None)
-            _quieted = True
+def _checked_migration(_vmm, name, target_uri):
+    domain_xml.check_name(name)
+    if not isinstance(target_uri, str) or not target_uri:
+        raise InvalidRequest(f"the migration target must be a libvirt URI, "
+                             f"not {target_uri!r}")
 
 
-def _run_event_loop():
-    while True:
-        try:
-            libvirt.virEventRunDefaultImpl()
-        except libvirt.libvirtError:
-            time.sleep(0.1)  # don't spin if the loop keeps failing
-
-
-def _ensure_event_loop():
-    """Register libvirt's default event loop and run it in a daemon thread,
-    once per process; must happen before the connection is opened."""
-    global _event_loop_thread
-    with _process_guard:
-        if _event_loop_thread is None:
-            libvirt.virEventRegisterDefaultImpl()
-            thread = threading.Thread(target=_run_event_loop,
-                                      name="libvirt-event-loop", daemon=True)
-            thread.start()
-            _event_loop_thread = thread
-
-
-class _NameLocks:
-    """One lock per VM name, so composite operations (shutdown and wait,
-    cycle, hibernate, export) on one VM do not interleave."""
-
-    def __init__(self):
-        self._guard = threading.Lock()
-        self._locks = {}  # name -> [lock, holders and waiters]
-
-    @contextmanager
-    def hold(self, name):
-        with self._guard:
-            entry = self._locks.setdefault(name, [threading.Lock(), 0])
-            entry[1] += 1
-        try:
-            with entry[0]:
-                yield
-        finally:
-            with self._guard:
-                entry[1] -= 1
-                if entry[1] == 0:
-                    del self._locks[name]
+def _checked_import(vmm, spec, payload):
+    return import_arguments(spec, payload, overhead_mib=vmm.import_overhead_mib)
 
 
 def _either(allowed):
-    return " or ".join(s for s in _VMM_STATES if s in allowed)
+    return " or ".join(s for s in VMM_STATES if s in allowed)
 
 
 @implementer(IVMM)
@@ -345,47 +182,34 @@ class LibvirtVMM:
                             else domain_xml.ArgPolicy(state_dir=self.state_dir))
         self.import_overhead_mib = import_overhead_mib
         self.live_migration = bool(live_migration)
-        # (connection, emulator paths its capabilities offer), see _host_emulators.
-        self._emulators = (None, frozenset())
-        self._events_wanted = events
-        self._conn = None
-        self._driver = None
-        self._template = None
-        self._event_callback_id = None
-        self._subscribers = []
-        self._locks = _NameLocks()
-        self._connection_lock = DeferredLock()
+        self.hypervisor = HypervisorConnection(
+            uri, reactor=reactor, pool=pool, clock=clock if clock is not None else reactor,
+            prepare=self._prepare, events=events,
+            reconnect_initial_delay=reconnect_initial_delay,
+            reconnect_max_delay=reconnect_max_delay)
+        self._import_checks = ImportChecks(state_dir=self.state_dir, defaults=defaults,
+                                           policy=self._arg_policy)
+        self._locks = NameLocks()
+        self._sampler = StatisticsSampler()
         # Seam: how a shutdown waits for the guest (tests replace it).
         self._wait_until = wait_until
-        self._clock = clock if clock is not None else reactor
-        self.reconnect_initial_delay = reconnect_initial_delay
-        self.reconnect_max_delay = reconnect_max_delay
-        self._connection_watchers = []
-        self._reconnect_call = None
-        self._reconnect_attempt = 0
-        self._closed = False
-        # Cleared when the driver refuses getAllDomainStats: per-domain calls then.
-        self._bulk_stats = True
-        # Creates asked for in one reactor turn, made by a few pool jobs (see
-        # _create_soon): [(spec, uuid given, Deferred)].
-        self._pending_creates = []
-        self._creates_scheduled = None
-        # name -> (UUID, Usher metadata) of domains seen, while events tell
-        # of redefinitions and metadata changes (see _remembered_metadata).
-        self._metadata = {}
-        self._metadata_callback_id = None
 
     # --- plumbing -------------------------------------------------------------
 
     @property
     def driver(self):
         """The connected driver's name in lower case ("test", "qemu"), or None."""
-        return self._driver
+        return self.hypervisor.driver
 
     @property
     def events_supported(self):
         """True once connected with a lifecycle event stream."""
-        return self._event_callback_id is not None
+        return self.hypervisor.events_supported
+
+    @property
+    def _template(self):
+        # The site template, read again at every connection (see _prepare).
+        return self.hypervisor.prepared
 
     def image_path(self, name):
         return os.path.join(self.state_dir, "images", f"{name}.save")
@@ -398,281 +222,64 @@ class LibvirtVMM:
         # Log observers expect the reactor thread.
         self._reactor.callFromThread(lambda: getattr(self.log, level)(fmt, **fields))
 
-    def _call(self, what, name, fn, *args):
-        """Deferred: fn(conn, *args) in the pool, libvirt errors translated."""
-        conn = self._conn
-        if conn is None:
-            raise Unavailable(f"the hypervisor at {self.uri} is not connected")
-        return deferToThreadPool(self._reactor, self._pool, self._translated,
-                                 what, name, conn, fn, *args)
-
-    def _translated(self, what, name, conn, fn, *args):
-        try:
-            return fn(conn, *args)
-        except libvirt.libvirtError as e:
-            if self._conn is not conn:
-                raise Unavailable(f"{what}: the connection to {self.uri} was closed") from None
-            if _code(e) not in _REQUEST_ERRORS and not self._alive(conn):
-                self._reactor.callFromThread(self._connection_lost, conn,
-                                             e.get_error_message())
-                raise Unavailable(f"{what}: lost the connection to {self.uri}: "
-                                  f"{e.get_error_message()}") from None
-            if _code(e) == libvirt.VIR_ERR_NO_DOMAIN and name is not None:
-                raise NoSuchVM(f"no VM named {name!r} on {self.uri}") from None
-            raise OperationFailed(f"{what} failed on {self.uri}: "
-                                  f"{e.get_error_message()}") from None
-        except OSError as e:  # image and state files
-            raise OperationFailed(f"{what} failed on {self.uri}: {e}") from None
-
     # --- connection -----------------------------------------------------------
-
-    @staticmethod
-    def _alive(conn):
-        try:
-            return conn.isAlive() == 1
-        except libvirt.libvirtError:
-            return False
 
     @property
     def connected(self):
-        return self._conn is not None
+        return self.hypervisor.conn is not None
 
     @property
     def libvirt_connection(self):
         """The libvirt connection in use (None while disconnected): for
         acting on the hypervisor behind Usher's back, as a benchmark or an
         administrator's virsh would. Blocking: use it from a thread."""
-        return self._conn
+        return self.hypervisor.conn
 
     def watch_connection(self, callback):
         """callback(connected: bool) on the reactor thread when the
         hypervisor connection is lost (False) and when it is back (True)."""
-        self._connection_watchers.append(callback)
-
-    def _tell_watchers(self, connected):
-        for callback in tuple(self._connection_watchers):
-            try:
-                callback(connected)
-            except Exception:
-                self.log.failure("hypervisor connection watcher {watcher!r} failed",
-                                 watcher=callback)
-
-    def _on_close(self, conn, reason, _opaque):
-        # libvirt's event-loop thread.
-        self._reactor.callFromThread(self._connection_lost, conn,
-                                     _CLOSE_REASONS.get(reason, f"reason {reason}"))
-
-    def _connection_lost(self, conn, why):
-        """The connection ``conn`` is dead (reactor thread): drop it, tell the
-        watchers, reconnect with backoff."""
-        if self._conn is not conn or self._closed:
-            return
-        self._conn = None
-        callback_id, self._event_callback_id = self._event_callback_id, None
-        metadata_id, self._metadata_callback_id = self._metadata_callback_id, None
-        self.log.error("lost the connection to {uri} ({why}); reconnecting", uri=self.uri,
-                       why=why)
-        deferToThreadPool(self._reactor, self._pool, self._close_sync, conn,
-                          callback_id, metadata_id).addErrback(lambda _failure: None)
-        self._reconnect_attempt = 0
-        self._schedule_reconnect()
-        self._tell_watchers(False)
-
-    def _schedule_reconnect(self):
-        delay = min(self.reconnect_initial_delay * 2 ** self._reconnect_attempt,
-                    self.reconnect_max_delay)
-        # Jitter: LNMs that lost one shared daemon do not all come back at once.
-        delay *= 1 + random.random() / 4
-        self._reconnect_call = self._clock.callLater(delay, self._try_reconnect)
-
-    def _try_reconnect(self):
-        self._reconnect_call = None
-        if self._closed:
-            return
-
-        def back(_):
-            self._reconnect_attempt = 0
-            self.log.info("reconnected to {uri}", uri=self.uri)
-            self._tell_watchers(True)
-
-        def failed(failure):
-            if self._closed:
-                return
-            self._reconnect_attempt += 1
-            self.log.warn("reconnecting to {uri} failed (attempt {attempt}): {error}",
-                          uri=self.uri, attempt=self._reconnect_attempt,
-                          error=failure.getErrorMessage())
-            self._schedule_reconnect()
-
-        Deferred.fromCoroutine(self._connect()).addCallbacks(back, failed)
+        self.hypervisor.watch(callback)
 
     def connect(self):
-        self._closed = False
-        return Deferred.fromCoroutine(self._connect())
+        return self.hypervisor.connect()
 
-    async def _connect(self):
-        async with self._connection_lock:
-            if self._conn is not None:
-                return
-            conn, driver, template, callback_id, metadata_id = await deferToThreadPool(
-                self._reactor, self._pool, self._open)
-            self._conn, self._driver = conn, driver
-            # Redefinitions while disconnected went unseen.
-            self._metadata.clear()
-            self._template, self._event_callback_id = template, callback_id
-            self._metadata_callback_id = metadata_id
-            self.log.info("connected to {uri} (driver {driver}, events {events})",
-                          uri=self.uri, driver=driver,
-                          events="on" if callback_id is not None else "off")
+    def close(self):
+        return self.hypervisor.close()
 
-    def _open(self):
+    def _prepare(self, conn, driver):
+        """Each new connection, in the pool: the state directories, the site
+        template (-> it, or None for the built-in one) and a driver it can
+        build domains for."""
         for sub in ("images", "consoles"):
             os.makedirs(os.path.join(self.state_dir, sub), exist_ok=True)
         template = (domain_xml.DomainTemplate.from_file(self._template_path)
                     if self._template_path else None)
-        _quiet_libvirt()
-        if self._events_wanted:
-            _ensure_event_loop()
-        try:
-            conn = libvirt.open(self.uri)
-        except libvirt.libvirtError as e:
-            raise Unavailable(f"cannot connect to {self.uri}: {e.get_error_message()}") from None
-        try:
-            driver = conn.getType().lower()
-            if template is None and driver not in domain_xml.BUILTIN_DRIVERS:
-                raise ConfigError(f"no built-in domain template for the {driver!r} "
-                                  f"driver at {self.uri}: configure a domain template")
-            callback_id = metadata_id = None
-            if self._events_wanted:
-                try:
-                    callback_id = conn.domainEventRegisterAny(
-                        None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
-                        self._on_lifecycle, None)
-                    metadata_id = conn.domainEventRegisterAny(
-                        None, libvirt.VIR_DOMAIN_EVENT_ID_METADATA_CHANGE,
-                        self._on_metadata_change, None)
-                except libvirt.libvirtError as e:
-                    if _code(e) not in _UNSUPPORTED:
-                        raise
-                # Remote connections notice a dead peer only with keepalive,
-                # which needs the event loop; local drivers refuse it.
-                with suppress(libvirt.libvirtError):
-                    conn.setKeepAlive(5, 3)
-                # A daemon that goes away (libvirtd restarted) closes remote
-                # connections: reconnect. Embedded drivers never close.
-                with suppress(libvirt.libvirtError):
-                    conn.registerCloseCallback(self._on_close, None)
-        except BaseException:
-            with suppress(libvirt.libvirtError):
-                conn.close()
-            raise
-        return conn, driver, template, callback_id, metadata_id
-
-    def close(self):
-        return Deferred.fromCoroutine(self._close())
-
-    async def _close(self):
-        self._closed = True
-        if self._reconnect_call is not None and self._reconnect_call.active():
-            self._reconnect_call.cancel()
-        self._reconnect_call = None
-        async with self._connection_lock:
-            conn, self._conn = self._conn, None
-            callback_id, self._event_callback_id = self._event_callback_id, None
-            metadata_id, self._metadata_callback_id = self._metadata_callback_id, None
-            if conn is None:
-                return
-            await deferToThreadPool(self._reactor, self._pool, self._close_sync,
-                                    conn, callback_id, metadata_id)
-            self.log.info("disconnected from {uri}", uri=self.uri)
-
-    @staticmethod
-    def _close_sync(conn, *callback_ids):
-        for callback_id in callback_ids:
-            if callback_id is None:
-                continue
-            with suppress(libvirt.libvirtError):
-                conn.domainEventDeregisterAny(callback_id)
-        with suppress(libvirt.libvirtError):
-            conn.unregisterCloseCallback()
-        with suppress(libvirt.libvirtError):
-            conn.close()
-
-    # --- events ---------------------------------------------------------------
+        if template is None and driver not in domain_xml.BUILTIN_DRIVERS:
+            raise ConfigError(f"no built-in domain template for the {driver!r} "
+                              f"driver at {self.uri}: configure a domain template")
+        return template
 
     def subscribe(self, callback):
-        self._subscribers.append(callback)
+        self.hypervisor.subscribe(callback)
         return succeed(None)
 
     def unsubscribe(self, callback):
-        with suppress(ValueError):
-            self._subscribers.remove(callback)
+        self.hypervisor.unsubscribe(callback)
         return succeed(None)
-
-    def _on_lifecycle(self, _conn, dom, event, detail, _opaque):
-        # libvirt's event-loop thread. Events are dispatched after the fact,
-        # so asking libvirt for the state here could report a later one:
-        # map the event itself, and never call back into libvirt.
-        name = dom.name()
-        if event in (libvirt.VIR_DOMAIN_EVENT_DEFINED, libvirt.VIR_DOMAIN_EVENT_UNDEFINED):
-            self._metadata.pop(name, None)
-        state = self._state_for_event(event, detail)
-        if state is not _NO_STATE_CHANGE:
-            self._reactor.callFromThread(self._deliver, name, state)
-
-    def _on_metadata_change(self, _conn, dom, _kind, _namespace, _opaque):
-        # libvirt's event-loop thread ("virsh metadata" behind Usher's back).
-        self._metadata.pop(dom.name(), None)
-
-    @staticmethod
-    def _state_for_event(event, detail):
-        if event == libvirt.VIR_DOMAIN_EVENT_UNDEFINED:
-            return None
-        if event in (libvirt.VIR_DOMAIN_EVENT_STARTED, libvirt.VIR_DOMAIN_EVENT_RESUMED):
-            return states.RUN
-        if event in (libvirt.VIR_DOMAIN_EVENT_SUSPENDED,
-                     libvirt.VIR_DOMAIN_EVENT_PMSUSPENDED):
-            return states.PAUSED
-        if event == libvirt.VIR_DOMAIN_EVENT_STOPPED:
-            if detail == libvirt.VIR_DOMAIN_EVENT_STOPPED_SAVED:
-                return states.HIBERNATED
-            return states.SHUTOFF
-        if event == libvirt.VIR_DOMAIN_EVENT_CRASHED:
-            return states.SHUTOFF
-        # DEFINED (a definition says nothing certain about the run state) and
-        # SHUTDOWN (the guest is still stopping; STOPPED follows).
-        return _NO_STATE_CHANGE
-
-    def _deliver(self, name, state):
-        for callback in tuple(self._subscribers):
-            try:
-                callback(name, state)
-            except Exception:
-                self.log.failure("VM event subscriber {subscriber!r} failed on "
-                                 "{vm} -> {state}", subscriber=callback, vm=name,
-                                 state=state)
 
     # --- domain info (pool threads) -------------------------------------------
 
     def _state_of(self, dom, code=None):
         if code is None:
             code = dom.state()[0]
-        state = _STATE_MAP.get(code, states.UNKNOWN)
+        state = DOMAIN_STATES.get(code, states.UNKNOWN)
         if code == libvirt.VIR_DOMAIN_SHUTOFF and os.path.exists(self.image_path(dom.name())):
             return states.HIBERNATED
         return state
 
-    def _metadata_of(self, dom):
-        try:
-            fragment = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT,
-                                    domain_xml.USHER_NS, 0)
-        except libvirt.libvirtError as e:
-            if _code(e) == libvirt.VIR_ERR_NO_DOMAIN_METADATA:
-                return {}
-            if _code(e) not in _UNSUPPORTED:
-                raise
-            return domain_xml.read_usher_metadata(dom.XMLDesc(0))
-        return domain_xml.read_usher_metadata(fragment)
+    # Seams: how a domain's metadata is read, and a guest asked to shut down.
+    _metadata_of = staticmethod(libvirt_domains.read_metadata)
+    _request_shutdown = staticmethod(libvirt_domains.request_shutdown)
 
     def _info_of(self, dom):
         code, max_memory_kib, _memory_kib, vcpus, _cpu_time = dom.info()
@@ -691,13 +298,13 @@ class LibvirtVMM:
         domain is (re)defined or its metadata changes: a scan of a host reads
         no domain's metadata (a libvirt call and an XML parse each) again and
         again."""
-        if self._metadata_callback_id is None:
+        if not self.hypervisor.metadata_events:
             return self._metadata_of(dom)
-        known = self._metadata.get(name)
+        known = self.hypervisor.metadata.get(name)
         if known is not None and known[0] == uuid:
             return dict(known[1])
         metadata = self._metadata_of(dom)
-        self._metadata[name] = (uuid, dict(metadata))
+        self.hypervisor.metadata[name] = (uuid, dict(metadata))
         return metadata
 
     def _created_info(self, dom, name, xml):
@@ -706,13 +313,10 @@ class LibvirtVMM:
         state and size are asked (each libvirt call hands the interpreter
         lock to other threads and waits to get it back)."""
         code, max_memory_kib, _memory_kib, vcpus, _cpu_time = dom.info()
-        root = ET.fromstring(xml)
-        uuid = (root.findtext("uuid") or "").strip().lower() or dom.UUIDString()
-        element = root.find(f"metadata/{{{domain_xml.USHER_NS}}}vm")
-        metadata = ({k: v for k, v in element.attrib.items() if not k.startswith("{")}
-                    if element is not None else {})
-        if self._metadata_callback_id is not None:
-            self._metadata[name] = (uuid, dict(metadata))
+        uuid, metadata = libvirt_domains.defined_identity(xml)
+        uuid = uuid or dom.UUIDString()
+        if self.hypervisor.metadata_events:
+            self.hypervisor.metadata[name] = (uuid, dict(metadata))
         return {"name": name, "uuid": uuid, "state": self._state_of(dom, code),
                 "memory_mib": max_memory_kib // 1024, "vcpus": vcpus,
                 "metadata": metadata}
@@ -721,23 +325,17 @@ class LibvirtVMM:
         try:
             return self._info_of(conn.lookupByName(name))
         except libvirt.libvirtError as e:
-            if _code(e) == libvirt.VIR_ERR_NO_DOMAIN:
+            if error_code(e) == libvirt.VIR_ERR_NO_DOMAIN:
                 return None
             raise
 
     def _remove_image(self, name):
         with suppress(FileNotFoundError):
             os.unlink(self.image_path(name))
-
     # --- node -----------------------------------------------------------------
 
-    def node_info(self):
-        return Deferred.fromCoroutine(self._node_info())
-
-    async def _node_info(self):
-        return await self._call("node info", None, self._node_info_sync)
-
-    def _node_info_sync(self, conn):
+    @pool_call("node info")
+    def node_info(self, conn):
         model, memory_mib, cpus = conn.getInfo()[:3]
         driver = conn.getType()
         simulated = testhost.read_test_host(self.uri) if driver.lower() == "test" else None
@@ -754,13 +352,8 @@ class LibvirtVMM:
                                and driver.lower() not in _DRIVERS_WITHOUT_MIGRATION),
         }
 
-    def node_status(self):
-        return Deferred.fromCoroutine(self._node_status())
-
-    async def _node_status(self):
-        return await self._call("node status", None, self._node_status_sync)
-
-    def _node_status_sync(self, conn):
+    @pool_call("node status")
+    def node_status(self, conn):
         free_mib = None
         # The test driver's figure is 0 (custom node files) or KiB mislabelled
         # as bytes (test:///default): never a real free-memory value.
@@ -775,9 +368,10 @@ class LibvirtVMM:
     def fixed_stats(self):
         """True when the connected driver's statistics are fixed values (the
         test driver): every counter of domain_stats/node_stats is then None."""
-        return self._driver in _DRIVERS_WITH_FIXED_STATS
+        return self.driver in DRIVERS_WITH_FIXED_STATS
 
-    def domain_stats(self):
+    @pool_call("domain statistics")
+    def domain_stats(self, conn):
         """-> Deferred list of raw samples, one per active (running or paused)
         domain: ``name``, ``uuid``, ``state``, ``vcpus``, ``memory_kib`` (its
         current allocation), the cumulative counters ``cpu_time_ns``,
@@ -786,209 +380,30 @@ class LibvirtVMM:
         driver does not report is None. One bulk call
         (``getAllDomainStats``) where the driver has it, else per-domain
         calls."""
-        return Deferred.fromCoroutine(self._domain_stats())
+        return self._sampler.domain_samples(conn, fixed=self.fixed_stats)
 
-    async def _domain_stats(self):
-        return await self._call("domain statistics", None, self._domain_stats_sync)
-
-    def _domain_stats_sync(self, conn):
-        if self.fixed_stats:
-            return [self._bare_sample(dom) for dom in self._active_domains(conn)]
-        if self._bulk_stats:
-            try:
-                records = conn.getAllDomainStats(
-                    _BULK_STATS_GROUPS, libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE)
-            except libvirt.libvirtError as e:
-                if _code(e) not in _UNSUPPORTED:
-                    raise
-                self._bulk_stats = False
-            else:
-                return [sample_from_bulk_stats(dom.name(), dom.UUIDString(), stats)
-                        for dom, stats in records]
-        samples = []
-        for dom in self._active_domains(conn):
-            try:
-                samples.append(self._sample_one(dom))
-            except libvirt.libvirtError as e:
-                if _code(e) != libvirt.VIR_ERR_NO_DOMAIN:  # gone since listed
-                    raise
-        return samples
-
-    @staticmethod
-    def _active_domains(conn):
-        return conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
-
-    @staticmethod
-    def _bare_sample(dom, info=None):
-        """What every driver tells truly: the domain, its size and state."""
-        code, _max_kib, memory_kib, vcpus, _cpu_time = info or dom.info()
-        sample = dict.fromkeys(DOMAIN_COUNTERS + ("memory_used_kib",))
-        sample.update(name=dom.name(), uuid=dom.UUIDString(),
-                      state=_STATE_MAP.get(code, states.UNKNOWN), vcpus=vcpus,
-                      memory_kib=memory_kib)
-        return sample
-
-    def _sample_one(self, dom):
-        info = dom.info()
-        sample = self._bare_sample(dom, info)
-        sample["cpu_time_ns"] = info[4]
-        interfaces, disks = device_targets(dom.XMLDesc(0))
-
-        def summed(devices, call, fields):
-            totals = [0] * len(fields)
-            for device in devices:
-                try:
-                    values = call(device)
-                except libvirt.libvirtError as e:
-                    if _code(e) in _UNSUPPORTED or _code(e) == libvirt.VIR_ERR_OPERATION_INVALID:
-                        return [None] * len(fields)
-                    raise
-                for i, field in enumerate(fields):
-                    totals[i] += values[field]
-            return totals
-
-        # interfaceStats: rx_bytes, rx_packets, rx_errs, rx_drop, tx_bytes, ...
-        sample["net_rx_bytes"], sample["net_tx_bytes"] = summed(
-            interfaces, dom.interfaceStats, (0, 4))
-        # blockStats: rd_req, rd_bytes, wr_req, wr_bytes, errs
-        sample["disk_read_bytes"], sample["disk_write_bytes"] = summed(
-            disks, dom.blockStats, (1, 3))
-        try:
-            sample["memory_used_kib"] = memory_used_kib(dom.memoryStats())
-        except libvirt.libvirtError as e:
-            if _code(e) not in _UNSUPPORTED:
-                raise
-        return sample
-
-    def node_stats(self):
+    @pool_call("node statistics")
+    def node_stats(self, conn):
         """-> Deferred dict: ``cpus``, ``memory_kib`` (the host's size),
         ``vms`` (active domains), the cumulative counters ``cpu_busy_ns`` and
         ``cpu_total_ns``, and ``memory_used_kib``/``memory_free_kib``; None
         for what the driver does not report."""
-        return Deferred.fromCoroutine(self._node_stats())
-
-    async def _node_stats(self):
-        return await self._call("node statistics", None, self._node_stats_sync)
-
-    def _node_stats_sync(self, conn):
-        _model, memory_mib, cpus = conn.getInfo()[:3]
-        stats = {"cpus": cpus, "memory_kib": memory_mib * 1024, "vms": conn.numOfDomains(),
-                 "cpu_busy_ns": None, "cpu_total_ns": None, "memory_used_kib": None,
-                 "memory_free_kib": None}
-        if self.fixed_stats:
-            return stats
-        try:
-            stats["cpu_busy_ns"], stats["cpu_total_ns"] = node_cpu_counters(
-                conn.getCPUStats(libvirt.VIR_NODE_CPU_STATS_ALL_CPUS))
-        except libvirt.libvirtError as e:
-            if _code(e) not in _UNSUPPORTED:
-                raise
-        try:
-            memory = conn.getMemoryStats(libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS)
-        except libvirt.libvirtError as e:
-            if _code(e) not in _UNSUPPORTED:
-                raise
-        else:
-            stats["memory_used_kib"] = node_memory_used_kib(memory)
-            stats["memory_kib"] = memory.get("total") or stats["memory_kib"]
-        free_bytes = conn.getFreeMemory()
-        if free_bytes > 0:
-            stats["memory_free_kib"] = free_bytes // 1024
-        return stats
+        return self._sampler.node_sample(conn, fixed=self.fixed_stats)
 
     # --- domains --------------------------------------------------------------
 
-    def list_domains(self):
-        return Deferred.fromCoroutine(self._list_domains())
+    @pool_call("listing domains")
+    def list_domains(self, conn):
+        return read_each(conn.listAllDomains(0), self._info_of)
 
-    async def _list_domains(self):
-        return await self._call("listing domains", None, self._list_sync)
+    @pool_call("info of {name!r}", check=_checked_name)
+    def domain_info(self, conn, name):
+        return self._info_of(conn.lookupByName(name))
 
-    def _list_sync(self, conn):
-        found = []
-        for dom in conn.listAllDomains(0):
-            try:
-                found.append(self._info_of(dom))
-            except libvirt.libvirtError as e:
-                if _code(e) != libvirt.VIR_ERR_NO_DOMAIN:  # gone since listed
-                    raise
-        return found
-
-    def domain_info(self, name):
-        return Deferred.fromCoroutine(self._domain_info(name))
-
-    async def _domain_info(self, name):
-        domain_xml.check_name(name)
-        return await self._call(f"info of {name!r}", name,
-                                lambda conn: self._info_of(conn.lookupByName(name)))
-
-    def create(self, spec):
-        return Deferred.fromCoroutine(self._create(spec))
-
-    async def _create(self, spec):
-        uuid_given = isinstance(spec, dict) and spec.get("uuid") is not None
-        spec = domain_xml.normalize_spec(spec)
-        return await self._create_soon(spec, uuid_given)
-
-    def _create_soon(self, spec, uuid_given):
-        """Create on the next reactor turn, with every other create asked for
-        in this one: a start of many VMs costs a few pool jobs (one per pool
-        thread, so a slow hypervisor still creates that many at once), not one
-        job, thread hand-over and reactor wake-up per VM."""
-        if self._conn is None:
-            raise Unavailable(f"the hypervisor at {self.uri} is not connected")
-        waiter = Deferred()
-        self._pending_creates.append((spec, uuid_given, waiter))
-        if self._creates_scheduled is None:
-            self._creates_scheduled = self._reactor.callLater(0, self._run_creates)
-        return waiter
-
-    def _run_creates(self):
-        self._creates_scheduled = None
-        batch, self._pending_creates = self._pending_creates, []
-        conn = self._conn
-        if conn is None:
-            for _spec, _uuid_given, waiter in batch:
-                waiter.errback(Unavailable(f"the hypervisor at {self.uri} is not connected"))
-            return
-        jobs = max(1, min(len(batch), getattr(self._pool, "max", 1)))
-        for index in range(jobs):
-            part = batch[index::jobs]
-            d = deferToThreadPool(self._reactor, self._pool, self._create_batch_sync, conn,
-                                  [(spec, uuid_given) for spec, uuid_given, _w in part])
-            d.addCallbacks(self._created, self._creates_failed, callbackArgs=(part,),
-                           errbackArgs=(part,))
-
-    def _create_batch_sync(self, conn, items):
-        """Pool thread: each create of a batch on its own -> [(ok, info or
-        Failure)]."""
-        results = []
-        for spec, uuid_given in items:
-            try:
-                results.append((True, self._translated(
-                    f"create {spec['name']!r}", spec["name"], conn, self._create_sync, spec,
-                    uuid_given)))
-            except Exception:
-                results.append((False, Failure()))
-        return results
-
-    @staticmethod
-    def _created(results, part):
-        for (_spec, _uuid_given, waiter), (ok, value) in zip(part, results):
-            if ok:
-                waiter.callback(value)
-            else:
-                waiter.errback(value)
-
-    @staticmethod
-    def _creates_failed(failure, part):
-        for _spec, _uuid_given, waiter in part:
-            waiter.errback(failure)
-
-    def _create_sync(self, conn, spec, uuid_given):
-        name = spec["name"]
+    @pool_call("create {name!r}", check=_checked_create, soon=True)
+    def create(self, conn, name, spec, uuid_given):
         with self._locks.hold(name):
-            existing = self._lookup_or_none(conn, name)
+            existing = libvirt_domains.lookup_or_none(conn, name)
             if existing is not None:
                 if uuid_given and existing.UUIDString() != spec["uuid"]:
                     self._log_soon("warn", "create {vm}: a domain of that name already "
@@ -997,14 +412,14 @@ class LibvirtVMM:
                                    wanted=spec["uuid"])
                 state = self._state_of(existing)
                 if state == states.HIBERNATED:
-                    self._restore_sync(conn, name, self.image_path(name), paused=False)
+                    libvirt_domains.restore(conn, name, self.image_path(name), paused=False)
                     self._remove_image(name)
                     return self._info_of(conn.lookupByName(name))
                 if state == states.SHUTOFF:
                     existing.create()
                 return self._info_of(existing)
             xml = domain_xml.build_domain_xml(
-                spec, driver=self._driver, state_dir=self.state_dir,
+                spec, driver=self.driver, state_dir=self.state_dir,
                 template=self._template, defaults=self._template_defaults,
                 policy=self._arg_policy)
             # An image left by a VM of this name that no longer exists would
@@ -1014,39 +429,14 @@ class LibvirtVMM:
             try:
                 dom.create()
             except libvirt.libvirtError:
-                with suppress(libvirt.libvirtError):
-                    self._undefine(dom)
+                libvirt_domains.undefine_quietly(dom)
                 raise
             return self._created_info(dom, name, xml)
 
-    @staticmethod
-    def _lookup_or_none(conn, name):
-        try:
-            return conn.lookupByName(name)
-        except libvirt.libvirtError as e:
-            if _code(e) == libvirt.VIR_ERR_NO_DOMAIN:
-                return None
-            raise
-
     # --- Table 3 operations -----------------------------------------------------
 
-    def operate(self, operation, name, *, shutdown_timeout=DEFAULT_SHUTDOWN_TIMEOUT):
-        return Deferred.fromCoroutine(self._operate(operation, name, shutdown_timeout))
-
-    async def _operate(self, operation, name, shutdown_timeout):
-        if operation not in states.OPERATIONS:
-            raise InvalidRequest(f"unknown operation {operation!r}; the operations "
-                                 f"are {', '.join(states.OPERATIONS)}")
-        domain_xml.check_name(name)
-        if (isinstance(shutdown_timeout, bool)
-                or not isinstance(shutdown_timeout, (int, float))
-                or shutdown_timeout < 0):
-            raise InvalidRequest(f"shutdown_timeout must be a number of seconds >= 0, "
-                                 f"not {shutdown_timeout!r}")
-        return await self._call(f"{operation} {name!r}", name, self._operate_sync,
-                                operation, name, shutdown_timeout)
-
-    def _operate_sync(self, conn, operation, name, shutdown_timeout):
+    @pool_call("{operation} {name!r}", check=_checked_operation)
+    def operate(self, conn, operation, name, shutdown_timeout):
         with self._locks.hold(name):
             dom = conn.lookupByName(name)
             state = self._state_of(dom)
@@ -1065,7 +455,7 @@ class LibvirtVMM:
             elif operation == "hibernate":
                 self._hibernate_sync(dom, name)
             elif operation == "restore":
-                self._restore_sync(conn, name, self.image_path(name), paused=False)
+                libvirt_domains.restore(conn, name, self.image_path(name), paused=False)
                 self._remove_image(name)
             elif operation == "destroy":
                 self._destroy_sync(dom, name)
@@ -1079,20 +469,12 @@ class LibvirtVMM:
                 dom.create()
             return self._info_or_none(conn, name)
 
-    def _request_shutdown(self, dom):
-        try:
-            dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
-        except libvirt.libvirtError as e:
-            if _code(e) not in _UNSUPPORTED:
-                raise
-            dom.shutdown()  # drivers without the ACPI flag pick their own way
-
     def _shutdown_sync(self, dom, name, state, timeout):
         def stopped():
             try:
                 return not dom.isActive()
             except libvirt.libvirtError as e:
-                if _code(e) == libvirt.VIR_ERR_NO_DOMAIN:  # transient: gone
+                if error_code(e) == libvirt.VIR_ERR_NO_DOMAIN:  # transient: gone
                     return True
                 raise
 
@@ -1120,56 +502,18 @@ class LibvirtVMM:
             with suppress(FileNotFoundError):
                 os.unlink(partial)
 
-    def _restore_sync(self, conn, name, path, *, paused):
-        flag = libvirt.VIR_DOMAIN_SAVE_PAUSED if paused else libvirt.VIR_DOMAIN_SAVE_RUNNING
-        try:
-            conn.restoreFlags(path, None, flag)
-        except libvirt.libvirtError as e:
-            if _code(e) not in _UNSUPPORTED:
-                raise
-            conn.restore(path)  # the test driver takes no flags
-        dom = conn.lookupByName(name)
-        code = dom.state()[0]
-        if paused and code == libvirt.VIR_DOMAIN_RUNNING:
-            dom.suspend()
-        elif not paused and code == libvirt.VIR_DOMAIN_PAUSED:
-            dom.resume()
-        return dom
-
-    def _undefine(self, dom):
-        for flags in _UNDEFINE_FLAG_SETS:
-            try:
-                if flags:
-                    dom.undefineFlags(flags)
-                else:
-                    dom.undefine()
-                return
-            except libvirt.libvirtError as e:
-                if flags == 0 or _code(e) not in _UNSUPPORTED:
-                    raise
-
     def _destroy_sync(self, dom, name):
         persistent = dom.isPersistent()
         if dom.isActive():
             dom.destroy()
         if persistent:
-            self._undefine(dom)
+            libvirt_domains.undefine(dom)
         self._remove_image(name)
 
     # --- moving VMs -------------------------------------------------------------
 
-    def migrate(self, name, target_uri):
-        return Deferred.fromCoroutine(self._migrate(name, target_uri))
-
-    async def _migrate(self, name, target_uri):
-        domain_xml.check_name(name)
-        if not isinstance(target_uri, str) or not target_uri:
-            raise InvalidRequest(f"the migration target must be a libvirt URI, "
-                                 f"not {target_uri!r}")
-        return await self._call(f"migrate {name!r} to {target_uri}", name,
-                                self._migrate_sync, name, target_uri)
-
-    def _migrate_sync(self, conn, name, target_uri):
+    @pool_call("migrate {name!r} to {target_uri}", check=_checked_migration)
+    def migrate(self, conn, name, target_uri):
         with self._locks.hold(name):
             dom = conn.lookupByName(name)
             state = self._state_of(dom)
@@ -1179,33 +523,27 @@ class LibvirtVMM:
                 raise MigrationUnsupported(
                     "live migration is turned off on this LNM (live_migration = False): "
                     "move VMs with export_image/import_image")
-            if self._driver in _DRIVERS_WITHOUT_MIGRATION:
+            if self.driver in _DRIVERS_WITHOUT_MIGRATION:
                 raise MigrationUnsupported(
-                    f"the {self._driver} driver at {self.uri} cannot migrate VMs; "
+                    f"the {self.driver} driver at {self.uri} cannot migrate VMs; "
                     "move them with export_image/import_image")
             try:
                 dom.migrateToURI3(target_uri, {}, _MIGRATE_FLAGS)
             except libvirt.libvirtError as e:
-                if _code(e) == libvirt.VIR_ERR_NO_SUPPORT:
+                if error_code(e) == libvirt.VIR_ERR_NO_SUPPORT:
                     raise MigrationUnsupported(
                         f"{self.uri} cannot migrate {name!r}: "
                         f"{e.get_error_message()}") from None
                 raise
             return None
 
-    def export_image(self, name):
+    @pool_call("export {name!r}", check=_checked_name)
+    def export_image(self, conn, name):
         """-> {"xml": definition, "image": bytes or None, "state": state}.
 
         Takes the VM off this host: a running or paused VM is saved, a
         hibernated one gives its image, a shut-off one only its definition.
         """
-        return Deferred.fromCoroutine(self._export_image(name))
-
-    async def _export_image(self, name):
-        domain_xml.check_name(name)
-        return await self._call(f"export {name!r}", name, self._export_sync, name)
-
-    def _export_sync(self, conn, name):
         with self._locks.hold(name):
             dom = conn.lookupByName(name)
             state = self._state_of(dom)
@@ -1227,103 +565,35 @@ class LibvirtVMM:
             elif state == states.HIBERNATED:
                 with open(self.image_path(name), "rb") as f:
                     image = f.read()
-                self._undefine(dom)
+                libvirt_domains.undefine(dom)
                 self._remove_image(name)
             else:
-                self._undefine(dom)
+                libvirt_domains.undefine(dom)
             return {"xml": xml, "image": image, "state": state}
 
     def _undefine_or_put_back(self, conn, dom, name, scratch, state):
         try:
-            self._undefine(dom)
+            libvirt_domains.undefine(dom)
         except libvirt.libvirtError:
             # Leave the VM as it was; failing that, hibernated, not lost.
             try:
-                self._restore_sync(conn, name, scratch, paused=state == states.PAUSED)
+                libvirt_domains.restore(conn, name, scratch, paused=state == states.PAUSED)
             except libvirt.libvirtError:
                 os.replace(scratch, self.image_path(name))
             raise
 
-    def import_image(self, spec, image):
+    @pool_call("import {name!r}", check=_checked_import)
+    def import_image(self, conn, name, spec, uuid_given, xml, image, state):
         """Counterpart of export_image: ``image`` is its whole result."""
-        return Deferred.fromCoroutine(self._import_image(spec, image))
-
-    async def _import_image(self, spec, payload):
-        uuid_given = isinstance(spec, dict) and spec.get("uuid") is not None
-        spec = domain_xml.normalize_spec(spec)
-        name = spec["name"]
-        if not isinstance(payload, dict) or not isinstance(payload.get("xml"), str):
-            raise InvalidRequest(f"import of {name!r}: the image must be the dict "
-                                 "export_image returned (xml, image, state)")
-        state = payload.get("state", states.RUN)
-        image = payload.get("image")
-        if state not in _VMM_STATES:
-            raise InvalidRequest(f"import of {name!r}: unknown exported state {state!r}")
-        if state != states.SHUTOFF and not isinstance(image, bytes):
-            raise InvalidRequest(f"import of {name!r}: a {state} VM needs its memory "
-                                 "image (bytes)")
-        limit = received_xml.image_limit(spec["memory_mib"], self.import_overhead_mib)
-        if state != states.SHUTOFF and len(image) > limit:
-            raise InvalidRequest(
-                f"import of {name!r}: its memory image ({len(image)} bytes) is larger than "
-                f"a VM of {spec['memory_mib']} MiB may have here ({limit} bytes: its memory "
-                "and the LNM's import_overhead_mib)")
-        if len(payload["xml"]) > received_xml.MAX_DEFINITION_CHARS:
-            raise InvalidRequest(f"import of {name!r}: the definition is longer than "
-                                 f"{received_xml.MAX_DEFINITION_CHARS} characters")
-        return await self._call(f"import {name!r}", name, self._import_sync, spec,
-                                uuid_given, payload["xml"], image, state)
-
-    def _host_emulators(self, conn):
-        """The emulator binaries this hypervisor offers (its capabilities),
-        asked once per connection. Blocking."""
-        cached_conn, emulators = self._emulators
-        if cached_conn is not conn:
-            root = ET.fromstring(conn.getCapabilities())
-            emulators = frozenset(e.text.strip() for e in root.iter("emulator") if e.text)
-            self._emulators = (conn, emulators)
-        return emulators
-
-    def _host_reach(self, conn, spec):
-        """What this host's own definition of the VM ``spec`` may reach
-        (``received_xml.HostReach``); InvalidRequest if this host would not
-        define the VM at all (its ArgPolicy refuses the record's args)."""
-        try:
-            reference = domain_xml.build_domain_xml(
-                spec, driver=self._driver, state_dir=self.state_dir,
-                template=self._template, defaults=self._template_defaults,
-                policy=self._arg_policy)
-        except InvalidRequest as e:
-            raise InvalidRequest(f"import of {spec['name']!r} is refused: this host would "
-                                 f"not define the VM itself: {e}") from None
-        return received_xml.HostReach(
-            reference, policy=self._arg_policy, defaults=self._template_defaults,
-            own_paths=[domain_xml.console_path(self.state_dir, spec["name"])],
-            emulators=self._host_emulators(conn))
-
-    def _check_image(self, conn, path, spec, reach, uuid_given):
-        """The definition a memory image carries (libvirt restores from it)
-        must pass the same check as the exported one. Blocking."""
-        what = f"import of {spec['name']!r}: the definition in its memory image"
-        try:
-            embedded = conn.saveImageGetXMLDesc(path, 0)
-        except libvirt.libvirtError as e:
-            raise InvalidRequest(f"{what} cannot be read, so the image is refused: "
-                                 f"{e.get_error_message()}") from None
-        received_xml.check(embedded, spec=spec, reach=reach, uuid_given=uuid_given,
-                           what=what)
-
-    def _import_sync(self, conn, spec, uuid_given, xml, image, state):
-        name = spec["name"]
         with self._locks.hold(name):
-            if self._lookup_or_none(conn, name) is not None:
+            if libvirt_domains.lookup_or_none(conn, name) is not None:
                 raise InvalidRequest(f"cannot import VM {name!r}: a VM of that name "
                                      f"already exists on {self.uri}")
             # Another host's definitions: nothing is defined unless they are
             # what this host would define itself (usher.lnm.received_xml).
-            reach = self._host_reach(conn, spec)
-            received_xml.check(xml, spec=spec, reach=reach, uuid_given=uuid_given,
-                               what=f"import of {name!r}: the definition")
+            reach = self._import_checks.reach(conn, spec, driver=self.driver,
+                                              template=self._template)
+            self._import_checks.check_definition(xml, spec, reach, uuid_given)
             if state == states.SHUTOFF:
                 self._remove_image(name)
                 return self._info_of(conn.defineXML(xml))
@@ -1332,17 +602,16 @@ class LibvirtVMM:
             try:
                 with open(scratch, "wb") as f:
                     f.write(image)
-                self._check_image(conn, scratch, spec, reach, uuid_given)
+                self._import_checks.check_image(conn, scratch, spec, reach, uuid_given)
                 dom = conn.defineXML(xml)
                 if hibernated:
                     os.replace(scratch, self.image_path(name))
                     return self._info_of(dom)
                 try:
-                    dom = self._restore_sync(conn, name, scratch,
+                    dom = libvirt_domains.restore(conn, name, scratch,
                                              paused=state == states.PAUSED)
                 except BaseException:
-                    with suppress(libvirt.libvirtError):
-                        self._undefine(dom)
+                    libvirt_domains.undefine_quietly(dom)
                     raise
                 return self._info_of(dom)
             finally:

@@ -30,11 +30,12 @@ driver, and every figure it touched says so in its ``source``.
 import hashlib
 import math
 
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from usher import states
 from usher.liveness import HEARTBEAT_TICK, on_tick
+from usher.loops import every, unfailing
 from usher.protocol import AVERAGE_WINDOWS, FIGURES
 
 log = Logger()
@@ -381,16 +382,11 @@ class Monitor:
                             "driver has no statistics") if self.simulation else "")
 
     def _loop(self, function, interval, *, now, once=False):
-        async def guarded():
-            try:
-                await function()
-            except Exception:
-                # A LoopingCall stops for good on a failure: never let one out.
-                log.failure("LNM {lnm}: periodic {what} failed", lnm=self.name,
-                            what=function.__name__)
+        call = unfailing(function, log=log, message="LNM {lnm}: periodic {what} failed",
+                         lnm=self.name, what=function.__name__)
 
         def tick():
-            d = defer.Deferred.fromCoroutine(guarded())
+            d = call()
             self._in_flight.add(d)
             d.addBoth(lambda result: self._in_flight.discard(d) or result)
             return d
@@ -399,10 +395,7 @@ class Monitor:
             # One call now, tracked like a loop's (stop waits for it).
             tick()
             return None
-        loop = task.LoopingCall(tick)
-        loop.clock = self.clock
-        loop.start(interval, now=now)
-        return loop
+        return every(interval, tick, clock=self.clock, now=now)
 
     async def stop(self):
         """Stop both loops and wait for a sample or report in flight."""
