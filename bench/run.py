@@ -326,8 +326,8 @@ class Bench:
         fleet = self.system.fleet
         by_lnm = {}
         for record in self.watcher.vms.values():
-            if record["state"] == states.RUN and record["vmm"] != self.victim:
-                by_lnm.setdefault(record["vmm"], []).append(record["name"])
+            if record["state"] == states.RUN and record["lnm"] != self.victim:
+                by_lnm.setdefault(record["lnm"], []).append(record["name"])
         # Spread over the hosts: one VM per LNM in turn.
         chosen = []
         while len(chosen) < scale.notify_vms and any(by_lnm.values()):
@@ -399,7 +399,7 @@ class Bench:
 
     async def figure_silent_lnm(self):
         scale = self.scale
-        names = [n for n, r in self.watcher.vms.items() if r["vmm"] == self.victim]
+        names = [n for n, r in self.watcher.vms.items() if r["lnm"] == self.victim]
         if not names:
             raise RuntimeError(f"{self.victim} runs no VM")
         lost = RunWatcher(self.watcher, names, states.LOST)

@@ -172,15 +172,15 @@ class Plugin:
         return planned
 
     def _update_streaks(self, state):
-        for vmm in state.connected_vmms():
-            load = host_load(self.api, vmm.name, self.window, self.max_age)
+        for lnm_info in state.connected_lnms():
+            load = host_load(self.api, lnm_info.name, self.window, self.max_age)
             if load is not None and load > self.high_load:
-                self.streaks[vmm.name] += 1
+                self.streaks[lnm_info.name] += 1
             else:
-                self.streaks[vmm.name] = 0
+                self.streaks[lnm_info.name] = 0
         for host in list(self.streaks):
-            vmm = state.vmms.get(host)
-            if vmm is None or not vmm.connected:
+            lnm_info = state.lnms.get(host)
+            if lnm_info is None or not lnm_info.connected:
                 del self.streaks[host]
 
     def _ledger(self, state):
@@ -190,7 +190,7 @@ class Plugin:
         # controller records the new host; count them on the target too.
         for move in list(self.in_flight.values()) + list(self.unfinished.values()):
             record = state.vms.get(move.vm)
-            if record is not None and record.get("vmm") == move.source and \
+            if record is not None and record.get("lnm") == move.source and \
                     move.target in ledger.hosts:
                 ledger.commit(move.target, move.demand)
         return ledger
@@ -198,7 +198,7 @@ class Plugin:
     def _movable(self, state, host):
         now = self.clock.seconds()
         result = []
-        for name in sorted(state.vmms[host].vms):
+        for name in sorted(state.lnms[host].vms):
             record = state.vms.get(name)
             if (record is None or record["state"] not in MOVABLE_STATES
                     or name in self.in_flight or name in self.unfinished

@@ -27,7 +27,7 @@ VM = "1.web.alice.usher.local"
 def record(name=VM, state=states.STARTING, **extra):
     """A VM record as the controller sends it to an LNM."""
     base = {"name": name, "owner": "alice", "cluster": "web", "state": state,
-            "vmm": "lnm1", "memory_mib": 128, "vcpus": 2, "uuid": None, "managed": True,
+            "lnm": "lnm1", "memory_mib": 128, "vcpus": 2, "uuid": None, "managed": True,
             "version": 1, "args": {}}
     base.update(extra)
     return base

@@ -47,7 +47,7 @@ async def test_start_cluster_names_and_spreads_over_lnms(grid):
     assert result["failed"] == []
     per_lnm = {}
     for s in result["started"]:
-        per_lnm[s["vmm"]] = per_lnm.get(s["vmm"], 0) + 1
+        per_lnm[s["lnm"]] = per_lnm.get(s["lnm"], 0) + 1
     assert sorted(per_lnm.values()) == [3, 3, 4]
     state = grid.controller.state
     for name in names:
@@ -55,7 +55,7 @@ async def test_start_cluster_names_and_spreads_over_lnms(grid):
         assert state.vms[name]["cluster"] == "sneetch"
         assert state.vms[name]["owner"] == "alice"
         # really running on the host the controller believes
-        info = await grid.vmms[state.vms[name]["vmm"]].domain_info(name)
+        info = await grid.vmms[state.vms[name]["lnm"]].domain_info(name)
         assert info["state"] == states.RUN
     # a second start continues the numbering
     more = await start_cluster(grid, count=2)
@@ -66,7 +66,7 @@ async def test_start_cluster_names_and_spreads_over_lnms(grid):
 @pytest_twisted.ensureDeferred
 async def test_lnm_suggestion_is_honoured(grid):
     result = await start_cluster(grid, count=3, lnms=["lnm2"])
-    assert {s["vmm"] for s in result["started"]} == {"lnm2"}
+    assert {s["lnm"] for s in result["started"]} == {"lnm2"}
 
 
 @pytest_twisted.ensureDeferred
@@ -82,7 +82,7 @@ async def test_every_operation(grid):
         result = await c.op_on("alice", False, operation, sel)
         assert result["failed"] == [], (operation, result)
         assert c.state.vms[vm]["state"] == expected, operation
-        info = await grid.vmms[c.state.vms[vm]["vmm"]].domain_info(vm)
+        info = await grid.vmms[c.state.vms[vm]["lnm"]].domain_info(vm)
         assert info["state"] == expected, operation
     result = await c.op_on("alice", False, "destroy", sel)
     assert result["done"] == [{"name": vm, "state": None}]
@@ -152,7 +152,7 @@ async def test_migrate_moves_the_vm(grid):
     vm = full("1.sneetch")
     result = await c.migrate("alice", False, Selection(names=[vm]), ["lnm3"])
     assert result["migrated"] == [{"name": vm, "from": "lnm1", "to": "lnm3"}]
-    assert c.state.vms[vm]["vmm"] == "lnm3"
+    assert c.state.vms[vm]["lnm"] == "lnm3"
     assert c.state.vms[vm]["state"] == states.RUN
     assert (await grid.vmms["lnm3"].domain_info(vm))["state"] == states.RUN
     assert vm not in [d["name"] for d in await grid.vmms["lnm1"].list_domains()]
@@ -165,7 +165,7 @@ async def test_migrate_moves_the_vm(grid):
 async def test_lnm_failure_marks_vms_lost_then_recovers(grid):
     await start_cluster(grid, count=3)
     c = grid.controller
-    on_lnm1 = sorted(c.state.vmms["lnm1"].vms)
+    on_lnm1 = sorted(c.state.lnms["lnm1"].vms)
     assert on_lnm1
     grid.cut("lnm1")
     for name in on_lnm1:
@@ -194,7 +194,7 @@ async def test_out_of_band_changes(grid):
     assert full("7.adopted") not in c.state.vms
     assert full("7.adopted") not in c.state.owned_by("alice")
     stray = c.state.unmanaged[full("7.adopted")]
-    assert (stray["owner"], stray["managed"], stray["vmm"]) == (None, False, "lnm2")
+    assert (stray["owner"], stray["managed"], stray["lnm"]) == (None, False, "lnm2")
     assert "no record" in stray["quarantined"]
     assert "stranger" in c.state.unmanaged
     assert "quarantined" not in c.state.unmanaged["stranger"]
@@ -294,12 +294,12 @@ async def test_forget_a_retired_lnm(grid):
     from usher.errors import NoSuchLNM
     await start_cluster(grid, count=3)
     c = grid.controller
-    on_lnm2 = sorted(c.state.vmms["lnm2"].vms)
+    on_lnm2 = sorted(c.state.lnms["lnm2"].vms)
     with pytest.raises(InvalidRequest, match="connected"):
         c.forget_lnm("lnm2")
     grid.cut("lnm2")
     assert c.forget_lnm("lnm2") == on_lnm2
-    assert "lnm2" not in c.state.vmms
+    assert "lnm2" not in c.state.lnms
     assert not any(n in c.state.vms for n in on_lnm2)
     assert len(c.state.vms) == 3 - len(on_lnm2)
     with pytest.raises(NoSuchLNM):

@@ -31,7 +31,7 @@ async def test_start_cluster_spread_over_lnms_and_listed(system):
     assert result["failed"] == []
     assert sorted(s["name"] for s in result["started"]) == sorted(
         full(f"{i}.e2estart") for i in range(1, 7))
-    assert {s["vmm"] for s in result["started"]} == {"lnm1", "lnm2", "lnm3"}
+    assert {s["lnm"] for s in result["started"]} == {"lnm1", "lnm2", "lnm3"}
     # the cache follows, by notification, without asking
     await wait_for(lambda: all(alice.vms.get(full(f"{i}.e2estart"), {}).get("state")
                                == states.RUN for i in range(1, 7)))
@@ -69,13 +69,13 @@ async def test_migration(system):
     vm = full("mig1")
     result = await alice.migrate([vm], ["lnm2"])
     assert result["migrated"] == [{"name": vm, "from": "lnm1", "to": "lnm2"}]
-    await wait_for(lambda: alice.vms[vm]["vmm"] == "lnm2"
+    await wait_for(lambda: alice.vms[vm]["lnm"] == "lnm2"
                    and alice.vms[vm]["state"] == states.RUN)
     # the VM is really on lnm2 now: operations reach it there
     assert (await alice.pause([vm]))["done"] == [{"name": vm, "state": states.PAUSED}]
     assert (await alice.migrate([vm], ["lnm3"]))["migrated"][0]["to"] == "lnm3"
     await wait_for(lambda: alice.vms[vm]["state"] == states.PAUSED
-                   and alice.vms[vm]["vmm"] == "lnm3")
+                   and alice.vms[vm]["lnm"] == "lnm3")
 
 
 @pytest_twisted.ensureDeferred
@@ -253,22 +253,22 @@ async def test_ush_one_shot_json(system):
     started = parse_json(await system.ush("start", "-n", "ushjson", "-c", "3"))
     assert sorted(s["name"] for s in started) == sorted(full(f"{i}.ushjson")
                                                         for i in (1, 2, 3))
-    assert all(s["vmm"].startswith("lnm") for s in started)
+    assert all(s["lnm"].startswith("lnm") for s in started)
     listed = parse_json(await system.ush("list", "-n", "ushjson"))
     assert {(r["name"], r["state"], r["cluster"], r["owner"]) for r in listed} == {
         (full(f"{i}.ushjson"), "run", "ushjson", "alice") for i in (1, 2, 3)}
-    assert all(r["vmm"] for r in listed)
+    assert all(r["lnm"] for r in listed)
     lnms = parse_json(await system.ush("list_lnm"))
     assert {lnm["name"] for lnm in lnms} >= {"lnm1", "lnm2", "lnm3"}
     assert all("vms" in lnm for lnm in lnms)
     paused = await system.ush("pause", "-n", "ushjson")
     assert paused.returncode == 0, paused.stdout + paused.stderr
     vm = listed[0]
-    target = "lnm1" if vm["vmm"] != "lnm1" else "lnm2"
+    target = "lnm1" if vm["lnm"] != "lnm1" else "lnm2"
     moved = await system.ush("migrate", vm["name"], target)
     assert moved.returncode == 0, moved.stdout + moved.stderr
     listed = parse_json(await system.ush("list", vm["name"]))
-    assert listed[0]["vmm"] == target and listed[0]["state"] == "paused"
+    assert listed[0]["lnm"] == target and listed[0]["state"] == "paused"
     failed = await system.ush("resume", "nosuchvm")
     assert failed.returncode != 0 and "error" in parse_json(failed)
     usage = await system.ush("pause", "-r", "(bad")

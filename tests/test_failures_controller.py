@@ -67,7 +67,7 @@ async def test_a_start_whose_answer_is_lost_is_lost_then_found_running(grid):
     [failure] = result["failed"]
     assert failure["name"] == vm and "outcome is unknown" in failure["error"]
     assert c.state.vms[vm]["state"] == states.LOST
-    assert not c.state.vmms["lnm1"].connected          # resynchronising
+    assert not c.state.lnms["lnm1"].connected          # resynchronising
     with pytest.raises(Exception, match="already exists"):
         await c.start("alice", False, ["x1"], ["lnm2"], {})   # a retry copies nothing
     await reattach(grid, "lnm1")
@@ -96,7 +96,7 @@ async def test_a_start_never_sent_fails_at_once_and_leaves_nothing(grid):
     result = await c.start("alice", False, ["x3"], ["lnm1"], {})
     assert result["failed"] == [{"name": full("x3"), "error": "LNM lnm1 disconnected before "
                                  f"{full('x3')} could be started; nothing was done"}]
-    assert full("x3") not in c.state.vms and c.state.vmms["lnm1"].connected
+    assert full("x3") not in c.state.vms and c.state.lnms["lnm1"].connected
 
 
 @pytest_twisted.ensureDeferred
@@ -148,7 +148,7 @@ async def test_migration_import_answer_lost_the_vm_is_found_on_the_target(grid):
     assert grid.controller.state.vms[vm]["state"] == states.LOST
     assert grid.nodes["lnm1"].retained_exports() == [vm]     # not put back: it may run there
     await reattach(grid, "lnm2")
-    await settled(grid, vm, lambda r: r["state"] == states.RUN and r["vmm"] == "lnm2")
+    await settled(grid, vm, lambda r: r["state"] == states.RUN and r["lnm"] == "lnm2")
     await wait_for(lambda: grid.nodes["lnm1"].retained_exports() == [])
     assert await hosts_of(grid, vm) == ["lnm2"]
 
@@ -161,7 +161,7 @@ async def test_migration_import_request_lost_the_vm_comes_back_to_its_source(gri
     assert "outcome is unknown" in result["failed"][0]["error"]
     assert await hosts_of(grid, vm) == []              # only the kept export, on lnm1
     await reattach(grid, "lnm2")
-    await settled(grid, vm, lambda r: r["state"] == states.RUN and r["vmm"] == "lnm1")
+    await settled(grid, vm, lambda r: r["state"] == states.RUN and r["lnm"] == "lnm1")
     assert await hosts_of(grid, vm) == ["lnm1"]
     assert grid.nodes["lnm1"].retained_exports() == []
 
@@ -173,7 +173,7 @@ async def test_migration_refused_by_the_target_puts_the_vm_back_at_once(grid):
     result = await migrate(grid, vm, "lnm2")
     assert result["failed"] == [{"name": vm, "error": "migration to lnm2 failed: no room"}]
     assert grid.controller.state.vms[vm]["state"] == states.RUN
-    assert grid.controller.state.vms[vm]["vmm"] == "lnm1"
+    assert grid.controller.state.vms[vm]["lnm"] == "lnm1"
     assert await hosts_of(grid, vm) == ["lnm1"]
     assert grid.nodes["lnm1"].retained_exports() == []
 
@@ -186,7 +186,7 @@ async def test_migration_export_answer_lost_the_source_puts_the_vm_back(grid):
     assert "outcome is unknown" in result["failed"][0]["error"]
     assert grid.controller.state.vms[vm]["state"] == states.LOST
     await reattach(grid, "lnm1")
-    await settled(grid, vm, lambda r: r["state"] == states.RUN and r["vmm"] == "lnm1")
+    await settled(grid, vm, lambda r: r["state"] == states.RUN and r["lnm"] == "lnm1")
     assert await hosts_of(grid, vm) == ["lnm1"]
 
 
@@ -197,7 +197,7 @@ async def test_a_restarted_controller_finishes_a_migration_cut_short(grid):
     the source forget its export. Not before: the source reattached first."""
     vm = await start_one(grid, "m5", "lnm1")
     payload = await grid.nodes["lnm1"].export_image(vm)
-    record = dict(grid.controller.state.vms[vm], vmm="lnm2")
+    record = dict(grid.controller.state.vms[vm], lnm="lnm2")
     await grid.nodes["lnm2"].receive([record])
     await grid.nodes["lnm2"].import_image(vm, payload)
     # kill -9: a new controller, recovering, sees the LNMs come back one by one.
@@ -212,7 +212,7 @@ async def test_a_restarted_controller_finishes_a_migration_cut_short(grid):
     assert grid.nodes["lnm1"].retained_exports() == [vm]     # lnm2 not back: wait
     await reattach(grid, "lnm2", fresh)
     await wait_for(lambda: grid.nodes["lnm1"].retained_exports() == [], timeout=5)
-    assert fresh.state.vms[vm]["vmm"] == "lnm2" and fresh.state.vms[vm]["state"] == states.RUN
+    assert fresh.state.vms[vm]["lnm"] == "lnm2" and fresh.state.vms[vm]["state"] == states.RUN
     assert await hosts_of(grid, vm) == ["lnm2"]
 
 
@@ -229,7 +229,7 @@ async def test_a_restarted_controller_puts_back_a_vm_found_nowhere(grid):
     for name in ("lnm1", "lnm2", "lnm3"):
         await reattach(grid, name, fresh)
     await wait_for(lambda: fresh.state.vms.get(vm, {}).get("state") == states.RUN, timeout=5)
-    assert fresh.state.vms[vm]["vmm"] == "lnm1"
+    assert fresh.state.vms[vm]["lnm"] == "lnm1"
     assert await hosts_of(grid, vm) == ["lnm1"]
 
 
@@ -251,12 +251,12 @@ async def test_a_silent_lnm_is_detached_after_the_timeout(grid):
             await grid.settle()
 
     await seconds(1, 1, 1, 1)
-    assert c.state.vmms["lnm3"].connected              # answering
+    assert c.state.lnms["lnm3"].connected              # answering
     link.to_lnm.hang["ping"] = defer.Deferred()        # silent from now on
     await seconds(1, 1)
-    assert c.state.vmms["lnm3"].connected
+    assert c.state.lnms["lnm3"].connected
     await seconds(1, 1)
-    assert not c.state.vmms["lnm3"].connected and link.lost
+    assert not c.state.lnms["lnm3"].connected and link.lost
     assert c.state.vms[vm]["state"] == states.LOST     # lost, never shutoff
     assert not liveness.watching("lnm3")
     liveness.stop()
@@ -269,7 +269,7 @@ def break_handle(grid, lnm, method, error):
     a bug no one expected, on the controller's side of the link."""
     async def broken(*args):
         raise error
-    setattr(grid.controller.state.vmms[lnm].handle, method, broken)
+    setattr(grid.controller.state.lnms[lnm].handle, method, broken)
 
 
 def failures_logged(logged, kind):

@@ -185,7 +185,7 @@ async def start_on_each_lnm(client, cluster, per_lnm=2):
                                for n in names))
     by_lnm = {}
     for s in result["started"]:
-        by_lnm.setdefault(s["vmm"], []).append(s["name"])
+        by_lnm.setdefault(s["lnm"], []).append(s["name"])
     assert sorted(by_lnm) == ["lnm1", "lnm2", "lnm3"]
     return names, by_lnm
 
@@ -293,7 +293,7 @@ async def test_cut_link_vms_lost_then_back_with_no_duplicates(proxied_system):
     with pytest.raises(InvalidRequest, match="lost"):
         await alice.start([victims[1].split(".")[0] + ".cut"])
     more = await alice.start(cluster="cutmore", count=4)
-    assert {s["vmm"] for s in more["started"]} <= {"lnm1", "lnm3"}
+    assert {s["lnm"] for s in more["started"]} <= {"lnm1", "lnm3"}
     assert len(more["started"]) + len(more["failed"]) == 4
 
     proxy.heal()
@@ -437,7 +437,7 @@ async def test_vm_started_behind_usher_back_is_quarantined_or_unmanaged(system):
         listed = {r["name"]: r for r in await alice.list(remote=True)}
     report("VM started behind Usher's back -> quarantined", time.monotonic() - started)
     for name in (stray, stranger):
-        assert listed[name]["managed"] is False and listed[name]["vmm"] == "lnm3"
+        assert listed[name]["managed"] is False and listed[name]["lnm"] == "lnm3"
         assert listed[name]["owner"] is None
     assert "no record" in listed[stray]["quarantined"]
     assert "quarantined" not in listed[stranger]
@@ -475,7 +475,7 @@ async def test_libvirtd_restart_vms_unknown_not_stopped_then_reconnected(system)
     assert all(alice.vms[n]["state"] == states.RUN for n in names if n not in victims)
     # New VMs can be started there again.
     again = await alice.start(["hvnew"], lnms=["lnm1"])
-    assert again["failed"] == [] and again["started"][0]["vmm"] == "lnm1"
+    assert again["failed"] == [] and again["started"][0]["lnm"] == "lnm1"
 
 
 def teardown_module(module):

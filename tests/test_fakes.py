@@ -31,7 +31,7 @@ async def test_the_grid_drives_its_lnms_through_the_real_remote_lnm(tmp_path):
     try:
         handle = grid.handles["lnm1"]
         assert isinstance(handle, RemoteLNM) and verifyObject(ILNMHandle, handle)
-        assert grid.controller.state.vmms["lnm1"].handle is handle
+        assert grid.controller.state.lnms["lnm1"].handle is handle
         await grid.controller.start("alice", False, ["w1"], ["lnm1"], {})
         assert grid.to_lnm("lnm1").calls["start_many"] == 1
         assert grid.to_lnm("lnm1").calls["receive"] >= 1
@@ -40,10 +40,10 @@ async def test_the_grid_drives_its_lnms_through_the_real_remote_lnm(tmp_path):
             await handle.get_details("w1.alice.usher.test")
         assert lost.value.sent is False
         grid.cut("lnm1")
-        assert not grid.controller.state.vmms["lnm1"].connected
+        assert not grid.controller.state.lnms["lnm1"].connected
         assert grid.nodes["lnm1"].reporter is None          # the LNM saw it too
         await grid.attach("lnm1")
-        assert grid.controller.state.vmms["lnm1"].connected
+        assert grid.controller.state.lnms["lnm1"].connected
         assert grid.nodes["lnm1"].reporter is not None
     finally:
         await grid.stop()

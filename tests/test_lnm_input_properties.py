@@ -20,7 +20,7 @@ from usher.controller.core import Controller
 from usher.controller.lnm_input import LNMLimits
 from usher.controller.monitoring import Monitoring
 from usher.controller.recovery import Recovery
-from usher.controller.state import GlobalState, VMMInfo, check_fields
+from usher.controller.state import GlobalState, LNMInfo, check_fields
 from usher.errors import InvalidRequest
 from usher.protocol import PROTOCOL_VERSION
 
@@ -250,25 +250,25 @@ def consistent(state):
         assert rec["name"] == name and rec["managed"] is True
         clusters.setdefault((rec["owner"], rec["cluster"]), set()).add(name)
         owned.setdefault(rec["owner"], set()).add(name)
-        if rec["vmm"] is not None:
-            placed.setdefault(rec["vmm"], set()).add(name)
+        if rec["lnm"] is not None:
+            placed.setdefault(rec["lnm"], set()).add(name)
     for name, rec in state.unmanaged.items():
         check_fields(rec, name)
         assert rec["owner"] is None and rec["managed"] is False
         assert name not in state.vms
-        strangers.setdefault(rec["vmm"], set()).add(name)
+        strangers.setdefault(rec["lnm"], set()).add(name)
     assert state.clusters == clusters
     assert state._owned == owned
-    for lnm, info in state.vmms.items():
+    for lnm, info in state.lnms.items():
         assert info.vms == placed.get(lnm, set())
         assert info.unmanaged == strangers.get(lnm, set())
         assert len(info.unmanaged) <= LIMITS.max_unmanaged
-    assert set(placed) <= set(state.vmms) and set(strangers) <= set(state.vmms)
+    assert set(placed) <= set(state.lnms) and set(strangers) <= set(state.lnms)
 
 
 def snapshot(state):
     return (copy.deepcopy(state.vms), copy.deepcopy(state.unmanaged),
-            {n: (v.connected, set(v.vms), set(v.unmanaged)) for n, v in state.vmms.items()})
+            {n: (v.connected, set(v.vms), set(v.unmanaged)) for n, v in state.lnms.items()})
 
 
 def controller_with_vms(recovering):
@@ -277,13 +277,13 @@ def controller_with_vms(recovering):
         c.recovery = Recovery(["lnm1", "lnm2"], clock=c.clock, window=30)
         c.watch_lnms(c.recovery)
     for lnm in LNMS:
-        c.state.vmms[lnm] = VMMInfo(lnm, {"cpus": 8, "memory_mib": 8192}, handle=Handle([]))
+        c.state.lnms[lnm] = LNMInfo(lnm, {"cpus": 8, "memory_mib": 8192}, handle=Handle([]))
     if not recovering:
         # VMs the controller started: alice's on lnm1, bob's on lnm2.
         for owner, lnm in (("alice", "lnm1"), ("bob", "lnm2")):
             for i in (0, 1):
                 c.state.add(c.state.new_record(f"{i}.web.{owner}.{DOMAIN}", state=states.RUN,
-                                               vmm=lnm, memory_mib=256, vcpus=1))
+                                               lnm=lnm, memory_mib=256, vcpus=1))
     return c
 
 
@@ -291,13 +291,13 @@ def controller_with_vms(recovering):
 @given(st.booleans(), st.lists(steps, max_size=12))
 def test_random_reports_keep_the_state_consistent(recovering, script):
     c = controller_with_vms(recovering)
-    homes = {name: rec["vmm"] for name, rec in c.state.vms.items()}
+    homes = {name: rec["lnm"] for name, rec in c.state.vms.items()}
     started = set(homes)
     consistent(c.state)
     for kind, lnm, payload in script:
         before = snapshot(c.state)
         if kind == "detach":
-            vmm = c.state.vmms[lnm]
+            vmm = c.state.lnms[lnm]
             if vmm.connected:
                 c.detach_lnm(lnm, vmm.handle)
         elif kind == "attach":
@@ -309,7 +309,7 @@ def test_random_reports_keep_the_state_consistent(recovering, script):
                 assert snapshot(c.state) == before
             for sent in handle.received:
                 assert set(sent) <= set(LNM_FIELDS)
-                assert c.state.vms[sent["name"]]["vmm"] == lnm
+                assert c.state.vms[sent["name"]]["lnm"] == lnm
         else:
             chunks = (records.encode_chunks(payload) if kind == "report" else payload)
             try:
@@ -317,23 +317,23 @@ def test_random_reports_keep_the_state_consistent(recovering, script):
             except InvalidRequest:
                 assert snapshot(c.state) == before       # refused at the boundary
                 continue
-            if not c.state.vmms[lnm].connected:
+            if not c.state.lnms[lnm].connected:
                 continue
             acks = c.lnm_report(lnm, changes)
             for ack in acks:
                 assert set(ack) <= set(LNM_FIELDS)
-                assert c.state.vms[ack["name"]]["vmm"] == lnm
+                assert c.state.vms[ack["name"]]["lnm"] == lnm
         consistent(c.state)
         # No VM ever changed host: there was no migration.
         for name, rec in c.state.vms.items():
-            assert homes.setdefault(name, rec["vmm"]) == rec["vmm"]
+            assert homes.setdefault(name, rec["lnm"]) == rec["lnm"]
         # Only a trusted first inventory puts managed VMs in a namespace.
         if not recovering:
             assert set(c.state.vms) <= started
 
 
 record_fields = st.fixed_dictionaries({}, optional={
-    key: json_values for key in ("owner", "cluster", "state", "vmm", "memory_mib", "vcpus",
+    key: json_values for key in ("owner", "cluster", "state", "lnm", "memory_mib", "vcpus",
                                  "uuid", "args", "quarantined")})
 
 
@@ -341,9 +341,9 @@ record_fields = st.fixed_dictionaries({}, optional={
 @given(record_fields, record_fields)
 def test_global_state_changes_are_all_or_nothing(added, updated):
     state = GlobalState(DOMAIN)
-    state.vmms["lnm1"] = VMMInfo("lnm1")
-    kept = state.add(state.new_record(f"0.web.alice.{DOMAIN}", state=states.RUN, vmm="lnm1"))
-    record = dict(state.new_record(f"1.web.bob.{DOMAIN}", state=states.RUN, vmm="lnm1"),
+    state.lnms["lnm1"] = LNMInfo("lnm1")
+    kept = state.add(state.new_record(f"0.web.alice.{DOMAIN}", state=states.RUN, lnm="lnm1"))
+    record = dict(state.new_record(f"1.web.bob.{DOMAIN}", state=states.RUN, lnm="lnm1"),
                   **added)
     before = snapshot(state)
     try:

@@ -15,7 +15,7 @@ from usher.controller.client_link import UsherRealm
 from usher.controller.core import Controller
 from usher.controller.metrics import ControllerMetrics
 from usher.controller.service import metrics_listener
-from usher.controller.state import VMMInfo
+from usher.controller.state import LNMInfo
 from usher.errors import NoSuchVM, Rejected
 from usher.protocol import FIGURES
 from usher.settings import CTRL
@@ -45,11 +45,11 @@ def make_controller():
     controller = Controller(domain=DOMAIN, clock=clock)
     state = controller.state
     for lnm in ("lnm1", "lnm2"):
-        state.vmms[lnm] = VMMInfo(lnm, {"cpus": 8}, handle=object())
-    state.vmms["lnm3"] = VMMInfo("lnm3", {"cpus": 8})       # known, not connected
+        state.lnms[lnm] = LNMInfo(lnm, {"cpus": 8}, handle=object())
+    state.lnms["lnm3"] = LNMInfo("lnm3", {"cpus": 8})       # known, not connected
     for short, vm_state in (("1.web", states.RUN), ("2.web", states.RUN),
                             ("3.web", states.LOST), ("4.web", states.MISSING)):
-        state.add(state.new_record(full(short), state=vm_state, vmm="lnm1",
+        state.add(state.new_record(full(short), state=vm_state, lnm="lnm1",
                                    memory_mib=256, vcpus=1))
     state.set_unmanaged("stray", "lnm2", states.RUN)
     node = dict.fromkeys(FIGURES)

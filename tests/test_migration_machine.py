@@ -7,7 +7,7 @@ import pytest_twisted
 from usher import states
 from usher.controller.inflight import InFlight
 from usher.controller.migration import Move, MoveOutcome
-from usher.controller.state import GlobalState, VMMInfo
+from usher.controller.state import GlobalState, LNMInfo
 from usher.errors import LinkFailure, NoSuchVM, OperationFailed
 
 VM = "1.web.alice.usher.test"
@@ -37,8 +37,8 @@ class Inventory:
     def __init__(self, src, dst, live=False, where=None):
         self.state = GlobalState("usher.test")
         info = {"live_migration": live, "migration_uri": "qemu+tls://dst/system"}
-        self.state.vmms["src"] = VMMInfo("src", dict(info), src)
-        self.state.vmms["dst"] = VMMInfo("dst", dict(info), dst)
+        self.state.lnms["src"] = LNMInfo("src", dict(info), src)
+        self.state.lnms["dst"] = LNMInfo("dst", dict(info), dst)
         self.where = where or {}
         self.resynchronized = []
 
@@ -53,7 +53,7 @@ class Inventory:
 
 
 def move(inventory, ledger=None):
-    rec = {"name": VM, "vmm": "src", "state": states.RUN}
+    rec = {"name": VM, "lnm": "src", "state": states.RUN}
     return Move(inventory, ledger or InFlight(), rec, states.RUN, "dst").run()
 
 

@@ -40,7 +40,7 @@ async def test_figures_flow_from_lnm_processes_to_clients_and_prometheus(system)
             break
         assert reactor.seconds() < deadline, view
         await sleep(0.2)
-    assert view["vms"][0]["name"] == hot and view["vms"][0]["vmm"] == "lnm2"
+    assert view["vms"][0]["name"] == hot and view["vms"][0]["lnm"] == "lnm2"
     assert view["vms"][0]["status"]["cpu"][0] == pytest.approx(160.0, rel=0.01)
     assert view["vms"][0]["status"]["source"] == "simulated:idle"
 

@@ -16,7 +16,7 @@ from twisted.test import iosim
 from usher.controller.core import Controller
 from usher.controller.lnm_link import NodeReporter
 from usher.controller.monitoring import Averages, Load, Monitoring
-from usher.controller.state import GlobalState, VMMInfo
+from usher.controller.state import GlobalState, LNMInfo
 from usher.errors import InvalidRequest, NoSuchLNM, UsherError
 from usher.lnm.link import RemoteReporter
 from usher.lnm.monitor import Monitor
@@ -60,11 +60,11 @@ class Setup:
         self.state = GlobalState(DOMAIN)
         self.names = {}
         for lnm in lnms:
-            self.state.vmms[lnm] = VMMInfo(lnm, {"cpus": 8}, handle=object())
+            self.state.lnms[lnm] = LNMInfo(lnm, {"cpus": 8}, handle=object())
             self.names[lnm] = []
             for i in range(1, vms_per_lnm + 1):
                 name = full(f"{i}.on{lnm}")
-                self.state.add(self.state.new_record(name, state="run", vmm=lnm,
+                self.state.add(self.state.new_record(name, state="run", lnm=lnm,
                                                      memory_mib=256, vcpus=1))
                 self.names[lnm].append(name)
         self.monitoring = Monitoring(self.state, self.clock, **kwargs)
@@ -104,7 +104,7 @@ def test_lnm_loads_lists_connected_lnms_only():
     s = Setup()
     s.monitoring.report("lnm1", node_report(), [])
     s.monitoring.report("lnm2", node_report(cpu=(90.0, 90.0, 90.0)), [])
-    s.state.vmms["lnm2"].connected = False
+    s.state.lnms["lnm2"].connected = False
     assert set(s.monitoring.lnm_loads()) == {"lnm1"}
     assert set(s.monitoring.lnm_loads(connected_only=False)) == {"lnm1", "lnm2"}
 
@@ -176,7 +176,7 @@ def test_a_migrated_vm_keeps_the_figures_of_its_new_host():
     s = Setup()
     a = s.names["lnm1"][0]
     s.monitoring.report("lnm1", node_report(), [vm_report(a, cpu=(1.0, 1.0, 1.0))])
-    s.state.update(a, vmm="lnm2")
+    s.state.update(a, lnm="lnm2")
     s.monitoring.report("lnm2", node_report(), [vm_report(a, cpu=(2.0, 2.0, 2.0))])
     s.monitoring.report("lnm1", node_report(), [])     # the old host no longer has it
     assert s.monitoring.vm_status(a)["cpu"] == [2.0, 2.0, 2.0]
@@ -280,7 +280,7 @@ def grid(tmp_path):
 async def start(grid, name, lnms=(), **args):
     result = await grid.controller.start("alice", False, [name], list(lnms), args)
     assert result["failed"] == [], result
-    return result["started"][0]["vmm"]
+    return result["started"][0]["lnm"]
 
 
 @pytest_twisted.ensureDeferred
@@ -353,9 +353,9 @@ class _Root(pb.Root):
 def test_report_status_over_pb_reaches_the_controller():
     clock = task.Clock()
     controller = Controller(domain=DOMAIN, clock=clock)
-    controller.state.vmms["lnm1"] = VMMInfo("lnm1", {}, handle=object())
+    controller.state.lnms["lnm1"] = LNMInfo("lnm1", {}, handle=object())
     name = full("1.web")
-    controller.state.add(controller.state.new_record(name, state="run", vmm="lnm1"))
+    controller.state.add(controller.state.new_record(name, state="run", lnm="lnm1"))
     server = pb.PBServerFactory(_Root(NodeReporter(controller, "lnm1")))
     client = pb.PBClientFactory()
     _, _, pump = iosim.connectedServerAndClient(lambda: server.buildProtocol(None),
@@ -410,10 +410,10 @@ async def test_top_shows_only_what_list_request_plugins_let_through():
     clock = task.Clock()
     # A site that lets users see each other's VMs: what the plugin hides counts.
     controller = Controller(domain=DOMAIN, clock=clock, user_visibility="all")
-    controller.state.vmms["lnm1"] = VMMInfo("lnm1", {}, handle=object())
+    controller.state.lnms["lnm1"] = LNMInfo("lnm1", {}, handle=object())
     mine, theirs = full("1.web"), full("1.db", owner="bob")
     for name in (mine, theirs):
-        controller.state.add(controller.state.new_record(name, state="run", vmm="lnm1"))
+        controller.state.add(controller.state.new_record(name, state="run", lnm="lnm1"))
     controller.lnm_status_report("lnm1", node_report(), [
         vm_report(mine, cpu=(10.0, 10.0, 10.0)), vm_report(theirs, cpu=(90.0, 90.0, 90.0))])
     view = (await controller.top("alice", False))["vms"]

@@ -188,7 +188,7 @@ async def test_fuzz_the_pb_surface(client_grids):
     bob = await grid.connected("bob")
     await bob.start(["bobs"])
     await wait_for(lambda: bob.vms.get(f"bobs.bob.{DOMAIN}", {}).get("state") == states.RUN)
-    bob_before = sorted((n, r["state"], r["vmm"]) for n, r in bob.vms.items())
+    bob_before = sorted((n, r["state"], r["lnm"]) for n, r in bob.vms.items())
     r = random.Random(SEED)
     outcomes = []
     assert "login" in ROOT_METHODS and len(PERSPECTIVE_METHODS) >= 12
@@ -246,7 +246,7 @@ async def test_fuzz_the_pb_surface(client_grids):
     # The controller serves another user's session as before.
     assert bob.connected
     listed = await bob.list()
-    assert sorted((r["name"], r["state"], r["vmm"]) for r in listed) == bob_before
+    assert sorted((r["name"], r["state"], r["lnm"]) for r in listed) == bob_before
     assert (await bob._remote("whoami"))["user"] == "bob"
 
 

@@ -147,7 +147,7 @@ async def test_third_party_plugin_from_config_and_at_run_time(tmp_path, client_g
     # the chain ran in order: auditor saw all 4 VMs, stamp then trimmed to 2
     assert result["notes"] == ["audit saw start of 4 VMs", "stamp saw os=debian"]
     assert sorted(s["name"] for s in result["started"]) == [full("1.web"), full("2.web")]
-    assert {s["vmm"] for s in result["started"]} == {"lnm3"}    # steer moved them
+    assert {s["lnm"] for s in result["started"]} == {"lnm3"}    # steer moved them
     assert sorted(f["name"] for f in result["failed"]) == [full("3.web"), full("4.web")]
     assert {f["error"] for f in result["failed"]} == {"stamp allows 2 VMs per request"}
     record = grid.controller.state.vms[full("1.web")]

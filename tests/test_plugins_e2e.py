@@ -44,9 +44,9 @@ async def test_ush_manages_plugins_and_swaps_placement(system, tmp_path):
     await system.ush("register_plugin", "pack", "start_request", check=True)
     try:
         started = parse_json(await system.ush("start", "-n", "packed", "-c", "3"))
-        placed = [s for s in started if "vmm" in s]
+        placed = [s for s in started if "lnm" in s]
         # pack puts both allowed VMs on one host; limits leaves the third out
-        assert len(placed) == 2 and len({s["vmm"] for s in placed}) == 1
+        assert len(placed) == 2 and len({s["lnm"] for s in placed}) == 1
         assert [s["error"] for s in started if "error" in s] == [
             "over the limit: at most 2 VMs per virtual cluster (packed has 2)"]
     finally:
@@ -56,7 +56,7 @@ async def test_ush_manages_plugins_and_swaps_placement(system, tmp_path):
         await admin.register_plugin("limits", "start_request")
         await admin.register_plugin("roundrobin", "start_request")
     started = await admin.start(cluster="rr", count=3)
-    assert len({s["vmm"] for s in started["started"]}) == 3
+    assert len({s["lnm"] for s in started["started"]}) == 3
 
     bob_config = tmp_path / "bob.config"
     text = open(system.description["configs"]["ush"]).read()

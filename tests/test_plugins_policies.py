@@ -45,7 +45,7 @@ def registrations(tmp_path, placement="roundrobin", placement_config="", authz="
 
 
 def hosts_of(result):
-    return {s["name"]: s["vmm"] for s in result["started"]}
+    return {s["name"]: s["lnm"] for s in result["started"]}
 
 
 def per_host(result):
@@ -438,7 +438,7 @@ async def rebalancer_grid(client_grids, tmp_path, text, **grid_kwargs):
 
 
 def where(grid, *names):
-    return [grid.controller.state.vms[n]["vmm"] for n in names]
+    return [grid.controller.state.vms[n]["lnm"] for n in names]
 
 
 @pytest_twisted.ensureDeferred
@@ -466,7 +466,7 @@ async def test_rebalancer_moves_a_vm_off_a_host_under_sustained_load(tmp_path, c
     await plugin.idle()
     assert plugin.history[0].outcome == "migrated"
     assert where(grid, full("1.hot"), full("2.hot")) == ["lnm2", "lnm1"]
-    await wait_for(lambda: alice.vms.get(full("1.hot"), {}).get("vmm") == "lnm2")  # seen
+    await wait_for(lambda: alice.vms.get(full("1.hot"), {}).get("lnm") == "lnm2")  # seen
     timers.advance(10)                     # the count starts again after a move
     assert len(plugin.history) == 1
     # with per-VM figures, the busiest VM goes

@@ -14,7 +14,7 @@ from usher.config import load_plugin_config, parse_spec
 from usher.controller.capacity import CapacityPolicy, Demand, Ledger, host_load, vm_cpus
 from usher.controller.events import EventChains
 from usher.controller.plugins import PluginRegistry, _with_common_options
-from usher.controller.state import GlobalState, VMMInfo
+from usher.controller.state import GlobalState, LNMInfo
 
 SAMPLES = Path(__file__).resolve().parent.parent / "etc" / "plugins"
 SHIPPED = sorted(m.name for m in pkgutil.iter_modules(
@@ -63,9 +63,9 @@ def test_plugins_describe_themselves_by_their_docstrings():
 def state_with(hosts, vms=()):
     state = GlobalState("usher.test")
     for name, (cpus, memory) in hosts.items():
-        state.vmms[name] = VMMInfo(name, {"cpus": cpus, "memory_mib": memory}, handle=object())
+        state.lnms[name] = LNMInfo(name, {"cpus": cpus, "memory_mib": memory}, handle=object())
     for name, host, memory, vcpus, vm_state, args in vms:
-        state.add(state.new_record(name, state=vm_state, vmm=host, memory_mib=memory,
+        state.add(state.new_record(name, state=vm_state, lnm=host, memory_mib=memory,
                                    vcpus=vcpus, args=args))
     return state
 

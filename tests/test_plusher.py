@@ -215,9 +215,9 @@ async def test_request_runs_vms_and_calls_resources_ready(gw):
     assert [vm["name"] for vm in listed] == names
     for vm in listed:
         assert vm["state"] == "run" and vm["cluster"] == "plushready"
-        assert vm["vmm"] in ("lnm1", "lnm2") and vm["memory_mib"] == 128
+        assert vm["lnm"] in ("lnm1", "lnm2") and vm["memory_mib"] == 128
         assert vm["address"] == vm["name"]    # no IP plugin: the VM's DNS name
-    assert {vm["vmm"] for vm in listed} == {"lnm1", "lnm2"}
+    assert {vm["lnm"] for vm in listed} == {"lnm1", "lnm2"}
     assert len(await call(gw.url, "list_vms", session)) >= 3
 
     operated = await call(gw.url, "operate", session, "pause", request_id)

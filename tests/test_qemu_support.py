@@ -91,7 +91,7 @@ class TwoHosts:
                                                  certificate=peer_certificate(name))
         await self.controller.start("alice", False, [], ["lnm1"],
                                     {"cluster": "web", "count": 1})
-        assert self.controller.state.vms[VM]["vmm"] == "lnm1"
+        assert self.controller.state.vms[VM]["lnm"] == "lnm1"
         return self
 
     def finished(self, work):
@@ -131,8 +131,8 @@ def test_live_migration_hands_the_cached_object_to_the_target(hosts):
     assert result["migrated"] == [{"name": VM, "from": "lnm1", "to": "lnm2"}]
     assert hosts.nodes["lnm1"].cached_vm(VM) is None
     cached = hosts.nodes["lnm2"].cached_vm(VM)
-    assert (cached.record["vmm"], cached.record["state"]) == ("lnm2", states.RUN)
-    assert hosts.controller.state.vms[VM]["vmm"] == "lnm2"
+    assert (cached.record["lnm"], cached.record["state"]) == ("lnm2", states.RUN)
+    assert hosts.controller.state.vms[VM]["lnm"] == "lnm2"
     # The target reports what happens to it now (e.g. virsh destroy).
     hosts.vmms["lnm2"].set_state(VM, states.SHUTOFF)
     hosts.clock.advance(REPORT)
@@ -165,7 +165,7 @@ def test_failed_live_migration_leaves_the_vm_and_its_object_on_the_source(hosts)
     assert "canceled by client" in result["failed"][0]["error"]
     assert list(hosts.vmms["lnm1"].domains) == [VM] and hosts.vmms["lnm2"].domains == {}
     rec = hosts.controller.state.vms[VM]
-    assert (rec["vmm"], rec["state"]) == ("lnm1", states.RUN)
+    assert (rec["lnm"], rec["state"]) == ("lnm1", states.RUN)
     assert hosts.nodes["lnm1"].cached_vm(VM).record["state"] == states.RUN
     # The target dropped the record it was sent for the migration.
     assert hosts.nodes["lnm2"].cached_vm(VM) is None
@@ -182,17 +182,17 @@ def test_record_naming_another_lnm_drops_only_a_vm_that_is_not_here():
     node = NodeManager(vmm, name="lnm2", clock=task.Clock(), scan_interval=SCAN,
                        report_interval=REPORT)
     result_of(node.startup())
-    result_of(node.receive([record(vmm="lnm2", state=states.MIGRATING)]))
-    result_of(node.receive([record(vmm="lnm1", state=states.RUN)]))
+    result_of(node.receive([record(lnm="lnm2", state=states.MIGRATING)]))
+    result_of(node.receive([record(lnm="lnm1", state=states.RUN)]))
     assert node.cached_vm(RECORD_VM) is None
     # A VM that is on this host stays cached whatever the record says: it is
     # reported, and the controller sees the duplicate.
     name = "2.web.alice.usher.local"
     vmm.add_domain(name, states.RUN)
     result_of(node.scan())
-    result_of(node.receive([record(name, vmm="lnm2", state=states.RUN)]))
-    result_of(node.receive([record(name, vmm="lnm1", state=states.RUN)]))
-    assert node.cached_vm(name).record["vmm"] == "lnm1"
+    result_of(node.receive([record(name, lnm="lnm2", state=states.RUN)]))
+    result_of(node.receive([record(name, lnm="lnm1", state=states.RUN)]))
+    assert node.cached_vm(name).record["lnm"] == "lnm1"
     result_of(node.shutdown())
 
 

@@ -45,3 +45,9 @@ def test_records_need_a_string_name():
         decode_records(encode_chunks([{"name": 7}]))
     with pytest.raises(InvalidRequest, match="too large"):
         encode_object({"x": "y" * 100}, limit=50)
+
+
+def test_a_record_naming_its_lnm_by_the_old_key_is_read():
+    old = encode_chunks([{"name": "a", "vmm": "lnm1"}, {"name": "b", "lnm": "lnm2"}])
+    assert decode_records(old) == [{"name": "a", "lnm": "lnm1"},
+                                           {"name": "b", "lnm": "lnm2"}]

@@ -56,7 +56,7 @@ def test_sandbox_ready_serves_and_stops_on_sigterm(sandbox_process):
     ready = _wait_ready(proc)
     assert "ush --config" in ready
     started = json.loads(_ush(box, "start", "-n", "demo", "-c", "4").stdout)
-    assert len(started) == 4 and {s["vmm"] for s in started} == {"lnm1", "lnm2"}
+    assert len(started) == 4 and {s["lnm"] for s in started} == {"lnm1", "lnm2"}
     listed = json.loads(_ush(box, "list").stdout)
     assert sorted(r["state"] for r in listed) == ["run"] * 4
 

@@ -344,7 +344,7 @@ def test_a_late_event_saying_what_is_known_reads_nothing(manager):
 def test_owned_views_and_cluster_members_follow_every_change():
     state = GlobalState(DOMAIN)
     for name in (f"1.web.alice.{DOMAIN}", f"2.web.alice.{DOMAIN}", f"1.db.bob.{DOMAIN}"):
-        state.add(state.new_record(name, state=states.RUN, vmm="lnm1"))
+        state.add(state.new_record(name, state=states.RUN, lnm="lnm1"))
     view = state.owned_view("alice")
     assert sorted(view) == [f"1.web.alice.{DOMAIN}", f"2.web.alice.{DOMAIN}"]
     assert f"1.db.bob.{DOMAIN}" not in view and view.get(f"1.db.bob.{DOMAIN}") is None
@@ -578,7 +578,7 @@ async def test_usherlnm_fleet_runs_many_lnms_against_a_real_controller(tmp_path)
             await task.deferLater(reactor, 0.2, lambda: None)
         result = await client.start(cluster="web", count=6)
         assert result["failed"] == []
-        assert sorted({s["vmm"] for s in result["started"]}) == ["lnm1", "lnm2", "lnm3"]
+        assert sorted({s["lnm"] for s in result["started"]}) == ["lnm1", "lnm2", "lnm3"]
         process.signalProcess("TERM")
         assert await fleet.ended == 0
     finally:

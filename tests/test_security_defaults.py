@@ -158,7 +158,7 @@ async def test_one_user_cannot_take_every_host_with_the_defaults(system):
     # Every host still takes another user's VMs.
     for lnm in system.description["lnms"]:
         started = await carol.start([f"on-{lnm}"], lnms=[lnm])
-        assert [s["vmm"] for s in started["started"]] == [lnm], started
+        assert [s["lnm"] for s in started["started"]] == [lnm], started
     hosts = await admin.list_lnm()
     assert all(h["connected"] for h in hosts)
 

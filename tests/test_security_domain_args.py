@@ -387,7 +387,7 @@ async def test_attacks_through_the_client_boundary_define_nothing(tmp_path, clie
     secret = f"1.secret.bob.{DOMAIN}"
     await bob.start(cluster="secret", count=1, lnms=["lnm1"])
     await bob.hibernate([secret])
-    lnm = grid.controller.state.vms[secret]["vmm"]
+    lnm = grid.controller.state.vms[secret]["lnm"]
     save = grid.grid.vmms[lnm].image_path(secret)
     assert os.path.isfile(save)
     os.symlink(save, os.path.join(site["images"], "hib.img"))
@@ -417,7 +417,7 @@ async def test_attacks_through_the_client_boundary_define_nothing(tmp_path, clie
                                      "disk_format": "qcow2"})
     assert result["failed"] == [], result
     good = f"good.alice.{DOMAIN}"
-    xml = await _xml(grid, result["started"][0]["vmm"], good)
+    xml = await _xml(grid, result["started"][0]["lnm"], good)
     assert xml.find("devices/disk/source").get("file") == f"{site['images']}/real/web2.qcow2"
     assert xml.find("devices/disk/driver").get("type") == "qcow2"
     assert xml.findtext("os/initrd") == site["defaults"]["initrd"]
@@ -427,7 +427,7 @@ async def test_attacks_through_the_client_boundary_define_nothing(tmp_path, clie
     assert result["failed"] == [], result
     chosen = f"chosen.alice.{DOMAIN}"
     assert grid.controller.state.vms[chosen]["plugin_args"] == ["disk"]
-    xml = await _xml(grid, result["started"][0]["vmm"], chosen)
+    xml = await _xml(grid, result["started"][0]["lnm"], chosen)
     assert xml.find("devices/disk/source").get("file") == f"{site['images']}/web.img"
 
 
@@ -461,7 +461,7 @@ async def test_attacks_through_the_real_start_path_are_refused(system):
     await bob.start(cluster="secret", count=1, lnms=["lnm1"])
     await wait_for(lambda: bob.vms.get(secret, {}).get("state") == states.RUN)
     await bob.hibernate([secret])
-    lnm = bob.vms[secret]["vmm"]
+    lnm = bob.vms[secret]["lnm"]
     save = os.path.join(system.dir, f"{lnm}-state", "images", f"{secret}.save")
     assert os.path.isfile(save)
     images = system.site["images"]
@@ -952,7 +952,7 @@ async def test_a_compromised_source_cannot_migrate_a_crafted_definition(client_g
     ]
     started = await alice.start(cluster="movers", count=len(attacks_by_source) + 1,
                                 lnms=["lnm1"])
-    assert started["failed"] == [] and {s["vmm"] for s in started["started"]} == {"lnm1"}
+    assert started["failed"] == [] and {s["lnm"] for s in started["started"]} == {"lnm1"}
     movers = sorted(s["name"] for s in started["started"])
     before = await _domains(grid)
     images = os.path.join(grid.grid.vmms["lnm2"].state_dir, "images")
@@ -970,8 +970,8 @@ async def test_a_compromised_source_cannot_migrate_a_crafted_definition(client_g
         assert await _domains(grid) == before
         assert os.listdir(images) == []
         record = grid.controller.state.vms[mover]
-        assert (record["vmm"], record["state"]) == ("lnm1", states.RUN)
-        assert grid.controller.state.vms[secret]["vmm"] == "lnm2"
+        assert (record["lnm"], record["state"]) == ("lnm1", states.RUN)
+        assert grid.controller.state.vms[secret]["lnm"] == "lnm2"
     # An honest source still migrates.
     compromise_export(node, None)
     moved = await alice.migrate([movers[-1]], ["lnm2"])
@@ -1039,7 +1039,7 @@ async def test_a_compromised_lnm_cannot_hand_another_host_a_crafted_definition(t
                 f"other.dave.{DOMAIN}"]                                  # dave answered
             assert await threads.deferToThread(target_host.domains) == on_target
             assert os.listdir(images) == []
-            mine = {r["name"]: (r["vmm"], r["state"]) for r in await carol.list(remote=True)
+            mine = {r["name"]: (r["lnm"], r["state"]) for r in await carol.list(remote=True)
                     if r["owner"] == "carol"}
             assert mine == {name: ("lnm1", states.RUN) for name in movers}
     finally:

@@ -166,7 +166,7 @@ async def system(tmp_path_factory):
 
 async def snapshot(system):
     """Every managed VM as the administrator lists it from the controller."""
-    return {r["name"]: (r["owner"], r["cluster"], r["state"], r["vmm"], r["uuid"],
+    return {r["name"]: (r["owner"], r["cluster"], r["state"], r["lnm"], r["uuid"],
                         r["memory_mib"], r["vcpus"])
             for r in await system.admin.list(remote=True) if r["managed"]}
 
@@ -219,21 +219,21 @@ async def test_inventory_claiming_other_users_vms_gets_nothing_moves_nothing(sys
         listed = {r["name"]: r for r in await system.admin.list(remote=True)}
         assert listed[forged]["owner"] is None and listed[forged]["managed"] is False
         assert "no record" in listed[forged]["quarantined"]
-        assert listed[forged]["vmm"] == "lnm3"
+        assert listed[forged]["lnm"] == "lnm3"
         # bob's namespace stays his: he can start that very name elsewhere,
         # and the fake's copy is a duplicate from then on.
         result = await system.bob.start(["forged"], lnms=["lnm2"])
-        assert result["failed"] == [] and result["started"][0]["vmm"] == "lnm2"
+        assert result["failed"] == [] and result["started"][0]["lnm"] == "lnm2"
         assert await fake.report([domain(forged, owner="bob")]) == []
         [mine] = await system.bob.list([forged], remote=True)
-        assert (mine["vmm"], mine["owner"], mine["managed"]) == ("lnm2", "bob", True)
+        assert (mine["lnm"], mine["owner"], mine["managed"]) == ("lnm2", "bob", True)
         await system.bob.destroy(["forged"])
     fake = await attacked(system, node, attack)
     # Nothing of anyone's was sent to it, and nothing moved.
     assert fake.node.received == []
     assert await snapshot(system) == before
     assert system.bob.vms[sleepy]["state"] == states.HIBERNATED
-    assert system.bob.vms[sleepy]["vmm"] == "lnm2"
+    assert system.bob.vms[sleepy]["lnm"] == "lnm2"
 
 
 @pytest_twisted.ensureDeferred
@@ -255,8 +255,8 @@ async def test_acknowledgments_cover_only_its_own_vms_and_what_it_needs(system):
     there = full("there", "carol")
     assert seen["received"] == [there]
     [ack] = seen["acks"]
-    assert ack["name"] == there and ack["vmm"] == "lnm3" and ack["state"] == states.PAUSED
-    assert set(ack) <= {"name", "owner", "cluster", "state", "vmm", "memory_mib", "vcpus",
+    assert ack["name"] == there and ack["lnm"] == "lnm3" and ack["state"] == states.PAUSED
+    assert set(ack) <= {"name", "owner", "cluster", "state", "lnm", "memory_mib", "vcpus",
                         "uuid", "version", "args", "plugin_args"}
     assert system.bob.vms[full("web1", "bob")]["state"] == states.RUN
     assert system.carol.vms[full("mine", "carol")]["state"] == states.RUN
@@ -282,7 +282,7 @@ async def test_poisoned_node_information_is_refused_and_starts_go_on(system, inf
     # Starts are not blocked: placement still reads sound figures.
     result = await system.bob.start(["again"], lnms=[])
     assert result["failed"] == [], result
-    assert result["started"][0]["vmm"] in ("lnm1", "lnm2")
+    assert result["started"][0]["lnm"] in ("lnm1", "lnm2")
     await system.bob.destroy(["again"])
     await wait_for(lambda: full("again", "bob") not in system.bob.vms)
     assert await snapshot(system) == before
@@ -420,7 +420,7 @@ async def test_a_report_never_moves_a_vm(system):
     async def claim(fake):
         assert await fake.report([domain(sleepy, owner="bob", cluster="default")]) == []
         [listed] = await system.bob.list([sleepy], remote=True)
-        assert (listed["vmm"], listed["state"]) == ("lnm2", states.HIBERNATED)
+        assert (listed["lnm"], listed["state"]) == ("lnm2", states.HIBERNATED)
     fake = await attacked(system, FakeNode(inventory=[domain(sleepy, owner="bob")]), claim)
     assert fake.node.received == []
     log = os.path.join(system.dir, "logs", "usherctrl.log")
@@ -490,7 +490,7 @@ async def test_after_a_restart_only_names_vouched_for_by_known_lnms_come_back(gr
         await reattach(grid, name, fresh)
     assert fresh.recovery.done
     a1, b1 = grid_name("a1", "alice"), grid_name("b1", "bob")
-    assert {n: (r["owner"], r["cluster"], r["vmm"], r["state"])
+    assert {n: (r["owner"], r["cluster"], r["lnm"], r["state"])
             for n, r in fresh.state.vms.items()} == {
         a1: ("alice", "red", "lnm1", states.RUN), b1: ("bob", "default", "lnm2", states.RUN)}
     for name in (mismatch, newcomer):
@@ -514,11 +514,11 @@ async def test_a_report_never_moves_a_vm_whose_host_is_away(grid):
     assert c.state.vms[b1]["state"] == states.LOST
     claim = lnm_input.check_domain(domain(b1, owner="bob"), GRID_DOMAIN)
     assert c.lnm_report("lnm3", [claim]) == []
-    assert (c.state.vms[b1]["vmm"], c.state.vms[b1]["state"]) == ("lnm2", states.LOST)
-    assert b1 not in c.state.vmms["lnm3"].vms and b1 not in c.state.unmanaged
+    assert (c.state.vms[b1]["lnm"], c.state.vms[b1]["state"]) == ("lnm2", states.LOST)
+    assert b1 not in c.state.lnms["lnm3"].vms and b1 not in c.state.unmanaged
     # Its own host back, the lost VM is there again.
     await grid.attach("lnm2")
-    assert (c.state.vms[b1]["vmm"], c.state.vms[b1]["state"]) == ("lnm2", states.RUN)
+    assert (c.state.vms[b1]["lnm"], c.state.vms[b1]["state"]) == ("lnm2", states.RUN)
 
 
 @pytest_twisted.ensureDeferred

@@ -15,7 +15,7 @@ from twisted.internet import defer, task
 from usher import states
 from usher.client import Selection
 from usher.controller.core import Controller
-from usher.controller.state import VMMInfo
+from usher.controller.state import LNMInfo
 from usher.errors import InvalidRequest, NoSuchVM, PermissionDenied
 
 from tests.e2e import RunningSandbox, parse_json, sleep, wait_for
@@ -78,7 +78,7 @@ def controller_rss(system):
 
 async def everything(system):
     """What the administrator sees: every VM's name, state, host and args."""
-    return sorted((r["name"], r["state"], r["vmm"], repr(r.get("args")))
+    return sorted((r["name"], r["state"], r["lnm"], repr(r.get("args")))
                   for r in await system.admin.list(remote=True))
 
 
@@ -302,12 +302,12 @@ class CountingClock(task.Clock):
 def test_a_long_regex_scan_lets_other_requests_through():
     clock = CountingClock()
     controller = Controller(domain=DOMAIN, clock=clock, admins=["root"])
-    controller.state.vmms["lnm1"] = VMMInfo("lnm1", {}, handle=object())
+    controller.state.lnms["lnm1"] = LNMInfo("lnm1", {}, handle=object())
     for i in range(5000):
         controller.state.add(controller.state.new_record(full(f"{i}.web", "alice"),
-                                                         state="run", vmm="lnm1"))
+                                                         state="run", lnm="lnm1"))
     controller.state.add(controller.state.new_record(full("b1", "bob"), state="run",
-                                                     vmm="lnm1"))
+                                                     lnm="lnm1"))
     scan = defer.ensureDeferred(controller.list("root", True, {"regex": r"^4999\."}))
     assert not scan.called
     # Meanwhile another user is answered.
@@ -330,7 +330,7 @@ def test_limits_are_the_controllers_settings():
         controller.selection({"names": ["[1-2].a"], "regex": "x"})
     # One budget for a whole request: the VMs and the LNMs of a migration.
     for lnm in ("l1", "l2", "l3"):
-        controller.state.vmms[lnm] = VMMInfo(lnm, {}, handle=object())
+        controller.state.lnms[lnm] = LNMInfo(lnm, {}, handle=object())
     assert controller.visibility.check_lnm_list(["l1", "l2", "l3"]) == ["l1", "l2", "l3"]
     budget = controller.budget()
     controller.selection({"names": ["[1-3].a"]}, budget)

@@ -34,10 +34,10 @@ def full(short, user=USER):
     return f"{short}.{user}.{DOMAIN}"
 
 
-def record(short, state="run", vmm="vmm47", user=USER, **extra):
+def record(short, state="run", lnm="vmm47", user=USER, **extra):
     name = full(short, user)
     rec = {"name": name, "owner": user, "cluster": naming.cluster_of(short), "state": state,
-           "vmm": vmm, "memory_mib": 256, "vcpus": 1, "uuid": f"uuid-{name}",
+           "lnm": lnm, "memory_mib": 256, "vcpus": 1, "uuid": f"uuid-{name}",
            "managed": True, "version": 1, "args": {}}
     rec.update(extra)
     return rec
@@ -51,7 +51,7 @@ class FakeWorld:
         self.admins = set()
         self.vms = {}
         self.lnms = {f"vmm{n}.{DOMAIN}": {"cpus": 8, "memory_mib": 16384} for n in (43, 44, 47)}
-        self.placements = []  # VMM for each VM started, in order; else round-robin
+        self.placements = []  # LNM for each VM started, in order; else round-robin
         self.start_failures = {}  # full name -> error
         self.elapsed = 2.0
         self.reachable = True
@@ -185,7 +185,7 @@ class FakeClient:
             result = []
             for name in names:
                 item = {"name": name, "connected": True,
-                        "vms": sum(1 for r in self.world.vms.values() if r["vmm"] == name),
+                        "vms": sum(1 for r in self.world.vms.values() if r["lnm"] == name),
                         **self.world.lnms[name]}
                 if status:
                     item["free_memory_mib"] = 8000
@@ -212,10 +212,10 @@ class FakeClient:
                     continue
                 vmm = (self.world.placements[index] if index < len(self.world.placements)
                        else hosts[index % len(hosts)])
-                rec = self.world.add(record(name.split(f".{self.user}.")[0], vmm=vmm,
+                rec = self.world.add(record(name.split(f".{self.user}.")[0], lnm=vmm,
                                             user=self.user, args=dict(args or {})))
                 changed.append(rec)
-                started.append({"name": name, "vmm": vmm})
+                started.append({"name": name, "lnm": vmm})
             self.fire_changes(changed)
             return {"started": started, "failed": failed, "notes": [],
                     "elapsed": self.world.elapsed}
@@ -266,8 +266,8 @@ class FakeClient:
             migrated, changed = [], []
             for index, rec in enumerate(records):
                 target = targets[index % len(targets)]
-                migrated.append({"name": rec["name"], "from": rec["vmm"], "to": target})
-                self.world.vms[rec["name"]]["vmm"] = target
+                migrated.append({"name": rec["name"], "from": rec["lnm"], "to": target})
+                self.world.vms[rec["name"]]["lnm"] = target
                 changed.append(dict(self.world.vms[rec["name"]]))
             self.fire_changes(changed)
             return {"migrated": migrated, "failed": [], "notes": []}
@@ -348,8 +348,8 @@ class Harness:
 
 def sample_world():
     world = FakeWorld()
-    world.add(record("horton", vmm=f"vmm47.{DOMAIN}"))
-    world.add(record("usher", vmm=f"vmm52.{DOMAIN}"))
+    world.add(record("horton", lnm=f"vmm47.{DOMAIN}"))
+    world.add(record("usher", lnm=f"vmm52.{DOMAIN}"))
     return world
 
 
@@ -367,7 +367,7 @@ Connected
 mmcnett:ush> list
 2 VMs:
 -----
-VM                                     state    VMM
+VM                                     state    LNM
 -----
 horton.mmcnett.usher.ucsdys.net        run      vmm47.usher.ucsdys.net
 usher.mmcnett.usher.ucsdys.net         run      vmm52.usher.ucsdys.net
@@ -570,7 +570,7 @@ def test_list_status_asks_the_controller_and_adds_columns():
     output = h.run("list -s")
     assert "<Command 1 result pending...>" in output
     header = [line for line in output.splitlines() if line.startswith("VM ")][0]
-    assert header.split() == ["VM", "state", "VMM", "cluster", "memory", "vcpus", "cpu",
+    assert header.split() == ["VM", "state", "LNM", "cluster", "memory", "vcpus", "cpu",
                               "percent"]
     assert "256 MiB" in output and "1.50" in output
     assert h.sent("list")[-1][1]["status"] is True
@@ -585,7 +585,7 @@ def test_list_all_is_a_remote_query_and_shows_owners_when_mixed():
     output = h.run("list -a")
     assert h.sent("list")[-1][1]["remote"] is True
     header = [line for line in output.splitlines() if line.startswith("VM ")][0]
-    assert header.split() == ["VM", "owner", "state", "VMM"]
+    assert header.split() == ["VM", "owner", "state", "LNM"]
 
 
 def test_list_lnm_table_and_patterns():
@@ -651,7 +651,7 @@ def test_start_partial_failure_lists_both():
 def sneetch_world(count=5):
     world = sample_world()
     for i in range(1, count + 1):
-        world.add(record(f"{i}.sneetch", vmm=f"vmm43.{DOMAIN}"))
+        world.add(record(f"{i}.sneetch", lnm=f"vmm43.{DOMAIN}"))
     return world
 
 
@@ -773,8 +773,8 @@ def test_notices_for_changes_made_elsewhere():
     client.fire_changes([dict(horton, state="paused")])
     client.fire_changes([dict(horton, state="paused", version=2)])  # nothing visible
     client.fire_changes([dict(horton, state="migrating")])
-    client.fire_changes([dict(horton, state="run", vmm="vmm99")])
-    client.fire_changes([record("new", vmm="vmm44")])
+    client.fire_changes([dict(horton, state="run", lnm="vmm99")])
+    client.fire_changes([record("new", lnm="vmm44")])
     client.fire_changes([], [full("new")])
     assert h.out.getvalue().splitlines() == [
         f"[notice] {full('horton')}: run -> paused",
@@ -928,7 +928,7 @@ def test_one_shot_list_json():
     data = run.json()
     assert [vm["name"] for vm in data] == [full(f"{i}.sneetch") for i in range(1, 6)]
     for vm in data:
-        assert {"name", "state", "vmm", "cluster", "owner"} <= set(vm)
+        assert {"name", "state", "lnm", "cluster", "owner"} <= set(vm)
     assert run.password_prompts == []  # the configuration has the password
     assert run.world.calls[-1] == ("disconnect", {})
 
@@ -959,8 +959,8 @@ def test_one_shot_start_json_with_failures():
     world.start_failures[full("2.web")] = "no room"
     run = OneShot(world)
     assert run("--json", "start", "-n", "web", "-c", "3") == 1
-    assert run.json() == [{"name": full("1.web"), "vmm": f"vmm43.{DOMAIN}"},
-                          {"name": full("3.web"), "vmm": f"vmm47.{DOMAIN}"},
+    assert run.json() == [{"name": full("1.web"), "lnm": f"vmm43.{DOMAIN}"},
+                          {"name": full("3.web"), "lnm": f"vmm47.{DOMAIN}"},
                           {"name": full("2.web"), "error": "no room"}]
 
 

@@ -10,7 +10,7 @@ import pytest
 from twisted.internet import defer, task
 
 from usher.controller.core import Controller
-from usher.controller.state import VMMInfo
+from usher.controller.state import LNMInfo
 from usher.protocol import FIGURES
 
 try:
@@ -40,10 +40,10 @@ def build_controller():
     controller = Controller(domain=DOMAIN, clock=clock)
     state = controller.state
     for lnm in ("lnm1", "lnm2", "lnm3"):
-        state.vmms[lnm] = VMMInfo(lnm, {"cpus": 8, "memory_mib": 16384}, handle=object())
+        state.lnms[lnm] = LNMInfo(lnm, {"cpus": 8, "memory_mib": 16384}, handle=object())
     for short, lnm, vm_state in (("1.web", "lnm1", "run"), ("2.web", "lnm1", "run"),
                                  ("3.web", "lnm2", "run"), ("4.web", "lnm2", "shutoff")):
-        state.add(state.new_record(full(short), state=vm_state, vmm=lnm, memory_mib=512,
+        state.add(state.new_record(full(short), state=vm_state, lnm=lnm, memory_mib=512,
                                    vcpus=2))
     node1 = figures(cpu=(45.25, 30.0, 12.5), net_rx=(1536.0, 1000.0, 900.0),
                     net_tx=(3 * 1024 ** 2, 1.0, 1.0), disk_read=(0.0, 0.0, 0.0),
@@ -149,9 +149,9 @@ def test_list_status_shows_averages_rates_and_unavailable_figures():
     h = Harness()
     assert h.run("list", "-s") == [0]
     header, rows = table(h.output(), "VM ")
-    titles = ["VM", "state", "VMM", "cluster", "memory", "vcpus", "cpu% 1m", "5m", "15m",
+    titles = ["VM", "state", "LNM", "cluster", "memory", "vcpus", "cpu% 1m", "5m", "15m",
               "net in/out", "disk r/w", "mem used"]
-    assert header.split() == ["VM", "state", "VMM", "cluster", "memory", "vcpus", "cpu%",
+    assert header.split() == ["VM", "state", "LNM", "cluster", "memory", "vcpus", "cpu%",
                               "1m", "5m", "15m", "net", "in/out", "disk", "r/w", "mem",
                               "used"]
     by_name = {row.split()[0]: cells(header, row, titles) for row in rows}

@@ -2,7 +2,9 @@
 
 All links are Perspective Broker over TLS. Bulk VM data travels as JSON
 chunks (``usher.records``); everything else as small dicts of primitives.
-Every ``callRemote`` is made through ``usher.pbutil.call`` with a timeout.
+A VM record has the keys of ``usher.records.VM_FIELDS``; its ``lnm`` is the
+LNM it is on (peers before 2026-12 sent it as ``vmm``: still read, never
+sent). Every ``callRemote`` is made through ``usher.pbutil.call`` with a timeout.
 
 Controller <-> LNM (mutual TLS; the LNM's name is its certificate's CN)
 ----------------------------------------------------------------------
@@ -174,7 +176,7 @@ Perspective (paper, Table 4, plus session and administration methods)::
                                       (list_request plugins filter them as
                                       for list)
     start(vms: list, lnms: list, args: dict|None) -> {"started": [{"name",
-                                      "vmm"}], "failed": [{"name", "error"}],
+                                      "lnm"}], "failed": [{"name", "error"}],
                                       "notes": [str], "elapsed": float}
                                       (args: at most 32, values of 4,096
                                       characters, 16 KiB in all; VMs: at most

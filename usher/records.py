@@ -11,8 +11,12 @@ import json
 
 from usher.errors import InvalidRequest
 
-VM_FIELDS = ("name", "owner", "cluster", "state", "vmm", "memory_mib", "vcpus",
+VM_FIELDS = ("name", "owner", "cluster", "state", "lnm", "memory_mib", "vcpus",
              "uuid", "managed", "version", "args")
+
+# Peers before 2026-12 named a record's LNM "vmm" (the paper's VMM is the
+# hypervisor, not the LNM driving it): still read, never sent.
+OLD_LNM_KEY = "vmm"
 
 # Leave room under banana.SIZE_LIMIT (640 KiB) for framing and multibyte text.
 CHUNK_BYTES = 256 * 1024
@@ -82,4 +86,7 @@ def decode_records(chunks):
     for rec in records:
         if not isinstance(rec, dict) or not isinstance(rec.get("name"), str):
             raise InvalidRequest("malformed VM record")
+        if OLD_LNM_KEY in rec:
+            old = rec.pop(OLD_LNM_KEY)
+            rec.setdefault("lnm", old)
     return records

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from . import monitor
 
 # The record key (and its column's title) naming the LNM that hosts a VM.
-HOST_KEY, HOST_TITLE = "vmm", "VMM"
+HOST_KEY, HOST_TITLE = "lnm", "LNM"
 
 SEPARATOR = "-----"
 

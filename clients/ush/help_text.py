@@ -176,7 +176,7 @@ COMMANDS["list"] = _entry(
     "List your VMs (from the local cache, or ask the controller)",
     "list [-s] [-a] [-n CLUSTER]... [-r REGEX] [VM ...]",
     """\
-    List VMs as a table: VM name, state and the VMM (host) running it.
+    List VMs as a table: VM name, state and the LNM (host) running it.
 
     Without -s or -a the list comes from ush's cached copy of your VMs, kept
     current by the controller's notifications: it answers at once, without a
@@ -538,8 +538,8 @@ TOPICS["oneshot"] = _entry(
 
     The password comes from the configuration, else ush asks for it.
     --json prints JSON instead of tables: list and list_lnm print an array
-    of objects (list: name, state, vmm, cluster, owner, memory_mib, vcpus,
-    ...), start an array of {"name", "vmm"} and, for failures,
+    of objects (list: name, state, lnm, cluster, owner, memory_mib, vcpus,
+    ...), start an array of {"name", "lnm"} and, for failures,
     {"name", "error"}; the operations and migrate print the controller's
     result object ({"done": [...], "failed": [...], "notes": [...]});
     errors print {"error": "..."}.

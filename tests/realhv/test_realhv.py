@@ -116,11 +116,11 @@ def wait_for(predicate, timeout, what):
     hosts.wait_for(predicate, timeout, what, interval=0.2)
 
 
-def wait_for_state(cluster, name, state, vmm=None, timeout=EVENT_TIMEOUT):
+def wait_for_state(cluster, name, state, lnm=None, timeout=EVENT_TIMEOUT):
     def reached():
         vm = listing(cluster).get(name)
-        return vm is not None and vm["state"] == state and (vmm is None or vm["vmm"] == vmm)
-    wait_for(reached, timeout, f"ush list to show {name} {state}" + (f" on {vmm}" if vmm else ""))
+        return vm is not None and vm["state"] == state and (lnm is None or vm["lnm"] == lnm)
+    wait_for(reached, timeout, f"ush list to show {name} {state}" + (f" on {lnm}" if lnm else ""))
 
 
 def domain_state(host, name):
@@ -177,12 +177,12 @@ def _run_steps(cluster, steps, h1, h2, con1, con2):
     # --- a virtual cluster of real guests ---------------------------------------------
     with steps("start 2 guests (ush start, until both consoles count)"):
         started = ush(cluster, "start", "-n", CLUSTER, "-c", "2", "lnm1", "lnm2")
-        assert {vm["name"]: vm["vmm"] for vm in started} == {VM1: "lnm1", VM2: "lnm2"}
+        assert {vm["name"]: vm["lnm"] for vm in started} == {VM1: "lnm1", VM2: "lnm2"}
         wait_ticking(con1, boots=1)
         wait_ticking(con2, boots=1)
     assert domain_state(h1, VM1) == "running" and domain_state(h2, VM2) == "running"
     vms = listing(cluster, "-n", CLUSTER)
-    assert {n: (vm["state"], vm["vmm"], vm["owner"], vm["memory_mib"]) for n, vm in vms.items()} \
+    assert {n: (vm["state"], vm["lnm"], vm["owner"], vm["memory_mib"]) for n, vm in vms.items()} \
         == {VM1: ("run", "lnm1", "alice", 128), VM2: ("run", "lnm2", "alice", 128)}
     _check_guest_statistics(h1, VM1)
 
@@ -230,7 +230,7 @@ def _run_steps(cluster, steps, h1, h2, con1, con2):
     assert result["migrated"] == [{"name": VM1, "from": "lnm1", "to": "lnm2"}], result
     assert domain_state(h2, VM1) == "running" and domain_state(h1, VM1) is None
     vm = listing(cluster)[VM1]
-    assert (vm["state"], vm["vmm"], vm["owner"], vm["cluster"]) == ("run", "lnm2", "alice", CLUSTER)
+    assert (vm["state"], vm["lnm"], vm["owner"], vm["cluster"]) == ("run", "lnm2", "alice", CLUSTER)
     # Its console (the same file: the hosts share the filesystem) keeps
     # counting, with no new boot.
     wait_ticking(con1, boots=2, after=tick + 2, timeout=EVENT_TIMEOUT)
@@ -259,7 +259,7 @@ def _run_steps(cluster, steps, h1, h2, con1, con2):
     assert running_copies(cluster, VM2) == ["h2"]
     assert domain_state(h1, VM2) is None
     vm = listing(cluster)[VM2]
-    assert (vm["state"], vm["vmm"]) == ("run", "lnm2")
+    assert (vm["state"], vm["lnm"]) == ("run", "lnm2")
     h2.virsh("migrate-setspeed", VM2, "8796093022207")
     # Usher still drives it where it is.
     assert ush(cluster, "pause", VM2)["done"] == [{"name": VM2, "state": "paused"}]
@@ -293,7 +293,7 @@ def _run_steps(cluster, steps, h1, h2, con1, con2):
 
         def quarantined():
             vm = listing(cluster, "-a").get(ADOPTED)
-            return vm is not None and vm.get("quarantined") and vm["vmm"] == "lnm1"
+            return vm is not None and vm.get("quarantined") and vm["lnm"] == "lnm1"
         wait_for(quarantined, EVENT_TIMEOUT, f"ush list -a to show {ADOPTED} quarantined")
     vm = listing(cluster, "-a")[ADOPTED]
     assert vm["owner"] is None and vm["managed"] is False
@@ -302,7 +302,7 @@ def _run_steps(cluster, steps, h1, h2, con1, con2):
 
         def listed_unmanaged():
             vm = listing(cluster, "-a").get(FOREIGN)
-            return vm is not None and vm.get("managed") is False and vm["vmm"] == "lnm1"
+            return vm is not None and vm.get("managed") is False and vm["lnm"] == "lnm1"
         wait_for(listed_unmanaged, EVENT_TIMEOUT, f"ush list -a to show {FOREIGN} unmanaged")
     # The quarantined VM is nobody's: the site removes it on the host.
     h1.virsh("destroy", ADOPTED)

@@ -228,11 +228,11 @@ class Ledger:
         self.default_memory = default_memory
         self.default_vcpus = default_vcpus
         self.hosts: dict[str, HostUsage] = {}
-        for vmm in state.connected_vmms():
-            self.hosts[vmm.name] = HostUsage(vmm.name, vmm.info, policy.rules(vmm.name))
+        for host in state.connected_lnms():
+            self.hosts[host.name] = HostUsage(host.name, host.info, policy.rules(host.name))
         ignore = set(ignore)
         for record in state.vms.values():
-            host = self.hosts.get(record.get("vmm"))
+            host = self.hosts.get(record.get("lnm"))
             if host is None or record["name"] in ignore or record["state"] not in ACTIVE_STATES:
                 continue
             host.add(self.demand(record), record.get("owner"), record.get("cluster"))
@@ -240,7 +240,7 @@ class Ledger:
         # it on the target while it copies; an import restores it there).
         for name, target in getattr(state, "incoming", {}).items():
             host, record = self.hosts.get(target), state.vms.get(name)
-            if host is None or record is None or name in ignore or record.get("vmm") == target:
+            if host is None or record is None or name in ignore or record.get("lnm") == target:
                 continue
             host.add(self.demand(record), record.get("owner"), record.get("cluster"))
 

@@ -15,7 +15,7 @@ log = Logger()
 
 # What an LNM is sent of a VM record (receive, acknowledgments): what it needs
 # to run the VM, nothing else.
-LNM_FIELDS = ("name", "owner", "cluster", "state", "vmm", "memory_mib", "vcpus", "uuid",
+LNM_FIELDS = ("name", "owner", "cluster", "state", "lnm", "memory_mib", "vcpus", "uuid",
               "version", "args", "plugin_args")
 
 

@@ -27,7 +27,7 @@ from usher import states
 from usher.controller.commands import lnm_view
 from usher.controller.events import Event
 from usher.controller.observation import Observation
-from usher.controller.state import VMMInfo
+from usher.controller.state import LNMInfo
 from usher.errors import InvalidRequest, NoSuchLNM, NoSuchVM, UsherError
 
 log = Logger()
@@ -58,19 +58,19 @@ class LNMInventory:
     # -- which LNMs --------------------------------------------------------------
 
     def connected(self, lnm):
-        vmm = self.state.vmms.get(lnm)
-        return vmm is not None and vmm.connected
+        lnm_info = self.state.lnms.get(lnm)
+        return lnm_info is not None and lnm_info.connected
 
     def current(self, lnm, handle):
         """Is ``handle`` still the connection of ``lnm``? An LNM that
         reattached meanwhile is another connection, which knows nothing of
         commands sent on the old one."""
-        vmm = self.state.vmms.get(lnm)
-        return handle is not None and vmm is not None and vmm.handle is handle
+        lnm_info = self.state.lnms.get(lnm)
+        return handle is not None and lnm_info is not None and lnm_info.handle is handle
 
     def handle_of(self, lnm):
-        vmm = self.state.vmms.get(lnm)
-        return vmm.handle if vmm is not None else None
+        lnm_info = self.state.lnms.get(lnm)
+        return lnm_info.handle if lnm_info is not None else None
 
     def watch(self, watcher):
         """``watcher.lnm_attached(name, handle)`` once an LNM has attached (its
@@ -99,18 +99,18 @@ class LNMInventory:
 
     async def attach(self, name, handle, hello=None):
         hello = hello or {}
-        vmm = self.state.vmms.get(name)
-        if vmm is not None and vmm.connected and vmm.handle is not handle:
+        lnm_info = self.state.lnms.get(name)
+        if lnm_info is not None and lnm_info.connected and lnm_info.handle is not handle:
             log.warn("LNM {lnm} connected again; dropping its previous connection", lnm=name)
-            old = vmm.handle
+            old = lnm_info.handle
             self.detach(name, old)
             # Abort: the old connection may lead nowhere (a cut link).
             (getattr(old, "abort", None) or old.disconnect)()
         info = await handle.get_node_info()
-        vmm = self.state.vmms.setdefault(name, VMMInfo(name))
-        vmm.info = info
-        vmm.handle = handle
-        vmm.connected = True
+        lnm_info = self.state.lnms.setdefault(name, LNMInfo(name))
+        lnm_info.info = info
+        lnm_info.handle = handle
+        lnm_info.connected = True
         if self.known_lnms is not None:
             self.known_lnms.remember(name, hostname=info.get("hostname"),
                                      recovery_host=hello.get("recovery_host"),
@@ -120,7 +120,7 @@ class LNMInventory:
             return       # replaced while we waited
         self.reconcile(name, domains, trusting=self._trusts_inventory(name))
         self._first_attached.add(name)
-        mine = [lnm_view(self.state.vms[n]) for n in sorted(vmm.vms)
+        mine = [lnm_view(self.state.vms[n]) for n in sorted(lnm_info.vms)
                 if self.state.vms[n]["state"] not in (states.MISSING,)]
         if mine:
             await handle.receive(mine)
@@ -135,14 +135,14 @@ class LNMInventory:
     def detach(self, name, handle):
         if not self.current(name, handle):
             return
-        vmm = self.state.vmms[name]
-        vmm.connected = False
-        vmm.handle = None
+        lnm_info = self.state.lnms[name]
+        lnm_info.connected = False
+        lnm_info.handle = None
         self.monitoring.lnm_detached(name)
         self._tell_watchers("lnm_detached", name, handle)
         self.ledger.lnm_gone(name)
         lost = []
-        for vm_name in sorted(vmm.vms):
+        for vm_name in sorted(lnm_info.vms):
             rec = self.state.vms[vm_name]
             if rec["state"] not in (states.MISSING, states.LOST):
                 self.state.update(vm_name, state=states.LOST)
@@ -156,20 +156,20 @@ class LNMInventory:
     def forget(self, name):
         """Retire a disconnected LNM: forget it (also in the persisted list)
         and the VMs Usher last knew on it. -> the names of those VMs."""
-        vmm = self.state.vmms.get(name)
-        if vmm is None:
+        lnm_info = self.state.lnms.get(name)
+        if lnm_info is None:
             raise NoSuchLNM(f"no LNM {name} is known")
-        if vmm.connected:
+        if lnm_info.connected:
             raise InvalidRequest(f"LNM {name} is connected; stop it before forgetting it")
-        busy = [n for n in vmm.vms if self.ledger.is_busy(n)]
+        busy = [n for n in lnm_info.vms if self.ledger.is_busy(n)]
         if busy:
             raise InvalidRequest(f"LNM {name} has commands in flight ({busy[0]} …)")
-        forgotten = sorted(vmm.vms)
+        forgotten = sorted(lnm_info.vms)
         for vm_name in forgotten:
             self.ledger.start_settled(vm_name)
             self.state.remove(vm_name)
         self.state.drop_unmanaged_on(name)
-        del self.state.vmms[name]
+        del self.state.lnms[name]
         self.observation.forget(name)
         self._first_attached.discard(name)
         if self.known_lnms is not None:
@@ -195,7 +195,7 @@ class LNMInventory:
         if trusting:
             observation.keep_trusting_unsettled(lnm)
         observation.complained(lnm, complaints)
-        for vm_name in sorted(self.state.vmms[lnm].vms - seen):
+        for vm_name in sorted(self.state.lnms[lnm].vms - seen):
             rec = self.state.vms[vm_name]
             if not self.ledger.is_busy(vm_name) and rec["state"] not in (states.STARTING,
                                                                          states.MIGRATING):
@@ -286,7 +286,7 @@ class LNMInventory:
         if not self.connected(lnm) or rec is None:
             return
         try:
-            await self.state.vmms[lnm].handle.receive([lnm_view(rec)])
+            await self.state.lnms[lnm].handle.receive([lnm_view(rec)])
         except UsherError as e:
             log.warn("could not send the record of {vm} to LNM {lnm}: {error}",
                      vm=name, lnm=lnm, error=str(e))
@@ -320,7 +320,7 @@ class LNMInventory:
             if handle is None:
                 continue
             rec = self.state.vms.get(name)
-            other = rec["vmm"] if rec is not None and rec["vmm"] != source else None
+            other = rec["lnm"] if rec is not None and rec["lnm"] != source else None
             elsewhere = (other is not None and self.connected(other)
                          and rec["state"] in live)
             if not elsewhere:

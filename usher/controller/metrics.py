@@ -118,7 +118,7 @@ class ControllerMetrics:
         lnm_entries, vm_entries = controller.monitoring.snapshot()
         return {
             "now": controller.clock.seconds(),
-            "lnms": {name: vmm.connected for name, vmm in state.vmms.items()},
+            "lnms": {name: info.connected for name, info in state.lnms.items()},
             "clients": controller.client_sessions,
             "vms_by_state": by_state,
             "unmanaged": len(state.unmanaged),

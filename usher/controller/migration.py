@@ -43,15 +43,15 @@ class Move:
     def __init__(self, inventory, ledger, rec, before, target):
         self.inventory = inventory
         self.ledger = ledger
-        self.name, self.source, self.target = rec["name"], rec["vmm"], target
-        src, dst = inventory.state.vmms[self.source], inventory.state.vmms[target]
+        self.name, self.source, self.target = rec["name"], rec["lnm"], target
+        src, dst = inventory.state.lnms[self.source], inventory.state.lnms[target]
         # The connections these commands go to: an LNM that reattaches
         # meanwhile is another connection, which knows nothing of them.
         self._src, self._dst = src.handle, dst.handle
         self._live = (src.info.get("live_migration") and dst.info.get("live_migration")
                       and dst.info.get("migration_uri"))
         self._migration_uri = dst.info.get("migration_uri")
-        self._moved = dict(rec, vmm=target, state=before)
+        self._moved = dict(rec, lnm=target, state=before)
         self._info = None
         self._error = None
         self._done = defer.Deferred()
@@ -403,14 +403,14 @@ class Migrations(Room):
         """Why ``rec`` may not move to ``target`` (the placement's choice), or None."""
         if target is None:
             return "no placement plugin chose a target"
-        if target == rec["vmm"]:
+        if target == rec["lnm"]:
             return f"already on {target}"
-        if not (self.inventory.connected(rec["vmm"]) and self.inventory.connected(target)):
+        if not (self.inventory.connected(rec["lnm"]) and self.inventory.connected(target)):
             return "source or target LNM not connected"
         return None
 
     async def _migrate_one(self, rec, target, migrated, failed):
-        name, source = rec["name"], rec["vmm"]
+        name, source = rec["name"], rec["lnm"]
         before = rec["state"]
         with self.ledger.commanding([name], "migrate"):
             self.state.incoming[name] = target
@@ -432,7 +432,7 @@ class Migrations(Room):
         else:
             self.ledger.move_settled(name)
         if outcome is MoveOutcome.MOVED:
-            self.state.update(name, vmm=target, state=info.get("state") or before)
+            self.state.update(name, lnm=target, state=info.get("state") or before)
             await self.inventory.send_record(target, name)
             migrated.append({"name": name, "from": source, "to": target})
             self.chains.notify(Event("migrate_complete", self.api, vm=dict(rec), ok=True,

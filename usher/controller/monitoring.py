@@ -305,7 +305,7 @@ class Monitoring:
 
     def _placed_on(self, name, lnm):
         record = self.state.vms.get(name) or self.state.unmanaged.get(name)
-        return record is not None and record.get("vmm") == lnm
+        return record is not None and record.get("lnm") == lnm
 
     def _history(self, histories, key, capacity, now, values):
         if not capacity:
@@ -391,8 +391,8 @@ class Monitoring:
         by default)."""
         loads = {}
         for lnm, entry in self._lnms.items():
-            vmm = self.state.vmms.get(lnm)
-            if connected_only and (vmm is None or not vmm.connected):
+            lnm_info = self.state.lnms.get(lnm)
+            if connected_only and (lnm_info is None or not lnm_info.connected):
                 continue
             loads[lnm] = self._load(entry)
         return loads

@@ -105,7 +105,7 @@ class Observation:
     def on_lnm(self, lnm, rec):
         """Is ``rec`` a VM the controller has on ``lnm`` (or is moving there)?
         Only those are acknowledged to it."""
-        return rec["vmm"] == lnm or self.state.incoming.get(rec["name"]) == lnm
+        return rec["lnm"] == lnm or self.state.incoming.get(rec["name"]) == lnm
 
     def absent(self, lnm, rec):
         """``lnm``, which holds ``rec``, does not have the VM: a start whose
@@ -137,17 +137,17 @@ class Observation:
             # Only the LNM the controller exported it from, or (recovery)
             # one whose inventory vouches for it, may hold one.
             entry = ledger.kept_export(name)
-            if entry is None and ((rec is not None and rec["vmm"] == lnm)
+            if entry is None and ((rec is not None and rec["lnm"] == lnm)
                                   or self._trusted_name(lnm, name)):
                 entry = ledger.keep_export(name, lnm, None)
             if entry is None or entry["source"] != lnm:
                 self._complain(complaints, "foreign_export", lnm, name)
                 return None
             return rec if rec is not None and self.on_lnm(lnm, rec) else None
-        if (rec is not None and rec["vmm"] != lnm and self.state.incoming.get(name) != lnm
+        if (rec is not None and rec["lnm"] != lnm and self.state.incoming.get(name) != lnm
                 and not ledger.may_land(name, lnm)):
             if dom.get("state") is not None or dom.get("busy"):
-                self._complain(complaints, "duplicate_vm", lnm, name, other=rec["vmm"],
+                self._complain(complaints, "duplicate_vm", lnm, name, other=rec["lnm"],
                                vm=dict(rec))
             return None
         if dom.get("busy"):
@@ -177,23 +177,23 @@ class Observation:
                 "the controller did not start it on this LNM and has no record of it"))
             return None
         if state is None:
-            if rec["vmm"] == lnm:
+            if rec["lnm"] == lnm:
                 self.absent(lnm, rec)
             return rec
         if ledger.unanswered_start_on(name, lnm):
             ledger.start_settled(name)
-        if ledger.move_settled(name) is not None and rec["vmm"] != lnm:
+        if ledger.move_settled(name) is not None and rec["lnm"] != lnm:
             log.info("VM {vm} found on LNM {lnm} after a migration whose outcome was "
                      "unknown", vm=name, lnm=lnm)
         # (vm_state_changed fires from the state's listener: Controller.)
-        self.state.update(name, state=state, vmm=lnm, uuid=dom.get("uuid"))
+        self.state.update(name, state=state, lnm=lnm, uuid=dom.get("uuid"))
         return rec
 
     def _adopt(self, lnm, dom, state):
         """Recovery: a managed VM the LNM's trusted inventory vouches for."""
         name = dom["name"]
         meta = dom.get("metadata") or {}
-        rec = self.state.new_record(name, state=state, vmm=lnm,
+        rec = self.state.new_record(name, state=state, lnm=lnm,
                                     cluster=meta.get("cluster"),
                                     memory_mib=dom.get("memory_mib"),
                                     vcpus=dom.get("vcpus"), uuid=dom.get("uuid"))
@@ -211,9 +211,9 @@ class Observation:
         its LNM, at most ``lnm_max_unmanaged`` per LNM, first LNM first."""
         name = dom["name"]
         known = self.state.unmanaged.get(name)
-        if known is not None and known["vmm"] != lnm:
+        if known is not None and known["lnm"] != lnm:
             if state is not None:
-                self._complain(complaints, "duplicate_vm", lnm, name, other=known["vmm"])
+                self._complain(complaints, "duplicate_vm", lnm, name, other=known["lnm"])
             return
         if state is None:
             if known is not None:

@@ -48,12 +48,12 @@ class Operations(Room):
             rec, why = self.refusal(name, allowed, operation)
             if why is not None:
                 failed.append({"name": name, "error": why})
-            elif not self.inventory.connected(rec["vmm"]):
+            elif not self.inventory.connected(rec["lnm"]):
                 if operation == "destroy" and rec["state"] in (states.MISSING,):
                     self.state.remove(name)
                     done.append({"name": name, "state": None})
                 else:
-                    failed.append({"name": name, "error": f"LNM {rec['vmm']} is not connected"})
+                    failed.append({"name": name, "error": f"LNM {rec['lnm']} is not connected"})
             else:
                 work.append(rec)
         await run_each([self._one(operation, rec, done, failed, request) for rec in work],
@@ -65,7 +65,7 @@ class Operations(Room):
                 "notes": request.notes}
 
     async def _one(self, operation, rec, done, failed, request):
-        name, lnm = rec["name"], rec["vmm"]
+        name, lnm = rec["name"], rec["lnm"]
         handle = None
         with self.ledger.commanding([name], operation):
             try:

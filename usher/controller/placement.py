@@ -98,13 +98,13 @@ class PlacementPlugin:
         for vm in list(request.vms):
             record = request.records.get(vm) or {}
             existing = self.api.state.vms.get(vm)
-            if request.kind == "start" and existing is not None and existing.get("vmm"):
+            if request.kind == "start" and existing is not None and existing.get("lnm"):
                 self._restart(vm, existing, request, ledger)
             else:
                 self._place(vm, record, request, ledger)
 
     def _restart(self, vm, existing, request, ledger):
-        host = existing["vmm"]
+        host = existing["lnm"]
         demand = ledger.demand(existing)
         why = ledger.refusal(host, demand)
         if why is not None:
@@ -140,7 +140,7 @@ class PlacementPlugin:
 
     def _place(self, vm, record, request, ledger):
         migrating = request.kind == "migrate"
-        source = record.get("vmm") if migrating else None
+        source = record.get("lnm") if migrating else None
         demand = ledger.demand(record, None if migrating else request.args)
         groups, reasons = self._candidates(request, ledger, source)
         chosen = None

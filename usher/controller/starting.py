@@ -145,7 +145,7 @@ class Starts(Room):
 
         by_lnm = {}
         for rec in placed:
-            by_lnm.setdefault(rec["vmm"], []).append(rec)
+            by_lnm.setdefault(rec["lnm"], []).append(rec)
         started = []
         await run_each([self._start_on(lnm, recs, started, failed, restart)
                         for lnm, recs in by_lnm.items()], "start")
@@ -161,8 +161,8 @@ class Starts(Room):
         started again where it is), ``starting`` -> the record."""
         if restarting:
             rec = self.state.vms[name]
-            if not self.inventory.connected(rec["vmm"]):
-                raise OperationFailed(f"LNM {rec['vmm']} is not connected")
+            if not self.inventory.connected(rec["lnm"]):
+                raise OperationFailed(f"LNM {rec['lnm']} is not connected")
             self.state.update(name, state=states.STARTING)
             return rec
         lnm = request.placement.get(name)
@@ -172,7 +172,7 @@ class Starts(Room):
             raise OperationFailed(f"LNM {lnm} is not connected")
         vm_args = request.vm_args.get(name, {})
         record = self.state.new_record(
-            name, state=states.STARTING, vmm=lnm, cluster=cluster,
+            name, state=states.STARTING, lnm=lnm, cluster=cluster,
             memory_mib=memory, vcpus=vcpus, uuid=str(uuid.uuid4()),
             args=dict(request.args, **vm_args))
         record["plugin_args"] = plugin_set_args(user_args, record["args"], vm_args)
@@ -231,7 +231,7 @@ class Starts(Room):
     def _started(self, rec, info, lnm, started):
         self.state.update(rec["name"], state=info.get("state") or states.RUN,
                           uuid=info.get("uuid"))
-        started.append({"name": rec["name"], "vmm": lnm})
+        started.append({"name": rec["name"], "lnm": lnm})
         self.chains.notify(Event("start_complete", self.api, vm=dict(rec), ok=True,
                                  error=None))
 

@@ -28,7 +28,7 @@ _FIELD_CHECKS = {
     "owner": lambda v: v is None or isinstance(v, str),
     "cluster": lambda v: isinstance(v, str),
     "state": lambda v: isinstance(v, str) and v in _STATES,
-    "vmm": lambda v: v is None or isinstance(v, str),
+    "lnm": lambda v: v is None or isinstance(v, str),
     "memory_mib": _is_count,
     "vcpus": _is_count,
     "uuid": lambda v: v is None or isinstance(v, str),
@@ -74,7 +74,7 @@ class VMsByName(Mapping):
         return sum(1 for name in self._names if name in self._vms)
 
 
-class VMMInfo:
+class LNMInfo:
     """One connected (or remembered) LNM and its hypervisor."""
 
     __slots__ = ("name", "info", "connected", "vms", "handle", "unmanaged")
@@ -105,7 +105,7 @@ class GlobalState:
         self.domain = domain
         self.vms = {}          # managed VMs by full name (includes lost/missing)
         self.unmanaged = {}    # VMs on our hosts that Usher does not manage
-        self.vmms = {}         # LNM name -> VMMInfo
+        self.lnms = {}         # LNM name -> LNMInfo
         self.clusters = {}     # (owner, cluster) -> set of VM names
         # VM name -> target LNM while a migration is under way: the VM holds
         # room on both hosts until it is settled on one (usher.controller.capacity).
@@ -150,12 +150,21 @@ class GlobalState:
         return set().union(*(names for (_owner, cluster), names in self.clusters.items()
                              if cluster in wanted))
 
+    def connected_lnms(self):
+        return [v for v in self.lnms.values() if v.connected]
+
+    # The names of releases before 2026-12, kept for site plugins written
+    # against them (an LNM was called a "VMM" then).
+    @property
+    def vmms(self):
+        return self.lnms
+
     def connected_vmms(self):
-        return [v for v in self.vmms.values() if v.connected]
+        return self.connected_lnms()
 
     # -- VM changes ----------------------------------------------------------
 
-    def new_record(self, name, *, state, vmm=None, cluster=None, memory_mib=None,
+    def new_record(self, name, *, state, lnm=None, cluster=None, memory_mib=None,
                    vcpus=None, uuid=None, args=None, owner=None):
         parts = split(name, self.domain)
         managed = parts is not None
@@ -163,7 +172,7 @@ class GlobalState:
             short, owner = parts
             cluster = cluster or cluster_of(short)
         return {"name": name, "owner": owner, "cluster": cluster or DEFAULT_CLUSTER,
-                "state": state, "vmm": vmm, "memory_mib": memory_mib,
+                "state": state, "lnm": lnm, "memory_mib": memory_mib,
                 "vcpus": vcpus, "uuid": uuid, "managed": managed, "version": 0,
                 "args": dict(args or {})}
 
@@ -180,7 +189,7 @@ class GlobalState:
         self._forget_unmanaged(name)
         self.vms[name] = record
         self._index(record)
-        self._place(record, record["vmm"])
+        self._place(record, record["lnm"])
         record["version"] += 1
         self._notify(record, None)
         return record
@@ -193,13 +202,13 @@ class GlobalState:
         if record is None:
             return None
         fields = {key: value for key, value in fields.items()
-                  if value is not None or key == "vmm"}
+                  if value is not None or key == "lnm"}
         check_fields(fields, name)
         old_state = record["state"]
         changed = False
         for key, value in fields.items():
             if record.get(key) != value:
-                if key == "vmm":
+                if key == "lnm":
                     self._place(record, value)
                 if key in ("owner", "cluster"):
                     self._unindex(record)
@@ -239,19 +248,19 @@ class GlobalState:
                 if not members:
                     del index[key]
 
-    def _place(self, record, vmm_name):
-        old = self.vmms.get(record["vmm"]) if record["vmm"] else None
+    def _place(self, record, lnm):
+        old = self.lnms.get(record["lnm"]) if record["lnm"] else None
         if old is not None:
             old.vms.discard(record["name"])
-        record["vmm"] = vmm_name
-        if vmm_name is not None:
-            self.vmms.setdefault(vmm_name, VMMInfo(vmm_name)).vms.add(record["name"])
+        record["lnm"] = lnm
+        if lnm is not None:
+            self.lnms.setdefault(lnm, LNMInfo(lnm)).vms.add(record["name"])
 
     # -- unmanaged -----------------------------------------------------------
 
-    def set_unmanaged(self, name, vmm, state, *, quarantined=None, memory_mib=None,
+    def set_unmanaged(self, name, lnm, state, *, quarantined=None, memory_mib=None,
                       vcpus=None, uuid=None):
-        """Note (``state`` None: forget) a VM on LNM ``vmm`` that Usher does
+        """Note (``state`` None: forget) a VM on LNM ``lnm`` that Usher does
         not manage; ``quarantined`` is why a VM with a managed name is kept
         here instead of in its owner's namespace. Such records have no owner
         and are managed False. -> the record (None once forgotten)."""
@@ -261,7 +270,7 @@ class GlobalState:
         record = self.unmanaged.get(name)
         if record is None:
             record = {"name": name, "owner": None, "cluster": DEFAULT_CLUSTER,
-                      "state": state, "vmm": vmm, "memory_mib": memory_mib,
+                      "state": state, "lnm": lnm, "memory_mib": memory_mib,
                       "vcpus": vcpus, "uuid": uuid, "managed": False, "version": 0,
                       "args": {}}
             if quarantined is not None:
@@ -269,26 +278,26 @@ class GlobalState:
             check_fields(record, name)
             self.unmanaged[name] = record
         else:
-            check_fields({"state": state, "vmm": vmm}, name)
+            check_fields({"state": state, "lnm": lnm}, name)
             self._unmanaged_index(record, discard=True)
-            record.update(state=state, vmm=vmm)
+            record.update(state=state, lnm=lnm)
         self._unmanaged_index(record)
         return record
 
-    def unmanaged_on(self, vmm):
-        """How many unmanaged (and quarantined) VMs LNM ``vmm`` has here."""
-        info = self.vmms.get(vmm)
+    def unmanaged_on(self, lnm):
+        """How many unmanaged (and quarantined) VMs LNM ``lnm`` has here."""
+        info = self.lnms.get(lnm)
         return len(info.unmanaged) if info is not None else 0
 
     def _unmanaged_index(self, record, discard=False):
-        if record["vmm"] is None:
+        if record["lnm"] is None:
             return
         if discard:
-            info = self.vmms.get(record["vmm"])
+            info = self.lnms.get(record["lnm"])
             if info is not None:
                 info.unmanaged.discard(record["name"])
         else:
-            self.vmms.setdefault(record["vmm"], VMMInfo(record["vmm"])).unmanaged.add(
+            self.lnms.setdefault(record["lnm"], LNMInfo(record["lnm"])).unmanaged.add(
                 record["name"])
 
     def _forget_unmanaged(self, name):
@@ -296,7 +305,7 @@ class GlobalState:
         if record is not None:
             self._unmanaged_index(record, discard=True)
 
-    def drop_unmanaged_on(self, vmm):
-        info = self.vmms.get(vmm)
+    def drop_unmanaged_on(self, lnm):
+        info = self.lnms.get(lnm)
         for name in sorted(info.unmanaged) if info is not None else ():
             self._forget_unmanaged(name)

@@ -71,7 +71,7 @@ class Visibility:
             raise InvalidRequest("lnms must be a list")
         if not lnms:
             return []
-        return match_names(sorted(self.state.vmms), list(lnms),
+        return match_names(sorted(self.state.lnms), list(lnms),
                            self.budget() if budget is None else budget)
 
     def sees_all(self, admin):
@@ -187,12 +187,12 @@ class Visibility:
         return result
 
     def list_lnm(self, user, admin, patterns=(), status=False, budget=None):
-        names = sorted(self.state.vmms)
+        names = sorted(self.state.lnms)
         if patterns:
             names = match_names(names, patterns, self.budget() if budget is None else budget)
         lnms = []
         for name in names:
-            data = self.state.vmms[name].to_wire()
+            data = self.state.lnms[name].to_wire()
             if status:
                 data["status"] = self.monitoring.lnm_status(name)
             lnms.append(data)
@@ -215,7 +215,7 @@ class Visibility:
         else:
             on = set(names)
             figures = ((name, self.monitoring.vm_figure(name, "cpu", 1))
-                       for name, rec in seen.items() if rec["vmm"] in on)
+                       for name, rec in seen.items() if rec["lnm"] in on)
             busiest = heapq.nlargest(wanted, ((n, v) for n, v in figures if v is not None),
                                      key=lambda item: item[1])
         records = [seen[n] for n, _ in busiest if n in seen]

@@ -19,7 +19,7 @@ from usher.protocol import MAX_FIELD
 # answer with the VM as it is instead of failing (idempotent commands).
 _IDEMPOTENT_OPERATIONS = frozenset({"pause", "resume", "shutdown", "hibernate", "restore"})
 
-_RECORD_STR_FIELDS = ("uuid", "owner", "cluster", "vmm")
+_RECORD_STR_FIELDS = ("uuid", "owner", "cluster", "lnm")
 _RECORD_COUNT_FIELDS = ("memory_mib", "vcpus", "version")
 
 

@@ -158,8 +158,8 @@ class HostLedger:
         """Does ``new`` move a VM this LNM was told it holds to another LNM,
         while the VM is not on this host? (Compared with the LNM the old
         record named, the controller's name for this one.)"""
-        old_vmm, new_vmm = old.get("vmm"), new.get("vmm")
-        return (old_vmm is not None and new_vmm is not None and old_vmm != new_vmm
+        old_lnm, new_lnm = old.get("lnm"), new.get("lnm")
+        return (old_lnm is not None and new_lnm is not None and old_lnm != new_lnm
                 and new["name"] not in self.domains)
 
     def cached(self, name):
