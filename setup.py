@@ -19,7 +19,7 @@ setup(
     # plugins/ and clients/ install under the usher namespace, so nothing
     # generic ("plugins", "clients") lands in site-packages.
     packages=["usher", "usher.auth", "usher.client", "usher.controller", "usher.lnm",
-              "usher.plugins", "usher.clients", "usher.clients.plusher"],
+              "usher.pki", "usher.plugins", "usher.clients", "usher.clients.plusher"],
     package_dir={"usher.plugins": "plugins", "usher.clients": "clients"},
     install_requires=[
         "twisted>=24.7",

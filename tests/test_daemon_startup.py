@@ -164,8 +164,9 @@ def test_plusher_on_a_busy_port_exits(site, busy_port):
 
 
 def test_plusher_with_an_unreadable_certificate_exits(site):
+    pki_dir = os.path.join(site["dir"], "pki")     # a directory, which even root cannot read
     config = plusher_config(site, "plusher-no-cert", f"port = {sandbox.free_port()}\n"
-                            f"ssl_cert_file = {site['dir']}/pki\nssl_key_file = {site['dir']}/pki\n")
+                            f"ssl_cert_file = {pki_dir}\nssl_key_file = {pki_dir}\n")
     code, output = outcome(spawn("plusher", config))
     assert code == daemon.EXIT_CONFIG
     assert "plusher: configuration error: " in output
