@@ -240,7 +240,7 @@ def run(reactor, daemon, *, pid_file=None, ready_file=None, tell_stderr=False):
         ready = defer.maybeDeferred(daemon.ready) if daemon.ready is not None \
             else defer.succeed(None)
         ready.addCallbacks(up, cannot_start)
-        ready.addErrback(lambda f: log.failure("{name}: once up", f, name=daemon.name))
+        ready.addErrback(lambda f: log.failure("{name}: after it came up", f, name=daemon.name))
 
     def shutdown():
         state["stopping"] = True
