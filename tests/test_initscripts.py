@@ -23,15 +23,19 @@ COMPONENT = {"usherctrl": "ctrl", "usherlnm": "lnm", "plusher": "plusher"}
 SCRIPT_TIMEOUT = 20  # seconds before a hung script fails the test
 
 # Behaves like the daemons' contract: foreground, --isolated --config FILE
-# (which must exist), stops cleanly on SIGTERM. Extra flags misbehave on
-# purpose. "ready" is printed once the SIGTERM handler is in place.
+# (which must exist), --ready-file FILE written once up and removed at exit,
+# stops cleanly on SIGTERM. Extra flags misbehave on purpose. "ready" is
+# printed once the SIGTERM handler is in place.
 FAKE_DAEMON = f"""#!{sys.executable}
 import argparse, os, signal, sys, time
 parser = argparse.ArgumentParser()
 parser.add_argument("--config", action="append", default=[])
 parser.add_argument("--isolated", action="store_true")
+parser.add_argument("--ready-file")
 parser.add_argument("--ignore-term", action="store_true")
 parser.add_argument("--exit-now", type=int, default=None)
+parser.add_argument("--exit-later", type=int, default=None)
+parser.add_argument("--never-ready", action="store_true")
 options = parser.parse_args()
 print("argv", " ".join(sys.argv[1:]), flush=True)
 if options.exit_now is not None:
@@ -41,14 +45,24 @@ for path in options.config:
     if not os.path.exists(path):
         print("configuration error:", path, "is missing", flush=True)
         sys.exit(2)
+if options.exit_later is not None:
+    time.sleep(1.5)
+    print("could not start, exiting with", options.exit_later, flush=True)
+    sys.exit(options.exit_later)
 def on_term(signum, frame):
     if options.ignore_term:
         print("ignoring SIGTERM", flush=True)
         return
     print("stopping on SIGTERM", flush=True)
+    if options.ready_file and os.path.exists(options.ready_file):
+        os.unlink(options.ready_file)
     sys.exit(0)
 signal.signal(signal.SIGTERM, on_term)
 print("ready pid", os.getpid(), flush=True)
+if options.ready_file and not options.never_ready:
+    with open(options.ready_file + ".tmp", "w") as f:
+        f.write(f"{{os.getpid()}}\\n")
+    os.replace(options.ready_file + ".tmp", options.ready_file)
 while True:
     time.sleep(60)
 """
@@ -82,6 +96,7 @@ class InitScript:
         self.config = tmp_path / "etc" / f"{name}.config"
         self.pidfile = tmp_path / "run" / "usher" / f"{name}.pid"
         self.logfile = tmp_path / "log" / "usher" / f"{name}.log"
+        self.ready_file = Path(f"{self.pidfile}.ready")
         self.defaults_file = tmp_path / f"defaults.{name}"
         self.settings = {
             "DAEMON": str(self.daemon), "CONFIG": str(self.config),
@@ -121,6 +136,8 @@ class InitScript:
         result = self.run("start", **settings)
         assert result.returncode == 0, result.stderr
         pid = self.pid()
+        # Once the daemon said it is up (its ready file), not before.
+        assert f"started (pid {pid})" in result.stdout, result.stdout
         self.wait_ready(pid)
         return pid
 
@@ -239,7 +256,9 @@ def test_start_status_stop(daemon_script):
 
     pid = daemon_script.start()
     assert alive(pid)
-    assert f"argv --isolated --config {daemon_script.config}\n" in daemon_script.log()
+    assert (f"argv --isolated --config {daemon_script.config} --ready-file "
+            f"{daemon_script.ready_file}\n") in daemon_script.log()
+    assert daemon_script.ready_file.read_text() == f"{pid}\n"
     status = daemon_script.run("status")
     assert status.returncode == 0
     assert f"({daemon_script.name}) is running (pid {pid})" in status.stdout
@@ -255,6 +274,7 @@ def test_start_status_stop(daemon_script):
     assert not alive(pid)
     assert "stopping on SIGTERM" in daemon_script.log()
     assert not daemon_script.pidfile.exists()
+    assert not daemon_script.ready_file.exists()
     assert daemon_script.run("status").returncode == 3
 
 
@@ -357,6 +377,71 @@ def test_daemon_dying_at_start_up_fails_the_start(lnm_script):
     assert lnm_script.run("status").returncode == 3
 
 
+def test_start_waits_for_a_daemon_that_fails_after_a_while(lnm_script):
+    # Longer than the old fixed wait: start waits for "up" or the exit.
+    result = lnm_script.run("start", DAEMON_ARGS="--exit-later 1", START_WAIT="30")
+    assert result.returncode == 1
+    assert "exited during start-up" in result.stderr
+    assert "could not start, exiting with 1" in result.stderr
+    assert not lnm_script.pidfile.exists() and not lnm_script.ready_file.exists()
+    assert lnm_script.run("status").returncode == 3
+
+
+def test_start_reports_a_daemon_still_starting(lnm_script):
+    result = lnm_script.run("start", DAEMON_ARGS="--never-ready", START_WAIT="0.2")
+    assert result.returncode == 0, result.stderr
+    assert "is still starting" in result.stdout
+    pid = lnm_script.pid()
+    lnm_script.wait_ready(pid)
+    assert lnm_script.run("status").returncode == 0
+    assert lnm_script.run("stop", DAEMON_ARGS="--never-ready").returncode == 0
+    assert not alive(pid)
+
+
+REAL_USHERCTRL = Path(sys.executable).parent / "usherctrl"
+
+
+@pytest.fixture
+def real_ctrl_script(tmp_path):
+    """The controller's init script running the real usherctrl on a
+    sandbox's configuration."""
+    if not REAL_USHERCTRL.exists():
+        pytest.skip(f"{REAL_USHERCTRL} is not installed")
+    from usher import sandbox
+    site = sandbox.prepare(str(tmp_path / "site"), lnms=1, domain="usher.test", user="alice",
+                           rounds=4)
+    script = InitScript(tmp_path, "usherctrl", "auto")
+    script.daemon = REAL_USHERCTRL
+    script.config.write_text(Path(site["configs"]["ctrl"]).read_text())
+    script.settings.update(DAEMON=str(REAL_USHERCTRL), START_WAIT="60")
+    yield script
+    script.kill_leftovers()
+
+
+def test_real_controller_starts_and_stops(real_ctrl_script):
+    start = real_ctrl_script.run("start")
+    assert start.returncode == 0, start.stderr + real_ctrl_script.log()
+    pid = real_ctrl_script.pid()
+    assert f"started (pid {pid})" in start.stdout
+    assert real_ctrl_script.ready_file.read_text() == f"{pid}\n"
+    stop = real_ctrl_script.run("stop")
+    assert stop.returncode == 0, stop.stderr
+    assert "SIGKILL" not in stop.stderr
+    assert not alive(pid) and not real_ctrl_script.ready_file.exists()
+
+
+def test_real_controller_that_cannot_start_fails_the_start(real_ctrl_script):
+    with real_ctrl_script.config.open("a") as f:
+        f.write("[[plugins]]\n[[[nosuchplugin]]]\nevents = start_request\n")
+    start = real_ctrl_script.run("start")
+    assert start.returncode == 1, start.stdout
+    assert "exited during start-up" in start.stderr
+    assert "usherctrl could not start: no such plugin: 'nosuchplugin'" in start.stderr
+    assert "started" not in start.stdout
+    assert real_ctrl_script.run("status").returncode == 3
+    assert not any(alive(pid) for pid in real_ctrl_script.pids_seen)
+
+
 def test_stop_escalates_to_sigkill(lnm_script):
     pid = lnm_script.start(DAEMON_ARGS="--ignore-term")
     result = lnm_script.run("stop", DAEMON_ARGS="--ignore-term", STOP_TIMEOUT="0")
@@ -406,7 +491,9 @@ def _unit(name: str) -> configparser.ConfigParser:
 def test_unit_essentials(name):
     unit = _unit(name)
     service = unit["Service"]
-    assert service["Type"] in ("exec", "simple")
+    # The daemon says when it is up (usher.daemon.notify_service_manager), so
+    # a start that fails fails `systemctl start`.
+    assert service["Type"] == "notify"
     assert service["ExecStart"].split() == [
         f"/usr/local/bin/{name}", "--isolated", "--config",
         f"/etc/usher/{COMPONENT[name]}.config"]

@@ -1,5 +1,7 @@
 """Helpers at the Perspective Broker boundary."""
 
+import functools
+
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.spread import pb
@@ -37,9 +39,9 @@ def call(remote, method, *args, timeout, clock, **kwargs):
 
 
 def as_deferred(coroutine_function):
-    """Decorate an ``async def`` remote_/perspective_ method so PB gets a
-    Deferred (PB does not await coroutines)."""
-    import functools
+    """Decorate an ``async def`` so that its callers get a Deferred: PB's
+    remote_/perspective_ methods (PB does not await coroutines), and the
+    Deferred APIs of the client library and plusher's gateway."""
 
     @functools.wraps(coroutine_function)
     def wrapper(*args, **kwargs):

@@ -15,7 +15,6 @@ If the controller goes away the client reconnects with exponential backoff,
 flushes its cache and receives a fresh one; callbacks keep working.
 """
 
-import functools
 
 from OpenSSL import SSL
 from service_identity import VerificationError
@@ -30,7 +29,7 @@ from usher.errors import (InvalidRequest, LinkFailure, NoSuchVM, PermissionDenie
                           Unavailable, UsherError, from_failure)
 from usher.liveness import enable_tcp_keepalive
 from usher.naming import check_label, check_short_name, qualify, split
-from usher.pbutil import call
+from usher.pbutil import as_deferred, call
 from usher.records import decode_records
 from usher.states import OPERATIONS, OPERATION_PRECONDITIONS, SHUTOFF
 from usher.vmset import Selection
@@ -51,13 +50,6 @@ def _reason(link_failure):
     if "no answer" in text:
         return "the controller did not answer in time"
     return "the connection to the controller was lost"
-
-
-def _deferred(method):
-    @functools.wraps(method)
-    def wrapper(*args, **kwargs):
-        return defer.Deferred.fromCoroutine(method(*args, **kwargs))
-    return wrapper
 
 
 class _Observer(pb.Referenceable):
@@ -294,7 +286,7 @@ class UsherClient:
         gone = [name for name in removed if self.vms.pop(name, None) is not None]
         self._fire_changes(changed, gone)
 
-    @_deferred
+    @as_deferred
     async def _resync(self):
         snapshot = await self._remote("subscribe", self.clusters)
         old = self.vms
@@ -351,7 +343,7 @@ class UsherClient:
 
     # -- Table 4 -------------------------------------------------------------
 
-    @_deferred
+    @as_deferred
     async def list(self, selection=None, status=False, remote=False):
         """List VMs: from the cache (no remote call, like ush's ``list``), or
         from the controller with ``remote`` or ``status``: every VM this user
@@ -365,11 +357,11 @@ class UsherClient:
         wire = selection.to_wire() if selection is not None else None
         return decode_records(await self._remote("list", wire, bool(status)))
 
-    @_deferred
+    @as_deferred
     async def list_lnm(self, patterns=(), status=False):
         return await self._remote("list_lnm", list(patterns), bool(status))
 
-    @_deferred
+    @as_deferred
     async def top(self, patterns=(), count=10):
         """Hosts and their busiest VMs: -> {"lnms": [LNM with "status"],
         "vms": [VM record with "status"]}, the VMs by 1-minute CPU average,
@@ -377,7 +369,7 @@ class UsherClient:
         reply = await self._remote("top", list(patterns), int(count))
         return {"lnms": reply["lnms"], "vms": decode_records(reply["vms"])}
 
-    @_deferred
+    @as_deferred
     async def start(self, names=(), cluster=None, count=None, lnms=(), args=None):
         args = dict(args or {})
         if cluster is not None:
@@ -398,7 +390,7 @@ class UsherClient:
                     raise InvalidRequest(f"{full} already exists ({existing['state']})")
         return await self._remote("start", names, list(lnms), args)
 
-    @_deferred
+    @as_deferred
     async def op_on(self, operation, selection, args=None):
         if operation not in OPERATIONS:
             raise InvalidRequest(f"unknown operation {operation!r}; valid: "
@@ -412,7 +404,7 @@ class UsherClient:
         return await self._remote("op_on", operation,
                                   {"names": [r["name"] for r in records]}, args)
 
-    @_deferred
+    @as_deferred
     async def migrate(self, selection, lnms=(), args=None):
         records = self.select(selection)
         if not records:
@@ -422,19 +414,19 @@ class UsherClient:
 
     # -- administration --------------------------------------------------------
 
-    @_deferred
+    @as_deferred
     async def plugins(self):
         return await self._remote("plugins")
 
-    @_deferred
+    @as_deferred
     async def register_plugin(self, name, event, config_file=None, order=None):
         return await self._remote("register_plugin", name, event, config_file, order)
 
-    @_deferred
+    @as_deferred
     async def unregister_plugin(self, name, event=None):
         return await self._remote("unregister_plugin", name, event)
 
-    @_deferred
+    @as_deferred
     async def forget_lnm(self, name):
         """Retire a disconnected LNM and the VMs last known on it (admins)."""
         return await self._remote("forget_lnm", name)

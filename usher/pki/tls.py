@@ -1,57 +1,15 @@
-"""The site's small PKI and the TLS settings of Usher's connections.
-
-- ``init_ca`` / ``issue_cert`` create a site CA and certificates signed by it
-  (``usher ca init`` / ``usher cert issue --controller|--lnm|--gateway``).
-- Certificate roles. Every certificate Usher issues carries its role, one of
-  ``ROLES``, in two places: the subject attribute ``ROLE_OID`` (Usher's own
-  object identifier, value ``controller``, ``lnm`` or ``gateway``; e.g.
-  ``openssl x509 -subject`` shows ``2.25.1485...=lnm``) and the extended key
-  usages the role needs (``ROLE_USAGES``). Its common name is its identity
-  (the controller's host, the LNM's name, the gateway's host). Roles:
-
-  ``controller``  serves the client and LNM ports; TLS client of the LNMs'
-                  recovery listeners. Names: the hosts it is dialled as.
-  ``lnm``         TLS client of the controller's LNM port; serves its recovery
-                  listener, which the controller verifies by LNM name. Names:
-                  the LNM's name only.
-  ``gateway``     plusher and other web daemons: serves HTTPS, and may present
-                  its certificate on the controller's client port, where it is
-                  recognised as a trusted gateway (``peer_role``).
-
-- ``server_tls_options`` / ``client_tls_options``: TLS 1.2+ against the site
-  CA, checking the role of the peer's certificate (and, for the LNM port, its
-  name against an allow-list, ``NameAllowList``) in the handshake: a peer
-  with the wrong role, no role (a certificate issued before roles) or a name
-  not allowed fails the handshake, and the refusing side logs one line naming
-  the certificate's CN and role. Each also checks that the process's own
-  certificate has the role it serves in (a ``ConfigError`` naming the remedy).
-- ``peer_identity`` / ``peer_role``: the (CN, role) of a peer accepted by
-  those checks, for the code behind a listener (the controller's login code
-  trusts a client-reported source address only from a ``gateway``).
-
-Everything here reads or writes files and is meant for start-up and the admin
-command, not for the reactor thread while serving. Problems with existing
-files raise ``usher.errors.ConfigError`` naming the file; bad arguments raise
-``usher.errors.InvalidRequest`` and write nothing.
-"""
+"""The TLS settings of Usher's connections: TLS 1.2+ against the site CA,
+the role (and name) checks on the peer's certificate in the handshake, the
+check of the process's own certificate, and the identity of a peer that was
+accepted. See ``usher.pki``."""
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import datetime
 import ipaddress
-import os
-import re
-import tempfile
 import weakref
-from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
 from service_identity import VerificationError
 from service_identity.cryptography import (verify_certificate_hostname,
@@ -64,166 +22,24 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from usher.errors import ConfigError, InvalidRequest, PermissionDenied
+from usher.pki.certificates import (_CLIENT_AUTH, _ROLE_DESCRIPTIONS, _SERVER_AUTH,
+                                    ROLE_CONTROLLER, ROLE_USAGES, ROLES, PeerIdentity,
+                                    _load_pair, _remedy, _shown, _usage_name, _usages,
+                                    certificate_identity, load_certificate)
 from usher.vmset import compile_regex, expand_ranges
 
 log = Logger()
 
-DEFAULT_CA_DIR = "/etc/usher"
-CA_CERT_FILE = "ca_cert.pem"
-CA_KEY_FILE = "ca_key.pem"
-KEY_TYPES = ("ec", "rsa")
-
 MINIMUM_TLS_VERSION = TLSVersion.TLSv1_2
-
-# Certificates start being valid a little in the past so that a host whose
-# clock lags the CA's does not reject a certificate issued a moment ago.
-_BACKDATE = datetime.timedelta(minutes=5)
-
-_DNS_LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
-_DNS_NAME_PATTERN = re.compile(rf"{_DNS_LABEL}(\.{_DNS_LABEL})*")
-
-
-@dataclasses.dataclass(frozen=True)
-class KeyPairFiles:
-    """Where a certificate and its private key were written."""
-
-    cert_path: Path
-    key_path: Path
-
-
-# -- loading ------------------------------------------------------------------
-
-def _read(path, what: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: {what} file not found") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: is a directory, expected a {what} file") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read {what} file: {exc.strerror}") from None
-
-
-def load_certificate(path) -> x509.Certificate:
-    """Load the (first) PEM certificate in ``path``."""
-    data = _read(path, "certificate")
-    try:
-        return x509.load_pem_x509_certificate(data)
-    except ValueError:
-        raise ConfigError(f"{path}: not a PEM certificate") from None
-
-
-def load_private_key(path):
-    """Load the unencrypted PEM private key in ``path``."""
-    data = _read(path, "private key")
-    try:
-        return serialization.load_pem_private_key(data, password=None)
-    except TypeError:
-        raise ConfigError(
-            f"{path}: the private key is encrypted; Usher needs an unencrypted key "
-            f"(protect it with file permissions)") from None
-    except (ValueError, UnsupportedAlgorithm):
-        raise ConfigError(f"{path}: not a PEM private key") from None
-
-
-def _public_bytes(public_key) -> bytes:
-    return public_key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-
-
-def _load_pair(cert_file, key_file):
-    certificate = load_certificate(cert_file)
-    private_key = load_private_key(key_file)
-    if _public_bytes(certificate.public_key()) != _public_bytes(private_key.public_key()):
-        raise ConfigError(f"{key_file}: private key does not match certificate {cert_file}")
-    return certificate, private_key
 
 
 def _twisted_certificate(certificate) -> Certificate:
     return Certificate.loadPEM(certificate.public_bytes(serialization.Encoding.PEM))
 
 
-# -- certificate roles -------------------------------------------------------------
-
-ROLE_CONTROLLER = "controller"
-ROLE_LNM = "lnm"
-ROLE_GATEWAY = "gateway"
-ROLES = (ROLE_CONTROLLER, ROLE_LNM, ROLE_GATEWAY)
-
-# The subject attribute that carries a certificate's role (a UTF8String, one
-# of ROLES): an object identifier of Usher's own in the UUID arc 2.25 (ITU-T
-# X.667: anyone may derive one from a fresh UUID, no registration), here
-# UUID 0b2d83fa-99a3-4744-9077-27a0f65c2c3a. cryptography encodes and parses
-# it. A site issuing Usher certificates with another tool adds it to the
-# subject, e.g. openssl req -subj "/CN=lnm7/2.25.1485...4554=lnm".
-ROLE_OID = x509.ObjectIdentifier("2.25.14857838162515446744207378937204714554")
-
-_SERVER_AUTH = ExtendedKeyUsageOID.SERVER_AUTH
-_CLIENT_AUTH = ExtendedKeyUsageOID.CLIENT_AUTH
-
-# The extended key usages each role's certificate carries: what the role does
-# on its links (see the module docstring).
-ROLE_USAGES = {
-    # serves the client and LNM ports; dials the LNMs' recovery listeners
-    ROLE_CONTROLLER: (_SERVER_AUTH, _CLIENT_AUTH),
-    # dials the controller; serves its recovery listener
-    ROLE_LNM: (_CLIENT_AUTH, _SERVER_AUTH),
-    # serves HTTPS; may present itself on the controller's client port
-    ROLE_GATEWAY: (_SERVER_AUTH, _CLIENT_AUTH),
-}
-
-# What a peer of each role is called in messages.
-_ROLE_DESCRIPTIONS = {ROLE_CONTROLLER: "the controller", ROLE_LNM: "an LNM",
-                      ROLE_GATEWAY: "a gateway"}
-
-
 class CertificateRefused(PermissionDenied):
     """The TLS peer's certificate has the wrong role (or none), or a name the
     link does not allow: the reason a refused connection was lost."""
-
-
-@dataclasses.dataclass(frozen=True)
-class PeerIdentity:
-    """What a certificate says about its holder: its common name and its
-    role (None for a certificate without one)."""
-
-    name: str | None
-    role: str | None
-
-
-def certificate_identity(certificate: x509.Certificate) -> PeerIdentity:
-    """The common name and role of ``certificate``. The role is the value of
-    the ``ROLE_OID`` subject attribute as written (several are joined by ",",
-    which is no valid role), None without one."""
-    names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    roles = certificate.subject.get_attributes_for_oid(ROLE_OID)
-    return PeerIdentity(name=str(names[0].value) if names else None,
-                        role=",".join(str(role.value) for role in roles) if roles else None)
-
-
-def _usages(certificate) -> tuple:
-    try:
-        return tuple(certificate.extensions.get_extension_for_class(
-            x509.ExtendedKeyUsage).value)
-    except x509.ExtensionNotFound:
-        return ()
-
-
-def _usage_name(usage) -> str:
-    return "client" if usage == _CLIENT_AUTH else "server"
-
-
-def _shown(text) -> str:
-    """A name from a certificate, as a log line may show it: quoted, escaped
-    and at most 64 characters (a CN has no more)."""
-    if text is None:
-        return "none"
-    return repr(text if len(text) <= 64 else text[:64] + "...")
-
-
-def _remedy(role: str, name: str | None) -> str:
-    names = "" if role == ROLE_LNM else " [--hostname H]... [--ip IP]..."
-    return f"usher cert issue --{role} {name or 'NAME'}{names}"
 
 
 def _check_own_certificate(certificate, cert_file, role: str) -> None:
@@ -571,200 +387,3 @@ def peer_common_name(transport) -> str | None:
     if peer_certificate is None:
         return None
     return certificate_identity(peer_certificate.to_cryptography()).name
-
-
-# -- creating the CA and certificates -------------------------------------------
-
-def _generate_key(key_type: str):
-    if key_type == "ec":
-        return ec.generate_private_key(ec.SECP256R1())
-    if key_type == "rsa":
-        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    raise InvalidRequest(f"unknown key type {key_type!r}; use one of {', '.join(KEY_TYPES)}")
-
-
-def _check_days(days) -> int:
-    if isinstance(days, bool) or not isinstance(days, int) or days < 1:
-        raise InvalidRequest(f"invalid validity {days!r}: a positive number of days is needed")
-    return days
-
-
-def _check_dns_name(name, what: str) -> str:
-    if (not isinstance(name, str) or len(name) > 253
-            or not _DNS_NAME_PATTERN.fullmatch(name)):
-        raise InvalidRequest(
-            f"invalid {what} {name!r}: use a DNS name (letters, digits, '-' and '.')")
-    return name
-
-
-def _write_atomically(path: Path, data: bytes, mode: int) -> None:
-    fd, temp_path = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as stream:
-            os.fchmod(stream.fileno(), mode)
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temp_path, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp_path)
-        raise
-
-
-def _write_pair(files: KeyPairFiles, certificate, private_key) -> None:
-    key_pem = private_key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption())
-    cert_pem = certificate.public_bytes(serialization.Encoding.PEM)
-    try:
-        files.cert_path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-        # The key first: a certificate without its key is useless, the
-        # reverse is merely incomplete.
-        _write_atomically(files.key_path, key_pem, 0o600)
-        _write_atomically(files.cert_path, cert_pem, 0o644)
-    except OSError as exc:
-        raise ConfigError(
-            f"{files.cert_path.parent}: cannot write {files.cert_path.name} and "
-            f"{files.key_path.name}: {exc.strerror}") from None
-
-
-def _refuse_to_overwrite(files: KeyPairFiles, what: str) -> None:
-    existing = [str(path) for path in (files.cert_path, files.key_path) if path.exists()]
-    if existing:
-        raise InvalidRequest(
-            f"refusing to overwrite the {what} ({', '.join(existing)}) without --force")
-
-
-def _ca_files(directory) -> KeyPairFiles:
-    directory = Path(directory)
-    return KeyPairFiles(directory / CA_CERT_FILE, directory / CA_KEY_FILE)
-
-
-def init_ca(directory, common_name: str = "Usher CA", days: int = 3650, *,
-            force: bool = False, key_type: str = "ec") -> KeyPairFiles:
-    """Create a self-signed site CA as ``ca_cert.pem`` and ``ca_key.pem`` (0600) in ``directory``.
-
-    Refuses to replace an existing CA unless ``force``: every certificate it
-    signed stops being trusted when it is replaced.
-    """
-    if not isinstance(common_name, str) or not common_name.strip():
-        raise InvalidRequest("the CA common name must not be empty")
-    _check_days(days)
-    if key_type not in KEY_TYPES:
-        raise InvalidRequest(f"unknown key type {key_type!r}; use one of {', '.join(KEY_TYPES)}")
-    files = _ca_files(directory)
-    if not force:
-        _refuse_to_overwrite(files, "existing CA")
-    private_key = _generate_key(key_type)
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    public_key = private_key.public_key()
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(public_key)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _BACKDATE)
-        .not_valid_after(now + datetime.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(
-            digital_signature=True, content_commitment=False, key_encipherment=False,
-            data_encipherment=False, key_agreement=False, key_cert_sign=True,
-            crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-        .sign(private_key, hashes.SHA256())
-    )
-    _write_pair(files, certificate, private_key)
-    return files
-
-
-def issue_cert(ca_dir, name: str, out_dir, *, role: str, hostnames=None, ips=None,
-               days: int = 825, force: bool = False, key_type: str = "ec") -> KeyPairFiles:
-    """Write ``<name>_cert.pem`` and ``<name>_key.pem`` (0600) into ``out_dir``,
-    signed by the CA in ``ca_dir``, for ``role`` (one of ``ROLES``).
-
-    The certificate has CN=name, the role (subject attribute ``ROLE_OID``),
-    the extended key usages of the role (``ROLE_USAGES``) and subjectAltName
-    DNS:name plus, for the controller and gateways, each of ``hostnames``
-    (DNS) and ``ips`` (IPv4/IPv6): the names they are dialled as. An LNM's
-    certificate names only the LNM (the controller verifies its recovery
-    listener by LNM name). Its validity is cut short to the CA's own. Refuses
-    to overwrite existing files unless ``force``.
-    """
-    if role not in ROLES:
-        raise InvalidRequest(f"unknown certificate role {role!r}; use one of {', '.join(ROLES)}")
-    _check_dns_name(name, "certificate name")
-    _check_days(days)
-    if key_type not in KEY_TYPES:
-        raise InvalidRequest(f"unknown key type {key_type!r}; use one of {', '.join(KEY_TYPES)}")
-    if role == ROLE_LNM and (hostnames or ips):
-        raise InvalidRequest(
-            "an LNM certificate names only the LNM (the controller checks its recovery "
-            "listener by LNM name): no --hostname or --ip")
-    dns_names = [name]
-    for hostname in hostnames or ():
-        _check_dns_name(hostname, "host name")
-        if hostname.lower() not in (known.lower() for known in dns_names):
-            dns_names.append(hostname)
-    addresses = []
-    for ip in ips or ():
-        try:
-            address = ipaddress.ip_address(ip)
-        except ValueError:
-            raise InvalidRequest(f"invalid IP address {ip!r}") from None
-        if address not in addresses:
-            addresses.append(address)
-
-    out_dir = Path(out_dir)
-    files = KeyPairFiles(out_dir / f"{name}_cert.pem", out_dir / f"{name}_key.pem")
-    if not force:
-        _refuse_to_overwrite(files, f"certificate of {name!r}")
-    ca = _ca_files(ca_dir)
-    ca_certificate, ca_key = _load_pair(ca.cert_path, ca.key_path)
-
-    private_key = _generate_key(key_type)
-    public_key = private_key.public_key()
-    now = datetime.datetime.now(datetime.timezone.utc)
-    not_after = min(now + datetime.timedelta(days=days), ca_certificate.not_valid_after_utc)
-    if not_after <= now:
-        raise ConfigError(f"{ca.cert_path}: the CA certificate has expired")
-    alternative_names = [x509.DNSName(dns_name) for dns_name in dns_names]
-    alternative_names += [x509.IPAddress(address) for address in addresses]
-    ca_key_identifier = x509.AuthorityKeyIdentifier.from_issuer_public_key(
-        ca_certificate.public_key())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name),
-                         x509.NameAttribute(ROLE_OID, role)])
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(ca_certificate.subject)
-        .public_key(public_key)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _BACKDATE)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(
-            digital_signature=True, content_commitment=False,
-            key_encipherment=(key_type == "rsa"), data_encipherment=False,
-            key_agreement=False, key_cert_sign=False, crl_sign=False,
-            encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage(list(ROLE_USAGES[role])), critical=False)
-        .add_extension(x509.SubjectAlternativeName(alternative_names), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-        .add_extension(ca_key_identifier, critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    _write_pair(files, certificate, private_key)
-    return files
-
-
-__all__ = [
-    "CA_CERT_FILE", "CA_KEY_FILE", "CertificateRefused", "DEFAULT_CA_DIR", "KEY_TYPES",
-    "KeyPairFiles", "MINIMUM_TLS_VERSION", "NameAllowList", "PeerIdentity", "ROLES",
-    "ROLE_CONTROLLER", "ROLE_GATEWAY", "ROLE_LNM", "ROLE_OID", "ROLE_USAGES",
-    "certificate_identity", "client_tls_options", "client_tls_options_for", "init_ca",
-    "issue_cert", "load_certificate", "load_private_key", "peer_common_name",
-    "peer_identity", "peer_role", "server_tls_options", "verify_certificate_names",
-]
