@@ -91,16 +91,18 @@ def unknown_plugin(site):
 
 def test_controller_with_an_unknown_plugin_exits(site):
     code, output = outcome(spawn("usherctrl", unknown_plugin(site)))
-    assert code == daemon.EXIT_CANNOT_START
-    assert "usherctrl could not start: no such plugin: 'nosuchplugin'" in output
+    assert code == daemon.EXIT_CONFIG       # the configuration's fault: no restart loop
+    assert ("usherctrl could not start: [plugins] [[nosuchplugin]]: "
+            "no such plugin: 'nosuchplugin'") in output
 
 
 def test_controller_with_an_unknown_plugin_event_exits(site):
     config = variant(site, "ctrl", "unknown-event",
                      append="[[plugins]]\n[[[roundrobin]]]\nevents = no_such_event\n")
     code, output = outcome(spawn("usherctrl", config))
-    assert code == daemon.EXIT_CANNOT_START
-    assert "usherctrl could not start: " in output and "no_such_event" in output
+    assert code == daemon.EXIT_CONFIG
+    assert "usherctrl could not start: [plugins] [[roundrobin]]: " in output
+    assert "no_such_event" in output
 
 
 def test_controller_with_a_bad_plugin_option_exits_as_a_configuration_error(site):
@@ -136,9 +138,10 @@ def test_a_start_failure_goes_to_standard_error_too_when_the_log_is_a_file(site,
     config = variant(site, "ctrl", "log-file", append=f"log_file = {log_file}\n"
                      "[[plugins]]\n[[[nosuchplugin]]]\nevents = start_request\n")
     code, _out, err = outcome(spawn("usherctrl", config), separate=True)
-    assert code == daemon.EXIT_CANNOT_START
-    assert "usherctrl: could not start: no such plugin" in err
-    assert "usherctrl could not start: no such plugin" in log_file.read_text()
+    assert code == daemon.EXIT_CONFIG
+    assert "usherctrl: could not start: [plugins] [[nosuchplugin]]: no such plugin" in err
+    assert ("usherctrl could not start: [plugins] [[nosuchplugin]]: no such plugin"
+            in log_file.read_text())
 
 
 def test_lnm_with_an_unreachable_hypervisor_exits(site):
@@ -224,7 +227,7 @@ def test_systemd_is_never_told_ready_by_a_daemon_that_cannot_start(site, notify_
     name, listener = notify_socket
     code, _output = outcome(spawn("usherctrl", unknown_plugin(site),
                                   env={"NOTIFY_SOCKET": name}))
-    assert code == daemon.EXIT_CANNOT_START
+    assert code == daemon.EXIT_CONFIG
     listener.setblocking(False)
     messages = []
     while True:

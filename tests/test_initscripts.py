@@ -436,7 +436,8 @@ def test_real_controller_that_cannot_start_fails_the_start(real_ctrl_script):
     start = real_ctrl_script.run("start")
     assert start.returncode == 1, start.stdout
     assert "exited during start-up" in start.stderr
-    assert "usherctrl could not start: no such plugin: 'nosuchplugin'" in start.stderr
+    assert ("usherctrl could not start: [plugins] [[nosuchplugin]]: no such plugin: "
+            "'nosuchplugin'") in start.stderr
     assert "started" not in start.stdout
     assert real_ctrl_script.run("status").returncode == 3
     assert not any(alive(pid) for pid in real_ctrl_script.pids_seen)

@@ -16,7 +16,7 @@ from usher import settings
 from usher.config import load_config
 from usher.controller.events import Event, EventChains, Request
 from usher.controller.plugins import PluginRegistry
-from usher.errors import InvalidRequest, PermissionDenied, Rejected
+from usher.errors import ConfigError, InvalidRequest, PermissionDenied, Rejected
 from usher.interfaces import IPlugin
 from usher.config import load_plugin_config
 
@@ -551,7 +551,7 @@ def test_register_configured_registers_a_whole_section_and_stops_at_a_failure(tm
     registry.register_configured(settings.default_plugin_registrations())
     assert orders(registry, "start_request") == [
         ("open_authz", 10), ("limits", 20), ("roundrobin", 50)]
-    with pytest.raises(InvalidRequest, match="unknown event 'no_such_event'"):
+    with pytest.raises(ConfigError, match=r"\[\[\w+\]\]: unknown event 'no_such_event'"):
         registry.register_configured({
             "unordered": {"plugin": None, "events": ["vm_lost", "no_such_event"],
                           "config": None, "order": None}})

@@ -246,11 +246,17 @@ class PluginRegistry:
     def register_configured(self, registrations):
         """Register every plugin of a parsed ``[[plugins]]`` section
         (registration name -> plugin, events, config, order) on each of its
-        events, in the section's order. Raises on the first that fails."""
+        events, in the section's order. Raises on the first that fails: a
+        ConfigError naming the registration (an unknown plugin or event is
+        the configuration's fault; the daemon exits 2 and is not restarted
+        in a loop)."""
         for registration_name, registration in registrations.items():
             for event in registration["events"]:
-                self.register(registration.get("plugin") or registration_name, event,
-                              registration.get("config"), registration.get("order"))
+                try:
+                    self.register(registration.get("plugin") or registration_name, event,
+                                  registration.get("config"), registration.get("order"))
+                except InvalidRequest as e:
+                    raise ConfigError(f"[plugins] [[{registration_name}]]: {e}") from None
 
     def unregister_all(self):
         """Take every plugin off every chain (stopping timers and instances);
