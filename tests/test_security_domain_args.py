@@ -608,7 +608,7 @@ def crafted(xml, change):
 def hostile_changes(site, victim_uuid, own_uuid):
     """(change, what the refusal says): every way the issue names for a
     compromised source to reach another host through a definition, and more."""
-    images, state, save = site["images"], site["state"], site["save"]
+    images, save = site["images"], site["save"]
     dev = "devices"
     return [
         # host files: disks, kernels, firmware, consoles, logs, sockets, shares

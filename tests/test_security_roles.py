@@ -125,7 +125,7 @@ async def test_certificates_of_other_roles_cannot_attach_as_an_lnm(system, name,
     with pytest.raises(SSL.Error, match="alert"):      # refused in the handshake
         await attach_as(system, *pair(system, name, where))
 
-    line = (f"the controller's LNM port: refused 127.0.0.1:", f"certificate CN '{name}', "
+    line = ("the controller's LNM port: refused 127.0.0.1:", f"certificate CN '{name}', "
             f"role '{role}': only an LNM (role lnm) is accepted")
     await wait_for(lambda: any(all(part in entry for part in line)
                                for entry in log_of(system, "usherctrl").splitlines()))
@@ -230,7 +230,7 @@ async def test_an_lnms_recovery_listener_refuses_an_lnm_posing_as_the_controller
                        timeout=10).addTimeout(HANG_GUARD, reactor)
 
     assert not str(caught.value).startswith("OK")
-    await wait_for(lambda: f"LNM lnm1's recovery listener: refused 127.0.0.1:" in
+    await wait_for(lambda: "LNM lnm1's recovery listener: refused 127.0.0.1:" in
                    log_of(system, "lnm1") and f"certificate CN '{name}', role 'lnm': only "
                    "the controller (role controller) is accepted" in log_of(system, "lnm1"))
     assert "recovery announcement from the controller" not in log_of(system, "lnm1")
