@@ -11,7 +11,9 @@ missing domain, ``OperationFailed`` carrying libvirt's message otherwise,
 
 Beside it: ``libvirt_domains`` (blocking building blocks on domains),
 ``libvirt_import`` (what a VM from another host must pass),
-``libvirt_stats`` (the statistics the monitor samples).
+``libvirt_stats`` (the statistics the monitor samples). What stays here
+(about 600 lines) is one job: the blocking function behind each IVMM
+operation, next to its argument checks.
 
 Files under ``state_dir``:
 
