@@ -31,7 +31,9 @@ set; host paths are canonicalised and must lie in ``image_dirs`` (never in
 the LNM's state directory: hibernation images, consoles); enumerations come
 from fixed sets and devices from the sets the LNM configures. The LNM's own
 ``[[domain]]`` defaults are the site's and are not checked. Args that are no
-template variable (``os``, ``guaranteed`` ...) never reach the XML.
+template variable (``os``, ``guaranteed`` ...) never reach the XML. A VM's
+MAC, addresses and VLAN (set by the controller's address-management plugin):
+``usher.lnm.guest_network``.
 """
 
 import os
@@ -45,18 +47,21 @@ from xml.parsers.expat import ExpatError
 from xml.sax.saxutils import escape as _escape_text
 
 from usher.errors import ConfigError, InvalidRequest
+from usher.lnm import guest_network
 
 USHER_NS = "https://usher.invalid/xmlns/vm/1"
 USHER_PREFIX = "usher"
 
 # Variables every site template may use; request args may not redefine them.
 TEMPLATE_VARIABLES = ("name", "uuid", "memory_kib", "memory_mib", "vcpus",
-                      "owner", "cluster", "state_dir", "console_path")
+                      "owner", "cluster", "state_dir", "console_path",
+                      *guest_network.DERIVED_VARIABLES)
 
 # Keys of args (or of the LNM's template defaults) the built-in QEMU template
 # understands.
 QEMU_ARGS = ("domain_type", "kernel", "initrd", "cmdline", "disk",
-             "disk_format", "disk_cache", "network", "bridge")
+             "disk_format", "disk_cache", "network", "bridge",
+             *guest_network.NETWORK_VARIABLES)
 
 # What each template variable a VM's args may set is, and how its value is
 # checked (``ArgPolicy``; etc/lnm.config.orig documents each one):
@@ -72,6 +77,7 @@ ENUM_VARIABLES = {
 }
 # host devices: from the set the LNM's option of that name gives;
 DEVICE_VARIABLES = {"bridge": "bridges", "network": "networks"}
+# the guest's MAC, addresses and VLAN: usher.lnm.guest_network.check_value;
 # free text (XML-escaped), e.g. the guest kernel's command line: cmdline and
 # every other ${variable} of a site template.
 KNOWN_VARIABLES = frozenset(QEMU_ARGS + PATH_VARIABLES) | set(ENUM_VARIABLES) | set(
@@ -226,12 +232,15 @@ class ArgPolicy:
     ``plugin_args`` names them); ``image_dirs``: where host files named by
     path variables (``PATH_VARIABLES`` and ``path_args``) must lie once
     canonicalised; ``bridges``, ``networks``: the host devices a VM may be
-    attached to. ``state_dir`` (hibernation images, consoles) is never an
-    image directory. Directories are canonicalised here: build it at start-up.
+    attached to; ``vlan_tags``: whether a ``vlan`` arg tags the interface
+    (usher.lnm.guest_network). ``state_dir`` (hibernation images, consoles)
+    is never an image directory. Directories are canonicalised here: build it
+    at start-up.
     """
 
     def __init__(self, *, state_dir, request_args=(), plugin_args=(), image_dirs=(),
-                 bridges=(), networks=(), path_args=()):
+                 bridges=(), networks=(), path_args=(), vlan_tags=False):
+        self.vlan_tags = bool(vlan_tags)
         self.request_args = _names("request_args", request_args)
         self.plugin_args = _names("plugin_args", plugin_args)
         self.path_variables = frozenset(PATH_VARIABLES) | _names("path_args", path_args)
@@ -296,6 +305,8 @@ class ArgPolicy:
                     f"argument {key!r}: {value[:64]!r} is not one this host offers "
                     f"(its {DEVICE_VARIABLES[key]}: {', '.join(sorted(offered)) or 'none'})")
             return value
+        if key in guest_network.NETWORK_VARIABLES:
+            return guest_network.check_value(key, value)
         return value
 
     def confine(self, key, value, *, directory=False, what=None):
@@ -385,7 +396,7 @@ def _build_test(spec):
     return ET.tostring(root, encoding="unicode")
 
 
-def _build_qemu(spec, state_dir, values):
+def _build_qemu(spec, state_dir, values, network, vlan_tags):
     domain_type = values.get("domain_type", "qemu")
     if domain_type not in ("qemu", "kvm"):
         raise InvalidRequest(f"domain_type must be 'qemu' or 'kvm', not {domain_type!r}")
@@ -402,7 +413,8 @@ def _build_qemu(spec, state_dir, values):
         ET.SubElement(os_el, "kernel").text = kernel
         if values.get("initrd"):
             ET.SubElement(os_el, "initrd").text = values["initrd"]
-        ET.SubElement(os_el, "cmdline").text = values.get("cmdline", "console=ttyS0")
+        ET.SubElement(os_el, "cmdline").text = guest_network.guest_cmdline(
+            values.get("cmdline", "console=ttyS0"), network)
     else:
         ET.SubElement(os_el, "boot", {"dev": "hd"})
     # ACPI is what lets the guest see the power button of a "shutdown".
@@ -421,11 +433,7 @@ def _build_qemu(spec, state_dir, values):
         ET.SubElement(disk_el, "driver", driver)
         ET.SubElement(disk_el, "source", {"file": disk})
         ET.SubElement(disk_el, "target", {"dev": "vda", "bus": "virtio"})
-    for kind in ("network", "bridge"):
-        if values.get(kind):
-            nic = ET.SubElement(devices, "interface", {"type": kind})
-            ET.SubElement(nic, "source", {kind: values[kind]})
-            ET.SubElement(nic, "model", {"type": "virtio"})
+    guest_network.add_interfaces(devices, values, vlan_tags=vlan_tags)
     serial = ET.SubElement(devices, "serial", {"type": "file"})
     # Appended, not truncated: after a restore or a live migration a new QEMU
     # process opens the same log while the guest keeps writing to it.
@@ -545,13 +553,19 @@ def build_domain_xml(spec, *, driver, state_dir, template=None, defaults=None,
     if policy is None:
         policy = ArgPolicy(state_dir=state_dir)
     values = dict(defaults or {})
-    values.update(policy.check(spec, template))
+    checked = policy.check(spec, template)
+    values.update(checked)
+    network = guest_network.GuestNetwork.from_values(values)
+    if network is not None and "cmdline" in checked and "cmdline" not in (
+            spec.get("plugin_args") or ()):
+        guest_network.check_request_cmdline(checked["cmdline"])
     if template is not None:
-        return template.render(spec, state_dir, values)
+        return template.render(spec, state_dir,
+                               values | guest_network.derived_values(network))
     if driver == "test":
         return _build_test(spec)
     if driver == "qemu":
-        return _build_qemu(spec, state_dir, values)
+        return _build_qemu(spec, state_dir, values, network, policy.vlan_tags)
     raise ConfigError(f"there is no built-in domain template for the {driver!r} "
                       "driver: configure a domain template file")
 

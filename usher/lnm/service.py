@@ -96,7 +96,8 @@ def template_defaults(lnm_config):
 
 def arg_policy(lnm_config):
     """What VMs' args may set in their definitions here (``request_args``,
-    ``plugin_args``, ``image_dirs``, ``path_args``, ``bridges``, ``networks``;
+    ``plugin_args``, ``image_dirs``, ``path_args``, ``bridges``, ``networks``,
+    ``vlan_tags``;
     see ``usher.lnm.domain_xml.ArgPolicy``). Reads the file system (the
     directories are canonicalised): at start-up."""
     return domain_xml.ArgPolicy(
@@ -105,7 +106,8 @@ def arg_policy(lnm_config):
         plugin_args=lnm_config.get("plugin_args"),
         image_dirs=lnm_config.get("image_dirs"),
         path_args=lnm_config.get("path_args"),
-        bridges=lnm_config.get("bridges"), networks=lnm_config.get("networks"))
+        bridges=lnm_config.get("bridges"), networks=lnm_config.get("networks"),
+        vlan_tags=lnm_config.get("vlan_tags", False))
 
 
 class NodeService(service.Service):
