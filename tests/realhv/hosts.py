@@ -57,7 +57,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 PACKAGES = ("libvirt-daemon", "libvirt-daemon-driver-qemu", "libvirt-clients",
             "qemu-system-x86", "qemu-utils", "busybox-static", "iproute2")
 KERNEL_METAPACKAGE = "linux-image-amd64"
-GUEST_MODULES = ("kernel/drivers/input/evdev.ko", "kernel/drivers/acpi/button.ko")
+# In load order (busybox insmod resolves no dependencies): the input and ACPI
+# button drivers, then virtio-net (Debian builds virtio as modules).
+GUEST_MODULES = ("kernel/drivers/input/evdev.ko", "kernel/drivers/acpi/button.ko",
+                 "kernel/drivers/virtio/virtio.ko", "kernel/drivers/virtio/virtio_ring.ko",
+                 "kernel/drivers/virtio/virtio_pci_legacy_dev.ko",
+                 "kernel/drivers/virtio/virtio_pci_modern_dev.ko",
+                 "kernel/drivers/virtio/virtio_pci.ko", "kernel/net/core/failover.ko",
+                 "kernel/drivers/net/net_failover.ko", "kernel/drivers/net/virtio_net.ko")
 GUEST_CMDLINE = "console=ttyS0 quiet loglevel=3 panic=-1"
 
 NETWORK_PREFIX = "10.200.0"
@@ -70,12 +77,19 @@ CLIENT_PORT, LNM_PORT, RECOVERY_PORT = 7390, 7391, 7392
 # Markers the guest prints on its serial console.
 BOOT_MARKER = "usher-guest: booted"
 READY_MARKER = "usher-guest: acpid ready"
+NETWORK_MARKER = "usher-guest: network "
+# The page the guest's web server answers with: its address and MAC as it
+# sees them.
+GUEST_PAGE_PREFIX = "usher-guest "
 TICK_PREFIX = "usher-guest: tick "
 
-# The guest's /init. It prints BOOT_MARKER, loads the input and ACPI button
-# drivers, starts acpid only once an input event device exists (an acpid
-# started earlier watches nothing, and the power button would do nothing),
-# then counts forever; PID 1 must never exit.
+# The guest's /init. It prints BOOT_MARKER, loads the input, ACPI button and
+# virtio-net drivers, starts acpid only once an input event device exists (an
+# acpid started earlier watches nothing, and the power button would do
+# nothing), configures eth0 from the address Usher put on the kernel command
+# line (the Debian kernel has no CONFIG_IP_PNP, so the kernel ignores ip=;
+# IPv6 comes as usher.ip6=/usher.gw6=), answers HTTP on it with its address
+# and MAC, then counts forever; PID 1 must never exit.
 GUEST_INIT = f"""#!/bin/sh
 export PATH=/bin
 /bin/busybox --install -s /bin
@@ -85,13 +99,49 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 exec 0</dev/console 1>/dev/console 2>&1
 echo "{BOOT_MARKER}"
-for module in /lib/modules/*.ko; do insmod "$module"; done
+for pass in 1 2; do
+    for module in $(cat /lib/modules/order); do
+        [ -d "/sys/module/$module" ] || insmod "/lib/modules/$module.ko" 2>/dev/null
+    done
+done
 n=0
 while ! ls /dev/input/event* >/dev/null 2>&1; do
     n=$((n + 1)); [ $n -gt 200 ] && break; sleep 0.05
 done
 acpid -c /etc/acpi -l /var/log/acpid.log
 echo "{READY_MARKER}"
+ip4=; ip6=; gw6=; address=
+for word in $(cat /proc/cmdline); do
+    case "$word" in
+        ip=*) ip4="${{word#ip=}}" ;;
+        usher.ip6=*) ip6="${{word#usher.ip6=}}" ;;
+        usher.gw6=*) gw6="${{word#usher.gw6=}}" ;;
+    esac
+done
+if [ -n "$ip4$ip6" ]; then
+    n=0
+    while [ ! -e /sys/class/net/eth0 ]; do
+        n=$((n + 1)); [ $n -gt 200 ] && break; sleep 0.05
+    done
+    ip link set lo up
+    ip link set eth0 up
+    if [ -n "$ip4" ]; then
+        # ip=<address>:<server>:<gateway>:<netmask>:<host>:<device>:<autoconf>
+        IFS=:; set -- $ip4; unset IFS
+        ifconfig "${{6:-eth0}}" "$1" netmask "$4" up
+        [ -n "$3" ] && route add default gw "$3"
+        address="$1"
+    fi
+    if [ -n "$ip6" ]; then
+        ip -6 addr add "$ip6" dev eth0
+        [ -n "$gw6" ] && ip -6 route add default via "$gw6"
+        address="${{address:+$address }}${{ip6%/*}}"
+    fi
+    mkdir -p /www
+    echo "{GUEST_PAGE_PREFIX}$address $(cat /sys/class/net/eth0/address)" > /www/index.html
+    httpd -p 80 -h /www
+    echo "{NETWORK_MARKER}$(ip -o addr show dev eth0 | tr -s ' ' | tr '\\n' ';')"
+fi
 i=0
 while true; do echo "{TICK_PREFIX}$i"; i=$((i + 1)); sleep 1; done
 """
@@ -241,6 +291,8 @@ def _build_initrd(kernel_dir, path):
         os.symlink("busybox", os.path.join(root, "bin", "sh"))
         for module in glob.glob(os.path.join(kernel_dir, "modules", "*.ko")):
             shutil.copy(module, os.path.join(root, "lib", "modules"))
+        _write(os.path.join(root, "lib", "modules", "order"), "".join(
+            os.path.basename(m)[:-len(".ko")] + "\n" for m in GUEST_MODULES))
         _write(os.path.join(root, "init"), GUEST_INIT, 0o755)
         _write(os.path.join(root, "etc", "acpi", "PWRF", "00000080"), GUEST_POWER_BUTTON,
                0o755)
@@ -278,12 +330,15 @@ def build_guest(cache_dir=None):
 
 def _build_guest_locked(cache_dir):
     kernel_dir = os.path.join(cache_dir, "kernel")
-    if not os.path.exists(os.path.join(kernel_dir, "package")):
+    wanted = [os.path.join(kernel_dir, "modules", os.path.basename(m)) for m in GUEST_MODULES]
+    if not os.path.exists(os.path.join(kernel_dir, "package")) or not all(
+            os.path.exists(m) for m in wanted):
         _fetch_kernel(kernel_dir)
     # The initrd is named after what goes into it: editing the init script
     # (or changing the kernel) builds a new one.
     digest = hashlib.sha256()
-    digest.update(GUEST_INIT.encode() + GUEST_POWER_BUTTON.encode())
+    digest.update(GUEST_INIT.encode() + GUEST_POWER_BUTTON.encode()
+                  + "\n".join(GUEST_MODULES).encode())
     for module in sorted(glob.glob(os.path.join(kernel_dir, "modules", "*.ko"))):
         digest.update(os.path.basename(module).encode() + str(os.path.getsize(module)).encode())
     initrd = os.path.join(cache_dir, f"initrd-{digest.hexdigest()[:16]}.gz")
@@ -547,7 +602,8 @@ class Cluster:
     cleans up after a process that died without stopping.
     """
 
-    def __init__(self, directory, guest, *, tag=None, scan_interval=300, cache_dir=None):
+    def __init__(self, directory, guest, *, tag=None, scan_interval=300, cache_dir=None,
+                 ctrl_options="", lnm_options=""):
         self.dir = os.path.abspath(directory)
         self.cache_dir = os.path.abspath(cache_dir or default_cache_dir())
         self.guest = guest
@@ -561,6 +617,10 @@ class Cluster:
         self.lnm_names = [f"lnm{i + 1}" for i in range(len(self.hosts))]
         self.password = None
         self.ush_config = os.path.join(self.dir, "ush.config")
+        # More lines for the end of [ctrl] (plugin_dir, [[plugins]]) and of
+        # [lnm] (before its [[domain]]).
+        self.ctrl_options = ctrl_options
+        self.lnm_options = lnm_options
 
     # -- bookkeeping --------------------------------------------------------------------
 
@@ -649,7 +709,7 @@ state_dir = {self.dir}/ctrl-state
 passwd_file = {passwd}
 default_memory = 128
 default_vcpus = 1
-""")
+{self.ctrl_options}""")
         for name, host in zip(self.lnm_names, self.hosts):
             _write(os.path.join(self.dir, f"{name}.config"), f"""\
 # LNM {name} on test host {host.name} ({host.address}).
@@ -671,6 +731,7 @@ recovery_interface = {host.address}
 recovery_port = {RECOVERY_PORT}
 reconnect_initial_delay = 0.5
 reconnect_max_delay = 5
+{self.lnm_options}
   [[domain]]
   domain_type = qemu
   kernel = {self.guest['kernel']}
