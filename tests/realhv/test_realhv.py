@@ -63,9 +63,9 @@ def guest(steps):
         return hosts.prepare()
 
 
-@pytest.fixture
-def cluster(guest, steps, tmp_path):
-    cluster = hosts.Cluster(tmp_path / "realhv", guest)
+@contextlib.contextmanager
+def running(cluster, steps):
+    """The cluster started, and stopped (by PID) however the block ends."""
     try:
         with steps("two libvirtd hosts, controller and two LNMs up"):
             cluster.start()
@@ -73,6 +73,14 @@ def cluster(guest, steps, tmp_path):
     finally:
         with steps("teardown (by PID) and namespaces removed"):
             cluster.stop()
+
+
+@pytest.fixture
+def cluster(guest, steps, tmp_path):
+    try:
+        with running(hosts.Cluster(tmp_path / "realhv", guest), steps) as cluster:
+            yield cluster
+    finally:
         # Hibernation images are tens of MiB each; the logs stay for a post-mortem.
         for path in (tmp_path / "realhv").glob("lnm*-state/images/*"):
             path.unlink()

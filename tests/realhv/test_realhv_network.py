@@ -26,7 +26,9 @@ import time
 import pytest
 
 from tests.realhv import hosts
-from tests.realhv.test_realhv import BOOT_TIMEOUT, Steps, ush, wait_for, wait_ticking
+from tests.realhv.test_realhv import BOOT_TIMEOUT, running, ush, wait_for, wait_ticking
+# The fixtures: timed steps, the guest (skips where the machine cannot run it).
+from tests.realhv.test_realhv import guest, steps  # noqa: F401
 
 CLUSTER = "net"
 VM1 = f"1.{CLUSTER}.{hosts.USHER_USER}.{hosts.USHER_DOMAIN}"
@@ -69,35 +71,16 @@ events = start_request
 
 
 @pytest.fixture
-def steps(tmp_path):
-    steps = Steps(tmp_path / "timings.json")
-    yield steps
-    if steps.times:
-        print("\nreal-hypervisor network steps:\n" + steps.report())
-
-
-@pytest.fixture
-def cluster(steps, tmp_path):
-    reason = hosts.why_not_runnable()
-    if reason:
-        pytest.skip(f"real hypervisors cannot run here: {reason}")
-    with steps("install packages, build the guest (cached after the first run)"):
-        guest = hosts.prepare()
+def cluster(guest, steps, tmp_path):
     directory = tmp_path / "realhv"
     plugin_dir = directory / "plugins"
     plugin_dir.mkdir(parents=True)
     (plugin_dir / "netargs.py").write_text(NETARGS_PLUGIN)
-    cluster = hosts.Cluster(
-        directory, guest,
-        ctrl_options=f"plugin_dir = {plugin_dir}\n{PLUGINS}",
-        lnm_options=f"plugin_args = {NETWORK_ARGS}\nbridges = {BRIDGE}\n")
-    try:
-        with steps("two libvirtd hosts, controller and two LNMs up"):
-            cluster.start()
+    with running(hosts.Cluster(directory, guest,
+                               ctrl_options=f"plugin_dir = {plugin_dir}\n{PLUGINS}",
+                               lnm_options=f"plugin_args = {NETWORK_ARGS}\n"
+                                           f"bridges = {BRIDGE}\n"), steps) as cluster:
         yield cluster
-    finally:
-        with steps("teardown (by PID) and namespaces removed"):
-            cluster.stop()
 
 
 def in_host(host, *argv, check=True, timeout=30):
