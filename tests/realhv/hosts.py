@@ -150,6 +150,7 @@ while true; do echo "{TICK_PREFIX}$i"; i=$((i + 1)); sleep 1; done
 GUEST_POWER_BUTTON = "#!/bin/sh\nexec poweroff -f\n"
 
 STOP_GRACE = 10.0
+INITRD_KEEP = 24 * 3600.0    # seconds an unused initrd stays in the cache
 # Wait for another apt/dpkg (another test run, unattended upgrades) to finish.
 APT_LOCK_WAIT = "DPkg::Lock::Timeout=300"
 
@@ -344,9 +345,13 @@ def _build_guest_locked(cache_dir):
     initrd = os.path.join(cache_dir, f"initrd-{digest.hexdigest()[:16]}.gz")
     if not os.path.exists(initrd):
         log("building the guest initramfs")
-        for old in glob.glob(os.path.join(cache_dir, "initrd-*.gz")):
-            os.unlink(old)
         _build_initrd(kernel_dir, initrd)
+    # Another checkout's run may be booting guests from its own initrd (an
+    # older init) right now: only those unused for a day are removed.
+    os.utime(initrd)
+    for old in glob.glob(os.path.join(cache_dir, "initrd-*.gz")):
+        if old != initrd and time.time() - os.path.getmtime(old) > INITRD_KEEP:
+            os.unlink(old)
     return {"kernel": os.path.join(kernel_dir, "vmlinuz"), "initrd": initrd,
             "cmdline": GUEST_CMDLINE}
 
