@@ -247,11 +247,21 @@ async def test_after_recovery_vms_keep_their_addresses_and_orphans_are_released(
                             "order": None}
     grid = Grid(reactor, tmp_path, registrations=registrations, lnms=1)
     await grid.start()
+    store = Store.open(url)
+    try:
+        await _restart_and_reconcile(grid, store, config, registrations)
+    finally:
+        grid.controller.plugins.unregister_all()
+        store.close()
+        await grid.stop()
+
+
+async def _restart_and_reconcile(grid, store, config, registrations):
     plugin = plugin_instance(grid, "sql")
     await plugin.prepared
-    await start(grid, 1)
+    result = await start(grid, 1)
+    assert result["started"], result
     await plugin.worker.flushed()
-    store = Store.open(url)
     # A start cut short by a crash: reserved, never started.
     store.run(ipam.reserve, "alice", "crashed", [full("1.crashed")], request_id=99, now=1)
     address = read(store, ipam.lease_of, full("1.web")).address
@@ -268,9 +278,8 @@ async def test_after_recovery_vms_keep_their_addresses_and_orphans_are_released(
     restarted.state.add(restarted.state.new_record(
         old["name"], state=old["state"], lnm=old["lnm"], memory_mib=old["memory_mib"],
         vcpus=old["vcpus"], uuid=old["uuid"]))
-    restarted.plugins.register_configured({"sql": registrations["sql"]})
-    again = plugin_instance(restarted, "sql")
     try:
+        again = restarted.plugins.register("sql", "vm_removed", config)
         released = await again.reconciled
         assert [row["vm"] for row in released] == [full("1.crashed")]
         assert read(store, ipam.lease_of, full("1.web")).address == address
@@ -279,5 +288,3 @@ async def test_after_recovery_vms_keep_their_addresses_and_orphans_are_released(
         assert "ip_address" in record["plugin_args"]
     finally:
         restarted.plugins.unregister_all()
-        store.close()
-        await grid.stop()

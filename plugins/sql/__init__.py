@@ -218,6 +218,7 @@ class Plugin:
             retry_max=config.get("retry_max", 60.0))
         self.orphan_grace = config.get("orphan_grace", 120.0)
         self._starts = {}          # vm -> _Start, from start_request until settled
+        self._reserving = set()    # VMs whose reservation is being made
         self._stopped = False
         self._prepare_call = None
         self.prepared = defer.Deferred()
@@ -234,10 +235,10 @@ class Plugin:
     def _prepared(self, has_subnets):
         if self.mode == "auto":
             self.ipam_active = has_subnets
-        if not self.prepared.called:
-            self.prepared.callback(None)
         defer.Deferred.fromCoroutine(self._reconcile_after_recovery()).addErrback(
             lambda f: logger.failure("SQL plugin: reconciling leases after recovery failed", f))
+        if not self.prepared.called:
+            self.prepared.callback(None)
 
     def _prepare_failed(self, failure):
         if self._stopped:
@@ -259,7 +260,9 @@ class Plugin:
         live = {name: (rec.get("args") or {}).get("ip_address")
                 for name, rec in state.vms.items()}
         owners = {name: (rec.get("owner"), rec.get("cluster")) for name, rec in state.vms.items()}
-        for vm in self._starts:
+        # Starts under way (their reservations are not orphans) -- the
+        # reconciliation is queued after the reservations they made.
+        for vm in list(self._starts) + list(self._reserving):
             live.setdefault(vm, None)
         connected = {lnm.name for lnm in state.connected_lnms()}
         released, leases = await self.worker.call(_reconcile, live, owners, connected,
@@ -328,6 +331,8 @@ class Plugin:
             leases, _active = outcome
             self.worker.enqueue_log(_release_reserved, logged, list(leases), self._now(),
                                     "the start was refused")
+        asked = list(request.vms)
+        self._reserving.update(asked)
         try:
             leases, active = await self.worker.call(_request_and_reserve, logged, summary,
                                                     groups, self.mode, on_late=undo)
@@ -346,6 +351,8 @@ class Plugin:
             request.reject(reason)
             self.worker.enqueue_log(_refused, {}, summary, reason)
             return
+        finally:
+            self._reserving.difference_update(asked)
         if self.mode == "auto":
             self.ipam_active = active
         for vm, lease in leases.items():

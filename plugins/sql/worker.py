@@ -69,6 +69,8 @@ class DatabaseWorker:
         if run_in_thread is None:
             self._pool = ThreadPool(minthreads=1, maxthreads=1, name="usher-sql")
             self._pool.start()
+            # Its thread must not outlive the reactor (nor keep the process).
+            reactor.addSystemEventTrigger("during", "shutdown", self.stop)
             run_in_thread = lambda f, *a: threads.deferToThreadPool(reactor, self._pool, f, *a)  # noqa: E731
         self._run_in_thread = run_in_thread
         self.max_queue = max_queue
