@@ -288,3 +288,51 @@ async def _restart_and_reconcile(grid, store, config, registrations):
         assert "ip_address" in record["plugin_args"]
     finally:
         restarted.plugins.unregister_all()
+
+
+VETO = '''
+"""Veto: refuses starts of cluster 'vetoed' after the SQL plugin reserved (a test plugin)."""
+
+
+class Plugin:
+    order = 70
+
+    def __init__(self, config, api):
+        pass
+
+    def entry_point(self, event):
+        if event.request.args.get("cluster") == "vetoed":
+            event.request.reject("vetoed")
+'''
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_start_refused_after_the_reservation_frees_it(tmp_path):
+    config, url = sql_config(tmp_path)
+    plugin_dir = tmp_path / "thirdparty"
+    plugin_dir.mkdir()
+    (plugin_dir / "veto.py").write_text(VETO, encoding="utf-8")
+    registrations = default_plugin_registrations()
+    registrations["sql"] = {"plugin": "sql", "events": SQL_EVENTS, "config": config,
+                            "order": None}
+    registrations["veto"] = {"plugin": "veto", "events": ["start_request"], "config": None,
+                             "order": None}
+    grid = Grid(reactor, tmp_path, registrations=registrations, plugin_dir=str(plugin_dir))
+    await grid.start()
+    store = Store.open(url)
+    try:
+        plugin = plugin_instance(grid, "sql")
+        await plugin.prepared
+        with pytest.raises(Rejected, match="vetoed"):
+            await start(grid, 2, cluster="vetoed")
+        assert len(read(store, ipam.leases)) == 2
+        from twisted.internet import task as twisted_task
+        await twisted_task.deferLater(reactor, 1.5, lambda: None)
+        await plugin.worker.flushed()
+        assert read(store, ipam.leases) == []
+        outcome = read(store, lambda tx: tx.query("SELECT ok, detail FROM requests"))
+        assert [(bool(ok), detail) for ok, detail in outcome] == [(False, "refused: vetoed")]
+    finally:
+        grid.controller.plugins.unregister_all()
+        store.close()
+        await grid.stop()
