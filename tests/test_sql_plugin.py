@@ -16,6 +16,7 @@ from usher.settings import default_plugin_registrations
 
 from tests.clientgrid import plugin_instance
 from tests.grid import DOMAIN, Grid
+from tests.test_sql_worker import FlakyStore
 
 SQL_EVENTS = ["start_request", "register_vm", "start_complete", "vm_state_changed",
               "vm_removed", "op_complete", "migrate_complete", "vm_lost", "vm_missing",
@@ -47,12 +48,17 @@ def sql_config(tmp_path, extra=""):
     return str(path), f"sqlite:///{db}"
 
 
-@pytest_twisted.async_yield_fixture
-async def sql_grid(tmp_path):
-    config, url = sql_config(tmp_path)
+def sql_registrations(config):
     registrations = default_plugin_registrations()
     registrations["sql"] = {"plugin": "sql", "events": SQL_EVENTS, "config": config,
                             "order": None}
+    return registrations
+
+
+@pytest_twisted.async_yield_fixture
+async def sql_grid(tmp_path):
+    config, url = sql_config(tmp_path)
+    registrations = sql_registrations(config)
     grid = Grid(reactor, tmp_path, registrations=registrations)
     await grid.start()
     plugin = plugin_instance(grid, "sql")
@@ -172,24 +178,6 @@ async def test_the_mirror_follows_what_lnms_report_not_the_controllers_conclusio
     assert ("run", "paused", "origin lnm") in changes
 
 
-class FlakyStore:
-    """The plugin's real store, which a test can take "down"."""
-
-    def __init__(self, url):
-        self.real = Store.open(url)
-        self.real.migrate()
-        self.down = False
-
-    def run(self, function, *args, **kwargs):
-        if self.down:
-            from usher.plugins.sql.store import DatabaseUnavailable
-            raise DatabaseUnavailable("connection refused (the test stopped it)")
-        return self.real.run(function, *args, **kwargs)
-
-    def close(self):
-        pass
-
-
 @pytest_twisted.ensureDeferred
 async def test_a_database_down_refuses_starts_clearly_and_the_log_catches_up(
         tmp_path, monkeypatch):
@@ -198,11 +186,11 @@ async def test_a_database_down_refuses_starts_clearly_and_the_log_catches_up(
     text = open(config).read().replace("database =", "retry_initial = 0.05\nretry_max = 0.1\n"
                                        "database =", 1)
     open(config, "w").write(text)
-    flaky = FlakyStore(url)
+    real = Store.open(url)
+    real.migrate()
+    flaky = FlakyStore(real)
     monkeypatch.setattr(sql_plugin, "_opened", lambda _url: flaky)
-    registrations = default_plugin_registrations()
-    registrations["sql"] = {"plugin": "sql", "events": SQL_EVENTS, "config": config,
-                            "order": None}
+    registrations = sql_registrations(config)
     grid = Grid(reactor, tmp_path, registrations=registrations)
     await grid.start()
     plugin = plugin_instance(grid, "sql")
@@ -242,9 +230,7 @@ async def test_after_recovery_vms_keep_their_addresses_and_orphans_are_released(
     (adopted from its LNM's inventory) keeps its address, and gets its
     network arguments back; a reservation of a start cut short is freed."""
     config, url = sql_config(tmp_path)
-    registrations = default_plugin_registrations()
-    registrations["sql"] = {"plugin": "sql", "events": SQL_EVENTS, "config": config,
-                            "order": None}
+    registrations = sql_registrations(config)
     grid = Grid(reactor, tmp_path, registrations=registrations, lnms=1)
     await grid.start()
     store = Store.open(url)
@@ -312,9 +298,7 @@ async def test_a_start_refused_after_the_reservation_frees_it(tmp_path):
     plugin_dir = tmp_path / "thirdparty"
     plugin_dir.mkdir()
     (plugin_dir / "veto.py").write_text(VETO, encoding="utf-8")
-    registrations = default_plugin_registrations()
-    registrations["sql"] = {"plugin": "sql", "events": SQL_EVENTS, "config": config,
-                            "order": None}
+    registrations = sql_registrations(config)
     registrations["veto"] = {"plugin": "veto", "events": ["start_request"], "config": None,
                              "order": None}
     grid = Grid(reactor, tmp_path, registrations=registrations, plugin_dir=str(plugin_dir))

@@ -13,15 +13,17 @@ from usher.plugins.sql.worker import DatabaseWorker
 class FlakyStore:
     """A real SQLite store that can be "down"."""
 
-    def __init__(self):
-        self.real = Store.open("sqlite:///:memory:")
-        self.real.run(lambda tx: tx.execute("CREATE TABLE notes (n INTEGER)"))
+    def __init__(self, real=None):
+        self.real = real
+        if real is None:
+            self.real = Store.open("sqlite:///:memory:")
+            self.real.run(lambda tx: tx.execute("CREATE TABLE notes (n INTEGER)"))
         self.down = False
         self.opened = 0
 
     def run(self, function, *args, **kwargs):
         if self.down:
-            raise DatabaseUnavailable("connection refused")
+            raise DatabaseUnavailable("connection refused (the test stopped it)")
         return self.real.run(function, *args, **kwargs)
 
     def close(self):

@@ -255,11 +255,16 @@ def remove_subnet(tx, name):
     """Remove a subnet and its ranges; refused while an address is held."""
     if subnet(tx, name) is None:
         raise IpamError(f"no subnet {name}")
-    held = tx.query("SELECT COUNT(*) FROM addresses WHERE subnet = ?", (name,))[0][0]
-    if held:
-        raise IpamError(f"subnet {name}: {held} addresses are held by VMs; it stays")
+    _refuse_if_held(tx, "subnet", name)
     tx.execute("DELETE FROM ranges WHERE subnet = ?", (name,))
     tx.execute("DELETE FROM subnets WHERE name = ?", (name,))
+
+
+def _refuse_if_held(tx, column, value):
+    held = tx.query(f"SELECT COUNT(*) FROM addresses WHERE {column} = ?", (value,))[0][0]
+    if held:
+        what = "subnet" if column == "subnet" else "range"
+        raise IpamError(f"{what} {value}: {held} addresses are held by VMs; it stays")
 
 
 def has_subnets(tx):
@@ -345,9 +350,7 @@ def get_range(tx, range_id):
 def remove_range(tx, range_id):
     if get_range(tx, range_id) is None:
         raise IpamError(f"no range {range_id}")
-    held = tx.query("SELECT COUNT(*) FROM addresses WHERE range_id = ?", (range_id,))[0][0]
-    if held:
-        raise IpamError(f"range {range_id}: {held} addresses are held by VMs; it stays")
+    _refuse_if_held(tx, "range_id", range_id)
     tx.execute("DELETE FROM ranges WHERE id = ?", (range_id,))
 
 
