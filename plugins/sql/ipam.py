@@ -1,6 +1,10 @@
 """IP address management over the SQL plugin's store: plain functions of an
 open transaction (``store.Transaction``), no Twisted, no threads.
 
+(About 700 lines, over the house's 600: subnets, ranges, allocation and
+leases share one set of checks and one range geometry; split, each part
+would reach into the others' internals.)
+
 - A *subnet* is a CIDR (IPv4 or IPv6) with an optional VLAN id, gateway, DNS
   servers, excluded addresses and the site's bridge or libvirt network its
   VMs attach to.
