@@ -8,6 +8,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
+from usher.lnm.domain_xml import ArgPolicy
 from usher.errors import Rejected
 from usher.plugins.sql import ipam
 from usher.plugins.sql import log as sqllog
@@ -18,9 +19,17 @@ from tests.clientgrid import plugin_instance
 from tests.grid import DOMAIN, Grid
 from tests.test_sql_worker import FlakyStore
 
+NET_ARGS = ("mac", "ip_address", "ip_prefix", "ip_gateway", "ip_dns", "vlan")
+
 SQL_EVENTS = ["start_request", "register_vm", "start_complete", "vm_state_changed",
               "vm_removed", "op_complete", "migrate_complete", "vm_lost", "vm_missing",
               "vm_adopted"]
+
+
+def net_args_allowed(state_dir):
+    """The LNMs let plugins set a VM's network arguments, as a site running
+    the SQL plugin configures them (README "Network arguments")."""
+    return {"arg_policy": ArgPolicy(state_dir=state_dir, plugin_args=NET_ARGS)}
 
 
 def full(short, owner="alice"):
@@ -59,7 +68,7 @@ def sql_registrations(config):
 async def sql_grid(tmp_path):
     config, url = sql_config(tmp_path)
     registrations = sql_registrations(config)
-    grid = Grid(reactor, tmp_path, registrations=registrations)
+    grid = Grid(reactor, tmp_path, vmm_options=net_args_allowed, registrations=registrations)
     await grid.start()
     plugin = plugin_instance(grid, "sql")
     await plugin.prepared
@@ -191,7 +200,7 @@ async def test_a_database_down_refuses_starts_clearly_and_the_log_catches_up(
     flaky = FlakyStore(real)
     monkeypatch.setattr(sql_plugin, "_opened", lambda _url: flaky)
     registrations = sql_registrations(config)
-    grid = Grid(reactor, tmp_path, registrations=registrations)
+    grid = Grid(reactor, tmp_path, vmm_options=net_args_allowed, registrations=registrations)
     await grid.start()
     plugin = plugin_instance(grid, "sql")
     try:
@@ -231,7 +240,8 @@ async def test_after_recovery_vms_keep_their_addresses_and_orphans_are_released(
     network arguments back; a reservation of a start cut short is freed."""
     config, url = sql_config(tmp_path)
     registrations = sql_registrations(config)
-    grid = Grid(reactor, tmp_path, registrations=registrations, lnms=1)
+    grid = Grid(reactor, tmp_path, vmm_options=net_args_allowed, registrations=registrations,
+                lnms=1)
     await grid.start()
     store = Store.open(url)
     try:
@@ -301,7 +311,8 @@ async def test_a_start_refused_after_the_reservation_frees_it(tmp_path):
     registrations = sql_registrations(config)
     registrations["veto"] = {"plugin": "veto", "events": ["start_request"], "config": None,
                              "order": None}
-    grid = Grid(reactor, tmp_path, registrations=registrations, plugin_dir=str(plugin_dir))
+    grid = Grid(reactor, tmp_path, vmm_options=net_args_allowed, registrations=registrations,
+                plugin_dir=str(plugin_dir))
     await grid.start()
     store = Store.open(url)
     try:
