@@ -7,9 +7,11 @@ PY      = $(VENV)/bin/python
 SANDBOX_DIR ?= $(CURDIR)/sandbox
 # Debian packages: libvirt's client library (its test driver is the embedded
 # hypervisor), what libvirt-python needs to build, and libvirtd (the failure
-# tests give each LNM a private daemon). The real-hypervisor test installs
-# QEMU itself (tests/realhv/hosts.py).
-APT_PACKAGES = libvirt-dev pkg-config gcc python3-dev python3-venv libvirt-daemon
+# tests give each LNM a private daemon), PostgreSQL (the SQL plugin's tests
+# start a private server, tests/pgserver.py). The real-hypervisor test
+# installs QEMU itself (tests/realhv/hosts.py).
+APT_PACKAGES = libvirt-dev pkg-config gcc python3-dev python3-venv libvirt-daemon \
+	postgresql
 
 .PHONY: setup sandbox test bench clean
 
@@ -17,7 +19,8 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: setup.py
 	@if ! pkg-config --exists libvirt 2>/dev/null || ! command -v gcc >/dev/null \
-	    || ! command -v libvirtd >/dev/null; then \
+	    || ! command -v libvirtd >/dev/null \
+	    || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
 	  echo "installing Debian packages: $(APT_PACKAGES)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 	    apt-get install -y -qq --no-install-recommends $(APT_PACKAGES); \
