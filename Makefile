@@ -13,7 +13,7 @@ SANDBOX_DIR ?= $(CURDIR)/sandbox
 APT_PACKAGES = libvirt-dev pkg-config gcc python3-dev python3-venv libvirt-daemon \
 	postgresql
 
-.PHONY: setup sandbox test bench clean
+.PHONY: setup sandbox test bench bench-sql clean
 
 setup: $(VENV)/.installed
 
@@ -38,6 +38,10 @@ test: setup
 
 bench: setup
 	$(PY) -m bench.run
+
+# Starts of 1,000 VMs with the SQL plugin on PostgreSQL vs without it.
+bench-sql: setup
+	$(PY) -m bench.sql
 
 clean:
 	rm -rf $(VENV) $(SANDBOX_DIR) build *.egg-info
