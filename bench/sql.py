@@ -35,7 +35,8 @@ from usher import daemon, states
 
 # The SQL plugin's registration: every event it follows (plugins/sql).
 SQL_EVENTS = ("start_request", "register_vm", "start_complete", "vm_state_changed",
-              "vm_removed", "op_complete", "migrate_complete", "vm_lost", "vm_missing")
+              "vm_removed", "op_complete", "migrate_complete", "vm_lost", "vm_missing",
+              "vm_adopted")
 
 
 @dataclasses.dataclass

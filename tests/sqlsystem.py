@@ -20,7 +20,8 @@ from tests.e2e import RunningSandbox
 
 # The SQL plugin's registration: every event it follows (plugins/sql).
 SQL_EVENTS = ("start_request", "register_vm", "start_complete", "vm_state_changed",
-              "vm_removed", "op_complete", "migrate_complete", "vm_lost", "vm_missing")
+              "vm_removed", "op_complete", "migrate_complete", "vm_lost", "vm_missing",
+              "vm_adopted")
 # The VM arguments the plugin sets (SQL_SPEC: the contract with the LNM).
 PLUGIN_ARGS = ("ip_address", "ip_prefix", "ip_gateway", "ip_dns", "vlan", "mac")
 
@@ -98,7 +99,9 @@ class SqlSandbox(RunningSandbox):
         lnm_settings = {"plugin_args": ", ".join(PLUGIN_ARGS)}
         merged = dict(settings or {})
         merged["lnm"] = dict(lnm_settings, **merged.get("lnm", {}))
-        super().__init__(directory, lnms=lnms, settings=merged)
+        # Room for every test's VMs on three hosts, whatever the overcommit.
+        super().__init__(directory, lnms=lnms, settings=merged, host_cpus=128,
+                         host_memory=131072)
         self.engine = engine
         self.postgres = postgres
         self.url = database_url(engine, self.dir, postgres)
