@@ -11,8 +11,9 @@ import ipaddress
 import pytest
 import pytest_twisted
 from twisted.internet import defer
+from twisted.python.failure import Failure
 
-from usher.errors import Rejected, UsherError
+from usher.errors import LinkFailure, Rejected, UsherError
 
 from tests.e2e import sleep, wait_for
 from tests.sqlsystem import SqlSandbox
@@ -344,8 +345,8 @@ async def _kill_mid_start(box, tmp_path):
     # Reserved by the plugin (its start_request turn, order 60), then held
     # by a plugin after it on the chain: the controller dies mid-start.
     await alice.register_plugin("e2e_hold_request", "start_request", hold, 70)
-    stuck = alice.start(cluster="orphan", count=2)
-    stuck.addErrback(lambda failure: failure)       # the connection goes with the kill
+    stuck = []
+    alice.start(cluster="orphan", count=2).addBoth(stuck.append)
     await wait_for(lambda: marked(orphan_marker), 30)
     orphans = [full("1.orphan"), full("2.orphan")]
     reserved = await eventually(lambda: leases_of(box, orphans), 30,
@@ -354,8 +355,11 @@ async def _kill_mid_start(box, tmp_path):
     before = await leases_of(box, [full(f"{i}.{c}") for c in ("kept", "landed")
                                    for i in (1, 2)])
     assert len(before) == 4
+    assert {before[n][1] for n in landed_names} == {"reserved"}
 
     assert await box.kill("usherctrl") is None      # killed by the signal
+    await wait_for(lambda: stuck, 30)
+    assert isinstance(stuck[0], Failure) and stuck[0].check(LinkFailure), stuck
     box.restart("usherctrl")
     alice = await _reconnect(box)
     live = landed_names + [s["name"] for s in kept["started"]]
