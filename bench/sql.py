@@ -29,6 +29,7 @@ import traceback
 
 from twisted.internet import defer
 
+from bench import run as run_scale
 from bench.run import Progress, RunWatcher, full_name
 from bench.system import USER, BenchSystem, sleep, wait_for
 from usher import daemon, states
@@ -39,18 +40,10 @@ SQL_EVENTS = ("start_request", "register_vm", "start_complete", "vm_state_change
               "vm_adopted")
 
 
-@dataclasses.dataclass
-class Scale:
-    lnms: int = 100
-    vms: int = 1000
-    repeats: int = 3
-    ctrl_settings: dict = dataclasses.field(default_factory=dict)
-    lnm_settings: dict = dataclasses.field(default_factory=dict)
-    patience: float = 300.0
-
-
-FULL = Scale()
-QUICK = Scale(lnms=3, vms=20, repeats=2, patience=60.0)
+# The scale is figure 1's (bench.run.Scale): ``start_vms`` per start over
+# ``start_lnms`` LNMs, ``repeats`` starts; QUICK is the test suite's.
+FULL = run_scale.FULL
+QUICK = run_scale.QUICK
 
 
 def seed_database(url, user, addresses_needed):
@@ -98,7 +91,7 @@ class Side:
         self.scale = scale
         self.progress = progress
         self.database_url = database_url
-        self.system = BenchSystem(reactor, directory, lnms=scale.lnms,
+        self.system = BenchSystem(reactor, directory, lnms=scale.start_lnms,
                                   ctrl_settings=scale.ctrl_settings,
                                   lnm_settings=scale.lnm_settings)
         self.runs = []
@@ -109,7 +102,7 @@ class Side:
             await self._set_up()
             for run in range(1, self.scale.repeats + 1):
                 self.runs.append(await self._start(f"burst{run}"))
-                self.progress(f"  start {run}: {self.scale.vms:,} VMs in "
+                self.progress(f"  start {run}: {self.scale.start_vms:,} VMs in "
                               f"{self.runs[-1]:.3f} s")
         finally:
             await self.system.shutdown()
@@ -129,22 +122,22 @@ class Side:
         system.start_controller()
         await system.wait_controller()
         system.start_fleet()
-        await system.fleet.add(range(1, self.scale.lnms + 1))
+        await system.fleet.add(range(1, self.scale.start_lnms + 1))
         self.client = await system.connected_client(timeout=self.scale.patience)
 
         async def connected():
             return sum(1 for lnm in await self.client.list_lnm() if lnm["connected"])
         started = time.monotonic()
-        while await connected() < self.scale.lnms:
+        while await connected() < self.scale.start_lnms:
             if time.monotonic() - started > self.scale.patience:
                 raise TimeoutError("the fleet did not attach")
             await sleep(self.reactor, 0.2)
 
     async def _start(self, cluster):
-        names = [full_name(f"{i}.{cluster}") for i in range(1, self.scale.vms + 1)]
+        names = [full_name(f"{i}.{cluster}") for i in range(1, self.scale.start_vms + 1)]
         watch = RunWatcher(self.client, names, states.RUN)
         started = time.monotonic()
-        result = await self.client.start(cluster=cluster, count=self.scale.vms)
+        result = await self.client.start(cluster=cluster, count=self.scale.start_vms)
         answered = time.monotonic()
         if result["failed"]:
             raise RuntimeError(f"{len(result['failed'])} VMs failed to start: "
@@ -177,8 +170,8 @@ class SqlBench:
         scale = self.scale
         own_server = None
         try:
-            self.progress(f"without the SQL plugin: {scale.lnms} LNMs, {scale.repeats} "
-                          f"starts of {scale.vms:,} VMs")
+            self.progress(f"without the SQL plugin: {scale.start_lnms} LNMs, {scale.repeats} "
+                          f"starts of {scale.start_vms:,} VMs")
             plain = await Side(self.reactor, scale, os.path.join(self.dir, "plain"),
                                self.progress).run()
             server = self.postgres
@@ -187,18 +180,18 @@ class SqlBench:
                 self.progress("starting a private PostgreSQL server")
                 server = own_server = PostgresServer().start()
             url = server.create_database(f"bench_{int(time.time() * 1000) % 10 ** 9}")
-            seed_database(url, USER, scale.vms * scale.repeats)
+            seed_database(url, USER, scale.start_vms * scale.repeats)
             self.progress(f"with the SQL plugin on PostgreSQL ({url})")
             with_sql = await Side(self.reactor, scale, os.path.join(self.dir, "sql"),
                                   self.progress, database_url=url).run()
             self.leases = count_leases(url)
-            if self.leases != scale.vms * scale.repeats:
+            if self.leases != scale.start_vms * scale.repeats:
                 raise RuntimeError(f"{self.leases} leases in the database, not "
-                                   f"{scale.vms * scale.repeats}")
-            self.results = {"vms": scale.vms, "lnms": scale.lnms, "repeats": scale.repeats,
+                                   f"{scale.start_vms * scale.repeats}")
+            self.results = {"vms": scale.start_vms, "lnms": scale.start_lnms, "repeats": scale.repeats,
                             "without_sql_s": plain, "with_sql_s": with_sql,
-                            "without_sql_vms_per_s": scale.vms / plain,
-                            "with_sql_vms_per_s": scale.vms / with_sql,
+                            "without_sql_vms_per_s": scale.start_vms / plain,
+                            "with_sql_vms_per_s": scale.start_vms / with_sql,
                             "ratio": with_sql / plain}
         except Exception as e:
             self.errors["sql bench"] = f"{e.__class__.__name__}: {e}"
@@ -229,7 +222,7 @@ def main(argv=None):
     options = parser.parse_args(argv)
     scale = QUICK if options.quick else FULL
     if options.vms:
-        scale = dataclasses.replace(scale, vms=options.vms)
+        scale = dataclasses.replace(scale, start_vms=options.vms)
     directory = tempfile.mkdtemp(prefix="usher-bench-sql-")
     from twisted.internet import reactor
     os.makedirs(os.path.join(directory, "logs"), exist_ok=True)
