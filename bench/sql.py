@@ -27,12 +27,10 @@ import tempfile
 import time
 import traceback
 
-from twisted.internet import defer
-
 from bench import run as run_scale
-from bench.run import Progress, RunWatcher, full_name
+from bench.run import RunWatcher, full_name
 from bench.system import USER, BenchSystem, sleep, wait_for
-from usher import daemon, states
+from usher import states
 
 # The SQL plugin's registration: every event it follows (plugins/sql).
 SQL_EVENTS = ("start_request", "register_vm", "start_complete", "vm_state_changed",
@@ -224,19 +222,8 @@ def main(argv=None):
     if options.vms:
         scale = dataclasses.replace(scale, start_vms=options.vms)
     directory = tempfile.mkdtemp(prefix="usher-bench-sql-")
-    from twisted.internet import reactor
-    os.makedirs(os.path.join(directory, "logs"), exist_ok=True)
-    daemon.start_logging(os.path.join(directory, "logs", "fleet.log"), "info")
-    bench = SqlBench(reactor, scale, directory, Progress(sys.stdout))
-
-    async def run():
-        try:
-            await bench.run()
-        finally:
-            reactor.stop()
-
-    reactor.callWhenRunning(lambda: defer.Deferred.fromCoroutine(run()))
-    reactor.run()
+    bench = run_scale.run_on_reactor(
+        lambda reactor, progress: SqlBench(reactor, scale, directory, progress), directory)
     print()
     print(bench.summary())
     if options.json:
