@@ -7,17 +7,20 @@ PY      = $(VENV)/bin/python
 SANDBOX_DIR ?= $(CURDIR)/sandbox
 # Debian packages: libvirt's client library (its test driver is the embedded
 # hypervisor), what libvirt-python needs to build, and libvirtd (the failure
-# tests give each LNM a private daemon). The real-hypervisor test installs
-# QEMU itself (tests/realhv/hosts.py).
-APT_PACKAGES = libvirt-dev pkg-config gcc python3-dev python3-venv libvirt-daemon
+# tests give each LNM a private daemon), PostgreSQL (the SQL plugin's tests
+# start a private server, tests/pgserver.py). The real-hypervisor test
+# installs QEMU itself (tests/realhv/hosts.py).
+APT_PACKAGES = libvirt-dev pkg-config gcc python3-dev python3-venv libvirt-daemon \
+	postgresql
 
-.PHONY: setup sandbox test bench clean
+.PHONY: setup sandbox test bench bench-sql clean
 
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: setup.py
 	@if ! pkg-config --exists libvirt 2>/dev/null || ! command -v gcc >/dev/null \
-	    || ! command -v libvirtd >/dev/null; then \
+	    || ! command -v libvirtd >/dev/null \
+	    || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
 	  echo "installing Debian packages: $(APT_PACKAGES)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 	    apt-get install -y -qq --no-install-recommends $(APT_PACKAGES); \
@@ -35,6 +38,10 @@ test: setup
 
 bench: setup
 	$(PY) -m bench.run
+
+# Starts of 1,000 VMs with the SQL plugin on PostgreSQL vs without it.
+bench-sql: setup
+	$(PY) -m bench.sql
 
 clean:
 	rm -rf $(VENV) $(SANDBOX_DIR) build *.egg-info

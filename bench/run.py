@@ -650,11 +650,20 @@ def main(argv=None):
 def run(scale, directory, out=sys.stdout):
     """Run the whole benchmark at ``scale`` in ``directory`` -> {"results",
     "details", "errors"}. Runs (and stops) the reactor."""
+    bench = run_on_reactor(lambda reactor, progress: Bench(reactor, scale, directory, progress),
+                           directory, out)
+    return {"results": bench.results, "details": bench.details, "errors": bench.errors}
+
+
+def run_on_reactor(make_bench, directory, out=sys.stdout):
+    """Log to ``directory``/logs/fleet.log, then ``make_bench(reactor,
+    progress).run()`` with the reactor running (started and stopped here)
+    -> the bench object, once its run is over."""
     from twisted.internet import reactor
 
     os.makedirs(os.path.join(directory, "logs"), exist_ok=True)
     daemon.start_logging(os.path.join(directory, "logs", "fleet.log"), "info")
-    bench = Bench(reactor, scale, directory, Progress(out))
+    bench = make_bench(reactor, Progress(out))
 
     async def main_coroutine():
         try:
@@ -664,8 +673,7 @@ def run(scale, directory, out=sys.stdout):
 
     reactor.callWhenRunning(lambda: defer.Deferred.fromCoroutine(main_coroutine()))
     reactor.run()
-    return {"results": bench.results, "details": bench.details, "errors": bench.errors}
-
+    return bench
 
 if __name__ == "__main__":
     sys.exit(main())

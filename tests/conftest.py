@@ -58,3 +58,18 @@ async def system(request, tmp_path_factory):
     box.add_user("bob", "bob-secret")
     yield box
     await box.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A private PostgreSQL server (``tests.pgserver.PostgresServer``) for the
+    session, started on first use; ``create_database(name)`` -> URL. A test
+    that stops it (``stop()``) starts it again (``start()``) before it ends.
+    Never skipped: a server that cannot start fails the test, saying why."""
+    from tests.pgserver import PostgresServer, PostgresUnavailable
+    try:
+        server = PostgresServer().start()
+    except PostgresUnavailable as e:
+        pytest.fail(f"the test PostgreSQL server did not start: {e}", pytrace=False)
+    yield server
+    server.destroy()
