@@ -80,6 +80,8 @@ def add_sql_registration(ctrl_config, plugin_config):
         f.write(f"[[[sql]]]\nplugin = sql\nevents = {', '.join(SQL_EVENTS)}\n"
                 f"config = {plugin_config}\n")
 
+NETWORK_ARGS = "mac, ip_address, ip_prefix, ip_gateway, ip_dns, vlan"
+
 
 class Side:
     """One fresh system: its starts, timed."""
@@ -89,9 +91,13 @@ class Side:
         self.scale = scale
         self.progress = progress
         self.database_url = database_url
+        # Both systems' LNMs let plugins set a VM's network arguments, as a
+        # site running the SQL plugin configures them (README "Network
+        # arguments"): the same configuration with and without the plugin.
+        lnm_settings = dict(scale.lnm_settings, plugin_args=NETWORK_ARGS)
         self.system = BenchSystem(reactor, directory, lnms=scale.start_lnms,
                                   ctrl_settings=scale.ctrl_settings,
-                                  lnm_settings=scale.lnm_settings)
+                                  lnm_settings=lnm_settings)
         self.runs = []
         self.client = None
 
