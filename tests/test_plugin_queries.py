@@ -241,3 +241,39 @@ def test_a_large_answer_is_sent_in_chunks():
         registry.queries.answer("big", "alice", False, {})).addCallback(chunks.extend)
     assert len(chunks) > 1
     assert [row for chunk in chunks for row in json.loads(chunk)] == rows
+
+
+FAKE_IPAM = '''
+"""Test plugin: ipam.ranges as the SQL plugin answers it."""
+
+
+class Plugin:
+    def __init__(self, config, api):
+        api.register_query("ipam.ranges", self.ranges)
+
+    def entry_point(self, event):
+        pass
+
+    async def ranges(self, user, admin, args):
+        return [{"id": 1, "subnet": "lab", "first": "10.1.0.10", "last": "10.1.0.19",
+                 "owner": args.get("owner", user), "cluster": None, "free": 10}]
+'''
+
+
+@pytest_twisted.ensureDeferred
+async def test_ush_ranges_through_the_real_client(tmp_path, client_grids):
+    from tests.test_plugins_ush import run_ush
+    plugin_dir = tmp_path / "thirdparty"
+    write(plugin_dir / "fakeipam.py", FAKE_IPAM)
+    grid = await client_grids(plugin_dir=str(plugin_dir), registrations={
+        "fakeipam": {"plugin": "fakeipam", "events": ["vm_removed"], "config": None,
+                     "order": None}})
+    code, out, err = await run_ush(grid, "alice", "ranges")
+    assert code == 0, err
+    assert "1 address range, 10 addresses free:" in out
+    assert "10.1.0.10" in out and "owner" not in out
+    code, out, err = await run_ush(grid, "root", "ranges", "-o", "bob", json_output=True)
+    assert code == 0, err
+    assert json.loads(out)[0]["owner"] == "bob"
+    code, out, err = await run_ush(grid, "alice", "addresses")
+    assert code == 2 and "no such query: ipam.addresses (registered: ipam.ranges)" in err
