@@ -13,6 +13,8 @@ RANGES = [
      "cluster": "sneetch", "free": 7},
     {"id": 2, "subnet": "lab", "first": "10.1.0.20", "last": "10.1.0.29", "owner": "bob",
      "cluster": None, "free": 10},
+    {"id": 4, "subnet": "lab", "first": "10.1.0.30", "last": "10.1.0.39", "owner": None,
+     "cluster": None, "free": 9},
 ]
 LEASES = [
     {"address": "10.1.0.11", "prefix": 24, "vm": full("2.sneetch"), "owner": USER,
@@ -35,8 +37,9 @@ def by_owner(rows):
         if owner is not None and not admin:
             from usher.errors import PermissionDenied
             raise PermissionDenied("only administrators may name an owner")
-        wanted = owner if owner is not None else (None if admin else user)
-        return [dict(r) for r in rows if wanted is None or r["owner"] == wanted]
+        if admin:
+            return [dict(r) for r in rows if owner is None or r["owner"] == owner]
+        return [dict(r) for r in rows if r["owner"] in (user, None)]
     return handler
 
 
@@ -62,11 +65,12 @@ def test_ranges_shows_ones_own_with_free_counts():
     h = Harness(ipam_world())
     h.connect()
     output = h.run("ranges")
-    assert "2 address ranges, 105 addresses free:" in output
+    assert "3 address ranges, 114 addresses free:" in output
     header, rows = table(output, "range")
-    assert header == ["range", "subnet", "first", "last", "cluster", "free"]
-    assert rows == [["1", "lab", "10.1.0.10", "10.1.0.19", "sneetch", "7"],
-                    ["3", "lab", "10.1.0.100", "10.1.0.199", "-", "98"]]
+    assert header == ["range", "subnet", "first", "last", "owner", "cluster", "free"]
+    assert rows == [["1", "lab", "10.1.0.10", "10.1.0.19", USER, "sneetch", "7"],
+                    ["4", "lab", "10.1.0.30", "10.1.0.39", "anyone", "-", "9"],
+                    ["3", "lab", "10.1.0.100", "10.1.0.199", USER, "-", "98"]]
     assert h.sent("query") == [("query", {"name": "ipam.ranges", "args": {}})]
 
 
@@ -87,7 +91,7 @@ def test_administrators_see_every_owner_or_one():
     h = Harness(world)
     h.connect()
     header, rows = table(h.run("ranges"), "range")
-    assert "owner" in header and len(rows) == 3
+    assert "owner" in header and len(rows) == 4
     output = h.run("addresses -o bob")
     header, rows = table(output, "address")
     assert "owner" in header and [row[0] for row in rows] == ["10.1.0.20"]
@@ -126,7 +130,7 @@ def test_empty_answers_and_a_site_without_address_management():
 def test_one_shot_json():
     run = OneShot(ipam_world())
     assert run("--json", "ranges") == 0
-    assert sorted(r["id"] for r in run.json()) == [1, 3]
+    assert sorted(r["id"] for r in run.json()) == [1, 3, 4]
     run = OneShot(ipam_world())
     assert run("--json", "addresses") == 0
     assert {r["address"] for r in run.json()} == {"10.1.0.9", "10.1.0.11"}

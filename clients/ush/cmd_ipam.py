@@ -26,12 +26,17 @@ def _cell(*keys):
     return render
 
 
+def _owner(row):
+    """A range without an owner is open to every user."""
+    return "anyone" if row.get("owner") is None else format_value(row["owner"])
+
+
 RANGE_COLUMNS = (
     Column("range", _cell("id")),
     Column("subnet", _cell("subnet")),
     Column("first", _cell("first", "first_address")),
     Column("last", _cell("last", "last_address")),
-    Column("owner", _cell("owner"), key="owner"),
+    Column("owner", _owner, key="owner"),
     Column("cluster", _cell("cluster")),
     Column("free", _cell("free")),
 )
@@ -51,7 +56,7 @@ def _shown_columns(columns, rows, caller):
     """The columns of ``rows``; the owner column only when some row is not
     the caller's own (``caller`` None: an administrator's view)."""
     columns = present(columns, rows)
-    if all(row.get("owner") in (None, caller) for row in rows):
+    if caller is not None and all(row.get("owner") == caller for row in rows):
         columns = [column for column in columns if column.title != "owner"]
     return columns
 

@@ -441,9 +441,10 @@ COMMANDS["ranges"] = _entry(
     assign ranges of addresses of their subnets to users, and optionally to
     one of their virtual clusters; the VMs you start get their addresses
     from your ranges, the VMs of one cluster from one range, side by side.
-    This shows each of your ranges: its number, subnet, first and last
-    address, the cluster it is reserved for ("-": any of yours) and how
-    many addresses in it are free. A start that needs more addresses than
+    This shows each of your ranges, and the open ones (owner "anyone") that
+    any user's VMs may take addresses from: its number, subnet, first and
+    last address, the cluster it is reserved for ("-": any) and how many
+    addresses in it are free. A start that needs more addresses than
     are free is refused as a whole, naming the range's owner and cluster.
 
     Options:
