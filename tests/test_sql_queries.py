@@ -83,6 +83,14 @@ async def test_users_see_their_ranges_and_addresses(tmp_path, client_grids):
     assert code == 0, err
     assert [r["free"] for r in json.loads(out)] == [2, 3]
 
+    # one SQL plugin answers them: a second is refused, the first goes on
+    second = tmp_path / "second"
+    second.mkdir()
+    other_config, _url = sql_config(second)
+    with pytest.raises(InvalidRequest, match="query ipam.ranges is already registered"):
+        await root.register_plugin("sql", "vm_removed", other_config)
+    assert len(await root.query("ipam.ranges")) == 2
+
     # the queries go with the plugin
     await root.unregister_plugin("sql")
     with pytest.raises(InvalidRequest, match="no such query: ipam.ranges"):

@@ -222,8 +222,13 @@ class Plugin:
         self._prepare_call = None
         self.prepared = defer.Deferred()
         self.reconciled = defer.Deferred()
-        # ush ranges / ush addresses (they go when the plugin is unregistered).
-        UserQueries(self.worker).register(api, owner=self)
+        # ush ranges / ush addresses (they go when the plugin is unregistered;
+        # a second SQL plugin is refused here, its thread not left behind).
+        try:
+            UserQueries(self.worker).register(api, owner=self)
+        except Exception:
+            self.worker.stop()
+            raise
         self._prepare()
 
     # -- start-up -----------------------------------------------------------------------
