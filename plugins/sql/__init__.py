@@ -130,6 +130,7 @@ def _log_request(tx, logged, summary):
 
 def _request_and_reserve(tx, logged, summary, groups, mode):
     """Log a start and reserve its addresses -> (leases, whether IPAM is active)."""
+    tx.lock("addresses")
     _log_request(tx, logged, summary)
     active = mode == "on" or (mode == "auto" and ipam.has_subnets(tx))
     if not active:

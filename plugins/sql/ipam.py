@@ -35,7 +35,7 @@ import json
 import re
 from dataclasses import asdict, dataclass
 
-from usher.plugins.sql.store import Conflict
+from usher.plugins.sql.store import Conflict, TryAgain
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 DEVICE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}\Z")
@@ -482,7 +482,9 @@ def _candidates(tx, owner, cluster):
 def reserve(tx, owner, cluster, vms, *, request_id=None, now):
     """Reserve an address for each of ``vms`` (of ``owner``'s ``cluster``),
     all in one range, all or none -> {vm: Lease}. A VM that holds an address
-    already keeps it. Raises ``Exhausted``."""
+    already keeps it. Raises ``Exhausted``. Start the transaction with
+    ``tx.lock("addresses")`` when other processes may reserve at once (else
+    PostgreSQL runs it again, ``TryAgain``, until it sees their addresses)."""
     result = {}
     need = []
     for vm in vms:
@@ -517,10 +519,14 @@ def reserve(tx, owner, cluster, vms, *, request_id=None, now):
             continue
         for vm, value in zip(need, found):
             address = str(ipaddress.ip_address(value))
-            tx.execute(f"INSERT INTO addresses ({_ADDRESS_COLUMNS}) "
-                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                       (address, sort_key(value), rng["subnet"], rng["id"], vm, owner,
-                        cluster, RESERVED, now, request_id))
+            try:
+                tx.execute(f"INSERT INTO addresses ({_ADDRESS_COLUMNS}) "
+                           "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                           (address, sort_key(value), rng["subnet"], rng["id"], vm, owner,
+                            cluster, RESERVED, now, request_id))
+            except Conflict as e:
+                # Taken by another transaction since it was read: run again.
+                raise TryAgain(str(e)) from None
             result[vm] = _lease_of_row(address, geometry.subnet)
         return result
     raise Exhausted(

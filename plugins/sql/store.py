@@ -52,8 +52,9 @@ class Conflict(DatabaseError):
     an address already held ...)."""
 
 
-class _Retry(Exception):
-    """A transaction the engine asks to run again."""
+class TryAgain(Exception):
+    """A transaction to run again (the engine asks, or the function
+    raises it: e.g. an address another transaction took meanwhile)."""
 
 
 def _redacted(url):
@@ -81,6 +82,15 @@ class Transaction:
     def query(self, sql, params=()):
         self._store._execute(self._cursor, sql, params)
         return [tuple(row) for row in self._cursor.fetchall()]
+
+    def lock(self, table):
+        """Let no other transaction write ``table`` until this one ends.
+        PostgreSQL: first in the transaction, before its snapshot is taken,
+        so that it sees what the previous holder committed (otherwise
+        SERIALIZABLE makes it run again). SQLite: nothing to do (BEGIN
+        IMMEDIATE lets one writer in at a time)."""
+        if self.engine == "postgresql":
+            self.execute(f"LOCK TABLE {table} IN SHARE ROW EXCLUSIVE MODE")
 
     def insert(self, sql, params=()):
         """An INSERT ... RETURNING id -> that id."""
@@ -192,11 +202,11 @@ class Store:
         if isinstance(error, self._integrity):
             return Conflict(text)
         if isinstance(error, self._retry):
-            return _Retry(text)
+            return TryAgain(text)
         if self.engine == "sqlite":
             if isinstance(error, sqlite3.OperationalError):
                 if "locked" in text or "busy" in text:
-                    return _Retry(text)
+                    return TryAgain(text)
                 if text.startswith(("no such", "near ", "table ", "index ")) or "syntax" in text:
                     return DatabaseError(f"{self.describe()}: {text}")
             elif not isinstance(error, sqlite3.DatabaseError):
@@ -263,7 +273,7 @@ class Store:
             try:
                 with self.transaction() as tx:
                     return function(tx, *args, **kwargs)
-            except _Retry as e:
+            except TryAgain as e:
                 attempt += 1
                 if attempt > self.retries:
                     raise DatabaseUnavailable(
