@@ -53,6 +53,8 @@ class FakeWorld:
         self.lnms = {f"vmm{n}.{DOMAIN}": {"cpus": 8, "memory_mib": 16384} for n in (43, 44, 47)}
         self.placements = []  # LNM for each VM started, in order; else round-robin
         self.start_failures = {}  # full name -> error
+        # Plugin queries: name -> function(user, admin, args) -> rows
+        self.queries = {}
         self.elapsed = 2.0
         self.reachable = True
         self.hold = False
@@ -272,6 +274,14 @@ class FakeClient:
             self.fire_changes(changed)
             return {"migrated": migrated, "failed": [], "notes": []}
         return self._reply("migrate", action, selection=selection, lnms=list(lnms))
+
+    def query(self, name, **args):
+        def action():
+            self._remote()
+            if name not in self.world.queries:
+                raise InvalidRequest(f"no such query: {name} (registered: none)")
+            return self.world.queries[name](self.user, self.admin, args)
+        return self._reply("query", action, name=name, args=args)
 
 
 class FakePrompter:
@@ -809,7 +819,7 @@ def test_no_notices_for_the_initial_vm_list():
 # --- help -------------------------------------------------------------------------------------
 
 ALL_COMMANDS = ["connect", "disconnect", "reconnect", "list", "list_lnm", "start",
-                *states.OPERATIONS, "migrate", "help", "quit"]
+                *states.OPERATIONS, "migrate", "ranges", "addresses", "help", "quit"]
 
 
 def test_help_overview_lists_every_command_and_topic():

@@ -188,6 +188,16 @@ Perspective (paper, Table 4, plus session and administration methods)::
     migrate(selection, lnms: list, args: dict|None) -> {"migrated": [{"name",
                                       "from", "to"}], "failed": [{"name",
                                       "error"}], "notes": [str]}
+    query(name: str, args_json: str) -> [json chunk]
+                                      ask a plugin's registered query
+                                      (usher.controller.queries): name of
+                                      1-64 characters a-z 0-9 _ . (e.g.
+                                      "ipam.ranges"), args a JSON object of
+                                      at most 16 KiB; the answer is the
+                                      handler's list of items, which decides
+                                      what the caller may see. An unknown
+                                      query is InvalidRequest; a handler
+                                      that fails, OperationFailed
 
 Administrators only (others get PermissionDenied)::
 

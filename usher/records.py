@@ -52,6 +52,8 @@ def _load(text, what, kind):
         item = json.loads(text)
     except ValueError as e:   # UnicodeDecodeError and JSONDecodeError alike
         raise InvalidRequest(f"malformed {what}: {e}") from None
+    except RecursionError:
+        raise InvalidRequest(f"malformed {what}: nested too deeply") from None
     if not isinstance(item, kind):
         raise InvalidRequest(f"expected a {what} holding a JSON {kind.__name__}")
     return item

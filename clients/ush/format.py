@@ -95,6 +95,17 @@ VM_STATUS_COLUMNS = (
     Column("vcpus", _field("vcpus")),
 )
 OWNER_COLUMN = Column("owner", _field("owner"))
+# The address a plugin (IP address management) gave the VM: its args.
+ADDRESS_ARG = "ip_address"
+
+
+def address_of(record):
+    args = record.get("args")
+    address = args.get(ADDRESS_ARG) if isinstance(args, Mapping) else None
+    return address if isinstance(address, str) else ""
+
+
+ADDRESS_COLUMN = Column("address", address_of)
 # Record keys never shown as extra status columns: shown already, or internal.
 VM_HIDDEN_KEYS = {"name", "state", HOST_KEY, "cluster", "memory_mib", "vcpus", "owner",
                   "uuid", "managed", "version", "args"}
@@ -178,6 +189,9 @@ def format_vm_list(records, status=False):
     columns = list(VM_COLUMNS)
     if len({record.get("owner") for record in records}) > 1:
         columns.insert(1, OWNER_COLUMN)
+    # Where the site manages addresses (blank for a VM without one).
+    if any(address_of(record) for record in records):
+        columns.append(ADDRESS_COLUMN)
     if status:
         records = [flatten_status(record) for record in records]
         columns += present(VM_STATUS_COLUMNS, records)

@@ -2,6 +2,9 @@
 
 The usage lines here are also the usage lines of the commands' argument
 parsers, so ``help start`` and a mistyped ``start`` agree.
+
+Over 600 lines: it is the manual's text, one entry per command and topic,
+with no logic to split.
 """
 
 import dataclasses
@@ -176,7 +179,9 @@ COMMANDS["list"] = _entry(
     "List your VMs (from the local cache, or ask the controller)",
     "list [-s] [-a] [-n CLUSTER]... [-r REGEX] [VM ...]",
     """\
-    List VMs as a table: VM name, state and the LNM (host) running it.
+    List VMs as a table: VM name, state and the LNM (host) running it, and,
+    where the site manages IP addresses, the address each VM was given
+    (blank for one without; see 'help addresses').
 
     Without -s or -a the list comes from ush's cached copy of your VMs, kept
     current by the controller's notifications: it answers at once, without a
@@ -427,6 +432,53 @@ COMMANDS["top"] = _entry(
       top
       top -c 20 '~^vmm4'
       ush --json top -c 5""")
+
+COMMANDS["ranges"] = _entry(
+    "Show the IP address ranges assigned to you, and how many are free",
+    "ranges [-o USER]",
+    """\
+    Where the site manages IP addresses (the SQL plugin), administrators
+    assign ranges of addresses of their subnets to users, and optionally to
+    one of their virtual clusters; the VMs you start get their addresses
+    from your ranges, the VMs of one cluster from one range, side by side.
+    This shows each of your ranges, and the open ones (owner "anyone") that
+    any user's VMs may take addresses from: its number, subnet, first and
+    last address, the cluster it is reserved for ("-": any) and how many
+    addresses in it are free. A start that needs more addresses than
+    are free is refused as a whole, naming the range's owner and cluster.
+
+    Options:
+      -o, --owner USER
+                      (administrators) the ranges of USER; without it an
+                      administrator sees every range, with an owner column
+
+    A site without address management answers "no such query: ipam.ranges".
+
+    Examples:
+      ranges
+      ranges -o alice
+      ush --json ranges""")
+
+COMMANDS["addresses"] = _entry(
+    "Show the IP addresses your VMs hold",
+    "addresses [-o USER]",
+    """\
+    Each address given to one of your VMs: the address, the VM, whether it
+    is reserved (the VM is starting) or used, its cluster, subnet, VLAN (when
+    the subnet has one) and the MAC address derived from it. The address
+    stays the VM's while it exists (across migrations and restarts of the
+    controller) and is freed when the VM is destroyed or forgotten.
+    'list' shows each VM's address too.
+
+    Options:
+      -o, --owner USER
+                      (administrators) the addresses of USER's VMs; without
+                      it an administrator sees every address held
+
+    Examples:
+      addresses
+      addresses --owner alice
+      ush --json addresses""")
 
 COMMANDS["help"] = _entry(
     "Show the list of commands, or help on one command or topic",

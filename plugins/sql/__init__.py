@@ -37,6 +37,7 @@ from usher.naming import DEFAULT_CLUSTER, cluster_of, split
 from usher.plugins.sql import ipam
 from usher.plugins.sql import log as sqllog
 from usher.plugins.sql.store import DatabaseError, DatabaseUnavailable, Store
+from usher.plugins.sql.user_queries import UserQueries
 from usher.plugins.sql.worker import DatabaseWorker
 
 logger = Logger()
@@ -223,6 +224,13 @@ class Plugin:
         self._prepare_call = None
         self.prepared = defer.Deferred()
         self.reconciled = defer.Deferred()
+        # ush ranges / ush addresses (they go when the plugin is unregistered;
+        # a second SQL plugin is refused here, its thread not left behind).
+        try:
+            UserQueries(self.worker).register(api, owner=self)
+        except Exception:
+            self.worker.stop()
+            raise
         self._prepare()
 
     # -- start-up -----------------------------------------------------------------------

@@ -30,7 +30,7 @@ from usher.errors import (InvalidRequest, LinkFailure, NoSuchVM, PermissionDenie
 from usher.liveness import enable_tcp_keepalive
 from usher.naming import check_label, check_short_name, qualify, split
 from usher.pbutil import as_deferred, call
-from usher.records import decode_records
+from usher.records import decode_chunks, decode_records, encode_object
 from usher.states import OPERATIONS, OPERATION_PRECONDITIONS, SHUTOFF
 from usher.vmset import Selection
 
@@ -411,6 +411,21 @@ class UsherClient:
             raise NoSuchVM("no VM matches")
         return await self._remote("migrate", {"names": [r["name"] for r in records]},
                                   list(lnms), args)
+
+    @as_deferred
+    async def query(self, name, **args):
+        """Ask a plugin's query: -> the list it answers, e.g.
+        ``await client.query("ipam.ranges")``, or (administrators)
+        ``await client.query("ipam.addresses", owner="bob")``. The arguments
+        go as one JSON object (at most 16 KiB); an unknown query raises
+        InvalidRequest."""
+        if not isinstance(name, str) or not name:
+            raise InvalidRequest("a query name must be a non-empty string")
+        try:
+            text = encode_object(args)
+        except (TypeError, ValueError) as e:
+            raise InvalidRequest(f"query {name}: arguments that are not JSON: {e}") from None
+        return decode_chunks(await self._remote("query", name, text))
 
     # -- administration --------------------------------------------------------
 

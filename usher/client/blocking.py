@@ -82,6 +82,9 @@ class BlockingClient:
     def migrate(self, selection, lnms=(), args=None):
         return self._call("migrate", selection, lnms, args)
 
+    def query(self, name, **args):
+        return self._call("query", name, **args)
+
     def plugins(self):
         return self._call("plugins")
 

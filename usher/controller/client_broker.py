@@ -71,7 +71,7 @@ def dispatch_call(target, broker, prefix, message, net_args, net_kw, perspective
         raise InvalidRequest(f"{message}: malformed call")
     kw = {k.decode("utf-8", "replace") if isinstance(k, bytes) else k: v
           for k, v in kw.items()}
-    problem = _shape_problem((args, kw))
+    problem = shape_problem((args, kw))
     if problem:
         raise InvalidRequest(f"{message}: {problem}")
     try:
@@ -84,7 +84,7 @@ def dispatch_call(target, broker, prefix, message, net_args, net_kw, perspective
     return broker.serialize(state, perspective, method, args, kw)
 
 
-def _shape_problem(value):
+def shape_problem(value):
     """What no Usher call carries, anywhere in its arguments: dictionaries
     whose keys are not strings, nesting deeper than MAX_NESTING. -> a
     description, or None."""

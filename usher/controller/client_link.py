@@ -13,6 +13,7 @@ from zope.interface import implementer
 
 from usher.controller.client_broker import dispatch_call
 from usher.controller.events import Event
+from usher.controller.queries import check_query_name, parse_query_args
 from usher.errors import (AuthenticationFailed, InvalidRequest, NoSuchVM, PermissionDenied,
                           Rejected, UsherError)
 from usher.pbutil import call
@@ -156,6 +157,15 @@ class UserPerspective(pb.Avatar):
     @_boundary
     async def perspective_migrate(self, selection, lnms=(), args=None):
         return await self.controller.migrate(self.user, self.admin, selection, lnms, args)
+
+    @_boundary
+    async def perspective_query(self, name, args_json="{}"):
+        # Bounded here; what the caller may see is the handler's business.
+        check_query_name(name)
+        args = parse_query_args(args_json)
+        if self.controller.plugins is None:
+            raise InvalidRequest(f"no such query: {name} (registered: none)")
+        return await self.controller.plugins.queries.answer(name, self.user, self.admin, args)
 
     # -- plugin administration -------------------------------------------------
 

@@ -93,6 +93,23 @@ class PluginAPI:
     def unregister_plugin(self, name, event=None):
         return self._controller.plugins.unregister(name, event)
 
+    def register_query(self, name, handler, owner=None):
+        """Answer users' ``query(name, args)`` with ``async handler(user,
+        admin, args) -> list`` of JSON-able items; the handler decides what
+        the caller may see. The query goes away with the plugin (``owner``:
+        default the handler's instance, or the plugin whose ``__init__``
+        registers it). See usher.controller.queries."""
+        self._queries().register(name, handler, owner)
+
+    def unregister_query(self, name):
+        """-> True if the query ``name`` was registered."""
+        return self._queries().unregister(name)
+
+    def _queries(self):
+        if self._controller.plugins is None:
+            raise RuntimeError("this controller has no plugin registry")
+        return self._controller.plugins.queries
+
     def migrate(self, vms, lnms=(), args=None):
         """Migrate VMs on the system's behalf (rebalancers); -> Deferred."""
         return defer.Deferred.fromCoroutine(self._controller.migrate(

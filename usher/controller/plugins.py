@@ -42,6 +42,7 @@ from zope.interface.verify import verifyObject
 
 from usher.config import parse_spec
 from usher.controller.events import Event
+from usher.controller.queries import PluginQueries
 from usher.errors import ConfigError, InvalidRequest, UsherError
 from usher.interfaces import IPlugin
 
@@ -136,6 +137,9 @@ class PluginRegistry:
         self._load_config = load_config
         self._instances = {}     # (plugin name, config file) -> instance
         self._timers = {}        # plugin name -> PluginTimer
+        # The queries plugins answer for users (api.register_query); those of
+        # an instance go with it.
+        self.queries = PluginQueries(chains.clock, chains.timeout_of)
 
     # -- discovery -------------------------------------------------------------
 
@@ -190,14 +194,19 @@ class PluginRegistry:
                 _with_common_options(getattr(module, "CONFIG_SPEC", None)), config_file)
         elif config_file:
             raise ConfigError(f"{config_file}: plugin configuration cannot be read")
+        queries_before = set(self.queries.names())
         try:
             plugin = cls(config, self.api)
-        except UsherError:
-            raise
         except Exception as e:
+            # What it registered before failing goes with it.
+            for query in set(self.queries.names()) - queries_before:
+                self.queries.unregister(query)
+            if isinstance(e, UsherError):
+                raise
             log.failure("plugin {plugin} failed to start", plugin=name)
             raise InvalidRequest(f"plugin {name!r} failed to start: "
                                  f"{e.__class__.__name__}: {e}") from None
+        self.queries.adopt(set(self.queries.names()) - queries_before, plugin)
         if not getattr(plugin, "name", None):
             plugin.name = name
         # Each option: the configuration file's value, else what the plugin
@@ -216,6 +225,7 @@ class PluginRegistry:
         try:
             verifyObject(IPlugin, plugin)
         except Exception as e:
+            self.queries.drop_owned_by(plugin)
             raise InvalidRequest(f"plugin {name!r} does not provide entry_point: {e}") from None
         self._instances[key] = plugin
         return plugin
@@ -288,6 +298,7 @@ class PluginRegistry:
         for key, plugin in list(self._instances.items()):
             if plugin not in still_used:
                 del self._instances[key]
+                self.queries.drop_owned_by(plugin)
                 stop = getattr(plugin, "stop", None)
                 if stop is not None:
                     try:
