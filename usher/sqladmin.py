@@ -44,7 +44,7 @@ def database_url(config_path: str) -> str:
         raise InvalidRequest(f"{config_path}: no such file (name the SQL plugin's "
                              "configuration file with --plugin-config)")
     config = load_plugin_config(_with_common_options(plugin.CONFIG_SPEC), config_path)
-    return config[plugin.DATABASE_OPTION]
+    return config["database"]
 
 
 @contextmanager
