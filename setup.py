@@ -19,7 +19,7 @@ setup(
     # plugins/ and clients/ install under the usher namespace, so nothing
     # generic ("plugins", "clients") lands in site-packages.
     packages=["usher", "usher.auth", "usher.client", "usher.controller", "usher.lnm",
-              "usher.pki", "usher.plugins", "usher.clients", "usher.clients.ush",
+              "usher.pki", "usher.plugins", "usher.plugins.sql", "usher.clients", "usher.clients.ush",
               "usher.clients.plusher"],
     package_dir={"usher.plugins": "plugins", "usher.clients": "clients"},
     install_requires=[
@@ -36,6 +36,8 @@ setup(
         "google-re2>=1.1",
         # The migration state machine (usher.controller.migration).
         "automat>=22.10",
+        # The SQL plugin's PostgreSQL engine (usher.plugins.sql.store).
+        "psycopg[binary]>=3.1",
     ],
     extras_require={"test": ["pytest>=8", "pytest-twisted>=1.14", "hypothesis>=6.100"]},
     entry_points={"console_scripts": [

@@ -188,4 +188,5 @@ class Controller:
                 self.chains.notify(Event("vm_removed", self.api, vm=dict(record)))
         elif old_state is not None and new_state != old_state:
             self.chains.notify(Event("vm_state_changed", self.api, vm=dict(record),
-                                     old_state=old_state, new_state=new_state))
+                                     old_state=old_state, new_state=new_state,
+                                     origin=self.state.change_origin))

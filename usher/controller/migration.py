@@ -20,6 +20,7 @@ from usher import states
 from usher.controller.commands import (INTERNAL_ERROR, Room, check_args, dropped_failures,
                                        lnm_view, run_each, unaccounted, unanswered)
 from usher.controller.events import Event, Request
+from usher.controller.state import ORIGIN_LNM
 from usher.errors import LinkFailure, NoSuchVM, UsherError
 
 log = Logger()
@@ -432,7 +433,8 @@ class Migrations(Room):
         else:
             self.ledger.move_settled(name)
         if outcome is MoveOutcome.MOVED:
-            self.state.update(name, lnm=target, state=info.get("state") or before)
+            self.state.update(name, lnm=target, state=info.get("state") or before,
+                              origin=ORIGIN_LNM)
             await self.inventory.send_record(target, name)
             migrated.append({"name": name, "from": source, "to": target})
             self.chains.notify(Event("migrate_complete", self.api, vm=dict(rec), ok=True,
@@ -440,7 +442,8 @@ class Migrations(Room):
             return
         text = f"migration to {target} failed: {error}"
         if outcome is MoveOutcome.STAYED:
-            self.state.update(name, state=(info or {}).get("state") or before)
+            self.state.update(name, state=(info or {}).get("state") or before,
+                              origin=ORIGIN_LNM)
         elif outcome is MoveOutcome.MISSING:
             text += f"; {name} is no longer on {source} either"
             self.inventory.observation.mark_missing(rec)

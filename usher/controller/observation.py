@@ -14,6 +14,7 @@ from twisted.logger import Logger
 
 from usher import states
 from usher.controller.events import Event
+from usher.controller.state import ORIGIN_LNM
 from usher.naming import split
 
 log = Logger()
@@ -186,7 +187,8 @@ class Observation:
             log.info("VM {vm} found on LNM {lnm} after a migration whose outcome was "
                      "unknown", vm=name, lnm=lnm)
         # (vm_state_changed fires from the state's listener: Controller.)
-        self.state.update(name, state=state, lnm=lnm, uuid=dom.get("uuid"))
+        self.state.update(name, state=state, lnm=lnm, uuid=dom.get("uuid"),
+                          origin=ORIGIN_LNM)
         return rec
 
     def _adopt(self, lnm, dom, state):

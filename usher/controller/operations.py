@@ -16,6 +16,7 @@ from usher.controller.commands import (INTERNAL_ERROR, Room, check_args, dropped
                                        failure_text, run_each, unaccounted, unanswered,
                                        unexpected)
 from usher.controller.events import Event, Request
+from usher.controller.state import ORIGIN_LNM
 from usher.errors import InvalidRequest, LinkFailure, NoSuchVM, UsherError
 
 log = Logger()
@@ -97,7 +98,7 @@ class Operations(Room):
             done.append({"name": name, "state": None})
         else:
             new_state = info.get("state") or states.OPERATION_RESULT[operation]
-            self.state.update(name, state=new_state)
+            self.state.update(name, state=new_state, origin=ORIGIN_LNM)
             done.append({"name": name, "state": new_state})
         self.chains.notify(Event("op_complete", self.api, operation=operation,
                                  vm=dict(rec), ok=True, error=None))

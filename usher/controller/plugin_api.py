@@ -68,6 +68,16 @@ class PluginAPI:
     def default_vcpus(self):
         return self._controller.default_vcpus
 
+    async def settled(self):
+        """Wait until the controller's global state is rebuilt after a
+        restart (every LNM known before is back, or the recovery window is
+        over); at once when it is not recovering."""
+        await self._controller.settled()
+
+    @property
+    def recovering(self):
+        return self._controller.recovering
+
     def run_blocking(self, function, *args, **kwargs):
         """Run ``function(*args, **kwargs)`` in the controller's plugin
         thread pool, off the reactor. -> Deferred of its result (or of its

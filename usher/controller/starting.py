@@ -18,6 +18,7 @@ from usher.controller.commands import (INTERNAL_ERROR, Room, check_args, dropped
                                        failure_text, lnm_view, plugin_set_args, run_each,
                                        unaccounted, unanswered, unexpected)
 from usher.controller.events import Event, Request
+from usher.controller.state import ORIGIN_LNM
 from usher.errors import InvalidRequest, LinkFailure, OperationFailed, Unavailable, UsherError
 from usher.naming import qualify, split
 from usher.vmset import expand_ranges
@@ -230,7 +231,7 @@ class Starts(Room):
 
     def _started(self, rec, info, lnm, started):
         self.state.update(rec["name"], state=info.get("state") or states.RUN,
-                          uuid=info.get("uuid"))
+                          uuid=info.get("uuid"), origin=ORIGIN_LNM)
         started.append({"name": rec["name"], "lnm": lnm})
         self.chains.notify(Event("start_complete", self.api, vm=dict(rec), ok=True,
                                  error=None))

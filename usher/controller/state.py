@@ -14,6 +14,13 @@ from usher.naming import DEFAULT_CLUSTER, cluster_of, split
 
 _STATES = frozenset(states.ALL_STATES)
 
+# Where a change of a VM's state comes from (``GlobalState.change_origin``,
+# vm_state_changed's ``origin``): an LNM reported it (its report or
+# inventory, its answer to a command), or the controller concluded it
+# (starting, lost, missing, migrating, a start undone).
+ORIGIN_LNM = "lnm"
+ORIGIN_CONTROLLER = "controller"
+
 
 def _is_count(value):
     return value is None or (isinstance(value, int) and not isinstance(value, bool)
@@ -112,6 +119,8 @@ class GlobalState:
         self.incoming = {}
         self._owned = {}       # owner -> set of VM names
         self._listeners = []
+        # The origin of the change listeners are being told of.
+        self.change_origin = ORIGIN_CONTROLLER
 
     # -- listeners -----------------------------------------------------------
 
@@ -194,10 +203,11 @@ class GlobalState:
         self._notify(record, None)
         return record
 
-    def update(self, name, **fields):
+    def update(self, name, *, origin=ORIGIN_CONTROLLER, **fields):
         """Change fields of a managed VM; returns the record (None if unknown).
         Notifies only when something really changed. All or nothing: a bad
-        field (InvalidRequest) changes nothing."""
+        field (InvalidRequest) changes nothing. ``origin``: ORIGIN_LNM when
+        an LNM said so (listeners read ``change_origin``)."""
         record = self.vms.get(name)
         if record is None:
             return None
@@ -218,7 +228,11 @@ class GlobalState:
                 changed = True
         if changed:
             record["version"] += 1
-            self._notify(record, old_state)
+            self.change_origin = origin
+            try:
+                self._notify(record, old_state)
+            finally:
+                self.change_origin = ORIGIN_CONTROLLER
         return record
 
     def remove(self, name):

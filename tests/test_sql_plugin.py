@@ -1,0 +1,148 @@
+"""The SQL plugin through the real controller on the in-process grid, on
+SQLite: the paper's event order, the VM arguments it sets, refusal when a
+range is exhausted, release on destroy, the mirror."""
+
+import textwrap
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+
+from usher.errors import Rejected
+from usher.plugins.sql import ipam
+from usher.plugins.sql import log as sqllog
+from usher.plugins.sql.store import Store
+from usher.settings import default_plugin_registrations
+
+from tests.clientgrid import plugin_instance
+from tests.grid import DOMAIN, Grid
+
+SQL_EVENTS = ["start_request", "register_vm", "start_complete", "vm_state_changed",
+              "vm_removed", "op_complete", "migrate_complete", "vm_lost", "vm_missing",
+              "vm_adopted"]
+
+
+def full(short, owner="alice"):
+    return f"{short}.{owner}.{DOMAIN}"
+
+
+def sql_config(tmp_path, extra=""):
+    db = tmp_path / "usher-sql.db"
+    path = tmp_path / "sql.config"
+    path.write_text(textwrap.dedent(f"""\
+        database = sqlite:///{db}
+        [subnets]
+        [[lan]]
+        cidr = 10.9.0.0/28
+        gateway = 10.9.0.1
+        dns = 10.9.0.2, 192.0.2.53
+        vlan = 42
+        [ranges]
+        [[alice]]
+        subnet = lan
+        first = 10.9.0.1
+        last = 10.9.0.6
+        owner = alice
+        """) + textwrap.dedent(extra), encoding="utf-8")
+    return str(path), f"sqlite:///{db}"
+
+
+@pytest_twisted.async_yield_fixture
+async def sql_grid(tmp_path):
+    config, url = sql_config(tmp_path)
+    registrations = default_plugin_registrations()
+    registrations["sql"] = {"plugin": "sql", "events": SQL_EVENTS, "config": config,
+                            "order": None}
+    grid = Grid(reactor, tmp_path, registrations=registrations)
+    await grid.start()
+    plugin = plugin_instance(grid, "sql")
+    await plugin.prepared
+    await plugin.reconciled
+    store = Store.open(url)
+    yield grid, plugin, store
+    store.close()
+    grid.controller.plugins.unregister_all()
+    await grid.stop()
+
+
+def read(store, function, *args):
+    return store.run(function, *args)
+
+
+def events(tx):
+    return tx.query("SELECT id, event, vm, new_state, detail FROM events ORDER BY id")
+
+
+async def start(grid, count, cluster="web", user="alice"):
+    return await grid.controller.start(user, False, [], [], {"cluster": cluster,
+                                                            "count": count})
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_papers_event_order_and_the_vm_arguments(sql_grid):
+    grid, plugin, store = sql_grid
+    result = await start(grid, 2)
+    assert [s["name"] for s in result["started"]] == [full("1.web"), full("2.web")]
+    await plugin.worker.flushed()
+
+    rows = read(store, events)
+    order = [(event, vm) for _id, event, vm, _state, _detail in rows]
+    for vm in (full("1.web"), full("2.web")):
+        steps = [order.index(("start_request", None)), order.index(("address_reserved", vm)),
+                 order.index(("register_vm", vm)), order.index(("start_complete", vm)),
+                 order.index(("address_used", vm))]
+        assert steps == sorted(steps), order
+    leases = {row["vm"]: row for row in read(store, ipam.leases)}
+    assert {row["state"] for row in leases.values()} == {"used"}
+    assert sorted(row["address"] for row in leases.values()) == ["10.9.0.3", "10.9.0.4"]
+
+    record = grid.controller.state.vms[full("1.web")]
+    address = leases[full("1.web")]["address"]
+    assert record["args"]["ip_address"] == address
+    assert record["args"]["ip_prefix"] == "28"
+    assert record["args"]["ip_gateway"] == "10.9.0.1"
+    assert record["args"]["ip_dns"] == "10.9.0.2,192.0.2.53"
+    assert record["args"]["vlan"] == "42"
+    assert record["args"]["mac"] == ipam.mac_for(address)
+    assert {"ip_address", "ip_prefix", "mac", "vlan"} <= set(record["plugin_args"])
+
+    mirror = {row["name"]: row for row in read(store, sqllog.mirror)}
+    assert mirror[full("1.web")]["state"] == "run"
+    assert mirror[full("1.web")]["address"] == address
+    requests = read(store, lambda tx: tx.query("SELECT user_name, kind, ok FROM requests"))
+    assert [(user, kind, bool(ok)) for user, kind, ok in requests] == [("alice", "start", True)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_exhausted_range_refuses_the_start_and_destroy_frees(sql_grid):
+    grid, plugin, store = sql_grid
+    await start(grid, 3)
+    # 10.9.0.1-6 less the gateway and a DNS server: 4 addresses; 1 left.
+    with pytest.raises(Rejected) as refused:
+        await start(grid, 2, cluster="db")
+    assert "no address range of user alice has 2 free addresses for cluster db" in str(
+        refused.value)
+    assert sorted(grid.controller.state.vms) == sorted(full(f"{i}.web") for i in (1, 2, 3))
+    await plugin.worker.flushed()
+    assert read(store, ipam.free_in_range, 1) == 1
+
+    from usher.vmset import Selection
+    await grid.controller.op_on("alice", False, "destroy", Selection(names=[full("1.web")]))
+    await plugin.worker.flushed()
+    assert read(store, ipam.free_in_range, 1) == 2
+    assert full("1.web") not in {row["name"] for row in read(store, sqllog.mirror)}
+    result = await start(grid, 2, cluster="db")
+    assert len(result["started"]) == 2
+    await plugin.worker.flushed()
+    refusals = read(store, lambda tx: tx.query(
+        "SELECT ok, detail FROM requests WHERE ok = ? ORDER BY id", (False,)))
+    assert len(refusals) == 1 and "no address range" in refusals[0][1]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_user_without_a_range_is_refused_and_nothing_starts(sql_grid):
+    grid, plugin, store = sql_grid
+    with pytest.raises(Rejected) as refused:
+        await start(grid, 1, user="bob")
+    assert "user bob has no address range" in str(refused.value)
+    assert not grid.controller.state.vms
