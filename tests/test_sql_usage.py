@@ -6,38 +6,14 @@ import json
 import pytest
 
 from usher.plugins.sql import usage
-try:
-    from usher.plugins.sql.store import Store
-except ImportError:   # TEMPORARY until re-a is merged
-    Store = None
+from usher.plugins.sql.store import Store
 
 H = 3600.0   # one hour in seconds
 T0 = 1_700_000_000.0
 
 
-class _SpecTx:
-    def __init__(self):
-        import sqlite3
-        self.db = sqlite3.connect(":memory:")
-        self.db.executescript("""
-        CREATE TABLE requests(id INTEGER PRIMARY KEY, at REAL, user_name TEXT, kind TEXT,
-            vms TEXT, lnms TEXT, args TEXT, finished_at REAL, ok BOOLEAN, detail TEXT);
-        CREATE TABLE events(id INTEGER PRIMARY KEY, at REAL, event TEXT, vm TEXT, owner TEXT,
-            cluster TEXT, lnm TEXT, old_state TEXT, new_state TEXT, memory_mib INTEGER,
-            vcpus INTEGER, detail TEXT);""")
-
-    def execute(self, sql, params=()):
-        self.db.execute(sql, params)
-
-    def query(self, sql, params=()):
-        return self.db.execute(sql, params).fetchall()
-
-
 @pytest.fixture
 def tx():
-    if Store is None:
-        yield _SpecTx()
-        return
     store = Store.open("sqlite:///:memory:")
     store.migrate()
     with store.transaction() as tx:
@@ -212,3 +188,23 @@ def test_parse_by_refuses(text):
 def test_an_empty_period_is_refused(tx):
     with pytest.raises(ValueError, match="period is empty"):
         report(tx, H, H)
+
+
+def test_the_rows_the_plugin_logs(tx):
+    """The plugin's own rows (usher.plugins.sql.log): register_vm and
+    start_complete carry the record's state, vm_removed none, address rows
+    no state at all."""
+    from usher.plugins.sql import log as sqllog
+    vm = {"vm": "1.sneetch", "owner": "alice", "cluster": "sneetch", "lnm": "lnm1",
+          "memory_mib": 1024, "vcpus": 2}
+    sqllog.log_event(tx, at=T0, event="start_request", owner="alice")
+    sqllog.log_event(tx, at=T0, event="address_reserved", vm="1.sneetch")
+    sqllog.log_event(tx, at=T0 + 1, event="register_vm", new_state="starting", **vm)
+    sqllog.log_event(tx, at=T0 + 60, event="start_complete", new_state="run", **vm)
+    sqllog.log_event(tx, at=T0 + 60, event="address_used", vm="1.sneetch")
+    sqllog.log_event(tx, at=T0 + 60 + H, event="vm_state_changed", old_state="run",
+                     new_state="paused", **vm)
+    sqllog.log_event(tx, at=T0 + 60 + 2 * H, event="vm_removed", **vm)
+    sqllog.log_event(tx, at=T0 + 60 + 2 * H, event="address_released", vm="1.sneetch")
+
+    assert only(report(tx, 0, 10 * H))["vm_hours"] == 2.0
