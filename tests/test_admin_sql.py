@@ -310,3 +310,61 @@ def test_report_usage_by_owner_as_a_table(logged, capsys):
 def test_report_usage_refuses_bad_arguments(logged, capsys, argv, complaint):
     assert usage(logged, *argv) == 2
     one_error_line(capsys, complaint)
+
+
+# -- PostgreSQL ------------------------------------------------------------------------
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_postgresql_server_that_is_down_is_one_clear_line(tmp_path, capsys):
+    config = tmp_path / "sql.config"
+    config.write_text(f"database = postgresql://usher@127.0.0.1:{_free_port()}/usher\n")
+
+    assert ipam_cmd(str(config), "subnet", "add", "lab", "10.1.0.0/24") == 1
+    one_error_line(capsys, "postgresql://usher@127.0.0.1")
+    assert run("report", "usage", "--since", "2026-01-01", "--plugin-config", str(config)) == 1
+    one_error_line(capsys, "postgresql://usher@127.0.0.1")
+
+
+@pytest.fixture
+def pg_config(request, tmp_path):
+    """A SQL plugin configuration naming a new database on the tests'
+    PostgreSQL server (the ``postgres`` fixture of tests/conftest.py)."""
+    try:
+        server = request.getfixturevalue("postgres")
+    except pytest.FixtureLookupError:
+        pytest.skip("the postgres fixture (tests/pgserver.py) is not in this tree")
+    url = server.create_database(f"admin_{tmp_path.name.lower()[-40:]}".replace("-", "_"))
+    config = tmp_path / "sql.config"
+    config.write_text(f"database = {url}\n", encoding="utf-8")
+    return str(config), url
+
+
+def test_ipam_and_usage_on_postgresql(pg_config, capsys):
+    config, url = pg_config
+    assert ipam_cmd(config, "subnet", "add", "lab", "10.1.0.0/24", "--vlan", "7") == 0
+    assert ipam_cmd(config, "subnet", "add", "v6", "2001:db8:7::/64") == 0
+    assert ipam_cmd(config, "range", "add", "v6", "2001:db8:7::10", "2001:db8:7::ffff:ffff",
+                    "--owner", "alice") == 0
+    assert ipam_cmd(config, "range", "add", "lab", "10.1.0.5", "10.1.0.200",
+                    "--owner", "alice") == 0
+    assert ipam_cmd(config, "range", "add", "lab", "10.1.0.100", "10.1.0.250") == 1
+    one_error_line(capsys, "overlaps", "nothing changed")
+    in_db(url, _reserve, "alice", "web", ["1.web", "2.web"])
+
+    ranges = json_out(capsys, ipam_cmd(config, "range", "list", "--json"))
+    assert [r["free"] for r in ranges] == [2 ** 32 - 0x10 - 2, 196]
+    leases = json_out(capsys, ipam_cmd(config, "leases", "--json"))
+    assert sorted(lease["vm"] for lease in leases) == ["1.web", "2.web"]
+    held = json_out(capsys, ipam_cmd(config, "who", leases[0]["address"], "--json"))
+    assert held["owner"] == "alice" and held["held"]
+
+    in_db(url, _events, [(T0, "1.web", "alice", "run"), (T0 + 3600, "1.web", "alice", "paused")])
+    report = json_out(capsys, usage(config, "--json", "--by", "cluster"))
+    assert report["rows"] == [{"cluster": "web", "vms": 1, "vm_hours": 4.0, "vcpu_hours": 8.0,
+                               "memory_gib_hours": 8.0}]
