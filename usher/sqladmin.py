@@ -4,7 +4,8 @@ output (tables for people, JSON for scripts).
 
 The commands use the database directly through the plugin's ``Store``
 (no controller needed), one transaction per command: a command that fails
-changes nothing.
+changes nothing. The plugin is imported only when such a command runs, so
+the other ``usher`` commands do not load it (and Twisted).
 """
 
 from __future__ import annotations
@@ -77,8 +78,8 @@ def opened(config_path: str, *, write: bool):
 
 
 def _check_exists(store, url):
-    parts = urlsplit(url)
-    if store.engine != "sqlite" or parts.path.startswith("/:memory:"):
+    """A SQLite file that is not there: sqlite3 would create it."""
+    if store.engine != "sqlite" or urlsplit(url).path.startswith("/:memory:"):
         return
     if not os.path.exists(url[len("sqlite://"):]):
         raise DatabaseProblem(f"{store.describe()}: no such database (the SQL plugin creates "

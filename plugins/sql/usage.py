@@ -92,8 +92,9 @@ def usage_report(tx, since: float, until: float, by=GROUP_FIELDS) -> list[dict]:
 
 def total(rows: list[dict]) -> dict:
     """The sum of ``usage_report`` rows (``vms`` summed per group)."""
-    return {name: sum(row[name] for row in rows)
-            for name in ("vms", "vm_hours", "vcpu_hours", "memory_gib_hours")}
+    return {"vms": sum(row["vms"] for row in rows),
+            **{name: sum((row[name] for row in rows), 0.0)
+               for name in ("vm_hours", "vcpu_hours", "memory_gib_hours")}}
 
 
 def _intervals(tx, since, until):
