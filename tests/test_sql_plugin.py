@@ -146,3 +146,138 @@ async def test_a_user_without_a_range_is_refused_and_nothing_starts(sql_grid):
         await start(grid, 1, user="bob")
     assert "user bob has no address range" in str(refused.value)
     assert not grid.controller.state.vms
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_mirror_follows_what_lnms_report_not_the_controllers_conclusions(sql_grid):
+    from usher.vmset import Selection
+    grid, plugin, store = sql_grid
+    result = await start(grid, 1)
+    name = result["started"][0]["name"]
+    await grid.controller.op_on("alice", False, "pause", Selection(names=[name]))
+    await plugin.worker.flushed()
+    mirror = {row["name"]: row for row in read(store, sqllog.mirror)}
+    assert mirror[name]["state"] == "paused"
+    lnm = grid.controller.state.vms[name]["lnm"]
+    grid.cut(lnm)
+    await grid.settle()
+    assert grid.controller.state.vms[name]["state"] == "lost"
+    await plugin.worker.flushed()
+    mirror = {row["name"]: row for row in read(store, sqllog.mirror)}
+    assert mirror[name]["state"] == "paused"
+    changes = read(store, lambda tx: tx.query(
+        "SELECT old_state, new_state, detail FROM events WHERE event = ? AND vm = ? "
+        "ORDER BY id", ("vm_state_changed", name)))
+    assert changes[-1] == ("paused", "lost", "origin controller")
+    assert ("run", "paused", "origin lnm") in changes
+
+
+class FlakyStore:
+    """The plugin's real store, which a test can take "down"."""
+
+    def __init__(self, url):
+        self.real = Store.open(url)
+        self.real.migrate()
+        self.down = False
+
+    def run(self, function, *args, **kwargs):
+        if self.down:
+            from usher.plugins.sql.store import DatabaseUnavailable
+            raise DatabaseUnavailable("connection refused (the test stopped it)")
+        return self.real.run(function, *args, **kwargs)
+
+    def close(self):
+        pass
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_database_down_refuses_starts_clearly_and_the_log_catches_up(
+        tmp_path, monkeypatch):
+    import usher.plugins.sql as sql_plugin
+    config, url = sql_config(tmp_path, "")
+    text = open(config).read().replace("database =", "retry_initial = 0.05\nretry_max = 0.1\n"
+                                       "database =", 1)
+    open(config, "w").write(text)
+    flaky = FlakyStore(url)
+    monkeypatch.setattr(sql_plugin, "_opened", lambda _url: flaky)
+    registrations = default_plugin_registrations()
+    registrations["sql"] = {"plugin": "sql", "events": SQL_EVENTS, "config": config,
+                            "order": None}
+    grid = Grid(reactor, tmp_path, registrations=registrations)
+    await grid.start()
+    plugin = plugin_instance(grid, "sql")
+    try:
+        await plugin.prepared
+        await start(grid, 1)
+        flaky.down = True
+        with pytest.raises(Rejected, match="the address database is unavailable: "
+                                           "connection refused"):
+            await start(grid, 1, cluster="db")
+        assert sorted(grid.controller.state.vms) == [full("1.web")]
+        # The controller still serves, and the VM's events wait in the queue.
+        from usher.vmset import Selection
+        listed = await grid.controller.list("alice", False, Selection(names=[full("1.web")]))
+        assert listed
+        await grid.controller.op_on("alice", False, "destroy", Selection(names=[full("1.web")]))
+        assert plugin.worker.queued > 0 and plugin.worker.healthy is False
+        flaky.down = False
+        await plugin.worker.flushed()
+        assert plugin.worker.healthy is True
+        assert read(flaky.real, ipam.leases) == []
+        refusals = read(flaky.real, lambda tx: tx.query(
+            "SELECT detail FROM requests WHERE ok = ?", (False,)))
+        assert len(refusals) == 1 and "unavailable" in refusals[0][0]
+        removed = read(flaky.real, lambda tx: tx.query(
+            "SELECT vm FROM events WHERE event = ?", ("vm_removed",)))
+        assert removed == [(full("1.web"),)]
+    finally:
+        grid.controller.plugins.unregister_all()
+        await grid.stop()
+        flaky.real.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_after_recovery_vms_keep_their_addresses_and_orphans_are_released(tmp_path):
+    """A restarted controller's plugin reconciles: the VM that came back
+    (adopted from its LNM's inventory) keeps its address, and gets its
+    network arguments back; a reservation of a start cut short is freed."""
+    config, url = sql_config(tmp_path)
+    registrations = default_plugin_registrations()
+    registrations["sql"] = {"plugin": "sql", "events": SQL_EVENTS, "config": config,
+                            "order": None}
+    grid = Grid(reactor, tmp_path, registrations=registrations, lnms=1)
+    await grid.start()
+    plugin = plugin_instance(grid, "sql")
+    await plugin.prepared
+    await start(grid, 1)
+    await plugin.worker.flushed()
+    store = Store.open(url)
+    # A start cut short by a crash: reserved, never started.
+    store.run(ipam.reserve, "alice", "crashed", [full("1.crashed")], request_id=99, now=1)
+    address = read(store, ipam.lease_of, full("1.web")).address
+    # The controller "restarts": the plugin of a new controller, whose state
+    # has the VM back (as recovery adopts it) without its arguments.
+    grid.controller.plugins.unregister_all()
+    from usher.controller.core import Controller
+    from usher.controller.plugins import PluginRegistry
+    from usher.config import load_plugin_config
+    restarted = Controller(domain=DOMAIN, clock=reactor, admins=["root"])
+    restarted.plugins = PluginRegistry(restarted.chains, restarted.api,
+                                       load_config=load_plugin_config)
+    old = grid.controller.state.vms[full("1.web")]
+    restarted.state.add(restarted.state.new_record(
+        old["name"], state=old["state"], lnm=old["lnm"], memory_mib=old["memory_mib"],
+        vcpus=old["vcpus"], uuid=old["uuid"]))
+    restarted.plugins.register_configured({"sql": registrations["sql"]})
+    again = plugin_instance(restarted, "sql")
+    try:
+        released = await again.reconciled
+        assert [row["vm"] for row in released] == [full("1.crashed")]
+        assert read(store, ipam.lease_of, full("1.web")).address == address
+        record = restarted.state.vms[full("1.web")]
+        assert record["args"]["ip_address"] == address
+        assert "ip_address" in record["plugin_args"]
+    finally:
+        restarted.plugins.unregister_all()
+        store.close()
+        await grid.stop()
