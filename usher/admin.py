@@ -8,6 +8,9 @@
     usher cert issue --controller|--lnm|--gateway NAME [--dir D] [--out D]
                           [--hostname H]... [--ip IP]... [--days N]
                           [--key-type ec|rsa] [--force]
+    usher ipam subnet|range|free|who|leases ...   (usher.cmd_ipam)
+    usher report usage --since DATE [--until DATE] [--by owner|cluster|owner,cluster]
+                                                  (usher.cmd_report)
 
 Exit status: 0 on success, 2 on usage errors, 1 on any other error; errors
 are printed to stderr as ``usher: error: ...``.
@@ -27,6 +30,8 @@ from collections.abc import Callable
 from typing import TextIO
 
 from usher import passwdfile, pki
+from usher.cmd_ipam import register_ipam_commands
+from usher.cmd_report import register_report_commands
 from usher.cliargs import UsageError, positive_int
 from usher.errors import InvalidRequest, UsherError
 
@@ -225,6 +230,8 @@ def register_sandbox_commands(subparsers):
 SUBCOMMANDS: tuple[Callable, ...] = (
     register_user_commands,
     register_pki_commands,
+    register_ipam_commands,
+    register_report_commands,
     register_sandbox_commands,
 )
 

@@ -1,8 +1,10 @@
 """What Usher's command-line programs (``usher``, ``ush``) share: the usage
 error they raise for a command line they cannot accept, and the argparse
-argument types that check numbers before anything is done."""
+argument types that check numbers and times before anything is done."""
 
 import argparse
+import datetime
+import time
 
 
 class UsageError(Exception):
@@ -43,3 +45,21 @@ def positive_seconds(text):
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
     return value
+
+
+def timestamp(text):
+    """argparse type: an ISO 8601 date or date and time (``2026-11-01``,
+    ``2026-11-01T08:30``, ``2026-11-01 08:30:00+01:00``), UTC unless it names
+    a zone, or ``now`` -> UNIX seconds."""
+    if text.strip().lower() == "now":
+        return time.time()
+    try:
+        moment = datetime.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a date (YYYY-MM-DD) or date and time (YYYY-MM-DDTHH:MM, "
+            "UTC unless it ends with a zone such as +01:00)") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    return moment.timestamp()
+
