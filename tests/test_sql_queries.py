@@ -13,7 +13,7 @@ from usher.settings import default_plugin_registrations
 
 from tests.clientgrid import plugin_instance
 from tests.test_plugins_ush import run_ush
-from tests.test_sql_plugin import SQL_EVENTS, full, sql_config
+from tests.test_sql_plugin import SQL_EVENTS, full, net_args_allowed, sql_config
 
 OPEN_RANGE = """\
     [[open]]
@@ -28,7 +28,7 @@ async def sql_client_grid(tmp_path, client_grids):
     registrations = default_plugin_registrations()
     registrations["sql"] = {"plugin": "sql", "events": SQL_EVENTS, "config": config,
                             "order": None}
-    grid = await client_grids(registrations=registrations)
+    grid = await client_grids(registrations=registrations, vmm_options=net_args_allowed)
     plugin = plugin_instance(grid, "sql")
     await plugin.prepared
     await plugin.reconciled

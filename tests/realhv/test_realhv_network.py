@@ -15,6 +15,9 @@ address from the kernel command line (ip= / usher.ip6=), configures eth0 and
 serves a page naming the address and MAC it has. The test fetches that page
 from each guest at its address, from the host's namespace.
 
+The second test runs the SQL plugin itself (on SQLite), its subnet the
+test bridge's: the guest answers at the address the plugin allocated.
+
 Everything lives in namespaces the cluster removes; skips as test_realhv.py.
 """
 
@@ -150,4 +153,67 @@ def test_a_guest_comes_up_with_the_address_a_plugin_set(cluster, steps):
     while fetch(h1, "http://10.201.0.11/") is not None:
         assert time.monotonic() < deadline, "10.201.0.11 still answers after destroy"
         time.sleep(0.2)
+    hosts.run(["ip", "-n", h1.namespace, "link", "del", BRIDGE])
+
+
+# The SQL plugin itself (issue 12): its subnet is the test bridge's, its range
+# alice's; the address it allocates is the one the guest answers at.
+SQL_EVENTS = ("start_request, register_vm, start_complete, vm_state_changed, vm_removed, "
+              "op_complete, migrate_complete, vm_lost, vm_missing, vm_adopted")
+SQL_PLUGINS = f"""\
+[[plugins]]
+[[[open_authz]]]
+events = start_request, list_request, destroy_request, shutdown_request
+[[[roundrobin]]]
+events = start_request
+[[[sql]]]
+events = {SQL_EVENTS}
+config = {{config}}
+"""
+
+
+@pytest.fixture
+def sql_cluster(guest, steps, tmp_path):  # noqa: F811
+    directory = tmp_path / "realhv"
+    directory.mkdir(parents=True)
+    config = tmp_path / "sql.config"
+    config.write_text(f"""\
+database = sqlite:///{tmp_path / "usher-sql.db"}
+[subnets]
+[[guests]]
+cidr = 10.201.0.0/24
+gateway = 10.201.0.254
+dns = 10.201.0.254
+bridge = {BRIDGE}
+[ranges]
+[[alice]]
+subnet = guests
+first = 10.201.0.40
+last = 10.201.0.49
+owner = {hosts.USHER_USER}
+""")
+    with running(hosts.Cluster(directory, guest,
+                               ctrl_options=SQL_PLUGINS.format(config=config),
+                               lnm_options=f"plugin_args = {NETWORK_ARGS}\n"
+                                           f"bridges = {BRIDGE}\n"), steps) as cluster:
+        yield cluster
+
+
+def test_a_guest_answers_at_the_address_the_sql_plugin_allocated(sql_cluster, steps):  # noqa: F811
+    h1 = sql_cluster.hosts[0]
+    make_bridge(h1)
+    with steps("start a guest with an address from the SQL plugin, until it answers"):
+        started = ush(sql_cluster, "start", "-n", "sql", "-c", "1", "lnm1")
+        [vm] = [entry["name"] for entry in started]
+        record = {r["name"]: r for r in ush(sql_cluster, "list", "-n", "sql")}[vm]
+        address, mac = record["args"]["ip_address"], record["args"]["mac"]
+        assert address.startswith("10.201.0.4") and record["args"]["bridge"] == BRIDGE
+        wait_ticking(os.path.join(sql_cluster.dir, "lnm1-state", "consoles", f"{vm}.log"),
+                     boots=1, timeout=BOOT_TIMEOUT)
+        pages = []
+        wait_for(lambda: pages.append(fetch(h1, f"http://{address}/")) or pages[-1] is not None,
+                 30, f"{vm} to answer at {address}")
+        assert pages[-1].split() == ["usher-guest", address, mac]
+    with steps("destroy it"):
+        ush(sql_cluster, "destroy", "-n", "sql")
     hosts.run(["ip", "-n", h1.namespace, "link", "del", BRIDGE])
