@@ -667,8 +667,14 @@ def test_the_lnm_list_survives_kill_9_at_any_moment(tmp_path):
         "    known.remember(f'lnm{i % 50}', recovery_host='10.0.0.1', recovery_port=i,\n"
         "                   hostname='h' * (i % 300))\n"
     )
-    for delay in (0.3, 0.35, 0.4, 0.45, 0.5):
+    for delay in (0.0, 0.05, 0.1, 0.15, 0.2):
         proc = subprocess.Popen([sys.executable, "-c", writer], cwd=os.getcwd())
+        # Killed at several moments once it writes (its start-up may take a
+        # while on a loaded machine: wait for its first file, bounded).
+        deadline = time.monotonic() + 60
+        while not path.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the writer never wrote"
+            time.sleep(0.01)
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
