@@ -8,10 +8,11 @@ SANDBOX_DIR ?= $(CURDIR)/sandbox
 # Debian packages: libvirt's client library (its test driver is the embedded
 # hypervisor), what libvirt-python needs to build, and libvirtd (the failure
 # tests give each LNM a private daemon), PostgreSQL (the SQL plugin's tests
-# start a private server, tests/pgserver.py). The real-hypervisor test
+# start a private server, tests/pgserver.py), OpenLDAP and BIND (the LDAP and
+# DNS plugins' tests start private slapd and named). The real-hypervisor test
 # installs QEMU itself (tests/realhv/hosts.py).
 APT_PACKAGES = libvirt-dev pkg-config gcc python3-dev python3-venv libvirt-daemon \
-	postgresql
+	postgresql slapd ldap-utils bind9 bind9-utils dnsutils
 
 .PHONY: setup sandbox test bench bench-sql clean
 
@@ -20,7 +21,9 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: setup.py
 	@if ! pkg-config --exists libvirt 2>/dev/null || ! command -v gcc >/dev/null \
 	    || ! command -v libvirtd >/dev/null \
-	    || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	    || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
+	    || ! command -v slapd >/dev/null || ! command -v named >/dev/null \
+	    || ! command -v ldapadd >/dev/null || ! command -v tsig-keygen >/dev/null; then \
 	  echo "installing Debian packages: $(APT_PACKAGES)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 	    apt-get install -y -qq --no-install-recommends $(APT_PACKAGES); \

@@ -38,6 +38,10 @@ setup(
         "automat>=22.10",
         # The SQL plugin's PostgreSQL engine (usher.plugins.sql.store).
         "psycopg[binary]>=3.1",
+        # The LDAP plugin's directory client (usher.plugins.ldap).
+        "ldap3>=2.9",
+        # The DNS plugin's dynamic updates and zone transfers (usher.plugins.dns).
+        "dnspython>=2.6",
     ],
     extras_require={"test": ["pytest>=8", "pytest-twisted>=1.14", "hypothesis>=6.100"]},
     entry_points={"console_scripts": [
