@@ -52,7 +52,7 @@ def test_plugin_set_ipv4_args_give_the_mac_and_the_kernel_ip_argument(site):
     assert nic.find("source").get("bridge") == "br0"
     assert nic.find("vlan") is None             # vlan_tags is off by default
     assert root.findtext("os/cmdline") == (
-        "console=ttyS0 ip=10.1.0.5::10.1.0.1:255.255.255.0::eth0:off:10.1.0.53:10.1.0.54")
+        "console=ttyS0 ip=10.1.0.5::10.1.0.1:255.255.255.0:q1:eth0:off:10.1.0.53:10.1.0.54")
     # With vlan_tags on, the interface is tagged.
     tagged = ET.fromstring(build(site, V4, vlan_tags=True))
     assert tagged.find("devices/interface/vlan/tag").get("id") == "101"
@@ -62,13 +62,14 @@ def test_ipv6_args_are_passed_as_usher_words_for_the_init(site):
     root = ET.fromstring(build(site, V6))
     assert root.find("devices/interface/mac").get("address") == "02:20:01:0d:b8:05"
     assert root.findtext("os/cmdline") == (
-        "console=ttyS0 usher.ip6=2001:db8::5/64 usher.gw6=2001:db8::1 usher.dns=2001:db8::53")
+        "console=ttyS0 usher.ip6=2001:db8::5/64 usher.gw6=2001:db8::1 usher.dns=2001:db8::53 "
+        "usher.hostname=q1")
 
 
 def test_without_a_gateway_or_dns_the_fields_stay_empty(site):
     args = {"ip_address": "192.168.7.9", "ip_prefix": "30"}
     root = ET.fromstring(build(site, args))
-    assert root.findtext("os/cmdline").endswith(" ip=192.168.7.9:::255.255.255.252::eth0:off")
+    assert root.findtext("os/cmdline").endswith(" ip=192.168.7.9:::255.255.255.252:q1:eth0:off")
     # No address: the command line is the site's, untouched.
     plain = ET.fromstring(build(site, {"mac": "02:00:00:00:00:01", "bridge": "br0"}))
     assert plain.findtext("os/cmdline") == "console=ttyS0"
@@ -135,9 +136,9 @@ def test_users_cannot_set_them_plugins_can(site):
         [], [], False)
 
 
-def test_a_users_cmdline_cannot_compete_with_the_address(site):
-    spec = vm_spec(args=V4 | {"cmdline": "console=ttyS0 ip=10.9.9.9::::eth0:off"},
-                   plugin_args=list(V4))
+@pytest.mark.parametrize("word", ["ip=10.9.9.9::::eth0:off", "usher.hostname=1.x.bob.usher.local"])
+def test_a_users_cmdline_cannot_compete_with_the_address(site, word):
+    spec = vm_spec(args=V4 | {"cmdline": f"console=ttyS0 {word}"}, plugin_args=list(V4))
     policy = policy_for(site, site["state"], request_args=["cmdline"], plugin_args=NETWORK_ARGS)
     with pytest.raises(InvalidRequest, match="must not set the guest's address"):
         domain_xml.build_domain_xml(spec, driver="qemu", state_dir=site["state"],
@@ -167,7 +168,7 @@ def test_site_templates_get_the_variables_and_the_derived_ones(site, tmp_path):
     assert root.find("devices/interface/vlan/tag").get("id") == "101"
     assert root.findtext("description") == "10.1.0.5/24 mask 255.255.255.0"
     assert root.findtext("os/cmdline") == (
-        "console=ttyS0 ip=10.1.0.5::10.1.0.1:255.255.255.0::eth0:off:10.1.0.53:10.1.0.54")
+        "console=ttyS0 ip=10.1.0.5::10.1.0.1:255.255.255.0:q1:eth0:off:10.1.0.53:10.1.0.54")
     # The site template's values are checked the same way.
     with pytest.raises(InvalidRequest, match="not a unicast address"):
         build(site, V4 | {"mac": "03:00:00:00:00:01"}, template=template)

@@ -88,8 +88,9 @@ TICK_PREFIX = "usher-guest: tick "
 # acpid started earlier watches nothing, and the power button would do
 # nothing), configures eth0 from the address Usher put on the kernel command
 # line (the Debian kernel has no CONFIG_IP_PNP, so the kernel ignores ip=;
-# IPv6 comes as usher.ip6=/usher.gw6=), answers HTTP on it with its address
-# and MAC, then counts forever; PID 1 must never exit.
+# IPv6 comes as usher.ip6=/usher.gw6=), takes its host name from the same
+# words (ip='s host field, usher.hostname=), answers HTTP on it with its
+# address, MAC and host name, then counts forever; PID 1 must never exit.
 GUEST_INIT = f"""#!/bin/sh
 export PATH=/bin
 /bin/busybox --install -s /bin
@@ -110,12 +111,13 @@ while ! ls /dev/input/event* >/dev/null 2>&1; do
 done
 acpid -c /etc/acpi -l /var/log/acpid.log
 echo "{READY_MARKER}"
-ip4=; ip6=; gw6=; address=
+ip4=; ip6=; gw6=; address=; name=
 for word in $(cat /proc/cmdline); do
     case "$word" in
         ip=*) ip4="${{word#ip=}}" ;;
         usher.ip6=*) ip6="${{word#usher.ip6=}}" ;;
         usher.gw6=*) gw6="${{word#usher.gw6=}}" ;;
+        usher.hostname=*) name="${{word#usher.hostname=}}" ;;
     esac
 done
 if [ -n "$ip4$ip6" ]; then
@@ -130,6 +132,7 @@ if [ -n "$ip4$ip6" ]; then
         IFS=:; set -- $ip4; unset IFS
         ifconfig "${{6:-eth0}}" "$1" netmask "$4" up
         [ -n "$3" ] && route add default gw "$3"
+        [ -n "$5" ] && name="$5"
         address="$1"
     fi
     if [ -n "$ip6" ]; then
@@ -138,7 +141,9 @@ if [ -n "$ip4$ip6" ]; then
         address="${{address:+$address }}${{ip6%/*}}"
     fi
     mkdir -p /www
-    echo "{GUEST_PAGE_PREFIX}$address $(cat /sys/class/net/eth0/address)" > /www/index.html
+    [ -n "$name" ] && hostname "$name"
+    echo "{GUEST_PAGE_PREFIX}$address $(cat /sys/class/net/eth0/address) $(hostname)" \
+        > /www/index.html
     httpd -p 80 -h /www
     echo "{NETWORK_MARKER}$(ip -o addr show dev eth0 | tr -s ' ' | tr '\\n' ';')"
 fi

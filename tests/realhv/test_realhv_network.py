@@ -12,7 +12,7 @@ IPv6 for the second). The LNM admits them only as plugin-set
 namespace, with private addresses (10.201.0.254/24, fd00:201::fe/64) on it;
 the guests' virtio NICs join it with the plugin's MACs; their init reads the
 address from the kernel command line (ip= / usher.ip6=), configures eth0 and
-serves a page naming the address and MAC it has. The test fetches that page
+serves a page naming the address, MAC and host name it has. The test fetches that page
 from each guest at its address, from the host's namespace.
 
 The second test runs the SQL plugin itself (on SQLite), its subnet the
@@ -133,12 +133,13 @@ def test_a_guest_comes_up_with_the_address_a_plugin_set(cluster, steps):
             pages = []
             wait_for(lambda: pages.append(fetch(h1, url)) or pages[-1] is not None,
                      30, f"{vm} to answer at {url}")
-            assert pages[-1].split() == ["usher-guest", lease["ip_address"], lease["mac"]]
+            assert pages[-1].split() == ["usher-guest", lease["ip_address"], lease["mac"], vm]
 
     # What Usher gave libvirt, and what the guest saw.
     xml = hosts.run(["virsh", "-q", "-c", h1.uri, "dumpxml", VM1]).stdout
     assert "<mac address='02:0a:c9:00:0b:01'/>" in xml and f"bridge='{BRIDGE}'" in xml
-    assert "ip=10.201.0.11::10.201.0.254:255.255.255.0::eth0:off:10.201.0.254" in xml
+    assert (f"ip=10.201.0.11::10.201.0.254:255.255.255.0:{VM1}:eth0:off:10.201.0.254"
+            in xml)
     assert "usher.ip6=fd00:201::12/64 usher.gw6=fd00:201::fe" in hosts.run(
         ["virsh", "-q", "-c", h1.uri, "dumpxml", VM2]).stdout
     lines = hosts.console_lines(consoles[0])
@@ -213,7 +214,7 @@ def test_a_guest_answers_at_the_address_the_sql_plugin_allocated(sql_cluster, st
         pages = []
         wait_for(lambda: pages.append(fetch(h1, f"http://{address}/")) or pages[-1] is not None,
                  30, f"{vm} to answer at {address}")
-        assert pages[-1].split() == ["usher-guest", address, mac]
+        assert pages[-1].split() == ["usher-guest", address, mac, vm]
     with steps("destroy it"):
         ush(sql_cluster, "destroy", "-n", "sql")
     hosts.run(["ip", "-n", h1.namespace, "link", "del", BRIDGE])

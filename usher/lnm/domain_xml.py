@@ -414,7 +414,7 @@ def _build_qemu(spec, state_dir, values, network, vlan_tags):
         if values.get("initrd"):
             ET.SubElement(os_el, "initrd").text = values["initrd"]
         ET.SubElement(os_el, "cmdline").text = guest_network.guest_cmdline(
-            values.get("cmdline", "console=ttyS0"), network)
+            values.get("cmdline", "console=ttyS0"), network, spec["name"])
     else:
         ET.SubElement(os_el, "boot", {"dev": "hd"})
     # ACPI is what lets the guest see the power button of a "shutdown".
@@ -561,7 +561,7 @@ def build_domain_xml(spec, *, driver, state_dir, template=None, defaults=None,
         guest_network.check_request_cmdline(checked["cmdline"])
     if template is not None:
         return template.render(spec, state_dir,
-                               values | guest_network.derived_values(network))
+                               values | guest_network.derived_values(network, spec["name"]))
     if driver == "test":
         return _build_test(spec)
     if driver == "qemu":

@@ -21,13 +21,15 @@ What the built-in QEMU template does with them:
   the VLAN is the site's wiring (the bridge the subnet names);
 - for direct kernel boot, words appended to the kernel command line
   (``kernel_args``). IPv4: the kernel's own
-  ``ip=<address>::<gateway>:<netmask>::eth0:off[:<dns0>[:<dns1>]]`` (the
-  first two IPv4 DNS servers), which a kernel built with CONFIG_IP_PNP
-  applies itself and an initramfs can read from /proc/cmdline otherwise.
-  IPv6: the kernel has no such argument, so Usher passes
-  ``usher.ip6=<address>/<prefix>``, ``usher.gw6=<gateway>`` and
-  ``usher.dns=<a>,<b>`` for the guest's init to apply. The guest's device is
-  assumed to be ``eth0`` (the first NIC without udev renaming).
+  ``ip=<address>::<gateway>:<netmask>:<hostname>:eth0:off[:<dns0>[:<dns1>]]``
+  (the VM's name as its host name -- the name the DNS plugin publishes --
+  and the first two IPv4 DNS servers), which a kernel built with
+  CONFIG_IP_PNP applies itself and an initramfs can read from /proc/cmdline
+  otherwise. IPv6: the kernel has no such argument, so Usher passes
+  ``usher.ip6=<address>/<prefix>``, ``usher.gw6=<gateway>``,
+  ``usher.dns=<a>,<b>`` and ``usher.hostname=<name>`` for the guest's init
+  to apply. The guest's device is assumed to be ``eth0`` (the first NIC
+  without udev renaming).
 
 A site template gets the same variables (``${mac}``, ``${ip_address}``, ...)
 and two the LNM derives, which args cannot set: ``${ip_netmask}`` (IPv4's
@@ -47,7 +49,8 @@ DERIVED_VARIABLES = ("ip_netmask", "ip_kernel_args")
 GUEST_DEVICE = "eth0"
 # Words of a request's own cmdline that would compete with the address a
 # plugin gives (the kernel's ip= and its old name, Usher's IPv6 words).
-ADDRESS_WORDS = ("ip=", "nfsaddrs=", "usher.ip6=", "usher.gw6=", "usher.dns=")
+ADDRESS_WORDS = ("ip=", "nfsaddrs=", "usher.ip6=", "usher.gw6=", "usher.dns=",
+                 "usher.hostname=")
 MAX_DNS = 4
 
 _MAC = re.compile(r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}\Z")
@@ -144,27 +147,33 @@ class GuestNetwork:
     def netmask(self):
         return str(self.interface.netmask) if self.interface.version == 4 else ""
 
-    def kernel_args(self):
-        """Words for the guest kernel's command line (see the module docstring)."""
+    def kernel_args(self, hostname=None):
+        """Words for the guest kernel's command line (see the module
+        docstring); ``hostname``: the VM's name (the LNM checked it: DNS
+        labels, no colon or space)."""
         address = self.interface.ip
         gateway = str(self.gateway) if self.gateway else ""
         if address.version == 4:
             dns = [str(s) for s in self.dns if s.version == 4][:2]
-            fields = [str(address), "", gateway, self.netmask(), "", GUEST_DEVICE, "off", *dns]
+            fields = [str(address), "", gateway, self.netmask(), hostname or "", GUEST_DEVICE,
+                      "off", *dns]
             return ["ip=" + ":".join(fields)]
         words = [f"usher.ip6={self.interface.with_prefixlen}"]
         if gateway:
             words.append(f"usher.gw6={gateway}")
         if self.dns:
             words.append("usher.dns=" + ",".join(str(s) for s in self.dns))
+        if hostname:
+            words.append(f"usher.hostname={hostname}")
         return words
 
 
-def derived_values(network):
+def derived_values(network, hostname=None):
     """The variables a site template gets from the LNM (DERIVED_VARIABLES)."""
     if network is None:
         return dict.fromkeys(DERIVED_VARIABLES, "")
-    return {"ip_netmask": network.netmask(), "ip_kernel_args": " ".join(network.kernel_args())}
+    return {"ip_netmask": network.netmask(),
+            "ip_kernel_args": " ".join(network.kernel_args(hostname))}
 
 
 def check_request_cmdline(cmdline):
@@ -176,11 +185,11 @@ def check_request_cmdline(cmdline):
                                  f"({word[:64]!r}): the site gives it")
 
 
-def guest_cmdline(cmdline, network):
+def guest_cmdline(cmdline, network, hostname=None):
     """The kernel command line with the address words appended (last: they win)."""
     if network is None:
         return cmdline
-    return " ".join([cmdline, *network.kernel_args()]).strip()
+    return " ".join([cmdline, *network.kernel_args(hostname)]).strip()
 
 
 def add_interfaces(devices, values, *, vlan_tags=False):
