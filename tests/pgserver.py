@@ -58,8 +58,12 @@ class PostgresServer:
     """One private server. ``url(database)`` is what the SQL plugin's
     ``database`` option takes."""
 
-    def __init__(self, base_dir=None, *, bin_dir=None):
+    def __init__(self, base_dir=None, *, bin_dir=None, argv_prefix=()):
         self.bin_dir = bin_dir or find_bin_dir()
+        # Put before every command, e.g. ("ip", "netns", "exec", NS): the
+        # server then lives in that network namespace (the real-QEMU test's
+        # controller namespace), its 127.0.0.1 that namespace's.
+        self.argv_prefix = tuple(argv_prefix)
         self.as_service_user = os.geteuid() == 0
         # A short path of its own under /tmp: the Unix socket's path must stay
         # under 108 bytes, and pytest's directories (0700, root's) are closed
@@ -85,6 +89,7 @@ class PostgresServer:
         argv = [os.path.join(self.bin_dir, program), *args]
         if self.as_service_user:
             argv = ["runuser", "-u", SERVICE_USER, "--", *argv]
+        argv = [*self.argv_prefix, *argv]
         try:
             done = subprocess.run(argv, capture_output=True, text=True, cwd=self.dir,
                                   timeout=COMMAND_TIMEOUT, stdin=subprocess.DEVNULL)

@@ -613,7 +613,7 @@ class Cluster:
     """
 
     def __init__(self, directory, guest, *, tag=None, scan_interval=300, cache_dir=None,
-                 ctrl_options="", lnm_options=""):
+                 ctrl_options="", lnm_options="", before_usher=None):
         self.dir = os.path.abspath(directory)
         self.cache_dir = os.path.abspath(cache_dir or default_cache_dir())
         self.guest = guest
@@ -631,6 +631,10 @@ class Cluster:
         # [lnm] (before its [[domain]]).
         self.ctrl_options = ctrl_options
         self.lnm_options = lnm_options
+        # Called with the cluster once its namespaces and configuration exist,
+        # before the controller starts: site services (BIND, slapd, the
+        # database) that the controller's plugins need from its namespace.
+        self.before_usher = before_usher
 
     # -- bookkeeping --------------------------------------------------------------------
 
@@ -805,6 +809,8 @@ history_file = {self.dir}/ush_history
         for host in self.hosts:
             host.wait_ready(timeout, capabilities)
         self._write_usher_config()
+        if self.before_usher is not None:
+            self.before_usher(self)
         self._start_usher(timeout)
         return self
 
@@ -828,6 +834,24 @@ history_file = {self.dir}/ush_history
             self.namespaces.remove(namespace)
         self.processes = {}
         self._record()
+
+
+def guest_segment(cluster, bridge, addresses):
+    """One Ethernet segment for the guests across both hosts: a bridge
+    ``bridge`` in each host's namespace, joined by a veth pair (a live-migrated
+    guest keeps its address and stays reachable); ``addresses[i]`` (CIDR, or
+    None) on host i's bridge. Removed with the namespaces."""
+    for host, address in zip(cluster.hosts, addresses):
+        run(["ip", "-n", host.namespace, "link", "add", bridge, "type", "bridge"])
+        if address:
+            extra = ["nodad"] if ":" in address else []
+            run(["ip", "-n", host.namespace, "addr", "add", address, "dev", bridge, *extra])
+        run(["ip", "-n", host.namespace, "link", "set", bridge, "up"])
+    first, second = cluster.hosts[0], cluster.hosts[1]
+    run(["ip", "-n", first.namespace, "link", "add", f"{bridge}-a", "type", "veth",
+         "peer", "name", f"{bridge}-b", "netns", second.namespace])
+    for host, end in ((first, f"{bridge}-a"), (second, f"{bridge}-b")):
+        run(["ip", "-n", host.namespace, "link", "set", end, "master", bridge, "up"])
 
 
 def stop_recorded(directory):
