@@ -42,6 +42,8 @@ setup(
         "ldap3>=2.9",
         # The DNS plugin's dynamic updates and zone transfers (usher.plugins.dns).
         "dnspython>=2.6",
+        # Shell completion scripts generated from the parsers (usher.completion).
+        "shtab>=1.7",
     ],
     extras_require={"test": ["pytest>=8", "pytest-twisted>=1.14", "hypothesis>=6.100"]},
     entry_points={"console_scripts": [

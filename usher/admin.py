@@ -11,6 +11,7 @@
     usher ipam subnet|range|free|who|leases ...   (usher.cmd_ipam)
     usher report usage --since DATE [--until DATE] [--by owner|cluster|owner,cluster]
                                                   (usher.cmd_report)
+    usher completion bash|zsh [--program usher|ush]   (usher.completion)
 
 Exit status: 0 on success, 2 on usage errors, 1 on any other error; errors
 are printed to stderr as ``usher: error: ...``.
@@ -227,12 +228,31 @@ def register_sandbox_commands(subparsers):
     parser.set_defaults(handler=lambda args, context: sandbox.run(args))
 
 
+def register_completion_commands(subparsers):
+    parser = subparsers.add_parser(
+        "completion", help="print the shell completion script of usher or ush",
+        description="Print a completion script: `usher completion bash > "
+        "/usr/share/bash-completion/completions/usher` (ush: `ush --completion bash`).")
+    parser.add_argument("shell", choices=("bash", "zsh"))
+    parser.add_argument("--program", choices=("usher", "ush"), default="usher",
+                        help="the program to complete (default usher)")
+    parser.set_defaults(handler=_completion)
+
+
+def _completion(args, context: CommandContext) -> int:
+    from usher import completion
+    parser = completion.ush_parser() if args.program == "ush" else build_parser()
+    sys.stdout.write(completion.script(parser, args.shell))
+    return 0
+
+
 SUBCOMMANDS: tuple[Callable, ...] = (
     register_user_commands,
     register_pki_commands,
     register_ipam_commands,
     register_report_commands,
     register_sandbox_commands,
+    register_completion_commands,
 )
 
 

@@ -106,6 +106,8 @@ def command_line_parser():
     parser.add_argument("--json", action="store_true",
                         help="print results as JSON (one-shot mode)")
     parser.add_argument("--version", action="version", version=f"ush {version()}")
+    parser.add_argument("--completion", choices=("bash", "zsh"), metavar="SHELL",
+                        help="print the shell completion script for SHELL (bash, zsh) and exit")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="COMMAND [ARGUMENTS...]")
     return parser
 
@@ -116,6 +118,10 @@ def run(argv=None, *, stdout=None, stderr=None, settings_loader=load_settings,
     stdout = stdout if stdout is not None else sys.stdout
     stderr = stderr if stderr is not None else sys.stderr
     options = command_line_parser().parse_args(argv)
+    if options.completion:
+        from usher.completion import script, ush_parser
+        stdout.write(script(ush_parser(), options.completion))
+        return EXIT_OK
 
     def fail(message, code):
         if options.json:
