@@ -625,15 +625,16 @@ class Cluster:
         self.processes = {}
         self.scan_interval = scan_interval
         self.lnm_names = [f"lnm{i + 1}" for i in range(len(self.hosts))]
-        self.password = None
+        self.password = uuid.uuid4().hex
         self.ush_config = os.path.join(self.dir, "ush.config")
-        # More lines for the end of [ctrl] (plugin_dir, [[plugins]]) and of
+        # More lines for the end of [ctrl] (plugin_dir, [[plugins]]; or a
+        # function returning them, called once before_usher has run) and of
         # [lnm] (before its [[domain]]).
         self.ctrl_options = ctrl_options
         self.lnm_options = lnm_options
-        # Called with the cluster once its namespaces and configuration exist,
-        # before the controller starts: site services (BIND, slapd, the
-        # database) that the controller's plugins need from its namespace.
+        # Called with the cluster once its namespaces exist, before Usher's
+        # configuration is written and the controller starts: site services
+        # (BIND, slapd, the database) that its plugins need in its namespace.
         self.before_usher = before_usher
 
     # -- bookkeeping --------------------------------------------------------------------
@@ -702,7 +703,6 @@ class Cluster:
                        force=True)
         for name in self.lnm_names:
             pki.issue_cert(pki_dir, name, pki_dir, role=pki.ROLE_LNM, force=True)
-        self.password = uuid.uuid4().hex
         passwd = os.path.join(self.dir, "passwd")
         if os.path.exists(passwd):
             os.unlink(passwd)
@@ -723,7 +723,7 @@ state_dir = {self.dir}/ctrl-state
 passwd_file = {passwd}
 default_memory = 128
 default_vcpus = 1
-{self.ctrl_options}""")
+{self.ctrl_options() if callable(self.ctrl_options) else self.ctrl_options}""")
         for name, host in zip(self.lnm_names, self.hosts):
             _write(os.path.join(self.dir, f"{name}.config"), f"""\
 # LNM {name} on test host {host.name} ({host.address}).
@@ -808,9 +808,9 @@ history_file = {self.dir}/ush_history
             host.start(self.spawn, timeout, capabilities)
         for host in self.hosts:
             host.wait_ready(timeout, capabilities)
-        self._write_usher_config()
         if self.before_usher is not None:
             self.before_usher(self)
+        self._write_usher_config()
         self._start_usher(timeout)
         return self
 
