@@ -69,6 +69,11 @@ class Plugin:
         if self._reconcile_call.active():
             self._reconcile_call.cancel()
 
+    async def flushed(self):
+        """Wait until the file work queued so far is done (tests, tools)."""
+        await self._lock.acquire()
+        self._lock.release()
+
     def entry_point(self, event):
         handler = getattr(self, "_on_" + event.name, None)
         if handler is None:
