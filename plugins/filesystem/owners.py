@@ -5,6 +5,7 @@ network service; LDAP does): callers run it off the reactor."""
 
 import pwd
 import re
+import threading
 
 from twisted.logger import Logger
 
@@ -75,12 +76,14 @@ class LdapIds:
     def __init__(self, ldap_config, directory=None):
         self.ldap_config = ldap_config
         self._directory = directory
+        self._loading = threading.Lock()     # lookups run in several pool threads
 
     def _loaded(self):
-        if self._directory is None:
-            from usher.plugins.ldap.directory import load_directory
-            self._directory = load_directory(self.ldap_config)
-        return self._directory
+        with self._loading:
+            if self._directory is None:
+                from usher.plugins.ldap.directory import load_directory
+                self._directory = load_directory(self.ldap_config)
+            return self._directory
 
     def user_ids(self, owner):
         check_user(owner)
