@@ -20,8 +20,12 @@ setup(
     # generic ("plugins", "clients") lands in site-packages.
     packages=["usher", "usher.auth", "usher.client", "usher.controller", "usher.lnm",
               "usher.pki", "usher.plugins", "usher.plugins.sql", "usher.clients", "usher.clients.ush",
-              "usher.clients.plusher"],
+              "usher.clients.plusher",
+              "usher.plugins.filesystem"],
     package_dir={"usher.plugins": "plugins", "usher.clients": "clients"},
+    # The guest side of the filesystem plugin (usher-net-rc, its systemd unit
+    # and SysV script, the guest README), installed beside the package.
+    package_data={"usher.plugins.filesystem": ["guest/*"]},
     install_requires=[
         "twisted>=24.7",
         "pyopenssl>=24",

@@ -201,6 +201,9 @@ class PluginRegistry:
             # What it registered before failing goes with it.
             for query in set(self.queries.names()) - queries_before:
                 self.queries.unregister(query)
+            if isinstance(e, ConfigError) and config_file and config_file not in str(e):
+                # A plugin checks its options by key; the file is the registry's to name.
+                raise ConfigError(f"{config_file}: {e}") from None
             if isinstance(e, UsherError):
                 raise
             log.failure("plugin {plugin} failed to start", plugin=name)
