@@ -19,9 +19,9 @@ setup(
     # plugins/ and clients/ install under the usher namespace, so nothing
     # generic ("plugins", "clients") lands in site-packages.
     packages=["usher", "usher.auth", "usher.client", "usher.controller", "usher.lnm",
-              "usher.pki", "usher.plugins", "usher.plugins.sql", "usher.clients", "usher.clients.ush",
-              "usher.clients.plusher",
-              "usher.plugins.filesystem"],
+              "usher.pki", "usher.plugins", "usher.plugins.sql", "usher.plugins.ldap",
+              "usher.plugins.filesystem", "usher.clients", "usher.clients.ush",
+              "usher.clients.plusher"],
     package_dir={"usher.plugins": "plugins", "usher.clients": "clients"},
     # The guest side of the filesystem plugin (usher-net-rc, its systemd unit
     # and SysV script, the guest README), installed beside the package.
@@ -63,6 +63,7 @@ setup(
                              "etc/plusher.config.orig"]),
         ("share/usher/etc/plugins", sorted(f"etc/plugins/{p.name}"
                                            for p in (HERE / "etc/plugins").glob("*.config"))),
+        ("share/usher/etc/ldap", ["etc/ldap/usher-acl.conf", "etc/ldap/usher-acl.ldif"]),
         ("share/usher/initscripts", ["initscripts/usherctrl", "initscripts/usherlnm",
                                      "initscripts/plusher",
                                      "initscripts/usherctrl.service",
