@@ -19,7 +19,7 @@ setup(
     # plugins/ and clients/ install under the usher namespace, so nothing
     # generic ("plugins", "clients") lands in site-packages.
     packages=["usher", "usher.auth", "usher.client", "usher.controller", "usher.lnm",
-              "usher.pki", "usher.plugins", "usher.plugins.sql", "usher.clients", "usher.clients.ush",
+              "usher.pki", "usher.plugins", "usher.plugins.sql", "usher.plugins.ldap", "usher.clients", "usher.clients.ush",
               "usher.clients.plusher"],
     package_dir={"usher.plugins": "plugins", "usher.clients": "clients"},
     install_requires=[
@@ -57,6 +57,7 @@ setup(
                              "etc/plusher.config.orig"]),
         ("share/usher/etc/plugins", sorted(f"etc/plugins/{p.name}"
                                            for p in (HERE / "etc/plugins").glob("*.config"))),
+        ("share/usher/etc/ldap", ["etc/ldap/usher-acl.conf", "etc/ldap/usher-acl.ldif"]),
         ("share/usher/initscripts", ["initscripts/usherctrl", "initscripts/usherlnm",
                                      "initscripts/plusher",
                                      "initscripts/usherctrl.service",

@@ -73,3 +73,19 @@ def postgres():
         pytest.fail(f"the test PostgreSQL server did not start: {e}", pytrace=False)
     yield server
     server.destroy()
+
+
+@pytest.fixture(scope="session")
+def slapd():
+    """A private OpenLDAP slapd (``tests.slapd.SlapdServer``) for the session,
+    with the shipped access rules and the base entries of an Usher directory
+    (``dc=usher,dc=local``). A test that stops it (``stop()``) starts it again
+    (``start()``) before it ends; tests use user names of their own. Never
+    skipped: a server that cannot start fails the test, saying why."""
+    from tests.slapd import SlapdServer, SlapdUnavailable
+    try:
+        server = SlapdServer().start()
+    except SlapdUnavailable as e:
+        pytest.fail(f"the test slapd did not start: {e}", pytrace=False)
+    yield server
+    server.destroy()
