@@ -244,8 +244,11 @@ class Branch:
 
     # lookups
 
-    def _search(self, base, what, attributes):
-        ok = self.conn.search(base, what, search_scope=ldap3.LEVEL, attributes=attributes)
+    def _search(self, base, what, attributes, dereference=False):
+        # Not dereferenced: the owner's alias is an alias here, not their entry.
+        ok = self.conn.search(base, what, search_scope=ldap3.LEVEL, attributes=attributes,
+                              dereference_aliases=ldap3.DEREF_SEARCH if dereference
+                              else ldap3.DEREF_NEVER)
         if not ok and self.conn.result["result"] == NO_SUCH_OBJECT:
             raise ToolError(f"the cluster {self.config.cluster} of {self.config.owner} has no "
                             f"LDAP branch ({self.config.branch_dn}): Usher makes it when the "
@@ -258,6 +261,13 @@ class Branch:
         return self._search(self.config.people_dn, "(objectClass=*)",
                             ["uid", "uidNumber", "gidNumber", "homeDirectory", "loginShell",
                              "cn", "objectClass", "aliasedObjectName"])
+
+    def uid_numbers(self):
+        """-> the uidNumbers of the cluster's accounts, the owner's (through
+        the alias) included."""
+        return {int(v) for e in self._search(self.config.people_dn, "(objectClass=*)",
+                                             ["uidNumber"], dereference=True)
+                for v in _values(e, "uidNumber")}
 
     def groups(self):
         return self._search(self.config.groups_dn, "(objectClass=posixGroup)",
@@ -279,9 +289,15 @@ class Branch:
     def group_dn(self, name):
         return f"cn={name},{self.config.groups_dn}"
 
-    def next_id(self, entries, attribute, floor):
-        used = [int(v) for e in entries for v in _values(e, attribute)]
-        return max([floor - 1] + used) + 1
+    @staticmethod
+    def next_id(own, used, floor):
+        """-> the number after the highest of the cluster's own (``own``), from
+        ``floor`` on, that is not in ``used`` (as useradd: never one of a
+        deleted account again while a higher one exists)."""
+        number = max([floor - 1] + list(own)) + 1
+        while number in used:
+            number += 1
+        return number
 
     # changes
 
@@ -376,10 +392,11 @@ def cmd_useradd(branch, args, io):
         if args.password_stdin or args.password else None
     if branch.user(name) is not None:
         raise ToolError(f"user {name} already exists in cluster {config.cluster}")
-    users = branch.users()
+    used = branch.uid_numbers()
     if uid is None:
-        uid = branch.next_id(users, "uidNumber", config.uid_min)
-    elif any(str(uid) in _values(e, "uidNumber") for e in users):
+        own = {int(v) for e in branch.users() for v in _values(e, "uidNumber")}
+        uid = branch.next_id(own, used, config.uid_min)
+    elif uid in used:
         raise ToolError(f"uid {uid} is already used in cluster {config.cluster}")
     attributes = {"uid": name, "cn": full, "sn": full, "uidNumber": uid, "gidNumber": gid,
                   "homeDirectory": home, "loginShell": shell}
@@ -420,9 +437,8 @@ def cmd_usermod(branch, args, io):
                          "--name)")
     _own_user(branch, name)
     if "uidNumber" in changes:
-        taken = [e for e in branch.users() if str(changes["uidNumber"]) in _values(e, "uidNumber")
-                 and name not in _values(e, "uid")]
-        if taken:
+        current = _values(_own_user(branch, name), "uidNumber")
+        if changes["uidNumber"] in branch.uid_numbers() - {int(v) for v in current}:
             raise ToolError(f"uid {changes['uidNumber']} is already used in cluster "
                             f"{branch.config.cluster}")
     branch.modify(branch.user_dn(name),
@@ -458,10 +474,10 @@ def cmd_groupadd(branch, args, io):
     gid = check_id(args.gid, "gid")
     if branch.group(name) is not None:
         raise ToolError(f"group {name} already exists in cluster {config.cluster}")
-    groups = branch.groups()
+    used = {int(v) for e in branch.groups() for v in _values(e, "gidNumber")}
     if gid is None:
-        gid = branch.next_id(groups, "gidNumber", config.gid_min)
-    elif any(str(gid) in _values(e, "gidNumber") for e in groups):
+        gid = branch.next_id(used, used, config.gid_min)
+    elif gid in used:
         raise ToolError(f"gid {gid} is already used in cluster {config.cluster}")
     branch.add(branch.group_dn(name), ["posixGroup"], {"cn": name, "gidNumber": gid},
                f"adding group {name}")
