@@ -325,7 +325,7 @@ def test_build_auth_chain_maps_names_through_the_registry(passwd, pool):
 
 
 @pytest.mark.parametrize("names, complaint", [
-    (["local", "ldap"], "unknown authentication module.*'ldap'.*known: local"),
+    (["local", "radius"], "unknown authentication module.*'radius'.*known: ldap, local"),
     ([], "no authentication modules"),
     (" , ", "no authentication modules"),
     (["local", "local"], "listed twice: local"),
@@ -345,4 +345,4 @@ def test_build_auth_chain_checks_the_password_file_at_start_up(tmp_path, pool):
 def test_the_builtin_registry_is_read_only():
     with pytest.raises(TypeError):
         AUTH_MODULES["evil"] = lambda *args: None
-    assert set(AUTH_MODULES) == {"local", "pam"}
+    assert set(AUTH_MODULES) == {"local", "pam", "ldap"}

@@ -1,9 +1,9 @@
 """The ``usher`` administration command.
 
-    usher user add NAME [--admin] [--password-stdin] [--passwd-file F]
-    usher user passwd NAME [--password-stdin] [--passwd-file F]
-    usher user del NAME [--passwd-file F]
-    usher user list [--passwd-file F]
+    usher user add NAME [--admin] [--password-stdin] [--passwd-file F | --ldap-config F]
+    usher user passwd NAME [--password-stdin] [--passwd-file F | --ldap-config F]
+    usher user del NAME [--passwd-file F | --ldap-config F]
+    usher user list [--passwd-file F | --ldap-config F]
     usher ca init [--dir D] [--force] [--cn CN] [--days N] [--key-type ec|rsa]
     usher cert issue --controller|--lnm|--gateway NAME [--dir D] [--out D]
                           [--hostname H]... [--ip IP]... [--days N]
@@ -11,6 +11,7 @@
     usher ipam subnet|range|free|who|leases ...   (usher.cmd_ipam)
     usher report usage --since DATE [--until DATE] [--by owner|cluster|owner,cluster]
                                                   (usher.cmd_report)
+    usher ldap acl [--base DN] [--ldif]           (usher.cmd_ldap)
 
 Exit status: 0 on success, 2 on usage errors, 1 on any other error; errors
 are printed to stderr as ``usher: error: ...``.
@@ -31,6 +32,7 @@ from typing import TextIO
 
 from usher import passwdfile, pki
 from usher.cmd_ipam import register_ipam_commands
+from usher.cmd_ldap import register_ldap_commands
 from usher.cmd_report import register_report_commands
 from usher.cliargs import UsageError, positive_int
 from usher.errors import InvalidRequest, UsherError
@@ -117,36 +119,51 @@ def _user_list(args, context: CommandContext) -> int:
     return 0
 
 
+def _or_ldap(file_handler, ldap_action):
+    """The handler of a user subcommand: the password file, or with
+    ``--ldap-config`` the directory (``usher.cmd_user_ldap``)."""
+    def handler(args, context: CommandContext) -> int:
+        if args.ldap_config:
+            from usher import cmd_user_ldap
+            return getattr(cmd_user_ldap, ldap_action)(args, context, _read_new_password)
+        return file_handler(args, context)
+    return handler
+
+
 def register_user_commands(subparsers) -> None:
     file_option = _ArgumentParser(add_help=False)
     file_option.add_argument(
         "--passwd-file", metavar="F", default=passwdfile.DEFAULT_PASSWD_FILE,
         help=f"the password file (default {passwdfile.DEFAULT_PASSWD_FILE})")
+    file_option.add_argument(
+        "--ldap-config", metavar="F", default=None,
+        help="manage the users of the LDAP directory this ldap.config names instead of the "
+             "password file (binds as its service account)")
     password_option = _ArgumentParser(add_help=False)
     password_option.add_argument(
         "--password-stdin", action="store_true",
         help="read the password from the first line of standard input instead of prompting")
 
-    user = subparsers.add_parser("user", help="manage the controller's local users")
+    user = subparsers.add_parser("user", help="manage Usher users (the password file, or LDAP)")
     actions = user.add_subparsers(dest="action", required=True, metavar="ACTION")
 
     add = actions.add_parser("add", parents=[file_option, password_option], help="add a user")
     add.add_argument("name", metavar="NAME")
     add.add_argument("--admin", action="store_true", help="give the user the admin role")
-    add.set_defaults(handler=_user_add)
+    add.set_defaults(handler=_or_ldap(_user_add, "user_add"))
 
     passwd = actions.add_parser("passwd", parents=[file_option, password_option],
                                 help="change a user's password")
     passwd.add_argument("name", metavar="NAME")
-    passwd.set_defaults(handler=_user_passwd)
+    passwd.set_defaults(handler=_or_ldap(_user_passwd, "user_passwd"))
 
     delete = actions.add_parser("del", parents=[file_option], help="delete a user")
     delete.add_argument("name", metavar="NAME")
-    delete.set_defaults(handler=_user_del)
+    delete.set_defaults(handler=_or_ldap(_user_del, "user_del"))
 
     listing = actions.add_parser("list", parents=[file_option],
                                  help="list users (name, then role if any)")
-    listing.set_defaults(handler=_user_list)
+    listing.set_defaults(handler=_or_ldap(_user_list, "user_list"))
 
 
 # -- usher ca / usher cert -------------------------------------------------------
@@ -232,6 +249,7 @@ SUBCOMMANDS: tuple[Callable, ...] = (
     register_pki_commands,
     register_ipam_commands,
     register_report_commands,
+    register_ldap_commands,
     register_sandbox_commands,
 )
 

@@ -159,12 +159,16 @@ class DirectoryConfig:
 
 
 def load_config(path=DEFAULT_CONFIG_FILE) -> DirectoryConfig:
-    """Read and check an ``ldap.config`` file -> DirectoryConfig (ConfigError)."""
-    from usher.config import load_plugin_config
+    """Read and check an ``ldap.config`` file -> DirectoryConfig (ConfigError).
+    The plugin's common options (``timeout``, ``interval``) are accepted too:
+    it is the plugin's file."""
+    from usher.config import load_plugin_config, parse_spec
+    from usher.controller.plugins import COMMON_OPTIONS
     path = os.fspath(path)
     if not os.path.exists(path):
         raise ConfigError(f"{path}: no such LDAP configuration file")
-    return DirectoryConfig.from_plugin_config(load_plugin_config(CONFIG_SPEC, path), source=path)
+    spec = {**COMMON_OPTIONS, **parse_spec(CONFIG_SPEC)}
+    return DirectoryConfig.from_plugin_config(load_plugin_config(spec, path), source=path)
 
 
 def load_directory(path=DEFAULT_CONFIG_FILE) -> Directory:

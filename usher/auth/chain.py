@@ -7,12 +7,14 @@ chain, the user is authenticated." (LISA 2007 paper, Controller section.)
 ``AuthChain`` is a ``twisted.cred`` checker for ``IUsernamePassword`` whose
 avatar id is the user name (``str``). Modules are ``IAuthModule`` providers,
 built from configuration names by ``build_auth_chain`` through a registry of
-factories: ``local`` (the bcrypt password file) and ``pam``
-(``usher.auth.pam``: local UNIX accounts) ship with Usher; other modules
-(LDAP …) are added by passing a registry that extends ``AUTH_MODULES``::
+factories: ``local`` (the bcrypt password file), ``pam``
+(``usher.auth.pam``: local UNIX accounts) and ``ldap``
+(``usher.plugins.ldap.auth``: a bind to the directory of ``[ctrl]
+ldap_config``) ship with Usher; other modules are added by passing a
+registry that extends ``AUTH_MODULES``::
 
-    registry = {**AUTH_MODULES, "ldap": make_ldap_module}
-    checker = build_auth_chain(["ldap", "local"], ctrl_config, pool, reactor,
+    registry = {**AUTH_MODULES, "radius": make_radius_module}
+    checker = build_auth_chain(["radius", "local"], ctrl_config, pool, reactor,
                                registry=registry)
 
 A factory is called as ``factory(ctrl_config, pool, reactor)`` and returns an
@@ -159,11 +161,18 @@ def _make_pam_module(ctrl_config, pool, reactor):
                      min_uid=DEFAULT_MIN_UID if min_uid is None else min_uid)
 
 
+def _make_ldap_module(ctrl_config, pool, reactor):
+    # Imported only when configured: the LDAP plugin's package and ldap3.
+    from usher.plugins.ldap.auth import make_module
+    return make_module(ctrl_config, pool, reactor)
+
+
 # The modules shipped with Usher. Read-only: extend it by passing your own
 # registry to build_auth_chain.
 AUTH_MODULES: Mapping[str, AuthModuleFactory] = MappingProxyType({
     "local": _make_local_module,
     "pam": _make_pam_module,
+    "ldap": _make_ldap_module,
 })
 
 
