@@ -28,6 +28,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from urllib.parse import quote
 
 import ldap3
 
@@ -76,8 +77,13 @@ class SlapdServer:
     ``service_dn``/``service_password``/``service_password_file``,
     ``admin_group``; ``plugin_config(path)`` writes an ``ldap.config`` for it."""
 
-    def __init__(self, base_dir=None, *, base_dn: str = acl.DEFAULT_BASE_DN):
+    def __init__(self, base_dir=None, *, base_dn: str = acl.DEFAULT_BASE_DN,
+                 cn_config: bool = False):
+        """``cn_config``: a cn=config server (``slapd -F``, converted by
+        slaptest) without access rules on its database, for ``ldapmodify``
+        with the shipped LDIF over ldapi:// as root (SASL EXTERNAL)."""
         self.slapd = find_slapd()
+        self.cn_config = cn_config
         self.base_dn = acl.check_base_dn(base_dn)
         self.dir = tempfile.mkdtemp(prefix="usher-slapd-", dir=base_dir)
         self.db_dir = os.path.join(self.dir, "db")
@@ -93,6 +99,8 @@ class SlapdServer:
             f.write(self.service_password + "\n")
         os.chmod(self.service_password_file, 0o600)
         self.admin_group = ADMIN_GROUP
+        self.config_dir = os.path.join(self.dir, "slapd.d")
+        self.ldapi = "ldapi://" + quote(os.path.join(self.dir, "ldapi"), safe="")
         self.port = None
         self.process = None
         self.loaded = False
@@ -118,6 +126,12 @@ class SlapdServer:
             f"argsfile {self.dir}/slapd.args",
             f"modulepath {MODULE_DIR}",
             "moduleload back_mdb",
+        ]
+        if self.cn_config:
+            lines += ["database config",
+                      "access to * by dn.exact=gidNumber=0+uidNumber=0,cn=peercred,"
+                      "cn=external,cn=auth manage by * none"]
+        lines += [
             "database mdb",
             "maxsize 67108864",
             f"suffix \"{self.base_dn}\"",
@@ -126,10 +140,35 @@ class SlapdServer:
             f"directory {self.db_dir}",
             "index objectClass eq",
             "index uid,memberUid eq",
-            f"include {self._access_rules_file()}",
         ]
+        if not self.cn_config:
+            lines.append(f"include {self._access_rules_file()}")
         with open(self.conf_file, "w", encoding="utf-8") as f:
             f.write("\n".join(lines) + "\n")
+        if self.cn_config and not os.path.isdir(self.config_dir):
+            os.mkdir(self.config_dir, 0o700)
+            # slaptest writes cn=config, then fails to open the database that
+            # slapd makes at its first start (and with -u it writes nothing).
+            self._tool("slaptest", [os.path.join(os.path.dirname(self.slapd), "slaptest"),
+                                    "-f", self.conf_file, "-F", self.config_dir],
+                       done_when=os.path.join(self.config_dir, "cn=config.ldif"))
+
+    def _tool(self, step, argv, stdin=None, done_when=None):
+        try:
+            done = subprocess.run(argv, input=stdin, capture_output=True, text=True,
+                                  timeout=60, cwd=self.dir)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise SlapdUnavailable(f"{step}: {' '.join(argv)}: {e} (the Debian packages "
+                                   "slapd and ldap-utils provide it)") from e
+        if done.returncode != 0 and not (done_when and os.path.exists(done_when)):
+            raise SlapdUnavailable(f"{step} failed (exit {done.returncode}): {' '.join(argv)}"
+                                   f"\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+        return done.stdout
+
+    def ldapmodify(self, ldif: str) -> str:
+        """Apply an LDIF change to cn=config as root over ldapi:// (cn_config only)."""
+        return self._tool("ldapmodify", ["ldapmodify", "-Q", "-Y", "EXTERNAL", "-H", self.ldapi],
+                          stdin=ldif)
 
     def plugin_config(self, path, **options) -> str:
         """Write an ``ldap.config`` for this server (``options`` override or add
@@ -167,8 +206,9 @@ class SlapdServer:
         raise last
 
     def _launch(self, port):
-        argv = [self.slapd, "-f", self.conf_file, "-h", f"ldap://127.0.0.1:{port}/",
-                "-d", "256"]
+        urls = f"ldap://127.0.0.1:{port}/" + (f" {self.ldapi}" if self.cn_config else "")
+        config = ["-F", self.config_dir] if self.cn_config else ["-f", self.conf_file]
+        argv = [self.slapd, *config, "-h", urls, "-d", "256"]
         log = open(self.log_file, "ab")
         try:
             self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,

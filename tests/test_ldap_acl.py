@@ -80,6 +80,31 @@ def test_the_ldif_loads_into_a_cn_config_parser():
     assert values[1].startswith("{1}to attrs=userPassword by self =w ")
 
 
+def test_the_shipped_ldif_loads_into_a_cn_config_slapd(tmp_path):
+    """ldapmodify with etc/ldap/usher-acl.ldif on a cn=config server that has
+    no rules yet: afterwards the users are held to them."""
+    from tests.slapd import SlapdServer
+    server = SlapdServer(cn_config=True).start()
+    try:
+        with open(os.path.join(ETC_LDAP, "usher-acl.ldif"), encoding="utf-8") as f:
+            server.ldapmodify(f.read())
+        config = server.plugin_config(tmp_path / "ldap.config")
+        directory = load_directory(config)
+        for user in ("cfgann", "cfgbob"):
+            directory.add_user(user, "pw")
+            directory.ensure_cluster_branch(user, "c")
+        ann = server.connect(f"uid=cfgann,ou=people,{server.base_dn}", "pw")
+        assert ann.add(f"cn=g,ou=groups,{branch(server, 'cfgann', 'c')}", ["posixGroup"],
+                       {"cn": "g", "gidNumber": 5}), ann.result
+        assert not ann.add(f"cn=g,ou=groups,{branch(server, 'cfgbob', 'c')}", ["posixGroup"],
+                           {"cn": "g", "gidNumber": 5})
+        assert refused(ann)
+        ann.search(f"ou=people,{server.base_dn}", "(uid=cfgbob)", attributes=["userPassword"])
+        assert not ann.response[0]["raw_attributes"].get("userPassword")
+    finally:
+        server.destroy()
+
+
 def ldap3_ldif_values(text, attribute):
     values, current = [], None
     for line in text.splitlines():

@@ -104,9 +104,17 @@ def _header(base_dn: str, form: str) -> list[str]:
     ]
 
 
+def service_limits(base_dn: str = DEFAULT_BASE_DN) -> str:
+    """The service account reads whole listings (users, branches) past the
+    default size limit of 500 entries."""
+    return f'dn.exact="{service_dn(check_base_dn(base_dn))}" size=unlimited time.soft=unlimited'
+
+
 def slapd_conf(base_dn: str = DEFAULT_BASE_DN) -> str:
-    """The rules as slapd.conf ``access to`` directives (for the database section)."""
+    """The rules as slapd.conf ``access to`` directives (for the database
+    section), and the service account's ``limits``."""
     lines = _header(base_dn, "slapd.conf form: include it in the database section")
+    lines.append(f"limits {service_limits(base_dn)}")
     for what, clauses in rules(base_dn):
         lines.append(f"access to {what}")
         lines.extend(f"    by {who} {access}" for who, access in clauses)
@@ -118,6 +126,8 @@ def olc_ldif(base_dn: str = DEFAULT_BASE_DN, database_dn: str = DEFAULT_DATABASE
     for ``ldapmodify -Y EXTERNAL -H ldapi:/// -f FILE``."""
     lines = _header(base_dn, "cn=config form, for ldapmodify")
     lines.append(f"# Adjust the dn below to your database ({DEFAULT_DATABASE_DN} on Debian).")
+    lines.append("# Also give the service account unlimited listings (once: add, not replace):")
+    lines.append(f"#   olcLimits: {service_limits(base_dn)}")
     lines += [f"dn: {database_dn}", "changetype: modify", "replace: olcAccess"]
     for index, (what, clauses) in enumerate(rules(base_dn)):
         lines.append(f"olcAccess: {{{index}}}to {what}")

@@ -25,9 +25,7 @@ filters with ``escape_filter_chars``, and names are checked again with
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
-import os
 import ssl
 
 import ldap3
@@ -38,9 +36,11 @@ from ldap3.utils.hashed import hashed
 from twisted.logger import Logger
 
 from usher import naming
-from usher.errors import ConfigError, InvalidRequest, UsherError
-from usher.plugins.ldap import acl
-from usher.plugins.ldap.config import CONFIG_SPEC, DEFAULT_CONFIG_FILE
+from usher.errors import InvalidRequest, UsherError
+# DirectoryConfig and load_config are the config module's; here too, for
+# the callers of this one.
+from usher.plugins.ldap.config import (  # noqa: F401 - re-exported
+    DEFAULT_CONFIG_FILE, DirectoryConfig, load_config)
 
 log = Logger()
 
@@ -75,100 +75,6 @@ def _hash_password(password: str) -> str:
     """-> ``{SSHA}...``: a salted SHA-1 hash, as slapd checks it."""
     value = hashed(ldap3.HASHED_SALTED_SHA, password)
     return "{SSHA}" + value[len("{ssha}"):]
-
-
-@dataclasses.dataclass(frozen=True)
-class DirectoryConfig:
-    """What the directory client needs, checked (from an ldap.config)."""
-
-    url: str
-    base_dn: str
-    bind_dn: str
-    bind_password: str = dataclasses.field(repr=False)
-    call_timeout: float = 5.0
-    admin_group: str = "usher-admins"
-    uid_min: int = 10000
-    default_gid: int = 100
-    home_template: str = "/home/{user}"
-    login_shell: str = "/bin/bash"
-    cluster_admin_gid: int = 10000
-    cluster_branch_policy: str = "delete"
-    reconcile_interval: float = 60.0
-    ca_file: str | None = None
-    source: str = DEFAULT_CONFIG_FILE
-
-    @classmethod
-    def from_plugin_config(cls, config, source=DEFAULT_CONFIG_FILE) -> DirectoryConfig:
-        """From a mapping checked against ``CONFIG_SPEC``; ConfigError naming
-        ``source`` and the key for anything unusable."""
-        def bad(key, problem):
-            return ConfigError(f"{source}: {key}: {problem}")
-
-        url = str(config.get("url") or "").strip().rstrip("/")
-        if not url.startswith(("ldap://", "ldaps://")) or "@" in url:
-            raise bad("url", f"{url!r} is not an ldap://HOST[:PORT] or ldaps://HOST[:PORT] URL")
-        try:
-            ldap3.Server(url, get_info=ldap3.NONE)
-        except ldap_errors.LDAPException as e:
-            raise bad("url", f"{url!r}: {e}") from None
-        try:
-            base_dn = acl.check_base_dn(config.get("base_dn") or "")
-        except ValueError as e:
-            raise bad("base_dn", str(e)) from None
-        bind_dn = config.get("bind_dn") or acl.service_dn(base_dn)
-        try:
-            parse_dn(bind_dn)
-        except Exception:
-            raise bad("bind_dn", f"{bind_dn!r} is not a DN") from None
-        password_file = config.get("bind_password_file")
-        if not password_file:
-            raise bad("bind_password_file", "not set: the service account's password file")
-        try:
-            with open(password_file, encoding="utf-8") as f:
-                bind_password = f.readline().rstrip("\r\n")
-        except (OSError, UnicodeDecodeError) as e:
-            raise bad("bind_password_file",
-                      f"cannot read {password_file}: {getattr(e, 'strerror', None) or e}") \
-                from None
-        if not bind_password:
-            raise bad("bind_password_file", f"{password_file} holds no password")
-        admin_group = config.get("admin_group") or "usher-admins"
-        try:
-            naming.check_user(admin_group)
-        except InvalidRequest:
-            raise bad("admin_group", f"{admin_group!r} is not a group name") from None
-        template = config.get("home_template") or "/home/{user}"
-        if "{user}" not in template or not template.startswith("/") \
-                or template.replace("{user}", "").count("{"):
-            raise bad("home_template", f"{template!r}: an absolute path holding {{user}}")
-        shell = config.get("login_shell") or "/bin/bash"
-        if not shell.startswith("/"):
-            raise bad("login_shell", f"{shell!r} is not an absolute path")
-        ca_file = config.get("ca_file")
-        if ca_file and not os.path.isfile(ca_file):
-            raise bad("ca_file", f"{ca_file}: no such file")
-        return cls(
-            url=url, base_dn=base_dn, bind_dn=bind_dn, bind_password=bind_password,
-            call_timeout=float(config.get("call_timeout") or 5.0), admin_group=admin_group,
-            uid_min=int(config.get("uid_min") or 10000),
-            default_gid=int(config.get("default_gid", 100)), home_template=template,
-            login_shell=shell, cluster_admin_gid=int(config.get("cluster_admin_gid", 10000)),
-            cluster_branch_policy=config.get("cluster_branch_policy") or "delete",
-            reconcile_interval=float(config.get("reconcile_interval") or 60.0),
-            ca_file=ca_file, source=os.fspath(source))
-
-
-def load_config(path=DEFAULT_CONFIG_FILE) -> DirectoryConfig:
-    """Read and check an ``ldap.config`` file -> DirectoryConfig (ConfigError).
-    The plugin's common options (``timeout``, ``interval``) are accepted too:
-    it is the plugin's file."""
-    from usher.config import load_plugin_config, parse_spec
-    from usher.controller.plugins import COMMON_OPTIONS
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise ConfigError(f"{path}: no such LDAP configuration file")
-    spec = {**COMMON_OPTIONS, **parse_spec(CONFIG_SPEC)}
-    return DirectoryConfig.from_plugin_config(load_plugin_config(spec, path), source=path)
 
 
 def load_directory(path=DEFAULT_CONFIG_FILE) -> Directory:
