@@ -56,6 +56,8 @@ setup(
         "ush = usher.clients.ush:main",
         "plusher = usher.clients.plusher:main",
         "usher = usher.admin:main",
+        # The in-VM tool for a cluster's LDAP branch (also usable as one copied file).
+        "usher-cluster-ldap = usher.plugins.ldap.vmtool:main",
     ]},
     data_files=[
         ("share/usher/etc", ["etc/ctrl.config.orig", "etc/lnm.config.orig",
