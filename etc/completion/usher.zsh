@@ -14,9 +14,10 @@ _shtab_usher_commands() {
     cert:'issue certificates signed by the site CA'
     completion:'Print a completion script: `usher completion bash > /usr/share/bash-completion/completions/usher` (ush: `ush --completion bash`).'
     ipam:'the SQL plugin'"'"'s IP address management: subnets, ranges, leases'
+    ldap:'the LDAP directory'"'"'s access rules'
     report:'reports from the SQL plugin'"'"'s log'
     sandbox:'``usher sandbox``: a whole Usher system on one machine. Starts a controller and N LNMs as separate processes on 127.0.0.1, each LNM on its own libvirt test-driver host, with a fresh CA and certificates and a sandbox user; writes ``DIR/ush.config`` so that ``ush --config DIR/ush.config`` connects without prompting; prints a line containing ``ready`` once every LNM is connected; stops everything it started on SIGTERM or SIGINT.'
-    user:'manage the controller'"'"'s local users'
+    user:'manage Usher users (the password file, or LDAP)'
   )
   _describe 'usher commands' _commands
 }
@@ -65,6 +66,13 @@ _shtab_usher_ipam_subnet_commands() {
     remove:'remove a subnet and its ranges (refused while addresses are held)'
   )
   _describe 'usher ipam subnet commands' _commands
+}
+
+_shtab_usher_ldap_commands() {
+  local _commands=(
+    acl:'The rules come from ``usher.plugins.ldap.acl`` (the one source; the files in ``etc/ldap/`` are its output for ``dc=usher,dc=local``): slapd.conf ``access to`` directives, or with ``--ldif`` an ``olcAccess`` change for a cn=config server (``ldapmodify -Y EXTERNAL -H ldapi:/// -f FILE``).'
+  )
+  _describe 'usher ldap commands' _commands
 }
 
 _shtab_usher_report_commands() {
@@ -266,6 +274,23 @@ _shtab_usher_ipam_who_options=(
 # guard to ensure default positional specs are added only once per session
 _shtab_usher_ipam_who_defaults_added=0
 
+_shtab_usher_ldap_options=(
+  "(- : *)"{-h,--help}"[show this help message and exit]"
+)
+
+# guard to ensure default positional specs are added only once per session
+_shtab_usher_ldap_defaults_added=0
+
+_shtab_usher_ldap_acl_options=(
+  "(- : *)"{-h,--help}"[show this help message and exit]"
+  "--base[the directory\'s base DN (default dc\=usher,dc\=local)]:DN:"
+  "--ldif[cn\=config (olcAccess) form instead of slapd.conf]"
+  "--database[with --ldif\: the database entry to change (default olcDatabase\=\{1\}mdb,cn\=config)]:DN:"
+)
+
+# guard to ensure default positional specs are added only once per session
+_shtab_usher_ldap_acl_defaults_added=0
+
 _shtab_usher_report_options=(
   "(- : *)"{-h,--help}"[show this help message and exit]"
 )
@@ -309,6 +334,7 @@ _shtab_usher_user_defaults_added=0
 _shtab_usher_user_add_options=(
   "(- : *)"{-h,--help}"[show this help message and exit]"
   "--passwd-file[the password file (default \/etc\/usher\/passwd)]:F:_files"
+  "--ldap-config[manage the users of the LDAP directory this ldap.config names instead of the password file (binds as its service account)]:F:_files"
   "--password-stdin[read the password from the first line of standard input instead of prompting]"
   "--admin[give the user the admin role]"
   ":NAME:"
@@ -320,6 +346,7 @@ _shtab_usher_user_add_defaults_added=0
 _shtab_usher_user_del_options=(
   "(- : *)"{-h,--help}"[show this help message and exit]"
   "--passwd-file[the password file (default \/etc\/usher\/passwd)]:F:_files"
+  "--ldap-config[manage the users of the LDAP directory this ldap.config names instead of the password file (binds as its service account)]:F:_files"
   ":NAME:"
 )
 
@@ -329,6 +356,7 @@ _shtab_usher_user_del_defaults_added=0
 _shtab_usher_user_list_options=(
   "(- : *)"{-h,--help}"[show this help message and exit]"
   "--passwd-file[the password file (default \/etc\/usher\/passwd)]:F:_files"
+  "--ldap-config[manage the users of the LDAP directory this ldap.config names instead of the password file (binds as its service account)]:F:_files"
 )
 
 # guard to ensure default positional specs are added only once per session
@@ -337,6 +365,7 @@ _shtab_usher_user_list_defaults_added=0
 _shtab_usher_user_passwd_options=(
   "(- : *)"{-h,--help}"[show this help message and exit]"
   "--passwd-file[the password file (default \/etc\/usher\/passwd)]:F:_files"
+  "--ldap-config[manage the users of the LDAP directory this ldap.config names instead of the password file (binds as its service account)]:F:_files"
   "--password-stdin[read the password from the first line of standard input instead of prompting]"
   ":NAME:"
 )
@@ -367,6 +396,7 @@ _shtab_usher() {
         cert) _shtab_usher_cert ;;
         completion) _arguments -C -s $_shtab_usher_completion_options ;;
         ipam) _shtab_usher_ipam ;;
+        ldap) _shtab_usher_ldap ;;
         report) _shtab_usher_report ;;
         sandbox) _arguments -C -s $_shtab_usher_sandbox_options ;;
         user) _shtab_usher_user ;;
@@ -496,6 +526,29 @@ _shtab_usher_ipam_subnet() {
         add) _arguments -C -s $_shtab_usher_ipam_subnet_add_options ;;
         list) _arguments -C -s $_shtab_usher_ipam_subnet_list_options ;;
         remove) _arguments -C -s $_shtab_usher_ipam_subnet_remove_options ;;
+      esac
+  esac
+}
+
+_shtab_usher_ldap() {
+  local context state line curcontext="$curcontext" one_or_more='(*)' remainder='(-)*:' default='*::: :->ldap'
+
+  # Add default positional/remainder specs only if none exist, and only once per session
+  if (( ! _shtab_usher_ldap_defaults_added )); then
+    if (( ${_shtab_usher_ldap_options[(I)${(q)one_or_more}*]} +          ${_shtab_usher_ldap_options[(I)${(q)remainder}*]} +          ${_shtab_usher_ldap_options[(I)${(q)default}]} == 0 )); then
+      _shtab_usher_ldap_options+=(': :_shtab_usher_ldap_commands' '*::: :->ldap')
+    fi
+    _shtab_usher_ldap_defaults_added=1
+  fi
+  _arguments -C -s $_shtab_usher_ldap_options
+
+  case $state in
+    ldap)
+      words=($line[1] "${words[@]}")
+      (( CURRENT += 1 ))
+      curcontext="${curcontext%:*:*}:_shtab_usher_ldap-$line[1]:"
+      case $line[1] in
+        acl) _arguments -C -s $_shtab_usher_ldap_acl_options ;;
       esac
   esac
 }
