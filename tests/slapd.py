@@ -78,12 +78,18 @@ class SlapdServer:
     ``admin_group``; ``plugin_config(path)`` writes an ``ldap.config`` for it."""
 
     def __init__(self, base_dir=None, *, base_dn: str = acl.DEFAULT_BASE_DN,
-                 cn_config: bool = False):
+                 cn_config: bool = False, argv_prefix=()):
         """``cn_config``: a cn=config server (``slapd -F``, converted by
         slaptest) without access rules on its database, for ``ldapmodify``
-        with the shipped LDIF over ldapi:// as root (SASL EXTERNAL)."""
+        with the shipped LDIF over ldapi:// as root (SASL EXTERNAL).
+
+        ``argv_prefix``: run slapd under it, e.g. ``("ip", "netns", "exec",
+        NS)``: its ``url`` (127.0.0.1) is then that namespace's, and this
+        object reaches it over its ldapi:// socket, which a path names in every
+        network namespace."""
         self.slapd = find_slapd()
         self.cn_config = cn_config
+        self.argv_prefix = tuple(argv_prefix)
         self.base_dn = acl.check_base_dn(base_dn)
         self.dir = tempfile.mkdtemp(prefix="usher-slapd-", dir=base_dir)
         self.db_dir = os.path.join(self.dir, "db")
@@ -104,6 +110,10 @@ class SlapdServer:
         self.port = None
         self.process = None
         self.loaded = False
+
+    @property
+    def _socket_path(self) -> str:
+        return os.path.join(self.dir, "ldapi")
 
     @property
     def url(self) -> str:
@@ -206,9 +216,10 @@ class SlapdServer:
         raise last
 
     def _launch(self, port):
-        urls = f"ldap://127.0.0.1:{port}/" + (f" {self.ldapi}" if self.cn_config else "")
+        by_socket = self.cn_config or bool(self.argv_prefix)
+        urls = f"ldap://127.0.0.1:{port}/" + (f" {self.ldapi}" if by_socket else "")
         config = ["-F", self.config_dir] if self.cn_config else ["-f", self.conf_file]
-        argv = [self.slapd, *config, "-h", urls, "-d", "256"]
+        argv = [*self.argv_prefix, self.slapd, *config, "-h", urls, "-d", "256"]
         log = open(self.log_file, "ab")
         try:
             self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
@@ -224,9 +235,14 @@ class SlapdServer:
                 raise SlapdUnavailable(
                     f"slapd exited at start-up: {' '.join(argv)}\n--- log ---\n{self.log_tail()}")
             try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    self.port = port
-                    return
+                if self.argv_prefix:
+                    with socket.socket(socket.AF_UNIX) as unix:
+                        unix.settimeout(1)
+                        unix.connect(self._socket_path)
+                else:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                self.port = port
+                return
             except OSError:
                 time.sleep(0.05)
         self._kill()
@@ -271,7 +287,8 @@ class SlapdServer:
 
     def connect(self, user=None, password=None) -> ldap3.Connection:
         """A bound ldap3 connection (the root DN unless ``user``, a DN, is given)."""
-        server = ldap3.Server(self.url, connect_timeout=5, get_info=ldap3.NONE)
+        server = ldap3.Server(self.ldapi if self.argv_prefix else self.url, connect_timeout=5,
+                              get_info=ldap3.NONE)
         connection = ldap3.Connection(
             server, user=user or self.root_dn,
             password=self.root_password if user is None else password,

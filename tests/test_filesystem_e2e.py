@@ -199,3 +199,23 @@ async def test_a_grid_with_a_bad_configuration_does_not_start(tmp_path, extra, m
     finally:
         grid.controller.plugins.unregister_all()
         await grid.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_uids_from_the_real_directory_own_the_trees(tmp_path, slapd):
+    """uid_source = ldap against the real slapd (the LDAP plugin's
+    directory client, usher.plugins.ldap.directory)."""
+    slapd.add_user("fsuser", "fs-secret", uid_number=24242)
+    ldap_config = slapd.plugin_config(tmp_path / "ldap.config")
+    box = await started_grid(tmp_path, f"uid_source = ldap\nldap_config = {ldap_config}\n")
+    try:
+        result = await box.start(1, cluster="nfs", user="fsuser")
+        assert len(result["started"]) == 1
+        for top in ("global/fsuser", "cluster/fsuser/nfs", "local/fsuser/1.nfs"):
+            assert owner_of(box.export / top) == (24242, 100), top
+        # Not in the directory: no uid, no start.
+        with pytest.raises(Rejected) as refused:
+            await box.start(1, cluster="nfs", user="nobody-here")
+        assert "no uid for user nobody-here (uid_source = ldap)" in str(refused.value)
+    finally:
+        await stopped(box)

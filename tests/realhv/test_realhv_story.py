@@ -26,9 +26,11 @@ Skips only as test_realhv.py does.
 
 import json
 import os
+import subprocess
 import sys
 import textwrap
 
+import ldap3
 import pytest
 
 from tests.bindserver import BindServer
@@ -47,7 +49,6 @@ CLUSTER_NAME = f"{CLUSTER}.{USER}.{DOMAIN}"
 BRIDGE = "ushbr0"
 SUBNET = "10.201.0"
 REVERSE_ZONE = "0.201.10.in-addr.arpa"
-ALICE_UID = 20001
 NETWORK_ARGS = "mac, ip_address, ip_prefix, ip_gateway, ip_dns, vlan, bridge"
 EVENTS = {
     "sql": "start_request, register_vm, start_complete, vm_state_changed, vm_removed, "
@@ -89,16 +90,6 @@ PTR = """
     answer = dns.query.udp(query, server, port=port, timeout=3)
     print(json.dumps(sorted(r.target.to_text() for rrset in answer.answer for r in rrset)))
 """
-BRANCH = """
-    import json, sys
-    import ldap3
-    url, base, password, owner, cluster = sys.argv[1:6]
-    conn = ldap3.Connection(ldap3.Server(url), f"cn=usher,{base}", password, auto_bind=True)
-    dn = f"cn=admin,ou=groups,ou={cluster},ou={owner},ou=clusters,{base}"
-    found = conn.search(dn, "(objectClass=*)", search_scope=ldap3.BASE,
-                        attributes=["memberUid"])
-    print(json.dumps(list(conn.entries[0].memberUid.values) if found else None))
-"""
 
 
 class Site:
@@ -118,17 +109,25 @@ class Site:
                                listen=["127.0.0.1", hosts.CONTROLLER_ADDRESS],
                                argv_prefix=prefix)
         self.bind.start()
-        self.slapd = SlapdServer(self.dir, argv_prefix=prefix)
+        # (Its own short temporary directory: the ldapi socket's path must
+        # stay under 108 bytes.)
+        self.slapd = SlapdServer(argv_prefix=prefix)
         self.slapd.start()
         self.postgres = PostgresServer(argv_prefix=prefix)
         self.postgres.start()
         self.database = self.postgres.create_database("usher")
         self.write_configs(cluster)
         # alice in the directory, through the administrator's own command.
-        hosts.run(["ip", "netns", "exec", cluster.ctl_namespace, sys.executable, "-m",
-                   "usher.admin", "user", "add", USER, "--ldap-config", self.ldap_config,
-                   "--uid", str(ALICE_UID), "--password-stdin"],
-                  input=cluster.password + "\n", cwd=hosts.REPO)
+        done = subprocess.run(["ip", "netns", "exec", cluster.ctl_namespace, sys.executable,
+                               "-m", "usher.admin", "user", "add", USER, "--ldap-config",
+                               self.ldap_config, "--password-stdin"],
+                              input=cluster.password + "\n", capture_output=True, text=True,
+                              timeout=60, cwd=hosts.REPO)
+        assert done.returncode == 0, done.stdout + done.stderr
+        connection = self.slapd.connect()
+        connection.search(f"uid={USER},ou=people,{self.slapd.base_dn}", "(objectClass=*)",
+                          attributes=["uidNumber"])
+        self.uid = int(connection.entries[0].uidNumber.value)
 
     def stop(self):
         for server in (self.bind, self.slapd):
@@ -218,9 +217,14 @@ def reaches(cluster, site, vm, address, mac):
             and seen["page"].split() == ["usher-guest", address, mac, vm])
 
 
-def branch_admins(cluster, site):
-    return in_namespace(cluster.ctl_namespace, BRANCH, site.slapd.url, site.slapd.base_dn,
-                        site.slapd.service_password, USER, CLUSTER)
+def branch_admins(site):
+    """The members of the cluster's admin group in its branch, or None (no branch)."""
+    connection = site.slapd.connect()
+    dn = f"cn=admin,ou=groups,ou={CLUSTER},ou={USER},ou=clusters,{site.slapd.base_dn}"
+    if not connection.search(dn, "(objectClass=*)", search_scope=ldap3.BASE,
+                             attributes=["memberUid"]):
+        return None
+    return list(connection.entries[0].memberUid.values)
 
 
 def leases(site):
@@ -270,14 +274,14 @@ def test_alice_reaches_her_new_vms_by_name(story, steps):
         address.values())
 
     with steps("the cluster's LDAP branch holds alice in its admin group"):
-        wait_for(lambda: branch_admins(cluster, site) == [USER], 30, "the cluster's branch")
+        wait_for(lambda: branch_admins(site) == [USER], 30, "the cluster's branch")
 
     with steps("the filesystem trees exist, owned by alice's uid"):
         assert trees(site) == {"global": True, "cluster": True,
                                "local": sorted(vm.split(f".{USER}.")[0] for vm in VMS)}
         for path in ("global/alice", "cluster/alice/sneetch", "local/alice/1.sneetch",
                      "local/alice/1.sneetch/etc/rc3.d"):
-            assert os.stat(os.path.join(site.export_root, path)).st_uid == ALICE_UID
+            assert os.stat(os.path.join(site.export_root, path)).st_uid == site.uid
 
     moving = VMS[0]
     target = "lnm2" if records[moving]["lnm"] == "lnm1" else "lnm1"
@@ -295,6 +299,6 @@ def test_alice_reaches_her_new_vms_by_name(story, steps):
         wait_for(lambda: all(resolve_and_fetch(cluster, site, vm)["rcode"] == "NXDOMAIN"
                              for vm in VMS + [CLUSTER_NAME]), 30, "the names to go")
         wait_for(lambda: leases(site) == [], 30, "the reservations to go")
-        wait_for(lambda: branch_admins(cluster, site) is None, 30, "the branch to go")
+        wait_for(lambda: branch_admins(site) is None, 30, "the branch to go")
         wait_for(lambda: trees(site) == {"global": True, "cluster": False, "local": []}, 30,
                  "the trees to go")
