@@ -244,8 +244,8 @@ class Api:
                 if name:
                     try:
                         wanted.add(naming.qualify(name, session.user, session.domain))
-                    except PermissionDenied:
-                        continue        # another user's: never among this session's
+                    except (PermissionDenied, InvalidRequest):
+                        continue        # another user's, or no VM's: matches nothing
             records = [r for r in records if r["name"] in wanted]
         return by_name(records)
 

@@ -81,12 +81,12 @@ def build_api(settings, reactor, *, clock=None, make_client=None):
 def make_service(config, reactor):
     """-> (root MultiService, Api) for a loaded web configuration."""
     settings = config if isinstance(config, WebSettings) else WebSettings.from_config(config)
+    check_transport(settings)
     # A bad CA file, or a gateway certificate without role gateway, is refused
     # now rather than at the first login.
     pki.client_tls_options(settings.controller_tls_name or settings.controller_host,
                            settings.ssl_ca_file, settings.gateway_cert_file,
                            settings.gateway_key_file, role=pki.ROLE_GATEWAY)
-    check_transport(settings)
     api = build_api(settings, reactor)
     root = service.MultiService()
     _SessionsService(api.sessions).setServiceParent(root)

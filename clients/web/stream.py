@@ -130,8 +130,8 @@ class EventStream:
             pass
         transport = self.request.channel and self.request.channel.transport
         if transport is not None:
-            abort = getattr(transport, "abortConnection", transport.loseConnection)
-            abort()
+            abort = getattr(transport, "abortConnection", None)
+            (abort or transport.loseConnection)()
 
     def _gone(self, _result):
         self._cleanup()
