@@ -197,6 +197,9 @@ class WebBench:
 
         latencies = []
         for i in range(scale.repeats):
+            # Apart by more than stream_coalesce: each change is the first
+            # of its window, as one a user makes is.
+            await sleep(self.reactor, 0.3)
             name = full_name(f"{i + 1}.web")
             operation = "pause" if self.client.vms[name]["state"] == states.RUN else "resume"
             wanted = states.PAUSED if operation == "pause" else states.RUN
