@@ -21,11 +21,15 @@ setup(
     packages=["usher", "usher.auth", "usher.client", "usher.controller", "usher.lnm",
               "usher.pki", "usher.plugins", "usher.plugins.sql", "usher.plugins.ldap",
               "usher.plugins.filesystem", "usher.clients", "usher.clients.ush",
-              "usher.clients.plusher"],
+              "usher.clients.plusher", "usher.clients.web"],
     package_dir={"usher.plugins": "plugins", "usher.clients": "clients"},
-    # The guest side of the filesystem plugin (usher-net-rc, its systemd unit
-    # and SysV script, the guest README), installed beside the package.
-    package_data={"usher.plugins.filesystem": ["guest/*"]},
+    package_data={
+        # The guest side of the filesystem plugin (usher-net-rc, its systemd unit
+        # and SysV script, the guest README), installed beside the package.
+        "usher.plugins.filesystem": ["guest/*"],
+        # The web daemon's static files (clients/web/static/; vendor/ is filled by make setup).
+        "usher.clients.web": ["static/*.*", "static/*/*.*", "static/*/*/*.*"],
+    },
     install_requires=[
         "twisted>=24.7",
         "pyopenssl>=24",
@@ -49,12 +53,16 @@ setup(
         # Shell completion scripts generated from the parsers (usher.completion).
         "shtab>=1.7",
     ],
-    extras_require={"test": ["pytest>=8", "pytest-twisted>=1.14", "hypothesis>=6.100"]},
+    extras_require={"test": ["pytest>=8", "pytest-twisted>=1.14", "hypothesis>=6.100",
+                             # The web API's OpenAPI document checked, and property
+                             # tests generated from it (tests/test_web_openapi.py).
+                             "openapi-spec-validator>=0.7", "schemathesis>=4"]},
     entry_points={"console_scripts": [
         "usherctrl = usher.controller.main:main",
         "usherlnm = usher.lnm.main:main",
         "ush = usher.clients.ush:main",
         "plusher = usher.clients.plusher:main",
+        "usherweb = usher.clients.web:main",
         "usher = usher.admin:main",
         # The in-VM tool for a cluster's LDAP branch (also usable as one copied file).
         "usher-cluster-ldap = usher.plugins.ldap.vmtool:main",
@@ -62,7 +70,7 @@ setup(
     data_files=[
         ("share/usher/etc", ["etc/ctrl.config.orig", "etc/lnm.config.orig",
                              "etc/ush.config.orig", "etc/lnm-qemu.config.example",
-                             "etc/plusher.config.orig"]),
+                             "etc/plusher.config.orig", "etc/web.config.orig"]),
         ("share/usher/etc/plugins", sorted(f"etc/plugins/{p.name}"
                                            for p in (HERE / "etc/plugins").glob("*.config"))),
         ("share/usher/etc/ldap", ["etc/ldap/usher-acl.conf", "etc/ldap/usher-acl.ldif"]),
@@ -71,6 +79,8 @@ setup(
                                      "initscripts/usherctrl.service",
                                      "initscripts/usherlnm.service",
                                      "initscripts/plusher.service",
+                                     "initscripts/usherweb",
+                                     "initscripts/usherweb.service",
                                      "initscripts/install.sh"]),
     ],
 )
