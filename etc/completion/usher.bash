@@ -40,7 +40,7 @@ _shtab_usher_report_usage_option_strings=(-h --help --plugin-config --json --sin
 _shtab_usher_report_option_strings=(-h --help)
 _shtab_usher_ldap_acl_option_strings=(-h --help --base --ldif --database)
 _shtab_usher_ldap_option_strings=(-h --help)
-_shtab_usher_sandbox_option_strings=(-h --help --dir --lnms --domain --host-cpus --host-memory --timeout --shell)
+_shtab_usher_sandbox_option_strings=(-h --help --dir --lnms --domain --host-cpus --host-memory --timeout --no-web --shell)
 _shtab_usher_completion_option_strings=(-h --help --program)
 _shtab_usher_option_strings=(-h --help)
 
@@ -160,6 +160,7 @@ _shtab_usher_ldap__h_nargs=0
 _shtab_usher_ldap___help_nargs=0
 _shtab_usher_sandbox__h_nargs=0
 _shtab_usher_sandbox___help_nargs=0
+_shtab_usher_sandbox___no_web_nargs=0
 _shtab_usher_sandbox___shell_nargs=0
 _shtab_usher_completion__h_nargs=0
 _shtab_usher_completion___help_nargs=0

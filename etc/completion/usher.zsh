@@ -318,6 +318,7 @@ _shtab_usher_sandbox_options=(
   "--host-cpus[CPUs of each simulated host (default 16)]:host_cpus:"
   "--host-memory[memory of each simulated host in MiB (default 32768)]:host_memory:"
   "--timeout[seconds to wait for every LNM to connect]:timeout:"
+  "--no-web[do not start usherweb, the web interface]"
   "--shell[open an interactive ush once ready\; stop everything when it exits]"
 )
 
