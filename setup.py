@@ -43,7 +43,9 @@ setup(
         # The DNS plugin's dynamic updates and zone transfers (usher.plugins.dns).
         "dnspython>=2.6",
     ],
-    extras_require={"test": ["pytest>=8", "pytest-twisted>=1.14", "hypothesis>=6.100"]},
+    extras_require={"test": ["pytest>=8", "pytest-twisted>=1.14", "hypothesis>=6.100",
+                             # The browser tests drive Debian's chromium.
+                             "playwright>=1.40"]},
     entry_points={"console_scripts": [
         "usherctrl = usher.controller.main:main",
         "usherlnm = usher.lnm.main:main",
