@@ -20,7 +20,7 @@ setup(
     # generic ("plugins", "clients") lands in site-packages.
     packages=["usher", "usher.auth", "usher.client", "usher.controller", "usher.lnm",
               "usher.pki", "usher.plugins", "usher.plugins.sql", "usher.clients", "usher.clients.ush",
-              "usher.clients.plusher"],
+              "usher.clients.plusher", "usher.clients.web"],
     package_dir={"usher.plugins": "plugins", "usher.clients": "clients"},
     install_requires=[
         "twisted>=24.7",
@@ -43,7 +43,12 @@ setup(
         # The DNS plugin's dynamic updates and zone transfers (usher.plugins.dns).
         "dnspython>=2.6",
     ],
+    # The web daemon's static files (clients/web/static/; vendor/ is filled by make setup).
+    package_data={"usher.clients.web": ["static/*.*", "static/*/*.*", "static/*/*/*.*"]},
     extras_require={"test": ["pytest>=8", "pytest-twisted>=1.14", "hypothesis>=6.100",
+                             # The web API's OpenAPI document checked, and property
+                             # tests generated from it (tests/test_web_openapi.py).
+                             "openapi-spec-validator>=0.7", "schemathesis>=4",
                              # The browser tests drive Debian's chromium.
                              "playwright>=1.40"]},
     entry_points={"console_scripts": [
@@ -51,12 +56,13 @@ setup(
         "usherlnm = usher.lnm.main:main",
         "ush = usher.clients.ush:main",
         "plusher = usher.clients.plusher:main",
+        "usherweb = usher.clients.web:main",
         "usher = usher.admin:main",
     ]},
     data_files=[
         ("share/usher/etc", ["etc/ctrl.config.orig", "etc/lnm.config.orig",
                              "etc/ush.config.orig", "etc/lnm-qemu.config.example",
-                             "etc/plusher.config.orig"]),
+                             "etc/plusher.config.orig", "etc/web.config.orig"]),
         ("share/usher/etc/plugins", sorted(f"etc/plugins/{p.name}"
                                            for p in (HERE / "etc/plugins").glob("*.config"))),
         ("share/usher/initscripts", ["initscripts/usherctrl", "initscripts/usherlnm",
@@ -64,6 +70,8 @@ setup(
                                      "initscripts/usherctrl.service",
                                      "initscripts/usherlnm.service",
                                      "initscripts/plusher.service",
+                                     "initscripts/usherweb",
+                                     "initscripts/usherweb.service",
                                      "initscripts/install.sh"]),
     ],
 )

@@ -1,19 +1,20 @@
 #!/bin/sh
 # Install Usher's service files and sample configuration files.
 #
-# Usage: install.sh [--prefix DIR] [--systemd|--sysv] [--bindir DIR] [ctrl|lnm|plusher|all]
+# Usage: install.sh [--prefix DIR] [--systemd|--sysv] [--bindir DIR] [ctrl|lnm|plusher|web|all]
 #
 #   ctrl          the controller, usherctrl
 #   lnm           the local node manager, usherlnm
 #   plusher       plusher, the XML-RPC gateway for Plush
+#   web           usherweb, the web interface and REST API
 #   all           ctrl and lnm, and the ush client's sample ush.config.orig
-#                 (the default). plusher is left out: only sites that use
-#                 Plush run it, so it is installed only when named.
+#                 (the default). plusher and web are left out: only sites
+#                 that use them run them, so they are installed only when named.
 #   --systemd     install DIR/etc/systemd/system/<program>.service (mode 644)
 #   --sysv        install DIR/etc/init.d/<program> (mode 755)
 #                 (default: --systemd when systemd is running, else --sysv)
 #   --prefix DIR  install under DIR instead of / (DIR must exist)
-#   --bindir DIR  where the usherctrl/usherlnm/plusher programs are (default
+#   --bindir DIR  where the usherctrl/usherlnm/plusher/usherweb programs are (default
 #                 /usr/local/bin, where setup.py/pip put them on Debian);
 #                 written into the installed unit or init script
 #
@@ -30,7 +31,7 @@ PROG=install.sh
 DEFAULT_BINDIR=/usr/local/bin
 
 usage() {
-    echo "Usage: $PROG [--prefix DIR] [--systemd|--sysv] [--bindir DIR] [ctrl|lnm|plusher|all]"
+    echo "Usage: $PROG [--prefix DIR] [--systemd|--sysv] [--bindir DIR] [ctrl|lnm|plusher|web|all]"
 }
 
 die() {
@@ -68,8 +69,8 @@ while [ $# -gt 0 ]; do
             usage
             exit 0
             ;;
-        ctrl | lnm | plusher | all)
-            [ -z "$component" ] || die "name one of ctrl, lnm, plusher, all (got '$component' and '$1')"
+        ctrl | lnm | plusher | web | all)
+            [ -z "$component" ] || die "name one of ctrl, lnm, plusher, web, all (got '$component' and '$1')"
             component=$1
             shift
             ;;
@@ -114,6 +115,7 @@ esac
 program_of() {
     case $1 in
         plusher) echo plusher ;;
+        web) echo usherweb ;;
         *) echo "usher$1" ;;
     esac
 }
@@ -224,6 +226,11 @@ case " $names " in *" plusher "*)
     echo "                   controller. By default it serves plain HTTP on 127.0.0.1:7393; for Plush"
     echo "                   on another host serve HTTPS: usher cert issue --gateway plusher --hostname <its DNS name>"
     echo "                   then set ssl_cert_file and ssl_key_file in plusher.config"
+esac
+case " $names " in *" web "*)
+    echo "       usherweb:   serves HTTPS only: usher cert issue --gateway usherweb --hostname <its DNS name>"
+    echo "                   then set ssl_cert_file/ssl_key_file (and gateway_cert_file/gateway_key_file,"
+    echo "                   the same files) in web.config; it needs the CA's ca_cert.pem (ssl_ca_file)"
 esac
 step=$((step + 1))
 daemons=

@@ -711,7 +711,7 @@ def test_spec_in_text_and_as_a_mapping_agree():
 
 # --- The components' settings and sample files --------------------------------------
 
-COMPONENTS = [settings.CTRL, settings.LNM, settings.USH, settings.PLUSHER]
+COMPONENTS = [settings.CTRL, settings.LNM, settings.USH, settings.PLUSHER, settings.WEB]
 
 
 def without_host_file(spec, tmp_path):

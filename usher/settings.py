@@ -228,3 +228,40 @@ PLUSHER = ComponentSpec(
     home_file=".usher/plusher.config",
     env_var="USHER_PLUSHER_CONFIG",
 )
+
+# usherweb, the web interface and REST API (usher.clients.web).
+WEB_SPEC = f"""
+[web]
+interface = string(default='127.0.0.1')
+port = {_PORT.format(7394)}
+ssl_cert_file = path(default=None)
+ssl_key_file = path(default=None)
+allow_plain_http = boolean(default=False)
+controller_host = string(default='localhost')
+controller_port = {_PORT.format(7390)}
+controller_tls_name = string(default=None)
+ssl_ca_file = path(default='/etc/usher/ca_cert.pem')
+gateway_cert_file = path(default=None)
+gateway_key_file = path(default=None)
+call_timeout = float(gt=0, default=60)
+session_idle_timeout = float(gt=0, default=1800)
+session_max_age = float(gt=0, default=43200)
+max_sessions = integer(min=1, default=1000)
+max_streams_per_session = integer(min=1, default=8)
+max_request_bytes = integer(min=1024, default=65536)
+stream_keepalive = float(gt=0, default=15)
+stream_coalesce = float(min=0, default=0.1)
+stream_buffer_bytes = integer(min=65536, default=8388608)
+static_dir = path(default=None)
+log_file = path(default=None)
+log_level = {_LOG_LEVEL}
+pid_file = path(default=None)
+"""
+
+WEB = ComponentSpec(
+    name="web",
+    spec=WEB_SPEC,
+    host_file="/etc/usher/web.config",
+    home_file=".usher/web.config",
+    env_var="USHER_WEB_CONFIG",
+)

@@ -135,6 +135,11 @@ class UsherClient:
     def connected(self):
         return self._perspective is not None
 
+    @property
+    def seq(self):
+        """The number of the last change notification applied to the cache."""
+        return self._seq
+
     def connect(self):
         """Contact and authenticate with the controller over TLS; -> Deferred
         firing {"user", "admin", "domain"}."""

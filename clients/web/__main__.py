@@ -1,0 +1,5 @@
+import sys
+
+from usher.clients.web import main
+
+sys.exit(main())
