@@ -131,10 +131,11 @@ async function route() {
 }
 
 window.addEventListener("hashchange", route);
-window.addEventListener("usher:logged-out", () => {
+window.addEventListener("usher:notice", (event) => app.status(event.detail));
+window.addEventListener("usher:logged-out", (event) => {
   if (!app.session) return;
   app.loggedOut();
-  app.alert("Your session has ended: log in again.");
+  app.alert(`Your session has ended${event.detail ? ` (${event.detail})` : ""}: log in again.`);
   location.hash = "#/login";
 });
 document.getElementById("logout").addEventListener("click", async () => {

@@ -20,7 +20,8 @@ export class VmStream {
     this.stopped = true;
   }
 
-  // listener({reset, changed: [names], removed: [names], connection})
+  // listener({reset, changed: [names], removed: [names]}) or ({connection: {state, detail}});
+  // the controller's notices go to window as "usher:notice" events.
   subscribe(listener) {
     this.listeners.add(listener);
     return () => this.listeners.delete(listener);
@@ -74,24 +75,34 @@ export class VmStream {
       this.retryDelay = 1000;
       this.setState("live");
     });
+    // The snapshot: "snapshot" (the first part), "snapshot-part"s, then
+    // "snapshot-end"; the map is replaced at the end (so VMs removed while the
+    // stream was down vanish), and changes follow.
     source.addEventListener("snapshot", parse((data) => {
-      this.pending = null;
-      this.replace(data.vms || []);
+      this.pending = [...(data.vms || [])];
     }));
     source.addEventListener("snapshot-part", parse((data) => {
       if (!this.pending) this.pending = [];
       for (const record of data.vms || []) this.pending.push(record);
     }));
-    source.addEventListener("snapshot-end", parse((data) => {
+    source.addEventListener("snapshot-end", parse(() => {
       const records = this.pending || [];
-      for (const record of data.vms || []) records.push(record);
       this.pending = null;
       this.replace(records);
     }));
     source.addEventListener("changes", parse((data) => this.apply(data)));
     source.addEventListener("connection", parse((data) => {
+      if (data.state === "notice") {
+        window.dispatchEvent(new CustomEvent("usher:notice", { detail: data.detail || "" }));
+        return;
+      }
       const state = data.state === "connected" ? "live" : "controller-lost";
       this.setState(state, data.detail || data.state || "");
+    }));
+    source.addEventListener("session-ended", parse((data) => {
+      this.stopped = true;
+      source.close();
+      window.dispatchEvent(new CustomEvent("usher:logged-out", { detail: data.reason || "" }));
     }));
     source.addEventListener("error", () => {
       if (this.stopped || source !== this.source) return;

@@ -48,6 +48,10 @@ function failureText(failed) {
 }
 
 export function summary(operation, result) {
+  // The server's summary is the line ush prints; failures follow it.
+  if (typeof result.summary === "string" && result.summary) {
+    return result.summary + failureText(result.failed || []).replace(/^; failed/, ". Failed");
+  }
   const done = result.started || result.done || result.migrated || [];
   const failed = result.failed || [];
   let text = `${PAST[operation] || operation} ${plural(done.length, "VM")}`;
