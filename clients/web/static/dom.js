@@ -58,3 +58,16 @@ export function plural(n, noun) {
 export function shortName(name) {
   return String(name).split(".", 1)[0];
 }
+
+// A labelled control: the label names it by "for" (not by wrapping it, so
+// the control's value never becomes part of its name); an optional hint is
+// its description.
+export function field(id, text, control, hint) {
+  control.id = id;
+  const parts = [h("label", { for: id }, text)];
+  if (hint) {
+    parts.push(h("span", { class: "hint", id: `${id}-hint` }, hint));
+    control.setAttribute("aria-describedby", `${id}-hint`);
+  }
+  return h("div", { class: "field" }, ...parts, control);
+}

@@ -1,5 +1,5 @@
 // #/login: the controller's authentication chain decides; its refusal is shown.
-import { h } from "../dom.js";
+import { field, h } from "../dom.js";
 
 export function render(app) {
   if (app.session) {
@@ -13,8 +13,8 @@ export function render(app) {
     autocomplete: "current-password", required: true });
   const button = h("button", { type: "submit", class: "primary" }, "Log in");
   const form = h("form", { class: "stack", "aria-describedby": "login-error" },
-    h("label", { for: "login-user" }, "User name", user),
-    h("label", { for: "login-password" }, "Password", password),
+    field("login-user", "User name", user),
+    field("login-password", "Password", password),
     h("div", { class: "buttons" }, button), error);
   form.addEventListener("submit", async (event) => {
     event.preventDefault();

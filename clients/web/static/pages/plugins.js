@@ -1,6 +1,6 @@
 // #/admin/plugins (administrators): the available plugins, the event chains,
 // register, unregister and change a registration's order.
-import { h } from "../dom.js";
+import { field, h } from "../dom.js";
 import { confirmDialog } from "./vms.js";
 
 function text(value) {
@@ -38,14 +38,16 @@ export function render(app) {
   function registrationRow(r) {
     const orderInput = h("input", { type: "number", value: text(r.order), class: "order-input",
       "aria-label": `order of ${r.plugin} on ${r.event}` });
-    const setOrder = h("button", { type: "button" }, "Set order");
+    const setOrder = h("button", { type: "button", "aria-label": `set the order of ${r.plugin} on ${r.event}` },
+      "Set order");
     setOrder.addEventListener("click", () => act(`Moving ${r.plugin} on ${r.event} to order ${orderInput.value}`, async () => {
       await app.api.unregisterPlugin({ name: r.plugin, event: r.event });
       const body = { name: r.plugin, event: r.event, order: Number(orderInput.value) };
       if (r.config) body.config_file = r.config;
       await app.api.registerPlugin(body);
     }));
-    const remove = h("button", { type: "button", class: "danger" }, "Unregister");
+    const remove = h("button", { type: "button", class: "danger",
+      "aria-label": `unregister ${r.plugin} from ${r.event}` }, "Unregister");
     remove.addEventListener("click", async () => {
       if (await confirmDialog(`Unregister ${r.plugin} from ${r.event}?`, "Unregister")) {
         await act(`Unregistering ${r.plugin} from ${r.event}`, () => app.api.unregisterPlugin({ name: r.plugin, event: r.event }));
@@ -75,10 +77,10 @@ export function render(app) {
   }
 
   const form = h("form", { class: "stack", "aria-labelledby": "register-title" },
-    h("label", { for: "register-name" }, "Plugin", name),
-    h("label", { for: "register-event" }, "Event", event),
-    h("label", { for: "register-config" }, "Configuration file (optional)", config),
-    h("label", { for: "register-order" }, "Order (optional)", order),
+    field("register-name", "Plugin", name),
+    field("register-event", "Event", event),
+    field("register-config", "Configuration file (optional)", config),
+    field("register-order", "Order (optional)", order),
     h("div", { class: "buttons" }, h("button", { type: "submit", class: "primary" }, "Register")));
   form.addEventListener("submit", (e) => {
     e.preventDefault();

@@ -1,6 +1,6 @@
 // The start dialog (#/start, over the VM table): cluster, count, memory,
 // vCPUs, a host hint and args; progress counted from the live stream.
-import { h, plural } from "../dom.js";
+import { field, h, plural } from "../dom.js";
 import { summary, track } from "./progress.js";
 
 // "key=value" lines -> {key: value}; throws naming the bad line.
@@ -14,17 +14,6 @@ export function parseArgs(text) {
     args[trimmed.slice(0, eq).trim()] = trimmed.slice(eq + 1).trim();
   });
   return args;
-}
-
-function field(id, text, control, hint) {
-  control.id = id;
-  const parts = [text];
-  if (hint) {
-    const hintEl = h("span", { class: "hint", id: `${id}-hint` }, hint);
-    control.setAttribute("aria-describedby", hintEl.id);
-    parts.push(hintEl);
-  }
-  return h("label", { for: id }, ...parts, control);
 }
 
 export function openStartDialog(app, onClose) {

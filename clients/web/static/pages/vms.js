@@ -1,7 +1,7 @@
 // #/vms: the VM table, live (rows change as the stream's changes arrive),
 // with filters, a selection and the operations of Table 3 on it; #/start
 // opens the start dialog over it.
-import { h, plural } from "../dom.js";
+import { field, h, plural } from "../dom.js";
 import { makeFilter, sortedNames, VirtualTable } from "../table.js";
 import { openStartDialog } from "./start.js";
 import { PAST, RESULT_STATE, summary, track, VERB } from "./progress.js";
@@ -14,10 +14,6 @@ const DESTRUCTIVE = new Set(["destroy", "shutdown", "cycle", "reboot"]);
 // Kept across visits to the page.
 const filters = { regex: "", cluster: "", state: "", lnm: "" };
 
-function labelled(id, text, control) {
-  control.id = id;
-  return h("label", { for: id }, text, control);
-}
 
 function options(select, values, allLabel) {
   const chosen = select.value;
@@ -194,10 +190,10 @@ export function render(app, params) {
   app.main.append(
     h("h1", {}, "Your VMs"),
     h("section", { "aria-label": "Filters", class: "filters" },
-      labelled("filter-regex", "Name (regular expression)", regex),
-      labelled("filter-cluster", "Cluster", cluster),
-      labelled("filter-state", "State", state),
-      labelled("filter-host", "Host", host),
+      field("filter-regex", "Name (regular expression)", regex),
+      field("filter-cluster", "Cluster", cluster),
+      field("filter-state", "State", state),
+      field("filter-host", "Host", host),
       regexError),
     h("section", { "aria-label": "Actions", class: "actions" },
       count, selectAll, selectNone, ...opButtons, migrateTarget, migrateButton, startButton),
