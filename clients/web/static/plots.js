@@ -41,7 +41,12 @@ export class TimePlot {
         value: (u, v) => (v === null || v === undefined ? "n/a" : `${v.toFixed(1)}${this.unit}`),
       }))],
       axes: [{}, { values: (u, ticks) => ticks.map((t) => `${t}${this.unit}`), size: 60 }],
-      scales: { x: { time: true } },
+      // At least the last 5 minutes across (one sample is not a year-wide
+      // axis), and figures from 0 up.
+      scales: {
+        x: { time: true, range: (u, min, max) => [Math.min(min, max - 300), max + 5] },
+        y: { range: (u, min, max) => [0, max > 0 ? max * 1.15 : 1] },
+      },
       legend: { show: true },
     };
     this.chart = new uPlot(opts, this.data, this.canvasHolder);

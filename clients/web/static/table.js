@@ -94,6 +94,8 @@ export class VirtualTable {
     this.present = present;
     this.element.setAttribute("aria-rowcount", String(names.length + 1));
     this.spacer.style.height = `${names.length * ROW_HEIGHT}px`;
+    // As tall as its rows, up to the CSS max-height (then it scrolls).
+    this.viewport.style.height = `${Math.max(1, names.length) * ROW_HEIGHT + 2}px`;
     this.empty.hidden = names.length > 0;
     this.schedule();
     this.notifySelection();
