@@ -19,7 +19,7 @@ APT_PACKAGES = libvirt-dev pkg-config gcc python3-dev python3-venv libvirt-daemo
 WEB     = clients/web
 VENDOR  = $(WEB)/static/vendor
 
-.PHONY: setup sandbox test bench bench-sql clean
+.PHONY: setup sandbox test bench bench-sql bench-web clean
 
 setup: $(VENV)/.installed $(VENDOR)/.installed
 
@@ -60,6 +60,11 @@ bench: setup
 # Starts of 1,000 VMs with the SQL plugin on PostgreSQL vs without it.
 bench-sql: setup
 	$(PY) -m bench.sql
+
+# usherweb with 10,000 VMs: GET /vms, the stream's snapshot, change latency,
+# CPU with 20 open streaming sessions.
+bench-web: setup
+	$(PY) -m bench.web
 
 clean:
 	rm -rf $(VENV) $(SANDBOX_DIR) build *.egg-info $(VENDOR) $(WEB)/node_modules

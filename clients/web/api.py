@@ -8,8 +8,6 @@ bearer token), the CSRF header, JSON bodies, errors as JSON.
 """
 
 import json
-import re
-from urllib.parse import parse_qsl
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -19,12 +17,14 @@ from usher import naming, states
 from usher.clients.ush.format import (by_name, format_migrate_result,
                                       format_operation_result, format_start_result)
 from usher.clients.web import errors
+from usher.clients.web.checks import (check_count, check_selection, check_start_args,
+                                      check_string, check_strings, flag_param, int_param,
+                                      one_param, parse_query)
 from usher.clients.web.errors import ApiError
 from usher.clients.web.sessions import COOKIE, TOKEN
 from usher.clients.web.stream import EventStream
 from usher.errors import InvalidRequest, NoSuchVM, PermissionDenied, UsherError
-from usher.protocol import MAX_FIELD
-from usher.vmset import Selection, compile_regex
+from usher.vmset import compile_regex
 
 log = Logger()
 
@@ -33,113 +33,16 @@ CSRF_HEADER = b"x-csrf-token"
 STATE_CHANGING = {b"POST", b"PUT", b"PATCH", b"DELETE"}
 MAX_LIMIT = 5000
 DEFAULT_LIMIT = 500
-MAX_LIST_ITEMS = 100_000
-ARG_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-# --- checking what a request says ---------------------------------------------------------
+# --- the handlers ------------------------------------------------------------------------------
 
-def _string(value, field, *, empty=False):
-    if not isinstance(value, str) or (not value and not empty) or len(value) > MAX_FIELD:
-        raise InvalidRequest(f"{field} must be a{'' if empty else ' non-empty'} string "
-                             f"(at most {MAX_FIELD} characters)")
-    return value
-
-
-def _strings(value, field):
-    if not isinstance(value, list) or len(value) > MAX_LIST_ITEMS:
-        raise InvalidRequest(f"{field} must be a list of strings")
-    return [_string(item, f"each of {field}") for item in value]
-
-
-def _count(value, field, low=1, high=None):
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (
-            high is not None and value > high):
-        bounds = f"at least {low}" + (f" and at most {high}" if high is not None else "")
-        raise InvalidRequest(f"{field} must be an integer {bounds}")
-    return value
-
-
-def _start_args(value):
-    """``args``: an object of short keys to strings, numbers or booleans."""
-    if not isinstance(value, dict):
-        raise InvalidRequest("args must be an object")
-    for key, item in value.items():
-        if not ARG_KEY.match(key) or len(key) > 64:
-            raise InvalidRequest(f"args: {key[:64]!r} is not a valid argument name")
-        if not isinstance(item, (str, int, float, bool)) or (
-                isinstance(item, str) and len(item) > MAX_FIELD):
-            raise InvalidRequest(f"args: {key} must be a string, number or boolean")
-    return dict(value)
-
-
-def _selection(body, required=True):
-    """``{"names"} | {"regex"} | {"cluster"}`` (combinable, as ush's -r, -n
-    and names) -> Selection."""
-    names = _strings(body["names"], "names") if "names" in body else []
-    regex = _string(body["regex"], "regex", empty=True) if "regex" in body else None
-    clusters = body.get("cluster", [])
-    clusters = [clusters] if isinstance(clusters, str) else clusters
-    clusters = _strings(clusters, "cluster") if "cluster" in body else []
-    for cluster in clusters:
-        naming.check_label(cluster, "cluster name")
-    selection = Selection(names=names, regex=regex, clusters=clusters)
-    if required and not selection:
-        raise InvalidRequest("nothing selected: give names, regex or cluster")
-    return selection
-
-
-def _query(request, allowed):
-    """The query string -> {name: [values]}; unknown parameters are refused.
-    (From the URI: twisted's request.args also holds a form body's fields.)"""
-    query = {}
-    text = request.uri.partition(b"?")[2]
-    try:
-        pairs = parse_qsl(text.decode("ascii"), keep_blank_values=True, errors="strict",
-                          max_num_fields=100)
-    except (UnicodeError, ValueError):
-        raise InvalidRequest("the query string is not valid (UTF-8, at most 100 "
-                             "parameters)") from None
-    for name, value in pairs:
-        query.setdefault(name, []).append(value)
-        if name not in allowed:
-            raise InvalidRequest(f"unknown query parameter {name[:40]!r}; known: "
-                                 + ", ".join(sorted(allowed)))
-    return query
-
-
-def _one(query, name, default=None):
-    values = query.get(name)
-    if not values:
-        return default
-    if len(values) > 1:
-        raise InvalidRequest(f"{name} given more than once")
-    return values[0]
-
-
-def _int_param(query, name, default, low, high):
-    text = _one(query, name)
-    if text is None:
-        return default
-    if not re.fullmatch(r"[0-9]{1,9}", text):
-        raise InvalidRequest(f"{name} must be an integer from {low} to {high}")
-    return _count(int(text), name, low, high)
-
-
-def _flag(query, name):
-    text = _one(query, name, "0")
-    if text not in ("0", "1", "true", "false"):
-        raise InvalidRequest(f"{name} must be 1 or 0")
-    return text in ("1", "true")
-
-
-def _summary(result, text):
+def summarise(result, text):
+    """The controller's result and ush's text of it ("summary")."""
     result = dict(result)
     result["summary"] = text
     return result
 
-
-# --- the handlers ------------------------------------------------------------------------------
 
 class Call:
     """One request, as the handlers see it."""
@@ -171,8 +74,8 @@ class Api:
     async def login(self, call):
         body = call.body
         replacing = call.session
-        session = await self.sessions.login(_string(body.get("username"), "username"),
-                                            _string(body.get("password", ""), "password",
+        session = await self.sessions.login(check_string(body.get("username"), "username"),
+                                            check_string(body.get("password", ""), "password",
                                                     empty=True),
                                             source=call.source, replacing=replacing)
         secure = "; Secure" if self.settings.https else ""
@@ -211,8 +114,8 @@ class Api:
     async def list_vms(self, call):
         query = call.query
         records = self._filtered(call.session, query)
-        offset = _int_param(query, "offset", 0, 0, 10 ** 9)
-        limit = _int_param(query, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
+        offset = int_param(query, "offset", 0, 0, 10 ** 9)
+        limit = int_param(query, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
         return 200, {"vms": records[offset:offset + limit], "total": len(records)}
 
     def _filtered(self, session, query):
@@ -221,23 +124,22 @@ class Api:
             from usher.errors import Unavailable
             raise Unavailable("not connected to the controller")
         records = [r for r in client.vms.values() if "state" in r]
-        regex = _one(query, "regex")
+        regex = one_param(query, "regex")
         if regex is not None:
             pattern = compile_regex(regex)
             records = [r for r in records if pattern.search(r["name"])]
         for field, key in (("cluster", "cluster"), ("lnm", "lnm"), ("state", "state")):
-            wanted = set()
-            for value in query.get(field, []):
-                wanted.update(v for v in value.split(",") if v)
-            if not wanted:
-                continue
+            # Repeated (state=run&state=paused): any of them.
+            wanted = set(query.get(field, []))
             if field == "state":
                 unknown = wanted - set(states.ALL_STATES)
                 if unknown:
                     raise InvalidRequest(f"unknown state {sorted(unknown)[0][:40]!r}; valid: "
                                          + ", ".join(states.ALL_STATES))
+            if not wanted:
+                continue
             records = [r for r in records if r.get(key) in wanted]
-        names = _one(query, "names")
+        names = one_param(query, "names")
         if names is not None:
             wanted = set()
             for name in names.split(","):
@@ -261,7 +163,7 @@ class Api:
 
     async def start(self, call):
         body = call.body
-        names = _strings(body["names"], "names") if "names" in body else []
+        names = check_strings(body["names"], "names") if "names" in body else []
         cluster = body.get("cluster")
         count = body.get("count")
         if names and (cluster is not None or count is not None):
@@ -269,34 +171,34 @@ class Api:
         if not names:
             if cluster is None or count is None:
                 raise InvalidRequest("nothing to start: give names, or cluster and count")
-            cluster = naming.check_label(_string(cluster, "cluster"), "cluster name")
-            count = _count(count, "count")
-        lnms = _strings(body.get("lnms", []), "lnms")
-        args = _start_args(body.get("args", {}))
+            cluster = naming.check_label(check_string(cluster, "cluster"), "cluster name")
+            count = check_count(count, "count")
+        lnms = check_strings(body.get("lnms", []), "lnms")
+        args = check_start_args(body.get("args", {}))
         for key in ("memory_mib", "vcpus"):
             if key in body:
-                args[key] = _count(body[key], key)
+                args[key] = check_count(body[key], key)
         result = await call.client.start(names=names, cluster=cluster, count=count,
                                          lnms=lnms, args=args or None)
-        return 200, _summary(result, format_start_result(result))
+        return 200, summarise(result, format_start_result(result))
 
     def operation(self, operation):
         async def operate(call):
-            result = await call.client.op_on(operation, _selection(call.body))
-            return 200, _summary(result, format_operation_result(operation, result))
+            result = await call.client.op_on(operation, check_selection(call.body))
+            return 200, summarise(result, format_operation_result(operation, result))
         return operate
 
     async def migrate(self, call):
-        lnms = _strings(call.body.get("lnms", []), "lnms")
+        lnms = check_strings(call.body.get("lnms", []), "lnms")
         if not lnms:
             raise InvalidRequest("lnms: name at least one LNM to migrate to")
-        result = await call.client.migrate(_selection(call.body), lnms)
-        return 200, _summary(result, format_migrate_result(result))
+        result = await call.client.migrate(check_selection(call.body), lnms)
+        return 200, summarise(result, format_migrate_result(result))
 
     # LNMs, top, problems ------------------------------------------------------------
 
     async def list_lnms(self, call):
-        status = _flag(call.query, "status")
+        status = flag_param(call.query, "status")
         return 200, {"lnms": await call.client.list_lnm([], status=status)}
 
     async def get_lnm(self, call):
@@ -311,7 +213,7 @@ class Api:
         return 200, lnms[0]
 
     async def top(self, call):
-        count = _int_param(call.query, "count", 10, 0, 1000)
+        count = int_param(call.query, "count", 10, 0, 1000)
         return 200, await call.client.top([], count)
 
     async def problems(self, call):
@@ -332,17 +234,17 @@ class Api:
         config_file = body.get("config_file")
         order = body.get("order")
         if order is not None:
-            _count(order, "order", low=-(10 ** 9), high=10 ** 9)
+            check_count(order, "order", low=-(10 ** 9), high=10 ** 9)
         result = await call.client.register_plugin(
-            _string(body.get("name"), "name"), _string(body.get("event"), "event"),
-            None if config_file is None else _string(config_file, "config_file"), order)
+            check_string(body.get("name"), "name"), check_string(body.get("event"), "event"),
+            None if config_file is None else check_string(config_file, "config_file"), order)
         return 200, result
 
     async def unregister_plugin(self, call):
         event = call.body.get("event")
         result = await call.client.unregister_plugin(
-            _string(call.body.get("name"), "name"),
-            None if event is None else _string(event, "event"))
+            check_string(call.body.get("name"), "name"),
+            None if event is None else check_string(event, "event"))
         return 200, result
 
     # the stream and the document ------------------------------------------------------
@@ -537,7 +439,7 @@ class ApiResource(resource.Resource):
                 raise ApiError(errors.CSRF_FAILED, "missing or wrong X-CSRF-Token header "
                                "(it is the csrf value login and GET /api/v1/session return)")
             self.sessions.touch(session)
-        query = _query(request, route.query)
+        query = parse_query(request, route.query)
         body = self._body(request, route)
         call = Call(request, session, params, query, body, client_address(request))
         return await route.handler(call)

@@ -5,7 +5,7 @@ message of an Usher error is the one ush prints (clients/ush/outcome.py)."""
 from usher.clients.ush.outcome import error_outcome
 from usher.errors import (AuthenticationFailed, InvalidRequest, LinkFailure,
                           MigrationUnsupported, NoSuchLNM, NoSuchVM, OperationFailed,
-                          PermissionDenied, Rejected, Unavailable, UsherError)
+                          PermissionDenied, Rejected, Unavailable)
 
 INVALID_REQUEST = "invalid_request"
 AUTHENTICATION_FAILED = "authentication_failed"
