@@ -19,7 +19,7 @@ APT_PACKAGES = libvirt-dev pkg-config gcc python3-dev python3-venv libvirt-daemo
 WEB     = clients/web
 VENDOR  = $(WEB)/static/vendor
 
-.PHONY: setup sandbox test bench bench-sql bench-web clean
+.PHONY: setup sandbox test bench bench-sql bench-web bench-web-browser clean
 
 setup: $(VENV)/.installed $(VENDOR)/.installed
 
@@ -65,6 +65,11 @@ bench-sql: setup
 # CPU with 20 open streaming sessions.
 bench-web: setup
 	$(PY) -m bench.web
+
+# The browser interface in headless Chromium: time to show the 10,000-VM
+# table and to reflect one change (the real system, then the browser alone).
+bench-web-browser: setup
+	$(PY) -m bench.web_browser
 
 clean:
 	rm -rf $(VENV) $(SANDBOX_DIR) build *.egg-info $(VENDOR) $(WEB)/node_modules
