@@ -100,3 +100,39 @@ export function triple(figures, key) {
   return Array.isArray(values) ? [0, 1, 2].map((i) => (typeof values[i] === "number" ? values[i] : null))
     : [null, null, null];
 }
+
+// Re-read figures every ``ms`` while a page shows them: fetch() -> answer,
+// show(answer); a failure is shown in ``error`` (a hidden <p>) and retried.
+// -> stop(). (Figures are measured by the LNMs every few seconds and have no
+// change event; states and placements come from the stream.)
+export function refreshEvery(ms, fetch, show, error) {
+  let timer = 0;
+  let stopped = false;
+  async function load() {
+    try {
+      const answer = await fetch();
+      if (stopped) return;
+      error.hidden = true;
+      show(answer);
+    } catch (e) {
+      if (stopped) return;
+      error.textContent = e.message;
+      error.hidden = false;
+    }
+    if (!stopped) timer = setTimeout(load, ms);
+  }
+  load();
+  return () => {
+    stopped = true;
+    clearTimeout(timer);
+  };
+}
+
+// The facts of a host (LNM) record, as [label, value] rows.
+export function hostFacts(lnm, mib, figure) {
+  const figs = figuresOf(lnm);
+  return [["Connected", lnm.connected ? "yes" : "no"], ["VMs (all users)", lnm.vms], ["CPUs", lnm.cpus],
+    ["Memory", mib(lnm.memory_mib)], ["Free memory", mib((figs && figs.free_memory_mib) ?? lnm.free_memory_mib)],
+    ["CPU % 1/5/15 min", figs ? triple(figs, "cpu").map((v) => figure(v)).join(" / ") : "-"],
+    ["Figures", (figs && figs.source) || "none yet"]];
+}

@@ -1,7 +1,7 @@
 // #/lnm/NAME: one host: its figures, its load and memory plotted over time,
 // and the VMs on it (the caller's, live from the stream).
 import { figure, h, mib } from "../dom.js";
-import { figuresOf, sampleTime, TimePlot, triple } from "../plots.js";
+import { figuresOf, hostFacts, refreshEvery, sampleTime, TimePlot, triple } from "../plots.js";
 import { VirtualTable } from "../table.js";
 
 const REFRESH_MS = 5000;
@@ -24,10 +24,7 @@ export function render(app, { name }) {
 
   function show(lnm) {
     const figs = figuresOf(lnm);
-    const rows = [["Connected", lnm.connected ? "yes" : "no"], ["VMs (all users)", lnm.vms], ["CPUs", lnm.cpus],
-      ["Memory", mib(lnm.memory_mib)], ["Free memory", mib((figs && figs.free_memory_mib) ?? lnm.free_memory_mib)],
-      ["CPU % 1/5/15 min", figs ? triple(figs, "cpu").map((v) => figure(v)).join(" / ") : "-"],
-      ["Figures", (figs && figs.source) || "none yet"]];
+    const rows = hostFacts(lnm, mib, figure);
     facts.replaceChildren(...rows.flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, v === undefined ? "" : String(v))]));
     if (figs) {
       cpu.push(sampleTime(figs), triple(figs, "cpu"));
@@ -35,21 +32,6 @@ export function render(app, { name }) {
     }
   }
 
-  let timer = 0;
-  let stopped = false;
-  async function load() {
-    try {
-      const answer = await app.api.lnm(name);
-      if (stopped) return;
-      error.hidden = true;
-      show(answer.lnm || answer);
-    } catch (e) {
-      if (stopped) return;
-      error.textContent = e.message;
-      error.hidden = false;
-    }
-    if (!stopped) timer = setTimeout(load, REFRESH_MS);
-  }
   let frame = 0;
   const unsubscribe = app.stream.subscribe((event) => {
     if (event.connection || frame) return;
@@ -62,10 +44,9 @@ export function render(app, { name }) {
     h("div", { class: "plots" }, cpu.element, mem.element),
     h("h2", {}, "VMs on this host"), count, table.element);
   showVms();
-  load();
+  const stop = refreshEvery(REFRESH_MS, () => app.api.lnm(name), (answer) => show(answer.lnm || answer), error);
   return () => {
-    stopped = true;
-    clearTimeout(timer);
+    stop();
     cancelAnimationFrame(frame);
     unsubscribe();
     table.destroy();

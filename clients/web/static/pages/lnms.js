@@ -2,7 +2,7 @@
 // many VMs it runs; the figures are re-read every 5 s (the LNMs report them
 // every few seconds), the VM counts follow the live stream.
 import { figure, h, mib } from "../dom.js";
-import { figuresOf, sampleTime, TimePlot, triple } from "../plots.js";
+import { figuresOf, hostFacts, refreshEvery, sampleTime, TimePlot, triple } from "../plots.js";
 
 const REFRESH_MS = 5000;
 
@@ -31,41 +31,24 @@ export function render(app) {
       shown.set(lnm.name, entry);
     }
     const figs = figuresOf(lnm);
-    const rows = [["Connected", lnm.connected ? "yes" : "no"], ["VMs (all users)", lnm.vms], ["CPUs", lnm.cpus],
-      ["Memory", mib(lnm.memory_mib)], ["Free memory", mib((figs && figs.free_memory_mib) ?? lnm.free_memory_mib)],
-      ["CPU % 1/5/15 min", figs ? triple(figs, "cpu").map((v) => figure(v)).join(" / ") : "-"]];
+    const rows = hostFacts(lnm, mib, figure).slice(0, -1);
     entry.facts.replaceChildren(...rows.flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, v === undefined ? "" : String(v))]));
     entry.yours.textContent = `${vmCount(lnm.name)} of your VMs here`;
     if (figs) entry.plot.push(sampleTime(figs), triple(figs, "cpu"));
   }
 
-  let timer = 0;
-  let stopped = false;
-  let lastLnms = [];
-  async function load() {
-    try {
-      const answer = await app.api.lnms();
-      if (stopped) return;
-      error.hidden = true;
-      lastLnms = [...(answer.lnms || [])].sort((a, b) => a.name.localeCompare(b.name, "en", { numeric: true }));
-      for (const lnm of lastLnms) card(lnm);
-      if (!lastLnms.length) cards.replaceChildren(h("p", {}, "No hosts yet."));
-    } catch (e) {
-      if (stopped) return;
-      error.textContent = e.message;
-      error.hidden = false;
-    }
-    if (!stopped) timer = setTimeout(load, REFRESH_MS);
-  }
   const unsubscribe = app.stream.subscribe((event) => {
     if (event.connection) return;
     for (const [name, entry] of shown) entry.yours.textContent = `${vmCount(name)} of your VMs here`;
   });
   app.main.append(h("h1", {}, "Hosts"), error, cards);
-  load();
+  const stop = refreshEvery(REFRESH_MS, () => app.api.lnms(), (answer) => {
+    const lnms = [...(answer.lnms || [])].sort((a, b) => a.name.localeCompare(b.name, "en", { numeric: true }));
+    for (const lnm of lnms) card(lnm);
+    if (!lnms.length) cards.replaceChildren(h("p", {}, "No hosts yet."));
+  }, error);
   return () => {
-    stopped = true;
-    clearTimeout(timer);
+    stop();
     unsubscribe();
     for (const entry of shown.values()) entry.plot.destroy();
   };

@@ -2,7 +2,7 @@
 // minute CPU and memory averages over time. The state is live (the stream);
 // figures are measured by the LNM every few seconds and re-read every 5 s.
 import { argsText, figure, h, mib } from "../dom.js";
-import { figuresOf, sampleTime, TimePlot, triple } from "../plots.js";
+import { figuresOf, refreshEvery, sampleTime, TimePlot, triple } from "../plots.js";
 
 const REFRESH_MS = 5000;
 
@@ -37,22 +37,6 @@ export function render(app, { name }) {
     memPlot.push(t, triple(figures, "memory_used"));
   }
 
-  let timer = 0;
-  let stopped = false;
-  async function load() {
-    try {
-      const record = await app.api.vm(name);
-      if (stopped) return;
-      error.hidden = true;
-      showRecord(app.stream.vms.get(record.name) || record);
-      showFigures(figuresOf(record));
-    } catch (e) {
-      if (stopped) return;
-      error.textContent = e.message;
-      error.hidden = false;
-    }
-    if (!stopped) timer = setTimeout(load, REFRESH_MS);
-  }
   const unsubscribe = app.stream.subscribe((event) => {
     if (event.connection) return;
     const record = app.stream.vms.get(name);
@@ -69,10 +53,12 @@ export function render(app, { name }) {
       figuresText, h("div", { class: "plots" }, cpuPlot.element, memPlot.element)));
   const known = app.stream.vms.get(name);
   if (known) showRecord(known);
-  load();
+  const stop = refreshEvery(REFRESH_MS, () => app.api.vm(name), (record) => {
+    showRecord(app.stream.vms.get(record.name) || record);
+    showFigures(figuresOf(record));
+  }, error);
   return () => {
-    stopped = true;
-    clearTimeout(timer);
+    stop();
     unsubscribe();
     cpuPlot.destroy();
     memPlot.destroy();
