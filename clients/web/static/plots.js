@@ -44,7 +44,7 @@ export class TimePlot {
       // At least the last 5 minutes across (one sample is not a year-wide
       // axis), and figures from 0 up.
       scales: {
-        x: { time: true, range: (u, min, max) => [Math.min(min, max - 300), max + 5] },
+        x: { time: true, auto: false },
         y: { range: (u, min, max) => [0, max > 0 ? max * 1.15 : 1] },
       },
       legend: { show: true },
@@ -64,7 +64,9 @@ export class TimePlot {
       if (xs.length > MAX_POINTS) this.data.forEach((column) => column.shift());
     }
     this.ensureChart();
-    this.chart.setData(this.data);
+    this.chart.setData(this.data, false);
+    const last = xs[xs.length - 1];
+    this.chart.setScale("x", { min: Math.min(xs[0], last - 300), max: last + 5 });
     this.element.dataset.points = String(xs.length);
     this.latest.textContent = this.series.map((label, i) => {
       const v = values[i];
