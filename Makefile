@@ -9,21 +9,27 @@ SANDBOX_DIR ?= $(CURDIR)/sandbox
 # hypervisor), what libvirt-python needs to build, and libvirtd (the failure
 # tests give each LNM a private daemon), PostgreSQL (the SQL plugin's tests
 # start a private server, tests/pgserver.py), OpenLDAP and BIND (the LDAP and
-# DNS plugins' tests start private slapd and named). The real-hypervisor test
-# installs QEMU itself (tests/realhv/hosts.py).
+# DNS plugins' tests start private slapd and named), Chromium (the web
+# interface's browser tests drive it through Playwright). The real-hypervisor
+# test installs QEMU itself (tests/realhv/hosts.py).
 APT_PACKAGES = libvirt-dev pkg-config gcc python3-dev python3-venv libvirt-daemon \
-	postgresql slapd ldap-utils bind9 bind9-utils dnsutils
+	postgresql slapd ldap-utils bind9 bind9-utils dnsutils chromium
+# The browser interface's front-end libraries (clients/web/package.json),
+# copied into its static/vendor/ (not committed; no build step).
+WEB     = clients/web
+VENDOR  = $(WEB)/static/vendor
 
-.PHONY: setup sandbox test bench bench-sql bench-web clean
+.PHONY: setup sandbox test bench bench-sql bench-web bench-web-browser clean
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed $(VENDOR)/.installed
 
 $(VENV)/.installed: setup.py
 	@if ! pkg-config --exists libvirt 2>/dev/null || ! command -v gcc >/dev/null \
 	    || ! command -v libvirtd >/dev/null \
 	    || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
 	    || ! command -v slapd >/dev/null || ! command -v named >/dev/null \
-	    || ! command -v ldapadd >/dev/null || ! command -v tsig-keygen >/dev/null; then \
+	    || ! command -v ldapadd >/dev/null || ! command -v tsig-keygen >/dev/null \
+	    || ! command -v chromium >/dev/null; then \
 	  echo "installing Debian packages: $(APT_PACKAGES)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 	    apt-get install -y -qq --no-install-recommends $(APT_PACKAGES); \
@@ -31,6 +37,15 @@ $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+$(VENDOR)/.installed: $(WEB)/package.json $(WEB)/package-lock.json $(VENV)/.installed
+	@command -v npm >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq --no-install-recommends npm; }
+	cd $(WEB) && npm ci --ignore-scripts --omit=dev --no-audit --no-fund --loglevel=error
+	mkdir -p $(VENDOR)
+	cp $(WEB)/node_modules/uplot/dist/uPlot.esm.js $(WEB)/node_modules/uplot/dist/uPlot.min.css \
+	   $(WEB)/node_modules/uplot/LICENSE $(VENDOR)/
 	touch $@
 
 sandbox: setup
@@ -51,5 +66,10 @@ bench-sql: setup
 bench-web: setup
 	$(PY) -m bench.web
 
+# The browser interface in headless Chromium: time to show the 10,000-VM
+# table and to reflect one change (the real system, then the browser alone).
+bench-web-browser: setup
+	$(PY) -m bench.web_browser
+
 clean:
-	rm -rf $(VENV) $(SANDBOX_DIR) build *.egg-info
+	rm -rf $(VENV) $(SANDBOX_DIR) build *.egg-info $(VENDOR) $(WEB)/node_modules

@@ -56,7 +56,9 @@ setup(
     extras_require={"test": ["pytest>=8", "pytest-twisted>=1.14", "hypothesis>=6.100",
                              # The web API's OpenAPI document checked, and property
                              # tests generated from it (tests/test_web_openapi.py).
-                             "openapi-spec-validator>=0.7", "schemathesis>=4"]},
+                             "openapi-spec-validator>=0.7", "schemathesis>=4",
+                             # The browser tests drive Debian's chromium.
+                             "playwright>=1.40"]},
     entry_points={"console_scripts": [
         "usherctrl = usher.controller.main:main",
         "usherlnm = usher.lnm.main:main",
