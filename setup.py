@@ -19,7 +19,8 @@ setup(
     # plugins/ and clients/ install under the usher namespace, so nothing
     # generic ("plugins", "clients") lands in site-packages.
     packages=["usher", "usher.auth", "usher.client", "usher.controller", "usher.lnm",
-              "usher.pki", "usher.plugins", "usher.plugins.sql", "usher.clients", "usher.clients.ush",
+              "usher.pki", "usher.plugins", "usher.plugins.sql", "usher.plugins.dns",
+              "usher.clients", "usher.clients.ush",
               "usher.clients.plusher"],
     package_dir={"usher.plugins": "plugins", "usher.clients": "clients"},
     install_requires=[
