@@ -249,8 +249,8 @@ def bind_reverse(address):
 IPV6_PLUGIN = '''"""Test plugin: IPv6 addresses, as an address-management plugin sets them."""
 
 DEFAULT_ORDER = 60
-ADDRESSES = {"1.six.carol.usher.test": "2001:db8:0:1::21",
-             "2.six.carol.usher.test": "2001:db8:0:2::22"}
+ADDRESSES = {"1.six.carol.usher.test": "2001:db8:1::21",
+             "2.six.carol.usher.test": "2001:db8:2::22"}
 
 
 class Plugin:
@@ -288,17 +288,17 @@ async def test_ipv6_addresses_get_aaaa_and_a_ptr_only_in_a_reverse_zone_they_are
         assert not result["failed"], result
         await plugin.queue.flushed()
         one, two = full("1.six", "carol"), full("2.six", "carol")
-        assert bind.values(one, "AAAA") == ["2001:db8:0:1::21"]
-        assert bind.values(two, "AAAA") == ["2001:db8:0:2::22"]
-        assert bind.values("2001:db8:0:1::21", "PTR") == [one]
-        # 2001:db8:0:2::/64 is in no reverse zone: no PTR.
-        assert bind.values("2001:db8:0:2::22", "PTR") == []
-        assert bind.values(full("six", "carol"), "AAAA") == ["2001:db8:0:1::21",
-                                                             "2001:db8:0:2::22"]
+        assert bind.values(one, "AAAA") == ["2001:db8:1::21"]
+        assert bind.values(two, "AAAA") == ["2001:db8:2::22"]
+        assert bind.values("2001:db8:1::21", "PTR") == [one]
+        # 2001:db8:2::/48 is in no reverse zone (the zone is 2001:db8:1::/48): no PTR.
+        assert bind.values("2001:db8:2::22", "PTR") == []
+        assert bind.values(full("six", "carol"), "AAAA") == ["2001:db8:1::21",
+                                                             "2001:db8:2::22"]
         await grid.controller.op_on("carol", False, "destroy", Selection(names=[one, two]))
         await plugin.queue.flushed()
         assert bind.values(one, "AAAA") == [] and bind.values(full("six", "carol"), "AAAA") == []
-        assert bind.values("2001:db8:0:1::21", "PTR") == []
+        assert bind.values("2001:db8:1::21", "PTR") == []
     finally:
         grid.controller.plugins.unregister_all()
         await grid.stop()
