@@ -197,11 +197,12 @@ class Plugin:
 
     def _skip(self, name, why):
         name = str(name)[:253]
-        if self.skipped.get(name) != why:
-            log.warn("DNS plugin: no records for VM {vm}: {why}", vm=name, why=why)
-        self.skipped[name] = why
+        logged = self.skipped.get(name)
         # A VM that had records and lost what they need loses them.
         self._set(name, ())
+        if logged != why:
+            log.warn("DNS plugin: no records for VM {vm}: {why}", vm=name, why=why)
+        self.skipped[name] = why
 
     def _note_no_reverse(self, address):
         if not self._no_reverse_logged:

@@ -28,7 +28,7 @@ ALGORITHMS = {
 MAX_KEY_FILE = 64 * 1024
 
 _COMMENT = re.compile(r"(#|//)[^\n]*|/\*.*?\*/", re.S)
-_KEY = re.compile(r'\s*key\s+"?([A-Za-z0-9._-]{1,255})"?\s*\{(.*?)\}\s*;\s*', re.S)
+_KEY = re.compile(r'\s*key\s+"?([A-Za-z0-9._-]{1,255})"?\s*\{([^{}]*)\}\s*;\s*')
 _STATEMENT = re.compile(r'\s*(algorithm|secret)\s+"?([^";\s]+)"?\s*;\s*', re.S)
 
 
