@@ -20,8 +20,8 @@ setup(
     # generic ("plugins", "clients") lands in site-packages.
     packages=["usher", "usher.auth", "usher.client", "usher.controller", "usher.lnm",
               "usher.pki", "usher.plugins", "usher.plugins.sql", "usher.plugins.ldap",
-              "usher.plugins.filesystem", "usher.clients", "usher.clients.ush",
-              "usher.clients.plusher", "usher.clients.web"],
+              "usher.plugins.dns", "usher.plugins.filesystem", "usher.clients",
+              "usher.clients.ush", "usher.clients.plusher", "usher.clients.web"],
     package_dir={"usher.plugins": "plugins", "usher.clients": "clients"},
     package_data={
         # The guest side of the filesystem plugin (usher-net-rc, its systemd unit

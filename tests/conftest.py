@@ -89,3 +89,20 @@ def slapd():
         pytest.fail(f"the test slapd did not start: {e}", pytrace=False)
     yield server
     server.destroy()
+
+
+@pytest.fixture(scope="session")
+def bind():
+    """A private BIND ``named`` (``tests.bindserver.BindServer``) for the
+    session, serving ``usher.test`` and the reverse zones 0.9.10.in-addr.arpa
+    and 1.0.0.0.8.b.d.0.1.0.0.2.ip6.arpa on a free loopback port. A test that
+    stops it (``stop()``) starts it again (``start()``) before it ends. Never
+    skipped: a missing named fails the test, naming the Debian package."""
+    from tests.bindserver import BindServer, BindUnavailable
+    try:
+        server = BindServer(zone="usher.test", reverse_zones=[
+            "0.9.10.in-addr.arpa", "1.0.0.0.8.b.d.0.1.0.0.2.ip6.arpa"]).start()
+    except BindUnavailable as e:
+        pytest.fail(f"the test BIND server did not start: {e}", pytrace=False)
+    yield server
+    server.destroy()
