@@ -183,7 +183,7 @@ class Site:
         return (f"auth_modules = ldap, local\nldap_config = {self.ldap_config}\n"
                 "[[plugins]]\n[[[open_authz]]]\n"
                 "events = start_request, list_request, destroy_request, migrate_request\n"
-                f"[[[roundrobin]]]\nevents = start_request\n{plugins}")
+                f"[[[roundrobin]]]\nevents = start_request, migrate_request\n{plugins}")
 
 
 @pytest.fixture
