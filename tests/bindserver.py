@@ -12,7 +12,8 @@ to dynamic updates and zone transfers signed with one TSIG key
 ``argv_prefix`` runs ``named`` (and only it) under another command, e.g.
 ``["ip", "netns", "exec", NS]`` to serve inside a network namespace on the
 addresses given by ``listen``; the class assumes nothing else about where
-it runs. ``query`` then needs a route to those addresses (the caller's
+it runs. named binds only addresses configured on an interface (127.0.0.2
+is not, though lo routes it). ``query`` then needs a route to those addresses (the caller's
 namespace, or a ``query`` of its own).
 
 Nothing is skipped: a missing program raises ``BindUnavailable`` naming

@@ -3,10 +3,12 @@ and a fake sender: coalescing per name, batching, exponential backoff,
 logged at the first failure and at recovery, nothing lost."""
 
 from twisted.internet import defer, task
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import LogLevel
 
 from usher.plugins.dns.queue import UpdateQueue
 from usher.plugins.dns.updates import DnsUnavailable
+
+from tests.hostile import LogCapture
 
 
 class FakeSender:
@@ -54,17 +56,7 @@ def make(**options):
     return UpdateQueue(sender, clock, **options), sender, clock
 
 
-class Captured:
-    def __init__(self):
-        self.events = []
-
-    def __enter__(self):
-        globalLogPublisher.addObserver(self.events.append)
-        return self
-
-    def __exit__(self, *exc):
-        globalLogPublisher.removeObserver(self.events.append)
-
+class Captured(LogCapture):
     def at(self, level):
         return [e for e in self.events if e.get("log_level") == level]
 
