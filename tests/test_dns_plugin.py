@@ -284,7 +284,7 @@ def test_dns_status_is_for_administrators(key_file):
     ({"tsig_key_file": "relative.key"}, "tsig_key_file", "not an absolute path"),
     ({"tsig_key_file": "/nonexistent/usher.key"}, "tsig_key_file", "cannot read it"),
     ({"retry_initial": 10.0, "retry_max": 1.0}, "retry_max", "less than retry_initial"),
-    ({"register_wait": 5.0}, "register_wait", "not less than timeout"),
+    ({"register_wait": 5.0, "timeout": 5.0}, "register_wait", "not less than timeout"),
 ])
 def test_hostile_configuration_is_a_config_error_naming_file_and_key(
         key_file, options, key, problem):

@@ -171,3 +171,27 @@ def test_the_address_commands_have_help():
         assert text.startswith(f"usage: {command} [-o USER]")
         assert re.search(r"-o, --owner USER", text)
         assert command in ush_help.overview()
+
+
+def test_query_asks_any_plugin_query_with_its_arguments():
+    world = ipam_world()
+    world.queries["dns.status"] = lambda user, admin, args: [
+        {"pending": 2, "failing_since": None, "last_error": "connection refused"}]
+    h = Harness(world)
+    h.connect()
+    output = h.run("query dns.status")
+    header, rows = table(output, "pending")
+    assert header == ["pending", "failing_since", "last_error"]
+    assert rows == [["2", "-", "connection", "refused"]]
+    h.run("query ipam.addresses owner=bob limit=5")
+    assert h.sent("query")[-1] == ("query", {"name": "ipam.addresses",
+                                             "args": {"owner": "bob", "limit": 5}})
+
+
+def test_query_words_that_are_not_key_value_are_usage_errors():
+    h = Harness(ipam_world())
+    h.connect()
+    sent = len(h.sent("query"))
+    assert "is not KEY=VALUE" in h.run("query dns.status nonsense")
+    assert "is not a query name" in h.run("query 'bad name!'")
+    assert len(h.sent("query")) == sent

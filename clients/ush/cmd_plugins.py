@@ -1,15 +1,17 @@
-"""ush's plugin commands: plugins, register_plugin, unregister_plugin.
+"""ush's plugin commands: plugins, register_plugin, unregister_plugin, and
+query (any query a plugin answers, e.g. the DNS plugin's ``dns.status``).
 
 One command may name several events; the controller takes them one call at
 a time, so a failure after the first is reported as what was done and what
 was not."""
 
+import json
 import re
 
 from usher.cliargs import UsageError, integer
 from usher.errors import UsherError
 
-from .format import format_chains, format_plugins
+from .format import Column, SEPARATOR, format_chains, format_plugins, format_table, format_value
 from .outcome import EXIT_FAILED, Call, Outcome
 
 PLUGIN_WORD_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -92,7 +94,51 @@ async def cmd_unregister_plugin(shell, args):
     return Call(unregister_events)
 
 
+QUERY_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
+
+
+def parse_query_args(words, command):
+    """KEY=VALUE words -> the query's arguments; a VALUE that reads as JSON
+    (a number, true, null, a list …) is that, otherwise the text itself."""
+    args = {}
+    for word in words:
+        key, equals, value = word.partition("=")
+        if not equals or not PLUGIN_WORD_RE.match(key):
+            raise UsageError(f"{word!r} is not KEY=VALUE", command)
+        try:
+            args[key] = json.loads(value)
+        except ValueError:
+            args[key] = value
+    return args
+
+
+def format_query_rows(name, rows):
+    """A query's answer as a table of its rows' fields (in the order they
+    first appear), or one value a line for rows that are not objects."""
+    if not rows:
+        return f"{name}: nothing."
+    if not all(isinstance(row, dict) for row in rows):
+        return "\n".join(format_value(row) for row in rows)
+    keys = list(dict.fromkeys(key for row in rows for key in row))
+    columns = [Column(key, lambda row, key=key: format_value(row.get(key))) for key in keys]
+    return "\n".join([f"{name}:", SEPARATOR, *format_table(columns, rows)])
+
+
+async def cmd_query(shell, args):
+    if not QUERY_NAME_RE.match(args.name):
+        raise UsageError(f"{args.name!r} is not a query name", "query")
+    query_args = parse_query_args(args.args, "query")
+
+    async def ask():
+        rows = await shell.live_client().query(args.name, **query_args)
+        return Outcome(format_query_rows(args.name, rows), rows)
+    return Call(ask)
+
+
 def register(declare):
+    parser = declare("query", cmd_query)
+    parser.add_argument("name")
+    parser.add_argument("args", nargs="*", metavar="KEY=VALUE")
     declare("plugins", cmd_plugins)
     parser = declare("register_plugin", cmd_register_plugin)
     parser.add_argument("-o", "--order", type=integer)

@@ -333,6 +333,24 @@ COMMANDS["migrate"] = _entry(
       migrate -n sneetch --to '~^vmm5'
       migrate '[1-4].sneetch' --to vmm50 vmm51""")
 
+COMMANDS["query"] = _entry(
+    "Ask a query that a plugin answers (e.g. dns.status)",
+    "query NAME [KEY=VALUE ...]",
+    """\
+    Plugins answer queries of their own: the SQL plugin's ipam.ranges and
+    ipam.addresses (also the commands ranges and addresses), the DNS
+    plugin's dns.status (administrators: names waiting to be written to
+    the DNS server, since when it has been failing, the last error, how
+    many updates were applied). Each KEY=VALUE is an argument of the
+    query; a VALUE that reads as JSON (a number, true, a list) is that,
+    otherwise text. The plugin decides what the caller may see; an
+    unknown query is an error.
+
+    Examples:
+      query dns.status
+      query ipam.addresses owner=bob
+      ush --json query dns.status""")
+
 COMMANDS["plugins"] = _entry(
     "List the available plugins and the event chains (administrators)",
     "plugins",

@@ -5,7 +5,7 @@
 #    source ~/.local/share/bash_completion/ush
 # See also: https://github.com/scop/bash-completion/blob/main/doc/configuration.md
 
-_shtab_ush_subparsers=(connect disconnect reconnect help quit list start pause resume shutdown reboot hibernate restore destroy cycle migrate list_lnm top forget_lnm plugins register_plugin unregister_plugin ranges addresses exit)
+_shtab_ush_subparsers=(connect disconnect reconnect help quit list start pause resume shutdown reboot hibernate restore destroy cycle migrate list_lnm top forget_lnm query plugins register_plugin unregister_plugin ranges addresses exit)
 
 _shtab_ush_connect_option_strings=(-h --help)
 _shtab_ush_disconnect_option_strings=(-h --help)
@@ -26,6 +26,7 @@ _shtab_ush_migrate_option_strings=(-h --help -n --cluster -r --regex --to)
 _shtab_ush_list_lnm_option_strings=(-h --help -s --status)
 _shtab_ush_top_option_strings=(-h --help -c --count -i --interval --iterations)
 _shtab_ush_forget_lnm_option_strings=(-h --help)
+_shtab_ush_query_option_strings=(-h --help)
 _shtab_ush_plugins_option_strings=(-h --help)
 _shtab_ush_register_plugin_option_strings=(-h --help -o --order)
 _shtab_ush_unregister_plugin_option_strings=(-h --help)
@@ -36,7 +37,7 @@ _shtab_ush_option_strings=(-h --help --config --json --version --completion)
 
 _shtab_ush___config_COMPGEN=_shtab_compgen_files
 
-_shtab_ush_pos_0_choices=(connect disconnect reconnect help quit list start pause resume shutdown reboot hibernate restore destroy cycle migrate list_lnm top forget_lnm plugins register_plugin unregister_plugin ranges addresses exit)
+_shtab_ush_pos_0_choices=(connect disconnect reconnect help quit list start pause resume shutdown reboot hibernate restore destroy cycle migrate list_lnm top forget_lnm query plugins register_plugin unregister_plugin ranges addresses exit)
 _shtab_ush___completion_choices=(bash zsh)
 
 _shtab_ush_connect__h_nargs=0
@@ -97,6 +98,9 @@ _shtab_ush_top__h_nargs=0
 _shtab_ush_top___help_nargs=0
 _shtab_ush_forget_lnm__h_nargs=0
 _shtab_ush_forget_lnm___help_nargs=0
+_shtab_ush_query_pos_1_nargs='*'
+_shtab_ush_query__h_nargs=0
+_shtab_ush_query___help_nargs=0
 _shtab_ush_plugins__h_nargs=0
 _shtab_ush_plugins___help_nargs=0
 _shtab_ush_register_plugin__h_nargs=0

@@ -24,6 +24,7 @@ _shtab_ush_commands() {
     migrate:'Move VMs to other hosts (live migration)'
     pause:'Pause VMs, keeping their memory resident'
     plugins:'List the available plugins and the event chains (administrators)'
+    query:'Ask a query that a plugin answers (e.g. dns.status)'
     quit:'Leave ush (also: exit, Ctrl-D)'
     ranges:'Show the IP address ranges assigned to you, and how many are free'
     reboot:'Reboot VMs (guest shutdown and restart)'
@@ -175,6 +176,15 @@ _shtab_ush_plugins_options=(
 # guard to ensure default positional specs are added only once per session
 _shtab_ush_plugins_defaults_added=0
 
+_shtab_ush_query_options=(
+  {-h,--help}"[help]"
+  ":name:"
+  "(*)::KEY\=VALUE:"
+)
+
+# guard to ensure default positional specs are added only once per session
+_shtab_ush_query_defaults_added=0
+
 _shtab_ush_quit_options=(
   {-h,--help}"[help]"
 )
@@ -313,6 +323,7 @@ _shtab_ush() {
         migrate) _arguments -C -s $_shtab_ush_migrate_options ;;
         pause) _arguments -C -s $_shtab_ush_pause_options ;;
         plugins) _arguments -C -s $_shtab_ush_plugins_options ;;
+        query) _arguments -C -s $_shtab_ush_query_options ;;
         quit) _arguments -C -s $_shtab_ush_quit_options ;;
         ranges) _arguments -C -s $_shtab_ush_ranges_options ;;
         reboot) _arguments -C -s $_shtab_ush_reboot_options ;;

@@ -48,7 +48,8 @@ reverse_zones = list(default=list())
 tsig_key_file = string(default=None)
 ttl = integer(min=0, max=2147483647, default=300)
 cluster_names = boolean(default=True)
-timeout = float(gt=0, default=5.0)
+call_timeout = float(gt=0, default=5.0)
+timeout = float(gt=0, default=None)
 retry_initial = float(gt=0, default=1.0)
 retry_max = float(gt=0, default=300.0)
 register_wait = float(min=0, default=2.0)
@@ -106,16 +107,18 @@ class Settings:
             raise bad("tsig_key_file", f"{path}: {e}") from None
         self.key_file = path
         self.ttl = config.get("ttl", 300)
-        self.timeout = config.get("timeout", 5.0)
+        self.call_timeout = config.get("call_timeout", 5.0)
+        # The plugin's time on event chains (None: the controller's plugin_timeout).
+        self.chain_timeout = config.get("timeout")
         self.retry_initial = config.get("retry_initial", 1.0)
         self.retry_max = config.get("retry_max", 300.0)
         if self.retry_max < self.retry_initial:
             raise bad("retry_max", f"{self.retry_max:g} is less than retry_initial "
                       f"({self.retry_initial:g})")
         self.register_wait = config.get("register_wait", 2.0)
-        if self.register_wait >= self.timeout:
+        if self.chain_timeout is not None and self.register_wait >= self.chain_timeout:
             raise bad("register_wait", f"{self.register_wait:g} s is not less than timeout "
-                      f"({self.timeout:g} s), the plugin's time on the register_vm chain")
+                      f"({self.chain_timeout:g} s), the plugin's time on the register_vm chain")
         self.reconcile = config.get("reconcile", True)
         self.max_batch = config.get("max_batch", 64)
         self.layout = records.Layout(self.domain, self.zone, self.reverse_zones,
@@ -131,7 +134,7 @@ class Plugin:
         self.settings = Settings(config, api.state.domain, source)
         self.layout = self.settings.layout
         self.server = server or DnsServer(self.settings.server, self.settings.port,
-                                          self.settings.key, timeout=self.settings.timeout,
+                                          self.settings.key, timeout=self.settings.call_timeout,
                                           ttl=self.settings.ttl)
         self.queue = UpdateQueue(self._send, self.clock,
                                  retry_initial=self.settings.retry_initial,
