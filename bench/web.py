@@ -19,17 +19,14 @@ Prints the figures; ``--quick`` runs the same at toy scale (the test suite
 does); its numbers mean nothing. No assertion on time.
 """
 
-import argparse
 import dataclasses
-import json
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 import traceback
 
+from bench import cli as bench_cli
 from bench import run as run_scale
 from bench.run import RunWatcher, full_name
 from bench.system import BenchSystem, ProcessStats, USER, sleep, wait_for
@@ -268,26 +265,11 @@ class WebBench:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m bench.web", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="toy scale, seconds long")
-    parser.add_argument("--vms", type=int, help="VMs (default 10000)")
-    parser.add_argument("--json", help="also write the figures to this file")
-    options = parser.parse_args(argv)
+    options = bench_cli.parser("python -m bench.web", __doc__, "VMs (default 10000)").parse_args(argv)
     scale = QUICK if options.quick else FULL
     if options.vms:
         scale = dataclasses.replace(scale, vms=options.vms)
-    directory = tempfile.mkdtemp(prefix="usher-bench-web-")
-    bench = run_scale.run_on_reactor(
-        lambda reactor, progress: WebBench(reactor, scale, directory, progress), directory)
-    print()
-    print(bench.summary())
-    if options.json:
-        with open(options.json, "w", encoding="utf-8") as f:
-            json.dump({"results": bench.results, "errors": bench.errors}, f, indent=1)
-    shutil.rmtree(directory, ignore_errors=True)
-    return 1 if bench.errors else 0
-
+    return bench_cli.run(options, lambda reactor, directory, progress: WebBench(reactor, scale, directory, progress), "usher-bench-web-")
 
 if __name__ == "__main__":
     sys.exit(main())

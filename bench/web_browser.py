@@ -19,17 +19,13 @@ Prints the figures; ``--quick`` runs it at toy scale (the test suite does);
 its numbers mean nothing. No assertion on time.
 """
 
-import argparse
 import dataclasses
-import json
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 
-from bench import run as run_scale
+from bench import cli as bench_cli
 from bench import web as web_bench
 from bench.run import full_name
 from bench.system import sleep
@@ -201,28 +197,12 @@ class BrowserBench(web_bench.WebBench):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m bench.web_browser", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="toy scale, seconds long")
-    parser.add_argument("--vms", type=int, help="VMs of the real system (default 10000)")
-    parser.add_argument("--json", help="also write the figures to this file")
-    options = parser.parse_args(argv)
+    options = bench_cli.parser("python -m bench.web_browser", __doc__, "VMs of the real system (default 10000)").parse_args(argv)
     scale = web_bench.QUICK if options.quick else web_bench.FULL
     if options.vms:
         scale = dataclasses.replace(scale, vms=options.vms)
     fake_vms = 1000 if options.quick else 10000
-    directory = tempfile.mkdtemp(prefix="usher-bench-web-browser-")
-    bench = run_scale.run_on_reactor(
-        lambda reactor, progress: BrowserBench(reactor, scale, directory, progress, fake_vms),
-        directory)
-    print()
-    print(bench.summary())
-    if options.json:
-        with open(options.json, "w", encoding="utf-8") as f:
-            json.dump({"results": bench.results, "errors": bench.errors}, f, indent=1)
-    shutil.rmtree(directory, ignore_errors=True)
-    return 1 if bench.errors else 0
-
+    return bench_cli.run(options, lambda reactor, directory, progress: BrowserBench(reactor, scale, directory, progress, fake_vms), "usher-bench-web-browser-")
 
 if __name__ == "__main__":
     sys.exit(main())
