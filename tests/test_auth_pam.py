@@ -103,3 +103,27 @@ async def test_a_unix_account_logs_in_through_the_client_api(unix_account, clien
     assert alice.admin is False
     with pytest.raises(AuthenticationFailed):
         await grid.connected(unix_account["user"], "not-the-password")
+
+
+def test_a_pam_login_the_chain_gave_up_on_keeps_its_thread_slot():
+    """The chain's module timeout cancels a login stuck in PAM: its slot stays
+    taken until PAM returns (usher.auth.slots), so stuck logins never take
+    more than max_concurrent threads."""
+    from twisted.internet import task
+
+    from tests.fakes import FakeAuthModule
+    from tests.test_ldap_auth import HandRunPool, ImmediateReactor, credentials
+    from usher.auth.chain import AuthChain
+
+    clock = task.Clock()
+    pool = HandRunPool()
+    pam = PAMModule(pool, ImmediateReactor(), max_concurrent=1)
+    chain = AuthChain([pam, FakeAuthModule("local", True)], clock=clock, module_timeout=30)
+    first, second = [], []
+    chain.requestAvatarId(credentials("ann", "pw")).addCallback(first.append)
+    clock.advance(30)
+    assert first == ["ann"]                 # through 'local' once PAM timed out
+    chain.requestAvatarId(credentials("bob", "pw")).addCallback(second.append)
+    assert len(pool.queued) == 1            # ann's PAM call still holds the only slot
+    clock.advance(30)
+    assert second == ["bob"] and len(pool.queued) == 1

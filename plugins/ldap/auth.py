@@ -18,12 +18,11 @@ the pool from the rest of the controller.
 
 from __future__ import annotations
 
-from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore
-from twisted.internet.threads import deferToThreadPool
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from usher.auth.slots import BoundedPool
 from usher.errors import ConfigError
 from usher.interfaces import IAuthModule
 from usher.plugins.ldap.config import DEFAULT_CONFIG_FILE
@@ -41,33 +40,13 @@ class LDAPAuthModule:
         self.directory = directory
         self._pool = pool
         self._reactor = reactor
-        self._slots = DeferredSemaphore(max_concurrent)
+        self._bounded = BoundedPool(reactor, pool, max_concurrent)
 
     def _in_pool(self, function, *args) -> Deferred:
-        """Run ``function`` in the pool once a slot is free -> Deferred of its
-        result. Cancelling it (the chain's module timeout) frees a slot only
-        while waiting for one: a call already running keeps its slot until
-        its thread returns, so slow binds never hold more than
-        ``max_concurrent`` threads."""
-        acquiring = self._slots.acquire()
-        answer = Deferred(canceller=lambda _: acquiring.cancel())
-
-        def start(_):
-            running = deferToThreadPool(self._reactor, self._pool, function, *args)
-            running.addBoth(finished)
-
-        def finished(result):
-            self._slots.release()
-            if answer.called:
-                return None        # given up on (cancelled): the late result is dropped
-            if isinstance(result, Failure):
-                answer.errback(result)
-            else:
-                answer.callback(result)
-            return None
-
-        acquiring.addCallbacks(start, lambda failure: failure.trap(CancelledError))
-        return answer
+        """``function`` in the pool, at most ``max_concurrent`` at once; a
+        bind the chain gave up on keeps its slot until its thread returns
+        (usher.auth.slots)."""
+        return self._bounded.run(function, *args)
 
     def authenticate(self, username, password):
         """-> Deferred[bool]; fails with DirectoryUnavailable when the directory

@@ -22,11 +22,12 @@ from __future__ import annotations
 import grp
 import pwd
 
-from twisted.internet.defer import Deferred, DeferredSemaphore
+from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from usher.auth.slots import BoundedPool
 from usher.interfaces import IAuthModule
 
 # PAM's answers that mean "these credentials are not good" (the chain asks
@@ -94,15 +95,15 @@ class PAMModule:
         self.min_uid = min_uid
         self._pool = pool
         self._reactor = reactor
-        self._slots = DeferredSemaphore(max_concurrent)
+        # A login the chain gave up on keeps its slot until PAM returns.
+        self._bounded = BoundedPool(reactor, pool, max_concurrent)
 
     def _in_pool(self, function, *args):
         return deferToThreadPool(self._reactor, self._pool, function, *args)
 
     def authenticate(self, username, password):
         """-> Deferred[bool]; fails with PAMUnavailable when PAM is broken."""
-        return self._slots.run(self._in_pool, _pam_check, self.service, username, password,
-                               self.min_uid)
+        return self._bounded.run(_pam_check, self.service, username, password, self.min_uid)
 
     def role(self, username):
         """-> Deferred["admin" | None]: admin for members of ``admin_group``."""
