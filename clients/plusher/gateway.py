@@ -22,6 +22,7 @@ from usher.clients.plusher.upcalls import UpcallSender
 from usher.clients.plusher.wire import (FAILED, READY, RELEASED, STARTING, UPCALL_CANCELLED,
                                         UPCALL_NONE, UPCALL_PENDING, WAITING, NoSuchRequest,
                                         strip_none)
+from usher.client import gateway_login
 from usher.errors import (AuthenticationFailed, InvalidRequest, NoSuchVM, PermissionDenied,
                           Unavailable, UsherError)
 from usher.pbutil import as_deferred
@@ -150,16 +151,9 @@ class Gateway:
         client = self._client_factory(user, password, source=source)
         self._logins += 1
         try:
-            who = await client.connect()
-        except UsherError:
-            raise
-        except Exception as e:
-            raise Unavailable(f"cannot connect to the controller: {e}") from None
+            who = await gateway_login(client, stopped=lambda: self._stopped, daemon="plusher")
         finally:
             self._logins -= 1
-        if self._stopped:
-            await client.disconnect()
-            raise Unavailable("plusher is shutting down")
         session = Session(id=secrets.token_urlsafe(24), user=who.get("user", user),
                           client=client, implicit_key=implicit_key)
         self.sessions[session.id] = session

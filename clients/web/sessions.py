@@ -17,7 +17,8 @@ import secrets
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from usher.errors import AuthenticationFailed, InvalidRequest, Unavailable, UsherError
+from usher.client import gateway_login
+from usher.errors import AuthenticationFailed, InvalidRequest, Unavailable
 from usher.protocol import MAX_FIELD
 
 log = Logger()
@@ -123,16 +124,9 @@ class WebSessions:
         client = self._client_factory(username, password, source)
         self._logins += 1
         try:
-            who = await client.connect()
-        except UsherError:
-            raise
-        except Exception as e:
-            raise Unavailable(f"cannot connect to the controller: {e}") from None
+            who = await gateway_login(client, stopped=lambda: self._stopped, daemon="usherweb")
         finally:
             self._logins -= 1
-        if self._stopped:
-            await client.disconnect()
-            raise Unavailable("usherweb is shutting down")
         session = self._add(COOKIE, _SharedClient(client), who.get("user", username),
                             bool(who.get("admin")), who.get("domain", ""))
         log.info("session for {user} opened from {source}", user=session.user, source=source)

@@ -452,6 +452,23 @@ class UsherClient:
         return await self._remote("forget_lnm", name)
 
 
+async def gateway_login(client, *, stopped, daemon):
+    """Log in a client a gateway (plusher, usherweb) opened for one of its
+    users -> {"user", "admin", "domain"}. Usher's errors (wrong credentials,
+    refused certificate …) as they are, anything else Unavailable; a login
+    that finishes after ``stopped()`` became true is closed again."""
+    try:
+        who = await client.connect()
+    except UsherError:
+        raise
+    except Exception as e:
+        raise Unavailable(f"cannot connect to the controller: {e}") from None
+    if stopped():
+        await client.disconnect()
+        raise Unavailable(f"{daemon} is shutting down")
+    return who
+
+
 def _operation(operation):
     def method(self, selection, args=None):
         return self.op_on(operation, selection, args)
