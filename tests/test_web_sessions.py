@@ -175,6 +175,17 @@ async def test_token_shares_the_connection_until_both_end():
 
 
 @pytest_twisted.ensureDeferred
+async def test_one_login_holds_a_bounded_number_of_tokens():
+    from usher.clients.web.sessions import MAX_TOKENS_PER_LOGIN
+    sessions, clock, made = make_sessions(max_sessions=1000)
+    session = await login(sessions)
+    for _ in range(MAX_TOKENS_PER_LOGIN):
+        sessions.make_token(session)
+    with pytest.raises(Unavailable, match="already has"):
+        sessions.make_token(session)
+
+
+@pytest_twisted.ensureDeferred
 async def test_csrf_check():
     sessions, clock, made = make_sessions()
     session = await login(sessions)

@@ -250,6 +250,10 @@ class Api:
     # the stream and the document ------------------------------------------------------
 
     async def stream(self, call):
+        if call.request.method == b"HEAD":
+            # A HEAD response has no body: a stream opened for it would hold
+            # its slot and never end.
+            raise ApiError(errors.METHOD_NOT_ALLOWED, "the stream is read with GET")
         if len(call.session.streams) >= self.settings.max_streams_per_session:
             raise ApiError(errors.UNAVAILABLE, "too many open streams for this session "
                            f"({self.settings.max_streams_per_session}); close one")

@@ -29,6 +29,9 @@ TOKEN = "token"
 # and bearer tokens.
 ID_BYTES = 32
 
+# Bearer tokens one login may hold at once.
+MAX_TOKENS_PER_LOGIN = 16
+
 
 def new_secret():
     return secrets.token_urlsafe(ID_BYTES)
@@ -137,6 +140,11 @@ class WebSessions:
         controller connection; its id is the token."""
         if session.closed:
             raise AuthenticationFailed("the session has ended; log in again")
+        if session.shared.users > MAX_TOKENS_PER_LOGIN:
+            # One user must not take the daemon's max_sessions (and their
+            # streams' buffers) from everybody else.
+            raise Unavailable(f"this login already has {MAX_TOKENS_PER_LOGIN} tokens; "
+                              "end one (DELETE /api/v1/tokens/current) first")
         self._check_room()
         token = self._add(TOKEN, session.shared, session.user, session.admin, session.domain)
         log.info("token session for {user} made", user=token.user)
