@@ -275,7 +275,7 @@ class FakeClient:
             return {"migrated": migrated, "failed": [], "notes": []}
         return self._reply("migrate", action, selection=selection, lnms=list(lnms))
 
-    def query(self, name, **args):
+    def query(self, name, /, **args):
         def action():
             self._remote()
             if name not in self.world.queries:

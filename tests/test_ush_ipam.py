@@ -183,9 +183,9 @@ def test_query_asks_any_plugin_query_with_its_arguments():
     header, rows = table(output, "pending")
     assert header == ["pending", "failing_since", "last_error"]
     assert rows == [["2", "-", "connection", "refused"]]
-    h.run("query ipam.addresses owner=bob limit=5")
+    h.run("query ipam.addresses owner=bob limit=5 name=x")
     assert h.sent("query")[-1] == ("query", {"name": "ipam.addresses",
-                                             "args": {"owner": "bob", "limit": 5}})
+                                             "args": {"owner": "bob", "limit": 5, "name": "x"}})
 
 
 def test_query_words_that_are_not_key_value_are_usage_errors():
@@ -194,4 +194,5 @@ def test_query_words_that_are_not_key_value_are_usage_errors():
     sent = len(h.sent("query"))
     assert "is not KEY=VALUE" in h.run("query dns.status nonsense")
     assert "is not a query name" in h.run("query 'bad name!'")
+    assert "owner given twice" in h.run("query ipam.addresses owner=a owner=b")
     assert len(h.sent("query")) == sent

@@ -105,6 +105,8 @@ def parse_query_args(words, command):
         key, equals, value = word.partition("=")
         if not equals or not PLUGIN_WORD_RE.match(key):
             raise UsageError(f"{word!r} is not KEY=VALUE", command)
+        if key in args:
+            raise UsageError(f"{key} given twice", command)
         try:
             args[key] = json.loads(value)
         except ValueError:

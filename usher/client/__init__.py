@@ -418,7 +418,7 @@ class UsherClient:
                                   list(lnms), args)
 
     @as_deferred
-    async def query(self, name, **args):
+    async def query(self, name, /, **args):
         """Ask a plugin's query: -> the list it answers, e.g.
         ``await client.query("ipam.ranges")``, or (administrators)
         ``await client.query("ipam.addresses", owner="bob")``. The arguments

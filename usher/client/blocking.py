@@ -82,7 +82,7 @@ class BlockingClient:
     def migrate(self, selection, lnms=(), args=None):
         return self._call("migrate", selection, lnms, args)
 
-    def query(self, name, **args):
+    def query(self, name, /, **args):
         return self._call("query", name, **args)
 
     def plugins(self):
