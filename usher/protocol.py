@@ -165,7 +165,9 @@ Perspective (paper, Table 4, plus session and administration methods)::
                                       each {"name", "connected", "vms",
                                       "unmanaged", "hostname", "driver",
                                       "cpus", "memory_mib", "model",
-                                      "live_migration"}; with status, each has
+                                      "live_migration", "holds": {kind:
+                                      details} (usher.controller.holds: why
+                                      it takes no new VMs)}; with status, each has
                                       "status": the node's figures ({} before
                                       any report)
     top(patterns: list, count: int) -> {"lnms": [dict], "vms": [json chunk]}

@@ -228,8 +228,15 @@ class Ledger:
         self.default_memory = default_memory
         self.default_vcpus = default_vcpus
         self.hosts: dict[str, HostUsage] = {}
+        # Hosts that take no new VMs now (usher.controller.holds): their
+        # usage is counted, every placement on them is refused with the reason.
+        self.held: dict[str, str] = {}
+        holds = getattr(state, "holds", None)
         for host in state.connected_lnms():
             self.hosts[host.name] = HostUsage(host.name, host.info, policy.rules(host.name))
+            reason = holds.reason(host.name) if holds is not None else None
+            if reason is not None:
+                self.held[host.name] = reason
         ignore = set(ignore)
         for record in state.vms.values():
             host = self.hosts.get(record.get("lnm"))
@@ -252,7 +259,13 @@ class Ledger:
         usage = self.hosts.get(host)
         if usage is None:
             return "not connected"
+        if host in self.held:
+            return self.held[host]
         return usage.refusal(demand)
+
+    def placeable(self, host: str) -> bool:
+        """Connected and not held: a host new VMs may go to (room aside)."""
+        return host in self.hosts and host not in self.held
 
     def commit(self, host, demand, owner=None, cluster=None):
         usage = self.hosts[host]

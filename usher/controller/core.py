@@ -21,6 +21,7 @@ migrations, reports, lost and missing VMs, recovery) and ``vm_removed``.
 
 from usher.controller.commands import LNMSlots
 from usher.controller.events import Event, EventChains
+from usher.controller.holds import HostHolds
 from usher.controller.inflight import InFlight
 from usher.controller.inventory import LNMInventory
 from usher.controller.lnm_input import LNMLimits
@@ -43,13 +44,20 @@ class Controller:
                  max_request_vms=1000, known_lnms=None, lnm_concurrency=64,
                  status_history=60, vm_status_history=15, status_history_interval=60.0,
                  user_visibility="own", max_selection_names=MAX_NAMES,
-                 max_selection_patterns=MAX_PATTERNS, lnm_limits=None):
+                 max_selection_patterns=MAX_PATTERNS, lnm_limits=None, state_dir=None):
         self.domain = domain
+        # Where the controller's own files live (None: nothing persisted;
+        # in-process tests); plugins reach it as api.state_dir.
+        self.state_dir = state_dir
         self.clock = clock
         self.admins = set(admins)
         self.lnm_limits = lnm_limits or LNMLimits()
         self.state = GlobalState(domain)
         self.chains = EventChains(clock)
+        # Why hosts take no new VMs (maintenance, fencing, power), persisted
+        # with the known LNMs; placement reads them through the state.
+        self.holds = HostHolds(known_lnms)
+        self.state.holds = self.holds
         self.api = PluginAPI(self)
         self.plugins = None          # a PluginRegistry, set by the service
         self.hub = SubscriptionHub(self.state, clock)
@@ -80,6 +88,7 @@ class Controller:
         self.operations = Operations(slots=slots, **rooms)
         self.migrations = Migrations(**rooms)
         self.state.listen(self._state_changed)
+        self.holds.listen(self._hold_changed)
 
     # -- settings the rooms hold ------------------------------------------------------
 
@@ -177,6 +186,10 @@ class Controller:
         self.inventory.resolve_soon()
 
     # -- notifications to plugins -----------------------------------------------------------
+
+    def _hold_changed(self, lnm, kind, details):
+        self.chains.notify(Event("lnm_hold_changed", self.api, lnm=lnm, kind=kind,
+                                 held=details is not None, details=details or {}))
 
     def _state_changed(self, record, old_state):
         """Every change to a VM's record (GlobalState's listener): plugins

@@ -40,7 +40,8 @@ REQUEST_EVENTS = ("start_request", "migrate_request", "list_request") + tuple(
 NOTIFICATION_EVENTS = (
     "register_vm", "start_complete", "migrate_complete", "op_complete",
     "vm_state_changed", "vm_lost", "vm_missing", "vm_unmanaged", "vm_adopted",
-    "vm_removed", "lnm_connected", "lnm_disconnected", "user_authenticated",
+    "vm_removed", "lnm_connected", "lnm_disconnected", "lnm_hold_changed",
+    "user_authenticated",
     "timer", "error")
 ALL_EVENTS = REQUEST_EVENTS + NOTIFICATION_EVENTS
 
@@ -64,6 +65,10 @@ class Request:
         self.args = dict(args or {})
         self.records = records or {}   # name -> record, for requests on existing VMs
         self.placement = {}
+        # name -> the host it leaves: VMs of a start request that placement
+        # must put on another host than the one their record names (an HA
+        # restart of a VM whose host was fenced), as for a migration.
+        self.relocate = {}
         self.vm_args = {}              # name -> extra arguments for that VM only
         self.dropped = {}              # name -> reason (approved with modification)
         self.rejected = None

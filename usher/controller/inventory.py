@@ -174,6 +174,8 @@ class LNMInventory:
         self._first_attached.discard(name)
         if self.known_lnms is not None:
             self.known_lnms.forget(name)
+        if self.state.holds is not None:
+            self.state.holds.forget(name)
         log.warn("LNM {lnm} forgotten with {count} VMs", lnm=name, count=len(forgotten))
         return forgotten
 

@@ -1,4 +1,5 @@
-"""The one thing the controller persists: the LNMs it has known.
+"""What the controller persists of its LNMs: the ones it has known (and,
+in each entry, the holds on them: ``usher.controller.holds``).
 
 After a crash the controller announces itself to each of them (paper,
 "Failures"), and they reconnect and hand over their VMs, from which the
@@ -8,10 +9,10 @@ the old or the new list.
 """
 
 import json
-import os
-import tempfile
 
 from twisted.logger import Logger
+
+from usher.persist import remove_leftovers, write_json_atomic
 
 log = Logger()
 
@@ -37,17 +38,7 @@ class KnownLNMs:
 
     def _remove_leftovers(self):
         """Temporary files of writes a crash interrupted (never the list)."""
-        directory = os.path.dirname(self.path) or "."
-        try:
-            names = os.listdir(directory)
-        except OSError:
-            return
-        for name in names:
-            if name.startswith(".lnms."):
-                try:
-                    os.unlink(os.path.join(directory, name))
-                except OSError:
-                    pass
+        remove_leftovers(self.path, prefix=".lnms.")
 
     def remember(self, name, **fields):
         entry = dict(self.entries.get(name, {}))
@@ -61,23 +52,4 @@ class KnownLNMs:
             self._save()
 
     def _save(self):
-        directory = os.path.dirname(self.path) or "."
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".lnms.", dir=directory)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(self.entries, f, indent=1, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_json_atomic(self.path, self.entries, prefix=".lnms.")

@@ -19,7 +19,12 @@ Options (``PLACEMENT_SPEC``, after ``usher.controller.capacity.CAPACITY_SPEC``):
     maintenance); their VMs keep running.
 
 A VM being started again (``start NAME`` of a shut-off VM) stays on its host:
-the plugin only checks that the host still has room for it.
+the plugin only checks that the host still has room for it. A VM in the
+request's ``relocate`` (an HA restart: its host was fenced) is placed like a
+migration, off the host it leaves.
+
+Held hosts (maintenance, fenced, powered down: ``usher.controller.holds``)
+are refused with the hold's reason by the ``Ledger``.
 """
 
 from __future__ import annotations
@@ -98,7 +103,11 @@ class PlacementPlugin:
         for vm in list(request.vms):
             record = request.records.get(vm) or {}
             existing = self.api.state.vms.get(vm)
-            if request.kind == "start" and existing is not None and existing.get("lnm"):
+            if vm in request.relocate:
+                # An HA restart: a new host for the VM, as for a migration.
+                self._place(vm, existing or record, request, ledger,
+                            source=request.relocate[vm])
+            elif request.kind == "start" and existing is not None and existing.get("lnm"):
                 self._restart(vm, existing, request, ledger)
             else:
                 self._place(vm, record, request, ledger)
@@ -138,10 +147,12 @@ class PlacementPlugin:
             return [set(suggested)], reasons
         return [set(suggested), usable - set(suggested)], reasons
 
-    def _place(self, vm, record, request, ledger):
+    def _place(self, vm, record, request, ledger, source=None):
         migrating = request.kind == "migrate"
-        source = record.get("lnm") if migrating else None
-        demand = ledger.demand(record, None if migrating else request.args)
+        relocating = vm in request.relocate
+        if migrating:
+            source = record.get("lnm")
+        demand = ledger.demand(record, None if migrating or relocating else request.args)
         groups, reasons = self._candidates(request, ledger, source)
         chosen = None
         for group in groups:
@@ -156,7 +167,8 @@ class PlacementPlugin:
             if chosen is not None:
                 break
         if chosen is None:
-            verb = "migrate it" if migrating else "start it"
+            verb = ("migrate it" if migrating else
+                    "restart it elsewhere" if relocating else "start it")
             where = "suggested LNM" if request.lnms and self.suggestion == "require" else "LNM"
             detail = reasons_text(reasons) or f"no {where} connected"
             request.drop(vm, f"no {where} can {verb} ({demand.describe()}): {detail}")

@@ -61,6 +61,19 @@ class PluginAPI:
         return self._controller.monitoring
 
     @property
+    def holds(self):
+        """The holds on hosts (``usher.controller.holds.HostHolds``): why an
+        LNM takes no new VMs (maintenance, fenced, powered down)."""
+        return self._controller.holds
+
+    @property
+    def state_dir(self):
+        """The controller's state directory (a plugin keeps its own files
+        there, written with ``usher.persist.write_json_atomic``), or None
+        when the controller persists nothing."""
+        return self._controller.state_dir
+
+    @property
     def default_memory(self):
         return self._controller.default_memory
 

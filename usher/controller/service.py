@@ -109,6 +109,7 @@ def make_service(config, reactor):
         max_selection_patterns=ctrl["max_selection_patterns"],
         user_visibility=ctrl["user_visibility"],
         known_lnms=KnownLNMs(os.path.join(ctrl["state_dir"], "lnms.json")),
+        state_dir=ctrl["state_dir"],
         status_history=ctrl["status_history"], vm_status_history=ctrl["vm_status_history"],
         status_history_interval=ctrl["status_history_interval"],
         lnm_limits=LNMLimits(max_report_changes=ctrl["lnm_max_report_changes"],

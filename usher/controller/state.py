@@ -118,6 +118,9 @@ class GlobalState:
         # room on both hosts until it is settled on one (usher.controller.capacity).
         self.incoming = {}
         self._owned = {}       # owner -> set of VM names
+        # usher.controller.holds.HostHolds of the controller (None: no holds),
+        # read by placement (usher.controller.capacity.Ledger).
+        self.holds = None
         self._listeners = []
         # The origin of the change listeners are being told of.
         self.change_origin = ORIGIN_CONTROLLER

@@ -193,6 +193,8 @@ class Visibility:
         lnms = []
         for name in names:
             data = self.state.lnms[name].to_wire()
+            if self.state.holds is not None:
+                data["holds"] = self.state.holds.to_wire(name)
             if status:
                 data["status"] = self.monitoring.lnm_status(name)
             lnms.append(data)
