@@ -195,6 +195,15 @@ async def test_csrf_check():
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_session_shown_in_a_log_shows_no_credential():
+    sessions, clock, made = make_sessions()
+    session = await login(sessions)
+    shown = repr(session)
+    assert session.user in shown
+    assert session.id not in shown and session.csrf not in shown
+
+
+@pytest_twisted.ensureDeferred
 async def test_stop_closes_every_session():
     sessions, clock, made = make_sessions()
     await login(sessions)

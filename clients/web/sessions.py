@@ -53,12 +53,14 @@ class _SharedClient:
 
 @dataclasses.dataclass(eq=False)
 class WebSession:
-    id: str
+    # The id and the CSRF token are credentials: never in a repr (a logged
+    # session must not hand them to whoever reads the log).
+    id: str = dataclasses.field(repr=False)
     kind: str                   # COOKIE or TOKEN
     user: str
     admin: bool
     domain: str
-    csrf: str
+    csrf: str = dataclasses.field(repr=False)
     created: float
     last_used: float
     shared: _SharedClient = dataclasses.field(repr=False)
