@@ -160,8 +160,9 @@ class AffinityRules:
         """-> {"owner", "cluster", "rule", "vms", "hosts", "honoured"[, "note"]}."""
         rule = self._rules.get(member)
         names = state.clusters.get(member) or ()
-        hosts = Counter(state.vms[n].get("lnm") for n in names
-                        if n in state.vms and state.vms[n]["state"] in ACTIVE_STATES)
+        hosts = Counter(state.vms[n]["lnm"] for n in names
+                        if n in state.vms and state.vms[n].get("lnm")
+                        and state.vms[n]["state"] in ACTIVE_STATES)
         result = {"owner": member[0], "cluster": member[1], "rule": rule, "vms": len(names),
                   "hosts": dict(sorted(hosts.items())), "honoured": True}
         shared = sorted(h for h, count in hosts.items() if count > 1)
