@@ -28,6 +28,11 @@ itself is left to finish or fail), and a VM whose migration failed is left
 alone for ``retry_after`` seconds. Capacity options as in
 ``usher.controller.capacity``; sample configuration:
 ``etc/plugins/rebalancer.config``.
+
+No move breaks a virtual cluster's affinity rule
+(``usher.controller.affinity``): a VM of an ``apart`` cluster never goes
+to a host running another of its VMs, one of a ``together`` cluster only to
+the host of all the others.
 """
 
 from collections import Counter
@@ -37,6 +42,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from usher import states
+from usher.controller.affinity import move_refusal
 from usher.controller.capacity import (CAPACITY_SPEC, CapacityPolicy, Ledger, host_load,
                                       vm_cpus)
 
@@ -192,7 +198,8 @@ class Plugin:
             record = state.vms.get(move.vm)
             if record is not None and record.get("lnm") == move.source and \
                     move.target in ledger.hosts:
-                ledger.commit(move.target, move.demand)
+                ledger.commit(move.target, move.demand, record.get("owner"),
+                              record.get("cluster"))
         return ledger
 
     def _movable(self, state, host):
@@ -221,7 +228,8 @@ class Plugin:
                 demand = ledger.demand(record)
                 targets = sorted(self._targets(ledger, host),
                                  key=lambda h: (ledger.hosts[h].fill(), h))
-                target = next((h for h in targets if ledger.refusal(h, demand) is None), None)
+                target = next((h for h in targets
+                               if self._target_refusal(ledger, record, h, demand) is None), None)
                 if target is None:
                     log.warn("rebalancer: cannot drain {vm} from {host}: no host has room",
                              vm=record["name"], host=host)
@@ -260,7 +268,8 @@ class Plugin:
                     if load is None:
                         continue
                     projected = load + cpus_busy / (ledger.hosts[target].cpus or 1)
-                    if projected < self.target_load and ledger.refusal(target, demand) is None:
+                    if projected < self.target_load and self._target_refusal(
+                            ledger, record, target, demand) is None:
                         targets.append((projected, target))
                 if targets:
                     projected, target = min(targets)
@@ -291,7 +300,7 @@ class Plugin:
             for record in sorted(self._movable(state, fullest),
                                  key=lambda r: (r.get("memory_mib") or 0, r["name"])):
                 demand = ledger.demand(record)
-                if ledger.refusal(emptiest, demand) is not None:
+                if self._target_refusal(ledger, record, emptiest, demand) is not None:
                     continue
                 narrower = abs(ledger.hosts[fullest].fill_after(demand, -1)
                                - ledger.hosts[emptiest].fill_after(demand))
@@ -309,9 +318,20 @@ class Plugin:
 
     def _plan(self, ledger, record, source, target, reason, demand):
         self._planned.add(record["name"])
-        ledger.release(source, demand)
-        ledger.commit(target, demand)
+        # With the VM's cluster: the next plans of the pass see where it goes.
+        member = (record.get("owner"), record.get("cluster"))
+        ledger.release(source, demand, *member)
+        ledger.commit(target, demand, *member)
         return Move(record["name"], source, target, reason, demand)
+
+    # -- affinity (issue 15) --
+
+    def _target_refusal(self, ledger, record, target, demand):
+        """Why ``record``'s VM may not move to ``target``: no room, held, or
+        against its cluster's affinity rule. None: it may."""
+        return (ledger.refusal(target, demand)
+                or move_refusal(getattr(self.api.state, "affinity", None), ledger, record,
+                                target))
 
     # -- running migrations -----------------------------------------------------------
 

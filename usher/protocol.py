@@ -200,6 +200,18 @@ Perspective (paper, Table 4, plus session and administration methods)::
                                       what the caller may see. An unknown
                                       query is InvalidRequest; a handler
                                       that fails, OperationFailed
+    affinity(cluster: str, rule: str|None) -> {"owner", "cluster", "rule"
+                                      (apart, together or None), "vms": int,
+                                      "hosts": {lnm: active VMs},
+                                      "honoured": bool[, "note"]}
+                                      (issue 15) read (rule None) or set the
+                                      affinity rule of one of the caller's
+                                      virtual clusters ("none" removes it);
+                                      administrators may name
+                                      "owner/cluster". Placement and the
+                                      rebalancer honour it
+                                      (usher.controller.affinity); a start's
+                                      arg affinity=apart|together sets it too
 
 Administrators only (others get PermissionDenied)::
 

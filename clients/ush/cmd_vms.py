@@ -51,6 +51,9 @@ async def cmd_list(shell, args):
 
 async def cmd_start(shell, args):
     extra = parse_extra_args(args.arg)
+    if args.affinity is not None:
+        # -- affinity (issue 15): the cluster's rule, set by the controller --
+        extra = dict(extra or {}, affinity=args.affinity)
     lnms = list(args.lnm)
     names = []
     if args.count is not None:
@@ -129,6 +132,7 @@ def register(declare):
     parser.add_argument("-c", "--count", type=positive_int)
     parser.add_argument("-l", "--lnm", action="append", default=[])
     parser.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--affinity", choices=("apart", "together"))
     parser.add_argument("words", nargs="*")
     for operation in states.OPERATIONS:
         add_selection(declare(operation, cmd_operation))

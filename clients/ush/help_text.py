@@ -253,8 +253,8 @@ COMMANDS["list_lnm"] = _entry(
 COMMANDS["start"] = _entry(
     "Start new VMs in a virtual cluster, or start VMs by name",
     """\
-    start -n CLUSTER -c COUNT [--arg KEY=VALUE]... [LNM ...]
-           start [-l LNM]... [--arg KEY=VALUE]... VM ...""",
+    start -n CLUSTER -c COUNT [--affinity apart|together] [--arg KEY=VALUE]... [LNM ...]
+           start [-l LNM]... [--affinity apart|together] [--arg KEY=VALUE]... VM ...""",
     """\
     Start VMs. The controller authorizes the request, its placement policy
     picks the hosts, and the LNMs boot the VMs; the result lists where each
@@ -280,6 +280,11 @@ COMMANDS["start"] = _entry(
                               and vcpus size the VMs (e.g. --arg memory_mib=1024);
                               other keys (--arg image=centos5) go to the site's
                               plugins, and which mean something depends on them
+      --affinity apart|together
+                              the cluster's affinity rule (see 'help affinity'):
+                              apart keeps its VMs on separate hosts, together
+                              on one; refused if the cluster has VMs and
+                              another rule
 
     Preferred LNMs are a suggestion: the controller's policy decides, and an
     empty list lets it place the VMs anywhere.
@@ -296,7 +301,8 @@ COMMANDS["start"] = _entry(
       start -n sneetch -c 10
       start -n web -c 2 --arg memory_mib=2048 vmm47 vmm52
       start 3.sneetch
-      start -l vmm47 '[11-12].sneetch'""")
+      start -l vmm47 '[11-12].sneetch'
+      start -n db -c 3 --affinity apart""")
 
 for _operation, (_summary, _details, _examples) in _OPERATIONS.items():
     COMMANDS[_operation] = _operation_entry(_operation, _summary, _details, _examples)
@@ -332,6 +338,33 @@ COMMANDS["migrate"] = _entry(
       migrate 3.sneetch vmm52.usher.example.org
       migrate -n sneetch --to '~^vmm5'
       migrate '[1-4].sneetch' --to vmm50 vmm51""")
+
+COMMANDS["affinity"] = _entry(
+    "Show or set a virtual cluster's affinity rule (apart, together)",
+    "affinity -n CLUSTER [apart|together|none]",
+    """\
+    Without a rule, shows the cluster's rule and the hosts its VMs run on.
+    With one, sets it:
+      apart      no two VMs of the cluster on one host (one host's failure
+                 takes one of them)
+      together   every VM of the cluster on one host
+      none       no rule
+    Placement honours the rule for new VMs, VMs started again, migrations,
+    evacuations of hosts in maintenance and HA restarts; the rebalancer never
+    moves a VM against it. A VM that cannot be placed under the rule is
+    refused with the reason, naming the rule and each host (or, if the site
+    chose best effort, placed anyway with a note). The rule stays until you
+    set it to none, even while the cluster has no VMs. Setting a rule that
+    the cluster's VMs do not meet now is accepted with a note: migrate them
+    (a together cluster in one request: migrate -n CLUSTER --to LNM).
+    'start -n CLUSTER -c COUNT --affinity apart' sets it at start.
+    Administrators may name another user's cluster as OWNER/CLUSTER.
+
+    Examples:
+      affinity -n db apart
+      affinity -n db
+      affinity -n web together
+      affinity -n db none""")
 
 COMMANDS["query"] = _entry(
     "Ask a query that a plugin answers (e.g. dns.status)",

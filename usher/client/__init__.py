@@ -432,6 +432,19 @@ class UsherClient:
             raise InvalidRequest(f"query {name}: arguments that are not JSON: {e}") from None
         return decode_chunks(await self._remote("query", name, text))
 
+    # -- affinity (issue 15) --
+
+    @as_deferred
+    async def affinity(self, cluster, rule=None):
+        """Read (``rule`` None) or set the affinity rule of a virtual cluster:
+        ``apart``, ``together`` or ``none``. -> {"owner", "cluster", "rule",
+        "vms", "hosts", "honoured"[, "note"]}."""
+        if not isinstance(cluster, str) or not cluster:
+            raise InvalidRequest("give a cluster name")
+        if rule is not None and rule not in ("apart", "together", "none"):
+            raise InvalidRequest(f"affinity must be apart, together or none, not {rule!r}")
+        return await self._remote("affinity", cluster, rule)
+
     # -- administration --------------------------------------------------------
 
     @as_deferred

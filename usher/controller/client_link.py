@@ -167,6 +167,16 @@ class UserPerspective(pb.Avatar):
             raise InvalidRequest(f"no such query: {name} (registered: none)")
         return await self.controller.plugins.queries.answer(name, self.user, self.admin, args)
 
+    # -- affinity (issue 15) --
+
+    @_boundary
+    async def perspective_affinity(self, cluster, rule=None):
+        if not isinstance(cluster, str) or len(cluster) > 128:
+            raise InvalidRequest("the cluster must be a name of at most 128 characters")
+        if rule is not None and (not isinstance(rule, str) or len(rule) > 16):
+            raise InvalidRequest("the rule must be apart, together or none")
+        return await self.controller.set_affinity(self.user, self.admin, cluster, rule)
+
     # -- plugin administration -------------------------------------------------
 
     def _require_admin(self):

@@ -19,6 +19,7 @@ here tells plugins ``vm_state_changed`` once per change (starts, operations,
 migrations, reports, lost and missing VMs, recovery) and ``vm_removed``.
 """
 
+from usher.controller.affinity import AffinityRules
 from usher.controller.commands import LNMSlots
 from usher.controller.events import Event, EventChains
 from usher.controller.holds import HostHolds
@@ -59,6 +60,10 @@ class Controller:
         self.holds = HostHolds(known_lnms)
         self.state.holds = self.holds
         self.api = PluginAPI(self)
+        # -- affinity (issue 15): the clusters' rules; placement reads them
+        # through the state, as it reads the holds --
+        self.affinity = AffinityRules(state_dir, self.api)
+        self.state.affinity = self.affinity
         self.plugins = None          # a PluginRegistry, set by the service
         self.hub = SubscriptionHub(self.state, clock)
         self.monitoring = Monitoring(self.state, clock, lnm_history=status_history,
@@ -184,6 +189,12 @@ class Controller:
 
     def resolve_soon(self):
         self.inventory.resolve_soon()
+
+    # -- affinity (issue 15) --
+
+    async def set_affinity(self, user, admin, cluster, rule=None):
+        """Read (``rule`` None) or set a cluster's affinity rule."""
+        return await self.affinity.answer(self.state, user, admin, cluster, rule)
 
     # -- notifications to plugins -----------------------------------------------------------
 

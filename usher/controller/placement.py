@@ -25,16 +25,26 @@ migration, off the host it leaves.
 
 Held hosts (maintenance, fenced, powered down: ``usher.controller.holds``)
 are refused with the hold's reason by the ``Ledger``.
+
+``affinity``
+    How the virtual clusters' affinity rules (``usher.controller.affinity``:
+    ``apart``, ``together``) are honoured: ``strict`` (the default: a VM no
+    host can take under its rule is dropped, the reason naming the rule and
+    each host) or ``best_effort`` (placed anyway, with a note saying which
+    rule was not met). They apply to new VMs, VMs started again, HA
+    restarts and migration targets.
 """
 
 from __future__ import annotations
 
+from usher.controller.affinity import PlacementCheck
 from usher.controller.capacity import CAPACITY_SPEC, CapacityPolicy, Ledger
 from usher.naming import DEFAULT_CLUSTER, cluster_of, split
 
 PLACEMENT_SPEC = """
 suggestion = option('require', 'prefer', 'ignore', default='require')
 avoid = list(default=list())
+affinity = option('strict', 'best_effort', default='strict')
 """ + CAPACITY_SPEC
 
 
@@ -69,6 +79,9 @@ class PlacementPlugin:
         self.suggestion = config.get("suggestion") or "require"
         self.avoid = set(config.get("avoid") or ())
         self.capacity = CapacityPolicy(config)
+        # -- affinity (issue 15) --
+        self.affinity_policy = config.get("affinity") or "strict"
+        self._affinity = None
 
     # -- what subclasses provide -------------------------------------------------
 
@@ -98,6 +111,11 @@ class PlacementPlugin:
         ledger = Ledger(self.api.state, self.capacity, default_memory=self.api.default_memory,
                         default_vcpus=self.api.default_vcpus)
         self.begin(request, ledger)
+        # -- affinity (issue 15): the clusters' rules, as this request meets them --
+        rules = getattr(self.api.state, "affinity", None)
+        self._affinity = (None if rules is None else
+                          PlacementCheck(rules, self.api.state, ledger, request,
+                                         lambda name: self.vm_identity(name, request)))
         if request.lnms and self.suggestion == "ignore":
             request.note(f"{self.policy}: suggested LNMs are ignored by this site's policy")
         for vm in list(request.vms):
@@ -111,16 +129,22 @@ class PlacementPlugin:
                 self._restart(vm, existing, request, ledger)
             else:
                 self._place(vm, record, request, ledger)
+            if self._affinity is not None:
+                self._affinity.decided(vm)
 
     def _restart(self, vm, existing, request, ledger):
         host = existing["lnm"]
         demand = ledger.demand(existing)
         why = ledger.refusal(host, demand)
+        if why is None and self._affinity is not None:
+            why = self._affinity_refusal(vm, host, request)
         if why is not None:
             request.drop(vm, f"cannot start it again on its host {host}: {why}")
             return
         ledger.commit(host, demand, existing.get("owner"), existing.get("cluster"))
         request.place(vm, host)
+        if self._affinity is not None:
+            self._affinity.placed(vm, host)
 
     def _candidates(self, request, ledger, source):
         """-> (groups of hosts to try in turn, reasons for hosts left out)."""
@@ -155,10 +179,20 @@ class PlacementPlugin:
         demand = ledger.demand(record, None if migrating or relocating else request.args)
         groups, reasons = self._candidates(request, ledger, source)
         chosen = None
+        against_rule = None     # the first host refused by the affinity rule only
         for group in groups:
-            for host in self.rank(vm, demand, group, ledger, request):
+            ranked = self.rank(vm, demand, group, ledger, request)
+            if self._affinity is not None:
+                ranked = self._affinity.order(
+                    vm, ranked, lambda n: ledger.demand(request.records.get(n) or {},
+                                                        None if migrating else request.args))
+            for host in ranked:
                 why = (ledger.refusal(host, demand)
                        or self.refuse(vm, host, demand, ledger, request))
+                if why is None and self._affinity is not None:
+                    why = self._affinity.refusal(vm, host)
+                    if why is not None and against_rule is None:
+                        against_rule = (host, why)
                 if why is not None:
                     reasons[host] = why
                     continue
@@ -166,6 +200,9 @@ class PlacementPlugin:
                 break
             if chosen is not None:
                 break
+        if chosen is None and against_rule is not None and self.affinity_policy == "best_effort":
+            chosen = against_rule[0]
+            self._affinity_note(vm, *against_rule, request)
         if chosen is None:
             verb = ("migrate it" if migrating else
                     "restart it elsewhere" if relocating else "start it")
@@ -178,4 +215,23 @@ class PlacementPlugin:
         if migrating and source is not None:
             ledger.release(source, demand, owner, cluster)
         request.place(vm, chosen)
+        if self._affinity is not None:
+            self._affinity.placed(vm, chosen)
         self.placed(vm, chosen, demand, ledger, request)
+
+    # -- affinity (issue 15) --
+
+    def _affinity_refusal(self, vm, host, request):
+        """The rule's refusal of ``host`` for ``vm`` (None under best effort,
+        with a note)."""
+        why = self._affinity.refusal(vm, host)
+        if why is not None and self.affinity_policy == "best_effort":
+            self._affinity_note(vm, host, why, request)
+            return None
+        return why
+
+    def _affinity_note(self, vm, host, why, request):
+        parts = split(vm, self.api.state.domain)
+        request.note(f"{self.policy}: {parts[0] if parts else vm} placed on {host} against "
+                     f"its cluster's affinity rule ({host}: {why}); this site's affinity "
+                     "policy is best_effort")

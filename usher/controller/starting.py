@@ -116,7 +116,19 @@ class Starts(Room):
         request.args.update(memory_mib=memory, vcpus=vcpus)
         if cluster:
             request.args["cluster"] = cluster
-        await self.chains.fire_request(Event("start_request", self.api, request=request))
+        # -- affinity (issue 15): the core takes the start's affinity argument
+        # and sets the clusters' rule before placement sees the request --
+        rules = getattr(self.state, "affinity", None)
+        undo_affinity = None
+        if rules is not None:
+            undo_affinity = await rules.take_start_arg(self.state, self.domain, user,
+                                                       new + restart, request.args)
+        try:
+            await self.chains.fire_request(Event("start_request", self.api, request=request))
+        except BaseException:
+            if undo_affinity is not None:
+                await undo_affinity()
+            raise
         memory = request.args.pop("memory_mib")
         vcpus = request.args.pop("vcpus")
         cluster = request.args.pop("cluster", cluster)
