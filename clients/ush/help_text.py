@@ -253,8 +253,8 @@ COMMANDS["list_lnm"] = _entry(
 COMMANDS["start"] = _entry(
     "Start new VMs in a virtual cluster, or start VMs by name",
     """\
-    start -n CLUSTER -c COUNT [--arg KEY=VALUE]... [LNM ...]
-           start [-l LNM]... [--arg KEY=VALUE]... VM ...""",
+    start -n CLUSTER -c COUNT [--lease DURATION] [--arg KEY=VALUE]... [LNM ...]
+           start [-l LNM]... [--lease DURATION] [--arg KEY=VALUE]... VM ...""",
     """\
     Start VMs. The controller authorizes the request, its placement policy
     picks the hosts, and the LNMs boot the VMs; the result lists where each
@@ -280,6 +280,12 @@ COMMANDS["start"] = _entry(
                               and vcpus size the VMs (e.g. --arg memory_mib=1024);
                               other keys (--arg image=centos5) go to the site's
                               plugins, and which mean something depends on them
+      --lease DURATION        how long the VMs may live (90s, 30m, 2h, 1d,
+                              1h30m), when the site runs the leases plugin:
+                              you are warned before the lease ends, then the
+                              site's action (shutdown, hibernate or destroy)
+                              runs; see 'help lease'. The site may give a
+                              lease by default, bound it or require one
 
     Preferred LNMs are a suggestion: the controller's policy decides, and an
     empty list lets it place the VMs anywhere.
@@ -296,7 +302,8 @@ COMMANDS["start"] = _entry(
       start -n sneetch -c 10
       start -n web -c 2 --arg memory_mib=2048 vmm47 vmm52
       start 3.sneetch
-      start -l vmm47 '[11-12].sneetch'""")
+      start -l vmm47 '[11-12].sneetch'
+      start -n batch -c 4 --lease 2h""")
 
 for _operation, (_summary, _details, _examples) in _OPERATIONS.items():
     COMMANDS[_operation] = _operation_entry(_operation, _summary, _details, _examples)
@@ -498,6 +505,42 @@ COMMANDS["addresses"] = _entry(
       addresses --owner alice
       ush --json addresses""")
 
+# -- leases (issue 15) --
+COMMANDS["lease"] = _entry(
+    "Show or renew the leases of your VMs (when they end)",
+    """\
+    lease [-o USER] [-n CLUSTER | VM ...]
+           lease renew [-o USER] (-n CLUSTER | VM ...) DURATION""",
+    """\
+    A lease is how long a VM may live, when the site runs the leases plugin:
+    asked for at start ('start --lease 2h'), or given by the site's policy.
+    Before it ends your sessions (ush, the web interface) are warned with
+    [notice] lines, e.g.
+      [notice] lease: the lease of 3.web.alice.usher.example.org ends in 10m;
+               then it is shut down. Renew with: lease renew NAMES DURATION
+    and when it ends the site's action runs (shutdown, hibernate or
+    destroy) and you are told what became of the VM.
+
+    'lease' lists your VMs with a lease: when each ends (UTC), the time left
+    and what happens then; with VM names or -n CLUSTER it shows those VMs,
+    "no lease" for one without.
+
+    'lease renew ... DURATION' makes the leases end DURATION from now (90s,
+    30m, 2h, 1d, 1h30m), never later than the site's longest lease allows;
+    a VM without a lease gets one. Only a VM's owner or an administrator
+    may renew it.
+
+    Options:
+      -n, --cluster CLUSTER   every VM of the virtual cluster
+      -o, --owner USER        (administrators) USER's VMs; without it an
+                              administrator sees every lease
+
+    Examples:
+      lease
+      lease -n web
+      lease renew 3.web 2h
+      lease renew -n web 1d""")
+
 COMMANDS["help"] = _entry(
     "Show the list of commands, or help on one command or topic",
     "help [COMMAND | TOPIC]",
@@ -592,7 +635,9 @@ TOPICS["notices"] = _entry(
     result instead. Connection news looks like
       [notice] lost the controller at ctl:7390; reconnecting
       [notice] reconnected to ctl:7390
-    and the controller may send notices of its own (maintenance, policy).""")
+    and the controller may send notices of its own (maintenance, policy),
+    prefixed with their kind, e.g. a lease about to end:
+      [notice] lease: the lease of 3.web.alice.usher.example.org ends in 10m; ...""")
 
 TOPICS["oneshot"] = _entry(
     "Running one command from a Unix shell or a script (and --json)",
