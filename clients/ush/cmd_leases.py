@@ -127,3 +127,5 @@ def register(declare):
     parser.add_argument("-n", "--cluster")
     parser.add_argument("-o", "--owner", metavar="USER")
     parser.add_argument("words", nargs="*")
+    # 'lease renew -n web 2h': options between the words.
+    parser.parse_args = parser.parse_intermixed_args
