@@ -240,9 +240,15 @@ refused whole (InvalidRequest). list and top show an ordinary user their
 own VMs only, unless the controller's user_visibility is "all"; another
 user's "args" never reach an ordinary user; pushes carry only one's own.
 
-Observer (the client's callback object; the controller calls only this)::
+Observer (the client's callback object; the controller calls only these)::
 
     vm_changes(seq: int, changed: [json chunk], removed: [str]) -> None
+    notice(kind: str, message: str) -> None
+                        (issue 15: news for this user from the controller or a
+                        plugin, e.g. kind "lease"; kind <= 32 characters of
+                        a-z0-9_.-, message one line <= 1,000 characters; at
+                        most one call in flight per session and 32 waiting,
+                        the oldest dropped: usher.controller.notices)
 """
 
 PROTOCOL_VERSION = 1

@@ -8,7 +8,8 @@ Outcome (local commands) or the Call that will run remotely.
 
 from usher.cliargs import UsageError
 
-from . import cmd_affinity, cmd_ipam, cmd_lnms, cmd_plugins, cmd_session, cmd_vms, help_text
+from . import (cmd_affinity, cmd_ipam, cmd_leases, cmd_lnms, cmd_plugins, cmd_session, cmd_vms,
+               help_text)
 from .parsing import CommandParser
 
 ALIASES = help_text.ALIASES
@@ -21,6 +22,7 @@ GROUPS = (
     cmd_plugins.register,
     cmd_ipam.register,
     cmd_affinity.register,
+    cmd_leases.register,        # issue 15, leases
 )
 
 

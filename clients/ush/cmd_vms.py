@@ -4,7 +4,7 @@ resume, shutdown, ...) and migrate."""
 import re
 
 from usher import naming, states
-from usher.cliargs import UsageError, positive_int
+from usher.cliargs import UsageError, duration, format_duration, positive_int
 from usher.errors import InvalidRequest
 from usher.vmset import expand_ranges
 
@@ -54,6 +54,10 @@ async def cmd_start(shell, args):
     if args.affinity is not None:
         # -- affinity (issue 15): the cluster's rule, set by the controller --
         extra = dict(extra or {}, affinity=args.affinity)
+    if args.lease is not None:      # issue 15, leases: the leases plugin reads it
+        if extra and "lease" in extra:
+            raise UsageError("--lease and --arg lease= given both", "start")
+        extra = dict(extra or {}, lease=format_duration(args.lease))
     lnms = list(args.lnm)
     names = []
     if args.count is not None:
@@ -133,6 +137,7 @@ def register(declare):
     parser.add_argument("-l", "--lnm", action="append", default=[])
     parser.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--affinity", choices=("apart", "together"))
+    parser.add_argument("--lease", type=duration, metavar="DURATION")  # issue 15, leases
     parser.add_argument("words", nargs="*")
     for operation in states.OPERATIONS:
         add_selection(declare(operation, cmd_operation))

@@ -253,8 +253,10 @@ COMMANDS["list_lnm"] = _entry(
 COMMANDS["start"] = _entry(
     "Start new VMs in a virtual cluster, or start VMs by name",
     """\
-    start -n CLUSTER -c COUNT [--affinity apart|together] [--arg KEY=VALUE]... [LNM ...]
-           start [-l LNM]... [--affinity apart|together] [--arg KEY=VALUE]... VM ...""",
+    start -n CLUSTER -c COUNT [--affinity apart|together] [--lease DURATION]
+                              [--arg KEY=VALUE]... [LNM ...]
+           start [-l LNM]... [--affinity apart|together] [--lease DURATION]
+                 [--arg KEY=VALUE]... VM ...""",
     """\
     Start VMs. The controller authorizes the request, its placement policy
     picks the hosts, and the LNMs boot the VMs; the result lists where each
@@ -285,6 +287,12 @@ COMMANDS["start"] = _entry(
                               apart keeps its VMs on separate hosts, together
                               on one; refused if the cluster has VMs and
                               another rule
+      --lease DURATION        how long the VMs may live (90s, 30m, 2h, 1d,
+                              1h30m), when the site runs the leases plugin:
+                              you are warned before the lease ends, then the
+                              site's action (shutdown, hibernate or destroy)
+                              runs; see 'help lease'. The site may give a
+                              lease by default, bound it or require one
 
     Preferred LNMs are a suggestion: the controller's policy decides, and an
     empty list lets it place the VMs anywhere.
@@ -302,7 +310,8 @@ COMMANDS["start"] = _entry(
       start -n web -c 2 --arg memory_mib=2048 vmm47 vmm52
       start 3.sneetch
       start -l vmm47 '[11-12].sneetch'
-      start -n db -c 3 --affinity apart""")
+      start -n db -c 3 --affinity apart
+      start -n batch -c 4 --lease 2h""")
 
 for _operation, (_summary, _details, _examples) in _OPERATIONS.items():
     COMMANDS[_operation] = _operation_entry(_operation, _summary, _details, _examples)
@@ -531,6 +540,42 @@ COMMANDS["addresses"] = _entry(
       addresses --owner alice
       ush --json addresses""")
 
+# -- leases (issue 15) --
+COMMANDS["lease"] = _entry(
+    "Show or renew the leases of your VMs (when they end)",
+    """\
+    lease [-o USER] [-n CLUSTER | VM ...]
+           lease renew [-o USER] (-n CLUSTER | VM ...) DURATION""",
+    """\
+    A lease is how long a VM may live, when the site runs the leases plugin:
+    asked for at start ('start --lease 2h'), or given by the site's policy.
+    Before it ends your sessions (ush, the web interface) are warned with
+    [notice] lines, e.g.
+      [notice] lease: the lease of 3.web.alice.usher.example.org ends in 10m;
+               then it is shut down. Renew with: lease renew NAMES DURATION
+    and when it ends the site's action runs (shutdown, hibernate or
+    destroy) and you are told what became of the VM.
+
+    'lease' lists your VMs with a lease: when each ends (UTC), the time left
+    and what happens then; with VM names or -n CLUSTER it shows those VMs,
+    "no lease" for one without.
+
+    'lease renew ... DURATION' makes the leases end DURATION from now (90s,
+    30m, 2h, 1d, 1h30m), never later than the site's longest lease allows;
+    a VM without a lease gets one. Only a VM's owner or an administrator
+    may renew it.
+
+    Options:
+      -n, --cluster CLUSTER   every VM of the virtual cluster
+      -o, --owner USER        (administrators) USER's VMs; without it an
+                              administrator sees every lease
+
+    Examples:
+      lease
+      lease -n web
+      lease renew 3.web 2h
+      lease renew -n web 1d""")
+
 COMMANDS["help"] = _entry(
     "Show the list of commands, or help on one command or topic",
     "help [COMMAND | TOPIC]",
@@ -625,7 +670,9 @@ TOPICS["notices"] = _entry(
     result instead. Connection news looks like
       [notice] lost the controller at ctl:7390; reconnecting
       [notice] reconnected to ctl:7390
-    and the controller may send notices of its own (maintenance, policy).""")
+    and the controller may send notices of its own (maintenance, policy),
+    prefixed with their kind, e.g. a lease about to end:
+      [notice] lease: the lease of 3.web.alice.usher.example.org ends in 10m; ...""")
 
 TOPICS["oneshot"] = _entry(
     "Running one command from a Unix shell or a script (and --json)",

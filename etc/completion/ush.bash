@@ -5,7 +5,7 @@
 #    source ~/.local/share/bash_completion/ush
 # See also: https://github.com/scop/bash-completion/blob/main/doc/configuration.md
 
-_shtab_ush_subparsers=(connect disconnect reconnect help quit list start pause resume shutdown reboot hibernate restore destroy cycle migrate list_lnm top forget_lnm query plugins register_plugin unregister_plugin ranges addresses exit)
+_shtab_ush_subparsers=(connect disconnect reconnect help quit list start pause resume shutdown reboot hibernate restore destroy cycle migrate list_lnm top forget_lnm query plugins register_plugin unregister_plugin ranges addresses affinity lease exit)
 
 _shtab_ush_connect_option_strings=(-h --help)
 _shtab_ush_disconnect_option_strings=(-h --help)
@@ -13,7 +13,7 @@ _shtab_ush_reconnect_option_strings=(-h --help)
 _shtab_ush_help_option_strings=(-h --help)
 _shtab_ush_quit_option_strings=(-h --help)
 _shtab_ush_list_option_strings=(-h --help -s --status -a --all -n --cluster -r --regex)
-_shtab_ush_start_option_strings=(-h --help -n --cluster -c --count -l --lnm --arg)
+_shtab_ush_start_option_strings=(-h --help -n --cluster -c --count -l --lnm --arg --affinity --lease)
 _shtab_ush_pause_option_strings=(-h --help -n --cluster -r --regex)
 _shtab_ush_resume_option_strings=(-h --help -n --cluster -r --regex)
 _shtab_ush_shutdown_option_strings=(-h --help -n --cluster -r --regex)
@@ -32,12 +32,16 @@ _shtab_ush_register_plugin_option_strings=(-h --help -o --order)
 _shtab_ush_unregister_plugin_option_strings=(-h --help)
 _shtab_ush_ranges_option_strings=(-h --help -o --owner)
 _shtab_ush_addresses_option_strings=(-h --help -o --owner)
+_shtab_ush_affinity_option_strings=(-h --help -n --cluster)
+_shtab_ush_lease_option_strings=(-h --help -n --cluster -o --owner)
 _shtab_ush_exit_option_strings=(-h --help)
 _shtab_ush_option_strings=(-h --help --config --json --version --completion)
 
 _shtab_ush___config_COMPGEN=_shtab_compgen_files
 
-_shtab_ush_pos_0_choices=(connect disconnect reconnect help quit list start pause resume shutdown reboot hibernate restore destroy cycle migrate list_lnm top forget_lnm query plugins register_plugin unregister_plugin ranges addresses exit)
+_shtab_ush_start___affinity_choices=(apart together)
+_shtab_ush_affinity_pos_0_choices=(apart together none)
+_shtab_ush_pos_0_choices=(connect disconnect reconnect help quit list start pause resume shutdown reboot hibernate restore destroy cycle migrate list_lnm top forget_lnm query plugins register_plugin unregister_plugin ranges addresses affinity lease exit)
 _shtab_ush___completion_choices=(bash zsh)
 
 _shtab_ush_connect__h_nargs=0
@@ -111,6 +115,11 @@ _shtab_ush_ranges__h_nargs=0
 _shtab_ush_ranges___help_nargs=0
 _shtab_ush_addresses__h_nargs=0
 _shtab_ush_addresses___help_nargs=0
+_shtab_ush_affinity__h_nargs=0
+_shtab_ush_affinity___help_nargs=0
+_shtab_ush_lease_pos_0_nargs='*'
+_shtab_ush_lease__h_nargs=0
+_shtab_ush_lease___help_nargs=0
 _shtab_ush_exit__h_nargs=0
 _shtab_ush_exit___help_nargs=0
 _shtab_ush_pos_0_nargs=A...

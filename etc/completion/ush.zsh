@@ -11,6 +11,7 @@
 _shtab_ush_commands() {
   local _commands=(
     addresses:'Show the IP addresses your VMs hold'
+    affinity:'Show or set a virtual cluster'"'"'s affinity rule (apart, together)'
     connect:'Connect and log in to the Usher controller'
     cycle:'Destroy and restart VMs (hard reset)'
     destroy:'Power VMs off at once and remove them'
@@ -19,6 +20,7 @@ _shtab_ush_commands() {
     forget_lnm:'Retire a host that will not come back (administrators)'
     help:'Show the list of commands, or help on one command or topic'
     hibernate:'Save VMs'"'"' memory to disk and stop them'
+    lease:'Show or renew the leases of your VMs (when they end)'
     list:'List your VMs (from the local cache, or ask the controller)'
     list_lnm:'List the local node managers (the physical hosts)'
     migrate:'Move VMs to other hosts (live migration)'
@@ -58,6 +60,15 @@ _shtab_ush_addresses_options=(
 
 # guard to ensure default positional specs are added only once per session
 _shtab_ush_addresses_defaults_added=0
+
+_shtab_ush_affinity_options=(
+  {-h,--help}"[help]"
+  {-n,--cluster}"[cluster]:cluster:"
+  ":rule:(apart together none)"
+)
+
+# guard to ensure default positional specs are added only once per session
+_shtab_ush_affinity_defaults_added=0
 
 _shtab_ush_connect_options=(
   {-h,--help}"[help]"
@@ -126,6 +137,16 @@ _shtab_ush_hibernate_options=(
 
 # guard to ensure default positional specs are added only once per session
 _shtab_ush_hibernate_defaults_added=0
+
+_shtab_ush_lease_options=(
+  {-h,--help}"[help]"
+  {-n,--cluster}"[cluster]:cluster:"
+  {-o,--owner}"[USER]:USER:"
+  "(*)::words:"
+)
+
+# guard to ensure default positional specs are added only once per session
+_shtab_ush_lease_defaults_added=0
 
 _shtab_ush_list_options=(
   {-h,--help}"[help]"
@@ -264,6 +285,8 @@ _shtab_ush_start_options=(
   {-c,--count}"[count]:count:"
   "*"{-l,--lnm}"[lnm]:lnm:"
   "*--arg[KEY\=VALUE]:KEY=VALUE:"
+  "--affinity[affinity]:affinity:(apart together)"
+  "--lease[DURATION]:DURATION:"
   "(*)::words:"
 )
 
@@ -310,6 +333,7 @@ _shtab_ush() {
       curcontext="${curcontext%:*:*}:_shtab_ush-$line[1]:"
       case $line[1] in
         addresses) _arguments -C -s $_shtab_ush_addresses_options ;;
+        affinity) _arguments -C -s $_shtab_ush_affinity_options ;;
         connect) _arguments -C -s $_shtab_ush_connect_options ;;
         cycle) _arguments -C -s $_shtab_ush_cycle_options ;;
         destroy) _arguments -C -s $_shtab_ush_destroy_options ;;
@@ -318,6 +342,7 @@ _shtab_ush() {
         forget_lnm) _arguments -C -s $_shtab_ush_forget_lnm_options ;;
         help) _arguments -C -s $_shtab_ush_help_options ;;
         hibernate) _arguments -C -s $_shtab_ush_hibernate_options ;;
+        lease) _arguments -C -s $_shtab_ush_lease_options ;;
         list) _arguments -C -s $_shtab_ush_list_options ;;
         list_lnm) _arguments -C -s $_shtab_ush_list_lnm_options ;;
         migrate) _arguments -C -s $_shtab_ush_migrate_options ;;

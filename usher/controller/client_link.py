@@ -246,11 +246,16 @@ class UsherRealm:
         self.controller.chains.notify(Event("user_authenticated", self.controller.api,
                                             user=user, admin=admin))
         self.controller.client_sessions += 1
+        # Notices for this user reach this session (issue 15, leases).
+        notices = (self.controller.notices.add(user, mind)
+                   if isinstance(mind, pb.RemoteReference) else None)
         ended = []
 
         def logout():
             if not ended:   # count each session once, however often it is ended
                 ended.append(True)
                 self.controller.client_sessions -= 1
+                if notices is not None:
+                    notices.close()
             avatar.logout()
         return pb.IPerspective, avatar, logout

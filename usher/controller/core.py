@@ -19,6 +19,8 @@ here tells plugins ``vm_state_changed`` once per change (starts, operations,
 migrations, reports, lost and missing VMs, recovery) and ``vm_removed``.
 """
 
+import functools
+
 from usher.controller.affinity import AffinityRules
 from usher.controller.commands import LNMSlots
 from usher.controller.events import Event, EventChains
@@ -28,6 +30,7 @@ from usher.controller.inventory import LNMInventory
 from usher.controller.lnm_input import LNMLimits
 from usher.controller.migration import Migrations
 from usher.controller.monitoring import Monitoring, NoInstruments
+from usher.controller.notices import UserNotices
 from usher.controller.operations import Operations
 from usher.controller.plugin_api import PluginAPI
 from usher.controller.starting import START_BATCH, Starts
@@ -214,3 +217,17 @@ class Controller:
             self.chains.notify(Event("vm_state_changed", self.api, vm=dict(record),
                                      old_state=old_state, new_state=new_state,
                                      origin=self.state.change_origin))
+
+    # -- leases (issue 15): notices to users' clients --------------------------------------
+
+    @functools.cached_property
+    def notices(self):
+        """The sessions of every logged-in user, for notices
+        (``usher.controller.notices.UserNotices``; the realm adds them)."""
+        return UserNotices(self.clock)
+
+    def notify_user(self, user, kind, message):
+        """Push a notice (``kind``: a short word such as ``lease``; one line
+        of text) to every session ``user`` has open -> how many sessions.
+        Bounded and never waited on: usher.controller.notices."""
+        return self.notices.notify(user, kind, message)

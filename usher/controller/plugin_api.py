@@ -127,3 +127,20 @@ class PluginAPI:
         """Migrate VMs on the system's behalf (rebalancers); -> Deferred."""
         return defer.Deferred.fromCoroutine(self._controller.migrate(
             "usher", True, Selection(names=list(vms)), list(lnms), args))
+
+    # -- leases (issue 15) -------------------------------------------------------------
+
+    def op_on(self, operation, vms, args=None):
+        """Run a Table 3 operation (``shutdown``, ``hibernate``, ``destroy``
+        …) on VMs on the system's behalf (leases, policies), through its
+        ``<operation>_request`` chain as any request; -> Deferred of the
+        result (``{"operation", "done", "failed", "notes"}``)."""
+        return defer.Deferred.fromCoroutine(self._controller.op_on(
+            "usher", True, operation, Selection(names=list(vms)), args))
+
+    def notify_user(self, user, kind, message):
+        """Tell every session ``user`` has open (ush prints a ``[notice]``
+        line, the browser shows it): ``kind`` a short word (``lease``),
+        ``message`` one line (at most 1,000 characters). -> how many
+        sessions; never waits (usher.controller.notices)."""
+        return self._controller.notify_user(user, kind, message)

@@ -131,7 +131,22 @@ async function route() {
 }
 
 window.addEventListener("hashchange", route);
-window.addEventListener("usher:notice", (event) => app.status(event.detail));
+// The controller's notices (a lease about to end, maintenance ...): a toast
+// each, stacked, read out politely, gone after a while or when clicked; at
+// most MAX_TOASTS shown (the oldest goes first). Issue 15, leases.
+const MAX_TOASTS = 5;
+const toastRegion = document.getElementById("toasts") || document.body.appendChild(
+  h("div", { id: "toasts", class: "toasts", role: "status", "aria-live": "polite" }));
+function toast(text) {
+  const kind = /^([a-z0-9_.-]{1,32}): /.exec(text || "");
+  const item = h("div", { class: `toast${kind ? ` toast-${kind[1].replace(/\./g, "-")}` : ""}`,
+    title: "click to dismiss" }, text || "");
+  item.addEventListener("click", () => item.remove());
+  toastRegion.append(item);
+  while (toastRegion.children.length > MAX_TOASTS) toastRegion.firstElementChild.remove();
+  setTimeout(() => item.remove(), 20000);
+}
+window.addEventListener("usher:notice", (event) => toast(event.detail));
 window.addEventListener("usher:logged-out", (event) => {
   if (!app.session) return;
   app.loggedOut();
