@@ -451,6 +451,24 @@ class UsherClient:
         """Retire a disconnected LNM and the VMs last known on it (admins)."""
         return await self._remote("forget_lnm", name)
 
+    # -- part A: maintenance and evacuation (issue 15) --
+
+    @as_deferred
+    async def maintenance(self, lnm, on, reason=None, evacuate=False, concurrency=None):
+        """Put an LNM into maintenance (``on``: no new VMs; ``evacuate``:
+        live-migrate its VMs off, ``concurrency`` at a time) or take it out
+        (admins) -> its status, as ``evacuation``."""
+        return await self._remote("maintenance", lnm, bool(on), reason, bool(evacuate),
+                                  concurrency)
+
+    @as_deferred
+    async def evacuation(self, lnm):
+        """The maintenance and evacuation progress of an LNM (admins):
+        {"lnm", "maintenance", "reason", "evacuating", "done", "total",
+        "moved": [{"name", "to"}], "failed": [{"name", "error"}],
+        "running": [name], "waiting": int}."""
+        return await self._remote("evacuation", lnm)
+
 
 async def gateway_login(client, *, stopped, daemon):
     """Log in a client a gateway (plusher, usherweb) opened for one of its
