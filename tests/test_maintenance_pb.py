@@ -52,3 +52,25 @@ async def test_only_administrators_and_checked_arguments(client_grids):
         await root._remote("evacuation", ["lnm1"])
     status = await root.evacuation("lnm2")
     assert status["maintenance"] is False and status["total"] == 0
+
+
+def test_ush_shows_progress_and_a_summary():
+    try:
+        from usher.clients.ush import cmd_hosts
+    except ImportError:
+        from clients.ush import cmd_hosts
+    status = {"lnm": "lnm1", "maintenance": True, "reason": "disks", "by": "root",
+              "evacuating": True, "done": False, "total": 5,
+              "moved": [{"name": "a", "to": "lnm2"}], "failed": [{"name": "b", "error": "x"}],
+              "running": ["c", "d"], "waiting": 1}
+    assert cmd_hosts.progress_line(status) == (
+        "lnm1: 1 of 5 moved, 1 could not move, 2 moving, 1 waiting")
+    text = cmd_hosts.format_status(status)
+    assert "in maintenance (disks), set by root" in text and "under way" in text
+    done = dict(status, evacuating=False, done=True, running=[], waiting=0,
+                moved=[{"name": n, "to": "lnm2"} for n in ("a", "c", "d", "e")])
+    text = cmd_hosts.format_status(done)
+    assert "Evacuation done: 4 of 5 VMs moved, 1 could not move." in text
+    assert "  c -> lnm2" in text and "Could not move:\n  b: x" in text
+    assert "not in maintenance" in cmd_hosts.format_status(
+        {"lnm": "lnm2", "maintenance": False})
