@@ -8,7 +8,7 @@ controller's view); leaving maintenance makes it a target again."""
 import libvirt
 import pytest_twisted
 
-from tests.e2e import parse_json, wait_for
+from tests.e2e import parse_json, sleep, wait_for
 from tests.test_failures_e2e import DOMAIN, System
 
 VMS = 50
@@ -97,3 +97,56 @@ async def test_ush_host_commands_refuse_bad_use(system):
     assert unknown.returncode != 0 and "no such LNM: lnm9" in parse_json(unknown)["error"]
     text = await ush("help", "evacuate", json_output=False)
     assert "evacuate LNM" in text.stdout and "could not move" in text.stdout
+
+
+async def evacuation_status(client, lnm):
+    """The evacuation's status, or None while the controller is away."""
+    try:
+        return await client.evacuation(lnm)
+    except Exception:
+        return None
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_evacuation_resumes_after_the_controller_is_killed(system):
+    """kill -9 of usherctrl in the middle of an evacuation (a move may be
+    under way): the restarted controller resumes it once the LNMs are back,
+    and every VM ends on another host, once."""
+    alice = await system.client()
+    count = 16
+    result = await alice.start(cluster="resume", count=count, lnms=["lnm1"])
+    assert result["failed"] == []
+    names = sorted(s["name"] for s in result["started"])
+    await alice.maintenance("lnm1", True, reason="resume test", evacuate=True, concurrency=1)
+    latest = {}
+
+    async def progressed():
+        latest["status"] = await evacuation_status(alice, "lnm1")
+        return latest["status"] is not None and len(latest["status"]["moved"]) >= 3
+    for _ in range(3000):
+        if await progressed():
+            break
+        await sleep(0.01)
+    assert not latest["status"]["done"], "the evacuation ended before the kill"
+    await system.box.kill("usherctrl")
+    system.box.restart("usherctrl")
+
+    async def finished():
+        status = await evacuation_status(alice, "lnm1")
+        return status if status is not None and status.get("done") else None
+    status = None
+    for _ in range(600):
+        status = await finished()
+        if status is not None:
+            break
+        await sleep(0.1)
+    assert status is not None, "the evacuation did not resume"
+    assert status["maintenance"] and status["reason"] == "resume test"
+    assert status["failed"] == [], status["failed"]
+    # The moves after the restart, and those before it, cover every VM.
+    inventories = await system.inventories()
+    assert inventories["lnm1"] == {}
+    for name in names:
+        hosts = [lnm for lnm, domains in inventories.items() if name in domains]
+        assert len(hosts) == 1 and hosts[0] != "lnm1", (name, hosts)
+        assert inventories[hosts[0]][name] == libvirt.VIR_DOMAIN_RUNNING

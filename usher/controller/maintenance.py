@@ -17,7 +17,7 @@ once the LNM has attached again and recovery has settled. Progress is kept
 in memory (``status``); the hold keeps only the counts of the last pass.
 """
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from usher import states
@@ -31,6 +31,11 @@ DEFAULT_CONCURRENCY = 4
 MAX_CONCURRENCY = 64
 MAX_REASON = 200
 MOVABLE = (states.RUN, states.PAUSED)
+# How long an evacuation waits, polling, for the VMs of migrations cut short
+# (by a controller restart) to be settled: put back on the LNM or found
+# elsewhere (usher.controller.inventory's kept exports).
+SETTLE_PATIENCE = 60.0
+SETTLE_POLL = 0.5
 # The system's identity for the migrations it asks for (as api.migrate).
 SYSTEM = "usher"
 
@@ -217,20 +222,56 @@ class Maintenance:
         # After a restart the state is rebuilt from the LNMs first; a VM can
         # be moved only off an LNM that is there.
         await self._settled()
-        names = sorted(self.state.lnms[lnm].vms) if lnm in self.state.lnms else []
-        if names:
+        if self._on(lnm) or self._unsettled(lnm):
             await self._attached(lnm)
-            names = sorted(self.state.lnms[lnm].vms)
         if evacuation.stopped or self.evacuations.get(lnm) is not evacuation:
             if not evacuation.done:
                 evacuation.finish()
             return
-        evacuation.total = len(names)
         evacuation.started = True
+        attempted = set()
+        waited = 0.0
+        while not evacuation.stopped:
+            # Every VM on it not tried yet in this pass: at first all, then
+            # those that came back meanwhile (a migration cut short by a
+            # restart, put back on it from the export it kept).
+            fresh = [name for name in self._on(lnm) if name not in attempted]
+            if fresh:
+                attempted.update(fresh)
+                self._queue(evacuation, fresh)
+                log.info("evacuating LNM {lnm}: {count} VMs, {concurrency} at a time",
+                         lnm=lnm, count=len(evacuation.waiting),
+                         concurrency=evacuation.concurrency)
+                workers = [defer.Deferred.fromCoroutine(self._worker(evacuation))
+                           for _ in range(min(evacuation.concurrency,
+                                              len(evacuation.waiting)))]
+                await defer.DeferredList(workers, consumeErrors=True)
+                continue
+            if not self._unsettled(lnm) or waited >= SETTLE_PATIENCE:
+                break
+            # A move cut short may yet put a VM back here: wait for it.
+            await task.deferLater(self.clock, SETTLE_POLL, lambda: None)
+            waited += SETTLE_POLL
+        self._finished(evacuation)
+
+    def _on(self, lnm):
+        """The VMs the controller has on ``lnm``, by name."""
+        lnm_info = self.state.lnms.get(lnm)
+        return sorted(lnm_info.vms) if lnm_info is not None else []
+
+    def _unsettled(self, lnm):
+        """Does ``lnm`` keep the export of a migration cut short (its VM may
+        come back to it)?"""
+        ledger = self.inventory.ledger
+        return any((ledger.kept_export(name) or {}).get("source") == lnm
+                   for name in ledger.kept_exports())
+
+    def _queue(self, evacuation, names):
         for name in names:
             rec = self.state.vms.get(name)
             if rec is None:
                 continue
+            evacuation.total += 1
             if rec["state"] not in MOVABLE:
                 evacuation.failed.append({"name": name, "error": (
                     f"cannot migrate a VM that is {rec['state']}"
@@ -238,12 +279,6 @@ class Maintenance:
                         states.SHUTOFF, states.HIBERNATED) else ""))})
             else:
                 evacuation.waiting.append(name)
-        log.info("evacuating LNM {lnm}: {count} VMs, {concurrency} at a time", lnm=lnm,
-                 count=len(evacuation.waiting), concurrency=evacuation.concurrency)
-        workers = [defer.Deferred.fromCoroutine(self._worker(evacuation))
-                   for _ in range(min(evacuation.concurrency, len(evacuation.waiting)))]
-        await defer.DeferredList(workers, consumeErrors=True)
-        self._finished(evacuation)
 
     async def _worker(self, evacuation):
         while evacuation.waiting and not evacuation.stopped:
