@@ -16,6 +16,7 @@ from usher.vmset import Selection
 
 from tests.e2e import wait_for
 from tests.grid import DOMAIN, Grid
+from tests.test_failures_controller import hosts_of
 
 
 @pytest_twisted.async_yield_fixture
@@ -36,14 +37,6 @@ async def start_on(grid, lnm, count, cluster="web"):
                                          {"cluster": cluster, "count": count})
     assert result["failed"] == [], result
     return sorted(s["name"] for s in result["started"])
-
-
-async def hosts_of(grid, name):
-    found = []
-    for lnm, vmm in sorted(grid.vmms.items()):
-        if name in [d["name"] for d in await vmm.list_domains()]:
-            found.append(lnm)
-    return found
 
 
 @pytest_twisted.ensureDeferred

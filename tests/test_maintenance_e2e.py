@@ -27,6 +27,18 @@ async def system(tmp_path):
     await box.stop()
 
 
+async def evacuated(system, lnm, names):
+    """Asked of every host's own libvirtd: ``lnm`` has no VM left, and each
+    of ``names`` runs on exactly one other host. -> the inventories."""
+    inventories = await system.inventories()
+    assert inventories[lnm] == {}
+    for name in names:
+        hosts = [host for host, domains in inventories.items() if name in domains]
+        assert len(hosts) == 1 and hosts[0] != lnm, (name, hosts)
+        assert inventories[hosts[0]][name] == libvirt.VIR_DOMAIN_RUNNING
+    return inventories
+
+
 @pytest_twisted.ensureDeferred
 async def test_evacuating_an_lnm_with_50_vms_through_ush(system):
     ush = system.box.ush
@@ -50,12 +62,7 @@ async def test_evacuating_an_lnm_with_50_vms_through_ush(system):
     assert {m["to"] for m in status["moved"]} <= {"lnm2", "lnm3"}
 
     # Every host asked directly: lnm1 is empty, each VM runs exactly once.
-    inventories = await system.inventories()
-    assert inventories["lnm1"] == {}
-    for name in names:
-        hosts = [lnm for lnm, domains in inventories.items() if name in domains]
-        assert len(hosts) == 1 and hosts[0] != "lnm1", (name, hosts)
-        assert inventories[hosts[0]][name] == libvirt.VIR_DOMAIN_RUNNING
+    inventories = await evacuated(system, "lnm1", names)
     moved_to = {m["name"]: m["to"] for m in status["moved"]}
     for name in names:
         assert name in inventories[moved_to[name]]
@@ -144,9 +151,4 @@ async def test_an_evacuation_resumes_after_the_controller_is_killed(system):
     assert status["maintenance"] and status["reason"] == "resume test"
     assert status["failed"] == [], status["failed"]
     # The moves after the restart, and those before it, cover every VM.
-    inventories = await system.inventories()
-    assert inventories["lnm1"] == {}
-    for name in names:
-        hosts = [lnm for lnm, domains in inventories.items() if name in domains]
-        assert len(hosts) == 1 and hosts[0] != "lnm1", (name, hosts)
-        assert inventories[hosts[0]][name] == libvirt.VIR_DOMAIN_RUNNING
+    await evacuated(system, "lnm1", names)

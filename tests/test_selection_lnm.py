@@ -4,14 +4,13 @@ grid, and the client library through the real client port."""
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
-
 from usher import states
 from usher.errors import InvalidRequest, NoSuchVM
 from usher.vmset import Budget, Limits, Selection
 
 from tests.e2e import wait_for
-from tests.grid import DOMAIN, Grid
+from tests.grid import DOMAIN
+from tests.test_failures_controller import grid  # noqa: F401 (the fixture)
 
 
 def full(short, owner="alice"):
@@ -85,14 +84,6 @@ def test_matching_lnms_refuses_an_explicit_unknown_name():
 
 
 # -- the controller -----------------------------------------------------------------------
-
-@pytest_twisted.async_yield_fixture
-async def grid(tmp_path):
-    g = Grid(reactor, tmp_path)
-    await g.start()
-    yield g
-    await g.stop()
-
 
 async def populate(c):
     for user, lnm, count in (("alice", "lnm1", 3), ("alice", "lnm2", 2), ("bob", "lnm1", 2)):
