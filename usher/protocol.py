@@ -230,9 +230,29 @@ Administrators only (others get PermissionDenied)::
                                       retire a disconnected LNM and the VMs
                                       last known on it (also from the
                                       persisted list of LNMs)
+    maintenance(lnm: str, on: bool, reason: str|None, evacuate: bool,
+                concurrency: int|None) -> as evacuation(lnm)
+                                      put an LNM into maintenance (hold
+                                      "maintenance": no new VMs, the
+                                      rebalancer leaves it alone) and, with
+                                      evacuate, live-migrate every VM off it,
+                                      concurrency (1-64, default [ctrl]
+                                      evacuation_concurrency) at a time; on
+                                      false: out of maintenance (an evacuation
+                                      under way starts no more moves)
+    evacuation(lnm: str) -> {"lnm", "maintenance": bool, "reason", "by",
+                             "since", "evacuating": bool, "done": bool,
+                             "total": int, "moved": [{"name", "to"}],
+                             "failed": [{"name", "error"}], "running":
+                             [name], "waiting": int, "concurrency": int}
+                                      the progress of its last evacuation
+                                      (resumed after a controller restart)
 
 A selection is None (every VM), a list of names and ranges, or a dict with
-"names", "regex", "clusters" and "everything". One request (its selection
+"names", "regex", "clusters", "everything" and "lnms" (LNM names, ranges,
+/regex/ or ~regex: only the VMs on those LNMs, or alone every VM the caller
+may see on them; an LNM name the controller does not know is
+InvalidRequest; sent only when not empty). One request (its selection
 and its LNM list together) may name at most max_selection_names names,
 ranges expanded, and carry at most max_selection_patterns ranges and
 regular expressions (RE2 syntax, 256 characters at most); past that it is

@@ -5,24 +5,24 @@
 #    source ~/.local/share/bash_completion/ush
 # See also: https://github.com/scop/bash-completion/blob/main/doc/configuration.md
 
-_shtab_ush_subparsers=(connect disconnect reconnect help quit list start pause resume shutdown reboot hibernate restore destroy cycle migrate list_lnm top forget_lnm query plugins register_plugin unregister_plugin ranges addresses affinity lease exit)
+_shtab_ush_subparsers=(connect disconnect reconnect help quit list start pause resume shutdown reboot hibernate restore destroy cycle migrate list_lnm top forget_lnm query plugins register_plugin unregister_plugin ranges addresses affinity lease maintenance evacuate evacuation exit)
 
 _shtab_ush_connect_option_strings=(-h --help)
 _shtab_ush_disconnect_option_strings=(-h --help)
 _shtab_ush_reconnect_option_strings=(-h --help)
 _shtab_ush_help_option_strings=(-h --help)
 _shtab_ush_quit_option_strings=(-h --help)
-_shtab_ush_list_option_strings=(-h --help -s --status -a --all -n --cluster -r --regex)
+_shtab_ush_list_option_strings=(-h --help -s --status -a --all -n --cluster -r --regex --lnm)
 _shtab_ush_start_option_strings=(-h --help -n --cluster -c --count -l --lnm --arg --affinity --lease)
-_shtab_ush_pause_option_strings=(-h --help -n --cluster -r --regex)
-_shtab_ush_resume_option_strings=(-h --help -n --cluster -r --regex)
-_shtab_ush_shutdown_option_strings=(-h --help -n --cluster -r --regex)
-_shtab_ush_reboot_option_strings=(-h --help -n --cluster -r --regex)
-_shtab_ush_hibernate_option_strings=(-h --help -n --cluster -r --regex)
-_shtab_ush_restore_option_strings=(-h --help -n --cluster -r --regex)
-_shtab_ush_destroy_option_strings=(-h --help -n --cluster -r --regex)
-_shtab_ush_cycle_option_strings=(-h --help -n --cluster -r --regex)
-_shtab_ush_migrate_option_strings=(-h --help -n --cluster -r --regex --to)
+_shtab_ush_pause_option_strings=(-h --help -n --cluster -r --regex --lnm)
+_shtab_ush_resume_option_strings=(-h --help -n --cluster -r --regex --lnm)
+_shtab_ush_shutdown_option_strings=(-h --help -n --cluster -r --regex --lnm)
+_shtab_ush_reboot_option_strings=(-h --help -n --cluster -r --regex --lnm)
+_shtab_ush_hibernate_option_strings=(-h --help -n --cluster -r --regex --lnm)
+_shtab_ush_restore_option_strings=(-h --help -n --cluster -r --regex --lnm)
+_shtab_ush_destroy_option_strings=(-h --help -n --cluster -r --regex --lnm)
+_shtab_ush_cycle_option_strings=(-h --help -n --cluster -r --regex --lnm)
+_shtab_ush_migrate_option_strings=(-h --help -n --cluster -r --regex --lnm --from --to)
 _shtab_ush_list_lnm_option_strings=(-h --help -s --status)
 _shtab_ush_top_option_strings=(-h --help -c --count -i --interval --iterations)
 _shtab_ush_forget_lnm_option_strings=(-h --help)
@@ -34,6 +34,9 @@ _shtab_ush_ranges_option_strings=(-h --help -o --owner)
 _shtab_ush_addresses_option_strings=(-h --help -o --owner)
 _shtab_ush_affinity_option_strings=(-h --help -n --cluster)
 _shtab_ush_lease_option_strings=(-h --help -n --cluster -o --owner)
+_shtab_ush_maintenance_option_strings=(-h --help --reason --evacuate --concurrency --wait --interval)
+_shtab_ush_evacuate_option_strings=(-h --help --reason --concurrency --wait --interval)
+_shtab_ush_evacuation_option_strings=(-h --help --wait --interval)
 _shtab_ush_exit_option_strings=(-h --help)
 _shtab_ush_option_strings=(-h --help --config --json --version --completion)
 
@@ -41,7 +44,7 @@ _shtab_ush___config_COMPGEN=_shtab_compgen_files
 
 _shtab_ush_start___affinity_choices=(apart together)
 _shtab_ush_affinity_pos_0_choices=(apart together none)
-_shtab_ush_pos_0_choices=(connect disconnect reconnect help quit list start pause resume shutdown reboot hibernate restore destroy cycle migrate list_lnm top forget_lnm query plugins register_plugin unregister_plugin ranges addresses affinity lease exit)
+_shtab_ush_pos_0_choices=(connect disconnect reconnect help quit list start pause resume shutdown reboot hibernate restore destroy cycle migrate list_lnm top forget_lnm query plugins register_plugin unregister_plugin ranges addresses affinity lease maintenance evacuate evacuation exit)
 _shtab_ush___completion_choices=(bash zsh)
 
 _shtab_ush_connect__h_nargs=0
@@ -120,6 +123,16 @@ _shtab_ush_affinity___help_nargs=0
 _shtab_ush_lease_pos_0_nargs='*'
 _shtab_ush_lease__h_nargs=0
 _shtab_ush_lease___help_nargs=0
+_shtab_ush_maintenance__h_nargs=0
+_shtab_ush_maintenance___help_nargs=0
+_shtab_ush_maintenance___evacuate_nargs=0
+_shtab_ush_maintenance___wait_nargs=0
+_shtab_ush_evacuate__h_nargs=0
+_shtab_ush_evacuate___help_nargs=0
+_shtab_ush_evacuate___wait_nargs=0
+_shtab_ush_evacuation__h_nargs=0
+_shtab_ush_evacuation___help_nargs=0
+_shtab_ush_evacuation___wait_nargs=0
 _shtab_ush_exit__h_nargs=0
 _shtab_ush_exit___help_nargs=0
 _shtab_ush_pos_0_nargs=A...

@@ -16,6 +16,8 @@ _shtab_ush_commands() {
     cycle:'Destroy and restart VMs (hard reset)'
     destroy:'Power VMs off at once and remove them'
     disconnect:'Log out and close the connection to the controller'
+    evacuate:'Move every VM off a host, into maintenance (administrators)'
+    evacuation:'Show a host'"'"'s maintenance and evacuation progress (administrators)'
     exit:'Leave ush (also: exit, Ctrl-D)'
     forget_lnm:'Retire a host that will not come back (administrators)'
     help:'Show the list of commands, or help on one command or topic'
@@ -23,6 +25,7 @@ _shtab_ush_commands() {
     lease:'Show or renew the leases of your VMs (when they end)'
     list:'List your VMs (from the local cache, or ask the controller)'
     list_lnm:'List the local node managers (the physical hosts)'
+    maintenance:'Put a host into maintenance or take it out (administrators)'
     migrate:'Move VMs to other hosts (live migration)'
     pause:'Pause VMs, keeping their memory resident'
     plugins:'List the available plugins and the event chains (administrators)'
@@ -82,6 +85,7 @@ _shtab_ush_cycle_options=(
   {-h,--help}"[help]"
   "*"{-n,--cluster}"[CLUSTER]:CLUSTER:"
   {-r,--regex}"[REGEX]:REGEX:"
+  "*--lnm[LNM]:LNM:"
   "(*)::VM:"
 )
 
@@ -92,6 +96,7 @@ _shtab_ush_destroy_options=(
   {-h,--help}"[help]"
   "*"{-n,--cluster}"[CLUSTER]:CLUSTER:"
   {-r,--regex}"[REGEX]:REGEX:"
+  "*--lnm[LNM]:LNM:"
   "(*)::VM:"
 )
 
@@ -104,6 +109,28 @@ _shtab_ush_disconnect_options=(
 
 # guard to ensure default positional specs are added only once per session
 _shtab_ush_disconnect_defaults_added=0
+
+_shtab_ush_evacuate_options=(
+  {-h,--help}"[help]"
+  "--reason[reason]:reason:"
+  "--concurrency[concurrency]:concurrency:"
+  "--wait[wait]"
+  "--interval[interval]:interval:"
+  ":LNM:"
+)
+
+# guard to ensure default positional specs are added only once per session
+_shtab_ush_evacuate_defaults_added=0
+
+_shtab_ush_evacuation_options=(
+  {-h,--help}"[help]"
+  "--wait[wait]"
+  "--interval[interval]:interval:"
+  ":LNM:"
+)
+
+# guard to ensure default positional specs are added only once per session
+_shtab_ush_evacuation_defaults_added=0
 
 _shtab_ush_exit_options=(
   {-h,--help}"[help]"
@@ -132,6 +159,7 @@ _shtab_ush_hibernate_options=(
   {-h,--help}"[help]"
   "*"{-n,--cluster}"[CLUSTER]:CLUSTER:"
   {-r,--regex}"[REGEX]:REGEX:"
+  "*--lnm[LNM]:LNM:"
   "(*)::VM:"
 )
 
@@ -154,6 +182,7 @@ _shtab_ush_list_options=(
   {-a,--all}"[all]"
   "*"{-n,--cluster}"[CLUSTER]:CLUSTER:"
   {-r,--regex}"[REGEX]:REGEX:"
+  "*--lnm[LNM]:LNM:"
   "(*)::VM:"
 )
 
@@ -169,10 +198,26 @@ _shtab_ush_list_lnm_options=(
 # guard to ensure default positional specs are added only once per session
 _shtab_ush_list_lnm_defaults_added=0
 
+_shtab_ush_maintenance_options=(
+  {-h,--help}"[help]"
+  "--reason[reason]:reason:"
+  "--evacuate[evacuate]"
+  "--concurrency[concurrency]:concurrency:"
+  "--wait[wait]"
+  "--interval[interval]:interval:"
+  ":LNM:"
+  ":on\|off:"
+)
+
+# guard to ensure default positional specs are added only once per session
+_shtab_ush_maintenance_defaults_added=0
+
 _shtab_ush_migrate_options=(
   {-h,--help}"[help]"
   "*"{-n,--cluster}"[CLUSTER]:CLUSTER:"
   {-r,--regex}"[REGEX]:REGEX:"
+  "*--lnm[LNM]:LNM:"
+  "*--from[LNM]:LNM:"
   "--to[LNM]:LNM:"
   "(*)::VM:"
 )
@@ -184,6 +229,7 @@ _shtab_ush_pause_options=(
   {-h,--help}"[help]"
   "*"{-n,--cluster}"[CLUSTER]:CLUSTER:"
   {-r,--regex}"[REGEX]:REGEX:"
+  "*--lnm[LNM]:LNM:"
   "(*)::VM:"
 )
 
@@ -225,6 +271,7 @@ _shtab_ush_reboot_options=(
   {-h,--help}"[help]"
   "*"{-n,--cluster}"[CLUSTER]:CLUSTER:"
   {-r,--regex}"[REGEX]:REGEX:"
+  "*--lnm[LNM]:LNM:"
   "(*)::VM:"
 )
 
@@ -253,6 +300,7 @@ _shtab_ush_restore_options=(
   {-h,--help}"[help]"
   "*"{-n,--cluster}"[CLUSTER]:CLUSTER:"
   {-r,--regex}"[REGEX]:REGEX:"
+  "*--lnm[LNM]:LNM:"
   "(*)::VM:"
 )
 
@@ -263,6 +311,7 @@ _shtab_ush_resume_options=(
   {-h,--help}"[help]"
   "*"{-n,--cluster}"[CLUSTER]:CLUSTER:"
   {-r,--regex}"[REGEX]:REGEX:"
+  "*--lnm[LNM]:LNM:"
   "(*)::VM:"
 )
 
@@ -273,6 +322,7 @@ _shtab_ush_shutdown_options=(
   {-h,--help}"[help]"
   "*"{-n,--cluster}"[CLUSTER]:CLUSTER:"
   {-r,--regex}"[REGEX]:REGEX:"
+  "*--lnm[LNM]:LNM:"
   "(*)::VM:"
 )
 
@@ -338,6 +388,8 @@ _shtab_ush() {
         cycle) _arguments -C -s $_shtab_ush_cycle_options ;;
         destroy) _arguments -C -s $_shtab_ush_destroy_options ;;
         disconnect) _arguments -C -s $_shtab_ush_disconnect_options ;;
+        evacuate) _arguments -C -s $_shtab_ush_evacuate_options ;;
+        evacuation) _arguments -C -s $_shtab_ush_evacuation_options ;;
         exit) _arguments -C -s $_shtab_ush_exit_options ;;
         forget_lnm) _arguments -C -s $_shtab_ush_forget_lnm_options ;;
         help) _arguments -C -s $_shtab_ush_help_options ;;
@@ -345,6 +397,7 @@ _shtab_ush() {
         lease) _arguments -C -s $_shtab_ush_lease_options ;;
         list) _arguments -C -s $_shtab_ush_list_options ;;
         list_lnm) _arguments -C -s $_shtab_ush_list_lnm_options ;;
+        maintenance) _arguments -C -s $_shtab_ush_maintenance_options ;;
         migrate) _arguments -C -s $_shtab_ush_migrate_options ;;
         pause) _arguments -C -s $_shtab_ush_pause_options ;;
         plugins) _arguments -C -s $_shtab_ush_plugins_options ;;

@@ -144,3 +144,11 @@ class PluginAPI:
         ``message`` one line (at most 1,000 characters). -> how many
         sessions; never waits (usher.controller.notices)."""
         return self._controller.notify_user(user, kind, message)
+
+    # -- part A: maintenance and evacuation (issue 15) --
+
+    def set_maintenance(self, lnm, on, reason=None, evacuate=False, concurrency=None):
+        """Put an LNM into maintenance or take it out, as the system; ->
+        Deferred of its status (``usher.controller.maintenance``)."""
+        return defer.Deferred.fromCoroutine(self._controller.maintenance.set(
+            lnm, on, by="usher", reason=reason, evacuate=evacuate, concurrency=concurrency))
