@@ -218,6 +218,13 @@ Administrators only (others get PermissionDenied)::
                                       retire a disconnected LNM and the VMs
                                       last known on it (also from the
                                       persisted list of LNMs)
+    confirm_fenced(lnm: str, evidence: str|None) -> {"lnm", "fenced": {"evidence",
+                                      "by", "since", "restarted": [vm]}}
+                                      the administrator's word that the host
+                                      of a disconnected LNM is off: its lost
+                                      VMs may be restarted elsewhere (issue
+                                      15, part B; a connected LNM is
+                                      InvalidRequest)
 
 A selection is None (every VM), a list of names and ranges, or a dict with
 "names", "regex", "clusters" and "everything". One request (its selection

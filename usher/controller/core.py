@@ -21,6 +21,7 @@ migrations, reports, lost and missing VMs, recovery) and ``vm_removed``.
 
 from usher.controller.commands import LNMSlots
 from usher.controller.events import Event, EventChains
+from usher.controller.fencing import Fencing
 from usher.controller.holds import HostHolds
 from usher.controller.inflight import InFlight
 from usher.controller.inventory import LNMInventory
@@ -87,6 +88,9 @@ class Controller:
                              default_vcpus=default_vcpus, **rooms)
         self.operations = Operations(slots=slots, **rooms)
         self.migrations = Migrations(**rooms)
+        # (issue 15, part B) HA restart only with fencing.
+        self.fencing = Fencing(state=self.state, holds=self.holds, inventory=self.inventory,
+                               starts=self.starts, ledger=self.inflight, clock=clock)
         self.state.listen(self._state_changed)
         self.holds.listen(self._hold_changed)
 
@@ -203,3 +207,11 @@ class Controller:
             self.chains.notify(Event("vm_state_changed", self.api, vm=dict(record),
                                      old_state=old_state, new_state=new_state,
                                      origin=self.state.change_origin))
+
+    # -- HA restart only with fencing (issue 15, part B) ----------------------------------
+
+    def confirm_fenced(self, lnm, *, evidence, by):
+        return self.fencing.confirm_fenced(lnm, evidence=evidence, by=by)
+
+    async def restart_elsewhere(self, names, *, by="usher"):
+        return await self.fencing.restart_elsewhere(names, by=by)
