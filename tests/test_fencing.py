@@ -15,28 +15,9 @@ from usher.controller.recovery import Recovery
 from usher.errors import InvalidRequest, NoSuchLNM, OperationFailed
 
 from tests.e2e import wait_for
-from tests.grid import DOMAIN, Grid
-
-
-@pytest_twisted.async_yield_fixture
-async def grid(tmp_path):
-    g = Grid(reactor, tmp_path)
-    await g.start()
-    yield g
-    await g.stop()
-
-
-def full(short, owner="alice"):
-    return f"{short}.{owner}.{DOMAIN}"
-
-
-async def hosts_of(grid, name):
-    """The LNMs whose hypervisor has a domain ``name`` (asked of libvirt)."""
-    found = []
-    for lnm, vmm in sorted(grid.vmms.items()):
-        if name in [d["name"] for d in await vmm.list_domains()]:
-            found.append(lnm)
-    return found
+from tests.grid import DOMAIN
+# (grid: the in-process grid fixture, shared with the controller's failure tests.)
+from tests.test_failures_controller import full, grid, hosts_of  # noqa: F401
 
 
 async def start_on(grid, lnm, *shorts, args=None, user="alice"):

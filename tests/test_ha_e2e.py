@@ -16,21 +16,14 @@ from usher.errors import InvalidRequest
 
 from tests import libvirtd
 from tests.e2e import parse_json, sleep
-from tests.test_failures_e2e import System, states_of, until
+# (proxied_system: lnm2 behind a CuttableProxy, the fixture of the failure tests.)
+from tests.test_failures_e2e import proxied_system, states_of, until  # noqa: F401
 
 pytestmark = pytest.mark.skipif(not libvirtd.available(),
                                 reason="needs root and libvirtd (Debian: libvirt-daemon)")
 
 HA_EVENTS = ("lnm_disconnected", "lnm_connected", "lnm_hold_changed", "timer")
 GRACE = 1.0
-
-
-@pytest_twisted.async_yield_fixture
-async def partitionable(tmp_path):
-    box = System(tmp_path, proxied=["lnm2"])
-    await box.start()
-    yield box
-    await box.stop()
 
 
 def write_agent(tmp_path):
@@ -82,9 +75,9 @@ def running_copies(inventories, name):
 
 
 @pytest_twisted.ensureDeferred
-async def test_partition_no_evidence_no_restart_then_fenced_then_healed(partitionable,
-                                                                         tmp_path):
-    system = partitionable
+async def test_partition_no_evidence_no_restart_then_fenced_then_healed(proxied_system,
+                                                                        tmp_path):
+    system = proxied_system
     agent, calls, permit = write_agent(tmp_path)
     alice = await system.client()
     await register_ha(alice, tmp_path, fence_command=f"{agent}, {{lnm}}, {{hostname}}")
@@ -148,9 +141,9 @@ async def test_partition_no_evidence_no_restart_then_fenced_then_healed(partitio
 
 
 @pytest_twisted.ensureDeferred
-async def test_without_an_agent_the_administrators_ush_fenced_restarts(partitionable,
+async def test_without_an_agent_the_administrators_ush_fenced_restarts(proxied_system,
                                                                       tmp_path):
-    system = partitionable
+    system = proxied_system
     alice = await system.client()
     await register_ha(alice, tmp_path)          # no fence agent
     names, by_lnm = await start_spread(alice, "adm")

@@ -3,7 +3,6 @@ and backoff, priorities and the rate bound, on a task.Clock with an API
 double; the fence agent hook with real commands; then the plugin on a real
 controller (tests/grid.py) fencing with a real script."""
 
-import os
 import stat
 
 import pytest
