@@ -38,6 +38,9 @@ class FakeFencing:
     def fenced(self, lnm):
         return self.holds.has(lnm, "fenced")
 
+    def clean_up(self, lnm):
+        self.holds.release(lnm, "fenced")
+
 
 class FakeAPI:
     """What the plugin uses of the controller; restarts and fence agents
@@ -259,6 +262,14 @@ def test_a_host_back_before_its_fence_agent_answers_is_not_fenced(world):
     p.entry_point(Event("lnm_connected", lnm="lnm1", info={}))
     answer.callback(FenceOutcome(True, evidence="off"))
     assert not api.holds.has("lnm1", "fenced") and api.restarts == []
+
+
+def test_a_fenced_host_back_is_checked_again_for_its_stale_copies(world):
+    api = world
+    p = plugin(api)
+    api.holds.hold("lnm1", "fenced", restarted=["x"], stale=["x"])
+    tick(api, p)
+    assert not api.holds.has("lnm1", "fenced")
 
 
 def test_ha_status_is_for_administrators_and_the_plugin_sets_the_stale_policy(world):

@@ -19,7 +19,8 @@ on ``lnm_disconnected``, ``lnm_connected``, ``lnm_hold_changed`` and
   ``max_restarts_per_minute``, the rest queued; a VM that could not be
   placed is tried again after ``retry_restart_after``.
 - ``stale_copies`` (``destroy`` or ``hold``): the core's policy for the
-  copies a fenced host still has when it comes back.
+  copies a fenced host still has when it comes back; a host back but still
+  fenced is checked again at each review (copies removed by hand release it).
 - query ``ha.status`` (administrators): hosts, fencing attempts, the queue.
 
 Sample configuration: ``etc/plugins/ha.config``.
@@ -138,6 +139,10 @@ class Plugin:
         for lnm, info in sorted(self.api.state.lnms.items()):
             if info.connected:
                 self.watching.pop(lnm, None)
+                if fencing.fenced(lnm):
+                    # Back, with stale copies kept (stale_copies = hold, or
+                    # in doubt): see whether they are gone by now.
+                    fencing.clean_up(lnm)
                 continue
             lost = self._lost_on(lnm)
             if not lost and not fencing.fenced(lnm):
