@@ -20,7 +20,7 @@ setup(
     # generic ("plugins", "clients") lands in site-packages.
     packages=["usher", "usher.auth", "usher.client", "usher.controller", "usher.lnm",
               "usher.pki", "usher.plugins", "usher.plugins.sql", "usher.plugins.ldap",
-              "usher.plugins.dns", "usher.plugins.filesystem",
+              "usher.plugins.dns", "usher.plugins.filesystem", "usher.plugins.ha",
               "usher.plugins.leases",  # issue 15, leases
               "usher.clients",
               "usher.clients.ush", "usher.clients.plusher", "usher.clients.web"],

@@ -247,6 +247,13 @@ Administrators only (others get PermissionDenied)::
                              [name], "waiting": int, "concurrency": int}
                                       the progress of its last evacuation
                                       (resumed after a controller restart)
+    confirm_fenced(lnm: str, evidence: str|None) -> {"lnm", "fenced": {"evidence",
+                                      "by", "since", "restarted": [vm]}}
+                                      the administrator's word that the host
+                                      of a disconnected LNM is off: its lost
+                                      VMs may be restarted elsewhere (issue
+                                      15, part B; a connected LNM is
+                                      InvalidRequest)
 
 A selection is None (every VM), a list of names and ranges, or a dict with
 "names", "regex", "clusters", "everything" and "lnms" (LNM names, ranges,

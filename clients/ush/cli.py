@@ -8,8 +8,8 @@ Outcome (local commands) or the Call that will run remotely.
 
 from usher.cliargs import UsageError
 
-from . import (cmd_affinity, cmd_hosts, cmd_ipam, cmd_leases, cmd_lnms, cmd_plugins, cmd_session,
-               cmd_vms, help_text)
+from . import (cmd_affinity, cmd_ha, cmd_hosts, cmd_ipam, cmd_leases, cmd_lnms, cmd_plugins,
+               cmd_session, cmd_vms, help_text)
 from .parsing import CommandParser
 
 ALIASES = help_text.ALIASES
@@ -24,6 +24,7 @@ GROUPS = (
     cmd_affinity.register,
     cmd_leases.register,        # issue 15, leases
     cmd_hosts.register,
+    cmd_ha.register,       # (issue 15, part B)
 )
 
 

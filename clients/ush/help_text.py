@@ -554,6 +554,31 @@ COMMANDS["evacuation"] = _entry(
       evacuation vmm47
       evacuation vmm47 --wait""")
 
+# (issue 15, part B)
+COMMANDS["fenced"] = _entry(
+    "Say that a lost host is off, so its VMs may be restarted elsewhere (administrators)",
+    "fenced LNM [--evidence TEXT]",
+    """\
+    Tell the controller that the host of a disconnected LNM is off: powered
+    down, unplugged, fenced by hand. It asks nothing and checks nothing: it is
+    your word, and Usher acts on it. Only then may the HA plugin restart that
+    LNM's lost VMs on other hosts; without it (or the site's fence agent) a
+    lost host's VMs stay lost, because a host that is only cut off from the
+    network still runs them, and a second copy would corrupt their disks.
+    Never say it of a host you have not seen off.
+
+    The host takes no new VMs while it is fenced. When it comes back, the
+    copies it still has of the VMs restarted elsewhere are destroyed (or,
+    where the site's stale_copies policy is hold, listed for you to remove),
+    and then it is used again; its VMs that were not restarted come back as
+    they are. A connected LNM is refused.
+
+    Options:
+      --evidence TEXT   what you saw (kept with the hold: "PDU outlet 4 off")
+
+    Example:
+      fenced vmm47 --evidence 'powered off at the console, ticket 1234'""")
+
 COMMANDS["top"] = _entry(
     "A live view of the hosts and their busiest VMs",
     "top [-c COUNT] [-i SECONDS] [--iterations N] [LNM ...]",

@@ -5,7 +5,7 @@
 #    source ~/.local/share/bash_completion/ush
 # See also: https://github.com/scop/bash-completion/blob/main/doc/configuration.md
 
-_shtab_ush_subparsers=(connect disconnect reconnect help quit list start pause resume shutdown reboot hibernate restore destroy cycle migrate list_lnm top forget_lnm query plugins register_plugin unregister_plugin ranges addresses affinity lease maintenance evacuate evacuation exit)
+_shtab_ush_subparsers=(connect disconnect reconnect help quit list start pause resume shutdown reboot hibernate restore destroy cycle migrate list_lnm top forget_lnm query plugins register_plugin unregister_plugin ranges addresses affinity lease maintenance evacuate evacuation fenced exit)
 
 _shtab_ush_connect_option_strings=(-h --help)
 _shtab_ush_disconnect_option_strings=(-h --help)
@@ -37,6 +37,7 @@ _shtab_ush_lease_option_strings=(-h --help -n --cluster -o --owner)
 _shtab_ush_maintenance_option_strings=(-h --help --reason --evacuate --concurrency --wait --interval)
 _shtab_ush_evacuate_option_strings=(-h --help --reason --concurrency --wait --interval)
 _shtab_ush_evacuation_option_strings=(-h --help --wait --interval)
+_shtab_ush_fenced_option_strings=(-h --help --evidence)
 _shtab_ush_exit_option_strings=(-h --help)
 _shtab_ush_option_strings=(-h --help --config --json --version --completion)
 
@@ -44,7 +45,7 @@ _shtab_ush___config_COMPGEN=_shtab_compgen_files
 
 _shtab_ush_start___affinity_choices=(apart together)
 _shtab_ush_affinity_pos_0_choices=(apart together none)
-_shtab_ush_pos_0_choices=(connect disconnect reconnect help quit list start pause resume shutdown reboot hibernate restore destroy cycle migrate list_lnm top forget_lnm query plugins register_plugin unregister_plugin ranges addresses affinity lease maintenance evacuate evacuation exit)
+_shtab_ush_pos_0_choices=(connect disconnect reconnect help quit list start pause resume shutdown reboot hibernate restore destroy cycle migrate list_lnm top forget_lnm query plugins register_plugin unregister_plugin ranges addresses affinity lease maintenance evacuate evacuation fenced exit)
 _shtab_ush___completion_choices=(bash zsh)
 
 _shtab_ush_connect__h_nargs=0
@@ -133,6 +134,8 @@ _shtab_ush_evacuate___wait_nargs=0
 _shtab_ush_evacuation__h_nargs=0
 _shtab_ush_evacuation___help_nargs=0
 _shtab_ush_evacuation___wait_nargs=0
+_shtab_ush_fenced__h_nargs=0
+_shtab_ush_fenced___help_nargs=0
 _shtab_ush_exit__h_nargs=0
 _shtab_ush_exit___help_nargs=0
 _shtab_ush_pos_0_nargs=A...

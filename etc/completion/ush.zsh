@@ -19,6 +19,7 @@ _shtab_ush_commands() {
     evacuate:'Move every VM off a host, into maintenance (administrators)'
     evacuation:'Show a host'"'"'s maintenance and evacuation progress (administrators)'
     exit:'Leave ush (also: exit, Ctrl-D)'
+    fenced:'Say that a lost host is off, so its VMs may be restarted elsewhere (administrators)'
     forget_lnm:'Retire a host that will not come back (administrators)'
     help:'Show the list of commands, or help on one command or topic'
     hibernate:'Save VMs'"'"' memory to disk and stop them'
@@ -138,6 +139,15 @@ _shtab_ush_exit_options=(
 
 # guard to ensure default positional specs are added only once per session
 _shtab_ush_exit_defaults_added=0
+
+_shtab_ush_fenced_options=(
+  {-h,--help}"[help]"
+  "--evidence[TEXT]:TEXT:"
+  ":lnm:"
+)
+
+# guard to ensure default positional specs are added only once per session
+_shtab_ush_fenced_defaults_added=0
 
 _shtab_ush_forget_lnm_options=(
   {-h,--help}"[help]"
@@ -391,6 +401,7 @@ _shtab_ush() {
         evacuate) _arguments -C -s $_shtab_ush_evacuate_options ;;
         evacuation) _arguments -C -s $_shtab_ush_evacuation_options ;;
         exit) _arguments -C -s $_shtab_ush_exit_options ;;
+        fenced) _arguments -C -s $_shtab_ush_fenced_options ;;
         forget_lnm) _arguments -C -s $_shtab_ush_forget_lnm_options ;;
         help) _arguments -C -s $_shtab_ush_help_options ;;
         hibernate) _arguments -C -s $_shtab_ush_hibernate_options ;;

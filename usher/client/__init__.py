@@ -468,6 +468,14 @@ class UsherClient:
         """Retire a disconnected LNM and the VMs last known on it (admins)."""
         return await self._remote("forget_lnm", name)
 
+    # -- HA restart only with fencing (issue 15, part B) --
+
+    @as_deferred
+    async def confirm_fenced(self, lnm, evidence=None):
+        """Say, as an administrator, that the host of disconnected ``lnm`` is
+        off (its lost VMs may be restarted elsewhere) -> {"lnm", "fenced"}."""
+        return await self._remote("confirm_fenced", lnm, evidence)
+
     # -- part A: maintenance and evacuation (issue 15) --
 
     @as_deferred

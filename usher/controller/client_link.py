@@ -243,6 +243,21 @@ class UserPerspective(pb.Avatar):
             raise InvalidRequest("LNM name must be a string")
         return self.controller.maintenance.status(lnm)
 
+    # -- HA restart only with fencing (issue 15, part B) ---------------------------
+
+    @_boundary
+    async def perspective_confirm_fenced(self, lnm, evidence=None):
+        if not self.admin:
+            raise PermissionDenied("only administrators may confirm that a host is fenced")
+        if not isinstance(lnm, str) or len(lnm) > 255:
+            raise InvalidRequest("LNM name must be a string of at most 255 characters")
+        if evidence is None:
+            evidence = f"confirmed by the administrator {self.user}"
+        if not isinstance(evidence, str):
+            raise InvalidRequest("evidence must be a string")
+        details = self.controller.confirm_fenced(lnm, evidence=evidence, by=self.user)
+        return {"lnm": lnm, "fenced": details}
+
 
 async def _no_role(user):
     return None

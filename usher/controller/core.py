@@ -24,6 +24,7 @@ import functools
 from usher.controller.affinity import AffinityRules
 from usher.controller.commands import LNMSlots
 from usher.controller.events import Event, EventChains
+from usher.controller.fencing import Fencing
 from usher.controller.holds import HostHolds
 from usher.controller.inflight import InFlight
 from usher.controller.inventory import LNMInventory
@@ -97,6 +98,9 @@ class Controller:
                              default_vcpus=default_vcpus, **rooms)
         self.operations = Operations(slots=slots, **rooms)
         self.migrations = Migrations(**rooms)
+        # (issue 15, part B) HA restart only with fencing.
+        self.fencing = Fencing(state=self.state, holds=self.holds, inventory=self.inventory,
+                               starts=self.starts, ledger=self.inflight, clock=clock)
         self.state.listen(self._state_changed)
         self.holds.listen(self._hold_changed)
         # -- part A: maintenance and evacuation (issue 15) --
@@ -238,3 +242,11 @@ class Controller:
         of text) to every session ``user`` has open -> how many sessions.
         Bounded and never waited on: usher.controller.notices."""
         return self.notices.notify(user, kind, message)
+
+    # -- HA restart only with fencing (issue 15, part B) ----------------------------------
+
+    def confirm_fenced(self, lnm, *, evidence, by):
+        return self.fencing.confirm_fenced(lnm, evidence=evidence, by=by)
+
+    async def restart_elsewhere(self, names, *, by="usher"):
+        return await self.fencing.restart_elsewhere(names, by=by)

@@ -189,7 +189,12 @@ class LNMInventory:
         observation = self.observation
         complaints = {}
         if trusting:
-            observation.trust(lnm, domains)
+            # (issue 15, part B) A fenced LNM's copies of the VMs restarted
+            # elsewhere are stale: its inventory never vouches for them.
+            fenced = (self.state.holds.get(lnm, "fenced")
+                      if self.state.holds is not None else None) or {}
+            stale = set(fenced.get("restarted", ()))
+            observation.trust(lnm, [d for d in domains if d["name"] not in stale])
         seen = set()
         for dom in domains:
             observation.observe(lnm, dom, complaints)

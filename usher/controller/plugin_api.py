@@ -152,3 +152,21 @@ class PluginAPI:
         Deferred of its status (``usher.controller.maintenance``)."""
         return defer.Deferred.fromCoroutine(self._controller.maintenance.set(
             lnm, on, by="usher", reason=reason, evacuate=evacuate, concurrency=concurrency))
+
+    # -- HA restart only with fencing (issue 15, part B) --------------------------
+
+    @property
+    def fencing(self):
+        """``usher.controller.fencing.Fencing``: fenced hosts, what was
+        restarted off them, the ``stale_copies`` policy."""
+        return self._controller.fencing
+
+    def confirm_fenced(self, lnm, evidence, by="usher"):
+        """The host of disconnected ``lnm`` is known to be off. -> the hold."""
+        return self._controller.confirm_fenced(lnm, evidence=evidence, by=by)
+
+    def restart_elsewhere(self, names, by="usher"):
+        """Restart elsewhere VMs lost on fenced LNMs; -> Deferred of
+        {"started", "failed", "notes"}. The core refuses any other VM."""
+        return defer.Deferred.fromCoroutine(self._controller.restart_elsewhere(
+            list(names), by=by))

@@ -11,6 +11,7 @@ logged with its traceback and reported, and no record stays ``starting``.
 
 import uuid
 
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from usher import states
@@ -41,6 +42,7 @@ class Starts(Room):
         self.max_request_vms = max_request_vms
         self.default_memory = default_memory
         self.default_vcpus = default_vcpus
+        self._relocating = {}        # (issue 15, part B) name -> (LNM it left, undone)
 
     def _refuse_while_recovering(self):
         recovery = self.inventory.recovery
@@ -272,6 +274,9 @@ class Starts(Room):
     def _undo(self, rec, restarting):
         """A start that did nothing: a VM started again is shut off again,
         a new one was never."""
+        if rec["name"] in self._relocating:
+            self._relocation_undone(rec)
+            return
         if rec["state"] in (states.STARTING, states.LOST):
             if restarting:
                 self.state.update(rec["name"], state=states.SHUTOFF)
@@ -284,5 +289,72 @@ class Starts(Room):
         record does not stay ``starting``."""
         if not any(entry["name"] == name for entry in failed):
             failed.append({"name": name, "error": INTERNAL_ERROR})
-        if rec is not None and rec.get("state") == states.STARTING:
+        if rec is not None and name in self._relocating:
+            # Its start may have been sent: lost where it went, never undone.
+            if rec.get("state") == states.STARTING:
+                self.state.update(name, state=states.LOST)
+        elif rec is not None and rec.get("state") == states.STARTING:
             self._undo(rec, name in restart)
+
+    # -- HA restart (issue 15, part B: usher.controller.fencing) ---------------------
+
+    async def relocate(self, user, admin, leaving, *, before_send, undone):
+        """Start on other hosts lost VMs whose host was fenced: ``leaving``
+        is {name: the LNM it leaves}. Their records go down the
+        ``start_request`` chain with ``request.relocate`` (placement picks
+        another host, as for a migration); ``before_send({name: LNM left})``
+        runs before any start is sent (it may raise: nothing is sent); each
+        record then names its new host. A start that surely did nothing puts
+        the record back where it was, still lost, and calls ``undone(name,
+        LNM left)``; one whose answer never came leaves it lost on the new
+        host (its inventory settles it). -> like ``start``'s answer."""
+        started_at = self.clock.seconds()
+        self._refuse_while_recovering()
+        names = sorted(leaving)
+        request = Request("start", user, admin=admin, vms=names,
+                          records={n: dict(self.state.vms[n]) for n in names})
+        request.relocate = dict(leaving)
+        await self.chains.fire_request(Event("start_request", self.api, request=request))
+        failed = dropped_failures(request)
+        placed = {}
+        for name in request.vms:
+            rec, target = self.state.vms.get(name), request.placement.get(name)
+            if rec is None or rec["state"] != states.LOST or rec["lnm"] != leaving[name]:
+                why = "it changed meanwhile (no longer lost on the LNM it was to leave)"
+            elif target is None or target == leaving[name]:
+                why = "no placement: no plugin placed it on another LNM"
+            elif not self.inventory.connected(target):
+                why = f"LNM {target} is not connected"
+            else:
+                placed[name] = target
+                continue
+            failed.append({"name": name, "error": why})
+        if placed:
+            before_send({name: leaving[name] for name in placed})
+        by_lnm = {}
+        for name, target in placed.items():
+            self._relocating[name] = (leaving[name], undone)
+            self.state.update(name, state=states.STARTING, lnm=target)
+            by_lnm.setdefault(target, []).append(self.state.vms[name])
+        started = []
+        try:
+            await run_each([self._start_on(lnm, recs, started, failed, set(placed))
+                            for lnm, recs in by_lnm.items()], "start")
+            for name in unaccounted(list(placed), started, failed):
+                self._settle_unaccounted(self.state.vms.get(name), name, failed, set(placed))
+        finally:
+            for name in placed:
+                self._relocating.pop(name, None)
+        started.sort(key=lambda s: s["name"])
+        return {"started": started, "failed": failed, "notes": request.notes,
+                "elapsed": self.clock.seconds() - started_at}
+
+    def _relocation_undone(self, rec):
+        name = rec["name"]
+        left, undone = self._relocating.pop(name)
+        target = rec["lnm"]
+        if rec["state"] in (states.STARTING, states.LOST):
+            self.state.update(name, state=states.LOST, lnm=left)
+        undone(name, left)
+        # The new host may have cached the record: it names the old one now.
+        defer.Deferred.fromCoroutine(self.inventory.send_record(target, name))
