@@ -5,6 +5,10 @@ Register on ``timer`` (it runs every ``interval`` seconds) and, to rebalance
 when hosts or VMs come and go, on ``lnm_connected``, ``lnm_disconnected``
 and ``vm_removed``. Every pass, in this order:
 
+Held hosts (``usher.controller.holds``: maintenance, fenced, powered down)
+are left alone: no VM is moved off one (an evacuation or the HA plugin
+owns them) nor onto one.
+
 1. **drain**: VMs on the hosts listed in ``drain`` move to other hosts;
 2. **load**: a host whose CPU utilisation (the LNMs' ``window``-minute
    average, see ``usher.controller.capacity.host_load``; figures older than
@@ -195,7 +199,16 @@ class Plugin:
                 ledger.commit(move.target, move.demand)
         return ledger
 
+    def _held(self, host):
+        """Is ``host`` held (maintenance, fenced, powered down)? Its VMs are
+        its owner's business (an evacuation, the HA plugin): the rebalancer
+        moves nothing off it, and the ledger nothing onto it."""
+        holds = getattr(self.api, "holds", None)
+        return holds is not None and holds.held(host)
+
     def _movable(self, state, host):
+        if self._held(host):
+            return []
         now = self.clock.seconds()
         result = []
         for name in sorted(state.lnms[host].vms):
@@ -210,11 +223,12 @@ class Plugin:
 
     def _targets(self, ledger, source):
         return [h for h in sorted(ledger.hosts)
-                if h != source and h not in self.drain and h not in self.avoid]
+                if h != source and h not in self.drain and h not in self.avoid
+                and h not in ledger.held]
 
     def _plan_drain(self, state, ledger, slots):
         planned = []
-        for host in sorted(self.drain & set(ledger.hosts)):
+        for host in sorted(h for h in self.drain & set(ledger.hosts) if not self._held(h)):
             for record in sorted(self._movable(state, host), key=lambda r: r["name"]):
                 if len(planned) >= slots:
                     return planned
@@ -233,7 +247,8 @@ class Plugin:
     def _plan_load(self, state, ledger, slots):
         planned = []
         loads = {h: host_load(self.api, h, self.window, self.max_age) for h in ledger.hosts}
-        overloaded = sorted((h for h in ledger.hosts if self.streaks[h] >= self.sustain),
+        overloaded = sorted((h for h in ledger.hosts if self.streaks[h] >= self.sustain
+                             and not self._held(h)),
                             key=lambda h: (-(loads[h] or 0), h))
         for host in overloaded:
             if len(planned) >= slots:

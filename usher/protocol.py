@@ -218,6 +218,23 @@ Administrators only (others get PermissionDenied)::
                                       retire a disconnected LNM and the VMs
                                       last known on it (also from the
                                       persisted list of LNMs)
+    maintenance(lnm: str, on: bool, reason: str|None, evacuate: bool,
+                concurrency: int|None) -> as evacuation(lnm)
+                                      put an LNM into maintenance (hold
+                                      "maintenance": no new VMs, the
+                                      rebalancer leaves it alone) and, with
+                                      evacuate, live-migrate every VM off it,
+                                      concurrency (1-64, default [ctrl]
+                                      evacuation_concurrency) at a time; on
+                                      false: out of maintenance (an evacuation
+                                      under way starts no more moves)
+    evacuation(lnm: str) -> {"lnm", "maintenance": bool, "reason", "by",
+                             "since", "evacuating": bool, "done": bool,
+                             "total": int, "moved": [{"name", "to"}],
+                             "failed": [{"name", "error"}], "running":
+                             [name], "waiting": int, "concurrency": int}
+                                      the progress of its last evacuation
+                                      (resumed after a controller restart)
 
 A selection is None (every VM), a list of names and ranges, or a dict with
 "names", "regex", "clusters" and "everything". One request (its selection

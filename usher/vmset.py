@@ -209,17 +209,34 @@ def _strings(items, what):
 
 
 class Selection:
-    """A set of VMs described by names/ranges, a regex and/or clusters.
+    """A set of VMs described by names/ranges, a regex and/or clusters,
+    optionally only those on some LNMs.
 
     The parts combine as a union; an empty selection selects nothing unless
-    ``everything`` is set. ``limits`` (or a shared ``budget``) bound the
-    whole selection: names (ranges expanded, clusters included) and
-    patterns (ranges and the regex).
+    ``everything`` is set. ``lnms`` (LNM names, ranges, ``/regex/`` or
+    ``~regex``) filters the union to the VMs on those LNMs, or alone selects
+    every VM on them. ``limits`` (or a shared ``budget``) bound the whole
+    selection: names (ranges expanded, clusters and LNM names included) and
+    patterns (ranges and regular expressions).
     """
 
     def __init__(self, names=(), regex=None, clusters=(), everything=False, *,
-                 limits=DEFAULT_LIMITS, budget=None):
+                 lnms=(), limits=DEFAULT_LIMITS, budget=None):
         budget = Budget(limits) if budget is None else budget
+        # The LNMs the VMs must be on (names, ranges, /regex/ or ~regex, as
+        # match_names): a filter on the rest, or alone every VM on them.
+        self.lnms = []
+        self._lnm_names, self._lnm_regexes = set(), []
+        for pattern in _strings(lnms, "selection lnms"):
+            if not isinstance(pattern, str):
+                raise InvalidRequest("LNM names must be strings")
+            lnm_regex = _lnm_regex(pattern)
+            if lnm_regex is not None:
+                budget.take_pattern()
+                self._lnm_regexes.append(compile_regex(lnm_regex))
+            else:
+                self._lnm_names.update(expand_ranges(pattern, budget))
+            self.lnms.append(pattern)
         self.names = []
         for pattern in names:
             self.names.extend(expand_ranges(pattern, budget))
@@ -235,13 +252,40 @@ class Selection:
         self.everything = bool(everything)
 
     def __bool__(self):
-        return bool(self.names or self.regex is not None or self.clusters or self.everything)
+        return bool(self.names or self.regex is not None or self.clusters or self.everything
+                    or self.lnms)
+
+    @property
+    def lnms_only(self):
+        """Only LNMs were given: every VM on them."""
+        return bool(self.lnms) and not (self.names or self.regex is not None
+                                        or self.clusters or self.everything)
+
+    def on_lnms(self, lnm):
+        """Is a VM on ``lnm`` kept by the selection's LNM filter (always
+        true without one)?"""
+        if not self.lnms:
+            return True
+        if not isinstance(lnm, str):
+            return False
+        return lnm in self._lnm_names or any(r.search(lnm) for r in self._lnm_regexes)
+
+    def matching_lnms(self, candidates):
+        """The names among ``candidates`` (known LNMs) the LNM filter keeps;
+        an explicit name that is not a candidate is InvalidRequest."""
+        unknown = sorted(self._lnm_names - set(candidates))
+        if unknown:
+            raise InvalidRequest(f"no such LNM: {', '.join(unknown[:5])}")
+        return [c for c in candidates if self.on_lnms(c)]
 
     def to_wire(self):
-        return {"names": list(self.names),
+        wire = {"names": list(self.names),
                 "regex": self.regex.pattern if self.regex is not None else None,
                 "clusters": list(self.clusters),
                 "everything": self.everything}
+        if self.lnms:      # (only then: a controller before issue 15 knows no "lnms")
+            wire["lnms"] = list(self.lnms)
+        return wire
 
     @classmethod
     def from_wire(cls, data, limits=DEFAULT_LIMITS, budget=None):
@@ -251,7 +295,7 @@ class Selection:
             return cls(names=data, limits=limits, budget=budget)
         if not isinstance(data, dict):
             raise InvalidRequest("a VM selection is a list of names or a dict")
-        unknown = set(data) - {"names", "regex", "clusters", "everything"}
+        unknown = set(data) - {"names", "regex", "clusters", "everything", "lnms"}
         if unknown:
             raise InvalidRequest("unknown selection keys: "
                                  + ", ".join(sorted(repr(k)[:40] for k in unknown)[:5]))
@@ -260,8 +304,9 @@ class Selection:
         everything = data.get("everything")
         if everything is not None and not isinstance(everything, (bool, int)):
             raise InvalidRequest("selection 'everything' must be true or false")
+        lnms = _strings(data.get("lnms") or [], "selection lnms")
         return cls(names=names, regex=data.get("regex"), clusters=clusters,
-                   everything=bool(everything), limits=limits, budget=budget)
+                   everything=bool(everything), lnms=lnms, limits=limits, budget=budget)
 
     def picking(self, records, qualify, slice_chars=SCAN_SLICE):
         """``pick`` as a generator: it yields (None) each time a regular
@@ -271,7 +316,7 @@ class Selection:
         chosen, unknown, seen = [], [], set()
 
         def take(rec):
-            if rec["name"] not in seen:
+            if rec["name"] not in seen and self.on_lnms(rec.get("lnm")):
                 seen.add(rec["name"])
                 chosen.append(rec)
 
@@ -282,10 +327,11 @@ class Selection:
                 unknown.append(full)
             else:
                 take(rec)
-        if self.regex is not None or self.clusters or self.everything:
+        every = self.everything or self.lnms_only
+        if self.regex is not None or self.clusters or every:
             clusters, scanned = set(self.clusters), 0
             for rec in list(records.values()):
-                if self.everything or rec.get("cluster") in clusters:
+                if every or rec.get("cluster") in clusters:
                     take(rec)
                 elif self.regex is not None:
                     scanned += len(rec["name"])
@@ -308,6 +354,16 @@ class Selection:
                 return done.value
 
 
+def _lnm_regex(pattern):
+    """The regular expression of an LNM pattern (``/re/`` or ``~re``), or
+    None for a name or range."""
+    if pattern.startswith("~"):
+        return pattern[1:]
+    if len(pattern) > 1 and pattern[0] == pattern[-1] == "/":
+        return pattern[1:-1]
+    return None
+
+
 def match_names(candidates, patterns, budget=None):
     """Select LNM names by explicit names or regexes (``/re/`` or ``~re``).
 
@@ -328,9 +384,10 @@ def match_names(candidates, patterns, budget=None):
     for pattern in patterns:
         if not isinstance(pattern, str):
             raise InvalidRequest("LNM names must be strings")
-        if pattern.startswith("~") or (len(pattern) > 1 and pattern[0] == pattern[-1] == "/"):
+        text = _lnm_regex(pattern)
+        if text is not None:
             budget.take_pattern()
-            regex = compile_regex(pattern[1:-1] if pattern.startswith("/") else pattern[1:])
+            regex = compile_regex(text)
             for candidate in candidates:
                 if candidate not in taken and regex.search(candidate):
                     take(candidate)

@@ -8,7 +8,7 @@ Outcome (local commands) or the Call that will run remotely.
 
 from usher.cliargs import UsageError
 
-from . import cmd_ipam, cmd_lnms, cmd_plugins, cmd_session, cmd_vms, help_text
+from . import cmd_hosts, cmd_ipam, cmd_lnms, cmd_plugins, cmd_session, cmd_vms, help_text
 from .parsing import CommandParser
 
 ALIASES = help_text.ALIASES
@@ -20,6 +20,7 @@ GROUPS = (
     cmd_lnms.register,
     cmd_plugins.register,
     cmd_ipam.register,
+    cmd_hosts.register,
 )
 
 

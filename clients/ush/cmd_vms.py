@@ -102,13 +102,18 @@ async def cmd_operation(shell, args):
 
 
 async def cmd_migrate(shell, args):
-    if args.to is None:
+    if args.to is None and not args.on_lnm:
         if args.cluster or args.regex is not None or len(args.vms) != 2:
-            raise UsageError("give one VM and one LNM ('migrate VM LNM'), or a "
-                             "selection followed by --to LNM [LNM ...]", "migrate")
+            raise UsageError("give one VM and one LNM ('migrate VM LNM'), a "
+                             "selection followed by --to LNM [LNM ...], or --from LNM",
+                             "migrate")
         vm, lnm = args.vms
         selection = selection_of("migrate", names=[vm])
         lnms = check_lnm_patterns([lnm], "migrate")
+    elif args.to is None:
+        # --from alone: placement chooses where each VM goes.
+        selection = make_selection(args, "migrate")
+        lnms = []
     else:
         selection = make_selection(args, "migrate")
         lnms = check_lnm_patterns(args.to, "migrate")
@@ -134,4 +139,6 @@ def register(declare):
         add_selection(declare(operation, cmd_operation))
     parser = declare("migrate", cmd_migrate)
     add_selection(parser)
+    # --from LNM is --lnm: the VMs on those LNMs.
+    parser.add_argument("--from", action="append", default=[], metavar="LNM", dest="on_lnm")
     parser.add_argument("--to", nargs="+", metavar="LNM")

@@ -119,7 +119,8 @@ LNM_COLUMNS = (
 LNM_STATUS_COLUMNS = (
     Column("free memory", _field("free_memory_mib", format_memory), key="free_memory_mib"),
 )
-LNM_HIDDEN_KEYS = {"name", "vms", "cpus", "memory_mib", "connected", "free_memory_mib"}
+LNM_HIDDEN_KEYS = {"name", "vms", "cpus", "memory_mib", "connected", "free_memory_mib",
+                   "holds"}
 # Monitoring figures (list -s, list_lnm -s, top): the three CPU averages, then
 # the 1-minute rates and memory (--json has every average).
 FIGURE_COLUMNS = tuple(
@@ -215,6 +216,9 @@ def format_lnm_list(lnms, status=False):
     if not lnms:
         return "0 LNMs."
     columns = list(LNM_COLUMNS)
+    # Why a host takes no new VMs (maintenance, fenced ...): only when one has.
+    if any(lnm.get("holds") for lnm in lnms):
+        columns.append(Column("holds", lambda lnm: ", ".join(sorted(lnm.get("holds") or ()))))
     if status:
         lnms = [flatten_status(lnm) for lnm in lnms]
         columns += present(LNM_STATUS_COLUMNS, lnms)

@@ -39,6 +39,10 @@ SELECTION_OPTIONS = """\
                       lookaround; at most 256 characters; searched anywhere
                       in the name: anchor with ^ and $); quote it so the
                       shell leaves it alone
+      --lnm LNM       only the VMs on this LNM (host): a name, a range
+                      ("vmm[50-59]"), /REGEX/ or ~REGEX (repeatable); alone,
+                      every VM you may see on it. The controller resolves
+                      it: an LNM it does not know is an error
     Names are checked against your cached VM list before anything is sent:
     an unknown name, a malformed range or regular expression is an error
     and no VM is touched. One command may name at most 10,000 VMs (a range
@@ -117,7 +121,8 @@ def _operation_entry(operation, summary, details, examples):
         "operation failed on with the reason; in one-shot mode the exit status\n"
         "is 1 if any VM failed. Changes also arrive as [notice] lines.\n\n"
         f"Examples:\n  {examples}")
-    return HelpEntry(summary, f"{operation} [-n CLUSTER]... [-r REGEX] [VM ...]", text)
+    return HelpEntry(summary, f"{operation} [-n CLUSTER]... [-r REGEX] [--lnm LNM]... [VM ...]",
+                     text)
 
 
 COMMANDS = {}
@@ -177,7 +182,7 @@ COMMANDS["reconnect"] = _entry(
 
 COMMANDS["list"] = _entry(
     "List your VMs (from the local cache, or ask the controller)",
-    "list [-s] [-a] [-n CLUSTER]... [-r REGEX] [VM ...]",
+    "list [-s] [-a] [-n CLUSTER]... [-r REGEX] [--lnm LNM]... [VM ...]",
     """\
     List VMs as a table: VM name, state and the LNM (host) running it, and,
     where the site manages IP addresses, the address each VM was given
@@ -207,6 +212,8 @@ COMMANDS["list"] = _entry(
       -r, --regex REGEX
                       only VMs whose full name matches the regular expression
                       (RE2 syntax: see 'help selections')
+      --lnm LNM       only VMs on this LNM: a name, a range, /REGEX/ or
+                      ~REGEX (repeatable); asks the controller
       VM ...          only these VMs (names and [ranges] as for pause); naming
                       another user's VM is refused unless you may see it
 
@@ -221,7 +228,9 @@ COMMANDS["list"] = _entry(
       list
       list -n sneetch
       list -s '[1-4].sneetch'
-      list -r 'web' -n sneetch""")
+      list -r 'web' -n sneetch
+      list --lnm vmm47
+      list -n sneetch --lnm '~^vmm5'""")
 
 COMMANDS["list_lnm"] = _entry(
     "List the local node managers (the physical hosts)",
@@ -229,7 +238,9 @@ COMMANDS["list_lnm"] = _entry(
     """\
     List the LNMs connected to the controller: one per physical host running
     a VMM. Columns: LNM name, the number of VMs it runs, its CPUs and memory,
-    and whether it is connected.
+    and whether it is connected; then, when a host has any, its holds: why
+    it takes no new VMs (maintenance, fenced, powered_down; --json shows
+    each hold's details).
 
     Options:
       -s, --status    add the host's current figures as the controller reports
@@ -305,7 +316,8 @@ COMMANDS["migrate"] = _entry(
     "Move VMs to other hosts (live migration)",
     """\
     migrate VM LNM
-           migrate [-n CLUSTER]... [-r REGEX] [VM ...] --to LNM [LNM ...]""",
+           migrate [-n CLUSTER]... [-r REGEX] [--from LNM]... [VM ...] --to LNM [LNM ...]
+           migrate [-n CLUSTER]... [-r REGEX] [VM ...] --from LNM...""",
     """\
     Move running VMs to other physical hosts, live where the VMM supports it
     (the VM keeps running; its network connections survive). Where the VMM
@@ -319,7 +331,12 @@ COMMANDS["migrate"] = _entry(
       -n, --cluster CLUSTER   every VM of the virtual cluster (repeatable)
       -r, --regex REGEX       every VM whose full name matches
       VM ...                  VM names and [ranges] (see 'help selections')
+      --from LNM              only the VMs on this LNM (repeatable; the same
+                              as --lnm); alone, every VM you may see on it
       --to LNM [LNM ...]      where the VMs should go
+    Third form: --from without --to: the controller's placement chooses a
+    host for each VM (to empty a host for maintenance, administrators use
+    'evacuate').
 
     LNMs are exact names, ranges ("vmm[50-59]"), or regular expressions
     written /REGEX/ or ~REGEX. The list is a suggestion: the controller's
@@ -331,7 +348,9 @@ COMMANDS["migrate"] = _entry(
     Examples:
       migrate 3.sneetch vmm52.usher.example.org
       migrate -n sneetch --to '~^vmm5'
-      migrate '[1-4].sneetch' --to vmm50 vmm51""")
+      migrate '[1-4].sneetch' --to vmm50 vmm51
+      migrate --from vmm47
+      migrate -n sneetch --from vmm47 --to vmm52""")
 
 COMMANDS["query"] = _entry(
     "Ask a query that a plugin answers (e.g. dns.status)",
@@ -423,6 +442,75 @@ COMMANDS["forget_lnm"] = _entry(
 
     Example:
       forget_lnm vmm47""")
+
+WAIT_OPTIONS = """\
+      --wait          print the progress (a line of counts whenever they
+                      change) until the evacuation is done, then the summary
+      --interval SECONDS
+                      how often --wait asks (default 2)"""
+
+COMMANDS["maintenance"] = _entry(
+    "Put a host into maintenance or take it out (administrators)",
+    "maintenance LNM on|off [--reason TEXT] [--evacuate] [--concurrency N] [--wait] "
+    "[--interval SECONDS]",
+    """\
+    'maintenance LNM on' holds the host: the controller places no new VMs
+    on it (a start or migration asking for it is refused with the reason),
+    and the rebalancer neither moves VMs off it nor onto it. The VMs already
+    there keep running unless you evacuate them. 'maintenance LNM off'
+    releases it: it is a target again at once (an evacuation under way
+    starts no more moves; those running finish). The hold survives a
+    controller restart, and list_lnm shows it.
+
+    Options (with on):
+      --reason TEXT   why, shown to users whose requests it refuses
+      --evacuate      also live-migrate every VM off it (as 'evacuate')
+      --concurrency N at most N migrations at once (1-64; default the
+                      controller's evacuation_concurrency, 4)
+""" + WAIT_OPTIONS + """
+
+    Examples:
+      maintenance vmm47 on --reason 'new disks'
+      maintenance vmm47 on --evacuate --wait
+      maintenance vmm47 off""")
+
+COMMANDS["evacuate"] = _entry(
+    "Move every VM off a host, into maintenance (administrators)",
+    "evacuate LNM [--reason TEXT] [--concurrency N] [--wait] [--interval SECONDS]",
+    """\
+    Put the host into maintenance (see 'help maintenance') and live-migrate
+    every VM off it, at most N at once. The controller's policies choose
+    each VM's new host (placement plugins, limits, affinity rules), as for
+    'migrate'. Each VM moves on its own: one that fails does not stop the
+    others, and is not tried again in this evacuation. VMs that cannot move
+    (shut off or hibernated, busy, no host with room, a failed migration)
+    are listed with the reason; the host stays in maintenance. A controller
+    restarted meanwhile resumes the evacuation once the host is back. The
+    exit status is 1 if any VM could not move.
+
+    Options:
+      --reason TEXT   why the host goes into maintenance
+      --concurrency N at most N migrations at once (1-64; default 4)
+""" + WAIT_OPTIONS + """
+
+    Examples:
+      evacuate vmm47 --wait
+      evacuate vmm47 --concurrency 8 --reason 'firmware update'""")
+
+COMMANDS["evacuation"] = _entry(
+    "Show a host's maintenance and evacuation progress (administrators)",
+    "evacuation LNM [--wait] [--interval SECONDS]",
+    """\
+    Show whether the host is in maintenance (why, set by whom) and how far
+    its last evacuation is: VMs moved and where to, moving now, waiting,
+    and each VM that could not move with the reason.
+
+    Options:
+""" + WAIT_OPTIONS + """
+
+    Examples:
+      evacuation vmm47
+      evacuation vmm47 --wait""")
 
 COMMANDS["top"] = _entry(
     "A live view of the hosts and their busiest VMs",

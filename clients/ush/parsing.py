@@ -34,9 +34,11 @@ class CommandParser(argparse.ArgumentParser):
 
 
 def add_selection(parser, positional=True):
-    """The VM selection options: names and ranges, -n CLUSTER, -r REGEX."""
+    """The VM selection options: names and ranges, -n CLUSTER, -r REGEX,
+    --lnm PATTERN (only the VMs on those LNMs; alone, every VM on them)."""
     parser.add_argument("-n", "--cluster", action="append", default=[], metavar="CLUSTER")
     parser.add_argument("-r", "--regex", metavar="REGEX")
+    parser.add_argument("--lnm", action="append", default=[], metavar="LNM", dest="on_lnm")
     if positional:
         parser.add_argument("vms", nargs="*", metavar="VM")
 
@@ -68,12 +70,14 @@ def make_selection(args, command, required=True):
     and ``required`` is false. Malformed ranges and regexes are usage errors."""
     for cluster in args.cluster:
         check_cluster(cluster, command)
-    if not (args.vms or args.cluster or args.regex is not None):
+    lnms = check_lnm_patterns(getattr(args, "on_lnm", None) or [], command)
+    if not (args.vms or args.cluster or args.regex is not None or lnms):
         if required:
-            raise UsageError("nothing selected: name VMs, or use -n CLUSTER or -r REGEX",
-                             command)
+            raise UsageError("nothing selected: name VMs, or use -n CLUSTER, -r REGEX or "
+                             "--lnm LNM", command)
         return None
-    return selection_of(command, names=args.vms, regex=args.regex, clusters=args.cluster)
+    return selection_of(command, names=args.vms, regex=args.regex, clusters=args.cluster,
+                        lnms=lnms)
 
 
 def selection_of(command, **parts):

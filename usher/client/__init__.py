@@ -331,13 +331,11 @@ class UsherClient:
         parts = split(name, self.domain)
         return parts is not None and parts[1] != self.user
 
-    def select(self, selection):
+    def select(self, selection, lnms=None):
         """Resolve a selection against the cache -> list of records; unknown
-        or foreign VMs raise before anything is sent."""
-        if selection is None:
-            selection = Selection(everything=True)
-        elif isinstance(selection, (list, tuple)):
-            selection = Selection(names=list(selection))
+        or foreign VMs raise before anything is sent. ``lnms`` (LNM names,
+        ranges, /regex/ or ~regex) keeps only the VMs on those LNMs."""
+        selection = _with_lnms(selection, lnms)
         if self.user is None:
             raise Unavailable("not connected to the controller")
         chosen, unknown = selection.pick(self.vms, self._qualify)
@@ -354,11 +352,12 @@ class UsherClient:
         from the controller with ``remote`` or ``status``: every VM this user
         may see (their own, unless the site's user_visibility is "all";
         administrators see all; other users' records come without args)."""
-        if not remote and not status:
-            return sorted((dict(r) for r in self.select(selection) if "state" in r),
-                          key=lambda r: r["name"])
         if isinstance(selection, (list, tuple)):
             selection = Selection(names=list(selection))
+        # By LNM: the controller knows the LNMs (an unknown one is an error).
+        if not remote and not status and not (selection is not None and selection.lnms):
+            return sorted((dict(r) for r in self.select(selection) if "state" in r),
+                          key=lambda r: r["name"])
         wire = selection.to_wire() if selection is not None else None
         return decode_records(await self._remote("list", wire, bool(status)))
 
@@ -400,22 +399,27 @@ class UsherClient:
         if operation not in OPERATIONS:
             raise InvalidRequest(f"unknown operation {operation!r}; valid: "
                                  + ", ".join(OPERATIONS))
-        records = self.select(selection)
-        if not records:
-            raise NoSuchVM("no VM matches")
-        for rec in records:
-            if rec.get("owner") not in (None, self.user) and not self.admin:
-                raise PermissionDenied(f"not your VM: {rec['name']}")
-        return await self._remote("op_on", operation,
-                                  {"names": [r["name"] for r in records]}, args)
+        return await self._remote("op_on", operation, self._wire_selection(selection), args)
 
     @as_deferred
     async def migrate(self, selection, lnms=(), args=None):
+        return await self._remote("migrate", self._wire_selection(selection, check_owner=False),
+                                  list(lnms), args)
+
+    def _wire_selection(self, selection, check_owner=True):
+        """What op_on and migrate send: the names the cache resolves, or, for
+        a selection by LNM, the selection itself (the controller knows the
+        LNMs and where each VM is now)."""
+        if isinstance(selection, Selection) and selection.lnms:
+            return selection.to_wire()
         records = self.select(selection)
         if not records:
             raise NoSuchVM("no VM matches")
-        return await self._remote("migrate", {"names": [r["name"] for r in records]},
-                                  list(lnms), args)
+        if check_owner:
+            for rec in records:
+                if rec.get("owner") not in (None, self.user) and not self.admin:
+                    raise PermissionDenied(f"not your VM: {rec['name']}")
+        return {"names": [r["name"] for r in records]}
 
     @as_deferred
     async def query(self, name, /, **args):
@@ -450,6 +454,38 @@ class UsherClient:
     async def forget_lnm(self, name):
         """Retire a disconnected LNM and the VMs last known on it (admins)."""
         return await self._remote("forget_lnm", name)
+
+    # -- part A: maintenance and evacuation (issue 15) --
+
+    @as_deferred
+    async def maintenance(self, lnm, on, reason=None, evacuate=False, concurrency=None):
+        """Put an LNM into maintenance (``on``: no new VMs; ``evacuate``:
+        live-migrate its VMs off, ``concurrency`` at a time) or take it out
+        (admins) -> its status, as ``evacuation``."""
+        return await self._remote("maintenance", lnm, bool(on), reason, bool(evacuate),
+                                  concurrency)
+
+    @as_deferred
+    async def evacuation(self, lnm):
+        """The maintenance and evacuation progress of an LNM (admins):
+        {"lnm", "maintenance", "reason", "evacuating", "done", "total",
+        "moved": [{"name", "to"}], "failed": [{"name", "error"}],
+        "running": [name], "waiting": int}."""
+        return await self._remote("evacuation", lnm)
+
+
+def _with_lnms(selection, lnms):
+    """``selection`` (None, names, a Selection) as a Selection, with ``lnms``
+    added to its LNM filter."""
+    if selection is None:
+        selection = Selection(everything=not lnms)
+    elif isinstance(selection, (list, tuple)):
+        selection = Selection(names=list(selection))
+    if lnms:
+        wire = selection.to_wire()
+        wire["lnms"] = list(wire.get("lnms") or ()) + list(lnms)
+        selection = Selection.from_wire(wire)
+    return selection
 
 
 async def gateway_login(client, *, stopped, daemon):

@@ -210,6 +210,29 @@ class UserPerspective(pb.Avatar):
             raise InvalidRequest("LNM name must be a string")
         return {"lnm": name, "forgotten": self.controller.forget_lnm(name)}
 
+    # -- part A: maintenance and evacuation (issue 15) --
+
+    @_boundary
+    async def perspective_maintenance(self, lnm, on, reason=None, evacuate=False,
+                                      concurrency=None):
+        if not self.admin:
+            raise PermissionDenied("only administrators may put LNMs into maintenance")
+        if not isinstance(lnm, str):
+            raise InvalidRequest("LNM name must be a string")
+        if not isinstance(on, bool) or not isinstance(evacuate, bool):
+            raise InvalidRequest("on and evacuate must be true or false")
+        return await self.controller.maintenance.set(lnm, on, by=self.user, reason=reason,
+                                                     evacuate=evacuate,
+                                                     concurrency=concurrency)
+
+    @_boundary
+    async def perspective_evacuation(self, lnm):
+        if not self.admin:
+            raise PermissionDenied("only administrators may see evacuations")
+        if not isinstance(lnm, str):
+            raise InvalidRequest("LNM name must be a string")
+        return self.controller.maintenance.status(lnm)
+
 
 async def _no_role(user):
     return None

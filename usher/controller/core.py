@@ -25,6 +25,7 @@ from usher.controller.holds import HostHolds
 from usher.controller.inflight import InFlight
 from usher.controller.inventory import LNMInventory
 from usher.controller.lnm_input import LNMLimits
+from usher.controller.maintenance import DEFAULT_CONCURRENCY, Maintenance
 from usher.controller.migration import Migrations
 from usher.controller.monitoring import Monitoring, NoInstruments
 from usher.controller.operations import Operations
@@ -44,7 +45,8 @@ class Controller:
                  max_request_vms=1000, known_lnms=None, lnm_concurrency=64,
                  status_history=60, vm_status_history=15, status_history_interval=60.0,
                  user_visibility="own", max_selection_names=MAX_NAMES,
-                 max_selection_patterns=MAX_PATTERNS, lnm_limits=None, state_dir=None):
+                 max_selection_patterns=MAX_PATTERNS, lnm_limits=None, state_dir=None,
+                 evacuation_concurrency=DEFAULT_CONCURRENCY):
         self.domain = domain
         # Where the controller's own files live (None: nothing persisted;
         # in-process tests); plugins reach it as api.state_dir.
@@ -89,6 +91,11 @@ class Controller:
         self.migrations = Migrations(**rooms)
         self.state.listen(self._state_changed)
         self.holds.listen(self._hold_changed)
+        # -- part A: maintenance and evacuation (issue 15) --
+        self.maintenance = Maintenance(state=self.state, holds=self.holds,
+                                       inventory=self.inventory, migrations=self.migrations,
+                                       clock=clock, settled=self.settled,
+                                       concurrency=evacuation_concurrency)
 
     # -- settings the rooms hold ------------------------------------------------------
 

@@ -127,3 +127,11 @@ class PluginAPI:
         """Migrate VMs on the system's behalf (rebalancers); -> Deferred."""
         return defer.Deferred.fromCoroutine(self._controller.migrate(
             "usher", True, Selection(names=list(vms)), list(lnms), args))
+
+    # -- part A: maintenance and evacuation (issue 15) --
+
+    def set_maintenance(self, lnm, on, reason=None, evacuate=False, concurrency=None):
+        """Put an LNM into maintenance or take it out, as the system; ->
+        Deferred of its status (``usher.controller.maintenance``)."""
+        return defer.Deferred.fromCoroutine(self._controller.maintenance.set(
+            lnm, on, by="usher", reason=reason, evacuate=evacuate, concurrency=concurrency))

@@ -105,6 +105,7 @@ def make_service(config, reactor):
         domain=ctrl["domain"], clock=reactor, admins=ctrl["admins"],
         default_memory=ctrl["default_memory"], default_vcpus=ctrl["default_vcpus"],
         max_request_vms=ctrl["max_request_vms"],
+        evacuation_concurrency=ctrl["evacuation_concurrency"],
         max_selection_names=ctrl["max_selection_names"],
         max_selection_patterns=ctrl["max_selection_patterns"],
         user_visibility=ctrl["user_visibility"],

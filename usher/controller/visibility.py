@@ -4,7 +4,9 @@ Table 4 (``list``, ``list_lnm``, ``top``).
 An ordinary user's queries show their own VMs (``user_visibility`` "own"),
 or every VM, other users' without their args, and the hosts' unmanaged
 domains ("all"); administrators see everything; ``list_request`` plugins
-may hide more. A selection naming a VM one may not see is refused.
+may hide more. A selection naming a VM one may not see is refused. A
+selection's ``lnms`` keeps only the VMs on those LNMs (alone: every VM one
+may see on them); an LNM named that the controller does not know is refused.
 """
 
 import collections
@@ -57,11 +59,26 @@ class Visibility:
         against this controller's limits) -> Selection."""
         budget = self.budget() if budget is None else budget
         if isinstance(selection, Selection):
-            budget.take_names(len(selection.names) + len(selection.clusters))
+            budget.take_names(len(selection.names) + len(selection.clusters)
+                              + len(selection.lnms))
             if selection.regex is not None:
                 budget.take_pattern()
-            return selection
-        return Selection.from_wire(selection, budget=budget)
+        else:
+            selection = Selection.from_wire(selection, budget=budget)
+        if selection.lnms:
+            # An explicit LNM nobody knows is an error, not an empty answer.
+            selection.matching_lnms(sorted(self.state.lnms))
+        return selection
+
+    def _on_lnms(self, selection, unmanaged=False):
+        """The names of the VMs on the LNMs of ``selection`` (and of the
+        hosts' unmanaged domains with ``unmanaged``)."""
+        names = set()
+        for lnm in selection.matching_lnms(sorted(self.state.lnms)):
+            names.update(self.state.lnms[lnm].vms)
+            if unmanaged:
+                names.update(self.state.lnms[lnm].unmanaged)
+        return names
 
     def check_lnm_list(self, lnms, budget=None):
         """A request's LNM suggestion -> the names of known LNMs it matches."""
@@ -116,13 +133,15 @@ class Visibility:
 
     async def _resolve(self, user, admin, selection, own):
         owner = None if (admin or not own) else user
-        if admin and selection.everything:
+        if admin and selection.everything and not selection.lnms:
             owner = user
         # Views, not copies: a request naming one VM among 10,000 costs the
         # lookup of one VM.
         pool = self.state.vms if owner is None else self.state.owned_view(owner)
         if selection.clusters and not (selection.regex is not None or selection.everything):
             pool = _ScanOnly(pool, self.state.cluster_members(selection.clusters, owner))
+        elif selection.lnms_only:
+            pool = _ScanOnly(pool, self._on_lnms(selection))
         # Who may see others' VMs may name them in full.
         chosen, unknown = await self._pick(selection, pool,
                                            self.qualifier(user, admin or not own))
@@ -162,6 +181,8 @@ class Visibility:
                 members.update(name for name, rec in self.state.unmanaged.items()
                                if rec.get("cluster") in wanted)
                 pool = _ScanOnly(self._everything(), members)
+            elif selection.lnms_only:
+                pool = _ScanOnly(self._everything(), self._on_lnms(selection, unmanaged=True))
             else:
                 # A copy: a regex scan lets the reactor run meanwhile.
                 pool = dict(self.state.vms)
