@@ -120,9 +120,5 @@ class ControllerLink(service.Service):
         return self.client.migrate(Selection(names=[short_name]), lnms=[lnm])
 
     def maintenance(self, lnm, on, reason):
-        # Part A's PB method maintenance(lnm, on, reason, evacuate, concurrency).
-        method = getattr(self.client, "maintenance", None)
-        if method is not None:
-            return method(lnm, on, reason=reason, evacuate=False, concurrency=None)
-        return defer.ensureDeferred(self.client._remote("maintenance", lnm, bool(on), reason,
-                                                        False, None))
+        # The maintenance hold (part A's PB method): no evacuation, the host is empty.
+        return self.client.maintenance(lnm, on, reason=reason, evacuate=False, concurrency=None)
