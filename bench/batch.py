@@ -20,7 +20,6 @@ same jobs on the same hosts. Figures, not timed assertions; ``--quick``
 """
 
 import dataclasses
-import json
 import os
 import random
 import shlex
@@ -36,7 +35,6 @@ from usher import passwdfile
 from usher.client import Selection, UsherClient
 from usher.clients.batchd.accounting import format_report
 from usher.clients.batchd.jobs import ENDED
-from usher.clients.batchd.settings import BatchSettings
 from usher.clients.batchd.spool import Spool
 from usher.sandbox import LoggedProcess
 

@@ -8,6 +8,8 @@ from twisted.application import service
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from usher.daemon import ThreadPoolService
+
 from .hooks import HookRunner
 from .link import ControllerLink
 from .scheduler import Scheduler
@@ -15,21 +17,6 @@ from .settings import BATCHD, BatchSettings
 from .spool import Spool
 
 log = Logger()
-
-
-class _PoolService(service.Service):
-    """The threads for files and hook commands (never the reactor's)."""
-
-    def __init__(self, pool):
-        self.pool = pool
-
-    def startService(self):
-        super().startService()
-        self.pool.start()
-
-    def stopService(self):
-        super().stopService()
-        self.pool.stop()
 
 
 class _SchedulerAfterLogin(service.Service):
@@ -64,7 +51,8 @@ def make_service(config, reactor, *, link=None, hooks_runner=None):
     settings = config if isinstance(config, BatchSettings) else BatchSettings.from_config(config)
     root = service.MultiService()
     pool = ThreadPool(minthreads=1, maxthreads=4, name="usherbatchd")
-    _PoolService(pool).setServiceParent(root)
+    # The threads for files and hook commands (never the reactor's).
+    ThreadPoolService(pool).setServiceParent(root)
     link = link or ControllerLink(settings, reactor)
     link.setServiceParent(root)
     hooks = hooks_runner or HookRunner(reactor, pool, settings.hook_timeout)

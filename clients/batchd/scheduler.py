@@ -12,7 +12,7 @@ from twisted.internet import defer, task, threads
 from twisted.logger import Logger
 
 from usher.errors import LinkFailure, UsherError
-from usher.states import MIGRATING, RUN, SHUTOFF
+from usher.states import RUN, SHUTOFF
 
 from . import accounting, jobs, policy
 from .jobs import Job
