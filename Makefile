@@ -19,7 +19,7 @@ APT_PACKAGES = libvirt-dev pkg-config gcc python3-dev python3-venv libvirt-daemo
 WEB     = clients/web
 VENDOR  = $(WEB)/static/vendor
 
-.PHONY: setup sandbox test bench bench-sql bench-web bench-web-browser clean
+.PHONY: setup sandbox test bench bench-sql bench-web bench-web-browser bench-batch clean
 
 setup: $(VENV)/.installed $(VENDOR)/.installed
 
@@ -70,6 +70,11 @@ bench-web: setup
 # table and to reflect one change (the real system, then the browser alone).
 bench-web-browser: setup
 	$(PY) -m bench.web_browser
+
+# usherbatchd (the RRC-KI batch policy daemon) on a synthetic trace of 200
+# jobs on 10 LNMs: utilisation and hosts in use against one job per host.
+bench-batch: setup
+	$(PY) -m bench.batch
 
 clean:
 	rm -rf $(VENV) $(SANDBOX_DIR) build *.egg-info $(VENDOR) $(WEB)/node_modules

@@ -23,7 +23,8 @@ setup(
               "usher.plugins.dns", "usher.plugins.filesystem", "usher.plugins.ha",
               "usher.plugins.leases",  # issue 15, leases
               "usher.clients",
-              "usher.clients.ush", "usher.clients.plusher", "usher.clients.web"],
+              "usher.clients.ush", "usher.clients.plusher", "usher.clients.web",
+              "usher.clients.batchd"],
     package_dir={"usher.plugins": "plugins", "usher.clients": "clients"},
     package_data={
         # The guest side of the filesystem plugin (usher-net-rc, its systemd unit
@@ -68,13 +69,17 @@ setup(
         "plusher = usher.clients.plusher:main",
         "usherweb = usher.clients.web:main",
         "usher = usher.admin:main",
+        # The RRC-KI batch policy daemon and its submit command (usher.clients.batchd).
+        "usherbatchd = usher.clients.batchd:main",
+        "usher-batch = usher.clients.batchd.cli:main",
         # The in-VM tool for a cluster's LDAP branch (also usable as one copied file).
         "usher-cluster-ldap = usher.plugins.ldap.vmtool:main",
     ]},
     data_files=[
         ("share/usher/etc", ["etc/ctrl.config.orig", "etc/lnm.config.orig",
                              "etc/ush.config.orig", "etc/lnm-qemu.config.example",
-                             "etc/plusher.config.orig", "etc/web.config.orig"]),
+                             "etc/plusher.config.orig", "etc/web.config.orig",
+                             "etc/batchd.config.orig"]),
         ("share/usher/etc/plugins", sorted(f"etc/plugins/{p.name}"
                                            for p in (HERE / "etc/plugins").glob("*.config"))),
         ("share/usher/etc/ldap", ["etc/ldap/usher-acl.conf", "etc/ldap/usher-acl.ldif"]),
@@ -85,6 +90,8 @@ setup(
                                      "initscripts/plusher.service",
                                      "initscripts/usherweb",
                                      "initscripts/usherweb.service",
+                                     "initscripts/usherbatchd",
+                                     "initscripts/usherbatchd.service",
                                      "initscripts/install.sh"]),
     ],
 )

@@ -1,14 +1,15 @@
 #!/bin/sh
 # Install Usher's service files and sample configuration files.
 #
-# Usage: install.sh [--prefix DIR] [--systemd|--sysv] [--bindir DIR] [ctrl|lnm|plusher|web|all]
+# Usage: install.sh [--prefix DIR] [--systemd|--sysv] [--bindir DIR] [ctrl|lnm|plusher|web|batchd|all]
 #
 #   ctrl          the controller, usherctrl
 #   lnm           the local node manager, usherlnm
 #   plusher       plusher, the XML-RPC gateway for Plush
 #   web           usherweb, the web interface and REST API
+#   batchd        usherbatchd, the batch policy daemon (RRC-KI)
 #   all           ctrl and lnm, and the ush client's sample ush.config.orig
-#                 (the default). plusher and web are left out: only sites
+#                 (the default). plusher, web and batchd are left out: only sites
 #                 that use them run them, so they are installed only when named.
 #   --systemd     install DIR/etc/systemd/system/<program>.service (mode 644)
 #   --sysv        install DIR/etc/init.d/<program> (mode 755)
@@ -31,7 +32,7 @@ PROG=install.sh
 DEFAULT_BINDIR=/usr/local/bin
 
 usage() {
-    echo "Usage: $PROG [--prefix DIR] [--systemd|--sysv] [--bindir DIR] [ctrl|lnm|plusher|web|all]"
+    echo "Usage: $PROG [--prefix DIR] [--systemd|--sysv] [--bindir DIR] [ctrl|lnm|plusher|web|batchd|all]"
 }
 
 die() {
@@ -69,8 +70,8 @@ while [ $# -gt 0 ]; do
             usage
             exit 0
             ;;
-        ctrl | lnm | plusher | web | all)
-            [ -z "$component" ] || die "name one of ctrl, lnm, plusher, web, all (got '$component' and '$1')"
+        ctrl | lnm | plusher | web | batchd | all)
+            [ -z "$component" ] || die "name one of ctrl, lnm, plusher, web, batchd, all (got '$component' and '$1')"
             component=$1
             shift
             ;;
@@ -116,6 +117,7 @@ program_of() {
     case $1 in
         plusher) echo plusher ;;
         web) echo usherweb ;;
+        batchd) echo usherbatchd ;;
         *) echo "usher$1" ;;
     esac
 }
@@ -226,6 +228,11 @@ case " $names " in *" plusher "*)
     echo "                   controller. By default it serves plain HTTP on 127.0.0.1:7393; for Plush"
     echo "                   on another host serve HTTPS: usher cert issue --gateway plusher --hostname <its DNS name>"
     echo "                   then set ssl_cert_file and ssl_key_file in plusher.config"
+esac
+case " $names " in *" batchd "*)
+    echo "       usherbatchd: logs in as an administrator account (username in batchd.config, its"
+    echo "                   password alone in password_file, mode 600); needs ca_cert.pem (ssl_ca_file);"
+    echo "                   create queue_dir (users write new/ and cancel/: mode 1733) and state_dir"
 esac
 case " $names " in *" web "*)
     echo "       usherweb:   serves HTTPS only: usher cert issue --gateway usherweb --hostname <its DNS name>"
