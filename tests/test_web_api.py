@@ -187,6 +187,17 @@ async def test_start_list_filters_operations_and_migrate(web, system):
     assert (await client.get("/api/v1/vms?state=paused&regex=solo")).json["total"] == 0
     resumed = await client.post("/api/v1/vms/resume", {"regex": r"\.webt\."})
     assert len(resumed.json["done"]) == 3
+    # Selecting by host: only webt's VMs on that LNM, or (alone) all of them there.
+    there = {r["name"] for r in on_host["vms"]}
+    paused = await client.post("/api/v1/vms/pause", {"cluster": "webt", "lnm": lnm})
+    assert {d["name"] for d in paused.json["done"]} == there
+    assert (await client.get("/api/v1/vms?cluster=webt&state=paused")).json["total"] == len(there)
+    resumed = await client.post("/api/v1/vms/resume", {"lnm": [lnm]})
+    assert there <= {d["name"] for d in resumed.json["done"]}
+    assert all(r["lnm"] == lnm for r in (await client.get(
+        f"/api/v1/vms?lnm={lnm}")).json["vms"])
+    unknown_host = await client.post("/api/v1/vms/pause", {"lnm": "nosuch"})
+    assert unknown_host.code == 400 and "no such LNM: nosuch" in unknown_host.raw.decode()
 
     one = await client.get(f"/api/v1/vms/{full('solo')}")
     assert one.code == 200 and one.json["name"] == full("solo") and "status" in one.json

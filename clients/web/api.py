@@ -289,7 +289,7 @@ class Route:
         return params
 
 
-SELECTION_FIELDS = ("names", "regex", "cluster")
+SELECTION_FIELDS = ("names", "regex", "cluster", "lnm")
 VM_FILTERS = ("regex", "cluster", "state", "lnm", "names", "offset", "limit")
 
 

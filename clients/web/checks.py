@@ -50,7 +50,8 @@ def check_start_args(value):
 
 def check_selection(body, required=True):
     """``{"names"} | {"regex"} | {"cluster"}`` (combinable, as ush's -r, -n
-    and names) -> Selection."""
+    and names), filtered or (alone) given by ``{"lnm"}``: the hosts the VMs
+    are on (names, ranges, /regex/ or ~regex, as ush's --lnm) -> Selection."""
     names = check_strings(body["names"], "names") if "names" in body else []
     regex = check_string(body["regex"], "regex", empty=True) if "regex" in body else None
     clusters = body.get("cluster", [])
@@ -58,9 +59,12 @@ def check_selection(body, required=True):
     clusters = check_strings(clusters, "cluster") if "cluster" in body else []
     for cluster in clusters:
         naming.check_label(cluster, "cluster name")
-    selection = Selection(names=names, regex=regex, clusters=clusters)
+    lnms = body.get("lnm", [])
+    lnms = [lnms] if isinstance(lnms, str) else lnms
+    lnms = check_strings(lnms, "lnm") if "lnm" in body else []
+    selection = Selection(names=names, regex=regex, clusters=clusters, lnms=lnms)
     if required and not selection:
-        raise InvalidRequest("nothing selected: give names, regex or cluster")
+        raise InvalidRequest("nothing selected: give names, regex, cluster or lnm")
     return selection
 
 

@@ -22,6 +22,9 @@ SELECTION_PROPERTIES = {
     "regex": {"type": "string", "description": "RE2 regular expression on full names"},
     "cluster": {"oneOf": [{"type": "string"}, STRING_LIST],
                 "description": "virtual cluster name(s)"},
+    "lnm": {"oneOf": [{"type": "string"}, STRING_LIST],
+            "description": "only the VMs on these LNMs (names, ranges, /regex/ or ~regex); "
+                           "alone: every VM you may see on them"},
 }
 
 SCHEMAS = {
