@@ -414,3 +414,19 @@ async def test_the_rebalancer_drains_and_balances_without_breaking_a_rule():
     ctrl2.state.remove(full("3.db"))
     balancer.run_pass(count_load=False)
     assert [(m.vm, m.target) for m in launched] == [(full("1.db"), "lnm2")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_owner_has_a_bounded_number_of_rules(tmp_path, monkeypatch):
+    from usher.controller import affinity as affinity_module
+    monkeypatch.setattr(affinity_module, "MAX_RULES_PER_OWNER", 3)
+    rules = affinity_module.AffinityRules(None)
+    for i in range(3):
+        await rules.set("alice", f"c{i}", "apart")
+    with pytest.raises(InvalidRequest, match="already has 3 affinity rules"):
+        await rules.set("alice", "c3", "apart")
+    await rules.set("alice", "c0", "together")       # changing one is fine
+    await rules.set("bob", "c0", "apart")            # another owner's own budget
+    await rules.set("alice", "c1", None)
+    await rules.set("alice", "c3", "apart")
+    assert rules.count("alice") == 3

@@ -248,6 +248,39 @@ async def test_a_vm_landing_during_power_down_keeps_the_host_on(tmp_path):
 
 
 @pytest_twisted.ensureDeferred
+async def test_no_host_is_powered_down_while_a_vm_may_be_landing_anywhere(tmp_path):
+    """A migrating VM (or one whose move's outcome is unknown: lost) names
+    its source; it may land on the empty host: nothing is powered down."""
+    cluster = FakeCluster(["lnm1", "lnm2"])
+    cluster.add_foreign("moving.bob.example", "lnm1")
+    cluster.vms["moving.bob.example"]["state"] = "migrating"
+    scheduler, clock, hooks, _settings = make(tmp_path, cluster, min_powered_on=1)
+    await scheduler.load()
+    await rounds(scheduler, clock, 8)
+    assert hooks.runs == [] and scheduler.powered_down == {}
+    assert all(not info["holds"] for info in cluster.lnms.values())
+    cluster.vms["moving.bob.example"]["state"] = "run"     # it settled on lnm1
+    await rounds(scheduler, clock, 8)
+    assert sorted(scheduler.powered_down) == ["lnm2"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_administrators_maintenance_of_a_powered_down_host_is_left_alone(tmp_path):
+    cluster = FakeCluster(["lnm1", "lnm2"])
+    scheduler, clock, hooks, settings = make(tmp_path, cluster, min_powered_on=1)
+    await scheduler.load()
+    await rounds(scheduler, clock, 7)
+    assert sorted(scheduler.powered_down) == ["lnm2"]
+    # The administrator takes the host for a repair: it is theirs now.
+    cluster.lnms["lnm2"]["holds"]["maintenance"] = {"reason": "new PSU", "by": "root"}
+    submit(settings, 12, walltime=1000)
+    submit(settings, 12, walltime=1000)
+    await rounds(scheduler, clock, 4)
+    assert ["power-on", "lnm2"] not in hooks.runs
+    assert cluster.lnms["lnm2"]["holds"]["maintenance"]["reason"] == "new PSU"
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_failing_power_off_hook_releases_the_maintenance_hold(tmp_path):
     cluster = FakeCluster(["lnm1", "lnm2"])
     scheduler, clock, hooks, _settings = make(tmp_path, cluster, min_powered_on=1)
@@ -312,3 +345,18 @@ def test_the_cli_submits_checks_and_reports(tmp_path, capsys):
                      "--walltime", "90"]) == 2
     assert "vcpus must be an integer from 1 to 8" in capsys.readouterr().err
     assert cli_main(["--config", str(config), "status"]) == 1
+
+
+def test_a_job_file_swapped_for_a_fifo_or_a_link_is_refused_without_blocking(tmp_path):
+    spool = Spool(str(tmp_path / "queue"), str(tmp_path / "state"))
+    spool.prepare()
+    new = os.path.join(str(tmp_path / "queue"), "new")
+    os.mkfifo(os.path.join(new, "j1.json"))
+    target = tmp_path / "elsewhere.json"
+    target.write_text('{"vcpus": 1, "memory_mib": 512, "walltime": 60}')
+    os.symlink(str(target), os.path.join(new, "j2.json"))
+    accepted, refused = spool.take_new(BatchSettings(queue_dir=str(tmp_path / "queue"),
+                                                     state_dir=str(tmp_path / "state")))
+    assert accepted == []
+    assert sorted(name for name, _why in refused) == ["j1.json", "j2.json"]
+    assert os.listdir(new) == []

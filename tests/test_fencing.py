@@ -175,3 +175,75 @@ async def test_a_restarted_controller_never_adopts_the_fenced_hosts_stale_copy(g
     assert fresh.state.vms[vms[0]]["lnm"] == started["lnm"]
     assert await hosts_of(grid, vms[0]) == [started["lnm"]]
     assert await hosts_of(grid, vms[1]) == ["lnm1"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_fenced_host_that_came_back_needs_fresh_evidence_when_lost_again(grid):
+    """The hold outlives the host's return while a stale copy is kept; the
+    evidence does not: lost again, its running VMs are not restarted."""
+    c = grid.controller
+    c.fencing.stale_copies = "hold"
+    x1, y1 = await start_on(grid, "lnm1", "x1", "y1")
+    grid.cut("lnm1")
+    c.confirm_fenced("lnm1", evidence="pdu outlet 4 off", by="root")
+    assert (await c.restart_elsewhere([x1]))["failed"] == []
+    await grid.attach("lnm1")
+    await wait_for(lambda: (c.holds.get("lnm1", "fenced") or {}).get("stale") == [x1],
+                   timeout=10)
+    assert c.state.vms[y1]["state"] == states.RUN
+    grid.cut("lnm1")                              # a second, unfenced outage
+    assert c.state.vms[y1]["state"] == states.LOST
+    assert c.fencing.fenced("lnm1") and not c.fencing.evidence_valid("lnm1")
+    result = await c.restart_elsewhere([y1])
+    assert result["started"] == []
+    assert "came back after it was fenced" in result["failed"][0]["error"]
+    assert await hosts_of(grid, y1) == ["lnm1"]
+    # Fresh evidence makes it restartable again (and keeps what was restarted).
+    c.confirm_fenced("lnm1", evidence="pdu outlet 4 off again", by="root")
+    assert fenced_restarted(c, "lnm1") == [x1]
+    assert (await c.restart_elsewhere([y1]))["failed"] == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_after_a_restart_an_unknown_record_is_not_proof_of_a_stale_copy(grid, tmp_path):
+    """The controller died after noting the restart and before sending it:
+    the fenced host's copy is the only one and must survive its return."""
+    c = grid.controller
+    known = KnownLNMs(str(tmp_path / "lnms.json"))
+    for name in ("lnm1", "lnm2", "lnm3"):
+        known.remember(name, hostname=name)
+    [vm] = await start_on(grid, "lnm1", "only")
+    grid.cut("lnm1")
+    c.confirm_fenced("lnm1", evidence="admin", by="root")
+    c.fencing._note_restarted({vm: "lnm1"})       # persisted; no start sent
+    known.remember("lnm1", holds=c.holds.of("lnm1"))
+    fresh = Controller(domain=DOMAIN, clock=reactor, known_lnms=KnownLNMs(
+        str(tmp_path / "lnms.json")))
+    fresh.recovery = Recovery(["lnm1", "lnm2", "lnm3"], clock=task.Clock(), window=30,
+                              on_done=fresh.resolve_soon)
+    fresh.watch_lnms(fresh.recovery)
+    for name in ("lnm1", "lnm2", "lnm3"):
+        await grid.attach(name, fresh)
+    await fresh.settled()
+    await fresh.fencing.clean_up("lnm1")
+    assert await hosts_of(grid, vm) == ["lnm1"]
+    assert vm in (fresh.holds.get("lnm1", "fenced") or {}).get("waiting", [])
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_restarted_vm_its_owner_removed_leaves_a_stale_copy_to_destroy(grid):
+    c = grid.controller
+    [vm] = await start_on(grid, "lnm1", "gone1")
+    grid.cut("lnm1")
+    c.confirm_fenced("lnm1", evidence="admin", by="root")
+    [started] = (await c.restart_elsewhere([vm]))["started"]
+    await wait_for(lambda: c.state.vms[vm]["state"] == states.RUN)
+    from usher.vmset import Selection
+    await c.op_on("alice", False, "destroy", Selection(names=[vm]))
+    if vm in c.state.vms:       # destroy keeps the VM: delete removes it
+        await c.op_on("alice", False, "delete", Selection(names=[vm]))
+    assert vm not in c.state.vms
+    assert (c.holds.get("lnm1", "fenced") or {}).get("gone") == [vm]
+    await grid.attach("lnm1")
+    await wait_for(lambda: not c.holds.has("lnm1", "fenced"), timeout=10)
+    assert await hosts_of(grid, vm) == []

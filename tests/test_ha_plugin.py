@@ -38,8 +38,22 @@ class FakeFencing:
     def fenced(self, lnm):
         return self.holds.has(lnm, "fenced")
 
+    def evidence_valid(self, lnm):
+        details = self.holds.get(lnm, "fenced")
+        return details is not None and not details.get("back_since")
+
     def clean_up(self, lnm):
-        self.holds.release(lnm, "fenced")
+        """As the core's: the hold goes once its host has no stale copy left
+        (``removed``: the copies gone by now, as the test says)."""
+        self.cleaned = getattr(self, "cleaned", 0) + 1
+        details = self.holds.get(lnm, "fenced") or {}
+        left = [n for n in details.get("stale", []) if n not in self.removed]
+        if left:
+            self.holds.update(lnm, "fenced", stale=left)
+        else:
+            self.holds.release(lnm, "fenced")
+
+    removed = ()
 
 
 class FakeAPI:
@@ -267,9 +281,28 @@ def test_a_host_back_before_its_fence_agent_answers_is_not_fenced(world):
 def test_a_fenced_host_back_is_checked_again_for_its_stale_copies(world):
     api = world
     p = plugin(api)
-    api.holds.hold("lnm1", "fenced", restarted=["x"], stale=["x"])
+    api.holds.hold("lnm1", "fenced", restarted=["x"], stale=["x"], back_since=1)
     tick(api, p)
-    assert not api.holds.has("lnm1", "fenced")
+    assert api.fencing.cleaned == 1 and api.holds.has("lnm1", "fenced")
+    api.fencing.removed = ("x",)          # the administrator removed it by hand
+    tick(api, p)
+    assert api.fencing.cleaned == 2 and not api.holds.has("lnm1", "fenced")
+
+
+def test_a_host_lost_again_after_its_fencing_is_fenced_anew_before_any_restart(world):
+    api = world
+    api.vm("b1", "lnm1")
+    api.fence_answers = [FenceOutcome(True, evidence="ipmi: off")]
+    p = plugin(api, grace=30.0, fence_command=["fence"])
+    api.holds.hold("lnm1", "fenced", restarted=["x"], stale=["x"], back_since=1)
+    api.fencing.clean_up = lambda lnm: None      # the stale copy stays
+    partition(api, p)
+    tick(api, p)
+    assert api.restarts == [] and api.fence_runs == []
+    api.clock.advance(30)
+    tick(api, p)
+    assert api.fence_runs == [["fence"]]
+    assert api.holds.get("lnm1", "fenced")["evidence"] == "ipmi: off"
 
 
 def test_ha_status_is_for_administrators_and_the_plugin_sets_the_stale_policy(world):
@@ -290,6 +323,10 @@ def test_priority_of_reads_ha_priority_with_bounds():
     assert priority_of({"args": {"ha_priority": "1001"}}, 500) == 500
     assert priority_of({"args": {"ha_priority": "high"}}, 500) == 500
     assert priority_of({"args": {}}, 7) == 7
+    # A user's own value is capped; a site plugin's is not.
+    assert priority_of({"args": {"ha_priority": "900"}}, 500, 600) == 600
+    assert priority_of({"args": {"ha_priority": "900"}, "plugin_args": ["ha_priority"]},
+                       500, 600) == 900
 
 
 def test_the_restart_queue_counts_a_sliding_minute():

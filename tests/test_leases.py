@@ -293,3 +293,23 @@ async def test_a_vm_removed_takes_its_lease_and_a_vm_at_rest_simply_ends(tmp_pat
     await plugin.idle()
     assert plugin.leases == {}
     await wait_for(lambda: any("was already at rest" in n for n in told.seen))
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_ha_restart_keeps_the_lease_even_where_one_is_required(tmp_path, client_grids):
+    """The VM restarted off a fenced host is the same VM: neither refused for
+    want of a lease nor given a fresh one."""
+    grid, plugin, clock = await lease_grid(client_grids, tmp_path,
+                                           "required = yes\ndefault_lease = 1h\n")
+    alice = await grid.connected("alice")
+    result = await alice.start(["h1"], lnms=["lnm1"], args={"lease": "2h"})
+    assert [s["lnm"] for s in result["started"]] == ["lnm1"]
+    expires = plugin.leases[full("h1")]["expires"]
+    clock.advance(600)
+    c = grid.controller
+    grid.grid.cut("lnm1")
+    await wait_for(lambda: c.state.vms[full("h1")]["state"] == "lost")
+    c.confirm_fenced("lnm1", evidence="pdu off", by="root")
+    restarted = await c.restart_elsewhere([full("h1")])
+    assert restarted["failed"] == [] and restarted["started"][0]["lnm"] != "lnm1"
+    assert plugin.leases[full("h1")]["expires"] == expires

@@ -179,6 +179,33 @@ async def test_leaving_maintenance_stops_an_evacuation_under_way(grid):
 
 
 @pytest_twisted.ensureDeferred
+async def test_an_evacuation_asked_again_while_a_stopped_one_finishes_runs_after_it(grid):
+    c = grid.controller
+    await start_on(grid, "lnm1", 4)
+    gate = defer.Deferred()
+    real = c.migrations.migrate
+    calls = []
+
+    async def held(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 1:
+            await gate
+        return await real(*args, **kwargs)
+    c.migrations.migrate = held
+    await c.maintenance.set("lnm1", True, by="root", evacuate=True, concurrency=1)
+    await task.deferLater(reactor, 0, lambda: None)
+    await c.maintenance.set("lnm1", False, by="root")            # stopped, one move running
+    status = await c.maintenance.set("lnm1", True, by="root", evacuate=True)
+    assert c.holds.get("lnm1", "maintenance")["evacuate"] is True
+    gate.callback(None)
+    await wait_for(lambda: not c.state.lnms["lnm1"].vms, timeout=20)
+    await c.maintenance.wait("lnm1")
+    status = c.maintenance.status("lnm1")
+    assert status["done"] and not status["stopped"] and status["failed"] == []
+    assert c.holds.get("lnm1", "maintenance")["evacuate"] is False
+
+
+@pytest_twisted.ensureDeferred
 async def test_bad_requests_are_refused(grid):
     c = grid.controller
     with pytest.raises(NoSuchLNM):

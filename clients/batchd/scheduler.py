@@ -23,6 +23,8 @@ log = Logger()
 
 # VM states that hold a host's resources (usher.controller.capacity).
 HOLDING = frozenset({"run", "paused", "starting", "migrating", "lost", "unknown"})
+# VMs whose host is in doubt or changing: they may land on any host.
+IN_DOUBT = frozenset({"migrating", "lost", "unknown"})
 # Ended jobs kept in the state file (the oldest are dropped).
 MAX_ENDED = 10000
 
@@ -236,8 +238,10 @@ class Scheduler(service.Service):
             if not isinstance(name, str):
                 continue
             self.lnm_info[name] = info
-            ours = name in self.powered_down
             holds = dict(info.get("holds") or {})
+            # A host we powered down that an administrator has put in
+            # maintenance of their own meanwhile is theirs: never powered up.
+            ours = name in self.powered_down and not _held_by_others(holds)
             hosts[name] = policy.Host(
                 name=name, cpus=int(info.get("cpus") or 0),
                 memory_mib=int(info.get("memory_mib") or 0),
@@ -385,6 +389,12 @@ class Scheduler(service.Service):
             # A VM may have landed between the picture and the hold: look again.
             _lnms, vms = await self.link.snapshot()
             present = sorted(v["name"] for v in vms if v.get("lnm") == lnm)
+            # A VM on its way (migrating) or whose host is in doubt (lost,
+            # unknown: a move whose outcome is unknown may still land here)
+            # names its source, not this host: while any is, nothing is
+            # powered down.
+            present += sorted(v["name"] for v in vms
+                              if v.get("state") in IN_DOUBT and v.get("lnm") != lnm)
             if present:
                 log.info("usherbatchd: not powering down {lnm}: it has VMs ({vms})", lnm=lnm,
                          vms=", ".join(present[:5]))
@@ -400,6 +410,9 @@ class Scheduler(service.Service):
                     self.empty_since[lnm] = self.clock.seconds()    # not again at once
                     return
             self.powered_down[lnm] = {"since": time.time()}
+            # Saved at once: a daemon that dies now must still know the host
+            # is off (else it would never power it up again).
+            await self._save(self.clock.seconds())
             log.info("usherbatchd: {lnm} powered down (empty)", lnm=lnm)
         except UsherError as e:
             log.warn("usherbatchd: powering down {lnm}: {error}", lnm=lnm, error=e)
@@ -418,14 +431,17 @@ class Scheduler(service.Service):
             deadline = self.clock.seconds() + self.settings.power_on_timeout
             while True:
                 lnms, _vms = await self.link.snapshot()
-                if any(i.get("name") == lnm and i.get("connected") for i in lnms):
+                info = next((i for i in lnms if i.get("name") == lnm), None)
+                if info is not None and info.get("connected"):
                     break
                 if self.clock.seconds() >= deadline:
                     log.error("usherbatchd: {lnm} did not attach within {t:g} s of "
                               "power_on_command", lnm=lnm, t=self.settings.power_on_timeout)
                     return
                 await task.deferLater(self.clock, self.settings.poll_interval, lambda: None)
-            await self.link.maintenance(lnm, False, POWER_REASON)
+            if not _held_by_others(dict(info.get("holds") or {})):
+                # Only our own hold: an administrator's maintenance stays.
+                await self.link.maintenance(lnm, False, POWER_REASON)
             self.powered_down.pop(lnm, None)
             self.empty_since.pop(lnm, None)
             log.info("usherbatchd: {lnm} powered up for the queue", lnm=lnm)
@@ -473,3 +489,12 @@ class Scheduler(service.Service):
         except OSError as e:
             log.error("usherbatchd: cannot write its state in {dir}: {error}",
                       dir=self.spool.state_dir, error=e)
+
+
+def _held_by_others(holds):
+    """Is the host held by anyone but usherbatchd (an administrator's
+    maintenance, a fenced host ...)?"""
+    for kind, details in holds.items():
+        if kind != "maintenance" or (details or {}).get("reason") != POWER_REASON:
+            return True
+    return False

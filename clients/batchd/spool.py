@@ -14,6 +14,7 @@ All functions here block (file I/O): the daemon calls them in a thread.
 
 import json
 import os
+import stat
 import pwd
 import re
 import secrets
@@ -122,11 +123,10 @@ class Spool:
             try:
                 if job_id is None or not JOB_ID_RE.fullmatch(job_id):
                     raise InvalidRequest("not a job file name")
-                info = entry.stat(follow_symlinks=False)
-                if not entry.is_file(follow_symlinks=False) or info.st_size > MAX_JOB_FILE:
-                    raise InvalidRequest("not a regular file of at most 16 KiB")
-                with open(entry.path, encoding="utf-8") as f:
-                    data = json.load(f)
+                # Checked on the descriptor that is read: a file swapped for a
+                # link or a FIFO after a stat would otherwise be followed, or
+                # block the reading thread (and the daemon's loop) for good.
+                data, info = _read_job_file(entry.path)
                 fields = check_submission(data, limits)
                 accepted.append((job_id, info.st_uid, info.st_mtime, fields))
             except (InvalidRequest, ValueError, OSError) as e:
@@ -191,3 +191,21 @@ def _write_new(path, data):
     except BaseException:
         _unlink(tmp)
         raise
+
+
+def _read_job_file(path):
+    """-> (the JSON of a job file, its fstat), refusing anything but a
+    regular file of at most MAX_JOB_FILE bytes, never following a link and
+    never blocking on a FIFO or a device."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as e:
+        raise InvalidRequest(f"cannot open it: {e.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_JOB_FILE:
+            raise InvalidRequest("not a regular file of at most 16 KiB")
+        raw = f.read(MAX_JOB_FILE + 1)
+    if len(raw) > MAX_JOB_FILE:
+        raise InvalidRequest("not a regular file of at most 16 KiB")
+    return json.loads(raw.decode("utf-8")), info

@@ -46,6 +46,7 @@ retry_initial = float(gt=0, default=10.0)
 retry_max = float(gt=0, default=300.0)
 max_fence_attempts = integer(min=0, default=0)
 default_priority = integer(min=0, max={MAX_PRIORITY}, default=500)
+max_user_priority = integer(min=0, max={MAX_PRIORITY}, default=500)
 max_restarts_per_minute = integer(min=1, default=20)
 retry_restart_after = float(gt=0, default=60.0)
 stale_copies = option('destroy', 'hold', default='destroy')
@@ -79,6 +80,7 @@ class Plugin:
         self.retry_max = config["retry_max"]
         self.max_fence_attempts = config["max_fence_attempts"]
         self.default_priority = config["default_priority"]
+        self.max_user_priority = config["max_user_priority"]
         self.fence_command = check_command(config["fence_command"], "fence_command")
         self.hosts_config = {}
         for lnm, section in (config.get("hosts") or {}).items():
@@ -148,13 +150,15 @@ class Plugin:
             if not lost and not fencing.fenced(lnm):
                 continue
             watch = self.watching.setdefault(lnm, HostWatch(now))
-            if fencing.fenced(lnm):
+            if fencing.evidence_valid(lnm):
                 self._queue_lost(lnm, lost, now)
             elif lost and now >= watch.since + self.grace:
+                # Not fenced, or fenced before and back since: fresh evidence first.
                 self._maybe_fence(lnm, watch, now)
         for name in self.queue.names():
             rec = self.api.state.vms.get(name)
-            if rec is None or rec["state"] != states.LOST or not fencing.fenced(rec["lnm"]):
+            if rec is None or rec["state"] != states.LOST or not fencing.evidence_valid(
+                    rec["lnm"]):
                 self.queue.discard(name)
         self._pump(now)
 
@@ -162,7 +166,8 @@ class Plugin:
         for name in lost:
             if name in self.queue or name in self.never:
                 continue
-            priority = priority_of(self.api.state.vms[name], self.default_priority)
+            priority = priority_of(self.api.state.vms[name], self.default_priority,
+                                   self.max_user_priority)
             if priority == 0:
                 self.never[name] = lnm
                 log.info("VM {vm} (ha_priority 0) is not restarted off fenced LNM {lnm}",
@@ -271,14 +276,19 @@ class Plugin:
     def _background(self, coroutine):
         d = defer.Deferred.fromCoroutine(coroutine)
         if d.called:
-            d.addErrback(lambda f: f.trap(defer.CancelledError) and None)
+            d.addErrback(self._background_failed)
             return
         self._tasks.add(d)
 
         def done(result):
             self._tasks.discard(d)
             return result
-        d.addBoth(done).addErrback(lambda f: f.trap(defer.CancelledError) and None)
+        d.addBoth(done).addErrback(self._background_failed)
+
+    @staticmethod
+    def _background_failed(failure):
+        if not failure.check(defer.CancelledError):
+            log.failure("HA plugin: background work failed", failure)
 
     # -- the query ----------------------------------------------------------------------
 

@@ -14,8 +14,11 @@ MAX_PRIORITY = 1000
 WINDOW = 60.0
 
 
-def priority_of(record, default):
-    """-> the VM's priority (0-1000) from its ``ha_priority`` argument."""
+def priority_of(record, default, user_max=MAX_PRIORITY):
+    """-> the VM's priority (0-1000) from its ``ha_priority`` argument. A
+    value the user's request set is capped at ``user_max`` (users must not
+    push everybody else's restarts back); one a site plugin set (the
+    record's ``plugin_args``) is not."""
     value = (record.get("args") or {}).get("ha_priority")
     if value is None:
         return default
@@ -23,7 +26,11 @@ def priority_of(record, default):
         priority = int(str(value).strip())
     except ValueError:
         return default
-    return priority if 0 <= priority <= MAX_PRIORITY else default
+    if not 0 <= priority <= MAX_PRIORITY:
+        return default
+    if "ha_priority" not in (record.get("plugin_args") or ()):
+        priority = min(priority, user_max)
+    return priority
 
 
 class RestartQueue:

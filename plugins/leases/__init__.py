@@ -99,14 +99,22 @@ class Plugin:
 
     def _on_start_request(self, event):
         request = event.request
-        seconds, refusal = self.policy.of_request(request.args.pop("lease", None))
+        asked = request.args.pop("lease", None)
+        # An HA restart elsewhere (``relocate``) is the same VM: it keeps its
+        # lease, and the policy (required, default) does not apply to it; a
+        # VM started again keeps the lease it has unless one is asked for.
+        targets = [name for name in request.vms if name not in request.relocate
+                   and (asked is not None or name not in self.store.leases)]
+        if not targets:
+            return
+        seconds, refusal = self.policy.of_request(asked)
         if refusal is not None:
             request.reject(refusal)
             return
         if seconds is None:
             return
         now = self.clock.seconds()
-        for name in request.vms:
+        for name in targets:
             self._pending[name] = (seconds, now)
         request.note(f"lease: {format_duration(seconds)} (then "
                      f"{ACTED[self.policy.action]}; renew with 'lease renew')")

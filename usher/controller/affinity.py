@@ -43,6 +43,9 @@ ACTIVE_STATES = frozenset({states.RUN, states.PAUSED, states.STARTING, states.MI
                            states.LOST, states.UNKNOWN})
 # Names shown in a refusal, at most.
 SHOWN_NAMES = 3
+# Rules one owner may have: a rule may name a cluster with no VMs (yet), so
+# without a bound one user could grow the file, and its rewrites, at will.
+MAX_RULES_PER_OWNER = 1000
 
 
 def check_rule(value, *, allow_none=True):
@@ -76,6 +79,7 @@ class AffinityRules:
         self.api = api
         self._rules = {}               # (owner, cluster) -> rule
         self._lock = defer.DeferredLock()
+        self._dirty = False
         if self.path is not None:
             self._load()
 
@@ -113,18 +117,34 @@ class AffinityRules:
         this returns. -> the rule."""
         member = (owner, cluster or DEFAULT_CLUSTER)
         if rule is None:
-            self._rules.pop(member, None)
+            if self._rules.pop(member, None) is None:
+                return rule              # nothing to write
         else:
-            self._rules[member] = check_rule(rule, allow_none=False)
+            rule = check_rule(rule, allow_none=False)
+            if self._rules.get(member) == rule:
+                return rule
+            if member not in self._rules and self.count(owner) >= MAX_RULES_PER_OWNER:
+                raise InvalidRequest(
+                    f"{owner} already has {MAX_RULES_PER_OWNER} affinity rules: remove "
+                    "some (affinity -n CLUSTER none) before setting more")
+            self._rules[member] = rule
         await self._save()
         return rule
+
+    def count(self, owner):
+        return sum(1 for (o, _c) in self._rules if o == owner)
 
     async def _save(self):
         if self.path is None:
             return
         # One write at a time, each of the rules as they are when it runs:
-        # the last write has the latest rules.
+        # the last write has the latest rules; changes made while one waits
+        # share the next write (a burst of requests is one or two writes).
+        self._dirty = True
         async with self._lock:
+            if not self._dirty:
+                return
+            self._dirty = False
             data = {"rules": self.listing()}
             run = getattr(self.api, "run_in_thread", None)
             if run is None:

@@ -11,10 +11,13 @@ out of placement and remembers, persisted, every VM restarted elsewhere
 (``restarted``), written **before** its start is sent: if the controller dies
 next, the copy the fenced host may still hold is known as stale.
 
-When a fenced LNM attaches again (``lnm_attached``): its recovery inventory
+When a fenced LNM attaches again (``lnm_attached``) its evidence is spent
+(``back_since``): lost again before the hold is released, nothing is
+restarted off it until it is fenced anew. Its recovery inventory
 never vouches for a VM in ``restarted`` (``LNMInventory.reconcile``); each
-such VM it still holds while the VM's record names another LNM (or is gone)
-is a stale copy. Policy ``stale_copies``: ``destroy`` (the default) destroys
+such VM it still holds while the VM's record names another LNM (or was
+removed: ``gone``; a record merely unknown after a restart is in doubt) is a
+stale copy. Policy ``stale_copies``: ``destroy`` (the default) destroys
 it there (the LNM's destroy: hard power-off and undefine), and once none is
 left the hold is released and the host takes VMs again (a maintenance hold,
 if any, stays); ``hold`` keeps the host held and lists the stale copies in
@@ -56,6 +59,7 @@ class Fencing:
         self.stale_copies = "destroy"
         self._cleaning = {}          # LNM -> Deferred of its clean-up under way
         inventory.watch(self)
+        state.listen(self._vm_changed)
 
     # -- evidence ----------------------------------------------------------------
 
@@ -76,15 +80,26 @@ class Fencing:
         if len(evidence) > MAX_EVIDENCE:
             raise InvalidRequest(f"the evidence may have at most {MAX_EVIDENCE} characters")
         previous = self.holds.get(lnm, KIND) or {}
+        # Fresh evidence: a hold whose host came back meanwhile (back_since)
+        # is valid again; what was restarted and removed off it is kept.
         details = self.holds.hold(lnm, KIND, evidence=evidence.strip(), by=str(by)[:100],
                                   since=int(self.clock.seconds()),
-                                  restarted=list(previous.get("restarted", [])))
+                                  restarted=list(previous.get("restarted", [])),
+                                  gone=list(previous.get("gone", [])))
         log.warn("LNM {lnm} is fenced ({by}: {evidence}); its lost VMs may be restarted "
                  "elsewhere", lnm=lnm, by=by, evidence=evidence.strip()[:200])
         return details
 
     def fenced(self, lnm):
+        """Held as fenced (maybe back, with stale copies to remove)."""
         return self.holds.has(lnm, KIND)
+
+    def evidence_valid(self, lnm):
+        """Fenced, and not back since: the host is known to be off now. A
+        host that came back (``back_since``) and went away again runs its
+        VMs as far as anyone knows, until fresh evidence says otherwise."""
+        details = self.holds.get(lnm, KIND)
+        return details is not None and not details.get("back_since")
 
     def restarted_from(self, lnm):
         """-> the VMs restarted elsewhere off fenced ``lnm`` (maybe stale there)."""
@@ -103,6 +118,9 @@ class Fencing:
             return (f"its LNM {lnm} is not fenced: a lost VM is restarted elsewhere only "
                     "once its host is known to be off (a fence agent or an "
                     "administrator's confirmation), never on silence alone")
+        if not self.evidence_valid(lnm):
+            return (f"its LNM {lnm} came back after it was fenced, so that evidence no "
+                    "longer says the host is off: fence it again (never on silence alone)")
         if self.inventory.connected(lnm):
             return f"its LNM {lnm} is connected"
         if self.ledger.is_busy(name):
@@ -160,7 +178,24 @@ class Fencing:
 
     def lnm_attached(self, lnm, handle):
         if self.fenced(lnm):
+            # The evidence is spent: the host runs again. If it is lost again
+            # before the hold is released, nothing is restarted off it until
+            # it is fenced anew.
+            self.holds.update(lnm, KIND, back_since=int(self.clock.seconds()))
             self.clean_up(lnm)
+
+    def _vm_changed(self, record, old_state):
+        """A VM restarted off a fenced host and then removed (its owner
+        deleted it): the copy the fenced host holds is stale. Only a removal
+        says so -- a record merely absent (after a controller restart, its
+        new host not back) may be the only copy."""
+        if record.get("state") is not None or old_state is None:
+            return
+        name = record.get("name")
+        for lnm in self.holds.with_kind(KIND):
+            details = self.holds.get(lnm, KIND) or {}
+            if name in details.get("restarted", ()) and name not in details.get("gone", ()):
+                self.holds.update(lnm, KIND, gone=sorted(set(details.get("gone", ())) | {name}))
 
     def lnm_detached(self, lnm, handle):
         pass
@@ -195,9 +230,13 @@ class Fencing:
             return "ours"
         if self.ledger.is_busy(name):
             return "waiting"
-        if rec is None or rec["state"] in _LIVE:
-            # Gone (destroyed by its owner meanwhile) or known elsewhere.
-            return "stale"
+        if rec is None:
+            # Removed by its owner meanwhile: stale. Merely unknown (a
+            # restarted controller whose other host is not back): in doubt.
+            gone = (self.holds.get(lnm, KIND) or {}).get("gone", ())
+            return "stale" if name in gone else "waiting"
+        if rec["state"] in _LIVE:
+            return "stale"        # known elsewhere
         return "waiting"
 
     async def _clean_up(self, lnm):

@@ -74,6 +74,9 @@ class Evacuation:
         self.waiting = []          # names not started yet
         self.started = False       # the VMs have been counted
         self.stopped = False       # maintenance left: start no more
+        # Asked again while stopped with moves still running: the concurrency
+        # (or 0: the default) of the pass to begin once this one is over.
+        self.again = None
         self.done = False
         self.peak = 0              # the most moves under way at once
         self._waiters = []
@@ -178,7 +181,11 @@ class Maintenance:
         self.holds.hold(lnm, KIND, **details)
         log.info("LNM {lnm} in maintenance ({by}): {reason}; evacuate: {evacuate}",
                  lnm=lnm, by=by, reason=details["reason"], evacuate=bool(evacuate))
-        if evacuate and not under_way:
+        if evacuate and under_way and evacuation.stopped:
+            # Stopped (maintenance left) while moves still run, and asked
+            # again: a new pass once those are over (never two at once).
+            evacuation.again = details.get("concurrency") or 0
+        elif evacuate and not under_way:
             self._begin(lnm, details.get("concurrency"))
         return self.status(lnm)
 
@@ -324,9 +331,12 @@ class Maintenance:
         for failed in evacuation.failed:
             log.warn("evacuation of LNM {lnm}: {vm} did not move: {error}", lnm=lnm,
                      vm=failed["name"], error=failed["error"])
-        if self.evacuations.get(lnm) is evacuation:
+        again = evacuation.again is not None and self.holds.has(lnm, KIND)
+        if self.evacuations.get(lnm) is evacuation and not again:
             # Done: a restart now does not start it again (the hold stays).
             self.holds.update(lnm, KIND, evacuate=False,
                               evacuated={"moved": len(evacuation.moved),
                                          "failed": len(evacuation.failed)})
         evacuation.finish()
+        if again and self.evacuations.get(lnm) is evacuation:
+            self._begin(lnm, evacuation.again or None)
