@@ -691,6 +691,16 @@ class Cluster:
             run(["ip", "-n", host.namespace, "link", "set", "eth0", "up"])
             run(["ip", "-n", ctl, "link", "set", host.name, "master", "br0", "up"])
 
+    # Issue 15, the HA test: a network partition for real. The host's veth
+    # end in the controller's namespace is its port on the "switch" (br0):
+    # down, the host and its guests run on but nothing reaches it (nor the
+    # other host); up again, the same addresses and routes come back.
+    def cut_link(self, host):
+        run(["ip", "-n", self.ctl_namespace, "link", "set", host.name, "down"])
+
+    def heal_link(self, host):
+        run(["ip", "-n", self.ctl_namespace, "link", "set", host.name, "up"])
+
     # -- Usher ------------------------------------------------------------------------------
 
     def _write_usher_config(self):

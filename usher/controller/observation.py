@@ -83,6 +83,14 @@ class Observation:
             if not names:
                 del self._trusted[lnm]
 
+    def _known_stale(self, lnm, name):
+        """(issue 15, part B) Is this the copy a fenced LNM still has of a VM
+        restarted elsewhere? Expected, and destroyed or listed by the
+        fencing's policy: no complaint (it would say "kept where they are")."""
+        holds = self.state.holds
+        fenced = holds.get(lnm, "fenced") if holds is not None else None
+        return bool(fenced) and name in fenced.get("restarted", ())
+
     # -- complaints ------------------------------------------------------------------
 
     def _complain(self, complaints, kind, lnm, name, **details):
@@ -147,6 +155,8 @@ class Observation:
             return rec if rec is not None and self.on_lnm(lnm, rec) else None
         if (rec is not None and rec["lnm"] != lnm and self.state.incoming.get(name) != lnm
                 and not ledger.may_land(name, lnm)):
+            if self._known_stale(lnm, name):
+                return None     # the fencing's to settle (usher.controller.fencing)
             if dom.get("state") is not None or dom.get("busy"):
                 self._complain(complaints, "duplicate_vm", lnm, name, other=rec["lnm"],
                                vm=dict(rec))
