@@ -46,6 +46,20 @@ def test_a_job_that_fits_nowhere_holds_a_reservation_and_smaller_jobs_backfill()
     assert "other" not in placed and "big" not in placed
 
 
+def test_jobs_started_together_end_together_and_the_reservation_still_plans():
+    # Three jobs started in one round share one expected end: the shadow
+    # time must not compare the jobs themselves.
+    running = [job(f"r{i}", 4, started=0.0, walltime=600.0, lnm="a", state=RUNNING)
+               for i in range(3)]
+    for i, j in enumerate(running):
+        j.seq = i
+    picture = hosts(("a", 16, [(f"r{i}vm", 4, f"r{i}") for i in range(3)]))
+    plan = policy.plan_starts([job("big", 16)], picture, running, 0.0)
+    assert plan.reservation.job == "big"
+    assert plan.reservation.host == "a" and plan.reservation.at == 600.0
+    assert plan.starts == []
+
+
 def test_a_job_bigger_than_any_powered_on_host_reserves_nothing_there():
     picture = hosts(("a", 8, []))
     plan = policy.plan_starts([job("huge", 32), job("small", 2)], picture, [], 0.0)

@@ -122,9 +122,11 @@ def _shadow(host, job, running, now):
     vcpus, memory = host.free_vcpus, host.free_memory
     if vcpus >= job.vcpus and memory >= job.memory_mib:
         return now, (vcpus - job.vcpus, memory - job.memory_mib)
-    ends = sorted((j.expected_end or now, j) for j in running if j.lnm == host.name
-                  and j.id in {s.job for s in host.vms.values()})
-    for end, j in ends:
+    # Jobs started in one round end at the same time: order ties by queue
+    # position, never by comparing jobs.
+    ends = sorted(((j.expected_end or now, j.seq, j) for j in running if j.lnm == host.name
+                   and j.id in {s.job for s in host.vms.values()}), key=lambda e: e[:2])
+    for end, _, j in ends:
         vcpus += j.vcpus
         memory += j.memory_mib
         if vcpus >= job.vcpus and memory >= job.memory_mib:
