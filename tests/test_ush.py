@@ -161,6 +161,10 @@ class FakeClient:
             raise NoSuchVM(f"no such VM: {', '.join(unknown)}")
         return chosen
 
+    def select(self, selection):
+        """The cache's resolution, as UsherClient.select (no remote call)."""
+        return self._select(selection)
+
     def list(self, selection=None, status=False, remote=False):
         if not remote and not status:
             try:
@@ -224,7 +228,7 @@ class FakeClient:
         return self._reply("start", action, names=list(names), cluster=cluster, count=count,
                            lnms=list(lnms), args=args)
 
-    def op_on(self, operation, selection):
+    def op_on(self, operation, selection, args=None):
         def action():
             self._remote()
             if operation not in states.OPERATIONS:
@@ -233,8 +237,11 @@ class FakeClient:
             if not records:
                 raise NoSuchVM("no VM matches")
             done, failed, changed, removed = [], [], [], []
+            allowed = set(states.OPERATION_PRECONDITIONS[operation])
+            if (args or {}).get("force"):
+                allowed |= states.DELETE_FORCED_FROM
             for rec in records:
-                if rec["state"] not in states.OPERATION_PRECONDITIONS[operation]:
+                if rec["state"] not in allowed:
                     failed.append({"name": rec["name"],
                                    "error": f"cannot {operation} a VM in state {rec['state']}"})
                     continue
@@ -248,7 +255,8 @@ class FakeClient:
                 done.append({"name": rec["name"], "state": new_state})
             self.fire_changes(changed, removed)
             return {"done": done, "failed": failed, "notes": []}
-        return self._reply("op_on", action, operation=operation, selection=selection)
+        return self._reply("op_on", action, operation=operation, selection=selection,
+                           args=args)
 
     def _operation(operation):
         def method(self, selection):
@@ -718,8 +726,54 @@ def test_operation_result_and_notices():
     assert f"Could not resume 1 VM:\n{full('3.sneetch')}: cannot resume a VM in state run" \
         in output
     output = h.run("destroy 5.sneetch")
+    assert f"[notice] {full('5.sneetch')}: run -> shutoff" in output
+    assert f"Controller destroyed 1 VM:\n{full('5.sneetch')} -> shutoff" in output
+    output = h.run("delete 5.sneetch")
     assert f"[notice] {full('5.sneetch')}: removed" in output
-    assert f"{full('5.sneetch')} destroyed" in output
+    assert f"{full('5.sneetch')} deleted" in output
+
+
+class Confirmer:
+    """The console's confirm, answering from a list."""
+
+    def __init__(self, *answers):
+        self.answers = list(answers)
+        self.asked = []
+
+    def confirm(self, prompt):
+        self.asked.append(prompt)
+        return defer.succeed(self.answers.pop(0))
+
+
+@pytest.mark.parametrize("operation", states.DESTRUCTIVE_OPERATIONS)
+def test_destructive_operations_on_several_vms_ask_first(operation):
+    h = Harness(sneetch_world(count=12))
+    h.connect()
+    h.shell.confirmer = confirmer = Confirmer(False, True)
+    output = h.run(f"{operation} -n sneetch")
+    assert confirmer.asked == [
+        f"{operation} 12 VMs of mmcnett (1.sneetch, 2.sneetch, 3.sneetch … 12.sneetch)? [y/N] "]
+    assert f"{operation}: cancelled" in output
+    assert h.sent("op_on") == []
+    h.run(f"{operation} '[1-4].sneetch'")
+    assert confirmer.asked[1] == (f"{operation} 4 VMs of mmcnett (1.sneetch, 2.sneetch, "
+                                  "3.sneetch, 4.sneetch)? [y/N] ")
+    assert len(h.sent("op_on")) == 1
+    # One VM, or -y: no question.
+    h.run(f"{operation} 5.sneetch")
+    h.run(f"{operation} --yes '[6-7].sneetch'")
+    assert len(confirmer.asked) == 2 and len(h.sent("op_on")) == 3
+
+
+def test_delete_force_is_sent_as_an_argument():
+    h = Harness(sneetch_world())
+    h.connect()
+    output = h.run("delete 1.sneetch")
+    assert "cannot delete a VM in state run" in output
+    output = h.run("delete --force -y '[1-2].sneetch'")
+    assert "Controller deleted 2 VMs" in output
+    assert [c[1]["args"] for c in h.sent("op_on")] == [None, {"force": True}]
+    assert "--force" in h.run("delete -h")
 
 
 def test_operation_on_unknown_vm_reports_the_controller_error():
