@@ -1211,3 +1211,37 @@ def test_console_redraws_the_prompt_under_asynchronous_output():
     console._reading_prompt = None
     console.write("plain\n")
     assert stdout.getvalue().endswith("ush> pauplain\n")
+
+
+def test_console_confirmation_is_read_in_the_loop_and_notices_redraw_the_question():
+    world = sneetch_world()
+    stdout = FakeTerminal()
+    lines = iter(["connect", "destroy -n sneetch", "n", "destroy '[1-2].sneetch'", "yes"])
+    prompts = []
+    console = None
+
+    def read(prompt):
+        prompts.append(prompt)
+        if "[y/N]" in prompt and len(prompts) == 3:
+            # A notice arriving while the question is up redraws the question.
+            console.write("[notice] something happened\n")
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+    console = ush.Console(SyncReactor(), stdout=stdout, input_fn=read,
+                          getpass_fn=lambda prompt: "secret", interactive=True)
+    shell = ush.Shell(lambda **kw: FakeClient(world, **kw), settings(), out=console,
+                      prompter=console, clock=task.Clock())
+    shell.confirmer = console
+    console.loop(shell)
+    question = ("destroy 5 VMs of mmcnett (1.sneetch, 2.sneetch, 3.sneetch … 5.sneetch)? "
+                "[y/N] ")
+    assert prompts[:4] == ["ush> ", "mmcnett:ush> ", question, "mmcnett:ush> "]
+    assert prompts[4] == "destroy 2 VMs of mmcnett (1.sneetch, 2.sneetch)? [y/N] "
+    output = stdout.getvalue()
+    assert "\r\x1b[K[notice] something happened\n" + question in output
+    assert "destroy: cancelled" in output
+    assert "Controller destroyed 2 VMs:" in output
+    assert [c[1]["selection"].names for c in world.calls if c[0] == "op_on"] == [
+        ["1.sneetch", "2.sneetch"]]
