@@ -54,7 +54,8 @@ class FsGrid:
         return result
 
     async def destroy(self, name, user="alice"):
-        await self.grid.controller.op_on(user, False, "destroy", Selection(names=[name]))
+        await self.grid.controller.op_on(user, False, "delete", Selection(names=[name]),
+                                         {"force": True})
         await wait_for(lambda: name not in self.grid.controller.state.vms)
         await self.plugin.flushed()
 

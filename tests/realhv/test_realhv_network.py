@@ -149,7 +149,7 @@ def test_a_guest_comes_up_with_the_address_a_plugin_set(cluster, steps):
     assert records[VM1]["args"]["ip_address"] == "10.201.0.11"
 
     with steps("destroy both"):
-        ush(cluster, "destroy", "-n", CLUSTER)
+        ush(cluster, "delete", "--force", "-n", CLUSTER)
     deadline = time.monotonic() + 30
     while fetch(h1, "http://10.201.0.11/") is not None:
         assert time.monotonic() < deadline, "10.201.0.11 still answers after destroy"
@@ -216,5 +216,5 @@ def test_a_guest_answers_at_the_address_the_sql_plugin_allocated(sql_cluster, st
                  30, f"{vm} to answer at {address}")
         assert pages[-1].split() == ["usher-guest", address, mac, vm]
     with steps("destroy it"):
-        ush(sql_cluster, "destroy", "-n", "sql")
+        ush(sql_cluster, "delete", "--force", "-n", "sql")
     hosts.run(["ip", "-n", h1.namespace, "link", "del", BRIDGE])

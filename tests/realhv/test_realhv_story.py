@@ -295,7 +295,7 @@ def test_alice_reaches_her_new_vms_by_name(story, steps):
     assert resolve_and_fetch(cluster, site, moving, host=1)["addresses"] == [address[moving]]
 
     with steps("destroy the cluster: records, reservations, branch and trees gone"):
-        ush(cluster, "destroy", "-n", CLUSTER)
+        ush(cluster, "delete", "--force", "-n", CLUSTER)
         wait_for(lambda: all(resolve_and_fetch(cluster, site, vm)["rcode"] == "NXDOMAIN"
                              for vm in VMS + [CLUSTER_NAME]), 30, "the names to go")
         wait_for(lambda: leases(site) == [], 30, "the reservations to go")
