@@ -279,6 +279,18 @@ async def test_shutdown_falls_back_to_destroy_after_the_timeout(vmm):
                for e in logged)
 
 
+@pytest_twisted.ensureDeferred
+async def test_the_lnm_shutdown_timeout_option_bounds_the_wait(make_vmm):
+    """The site's shutdown_timeout (the LNM option) is the default of every
+    shutdown: a guest ignoring ACPI is powered off once it has passed."""
+    quick = await make_vmm("quick", shutdown_timeout=0)
+    await quick.create(spec("stubborn"))
+    quick._request_shutdown = lambda dom: None   # a guest that ignores ACPI
+    info = await quick.operate("shutdown", "stubborn")
+    assert info["state"] == states.SHUTOFF
+    assert (await quick.create(spec("stubborn")))["state"] == states.RUN   # kept
+
+
 def test_wait_until_polls_until_true_or_deadline():
     now = [0.0]
     slept = []
