@@ -113,13 +113,19 @@ class _Removals:
         self.removed.append(event.vm["name"])
 
 
+def watch_removals(controller):
+    """-> a _Removals plugin on the controller's vm_removed chain."""
+    removals = _plugin(_Removals)
+    controller.chains.add(removals, "vm_removed")
+    return removals
+
+
 @pytest_twisted.ensureDeferred
 async def test_destroy_keeps_the_vm_off_and_start_boots_it_again(grid):
     """Issue 17: destroy is Table 3's hard shutdown; the VM stays defined."""
     await start_cluster(grid, count=2)
     c = grid.controller
-    removals = _plugin(_Removals)
-    c.chains.add(removals, "vm_removed")
+    removals = watch_removals(c)
     vm = full("1.sneetch")
     lnm = c.state.vms[vm]["lnm"]
     result = await c.op_on("alice", False, "destroy", Selection(names=["1.sneetch"]))
@@ -141,8 +147,7 @@ async def test_destroy_keeps_the_vm_off_and_start_boots_it_again(grid):
 async def test_delete_removes_the_vm_and_fires_vm_removed(grid):
     await start_cluster(grid, count=3)
     c = grid.controller
-    removals = _plugin(_Removals)
-    c.chains.add(removals, "vm_removed")
+    removals = watch_removals(c)
     names = [full(f"{i}.sneetch") for i in (1, 2, 3)]
     lnms = {n: c.state.vms[n]["lnm"] for n in names}
     await c.op_on("alice", False, "shutdown", Selection(names=["1.sneetch"]))
@@ -205,8 +210,7 @@ async def test_delete_of_a_missing_vm_removes_its_record(grid):
     await start_cluster(grid, count=1, lnms=["lnm2"])
     c = grid.controller
     vm = full("1.sneetch")
-    await grid.vmms["lnm2"].operate("destroy", vm)
-    await grid.vmms["lnm2"].operate("delete", vm)
+    await grid.remove_on_host("lnm2", vm)
     await grid.report()
     assert c.state.vms[vm]["state"] == states.MISSING
     refused = await c.op_on("alice", False, "destroy", Selection(names=["1.sneetch"]))
@@ -307,8 +311,7 @@ async def test_out_of_band_changes(grid):
     await start_cluster(grid, count=3, lnms=["lnm2"])
     c = grid.controller
     victim = full("1.sneetch")
-    await grid.vmms["lnm2"].operate("destroy", victim)
-    await grid.vmms["lnm2"].operate("delete", victim)
+    await grid.remove_on_host("lnm2", victim)
     await grid.vmms["lnm2"].create({"name": full("7.adopted"), "uuid": None,
                                     "memory_mib": 128, "vcpus": 1, "owner": "alice",
                                     "cluster": "adopted", "args": {}})

@@ -376,8 +376,7 @@ async def test_deleting_a_vm_that_went_missing_while_its_lnm_was_away_is_done(gr
     c = grid.controller
     vm = await start_one(grid, "gone1", "lnm1")
     grid.cut("lnm1")
-    await grid.vmms["lnm1"].operate("destroy", vm)     # behind Usher's back
-    await grid.vmms["lnm1"].operate("delete", vm)
+    await grid.remove_on_host("lnm1", vm)     # behind Usher's back
     await reattach(grid, "lnm1")
     assert c.state.vms[vm]["state"] == states.MISSING
     result = await c.op_on("alice", False, "delete", Selection(names=[vm]))

@@ -123,8 +123,7 @@ async def test_policy_hold_keeps_the_host_held_and_lists_its_stale_copies(grid, 
     assert errors == []
     assert "fenced" in c.holds.reason("lnm1")
     # The administrator removes it by hand; the next check releases the host.
-    await grid.vmms["lnm1"].operate("destroy", vm)
-    await grid.vmms["lnm1"].operate("delete", vm)
+    await grid.remove_on_host("lnm1", vm)
     assert await c.fencing.clean_up("lnm1") is None
     assert not c.holds.has("lnm1", "fenced")
     assert await hosts_of(grid, vm) == [c.state.vms[vm]["lnm"]]

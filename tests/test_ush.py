@@ -1150,14 +1150,18 @@ class FakeTerminal(io.StringIO):
         return True
 
 
-def test_console_loop_drives_the_shell():
-    world = sample_world()
+def console_session(world, typed, confirming=False, on_prompt=None):
+    """Run the Console's loop over the lines ``typed`` (then end of input)
+    -> (the prompts it showed, what it wrote). ``on_prompt(console, prompts)``
+    runs before each line is read."""
     stdout = FakeTerminal()
-    lines = iter(["connect", "list", "pause horton"])
+    lines = iter(typed)
     prompts = []
 
     def read(prompt):
         prompts.append(prompt)
+        if on_prompt is not None:
+            on_prompt(console, prompts)
         try:
             return next(lines)
         except StopIteration:
@@ -1166,9 +1170,16 @@ def test_console_loop_drives_the_shell():
                           getpass_fn=lambda prompt: "secret", interactive=True)
     shell = ush.Shell(lambda **kw: FakeClient(world, **kw), settings(), out=console,
                       prompter=console, clock=task.Clock())
+    if confirming:
+        shell.confirmer = console
     console.loop(shell)
+    return prompts, stdout.getvalue()
+
+
+def test_console_loop_drives_the_shell():
+    world = sample_world()
+    prompts, output = console_session(world, ["connect", "list", "pause horton"])
     assert prompts == ["ush> ", "mmcnett:ush> ", "mmcnett:ush> ", "mmcnett:ush> "]
-    output = stdout.getvalue()
     assert "Command 0 result:\nConnected\n" in output
     assert "2 VMs:" in output
     assert f"[notice] {full('horton')}: run -> paused" in output
@@ -1215,31 +1226,18 @@ def test_console_redraws_the_prompt_under_asynchronous_output():
 
 def test_console_confirmation_is_read_in_the_loop_and_notices_redraw_the_question():
     world = sneetch_world()
-    stdout = FakeTerminal()
-    lines = iter(["connect", "destroy -n sneetch", "n", "destroy '[1-2].sneetch'", "yes"])
-    prompts = []
-    console = None
 
-    def read(prompt):
-        prompts.append(prompt)
-        if "[y/N]" in prompt and len(prompts) == 3:
+    def notice_under_the_question(console, prompts):
+        if "[y/N]" in prompts[-1] and len(prompts) == 3:
             # A notice arriving while the question is up redraws the question.
             console.write("[notice] something happened\n")
-        try:
-            return next(lines)
-        except StopIteration:
-            raise EOFError from None
-    console = ush.Console(SyncReactor(), stdout=stdout, input_fn=read,
-                          getpass_fn=lambda prompt: "secret", interactive=True)
-    shell = ush.Shell(lambda **kw: FakeClient(world, **kw), settings(), out=console,
-                      prompter=console, clock=task.Clock())
-    shell.confirmer = console
-    console.loop(shell)
+    prompts, output = console_session(
+        world, ["connect", "destroy -n sneetch", "n", "destroy '[1-2].sneetch'", "yes"],
+        confirming=True, on_prompt=notice_under_the_question)
     question = ("destroy 5 VMs of mmcnett (1.sneetch, 2.sneetch, 3.sneetch … 5.sneetch)? "
                 "[y/N] ")
     assert prompts[:4] == ["ush> ", "mmcnett:ush> ", question, "mmcnett:ush> "]
     assert prompts[4] == "destroy 2 VMs of mmcnett (1.sneetch, 2.sneetch)? [y/N] "
-    output = stdout.getvalue()
     assert "\r\x1b[K[notice] something happened\n" + question in output
     assert "destroy: cancelled" in output
     assert "Controller destroyed 2 VMs:" in output

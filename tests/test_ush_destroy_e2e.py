@@ -94,6 +94,11 @@ class Terminal:
     def type(self, line):
         os.write(self.master, line.encode() + b"\r")
 
+    def say(self, line, until):
+        """Type ``line`` and read until ``until`` -> what was read."""
+        self.type(line)
+        return self.expect(until)
+
     def close(self):
         try:
             self.type("quit")
@@ -109,35 +114,25 @@ def interactive_session(config):
     term = Terminal(config)
     try:
         term.expect("ush> ")
-        term.type("connect")
-        term.expect("Connected")
+        term.say("connect", "Connected")
         term.expect("alice:ush> ")
-        term.type("start -n ask -c 3")
-        term.expect("Controller started 3 VMs")
+        term.say("start -n ask -c 3", "Controller started 3 VMs")
         term.expect("alice:ush> ")
         # Several VMs: asked first; no (the default) does nothing.
-        term.type("destroy -n ask")
-        asked = term.expect("? [y/N] ")
+        asked = term.say("destroy -n ask", "? [y/N] ")
         assert "destroy 3 VMs of alice (1.ask, 2.ask, 3.ask)? [y/N] " in asked
-        term.type("n")
-        term.expect("destroy: cancelled")
+        term.say("n", "destroy: cancelled")
         term.expect("alice:ush> ")
-        term.type("list -n ask")
-        listed = term.expect("alice:ush> ")
+        listed = term.say("list -n ask", "alice:ush> ")
         assert "1.ask" in listed and "shutoff" not in listed
         # Yes goes ahead.
-        term.type("destroy -n ask")
-        term.expect("? [y/N] ")
-        term.type("y")
-        done = term.expect("Controller destroyed 3 VMs:")
+        term.say("destroy -n ask", "? [y/N] ")
+        done = term.say("y", "Controller destroyed 3 VMs:")
         assert "cancelled" not in done
         term.expect("alice:ush> ")
-        # One VM: no question.
-        term.type("delete 1.ask")
-        term.expect("Controller deleted 1 VM:")
-        # -y: no question either.
-        term.type("delete -y -n ask")
-        after = term.expect("Controller deleted 2 VMs:")
+        # One VM, or -y: no question.
+        term.say("delete 1.ask", "Controller deleted 1 VM:")
+        after = term.say("delete -y -n ask", "Controller deleted 2 VMs:")
         assert "[y/N]" not in after
         term.expect("alice:ush> ")
     finally:
