@@ -828,6 +828,8 @@ TOPICS["oneshot"] = _entry(
       ush --json list | jq -r '.[].name'
 
     The password comes from the configuration, else ush asks for it.
+    Nothing else is asked: destroy, cycle and delete of several VMs, which
+    the interactive shell confirms first, run at once here.
     --json prints JSON instead of tables: list and list_lnm print an array
     of objects (list: name, state, lnm, cluster, owner, memory_mib, vcpus,
     ...), start an array of {"name", "lnm"} and, for failures,
