@@ -214,7 +214,8 @@ async def test_delete_of_a_missing_vm_removes_its_record(grid):
     await grid.report()
     assert c.state.vms[vm]["state"] == states.MISSING
     refused = await c.op_on("alice", False, "destroy", Selection(names=["1.sneetch"]))
-    assert refused["failed"] == [{"name": vm, "error": "cannot destroy a VM that is missing"}]
+    assert refused["failed"] == [{"name": vm, "error": "cannot destroy a VM that is missing: it "
+                                  "is gone from its host; delete removes its record"}]
     result = await c.op_on("alice", False, "delete", Selection(names=["1.sneetch"]))
     assert result["done"] == [{"name": vm, "state": None}]
     assert vm not in c.state.vms

@@ -58,10 +58,8 @@ class Operations(Room):
         for name in request.vms:
             rec, why = self.refusal(name, allowed, operation)
             if why is not None:
-                if (operation == "delete" and rec is not None
-                        and rec["state"] in states.DELETE_FORCED_FROM):
-                    why += (": shut it down or destroy it first, or force the delete "
-                            "(ush delete --force), which powers it off")
+                if rec is not None and why.startswith("cannot"):
+                    why += _HINTS.get((operation, rec["state"]), "")
                 failed.append({"name": name, "error": why})
             elif not self.inventory.connected(rec["lnm"]):
                 if operation == "delete" and rec["state"] in (states.MISSING,):
@@ -140,6 +138,17 @@ class Operations(Room):
         failed.append({"name": name, "error": text})
         self.chains.notify(Event("op_complete", self.api, operation=operation,
                                  vm=dict(rec), ok=False, error=text))
+
+
+_DELETE_RUNNING = (": shut it down or destroy it first, or force the delete "
+                   "(ush delete --force), which powers it off")
+# What to do instead, after the refusal of an operation from a state (issue
+# 17: destroy no longer removes; delete does).
+_HINTS = {("delete", state): _DELETE_RUNNING for state in states.DELETE_FORCED_FROM}
+_HINTS.update({
+    ("destroy", states.MISSING): ": it is gone from its host; delete removes its record",
+    ("destroy", states.HIBERNATED): ": it is not running; restore it, or delete it",
+})
 
 
 def _forced(operation, args):
