@@ -477,3 +477,27 @@ async def test_plugins_hear_of_every_state_change_once(grid):
     grid.cut("lnm2")
     assert watcher.changes == [(vm, states.RUN, states.PAUSED),
                                (vm, states.PAUSED, states.LOST)]
+
+
+class _OldLNM:
+    """The node API of an LNM before issue 17, as the controller's handle
+    sees it: destroy undefined the VM (answering None); delete is unknown."""
+
+    def __init__(self):
+        self.sent = []
+
+    async def op_on(self, operation, name):
+        self.sent.append(operation)
+        if operation == "delete":
+            raise InvalidRequest(f"unknown operation {operation!r}")
+        return None
+
+
+@pytest_twisted.ensureDeferred
+async def test_removing_a_vm_on_an_lnm_before_issue_17_sends_no_delete():
+    """A forced delete or a stale copy's removal powers off first; an old
+    LNM's destroy already removed the VM, so no delete follows."""
+    from usher.controller.commands import hard_off
+    old = _OldLNM()
+    assert await hard_off(old, "x") is None
+    assert old.sent == ["destroy"]
