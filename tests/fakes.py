@@ -155,7 +155,7 @@ class FakeVMM:
             info = self._info(name)
             if info["state"] not in states.OPERATION_PRECONDITIONS[operation]:
                 raise OperationFailed(f"cannot {operation} {name}: it is {info['state']}")
-            if operation == "destroy":
+            if operation == "delete":
                 del self.domains[name]
                 return None
             self.domains[name]["state"] = _RESULTS[operation]

@@ -180,6 +180,12 @@ class Grid:
         """-> Deferred firing once nothing is on its way on any link."""
         return self.eventual.flush()
 
+    async def remove_on_host(self, lnm, name):
+        """Power VM ``name`` off and delete it on ``lnm``'s host, behind
+        Usher's back (as virsh destroy and undefine would)."""
+        await self.vmms[lnm].operate("destroy", name)
+        await self.vmms[lnm].operate("delete", name)
+
     async def report(self):
         """Make every LNM scan its host and report now."""
         for node in self.nodes.values():

@@ -85,9 +85,140 @@ async def test_every_operation(grid):
         info = await grid.vmms[c.state.vms[vm]["lnm"]].domain_info(vm)
         assert info["state"] == expected, operation
     result = await c.op_on("alice", False, "destroy", sel)
+    assert result["done"] == [{"name": vm, "state": states.SHUTOFF}]
+    assert c.state.vms[vm]["state"] == states.SHUTOFF
+    result = await c.op_on("alice", False, "delete", sel)
     assert result["done"] == [{"name": vm, "state": None}]
     assert vm not in c.state.vms
     assert full("2.sneetch") in c.state.vms
+
+
+def _plugin(cls):
+    from zope.interface import directlyProvides
+    from usher.interfaces import IPlugin
+    plugin = cls()
+    directlyProvides(plugin, IPlugin)
+    return plugin
+
+
+class _Removals:
+    """Records the vm_removed notifications."""
+    name = "removals"
+    order = 1
+
+    def __init__(self):
+        self.removed = []
+
+    def entry_point(self, event):
+        self.removed.append(event.vm["name"])
+
+
+def watch_removals(controller):
+    """-> a _Removals plugin on the controller's vm_removed chain."""
+    removals = _plugin(_Removals)
+    controller.chains.add(removals, "vm_removed")
+    return removals
+
+
+@pytest_twisted.ensureDeferred
+async def test_destroy_keeps_the_vm_off_and_start_boots_it_again(grid):
+    """Issue 17: destroy is Table 3's hard shutdown; the VM stays defined."""
+    await start_cluster(grid, count=2)
+    c = grid.controller
+    removals = watch_removals(c)
+    vm = full("1.sneetch")
+    lnm = c.state.vms[vm]["lnm"]
+    result = await c.op_on("alice", False, "destroy", Selection(names=["1.sneetch"]))
+    assert result == {"operation": "destroy", "done": [{"name": vm, "state": "shutoff"}],
+                      "failed": [], "notes": []}
+    info = await grid.vmms[lnm].domain_info(vm)
+    assert info["state"] == states.SHUTOFF
+    # Destroying it again: already off, nothing to do.
+    again = await c.op_on("alice", False, "destroy", Selection(names=["1.sneetch"]))
+    assert again["done"] == [{"name": vm, "state": "shutoff"}]
+    started = await c.start("alice", False, ["1.sneetch"])
+    assert started["started"] == [{"name": vm, "lnm": lnm}], started
+    assert c.state.vms[vm]["state"] == states.RUN
+    assert (await grid.vmms[lnm].domain_info(vm))["state"] == states.RUN
+    assert removals.removed == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_delete_removes_the_vm_and_fires_vm_removed(grid):
+    await start_cluster(grid, count=3)
+    c = grid.controller
+    removals = watch_removals(c)
+    names = [full(f"{i}.sneetch") for i in (1, 2, 3)]
+    lnms = {n: c.state.vms[n]["lnm"] for n in names}
+    await c.op_on("alice", False, "shutdown", Selection(names=["1.sneetch"]))
+    await c.op_on("alice", False, "hibernate", Selection(names=["2.sneetch"]))
+    result = await c.op_on("alice", False, "delete", Selection(clusters=["sneetch"]))
+    assert result["done"] == [{"name": names[0], "state": None},
+                              {"name": names[1], "state": None}]
+    # A running VM is refused, with what to do about it.
+    assert result["failed"] == [{"name": names[2], "error": (
+        "cannot delete a VM that is run: shut it down or destroy it first, or force the "
+        "delete (ush delete --force), which powers it off")}]
+    assert sorted(c.state.vms) == [names[2]]
+    for name in names[:2]:
+        with pytest.raises(NoSuchVM):
+            await grid.vmms[lnms[name]].domain_info(name)
+    assert (await grid.vmms[lnms[names[2]]].domain_info(names[2]))["state"] == states.RUN
+    # Forced: powered off hard, then deleted.
+    forced = await c.op_on("alice", False, "delete", Selection(names=["3.sneetch"]),
+                           {"force": True})
+    assert forced["done"] == [{"name": names[2], "state": None}], forced
+    assert c.state.vms == {}
+    with pytest.raises(NoSuchVM):
+        await grid.vmms[lnms[names[2]]].domain_info(names[2])
+    await _turn()
+    assert sorted(removals.removed) == names
+
+
+@pytest_twisted.ensureDeferred
+async def test_delete_goes_through_its_chain_and_a_plugin_may_refuse_it(grid):
+    await start_cluster(grid, count=2)
+    c = grid.controller
+
+    class Keeper:
+        name = "keeper"
+        order = 1
+        seen = []
+
+        def entry_point(self, event):
+            self.seen.append((event.name, event.request.kind, event.request.args))
+            event.request.reject("this site keeps its VMs")
+    keeper = _plugin(Keeper)
+    c.chains.add(keeper, "delete_request")
+    await c.op_on("alice", False, "destroy", Selection(clusters=["sneetch"]))
+    with pytest.raises(Rejected, match="this site keeps its VMs"):
+        await c.op_on("alice", False, "delete", Selection(clusters=["sneetch"]),
+                      {"force": True})
+    assert keeper.seen == [("delete_request", "delete", {"force": True})]
+    assert sorted(c.state.vms) == [full("1.sneetch"), full("2.sneetch")]
+    # force is for delete only, and only true or false.
+    with pytest.raises(InvalidRequest, match="force"):
+        await c.op_on("alice", False, "destroy", Selection(clusters=["sneetch"]),
+                      {"force": True})
+    with pytest.raises(InvalidRequest, match="force"):
+        await c.op_on("alice", False, "delete", Selection(clusters=["sneetch"]),
+                      {"force": "yes"})
+
+
+@pytest_twisted.ensureDeferred
+async def test_delete_of_a_missing_vm_removes_its_record(grid):
+    await start_cluster(grid, count=1, lnms=["lnm2"])
+    c = grid.controller
+    vm = full("1.sneetch")
+    await grid.remove_on_host("lnm2", vm)
+    await grid.report()
+    assert c.state.vms[vm]["state"] == states.MISSING
+    refused = await c.op_on("alice", False, "destroy", Selection(names=["1.sneetch"]))
+    assert refused["failed"] == [{"name": vm, "error": "cannot destroy a VM that is missing: it "
+                                  "is gone from its host; delete removes its record"}]
+    result = await c.op_on("alice", False, "delete", Selection(names=["1.sneetch"]))
+    assert result["done"] == [{"name": vm, "state": None}]
+    assert vm not in c.state.vms
 
 
 @pytest_twisted.ensureDeferred
@@ -181,7 +312,7 @@ async def test_out_of_band_changes(grid):
     await start_cluster(grid, count=3, lnms=["lnm2"])
     c = grid.controller
     victim = full("1.sneetch")
-    await grid.vmms["lnm2"].operate("destroy", victim)
+    await grid.remove_on_host("lnm2", victim)
     await grid.vmms["lnm2"].create({"name": full("7.adopted"), "uuid": None,
                                     "memory_mib": 128, "vcpus": 1, "owner": "alice",
                                     "cluster": "adopted", "args": {}})
@@ -346,3 +477,27 @@ async def test_plugins_hear_of_every_state_change_once(grid):
     grid.cut("lnm2")
     assert watcher.changes == [(vm, states.RUN, states.PAUSED),
                                (vm, states.PAUSED, states.LOST)]
+
+
+class _OldLNM:
+    """The node API of an LNM before issue 17, as the controller's handle
+    sees it: destroy undefined the VM (answering None); delete is unknown."""
+
+    def __init__(self):
+        self.sent = []
+
+    async def op_on(self, operation, name):
+        self.sent.append(operation)
+        if operation == "delete":
+            raise InvalidRequest(f"unknown operation {operation!r}")
+        return None
+
+
+@pytest_twisted.ensureDeferred
+async def test_removing_a_vm_on_an_lnm_before_issue_17_sends_no_delete():
+    """A forced delete or a stale copy's removal powers off first; an old
+    LNM's destroy already removed the VM, so no delete follows."""
+    from usher.controller.commands import hard_off
+    old = _OldLNM()
+    assert await hard_off(old, "x") is None
+    assert old.sent == ["destroy"]

@@ -85,7 +85,8 @@ async def start(grid, count, cluster="web", user="alice"):
 
 
 async def destroy(grid, *names, user="alice"):
-    await grid.controller.op_on(user, False, "destroy", Selection(names=list(names)))
+    await grid.controller.op_on(user, False, "delete", Selection(names=list(names)),
+                                {"force": True})
 
 
 def serial(bind, zone):
@@ -295,7 +296,8 @@ async def test_ipv6_addresses_get_aaaa_and_a_ptr_only_in_a_reverse_zone_they_are
         assert bind.values("2001:db8:2::22", "PTR") == []
         assert bind.values(full("six", "carol"), "AAAA") == ["2001:db8:1::21",
                                                              "2001:db8:2::22"]
-        await grid.controller.op_on("carol", False, "destroy", Selection(names=[one, two]))
+        await grid.controller.op_on("carol", False, "delete", Selection(names=[one, two]),
+                                    {"force": True})
         await plugin.queue.flushed()
         assert bind.values(one, "AAAA") == [] and bind.values(full("six", "carol"), "AAAA") == []
         assert bind.values("2001:db8:1::21", "PTR") == []

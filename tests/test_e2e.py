@@ -57,7 +57,10 @@ async def test_every_table3_operation(system):
         assert result["failed"] == [], (operation, result)
         assert result["done"] == [{"name": vm, "state": expected}]
         await wait_for(lambda: alice.vms[vm]["state"] == expected)
-    result = await alice.destroy([vm])
+    result = await alice.destroy([vm])          # Table 3's hard shutdown: kept
+    assert result["done"] == [{"name": vm, "state": states.SHUTOFF}]
+    await wait_for(lambda: alice.vms[vm]["state"] == states.SHUTOFF)
+    result = await alice.delete([vm])
     assert result["done"] == [{"name": vm, "state": None}]
     await wait_for(lambda: vm not in alice.vms)
 
@@ -108,6 +111,8 @@ async def test_users_act_only_on_their_own_vms(system):
     await alice.start(["mine"])
     bob = await system.connected_client("bob", "bob-secret")
     assert bob.vms == {}
+    with pytest.raises(PermissionDenied):
+        await bob.delete([full("mine")], {"force": True})
     with pytest.raises(PermissionDenied):
         await bob.destroy([full("mine")])
     # straight to the controller, bypassing the client's own check

@@ -369,17 +369,17 @@ def test_the_lnm_report_port_logs_an_unexpected_error_and_answers_cleanly():
     assert len(failures_logged(logged, RuntimeError)) == 2
 
 
-# -- destroy ----------------------------------------------------------------------------
+# -- delete -----------------------------------------------------------------------------
 
 @pytest_twisted.ensureDeferred
-async def test_destroying_a_vm_that_went_missing_while_its_lnm_was_away_is_done(grid):
+async def test_deleting_a_vm_that_went_missing_while_its_lnm_was_away_is_done(grid):
     c = grid.controller
     vm = await start_one(grid, "gone1", "lnm1")
     grid.cut("lnm1")
-    await grid.vmms["lnm1"].operate("destroy", vm)     # behind Usher's back
+    await grid.remove_on_host("lnm1", vm)     # behind Usher's back
     await reattach(grid, "lnm1")
     assert c.state.vms[vm]["state"] == states.MISSING
-    result = await c.op_on("alice", False, "destroy", Selection(names=[vm]))
+    result = await c.op_on("alice", False, "delete", Selection(names=[vm]))
     assert result["failed"] == []
     assert result["done"] == [{"name": vm, "state": None}]
     [note] = result["notes"]

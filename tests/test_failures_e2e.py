@@ -412,8 +412,8 @@ async def test_vm_destroyed_behind_usher_back_is_missing(system):
     report("VM destroyed behind Usher's back -> missing", detected)
     assert detected < LNM["scan_interval"] + 2
     assert all(alice.vms[n]["state"] == states.RUN for n in names if n != victim)
-    # Destroying a missing VM removes it from Usher.
-    result = await alice.destroy([victim])
+    # Deleting a missing VM removes it from Usher.
+    result = await alice.delete([victim])
     assert result["done"] == [{"name": victim, "state": None}]
     await until(lambda: victim not in alice.vms)
 

@@ -123,7 +123,7 @@ async def test_policy_hold_keeps_the_host_held_and_lists_its_stale_copies(grid, 
     assert errors == []
     assert "fenced" in c.holds.reason("lnm1")
     # The administrator removes it by hand; the next check releases the host.
-    await grid.vmms["lnm1"].operate("destroy", vm)
+    await grid.remove_on_host("lnm1", vm)
     assert await c.fencing.clean_up("lnm1") is None
     assert not c.holds.has("lnm1", "fenced")
     assert await hosts_of(grid, vm) == [c.state.vms[vm]["lnm"]]
@@ -242,7 +242,7 @@ async def test_after_a_restart_an_unknown_record_is_not_proof_of_a_stale_copy(gr
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_restarted_vm_its_owner_removed_leaves_a_stale_copy_to_destroy(grid):
+async def test_a_restarted_vm_its_owner_removed_leaves_a_stale_copy_to_delete(grid):
     c = grid.controller
     [vm] = await start_on(grid, "lnm1", "gone1")
     grid.cut("lnm1")
@@ -251,8 +251,8 @@ async def test_a_restarted_vm_its_owner_removed_leaves_a_stale_copy_to_destroy(g
     await wait_for(lambda: c.state.vms[vm]["state"] == states.RUN)
     from usher.vmset import Selection
     await c.op_on("alice", False, "destroy", Selection(names=[vm]))
-    if vm in c.state.vms:       # destroy keeps the VM: delete removes it
-        await c.op_on("alice", False, "delete", Selection(names=[vm]))
+    assert c.state.vms[vm]["state"] == states.SHUTOFF     # destroy keeps the VM
+    await c.op_on("alice", False, "delete", Selection(names=[vm]))
     assert vm not in c.state.vms
     assert (c.holds.get("lnm1", "fenced") or {}).get("gone") == [vm]
     await grid.attach("lnm1")

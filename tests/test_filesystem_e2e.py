@@ -53,8 +53,9 @@ class FsGrid:
         await self.plugin.flushed()
         return result
 
-    async def destroy(self, name, user="alice"):
-        await self.grid.controller.op_on(user, False, "destroy", Selection(names=[name]))
+    async def delete(self, name, user="alice"):
+        await self.grid.controller.op_on(user, False, "delete", Selection(names=[name]),
+                                         {"force": True})
         await wait_for(lambda: name not in self.grid.controller.state.vms)
         await self.plugin.flushed()
 
@@ -112,7 +113,7 @@ async def test_a_clusters_trees_made_owned_and_cleaned_up_by_policy(tmp_path, lo
             assert sorted(os.listdir(export / top / "etc")) == ETC
             assert owner_of(export / top / "etc/rc3.d") == (4100, 4200)
 
-        await box.destroy(full("1.sneetch"))
+        await box.delete(full("1.sneetch"))
         assert (export / "local/alice/1.sneetch").exists() == (local == "keep")
         archived = list((archive / "local/alice").glob("1.sneetch.*Z")) \
             if archive.exists() else []
@@ -120,7 +121,7 @@ async def test_a_clusters_trees_made_owned_and_cleaned_up_by_policy(tmp_path, lo
         assert (export / "cluster/alice/sneetch/etc").is_dir()
         assert (export / "local/alice/2.sneetch/etc").is_dir()
 
-        await box.destroy(full("2.sneetch"))
+        await box.delete(full("2.sneetch"))
         assert (export / "cluster/alice/sneetch").exists() == (cluster == "keep")
         archived = list((archive / "cluster/alice").glob("sneetch.*Z")) \
             if archive.exists() else []

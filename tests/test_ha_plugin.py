@@ -33,7 +33,7 @@ def full(short, owner="alice"):
 class FakeFencing:
     def __init__(self, holds):
         self.holds = holds
-        self.stale_copies = "destroy"
+        self.stale_copies = "delete"
 
     def fenced(self, lnm):
         return self.holds.has(lnm, "fenced")
@@ -312,7 +312,11 @@ def test_ha_status_is_for_administrators_and_the_plugin_sets_the_stale_policy(wo
     with pytest.raises(PermissionDenied):
         status(api, "alice", False)
     p.stop()
-    assert api.fencing.stale_copies == "destroy"
+    assert api.fencing.stale_copies == "delete"
+    # The policy's name before issue 17 still means removing the copies.
+    p = plugin(api, stale_copies="destroy")
+    assert api.fencing.stale_copies == "delete"
+    p.stop()
 
 
 # -- the pieces -----------------------------------------------------------------

@@ -95,8 +95,9 @@ class LdapGrid:
         assert not result["failed"], result
         return sorted(s["name"] for s in result["started"])
 
-    async def destroy(self, names):
-        await self.grid.controller.op_on(self.owner, False, "destroy", Selection(names=names))
+    async def delete(self, names):
+        await self.grid.controller.op_on(self.owner, False, "delete", Selection(names=names),
+                                         {"force": True})
         await self.plugin.keeper.idle()
 
 
@@ -121,9 +122,9 @@ async def test_a_clusters_branch_lives_with_its_vms(tmp_path, slapd, pool, polic
                   "gidNumber": 100, "homeDirectory": "/home/guest"})
         conn.unbind()
 
-        await lg.destroy([names[0]])
+        await lg.delete([names[0]])
         assert branch_state(slapd, owner, "sneetch") is not None          # 2.sneetch left
-        await lg.destroy([names[1]])
+        await lg.delete([names[1]])
         if policy == "delete":
             assert branch_state(slapd, owner, "sneetch") is None
             assert read(slapd, f"uid=guest,ou=people,{branch_dn(owner, 'sneetch')}") is None
@@ -145,11 +146,11 @@ async def test_clusters_of_the_same_name_and_other_clusters_are_apart(tmp_path, 
     try:
         web = await lg.start_vms("web", 1)
         db = await lg.start_vms("db", 1)
-        await lg.destroy(web)
+        await lg.delete(web)
         assert branch_state(slapd, "apart-a", "web") is None
         assert branch_state(slapd, "apart-a", "db") == (f"uid=apart-a,ou=people,{BASE}",
                                                          ["apart-a"])
-        await lg.destroy(db)
+        await lg.delete(db)
         # The owner's container goes with their last branch.
         assert read(slapd, f"ou=apart-a,ou=clusters,{BASE}") is None
     finally:
@@ -176,7 +177,7 @@ async def test_slapd_stopped_during_a_start_the_start_succeeds_and_the_branch_fo
         await wait_for(lambda: not lg.plugin.keeper.down, timeout=30)
         await lg.plugin.keeper.idle()
         assert branch_state(slapd, owner, "late") == (f"uid={owner},ou=people,{BASE}", [owner])
-        await lg.destroy(names)
+        await lg.delete(names)
         assert branch_state(slapd, owner, "late") is None
     finally:
         if not slapd.running:

@@ -108,9 +108,9 @@ async def test_a_lease_warns_its_owner_only_then_its_action_runs(tmp_path, clien
 
 
 @pytest_twisted.ensureDeferred
-async def test_the_timer_drives_the_leases_and_destroy_removes_the_vm(tmp_path, client_grids):
+async def test_the_timer_drives_the_leases_and_delete_removes_the_vm(tmp_path, client_grids):
     grid, plugin, clock = await lease_grid(client_grids, tmp_path,
-                                           "interval = 30\naction = destroy\n"
+                                           "interval = 30\naction = delete\n"
                                            "default_lease = 90s\n")
     alice = await grid.connected("alice")
     await alice.start(["short"])
@@ -122,8 +122,22 @@ async def test_the_timer_drives_the_leases_and_destroy_removes_the_vm(tmp_path, 
     assert full("short") in grid.controller.state.vms
     timers.advance(30)
     await plugin.idle()
-    assert full("short") not in grid.controller.state.vms
-    assert plugin.actions == [("destroy", [full("short")])]
+    assert full("short") not in grid.controller.state.vms     # running: forced
+    assert plugin.actions == [("delete", [full("short")])]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_destroy_action_powers_the_vm_off_and_keeps_it(tmp_path, client_grids):
+    grid, plugin, clock = await lease_grid(client_grids, tmp_path, "action = destroy\n")
+    alice = await grid.connected("alice")
+    told = Notices(alice)
+    await alice.start(["kept"], args={"lease": "1h"})
+    clock.advance(3600)
+    await plugin.tick()
+    await plugin.idle()
+    assert grid.controller.state.vms[full("kept")]["state"] == "shutoff"
+    assert plugin.actions == [("destroy", [full("kept")])]
+    await wait_for(lambda: any("powered off" in n for n in told.seen))
 
 
 @pytest_twisted.ensureDeferred
@@ -285,7 +299,7 @@ async def test_a_vm_removed_takes_its_lease_and_a_vm_at_rest_simply_ends(tmp_pat
     alice = await grid.connected("alice")
     told = Notices(alice)
     await alice.start(["x", "y"], args={"lease": "1h"})
-    await alice.destroy([full("x")])
+    await alice.delete([full("x")], {"force": True})
     assert list(plugin.leases) == [full("y")]
     await alice.shutdown([full("y")])
     clock.advance(3600)

@@ -218,7 +218,13 @@ async def test_every_operation_leaves_the_state_table_3_promises(vmm):
         assert info["state"] == expected, operation
         assert (await vmm.domain_info("vm"))["state"] == expected, operation
         assert info["uuid"] == created["uuid"]
-    assert await vmm.operate("destroy", "vm") is None
+    await vmm.operate("cycle", "vm")
+    await raises(InvalidRequest, vmm.operate("delete", "vm"))     # it runs
+    assert (await vmm.operate("destroy", "vm"))["state"] == states.SHUTOFF
+    assert (await vmm.operate("destroy", "vm"))["state"] == states.SHUTOFF   # already off
+    assert (await vmm.create(spec("vm")))["uuid"] == created["uuid"]    # boots the kept one
+    await vmm.operate("destroy", "vm")
+    assert await vmm.operate("delete", "vm") is None
     await raises(NoSuchVM, vmm.domain_info("vm"))
 
 
@@ -246,10 +252,11 @@ async def test_hibernate_from_paused_and_create_wakes_a_hibernated_vm(vmm):
 
 
 @pytest_twisted.ensureDeferred
-async def test_destroy_removes_definition_and_image(vmm):
+async def test_delete_removes_definition_and_image(vmm):
     await vmm.create(spec("gone"))
     await vmm.operate("hibernate", "gone")
-    assert await vmm.operate("destroy", "gone") is None
+    await raises(InvalidRequest, vmm.operate("destroy", "gone"))   # not running
+    assert await vmm.operate("delete", "gone") is None
     assert await vmm.list_domains() == []
     assert not os.path.exists(vmm.image_path("gone"))
     # A new VM of the same name starts clean.
@@ -270,6 +277,18 @@ async def test_shutdown_falls_back_to_destroy_after_the_timeout(vmm):
     assert info["state"] == states.SHUTOFF
     assert any("did not shut down" in e.get("log_format", "") and e.get("vm") == "stubborn"
                for e in logged)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_lnm_shutdown_timeout_option_bounds_the_wait(make_vmm):
+    """The site's shutdown_timeout (the LNM option) is the default of every
+    shutdown: a guest ignoring ACPI is powered off once it has passed."""
+    quick = await make_vmm("quick", shutdown_timeout=0)
+    await quick.create(spec("stubborn"))
+    quick._request_shutdown = lambda dom: None   # a guest that ignores ACPI
+    info = await quick.operate("shutdown", "stubborn")
+    assert info["state"] == states.SHUTOFF
+    assert (await quick.create(spec("stubborn")))["state"] == states.RUN   # kept
 
 
 def test_wait_until_polls_until_true_or_deadline():
@@ -511,7 +530,7 @@ async def test_lifecycle_events_reach_subscribers_as_usher_states(vmm):
     await vmm.operate("restore", "watched")
     await vmm.operate("pause", "watched")
     await vmm.operate("shutdown", "watched")
-    await vmm.operate("destroy", "watched")
+    await vmm.operate("delete", "watched")
     await recorder.wait_for("watched", None)
     assert recorder.events == [
         ("watched", states.RUN), ("watched", states.PAUSED),

@@ -148,7 +148,8 @@ def test_controller_drives_table_2_over_pb(harness):
     assert harness.call("op_on", "pause", VM)["state"] == states.PAUSED
     assert harness.call("get_details", VM)["owner"] == "alice"
     assert harness.call("get_node_status")["vms"] == 0
-    assert harness.call("op_on", "destroy", VM) is None
+    assert harness.call("op_on", "destroy", VM)["state"] == states.SHUTOFF
+    assert harness.call("op_on", "delete", VM) is None
     assert VM not in harness.vmm.domains
 
 

@@ -115,12 +115,13 @@ def test_each_operation_returns_the_new_domain_info(manager, vmm, clock, reporte
     for operation, expected in [("pause", states.PAUSED), ("resume", states.RUN),
                                 ("reboot", states.RUN), ("hibernate", states.HIBERNATED),
                                 ("restore", states.RUN), ("shutdown", states.SHUTOFF),
-                                ("cycle", states.RUN)]:
+                                ("cycle", states.RUN), ("destroy", states.SHUTOFF),
+                                ("destroy", states.SHUTOFF)]:
         info = result_of(manager.op_on(operation, VM))
         assert info["state"] == expected, operation
         assert vmm.domains[VM]["state"] == expected
         assert manager.cached_vm(VM).record["state"] == expected
-    assert result_of(manager.op_on("destroy", VM)) is None
+    assert result_of(manager.op_on("delete", VM)) is None
     assert VM not in vmm.domains
     assert manager.cached_vm(VM) is None
     clock.advance(SCAN)
@@ -137,25 +138,37 @@ def test_op_on_refuses_unknown_operations_and_vms(manager, vmm):
     assert len(vmm.calls) == calls
 
 
-def test_destroy_of_a_vm_already_gone_succeeds(manager, vmm):
+def test_delete_of_a_vm_already_gone_succeeds(manager, vmm):
     running_vm(manager)
     vmm.remove_domain(VM)
-    assert result_of(manager.op_on("destroy", VM)) is None
+    assert result_of(manager.op_on("delete", VM)) is None
     assert manager.cached_vm(VM) is None
+
+
+def test_delete_refuses_a_running_vm_and_destroy_keeps_it(manager, vmm):
+    running_vm(manager)
+    with pytest.raises(OperationFailed, match="cannot delete"):
+        result_of(manager.op_on("delete", VM))
+    assert vmm.domains[VM]["state"] == states.RUN
+    assert result_of(manager.op_on("destroy", VM))["state"] == states.SHUTOFF
+    assert manager.cached_vm(VM).record["state"] == states.SHUTOFF
+    # Started again from its kept definition.
+    assert result_of(manager.start(VM))["state"] == states.RUN
 
 
 def test_operations_on_one_vm_run_one_at_a_time(manager, vmm):
     running_vm(manager)
+    result_of(manager.op_on("shutdown", VM))
     vmm.hold = True
-    destroy = pending(manager.op_on("destroy", VM))
+    delete = pending(manager.op_on("delete", VM))
     pause = pending(manager.op_on("pause", VM))
-    assert [c[1] for c in vmm.calls if c[0] == "operate"] == ["destroy"]
+    assert [c[1] for c in vmm.calls if c[0] == "operate"] == ["shutdown", "delete"]
     vmm.hold = False
     vmm.release()
-    assert result_of(destroy) is None
+    assert result_of(delete) is None
     with pytest.raises(NoSuchVM, match="before pause could run"):
         result_of(pause)
-    assert [c[1] for c in vmm.calls if c[0] == "operate"] == ["destroy"]
+    assert [c[1] for c in vmm.calls if c[0] == "operate"] == ["shutdown", "delete"]
 
 
 def test_failed_operation_reports_what_the_host_now_shows(manager, vmm, clock, reporter):
@@ -603,7 +616,13 @@ async def test_real_driver_operations_settle_the_cache_and_report_nothing(real_n
     assert reporter.batches == []
     with pytest.raises(MigrationUnsupported):
         await node.migrate(VM, {"migration_uri": "test:///elsewhere"})
-    assert await node.op_on("destroy", VM) is None
+    assert (await node.op_on("destroy", VM))["state"] == states.SHUTOFF
+    assert [d["state"] for d in await vmm.list_domains()] == [states.SHUTOFF]
+    assert (await node.start(VM))["state"] == states.RUN
+    with pytest.raises(InvalidRequest, match="cannot delete"):
+        await node.op_on("delete", VM)
+    await node.op_on("destroy", VM)
+    assert await node.op_on("delete", VM) is None
     assert node.cached_vm(VM) is None
     assert await vmm.list_domains() == []
     await node.shutdown()

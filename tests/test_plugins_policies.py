@@ -83,7 +83,7 @@ async def test_placement_respects_capacity_and_names_each_lnms_problem(tmp_path,
         f"no LNM can start it (512 MiB and 1 vCPU): lnm1: {full_host}; lnm2: {full_host}; "
         f"lnm3: {full_host}")}
 
-    await alice.destroy(Selection(clusters=["web"]))
+    await alice.delete(Selection(clusters=["web"]), {"force": True})
     result = await alice.start(["big"], args={"memory_mib": 64, "vcpus": 9})
     cpus = "CPUs: needs 9 vCPUs, 8 free (of 2 CPUs, overcommit x4)"
     assert errors(result) == {full("big"): f"no LNM can start it (64 MiB and 9 vCPUs): "
@@ -102,7 +102,7 @@ async def test_overcommit_host_reservations_and_guaranteed_vms(tmp_path, client_
     assert errors(result) == {full("7.a"): (
         "no LNM can start it (256 MiB and 1 vCPU): lnm1: memory: needs 256 MiB, 0 MiB free "
         "(of 1024 MiB, 256 reserved for the host, overcommit x2)")}
-    await alice.destroy(Selection(clusters=["a"]))
+    await alice.delete(Selection(clusters=["a"]), {"force": True})
 
     # guaranteed VMs count in full, on physical CPUs and memory
     result = await alice.start(["g1"], args={"memory_mib": 256, "vcpus": 3,
@@ -168,7 +168,7 @@ async def test_a_vm_started_again_needs_room_on_its_own_host(tmp_path, client_gr
     result = await alice.start(["old"])
     assert errors(result) == {full("old"): "cannot start it again on its host lnm1: memory: "
                                            "needs 512 MiB, 0 MiB free (of 1024 MiB)"}
-    await alice.destroy([full("1.new")])
+    await alice.delete([full("1.new")], {"force": True})
     result = await alice.start(["old"])
     assert hosts_of(result) == {full("old"): "lnm1"}
 

@@ -456,8 +456,8 @@ class ScriptedClient:
         for callback in list(self.callbacks):
             callback(list(records), list(removed))
 
-    async def op_on(self, operation, names):
-        self.ops.append((operation, list(names)))
+    async def op_on(self, operation, names, args=None):
+        self.ops.append((operation, list(names)) + ((args,) if args else ()))
         return {"operation": operation, "failed": [],
                 "done": [{"name": n, "state": None} for n in names]}
 
@@ -545,7 +545,8 @@ async def test_a_vm_that_vanishes_fails_the_request_and_release_while_starting()
     client.push(record("1.late", states.RUN))
     client.starts[1][1].callback({"started": [{"name": full("1.late")}], "failed": []})
     assert (await release)["released"] == [full("1.late")]
-    assert client.ops[-1] == ("destroy", [full("1.late")])
+    # Released VMs are removed, running or not (issue 17: destroy keeps them).
+    assert client.ops[-1] == ("delete", [full("1.late")], {"force": True})
     assert len(upcalls.made) == 1
 
 

@@ -96,7 +96,7 @@ async def test_sixty_args_of_4_kib_are_refused_on_every_request(system):
     for method, args in (("op_on", ("pause", own, huge)), ("migrate", (own, [], wide))):
         error, _ = await _refused_meanwhile(mallory._remote(method, *args), carol)
         assert "request arguments" in str(error)
-    await mallory.destroy([f"own.mallory.{DOMAIN}"])
+    await mallory.delete([f"own.mallory.{DOMAIN}"], {"force": True})
     assert await _snapshot(admin, mallory, carol) == before
 
 
@@ -151,7 +151,7 @@ async def test_one_user_cannot_take_every_host_with_the_defaults(system):
                                f"(at most {most} VMs per user (bob has {most}))"]
     assert listed is not None                       # carol was answered meanwhile
     # Memory: bob's VMs may not take the hosts' memory either.
-    await bob.destroy([s["name"] for s in result["started"][:10]])
+    await bob.delete([s["name"] for s in result["started"][:10]], {"force": True})
     big = await bob.start(cluster="huge", count=10, args={"memory_mib": 30000})
     assert len(big["started"]) == 0
     assert "at most 32768 MiB of memory per user" in big["failed"][0]["error"]

@@ -78,7 +78,7 @@ class FakeNode(pb.Referenceable):
                                     "vcpus": 1}} for name in names])
 
     def remote_op_on(self, operation, name):
-        if operation == "destroy":
+        if operation == "delete":
             return None
         return {"name": name, "state": states.OPERATION_RESULT[operation]}
 
@@ -227,7 +227,7 @@ async def test_inventory_claiming_other_users_vms_gets_nothing_moves_nothing(sys
         assert await fake.report([domain(forged, owner="bob")]) == []
         [mine] = await system.bob.list([forged], remote=True)
         assert (mine["lnm"], mine["owner"], mine["managed"]) == ("lnm2", "bob", True)
-        await system.bob.destroy(["forged"])
+        await system.bob.delete(["forged"], {"force": True})
     fake = await attacked(system, node, attack)
     # Nothing of anyone's was sent to it, and nothing moved.
     assert fake.node.received == []
@@ -250,7 +250,7 @@ async def test_acknowledgments_cover_only_its_own_vms_and_what_it_needs(system):
                                   domain(full("web1", "bob"), states.PAUSED),
                                   domain(full("mine", "carol"), states.PAUSED)])
         seen["acks"] = acks
-        assert (await system.carol.destroy([full("there", "carol")]))["failed"] == []
+        assert (await system.carol.delete([full("there", "carol")], {"force": True}))["failed"] == []
     await attacked(system, node, attack)
     there = full("there", "carol")
     assert seen["received"] == [there]
@@ -283,7 +283,7 @@ async def test_poisoned_node_information_is_refused_and_starts_go_on(system, inf
     result = await system.bob.start(["again"], lnms=[])
     assert result["failed"] == [], result
     assert result["started"][0]["lnm"] in ("lnm1", "lnm2")
-    await system.bob.destroy(["again"])
+    await system.bob.delete(["again"], {"force": True})
     await wait_for(lambda: full("again", "bob") not in system.bob.vms)
     assert await snapshot(system) == before
     lnms = {lnm["name"]: lnm for lnm in await system.admin.list_lnm()}

@@ -103,6 +103,7 @@ SELECTION_ATTACKS = {
     "list_names_as_a_list": ("list", ATTACK, False),
     "pause": ("op_on", "pause", {"names": ATTACK}, None),
     "destroy": ("op_on", "destroy", ATTACK, None),
+    "delete": ("op_on", "delete", ATTACK, {"force": True}),
     "migrate": ("migrate", {"names": ATTACK}, [], None),
     "migrate_to_lnms": ("migrate", ["b1"], LNM_ATTACK, None),
     "start": ("start", ATTACK, [], None),

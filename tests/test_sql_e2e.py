@@ -184,7 +184,7 @@ async def test_the_database_records_the_papers_event_order(sql_system):
             break
         await sleep(0.1)
     assert await mirror_state() == "paused"
-    await alice.destroy([names[0]])
+    await alice.delete([names[0]], {"force": True})
     await wait_for(lambda: names[0] not in alice.vms)
     for _ in range(100):
         if names[0] not in await leases_of(box, names):

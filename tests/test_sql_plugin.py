@@ -142,7 +142,8 @@ async def test_an_exhausted_range_refuses_the_start_and_destroy_frees(sql_grid):
     assert read(store, ipam.free_in_range, 1) == 1
 
     from usher.vmset import Selection
-    await grid.controller.op_on("alice", False, "destroy", Selection(names=[full("1.web")]))
+    await grid.controller.op_on("alice", False, "delete", Selection(names=[full("1.web")]),
+                                {"force": True})
     await plugin.worker.flushed()
     assert read(store, ipam.free_in_range, 1) == 2
     assert full("1.web") not in {row["name"] for row in read(store, sqllog.mirror)}
@@ -215,7 +216,8 @@ async def test_a_database_down_refuses_starts_clearly_and_the_log_catches_up(
         from usher.vmset import Selection
         listed = await grid.controller.list("alice", False, Selection(names=[full("1.web")]))
         assert listed
-        await grid.controller.op_on("alice", False, "destroy", Selection(names=[full("1.web")]))
+        await grid.controller.op_on("alice", False, "delete", Selection(names=[full("1.web")]),
+                                    {"force": True})
         assert plugin.worker.queued > 0 and plugin.worker.healthy is False
         flaky.down = False
         await plugin.worker.flushed()

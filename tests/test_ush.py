@@ -161,6 +161,10 @@ class FakeClient:
             raise NoSuchVM(f"no such VM: {', '.join(unknown)}")
         return chosen
 
+    def select(self, selection):
+        """The cache's resolution, as UsherClient.select (no remote call)."""
+        return self._select(selection)
+
     def list(self, selection=None, status=False, remote=False):
         if not remote and not status:
             try:
@@ -224,7 +228,7 @@ class FakeClient:
         return self._reply("start", action, names=list(names), cluster=cluster, count=count,
                            lnms=list(lnms), args=args)
 
-    def op_on(self, operation, selection):
+    def op_on(self, operation, selection, args=None):
         def action():
             self._remote()
             if operation not in states.OPERATIONS:
@@ -233,8 +237,11 @@ class FakeClient:
             if not records:
                 raise NoSuchVM("no VM matches")
             done, failed, changed, removed = [], [], [], []
+            allowed = set(states.OPERATION_PRECONDITIONS[operation])
+            if (args or {}).get("force"):
+                allowed |= states.DELETE_FORCED_FROM
             for rec in records:
-                if rec["state"] not in states.OPERATION_PRECONDITIONS[operation]:
+                if rec["state"] not in allowed:
                     failed.append({"name": rec["name"],
                                    "error": f"cannot {operation} a VM in state {rec['state']}"})
                     continue
@@ -248,7 +255,8 @@ class FakeClient:
                 done.append({"name": rec["name"], "state": new_state})
             self.fire_changes(changed, removed)
             return {"done": done, "failed": failed, "notes": []}
-        return self._reply("op_on", action, operation=operation, selection=selection)
+        return self._reply("op_on", action, operation=operation, selection=selection,
+                           args=args)
 
     def _operation(operation):
         def method(self, selection):
@@ -718,8 +726,54 @@ def test_operation_result_and_notices():
     assert f"Could not resume 1 VM:\n{full('3.sneetch')}: cannot resume a VM in state run" \
         in output
     output = h.run("destroy 5.sneetch")
+    assert f"[notice] {full('5.sneetch')}: run -> shutoff" in output
+    assert f"Controller destroyed 1 VM:\n{full('5.sneetch')} -> shutoff" in output
+    output = h.run("delete 5.sneetch")
     assert f"[notice] {full('5.sneetch')}: removed" in output
-    assert f"{full('5.sneetch')} destroyed" in output
+    assert f"{full('5.sneetch')} deleted" in output
+
+
+class Confirmer:
+    """The console's confirm, answering from a list."""
+
+    def __init__(self, *answers):
+        self.answers = list(answers)
+        self.asked = []
+
+    def confirm(self, prompt):
+        self.asked.append(prompt)
+        return defer.succeed(self.answers.pop(0))
+
+
+@pytest.mark.parametrize("operation", states.DESTRUCTIVE_OPERATIONS)
+def test_destructive_operations_on_several_vms_ask_first(operation):
+    h = Harness(sneetch_world(count=12))
+    h.connect()
+    h.shell.confirmer = confirmer = Confirmer(False, True)
+    output = h.run(f"{operation} -n sneetch")
+    assert confirmer.asked == [
+        f"{operation} 12 VMs of mmcnett (1.sneetch, 2.sneetch, 3.sneetch … 12.sneetch)? [y/N] "]
+    assert f"{operation}: cancelled" in output
+    assert h.sent("op_on") == []
+    h.run(f"{operation} '[1-4].sneetch'")
+    assert confirmer.asked[1] == (f"{operation} 4 VMs of mmcnett (1.sneetch, 2.sneetch, "
+                                  "3.sneetch, 4.sneetch)? [y/N] ")
+    assert len(h.sent("op_on")) == 1
+    # One VM, or -y: no question.
+    h.run(f"{operation} 5.sneetch")
+    h.run(f"{operation} --yes '[6-7].sneetch'")
+    assert len(confirmer.asked) == 2 and len(h.sent("op_on")) == 3
+
+
+def test_delete_force_is_sent_as_an_argument():
+    h = Harness(sneetch_world())
+    h.connect()
+    output = h.run("delete 1.sneetch")
+    assert "cannot delete a VM in state run" in output
+    output = h.run("delete --force -y '[1-2].sneetch'")
+    assert "Controller deleted 2 VMs" in output
+    assert [c[1]["args"] for c in h.sent("op_on")] == [None, {"force": True}]
+    assert "--force" in h.run("delete -h")
 
 
 def test_operation_on_unknown_vm_reports_the_controller_error():
@@ -1096,14 +1150,18 @@ class FakeTerminal(io.StringIO):
         return True
 
 
-def test_console_loop_drives_the_shell():
-    world = sample_world()
+def console_session(world, typed, confirming=False, on_prompt=None):
+    """Run the Console's loop over the lines ``typed`` (then end of input)
+    -> (the prompts it showed, what it wrote). ``on_prompt(console, prompts)``
+    runs before each line is read."""
     stdout = FakeTerminal()
-    lines = iter(["connect", "list", "pause horton"])
+    lines = iter(typed)
     prompts = []
 
     def read(prompt):
         prompts.append(prompt)
+        if on_prompt is not None:
+            on_prompt(console, prompts)
         try:
             return next(lines)
         except StopIteration:
@@ -1112,9 +1170,16 @@ def test_console_loop_drives_the_shell():
                           getpass_fn=lambda prompt: "secret", interactive=True)
     shell = ush.Shell(lambda **kw: FakeClient(world, **kw), settings(), out=console,
                       prompter=console, clock=task.Clock())
+    if confirming:
+        shell.confirmer = console
     console.loop(shell)
+    return prompts, stdout.getvalue()
+
+
+def test_console_loop_drives_the_shell():
+    world = sample_world()
+    prompts, output = console_session(world, ["connect", "list", "pause horton"])
     assert prompts == ["ush> ", "mmcnett:ush> ", "mmcnett:ush> ", "mmcnett:ush> "]
-    output = stdout.getvalue()
     assert "Command 0 result:\nConnected\n" in output
     assert "2 VMs:" in output
     assert f"[notice] {full('horton')}: run -> paused" in output
@@ -1157,3 +1222,24 @@ def test_console_redraws_the_prompt_under_asynchronous_output():
     console._reading_prompt = None
     console.write("plain\n")
     assert stdout.getvalue().endswith("ush> pauplain\n")
+
+
+def test_console_confirmation_is_read_in_the_loop_and_notices_redraw_the_question():
+    world = sneetch_world()
+
+    def notice_under_the_question(console, prompts):
+        if "[y/N]" in prompts[-1] and len(prompts) == 3:
+            # A notice arriving while the question is up redraws the question.
+            console.write("[notice] something happened\n")
+    prompts, output = console_session(
+        world, ["connect", "destroy -n sneetch", "n", "destroy '[1-2].sneetch'", "yes"],
+        confirming=True, on_prompt=notice_under_the_question)
+    question = ("destroy 5 VMs of mmcnett (1.sneetch, 2.sneetch, 3.sneetch … 5.sneetch)? "
+                "[y/N] ")
+    assert prompts[:4] == ["ush> ", "mmcnett:ush> ", question, "mmcnett:ush> "]
+    assert prompts[4] == "destroy 2 VMs of mmcnett (1.sneetch, 2.sneetch)? [y/N] "
+    assert "\r\x1b[K[notice] something happened\n" + question in output
+    assert "destroy: cancelled" in output
+    assert "Controller destroyed 2 VMs:" in output
+    assert [c[1]["selection"].names for c in world.calls if c[0] == "op_on"] == [
+        ["1.sneetch", "2.sneetch"]]

@@ -49,7 +49,8 @@ async def start(client, **body):
 async def destroy_all(client):
     listing = (await client.get("/api/v1/vms?limit=5000")).json["vms"]
     if listing:
-        await client.post("/api/v1/vms/destroy", {"names": [r["name"] for r in listing]})
+        await client.post("/api/v1/vms/delete", {"force": True,
+                                                 "names": [r["name"] for r in listing]})
 
 
 # --- Sessions -------------------------------------------------------------------------------
@@ -213,7 +214,10 @@ async def test_start_list_filters_operations_and_migrate(web, system):
     for operation in ("shutdown", "destroy"):
         response = await client.post(f"/api/v1/vms/{operation}", {"names": ["solo"]})
         assert response.code == 200, response.raw
-    await client.post("/api/v1/vms/destroy", {"cluster": "webt"})
+    assert (await client.get("/api/v1/vms/solo")).json["state"] == "shutoff"   # kept
+    bad = await client.post("/api/v1/vms/delete", {"names": ["solo"], "force": "yes"})
+    assert bad.code == 400 and "force" in bad.json["error"]["message"], bad.raw
+    await client.post("/api/v1/vms/delete", {"force": True, "cluster": "webt"})
     assert (await client.get("/api/v1/vms?cluster=webt")).json["total"] == 0
 
 
@@ -253,7 +257,7 @@ async def test_another_users_vms_never_visible(web, system):
     # alice is an administrator, bob is not: bob cannot name alice's VMs.
     alices = (await alice_client.get("/api/v1/vms?cluster=alices")).json["vms"][0]["name"]
     assert (await bob_client.get(f"/api/v1/vms/{alices}")).code == 404
-    refused = await bob_client.post("/api/v1/vms/destroy", {"names": [alices]})
+    refused = await bob_client.post("/api/v1/vms/delete", {"force": True, "names": [alices]})
     assert refused.code in (403, 404)
     assert (await bob_client.get(f"/api/v1/vms?names={alices}")).json["total"] == 0
     assert (await alice_client.get("/api/v1/vms?cluster=alices")).json["total"] == 1
@@ -261,8 +265,8 @@ async def test_another_users_vms_never_visible(web, system):
     assert all(r["owner"] == "bob" for name, data in reader.events
                for r in data.get("vms", []) + data.get("changed", []))
     reader.close()
-    await bob_client.post("/api/v1/vms/destroy", {"cluster": "bobs"})
-    await alice_client.post("/api/v1/vms/destroy", {"cluster": "alices"})
+    await bob_client.post("/api/v1/vms/delete", {"force": True, "cluster": "bobs"})
+    await alice_client.post("/api/v1/vms/delete", {"force": True, "cluster": "alices"})
 
 
 @pytest_twisted.ensureDeferred
@@ -296,7 +300,7 @@ async def test_script_arg_is_returned_json_escaped(web, system):
     assert b"<script>" not in response.raw and b"\\u003cscript\\u003e" in response.raw
     assert response.json["vms"][0]["args"]["note"] == hostile
     assert response.header(b"x-content-type-options") == "nosniff"
-    await client.post("/api/v1/vms/destroy", {"names": ["xss"]})
+    await client.post("/api/v1/vms/delete", {"force": True, "names": ["xss"]})
 
 
 @pytest_twisted.ensureDeferred
@@ -344,7 +348,7 @@ async def test_stream_delivers_a_change_made_by_ush(web, system):
     name, data = await reader.wait(lambda name, data: name == "changes" and any(
         r["name"] == full("1.live") and r["state"] == "paused" for r in data["changed"]))
     assert data["removed"] == []
-    await system.ush("destroy", "-n", "live")
+    await system.ush("delete", "--force", "-n", "live")
     await reader.wait(lambda name, data: name == "changes" and full("2.live") in (
         data["removed"] + [r["name"] for r in data["changed"] if r["state"] == "shutoff"]))
     # Logging out ends the stream.

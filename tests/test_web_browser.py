@@ -176,6 +176,12 @@ async def test_pause_from_the_table_then_destroy_asks_first(chromium, alice, sys
         expect(two.locator(".c-state")).to_have_text("run")
         page.locator("button.op[data-op=destroy]").click()
         page.get_by_role("button", name="destroy 2 VMs").click()
+        # Kept, shut off (issue 17); delete removes them, asking first too.
+        expect(one.locator(".c-state")).to_have_text("shutoff", timeout=RUN)
+        expect(two.locator(".c-state")).to_have_text("shutoff", timeout=RUN)
+        page.locator("button.op[data-op=delete]").click()
+        expect(confirm).to_contain_text("removed for good")
+        page.get_by_role("button", name="delete 2 VMs").click()
         expect(one).to_have_count(0, timeout=RUN)
         expect(two).to_have_count(0, timeout=RUN)
     await b.run(steps)
@@ -199,7 +205,7 @@ async def test_changes_made_elsewhere_show_within_a_second(chromium, alice, syst
     assert completed.returncode == 0, completed.stderr
     await b.run(lambda browser: expect(row(page, name2).locator(".c-state")).to_have_text(
         "paused", timeout=LIVE))
-    completed = await system.ush("destroy", "-n", "far")
+    completed = await system.ush("delete", "--force", "-n", "far")
     assert completed.returncode == 0, completed.stderr
     await b.run(lambda browser: expect(page.locator(".vt-body .vt-row[data-name$='.far.alice."
                                                     "usher.test']")).to_have_count(0, timeout=LIVE))
@@ -231,8 +237,8 @@ async def test_another_users_vms_never_appear(chromium, web, alice, system):
         page.context.close()
     await b.run(alices_view)
     await b.run(bobs_view)
-    await bobs.op_on("destroy", [full("secret", "bob")])
-    await client.op_on("destroy", [full("after")])
+    await bobs.op_on("delete", [full("secret", "bob")], {"force": True})
+    await client.op_on("delete", [full("after")], {"force": True})
 
 
 @pytest_twisted.ensureDeferred
@@ -359,7 +365,7 @@ async def test_vm_and_hosts_pages_plot_the_simulated_load(chromium, alice, syste
         b.screenshot(page, "host")
         page.goto("#/vms")
     await b.run(steps)
-    await client.op_on("destroy", [name])
+    await client.op_on("delete", [name], {"force": True})
 
 
 # --- Hostile data, narrow screens, keyboard, 10,000 VMs ----------------------------------
@@ -382,7 +388,7 @@ async def test_a_script_in_a_vm_arg_shows_as_text_and_never_runs(chromium, alice
         assert page.errors == []
         page.goto("#/vms")
     await b.run(steps)
-    await client.op_on("destroy", [name])
+    await client.op_on("delete", [name], {"force": True})
 
 
 @pytest_twisted.ensureDeferred
@@ -419,7 +425,7 @@ async def test_keyboard_use_and_a_phone_width_screen(chromium, web, system):
         b.screenshot(page, "vm-375px")
         page.context.close()
     await b.run(steps)
-    await client.op_on("destroy", [full(f"{i}.kbd") for i in (1, 2, 3)])
+    await client.op_on("delete", [full(f"{i}.kbd") for i in (1, 2, 3)], {"force": True})
 
 
 @pytest.fixture(scope="module")

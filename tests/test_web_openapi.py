@@ -177,4 +177,4 @@ async def test_schemathesis_property_tests_against_the_daemon(daemon, system):
     assert len(tested) >= 20
     # The session survived it all.
     assert (await client.get("/api/v1/session")).code == 200
-    await client.post("/api/v1/vms/destroy", {"regex": "."})
+    await client.post("/api/v1/vms/delete", {"force": True, "regex": "."})

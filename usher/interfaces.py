@@ -60,9 +60,11 @@ class IVMM(Interface):
 
     def operate(operation, name):
         """Apply one Table 3 operation (pause, resume, shutdown, reboot,
-        hibernate, restore, destroy, cycle). ``destroy`` powers the domain
-        off and removes its definition and any saved image. -> domain info,
-        or None after destroy."""
+        hibernate, restore, destroy, cycle, delete). ``destroy`` powers the
+        domain off hard and keeps it (a transient domain is gone then);
+        ``delete`` removes an inactive domain's definition and any saved
+        image, and refuses a running one. -> domain info, or None when the
+        domain is gone (after delete)."""
 
     def migrate(name, target_uri):
         """Live-migrate to the hypervisor at target_uri. -> None."""
@@ -129,7 +131,7 @@ class ILNMHandle(Interface):
         the order asked."""
 
     def op_on(operation, name):
-        """Apply one Table 3 operation. -> domain info, or None (destroy)."""
+        """Apply one Table 3 operation. -> domain info, or None (delete)."""
 
     def migrate(name, target):
         """Live-migrate to the LNM described by ``target`` (name, uri)."""

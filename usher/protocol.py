@@ -49,8 +49,17 @@ The controller then drives the LNM through ``node_api`` (paper, Table 2)::
                                       UsherError class name) per VM; the
                                       controller sends batches of up to 32
     op_on(operation, vm name) -> dict|None
-                                      Table 3 operation -> domain info (None
-                                      after destroy)
+                                      a Table 3 operation or delete -> domain
+                                      info; None when the VM is gone (after
+                                      delete). Since 2026-12 (issue 17)
+                                      destroy is a hard power-off that keeps
+                                      the domain (shutoff) and delete removes
+                                      an inactive one (definition, saved
+                                      image), refusing one that runs. An LNM
+                                      before that undefines on destroy
+                                      (answering None: the controller drops
+                                      the record) and refuses delete as an
+                                      unknown operation
     migrate(vm name, target: dict) -> None
                                       live migration to target["migration_uri"];
                                       fails with MigrationUnsupported if the
@@ -72,8 +81,9 @@ The controller then drives the LNM through ``node_api`` (paper, Table 2)::
     ping() -> True
 
 Commands are idempotent: a replayed start finds the VM and boots nothing;
-pause/resume/shutdown/hibernate/restore of a VM already in their result
-state answer with the VM as it is; an import of the same VM (same UUID)
+pause/resume/shutdown/hibernate/restore/destroy of a VM already in their
+result state answer with the VM as it is; a delete of a VM no longer there
+answers None; an import of the same VM (same UUID)
 answers it; a replayed export answers the kept one. Each answer is the
 command's acknowledgment. An answer that cannot reach the controller (its
 connection is gone) is reported instead: an export is put back, an import
@@ -185,8 +195,17 @@ Perspective (paper, Table 4, plus session and administration methods)::
                                       max_request_vms)
     op_on(operation: str, selection, args: dict|None) -> {"operation",
                                       "done": [{"name", "state" (None:
-                                      destroyed)}], "failed": [{"name",
+                                      deleted)}], "failed": [{"name",
                                       "error"}], "notes": [str]}
+                                      (operation: usher.states.OPERATIONS,
+                                      Table 3 and, since 2026-12, delete:
+                                      of VMs shutoff, hibernated or missing;
+                                      args {"force": True} also powers off
+                                      and deletes VMs that run, paused or
+                                      unknown, else they are refused; force
+                                      on another operation, or not a bool,
+                                      is InvalidRequest. Through the
+                                      delete_request chain like the others)
     migrate(selection, lnms: list, args: dict|None) -> {"migrated": [{"name",
                                       "from", "to"}], "failed": [{"name",
                                       "error"}], "notes": [str]}

@@ -21,9 +21,16 @@ UNKNOWN = "unknown"
 ALL_STATES = (RUN, PAUSED, HIBERNATED, SHUTOFF, STARTING, MIGRATING, LOST,
               MISSING, UNKNOWN)
 
-# Table 3: operations accepted by op_on, controller and LNM alike.
+# Table 3: operations accepted by op_on, controller and LNM alike. ``destroy``
+# is Table 3's "hard shutdown a VM": the VM is powered off and kept (started
+# again with start); ``delete`` (issue 17) removes a VM that is off, its
+# definition and saved image with it.
 OPERATIONS = ("pause", "resume", "shutdown", "reboot", "hibernate", "restore",
-              "destroy", "cycle")
+              "destroy", "cycle", "delete")
+
+# Operations that lose a guest's running state or the VM itself: the
+# interactive shell asks before applying them to more than one VM.
+DESTRUCTIVE_OPERATIONS = ("destroy", "cycle", "delete")
 
 # The states an operation may be applied from; anything else is refused
 # before any LNM is contacted.
@@ -34,11 +41,17 @@ OPERATION_PRECONDITIONS = {
     "reboot": {RUN},
     "hibernate": {RUN, PAUSED},
     "restore": {HIBERNATED},
-    "destroy": {RUN, PAUSED, HIBERNATED, SHUTOFF, MISSING, UNKNOWN},
+    "destroy": {RUN, PAUSED, SHUTOFF},
     "cycle": {RUN, PAUSED, SHUTOFF},
+    # A VM that is off, or gone from its host (only its record is left).
+    "delete": {SHUTOFF, HIBERNATED, MISSING},
 }
 
-# The state a successful operation leaves the VM in (destroy removes it).
+# What a forced delete (args {"force": True}) may also remove: it powers the
+# VM off first, as destroy does.
+DELETE_FORCED_FROM = {RUN, PAUSED, UNKNOWN}
+
+# The state a successful operation leaves the VM in (delete removes it).
 OPERATION_RESULT = {
     "pause": PAUSED,
     "resume": RUN,
@@ -46,6 +59,7 @@ OPERATION_RESULT = {
     "reboot": RUN,
     "hibernate": HIBERNATED,
     "restore": RUN,
-    "destroy": None,
+    "destroy": SHUTOFF,
     "cycle": RUN,
+    "delete": None,
 }

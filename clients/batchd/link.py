@@ -24,10 +24,12 @@ class IClusterLink(Interface):
         """Start one VM on ``lnm`` -> Deferred of start's result."""
 
     def stop(short_name, hard):
-        """Shut down (destroy when hard) one of our VMs -> Deferred of op_on's result."""
+        """Shut down (destroy, a hard power-off, when hard) one of our VMs ->
+        Deferred of op_on's result."""
 
     def remove(short_name):
-        """Destroy one of our VMs whose job ended -> Deferred."""
+        """Delete one of our VMs whose job ended (powered off first if it
+        still runs) -> Deferred."""
 
     def migrate(short_name, lnm):
         """-> Deferred of migrate's result."""
@@ -114,7 +116,7 @@ class ControllerLink(service.Service):
                                  Selection(names=[short_name]))
 
     def remove(self, short_name):
-        return self.client.op_on("destroy", Selection(names=[short_name]))
+        return self.client.op_on("delete", Selection(names=[short_name]), {"force": True})
 
     def migrate(self, short_name, lnm):
         return self.client.migrate(Selection(names=[short_name]), lnms=[lnm])

@@ -44,7 +44,7 @@ class Scheduler(service.Service):
         self.powered_down = {}      # lnm -> {"since": t}: hosts we powered down
         self.powering = {}          # lnm -> "off" | "on" while a change is under way
         self.migrating = {}         # job id -> target lnm
-        self.removing = set()       # job ids whose ended VM is being destroyed
+        self.removing = set()       # job ids whose ended VM is being deleted
         self.empty_since = {}
         self.hosts = {}             # the last picture (name -> policy.Host)
         self.lnm_info = {}

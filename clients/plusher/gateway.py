@@ -520,7 +520,8 @@ class Gateway:
                          user=session.user)
                 if not names:
                     return {"released": [], "failed": [], "notes": []}
-            result = await session.client.op_on("destroy", names)
+            # Released VMs are removed, running or not (a forced delete).
+            result = await session.client.op_on("delete", names, {"force": True})
             return strip_none({"released": [d["name"] for d in result.get("done", [])],
                                "failed": result.get("failed", []),
                                "notes": result.get("notes", [])})

@@ -103,7 +103,8 @@ class PlusherResource(xmlrpc.XMLRPC):
 
     def xmlrpc_release(self, session, target, *, source=None):
         """release(session, request id | [VM names]) -> {released: [names],
-        failed: [{name, error}], notes}. Destroys the VMs; no up-call follows
+        failed: [{name, error}], notes}. Deletes the VMs (powered off first if
+        they run); no up-call follows
         the release of a request."""
         return self.gateway.release(session, target, source=source)
     xmlrpc_release.signature = [["struct", "string", "string"], ["struct", "string", "array"]]
@@ -125,7 +126,8 @@ class PlusherResource(xmlrpc.XMLRPC):
     def xmlrpc_operate(self, session, operation, target, *, source=None):
         """operate(session, operation, request id | [VM names]) -> {operation,
         done: [{name, state}], failed: [{name, error}], notes}. Operations:
-        pause, resume, shutdown, reboot, hibernate, restore, destroy, cycle."""
+        pause, resume, shutdown, reboot, hibernate, restore, destroy (a hard
+        power-off; the VM is kept), cycle, delete (of VMs that are off)."""
         return self.gateway.operate(session, operation, target, source=source)
     xmlrpc_operate.signature = [["struct", "string", "string", "string"],
                                 ["struct", "string", "string", "array"]]

@@ -100,9 +100,13 @@ async def cmd_start(shell, args):
 async def cmd_operation(shell, args):
     operation = args.command
     selection = make_selection(args, operation)
+    extra = {"force": True} if getattr(args, "force", False) else None
+    if operation in states.DESTRUCTIVE_OPERATIONS and not args.yes:
+        # Interactive only: one-shot mode and scripts have no confirmer.
+        await shell.confirm_operation(operation, selection)
 
     async def operate():
-        result = await shell.live_client().op_on(operation, selection)
+        result = await shell.live_client().op_on(operation, selection, extra)
         return Outcome(format_operation_result(operation, result), result,
                        _failed_if_any(result))
     return Call(operate)
@@ -145,7 +149,12 @@ def register(declare):
     parser.add_argument("--lease", type=duration, metavar="DURATION")  # issue 15, leases
     parser.add_argument("words", nargs="*")
     for operation in states.OPERATIONS:
-        add_selection(declare(operation, cmd_operation))
+        parser = declare(operation, cmd_operation)
+        if operation in states.DESTRUCTIVE_OPERATIONS:
+            parser.add_argument("-y", "--yes", action="store_true")
+        if operation == "delete":
+            parser.add_argument("--force", action="store_true")
+        add_selection(parser)
     parser = declare("migrate", cmd_migrate)
     add_selection(parser)
     # --from LNM is --lnm: the VMs on those LNMs.

@@ -61,6 +61,8 @@ class Console:
         self._lock = threading.Lock()
         self._requests = queue.Queue()
         self._reading_prompt = None
+        # The prompt being read is a question (confirm), not the shell's.
+        self._asking = False
         self.shell = None
 
     # Called on any thread.
@@ -69,7 +71,8 @@ class Console:
             prompt = self._reading_prompt
             if prompt is not None and self.interactive:
                 typed = self._readline.get_line_buffer() if self._readline else ""
-                current = self.shell.prompt if self.shell is not None else prompt
+                current = (self.shell.prompt if self.shell is not None and not self._asking
+                           else prompt)
                 self._stdout.write("\r\x1b[K" + text + current + typed)
             else:
                 self._stdout.write(text)
@@ -79,6 +82,13 @@ class Console:
     def ask_password(self, prompt):
         d = Deferred()
         self._requests.put(("password", prompt, d))
+        return d
+
+    def confirm(self, prompt):
+        """Ask a yes/no question on the terminal -> Deferred[bool] (only "y"
+        or "yes" is yes; Ctrl-C or end of input is no)."""
+        d = Deferred()
+        self._requests.put(("confirm", prompt, d))
         return d
 
     def _dispatch(self, line):
@@ -102,6 +112,26 @@ class Console:
         finally:
             with self._lock:
                 self._reading_prompt = None
+
+    def _confirm(self, prompt, d):
+        with self._lock:
+            self._reading_prompt = prompt
+            self._asking = True
+        try:
+            answer = self._input(prompt)
+        except (EOFError, KeyboardInterrupt):
+            self.write("\n")
+            answer = ""
+        finally:
+            with self._lock:
+                self._reading_prompt = None
+                self._asking = False
+        if answer and self._readline is not None:
+            # The answer is no command: keep it out of the history.
+            length = self._readline.get_current_history_length()
+            if length:
+                self._readline.remove_history_item(length - 1)
+        self._reactor.callFromThread(d.callback, answer.strip().lower() in ("y", "yes"))
 
     def _ask_password(self, prompt, d):
         try:
@@ -127,6 +157,9 @@ class Console:
                 return
             if request[0] == "password":
                 self._ask_password(request[1], request[2])
+                continue
+            if request[0] == "confirm":
+                self._confirm(request[1], request[2])
                 continue
             try:
                 line = self._read_line()

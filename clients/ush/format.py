@@ -289,7 +289,7 @@ def format_start_result(result):
 PAST_TENSE = {
     "pause": "paused", "resume": "resumed", "shutdown": "shut down", "reboot": "rebooted",
     "hibernate": "hibernated", "restore": "restored", "destroy": "destroyed",
-    "cycle": "cycled",
+    "cycle": "cycled", "delete": "deleted",
 }
 
 

@@ -67,7 +67,9 @@ _OPERATIONS = {
         """\
         Asks the guest operating system to shut down, as a power button would;
         the VM ends in state shutoff and can be started again with start NAME.
-        A guest that ignores the request keeps running: use destroy then.""",
+        A guest that has not shut down after its LNM's shutdown_timeout (60
+        seconds unless the site set another) is powered off hard, as destroy
+        would: shutdown always ends with the VM off.""",
         "shutdown 3.sneetch\n  shutdown -n sneetch"),
     "reboot": (
         "Reboot VMs (guest shutdown and restart)",
@@ -88,21 +90,42 @@ _OPERATIONS = {
         Loads the memory image saved by hibernate and continues the VM.""",
         "restore -n sneetch\n  restore 3.sneetch"),
     "destroy": (
-        "Power VMs off at once and remove them",
+        "Power VMs off at once (hard shutdown), keeping them",
         """\
-        A hard power-off: the guest gets no chance to shut down, and the VM's
-        definition and any hibernation image are removed. The VM disappears
-        from your list. This cannot be undone; -r and -n select every matching
-        VM, so check with 'list -r REGEX' or 'list -n CLUSTER' first.""",
-        "destroy 3.sneetch\n  destroy -n sneetch\n  destroy '[6-10].sneetch'"),
+        A hard power-off, like pulling the plug: the guest gets no chance to
+        shut down (unsaved data in it is lost). The VM is kept, in state
+        shutoff, with its name, host and disk: start NAME boots it again. To
+        remove a VM, use delete.
+        In the interactive shell, destroying more than one VM asks first
+        (-y, --yes: do not ask); one-shot mode never asks.""",
+        "destroy 3.sneetch\n  destroy -n sneetch\n  destroy -y '[6-10].sneetch'"),
     "cycle": (
         "Destroy and restart VMs (hard reset)",
         """\
         Powers a VM off at once and boots it again on the same host, like a
         reset button. Use it when reboot does not help; cycle also boots a
-        shut-off VM.""",
+        shut-off VM.
+        In the interactive shell, cycling more than one VM asks first (-y,
+        --yes: do not ask); one-shot mode never asks.""",
         "cycle 3.sneetch\n  cycle -n sneetch"),
+    "delete": (
+        "Remove VMs for good",
+        """\
+        Removes VMs that are off (shutoff or hibernated): their definition and
+        any hibernation image on their host, then their records. They
+        disappear from your list, and the site's plugins release what they
+        held (addresses, DNS names, leases, per-VM disk trees). A VM that went missing from its host is
+        deleted at once (only its record was left). This cannot be undone.
+        A VM that runs or is paused is refused: shut it down or destroy it
+        first, or give --force to power it off hard and delete it in one step.
+        In the interactive shell, deleting more than one VM asks first (-y,
+        --yes: do not ask); one-shot mode never asks, so check with
+        'list -r REGEX' or 'list -n CLUSTER' first.""",
+        "delete 3.sneetch\n  delete -n sneetch\n  delete --force -y '[6-10].sneetch'"),
 }
+
+# Extra options of the operations that take them, for their usage lines.
+_OPERATION_OPTIONS = {"destroy": "[-y] ", "cycle": "[-y] ", "delete": "[-y] [--force] "}
 
 
 def _operation_entry(operation, summary, details, examples):
@@ -111,6 +134,9 @@ def _operation_entry(operation, summary, details, examples):
     result = states.OPERATION_RESULT[operation]
     outcome = (f"The VMs end in state {result}." if result
                else "The VMs are removed.")
+    if operation == "delete":
+        outcome += "\nWith --force also from: " + ", ".join(
+            s for s in states.ALL_STATES if s in states.DELETE_FORCED_FROM) + " (powered off first)."
     text = (
         f"{summary}.\n\n"
         f"{textwrap.dedent(details)}\n\n"
@@ -121,7 +147,8 @@ def _operation_entry(operation, summary, details, examples):
         "operation failed on with the reason; in one-shot mode the exit status\n"
         "is 1 if any VM failed. Changes also arrive as [notice] lines.\n\n"
         f"Examples:\n  {examples}")
-    return HelpEntry(summary, f"{operation} [-n CLUSTER]... [-r REGEX] [--lnm LNM]... [VM ...]",
+    return HelpEntry(summary, f"{operation} {_OPERATION_OPTIONS.get(operation, '')}"
+                     "[-n CLUSTER]... [-r REGEX] [--lnm LNM]... [VM ...]",
                      text)
 
 
@@ -301,9 +328,9 @@ COMMANDS["start"] = _entry(
       --lease DURATION        how long the VMs may live (90s, 30m, 2h, 1d,
                               1h30m), when the site runs the leases plugin:
                               you are warned before the lease ends, then the
-                              site's action (shutdown, hibernate or destroy)
-                              runs; see 'help lease'. The site may give a
-                              lease by default, bound it or require one
+                              site's action (shutdown, hibernate, destroy or
+                              delete) runs; see 'help lease'. The site may
+                              give a lease by default, bound it or require one
 
     Preferred LNMs are a suggestion: the controller's policy decides, and an
     empty list lets it place the VMs anywhere.
@@ -568,7 +595,7 @@ COMMANDS["fenced"] = _entry(
     Never say it of a host you have not seen off.
 
     The host takes no new VMs while it is fenced. When it comes back, the
-    copies it still has of the VMs restarted elsewhere are destroyed (or,
+    copies it still has of the VMs restarted elsewhere are deleted (or,
     where the site's stale_copies policy is hold, listed for you to remove),
     and then it is used again; its VMs that were not restarted come back as
     they are. A connected LNM is refused.
@@ -640,7 +667,7 @@ COMMANDS["addresses"] = _entry(
     is reserved (the VM is starting) or used, its cluster, subnet, VLAN (when
     the subnet has one) and the MAC address derived from it. The address
     stays the VM's while it exists (across migrations and restarts of the
-    controller) and is freed when the VM is destroyed or forgotten.
+    controller) and is freed when the VM is deleted or forgotten.
     'list' shows each VM's address too.
 
     Options:
@@ -666,8 +693,9 @@ COMMANDS["lease"] = _entry(
     [notice] lines, e.g.
       [notice] lease: the lease of 3.web.alice.usher.example.org ends in 10m;
                then it is shut down. Renew with: lease renew NAMES DURATION
-    and when it ends the site's action runs (shutdown, hibernate or
-    destroy) and you are told what became of the VM.
+    and when it ends the site's action runs (shutdown, hibernate, destroy:
+    powered off and kept, or delete: removed) and you are told what became
+    of the VM.
 
     'lease' lists your VMs with a lease: when each ends (UTC), the time left
     and what happens then; with VM names or -n CLUSTER it shows those VMs,
@@ -800,6 +828,8 @@ TOPICS["oneshot"] = _entry(
       ush --json list | jq -r '.[].name'
 
     The password comes from the configuration, else ush asks for it.
+    Nothing else is asked: destroy, cycle and delete of several VMs, which
+    the interactive shell confirms first, run at once here.
     --json prints JSON instead of tables: list and list_lnm print an array
     of objects (list: name, state, lnm, cluster, owner, memory_mib, vcpus,
     ...), start an array of {"name", "lnm"} and, for failures,

@@ -51,6 +51,8 @@ def run_interactive(settings, reactor, client_factory=None):
     shell = Shell(client_factory or default_client_factory(reactor, settings), settings,
                   out=console, prompter=console, clock=reactor,
                   wait_for_results=not console.interactive)
+    if console.interactive:
+        shell.confirmer = console
     readline = setup_readline(settings.history_file, shell) if console.interactive else None
     console._readline = readline
     reactor_thread = threading.Thread(target=reactor.run,

@@ -38,6 +38,23 @@ PROMPT = "ush> "
 CLOSE_TIMEOUT = 5.0
 
 
+# VM names a confirmation shows (the first ones and the last).
+CONFIRM_SHOWN = 3
+
+
+def confirmation_prompt(operation, names, client):
+    """"destroy 12 VMs of alice (1.web, 2.web, 3.web … 12.web)? [y/N] "."""
+    domain = getattr(client, "domain", None)
+    records = getattr(client, "vms", {})
+    owners = sorted({(records.get(n) or {}).get("owner") or "?" for n in names})
+    short = [naming.short_name(n, domain) if domain else n for n in names]
+    shown = ", ".join(short[:CONFIRM_SHOWN])
+    if len(short) > CONFIRM_SHOWN:
+        shown += (", " if len(short) == CONFIRM_SHOWN + 1 else " … ") + short[-1]
+    return (f"{operation} {plural(len(names), 'VM')} of {' and '.join(owners)} "
+            f"({shown})? [y/N] ")
+
+
 class Shell:
     """Runs ush commands against an Usher client; call it on the reactor thread.
 
@@ -71,6 +88,10 @@ class Shell:
         self._starts_in_flight = 0
         self._user_disconnected = False
         self.show_notices = True
+        # Who asks before a destructive operation on several VMs: the
+        # interactive console on a terminal (``confirm(prompt)`` ->
+        # Deferred[bool]); None (one-shot mode, scripts) never asks.
+        self.confirmer = None
         # Output is a terminal that ``top`` may redraw (one-shot mode).
         self.live_output = False
 
@@ -312,6 +333,23 @@ class Shell:
         info = await client.reconnect()
         self._user_disconnected = False
         return info
+
+    async def confirm_operation(self, operation, selection):
+        """Before ``operation`` on several VMs: ask the confirmer (if any) to
+        go ahead, naming how many VMs and whose; raise Cancelled if not. The
+        VMs are counted from the cache; a selection it cannot resolve is
+        left for the controller to refuse."""
+        client = self.client
+        if self.confirmer is None or client is None or not client.connected:
+            return
+        try:
+            names = sorted((r["name"] for r in client.select(selection)), key=natural_key)
+        except Exception:
+            return
+        if len(names) < 2:
+            return
+        if not await self.confirmer.confirm(confirmation_prompt(operation, names, client)):
+            raise Cancelled()
 
     @contextlib.contextmanager
     def own_starts(self):

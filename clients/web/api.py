@@ -184,7 +184,11 @@ class Api:
 
     def operation(self, operation):
         async def operate(call):
-            result = await call.client.op_on(operation, check_selection(call.body))
+            force = call.body.get("force", False)
+            if not isinstance(force, bool):
+                raise InvalidRequest("force must be true or false")
+            result = await call.client.op_on(operation, check_selection(call.body),
+                                             {"force": True} if force else None)
             return 200, summarise(result, format_operation_result(operation, result))
         return operate
 
@@ -321,7 +325,8 @@ def routes(api):
     ]
     for operation in states.OPERATIONS:
         table.insert(8, Route("POST", f"vms/{operation}", api.operation(operation),
-                              body=SELECTION_FIELDS))
+                              body=SELECTION_FIELDS + (("force",) if operation == "delete"
+                                                       else ())))
     return table
 
 

@@ -27,6 +27,13 @@ SELECTION_PROPERTIES = {
                            "alone: every VM you may see on them"},
 }
 
+# What the summary of an operation cannot say (issue 17: destroy keeps VMs).
+OPERATION_NOTES = {
+    "destroy": "Hard power-off (Table 3): the VMs are kept, shut off; start boots them again.",
+    "delete": "Remove VMs that are off (shutoff, hibernated, missing), their definitions "
+              "and saved images; VMs that run are refused unless force is true.",
+}
+
 SCHEMAS = {
     "Error": {
         "type": "object", "required": ["error"],
@@ -79,6 +86,10 @@ SCHEMAS = {
                        "vcpus": {"type": "integer", "minimum": 1}}},
     "Selection": {"type": "object", "additionalProperties": False,
                   "properties": SELECTION_PROPERTIES},
+    "Delete": {"type": "object", "additionalProperties": False,
+               "properties": dict(SELECTION_PROPERTIES, force={
+                   "type": "boolean", "description": "also VMs that run: powered off hard "
+                   "(destroy) first; without it such VMs are refused"})},
     "Migrate": {"type": "object", "additionalProperties": False, "required": ["lnms"],
                 "properties": dict(SELECTION_PROPERTIES, lnms=STRING_LIST)},
     "Result": {
@@ -210,7 +221,8 @@ def document():
     for operation in states.OPERATIONS:
         paths[f"/vms/{operation}"] = {"post": _op(
             f"{operation} the selected VMs (ush {operation})", schema=_ref("Result"),
-            body=_ref("Selection"),
+            body=_ref("Delete" if operation == "delete" else "Selection"),
+            description=OPERATION_NOTES.get(operation),
             codes=("csrf_failed", "permission_denied", "no_such_vm", "rejected",
                    "outcome_unknown"))}
     return {

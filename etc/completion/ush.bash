@@ -5,7 +5,7 @@
 #    source ~/.local/share/bash_completion/ush
 # See also: https://github.com/scop/bash-completion/blob/main/doc/configuration.md
 
-_shtab_ush_subparsers=(connect disconnect reconnect help quit list start pause resume shutdown reboot hibernate restore destroy cycle migrate list_lnm top forget_lnm query plugins register_plugin unregister_plugin ranges addresses affinity lease maintenance evacuate evacuation fenced exit)
+_shtab_ush_subparsers=(connect disconnect reconnect help quit list start pause resume shutdown reboot hibernate restore destroy cycle delete migrate list_lnm top forget_lnm query plugins register_plugin unregister_plugin ranges addresses affinity lease maintenance evacuate evacuation fenced exit)
 
 _shtab_ush_connect_option_strings=(-h --help)
 _shtab_ush_disconnect_option_strings=(-h --help)
@@ -20,8 +20,9 @@ _shtab_ush_shutdown_option_strings=(-h --help -n --cluster -r --regex --lnm)
 _shtab_ush_reboot_option_strings=(-h --help -n --cluster -r --regex --lnm)
 _shtab_ush_hibernate_option_strings=(-h --help -n --cluster -r --regex --lnm)
 _shtab_ush_restore_option_strings=(-h --help -n --cluster -r --regex --lnm)
-_shtab_ush_destroy_option_strings=(-h --help -n --cluster -r --regex --lnm)
-_shtab_ush_cycle_option_strings=(-h --help -n --cluster -r --regex --lnm)
+_shtab_ush_destroy_option_strings=(-h --help -y --yes -n --cluster -r --regex --lnm)
+_shtab_ush_cycle_option_strings=(-h --help -y --yes -n --cluster -r --regex --lnm)
+_shtab_ush_delete_option_strings=(-h --help -y --yes --force -n --cluster -r --regex --lnm)
 _shtab_ush_migrate_option_strings=(-h --help -n --cluster -r --regex --lnm --from --to)
 _shtab_ush_list_lnm_option_strings=(-h --help -s --status)
 _shtab_ush_top_option_strings=(-h --help -c --count -i --interval --iterations)
@@ -45,7 +46,7 @@ _shtab_ush___config_COMPGEN=_shtab_compgen_files
 
 _shtab_ush_start___affinity_choices=(apart together)
 _shtab_ush_affinity_pos_0_choices=(apart together none)
-_shtab_ush_pos_0_choices=(connect disconnect reconnect help quit list start pause resume shutdown reboot hibernate restore destroy cycle migrate list_lnm top forget_lnm query plugins register_plugin unregister_plugin ranges addresses affinity lease maintenance evacuate evacuation fenced exit)
+_shtab_ush_pos_0_choices=(connect disconnect reconnect help quit list start pause resume shutdown reboot hibernate restore destroy cycle delete migrate list_lnm top forget_lnm query plugins register_plugin unregister_plugin ranges addresses affinity lease maintenance evacuate evacuation fenced exit)
 _shtab_ush___completion_choices=(bash zsh)
 
 _shtab_ush_connect__h_nargs=0
@@ -89,9 +90,19 @@ _shtab_ush_restore___help_nargs=0
 _shtab_ush_destroy_pos_0_nargs='*'
 _shtab_ush_destroy__h_nargs=0
 _shtab_ush_destroy___help_nargs=0
+_shtab_ush_destroy__y_nargs=0
+_shtab_ush_destroy___yes_nargs=0
 _shtab_ush_cycle_pos_0_nargs='*'
 _shtab_ush_cycle__h_nargs=0
 _shtab_ush_cycle___help_nargs=0
+_shtab_ush_cycle__y_nargs=0
+_shtab_ush_cycle___yes_nargs=0
+_shtab_ush_delete_pos_0_nargs='*'
+_shtab_ush_delete__h_nargs=0
+_shtab_ush_delete___help_nargs=0
+_shtab_ush_delete__y_nargs=0
+_shtab_ush_delete___yes_nargs=0
+_shtab_ush_delete___force_nargs=0
 _shtab_ush_migrate_pos_0_nargs='*'
 _shtab_ush_migrate__h_nargs=0
 _shtab_ush_migrate___help_nargs=0

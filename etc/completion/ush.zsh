@@ -14,7 +14,8 @@ _shtab_ush_commands() {
     affinity:'Show or set a virtual cluster'"'"'s affinity rule (apart, together)'
     connect:'Connect and log in to the Usher controller'
     cycle:'Destroy and restart VMs (hard reset)'
-    destroy:'Power VMs off at once and remove them'
+    delete:'Remove VMs for good'
+    destroy:'Power VMs off at once (hard shutdown), keeping them'
     disconnect:'Log out and close the connection to the controller'
     evacuate:'Move every VM off a host, into maintenance (administrators)'
     evacuation:'Show a host'"'"'s maintenance and evacuation progress (administrators)'
@@ -84,6 +85,7 @@ _shtab_ush_connect_defaults_added=0
 
 _shtab_ush_cycle_options=(
   {-h,--help}"[help]"
+  {-y,--yes}"[yes]"
   "*"{-n,--cluster}"[CLUSTER]:CLUSTER:"
   {-r,--regex}"[REGEX]:REGEX:"
   "*--lnm[LNM]:LNM:"
@@ -93,8 +95,22 @@ _shtab_ush_cycle_options=(
 # guard to ensure default positional specs are added only once per session
 _shtab_ush_cycle_defaults_added=0
 
+_shtab_ush_delete_options=(
+  {-h,--help}"[help]"
+  {-y,--yes}"[yes]"
+  "--force[force]"
+  "*"{-n,--cluster}"[CLUSTER]:CLUSTER:"
+  {-r,--regex}"[REGEX]:REGEX:"
+  "*--lnm[LNM]:LNM:"
+  "(*)::VM:"
+)
+
+# guard to ensure default positional specs are added only once per session
+_shtab_ush_delete_defaults_added=0
+
 _shtab_ush_destroy_options=(
   {-h,--help}"[help]"
+  {-y,--yes}"[yes]"
   "*"{-n,--cluster}"[CLUSTER]:CLUSTER:"
   {-r,--regex}"[REGEX]:REGEX:"
   "*--lnm[LNM]:LNM:"
@@ -396,6 +412,7 @@ _shtab_ush() {
         affinity) _arguments -C -s $_shtab_ush_affinity_options ;;
         connect) _arguments -C -s $_shtab_ush_connect_options ;;
         cycle) _arguments -C -s $_shtab_ush_cycle_options ;;
+        delete) _arguments -C -s $_shtab_ush_delete_options ;;
         destroy) _arguments -C -s $_shtab_ush_destroy_options ;;
         disconnect) _arguments -C -s $_shtab_ush_disconnect_options ;;
         evacuate) _arguments -C -s $_shtab_ush_evacuate_options ;;

@@ -18,7 +18,8 @@ on ``lnm_disconnected``, ``lnm_connected``, ``lnm_hold_changed`` and
   0 = never; default ``default_priority``), at most
   ``max_restarts_per_minute``, the rest queued; a VM that could not be
   placed is tried again after ``retry_restart_after``.
-- ``stale_copies`` (``destroy`` or ``hold``): the core's policy for the
+- ``stale_copies`` (``delete`` or ``hold``; ``destroy``, the name before
+  issue 17, is read as ``delete``): the core's policy for the
   copies a fenced host still has when it comes back; a host back but still
   fenced is checked again at each review (copies removed by hand release it).
 - query ``ha.status`` (administrators): hosts, fencing attempts, the queue.
@@ -31,6 +32,7 @@ from twisted.logger import Logger
 
 from usher import states
 from usher.errors import ConfigError, PermissionDenied, UsherError
+from usher.controller.fencing import STALE_POLICY_ALIASES
 from usher.plugins.ha.agent import FenceOutcome, check_command, command_for, run_fence_command
 from usher.plugins.ha.policy import MAX_PRIORITY, RestartQueue, priority_of
 
@@ -49,7 +51,7 @@ default_priority = integer(min=0, max={MAX_PRIORITY}, default=500)
 max_user_priority = integer(min=0, max={MAX_PRIORITY}, default=500)
 max_restarts_per_minute = integer(min=1, default=20)
 retry_restart_after = float(gt=0, default=60.0)
-stale_copies = option('destroy', 'hold', default='destroy')
+stale_copies = option('delete', 'hold', 'destroy', default='delete')
 [hosts]
 [[__many__]]
 fence_command = list(default=None)
@@ -96,11 +98,12 @@ class Plugin:
         self.watching = {}          # LNM -> HostWatch
         self._tasks = set()         # Deferreds of fence attempts and restarts under way
         self._restarting = False
-        api.fencing.stale_copies = config["stale_copies"]
+        api.fencing.stale_copies = STALE_POLICY_ALIASES.get(config["stale_copies"],
+                                                            config["stale_copies"])
         api.register_query("ha.status", self.status)
 
     def stop(self):
-        self.api.fencing.stale_copies = "destroy"
+        self.api.fencing.stale_copies = "delete"
         for d in list(self._tasks):
             d.cancel()
 

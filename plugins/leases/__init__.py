@@ -12,7 +12,8 @@ On ``timer`` (every ``interval`` seconds): the owner's clients are told
 (``api.notify_user``, a ``[notice]`` line in ush, a message in the browser)
 when a lease comes within each ``warn_before`` threshold (e.g. ``1h,
 10m``); when it ends the policy's ``action`` (``shutdown``, ``hibernate``,
-``destroy``) runs through ``api.op_on`` as the system, and the owner is told
+``destroy``: a hard power-off, the VM kept; ``delete``: the VM removed, powered
+off first if it runs) runs through ``api.op_on`` as the system, and the owner is told
 what became of the VM. A VM its action cannot reach (its LNM away) keeps
 its lease and is tried again at the next tick.
 
@@ -32,7 +33,7 @@ from twisted.logger import Logger
 
 from usher.cliargs import format_duration
 from usher.errors import Rejected, UsherError
-from usher.plugins.leases.policy import AT_REST, LeasePolicy
+from usher.plugins.leases.policy import ACTION_ARGS, AT_REST, LeasePolicy
 from usher.plugins.leases.queries import list_args, renew_args
 from usher.plugins.leases.store import LeaseStore
 
@@ -48,7 +49,7 @@ default_lease = string(default=None)
 max_lease = string(default=None)
 required = boolean(default=False)
 warn_before = list(default=list('1h', '10m'))
-action = option('shutdown', 'hibernate', 'destroy', default='shutdown')
+action = option('shutdown', 'hibernate', 'destroy', 'delete', default='shutdown')
 """
 
 NOTICE_KIND = "lease"
@@ -59,7 +60,8 @@ SHOWN = 5
 # Seconds a start's asked-for lease waits for the start's outcome.
 PENDING_FOR = 3600.0
 
-ACTED = {"shutdown": "shut down", "hibernate": "hibernated", "destroy": "destroyed"}
+ACTED = {"shutdown": "shut down", "hibernate": "hibernated", "destroy": "powered off",
+         "delete": "deleted"}
 
 
 def _names(names):
@@ -217,7 +219,7 @@ class Plugin:
             for i in range(0, len(todo), EXPIRY_BATCH):
                 batch = todo[i:i + EXPIRY_BATCH]
                 try:
-                    result = await self.api.op_on(action, batch)
+                    result = await self.api.op_on(action, batch, ACTION_ARGS.get(action))
                 except UsherError as e:
                     failed.update(dict.fromkeys(batch, str(e)))
                     continue

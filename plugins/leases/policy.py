@@ -4,11 +4,14 @@ makes of a start request's ``lease`` argument."""
 from usher.cliargs import duration_seconds, format_duration
 from usher.errors import ConfigError
 
-ACTIONS = ("shutdown", "hibernate", "destroy")
+ACTIONS = ("shutdown", "hibernate", "destroy", "delete")
 # What each action leaves a VM in: a VM already there when its lease ends
-# has nothing left to do (it is not an error).
+# has nothing left to do (it is not an error). destroy powers off hard and
+# keeps the VM; delete removes it, running or not (a forced delete).
 AT_REST = {"shutdown": {"shutoff", "hibernated"}, "hibernate": {"shutoff", "hibernated"},
-           "destroy": set()}
+           "destroy": {"shutoff", "hibernated"}, "delete": set()}
+# The op_on arguments of each action.
+ACTION_ARGS = {"delete": {"force": True}}
 
 
 def _duration(config, key, default=None):

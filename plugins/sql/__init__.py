@@ -16,7 +16,7 @@ paper's order:
   VM goes).
 - ``vm_state_changed``: an ``events`` row; the mirror follows the changes
   an LNM reported (``origin`` "lnm"), not the controller's own conclusions.
-- ``vm_removed`` (destroy, forget, missing then removed): the address is
+- ``vm_removed`` (delete, forget, missing then removed): the address is
   freed and the VM leaves the mirror.
 - ``op_complete``, ``migrate_complete`` (the mirror's LNM), ``vm_lost``,
   ``vm_missing``, ``vm_adopted`` (the mirror): ``events`` rows.

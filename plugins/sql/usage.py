@@ -11,7 +11,7 @@ What accrues, exactly:
   ``shutoff``, ``hibernated``, ``lost``, ``missing`` and ``unknown`` do not
   accrue: the VM holds nothing, or nobody can tell that it does.
 - A VM's state is the ``new_state`` of its latest event that has one;
-  ``vm_removed`` (destroy, forget, missing-then-removed) ends it, and
+  ``vm_removed`` (delete, forget, missing-then-removed) ends it, and
   ``vm_lost`` / ``vm_missing`` rows without a ``new_state`` set ``lost`` /
   ``missing``. Other events (``migrate_complete``, ``op_complete``, ...) only
   update the VM's attributes.

@@ -180,7 +180,7 @@ def test_ha_restarts_only_once_fenced_and_the_heal_leaves_one_copy(cluster, step
                      timeout=EVENT_TIMEOUT)
     assert running_copies(cluster, PINNED) == ["h1"]
 
-    with steps("heal h1's link: stale copies destroyed, one copy of each VM"):
+    with steps("heal h1's link: stale copies deleted, one copy of each VM"):
         cluster.heal_link(h1)
         wait_for(lambda: all(domain_state(h1, name) is None for name in RESTARTABLE),
                  EVENT_TIMEOUT + 10, "the stale copies on h1 to be destroyed")
@@ -196,7 +196,7 @@ def test_ha_restarts_only_once_fenced_and_the_heal_leaves_one_copy(cluster, step
         assert domain_state(other, name) is None, name      # not even defined
     lnm1 = {e["name"]: e for e in ush(cluster, "list_lnm")}["lnm1"]
     assert lnm1["connected"] and not lnm1.get("holds")
-    assert "destroyed the stale copy" in cluster.log_tail("usherctrl", 400)
+    assert "removed the stale copy" in cluster.log_tail("usherctrl", 400)
     # The restarted guests run on, undisturbed by the heal (one boot each).
     for name in RESTARTABLE:
         wait_ticking(console(cluster, "lnm2", name), boots=1,

@@ -65,7 +65,7 @@ NETWORK_ARGS = "mac, ip_address, ip_prefix, ip_gateway, ip_dns, vlan, bridge"
 PLUGINS = """\
 [[plugins]]
 [[[open_authz]]]
-events = start_request, list_request, destroy_request, shutdown_request
+events = start_request, list_request, destroy_request, shutdown_request, delete_request
 [[[roundrobin]]]
 events = start_request
 [[[netargs]]]
@@ -148,11 +148,11 @@ def test_a_guest_comes_up_with_the_address_a_plugin_set(cluster, steps):
     records = {vm["name"]: vm for vm in ush(cluster, "list", "-n", CLUSTER)}
     assert records[VM1]["args"]["ip_address"] == "10.201.0.11"
 
-    with steps("destroy both"):
-        ush(cluster, "destroy", "-n", CLUSTER)
+    with steps("delete both"):
+        ush(cluster, "delete", "--force", "-n", CLUSTER)
     deadline = time.monotonic() + 30
     while fetch(h1, "http://10.201.0.11/") is not None:
-        assert time.monotonic() < deadline, "10.201.0.11 still answers after destroy"
+        assert time.monotonic() < deadline, "10.201.0.11 still answers after delete"
         time.sleep(0.2)
     hosts.run(["ip", "-n", h1.namespace, "link", "del", BRIDGE])
 
@@ -164,7 +164,7 @@ SQL_EVENTS = ("start_request, register_vm, start_complete, vm_state_changed, vm_
 SQL_PLUGINS = f"""\
 [[plugins]]
 [[[open_authz]]]
-events = start_request, list_request, destroy_request, shutdown_request
+events = start_request, list_request, destroy_request, shutdown_request, delete_request
 [[[roundrobin]]]
 events = start_request
 [[[sql]]]
@@ -215,6 +215,6 @@ def test_a_guest_answers_at_the_address_the_sql_plugin_allocated(sql_cluster, st
         wait_for(lambda: pages.append(fetch(h1, f"http://{address}/")) or pages[-1] is not None,
                  30, f"{vm} to answer at {address}")
         assert pages[-1].split() == ["usher-guest", address, mac, vm]
-    with steps("destroy it"):
-        ush(sql_cluster, "destroy", "-n", "sql")
+    with steps("delete it"):
+        ush(sql_cluster, "delete", "--force", "-n", "sql")
     hosts.run(["ip", "-n", h1.namespace, "link", "del", BRIDGE])

@@ -18,7 +18,7 @@ gave it and the name Usher gave it; from a host, the test resolves
 by that name (the guest answers with its address, MAC and host name); the
 cluster's LDAP branch holds alice in its admin group; its filesystem trees
 exist, owned by alice's uid from the directory; one guest live-migrates and
-its name still reaches it; destroying the cluster removes the records, the
+its name still reaches it; deleting the cluster removes the records, the
 address reservations, the branch and the trees.
 
 Skips only as test_realhv.py does.
@@ -182,7 +182,8 @@ class Site:
             for name, events in EVENTS.items())
         return (f"auth_modules = ldap, local\nldap_config = {self.ldap_config}\n"
                 "[[plugins]]\n[[[open_authz]]]\n"
-                "events = start_request, list_request, destroy_request, migrate_request\n"
+                "events = start_request, list_request, destroy_request, migrate_request, "
+                "delete_request\n"
                 f"[[[roundrobin]]]\nevents = start_request, migrate_request\n{plugins}")
 
 
@@ -294,8 +295,8 @@ def test_alice_reaches_her_new_vms_by_name(story, steps):
     # Nothing changed in DNS: the same one address.
     assert resolve_and_fetch(cluster, site, moving, host=1)["addresses"] == [address[moving]]
 
-    with steps("destroy the cluster: records, reservations, branch and trees gone"):
-        ush(cluster, "destroy", "-n", CLUSTER)
+    with steps("delete the cluster: records, reservations, branch and trees gone"):
+        ush(cluster, "delete", "--force", "-n", CLUSTER)
         wait_for(lambda: all(resolve_and_fetch(cluster, site, vm)["rcode"] == "NXDOMAIN"
                              for vm in VMS + [CLUSTER_NAME]), 30, "the names to go")
         wait_for(lambda: leases(site) == [], 30, "the reservations to go")

@@ -8,7 +8,7 @@ a command was given.
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from usher.errors import InvalidRequest, LinkFailure
+from usher.errors import InvalidRequest, LinkFailure, NoSuchVM
 from usher.naming import check_label
 
 log = Logger()
@@ -125,6 +125,18 @@ def unaccounted(names, *answered):
     """The names of ``names`` in none of the ``answered`` lists of entries."""
     seen = {entry["name"] for entries in answered for entry in entries}
     return [name for name in names if name not in seen]
+
+
+async def hard_off(handle, name):
+    """Power ``name`` off hard on the LNM of ``handle`` (its destroy), the
+    first step of removing a VM that may run -> its domain info; None if
+    that left nothing to delete (a transient domain, or an LNM before issue
+    17, whose destroy also undefined); {} if the LNM did not have it running
+    (gone, or off already: the delete that follows decides)."""
+    try:
+        return await handle.op_on("destroy", name)
+    except (NoSuchVM, InvalidRequest):
+        return {}
 
 
 INTERNAL_ERROR = "internal error in the controller (see its log); nothing more is known"

@@ -17,8 +17,9 @@ restarted off it until it is fenced anew. Its recovery inventory
 never vouches for a VM in ``restarted`` (``LNMInventory.reconcile``); each
 such VM it still holds while the VM's record names another LNM (or was
 removed: ``gone``; a record merely unknown after a restart is in doubt) is a
-stale copy. Policy ``stale_copies``: ``destroy`` (the default) destroys
-it there (the LNM's destroy: hard power-off and undefine), and once none is
+stale copy. Policy ``stale_copies``: ``delete`` (the default; ``destroy``,
+its name before issue 17, is read as it) removes it there (the LNM's
+destroy, a hard power-off, then its delete: undefine), and once none is
 left the hold is released and the host takes VMs again (a maintenance hold,
 if any, stays); ``hold`` keeps the host held and lists the stale copies in
 the hold's ``stale`` for the administrator (checked again by ``clean_up``).
@@ -31,14 +32,16 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from usher import states
-from usher.controller.commands import lnm_view
+from usher.controller.commands import hard_off, lnm_view
 from usher.errors import InvalidRequest, NoSuchLNM, UsherError
 
 log = Logger()
 
 KIND = "fenced"
 MAX_EVIDENCE = 1000
-STALE_POLICIES = ("destroy", "hold")
+STALE_POLICIES = ("delete", "hold")
+# Policy names of earlier versions -> what they mean now.
+STALE_POLICY_ALIASES = {"destroy": "delete"}
 # States in which the copy a restart made elsewhere is known to exist: the
 # one on the fenced host is then surely stale.
 _LIVE = (states.RUN, states.PAUSED, states.SHUTOFF, states.HIBERNATED, states.UNKNOWN)
@@ -56,7 +59,7 @@ class Fencing:
         self.ledger = ledger
         self.clock = clock
         # The site's policy (set by the HA plugin): what to do with a stale copy.
-        self.stale_copies = "destroy"
+        self.stale_copies = "delete"
         self._cleaning = {}          # LNM -> Deferred of its clean-up under way
         inventory.watch(self)
         state.listen(self._vm_changed)
@@ -257,8 +260,8 @@ class Fencing:
             where, _details = await self.inventory.locate(name, lnm, handle)
             if where == "absent":
                 continue
-            if where == "there" and self.stale_copies == "destroy":
-                if await self._destroy_stale(name, lnm, handle):
+            if where == "there" and self.stale_copies == "delete":
+                if await self._delete_stale(name, lnm, handle):
                     continue
             kept.append(name)
             (stale if where == "there" else waiting).append(name)
@@ -274,22 +277,24 @@ class Fencing:
         return self.holds.update(lnm, KIND, restarted=sorted(kept), stale=sorted(stale),
                                  waiting=sorted(waiting))
 
-    async def _destroy_stale(self, name, lnm, handle):
-        """Destroy the stale copy of ``name`` on ``lnm``. -> True if it is gone."""
+    async def _delete_stale(self, name, lnm, handle):
+        """Power off and delete the stale copy of ``name`` on ``lnm``. -> True
+        if it is gone."""
         rec = self.state.vms.get(name)
-        # The LNM destroys what it has a record of: the current one (naming
+        # The LNM acts on what it has a record of: the current one (naming
         # the LNM the VM runs on), or, for a VM that is gone, a bare one.
         view = lnm_view(rec) if rec is not None else {"name": name, "lnm": lnm}
         try:
             await handle.receive([view])
-            await handle.op_on("destroy", name)
+            if await hard_off(handle, name) is not None:
+                await handle.op_on("delete", name)
         except UsherError as e:
-            log.error("LNM {lnm}: the stale copy of {vm} could not be destroyed: {error}",
+            log.error("LNM {lnm}: the stale copy of {vm} could not be removed: {error}",
                       lnm=lnm, vm=name, error=str(e))
             return False
         unmanaged = self.state.unmanaged.get(name)
         if unmanaged is not None and unmanaged.get("lnm") == lnm:
             self.state.set_unmanaged(name, lnm, None)
-        log.warn("LNM {lnm}: destroyed the stale copy of {vm} (restarted elsewhere while "
+        log.warn("LNM {lnm}: removed the stale copy of {vm} (restarted elsewhere while "
                  "its host was fenced)", lnm=lnm, vm=name)
         return True

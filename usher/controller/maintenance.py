@@ -282,7 +282,7 @@ class Maintenance:
             if rec["state"] not in MOVABLE:
                 evacuation.failed.append({"name": name, "error": (
                     f"cannot migrate a VM that is {rec['state']}"
-                    + (" (start it elsewhere, or destroy it)" if rec["state"] in (
+                    + (" (start it elsewhere, or delete it)" if rec["state"] in (
                         states.SHUTOFF, states.HIBERNATED) else ""))})
             else:
                 evacuation.waiting.append(name)

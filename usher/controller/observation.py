@@ -85,7 +85,7 @@ class Observation:
 
     def _known_stale(self, lnm, name):
         """(issue 15, part B) Is this the copy a fenced LNM still has of a VM
-        restarted elsewhere? Expected, and destroyed or listed by the
+        restarted elsewhere? Expected, and deleted or listed by the
         fencing's policy: no complaint (it would say "kept where they are")."""
         holds = self.state.holds
         fenced = holds.get(lnm, "fenced") if holds is not None else None

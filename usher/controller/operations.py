@@ -1,20 +1,27 @@
 """Table 4's ``op_on``: one Table 3 operation (pause, resume, shutdown,
-reboot, hibernate, restore, destroy, cycle) on the VMs of a selection,
-through its ``<operation>_request`` chain.
+reboot, hibernate, restore, destroy, cycle) or ``delete`` on the VMs of a
+selection, through its ``<operation>_request`` chain.
+
+``destroy`` is Table 3's hard shutdown: the VM is powered off and kept
+(``start`` boots it again). ``delete`` (issue 17) removes a VM that is off:
+its definition and saved image on its LNM, then its record (``vm_removed``
+lets plugins release what it held). It refuses a VM that runs unless the
+request's args carry ``force: True``, which powers it off first (a destroy,
+then the delete). A VM its LNM no longer has (it went missing) is deleted
+at once: only its record is left.
 
 An operation whose answer never came leaves the outcome unknown: the LNM's
-connection is dropped so that its inventory settles the VM. A ``destroy``
-of a VM its LNM no longer has (it went missing) is done: the record goes,
-and the answer says so. Every VM of a request ends in ``done`` or
-``failed``; an unexpected error is logged with its traceback and reported.
+connection is dropped so that its inventory settles the VM. Every VM of a
+request ends in ``done`` or ``failed``; an unexpected error is logged with
+its traceback and reported.
 """
 
 from twisted.logger import Logger
 
 from usher import states
 from usher.controller.commands import (INTERNAL_ERROR, Room, check_args, dropped_failures,
-                                       failure_text, run_each, unaccounted, unanswered,
-                                       unexpected)
+                                       failure_text, hard_off, run_each, unaccounted,
+                                       unanswered, unexpected)
 from usher.controller.events import Event, Request
 from usher.controller.state import ORIGIN_LNM
 from usher.errors import InvalidRequest, LinkFailure, NoSuchVM, UsherError
@@ -34,6 +41,7 @@ class Operations(Room):
             raise InvalidRequest(f"unknown operation {operation!r}; valid: "
                                  + ", ".join(states.OPERATIONS))
         args = check_args(args)
+        forced = _forced(operation, args)
         records = await self.visibility.select(user, admin, selection)
         if not records:
             raise NoSuchVM("no VM matches")
@@ -44,20 +52,25 @@ class Operations(Room):
         failed = dropped_failures(request)
         done = []
         work = []
-        allowed = states.OPERATION_PRECONDITIONS[operation]
+        allowed = set(states.OPERATION_PRECONDITIONS[operation])
+        if forced:
+            allowed |= states.DELETE_FORCED_FROM
         for name in request.vms:
             rec, why = self.refusal(name, allowed, operation)
             if why is not None:
+                if rec is not None and why.startswith("cannot"):
+                    why += _HINTS.get((operation, rec["state"]), "")
                 failed.append({"name": name, "error": why})
             elif not self.inventory.connected(rec["lnm"]):
-                if operation == "destroy" and rec["state"] in (states.MISSING,):
+                if operation == "delete" and rec["state"] in (states.MISSING,):
                     self.state.remove(name)
                     done.append({"name": name, "state": None})
                 else:
                     failed.append({"name": name, "error": f"LNM {rec['lnm']} is not connected"})
             else:
                 work.append(rec)
-        await run_each([self._one(operation, rec, done, failed, request) for rec in work],
+        await run_each([self._one(operation, rec, done, failed, request, forced)
+                        for rec in work],
                        operation)
         for name in unaccounted([rec["name"] for rec in work], done, failed):
             failed.append({"name": name, "error": INTERNAL_ERROR})
@@ -65,7 +78,7 @@ class Operations(Room):
         return {"operation": operation, "done": done, "failed": failed,
                 "notes": request.notes}
 
-    async def _one(self, operation, rec, done, failed, request):
+    async def _one(self, operation, rec, done, failed, request, forced):
         name, lnm = rec["name"], rec["lnm"]
         handle = None
         with self.ledger.commanding([name], operation):
@@ -75,12 +88,16 @@ class Operations(Room):
                     if handle is None:
                         raise LinkFailure(f"LNM {lnm} disconnected before {operation} was "
                                           "sent", sent=False)
-                    info = await handle.op_on(operation, name)
+                    info = {}
+                    if forced and rec["state"] in states.DELETE_FORCED_FROM:
+                        info = await self._power_off(handle, name)
+                    if info is not None:
+                        info = await handle.op_on(operation, name)
             except NoSuchVM as e:
-                if operation != "destroy":
+                if operation != "delete":
                     self._failed(operation, rec, lnm, handle, e, failed)
                     return
-                # Already gone from its host (it went missing): what a destroy
+                # Already gone from its host (it went missing): what a delete
                 # asks for is so; only the record was left.
                 request.note(f"{name} was no longer on LNM {lnm} ({e}); its record is "
                              "removed")
@@ -93,7 +110,7 @@ class Operations(Room):
                             operation=operation, vm=name, lnm=lnm)
                 self._failed(operation, rec, lnm, handle, unexpected(e), failed)
                 return
-        if operation == "destroy" or info is None:
+        if operation == "delete" or info is None:
             self.state.remove(name)
             done.append({"name": name, "state": None})
         else:
@@ -103,6 +120,16 @@ class Operations(Room):
         self.chains.notify(Event("op_complete", self.api, operation=operation,
                                  vm=dict(rec), ok=True, error=None))
 
+    async def _power_off(self, handle, name):
+        """A forced delete's first step: destroy the VM (hard power-off) ->
+        its domain info, or None if that left nothing (a transient domain).
+        A VM its LNM finds already off is the delete's to judge."""
+        info = await hard_off(handle, name)
+        if info:
+            self.state.update(name, state=info.get("state") or states.SHUTOFF,
+                              origin=ORIGIN_LNM)
+        return info
+
     def _failed(self, operation, rec, lnm, handle, error, failed):
         name = rec["name"]
         text = failure_text(error, lnm, name, f"{operation} could be sent")
@@ -111,3 +138,27 @@ class Operations(Room):
         failed.append({"name": name, "error": text})
         self.chains.notify(Event("op_complete", self.api, operation=operation,
                                  vm=dict(rec), ok=False, error=text))
+
+
+_DELETE_RUNNING = (": shut it down or destroy it first, or force the delete "
+                   "(ush delete --force), which powers it off")
+# What to do instead, after the refusal of an operation from a state (issue
+# 17: destroy no longer removes; delete does).
+_HINTS = {("delete", state): _DELETE_RUNNING for state in states.DELETE_FORCED_FROM}
+_HINTS.update({
+    ("destroy", states.MISSING): ": it is gone from its host; delete removes its record",
+    ("destroy", states.HIBERNATED): ": it is not running; restore it, or delete it",
+})
+
+
+def _forced(operation, args):
+    """Does a delete's ``force`` argument ask to power running VMs off? Only
+    ``True`` does; any other value is a mistake worth saying."""
+    force = args.get("force")
+    if force is None or force is False:
+        return False
+    if force is not True:
+        raise InvalidRequest(f"argument 'force' must be true or false, not {force!r}")
+    if operation != "delete":
+        raise InvalidRequest(f"argument 'force' is for delete, not {operation}")
+    return True

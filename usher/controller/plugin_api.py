@@ -132,7 +132,7 @@ class PluginAPI:
 
     def op_on(self, operation, vms, args=None):
         """Run a Table 3 operation (``shutdown``, ``hibernate``, ``destroy``
-        …) on VMs on the system's behalf (leases, policies), through its
+        …) or ``delete`` (``args={"force": True}``: running VMs too) on VMs on the system's behalf (leases, policies), through its
         ``<operation>_request`` chain as any request; -> Deferred of the
         result (``{"operation", "done", "failed", "notes"}``)."""
         return defer.Deferred.fromCoroutine(self._controller.op_on(

@@ -17,7 +17,8 @@ from usher.protocol import MAX_FIELD
 
 # Operations whose result is a state: replayed on a VM already there, they
 # answer with the VM as it is instead of failing (idempotent commands).
-_IDEMPOTENT_OPERATIONS = frozenset({"pause", "resume", "shutdown", "hibernate", "restore"})
+_IDEMPOTENT_OPERATIONS = frozenset({"pause", "resume", "shutdown", "hibernate", "restore",
+                                    "destroy"})
 
 _RECORD_STR_FIELDS = ("uuid", "owner", "cluster", "lnm")
 _RECORD_COUNT_FIELDS = ("memory_mib", "vcpus", "version")
@@ -122,8 +123,8 @@ class CachedVM:
         try:
             return await self._vmm.operate(operation, self.name)
         except NoSuchVM:
-            if operation == "destroy":
-                return None  # already gone: destroy's goal is met
+            if operation == "delete":
+                return None  # already gone: delete's goal is met
             raise
         except (InvalidRequest, OperationFailed):
             # A retried or replayed command finds its work done: the VM as it
@@ -133,6 +134,17 @@ class CachedVM:
                 if info.get("state") == states.OPERATION_RESULT[operation]:
                     return info
             raise
+
+    async def remove(self):
+        """Power the VM off hard if it runs, then delete it -> None."""
+        try:
+            info = await self._vmm.domain_info(self.name)
+        except NoSuchVM:
+            return None
+        if info.get("state") in (states.RUN, states.PAUSED):
+            if await self.operate("destroy") is None:
+                return None     # transient: nothing left to delete
+        return await self.operate("delete")
 
     def migrate(self, target_uri):
         return self._vmm.migrate(self.name, target_uri)

@@ -56,7 +56,7 @@ class Commands:
             await vm.lock.acquire()
             try:
                 if self._ledger.vms.get(name) is not vm:
-                    # The operation we queued behind destroyed or moved it.
+                    # The operation we queued behind deleted or moved it.
                     raise NoSuchVM(f"{name} left LNM {self.name} before {what} could run")
                 vm.busy = True
                 try:
@@ -109,7 +109,8 @@ class Commands:
             [defer.Deferred.fromCoroutine(one(name)) for name in names]))
 
     async def op_on(self, operation, name):
-        """Apply a Table 3 operation -> domain info, or None after destroy."""
+        """Apply a Table 3 operation -> domain info, or None after delete
+        (or a destroy of a transient domain, which leaves nothing)."""
         if operation not in states.OPERATIONS:
             raise InvalidRequest(f"unknown operation {operation!r}; expected one of "
                                  + ", ".join(states.OPERATIONS))
@@ -223,7 +224,7 @@ class Commands:
                 self.log.warn("LNM {lnm}: the import of {vm} finished after its controller "
                               "connection was gone; undoing it (its source keeps the VM)",
                               lnm=self.name, vm=name)
-                await vm.operate("destroy")
+                await vm.remove()
                 return None
             return info
 

@@ -110,7 +110,9 @@ def _checked_create(_vmm, spec):
     return spec["name"], spec, uuid_given
 
 
-def _checked_operation(_vmm, operation, name, *, shutdown_timeout=DEFAULT_SHUTDOWN_TIMEOUT):
+def _checked_operation(vmm, operation, name, *, shutdown_timeout=None):
+    if shutdown_timeout is None:
+        shutdown_timeout = vmm.shutdown_timeout
     if operation not in states.OPERATIONS:
         raise InvalidRequest(f"unknown operation {operation!r}; the operations "
                              f"are {', '.join(states.OPERATIONS)}")
@@ -166,7 +168,7 @@ class LibvirtVMM:
                  events=True, template_defaults=None, reconnect_initial_delay=1.0,
                  reconnect_max_delay=30.0, clock=None, arg_policy=None,
                  import_overhead_mib=received_xml.DEFAULT_IMPORT_OVERHEAD_MIB,
-                 live_migration=True):
+                 live_migration=True, shutdown_timeout=DEFAULT_SHUTDOWN_TIMEOUT):
         if not isinstance(uri, str) or not uri:
             raise ConfigError(f"the hypervisor URI must be a non-empty string, not {uri!r}")
         defaults = dict(template_defaults or {})
@@ -184,6 +186,9 @@ class LibvirtVMM:
                             else domain_xml.ArgPolicy(state_dir=self.state_dir))
         self.import_overhead_mib = import_overhead_mib
         self.live_migration = bool(live_migration)
+        # Seconds a guest has to act on shutdown's ACPI request before it is
+        # powered off hard (the LNM's shutdown_timeout option).
+        self.shutdown_timeout = shutdown_timeout
         self.hypervisor = HypervisorConnection(
             uri, reactor=reactor, pool=pool, clock=clock if clock is not None else reactor,
             prepare=self._prepare, events=events,
@@ -460,7 +465,12 @@ class LibvirtVMM:
                 libvirt_domains.restore(conn, name, self.image_path(name), paused=False)
                 self._remove_image(name)
             elif operation == "destroy":
-                self._destroy_sync(dom, name)
+                # Table 3's hard shutdown: off at once, the definition kept
+                # (a transient domain has none: it is gone).
+                if state != states.SHUTOFF:
+                    dom.destroy()
+            elif operation == "delete":
+                self._delete_sync(dom, name)
                 return None
             elif operation == "cycle":
                 if not dom.isPersistent():
@@ -504,11 +514,10 @@ class LibvirtVMM:
             with suppress(FileNotFoundError):
                 os.unlink(partial)
 
-    def _destroy_sync(self, dom, name):
-        persistent = dom.isPersistent()
-        if dom.isActive():
-            dom.destroy()
-        if persistent:
+    def _delete_sync(self, dom, name):
+        # Only an inactive domain (the precondition): a running one is
+        # destroyed first, by the controller's choice (delete --force).
+        if dom.isPersistent():
             libvirt_domains.undefine(dom)
         self._remove_image(name)
 

@@ -233,7 +233,7 @@ class NodeManager:
         return self._commands.start_many(names)
 
     def op_on(self, operation, name):
-        """Apply a Table 3 operation -> domain info, or None after destroy."""
+        """Apply a Table 3 operation -> domain info, or None after delete."""
         return self._commands.op_on(operation, name)
 
     def migrate(self, name, target):

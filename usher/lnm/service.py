@@ -34,7 +34,7 @@ from usher.daemon import ThreadPoolService
 from usher.errors import ConfigError
 from usher.lnm import domain_xml
 from usher.lnm.api import NodeAPI
-from usher.lnm.libvirt_vmm import LibvirtVMM
+from usher.lnm.libvirt_vmm import DEFAULT_SHUTDOWN_TIMEOUT, LibvirtVMM
 from usher.lnm.link import ControllerLink
 from usher.lnm.recovery import RecoveryListener
 from usher.lnm.monitor import Monitor
@@ -241,6 +241,7 @@ def make_service(config, reactor, *, pool=None):
                      arg_policy=arg_policy(lnm),
                      import_overhead_mib=lnm.get("import_overhead_mib", IMPORT_OVERHEAD_MIB),
                      live_migration=lnm.get("live_migration", True),
+                     shutdown_timeout=lnm.get("shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT),
                      reconnect_initial_delay=lnm["reconnect_initial_delay"],
                      reconnect_max_delay=lnm["reconnect_max_delay"])
     # Scans and samples start at a random point of their intervals: LNMs

@@ -6,18 +6,20 @@ import { plural } from "../dom.js";
 // What a successful operation leaves a VM in (usher/states.py OPERATION_RESULT).
 export const RESULT_STATE = {
   pause: "paused", resume: "run", shutdown: "shutoff", reboot: "run", hibernate: "hibernated",
-  restore: "run", destroy: null, cycle: "run", migrate: "run",
+  restore: "run", destroy: "shutoff", cycle: "run", delete: null, migrate: "run",
 };
 
 export const VERB = {
   pause: "Pausing", resume: "Resuming", shutdown: "Shutting down", reboot: "Rebooting",
   hibernate: "Hibernating", restore: "Restoring", destroy: "Destroying", cycle: "Cycling",
+  delete: "Deleting",
   migrate: "Migrating", start: "Starting",
 };
 
 export const PAST = {
   pause: "paused", resume: "resumed", shutdown: "shut down", reboot: "rebooted",
   hibernate: "hibernated", restore: "restored", destroy: "destroyed", cycle: "cycled",
+  delete: "deleted",
   migrate: "migrated", start: "started",
 };
 

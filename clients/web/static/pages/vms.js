@@ -7,9 +7,14 @@ import { openStartDialog } from "./start.js";
 import { PAST, RESULT_STATE, summary, track, VERB } from "./progress.js";
 
 const STATES = ["run", "paused", "hibernated", "shutoff", "starting", "migrating", "lost", "missing", "unknown"];
-const OPERATIONS = ["pause", "resume", "shutdown", "reboot", "hibernate", "restore", "cycle", "destroy"];
+const OPERATIONS = ["pause", "resume", "shutdown", "reboot", "hibernate", "restore", "cycle", "destroy", "delete"];
 // Operations that stop or lose what runs in the VM: confirmed first.
-const DESTRUCTIVE = new Set(["destroy", "shutdown", "cycle", "reboot"]);
+const DESTRUCTIVE = new Set(["destroy", "shutdown", "cycle", "reboot", "delete"]);
+// What each destructive operation does to the selected VMs, for its confirmation.
+const CONSEQUENCE = {
+  destroy: (it) => `${it} powered off at once (kept, shut off).`,
+  delete: (it) => `${it} removed for good; VMs that run are refused (destroy or shut them down first).`,
+};
 
 // Kept across visits to the page.
 const filters = { regex: "", cluster: "", state: "", lnm: "" };
@@ -168,7 +173,11 @@ export function render(app, params) {
     if (!names.length) return;
     if (DESTRUCTIVE.has(operation)) {
       const what = names.length === 1 ? names[0] : plural(names.length, "VM");
-      const ok = await confirmDialog(`${operation} ${what}? What runs in ${names.length === 1 ? "it" : "them"} is stopped.`,
+      const it = names.length === 1 ? "It is" : "They are";
+      const consequence = CONSEQUENCE[operation]
+        ? CONSEQUENCE[operation](it)
+        : `What runs in ${names.length === 1 ? "it" : "them"} is stopped.`;
+      const ok = await confirmDialog(`${operation} ${what}? ${consequence}`,
         `${operation} ${plural(names.length, "VM")}`);
       if (!ok) return;
     }
