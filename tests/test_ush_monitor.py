@@ -210,13 +210,36 @@ def test_top_once_lists_hosts_and_busiest_vms():
     assert h.clients[0].top_calls == [([], 2)]
 
 
-def test_top_json_is_one_view():
+def test_top_json_is_one_view_per_line_for_the_iterations_asked():
     h = Harness(json_output=True)
-    assert h.run("top", "--iterations", "3", "lnm2") == [0]
-    view = json.loads(h.output())
-    assert [lnm["name"] for lnm in view["lnms"]] == ["lnm2"]
-    assert [vm["name"] for vm in view["vms"]] == [full("3.web")] or view["vms"] == []
-    assert len(h.clients[0].top_calls) == 1
+    results = h.run("top", "-i", "5", "--iterations", "3", "lnm2")
+    h.clock.advance(5)
+    h.clock.advance(5)
+    assert results == [0]
+    views = [json.loads(line) for line in h.output().splitlines()]
+    assert len(views) == 3 and len(h.clients[0].top_calls) == 3
+    for view in views:
+        assert [lnm["name"] for lnm in view["lnms"]] == ["lnm2"]
+    h = Harness(json_output=True)
+    assert h.run("top") == [0]
+    assert len(h.output().splitlines()) == 1        # without --iterations: one view
+
+
+def test_top_live_at_the_prompt_stops_on_an_empty_line():
+    h = Harness(live=True)
+    h.shell.at_prompt = True
+    h.shell.handle_line("connect")
+    done = []
+    h.shell.handle_line("top -i 2")
+    for _ in range(3):
+        h.clock.advance(2)
+    assert len(h.clients[0].top_calls) == 4 and "Command 1 result:" not in h.output()
+    assert "Enter or Ctrl-C gives the prompt back" in h.output()
+    h.shell.handle_line("").addCallback(done.append)
+    assert done == [True]
+    assert "Command 1 result:\ntop stopped after 4 views." in h.output()
+    h.clock.advance(10)
+    assert len(h.clients[0].top_calls) == 4         # no more refreshes
 
 
 def test_top_refreshes_on_its_clock_for_the_iterations_asked():

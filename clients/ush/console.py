@@ -132,6 +132,8 @@ class Console:
                 line = self._read_line()
             except KeyboardInterrupt:
                 self.write("\n")
+                # Ctrl-C also ends a live view (top) and gives the prompt back.
+                self._reactor.callFromThread(self.shell.stop_live_views)
                 self._requests.put(("read",))
                 continue
             except EOFError:

@@ -410,7 +410,8 @@ def write_outcome(outcome, *, json_output, out, err):
     data) with --json; else its text, on ``err`` for an error."""
     if json_output:
         if outcome.data is not None:
-            out.write(json.dumps(outcome.data, indent=2, default=str) + "\n")
+            indent = None if outcome.json_lines else 2
+            out.write(json.dumps(outcome.data, indent=indent, default=str) + "\n")
         elif outcome.text:
             err.write(outcome.text + "\n")
     elif outcome.text:

@@ -586,10 +586,11 @@ COMMANDS["top"] = _entry(
     Show every host (or the LNMs named) with its figures, then the COUNT
     busiest VMs on them by 1-minute CPU average: your own VMs, or every VM
     for administrators (and for everyone where the site sets
-    user_visibility = all). Run as 'ush top' from a
-    terminal it redraws the screen every SECONDS until Ctrl-C; at the ush>
-    prompt, in scripts and with --json it shows one view, or N views with
-    --iterations N.
+    user_visibility = all). On a terminal it redraws the screen every
+    SECONDS: 'ush top' until Ctrl-C (exit status 130); at the ush> prompt
+    until Enter or Ctrl-C gives the prompt back (its result says how many
+    views it showed). In scripts it shows one view, or N views with
+    --iterations N; with --json each view is one line of JSON.
 
     Options:
       -c, --count COUNT   how many VMs to show (default 10)
@@ -604,7 +605,7 @@ COMMANDS["top"] = _entry(
     Examples:
       top
       top -c 20 '~^vmm4'
-      ush --json top -c 5""")
+      ush --json top -c 5 --iterations 3""")
 
 COMMANDS["ranges"] = _entry(
     "Show the IP address ranges assigned to you, and how many are free",

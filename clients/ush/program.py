@@ -5,6 +5,7 @@ connect or log in). The console script ``ush`` is ``main``."""
 
 import argparse
 import getpass
+import signal
 import sys
 import threading
 
@@ -51,6 +52,8 @@ def run_interactive(settings, reactor, client_factory=None):
     shell = Shell(client_factory or default_client_factory(reactor, settings), settings,
                   out=console, prompter=console, clock=reactor,
                   wait_for_results=not console.interactive)
+    # top is live at the prompt too: Enter or Ctrl-C gives the prompt back.
+    shell.live_output = shell.at_prompt = console.interactive
     readline = setup_readline(settings.history_file, shell) if console.interactive else None
     console._readline = readline
     reactor_thread = threading.Thread(target=reactor.run,
@@ -72,27 +75,57 @@ def run_interactive(settings, reactor, client_factory=None):
     return EXIT_OK
 
 
-def _wait_for(reactor, d):
-    """Run the reactor until ``d`` fires (not at all if it has) -> its result."""
+EXIT_INTERRUPTED = 130
+
+
+def _wait_for(reactor, d, on_interrupt=None):
+    """Run the reactor until ``d`` fires (not at all if it has) -> its result,
+    or 130 after Ctrl-C.
+
+    SIGINT is ush's own here, not Twisted's: it calls ``on_interrupt`` (the
+    shell falls silent, so that the connections closing as the reactor stops
+    print no false "connection lost") and stops the reactor once; a command
+    finishing in the same turn does not stop it a second time."""
     box = []
-    running = []
+    started, stopping, interrupted = [], [], []
+
+    def stop_once():
+        if started and not stopping:
+            stopping.append(True)
+            reactor.stop()
+
+    def on_start():
+        started.append(True)
+        if box or interrupted:
+            stop_once()
 
     def done(result):
         box.append(result)
-        if running:
-            reactor.stop()
+        stop_once()
+
+    def interrupt():
+        if on_interrupt is not None:
+            on_interrupt()
+        stop_once()
+
+    def on_sigint(signum, frame):
+        interrupted.append(True)
+        reactor.callFromThread(interrupt)
+
     d.addBoth(done)
     if not box:
-        running.append(True)
-        reactor.run()
-    if not box:  # the reactor was stopped (Ctrl-C) before the command finished
-        return 130
+        previous = signal.signal(signal.SIGINT, on_sigint)
+        try:
+            reactor.callWhenRunning(on_start)
+            reactor.run(installSignalHandlers=False)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+    if interrupted or not box:
+        return EXIT_INTERRUPTED
     result = box[0]
     if isinstance(result, Failure):
         result.raiseException()
     return result
-
-
 
 
 def command_line_parser():
@@ -145,11 +178,12 @@ def run(argv=None, *, stdout=None, stderr=None, settings_loader=load_settings,
                   clock=reactor, json_output=options.json)
     shell.live_output = bool(getattr(stdout, "isatty", lambda: False)())
     # Starts synchronously: a password prompt happens before the reactor runs.
-    return _wait_for(reactor, Deferred.fromCoroutine(shell.run_once(options.command)))
+    return _wait_for(reactor, Deferred.fromCoroutine(shell.run_once(options.command)),
+                     on_interrupt=shell.interrupt)
 
 
 def main():
     try:
         sys.exit(run())
     except KeyboardInterrupt:
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)

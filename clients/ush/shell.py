@@ -71,19 +71,49 @@ class Shell:
         self._starts_in_flight = 0
         self._user_disconnected = False
         self.show_notices = True
-        # Output is a terminal that ``top`` may redraw (one-shot mode).
+        # Output is a terminal that ``top`` may redraw; at_prompt: the
+        # interactive shell's (an empty line or Ctrl-C ends a live view).
         self.live_output = False
+        self.at_prompt = False
+        # Set by Ctrl-C in one-shot mode: nothing more is printed.
+        self.interrupted = False
+        # Stop functions of the live views (top) running at the prompt.
+        self._live = {}
 
     # -- output ---------------------------------------------------------------
 
     def write(self, text):
-        self._out.write(text + "\n")
+        if not self.interrupted:
+            self._out.write(text + "\n")
+
+    def interrupt(self):
+        """Ctrl-C in one-shot mode: the reactor stops, and what its
+        connections say as they close is not the command's outcome."""
+        self.interrupted = True
+
+    # -- live views (top) ----------------------------------------------------------
+
+    def live_view(self, stop):
+        """Register a live view's ``stop()``; -> the function unregistering it."""
+        key = object()
+        self._live[key] = stop
+        return lambda: self._live.pop(key, None)
+
+    def stop_live_views(self):
+        """Stop the live views (Ctrl-C or an empty line at the prompt). -> how many."""
+        stops = list(self._live.values())
+        self._live.clear()
+        for stop in stops:
+            stop()
+        return len(stops)
 
     def notice(self, text):
         if self.show_notices:
             self.write(f"[notice] {text}")
 
     def _print_outcome(self, outcome):
+        if self.interrupted:
+            return
         write_outcome(outcome, json_output=self.json_output, out=self._out, err=self._err)
 
     def _print_usage_error(self, exc):
@@ -132,6 +162,9 @@ class Shell:
         if line is None:
             return await self._leave()
         line = line.strip()
+        # An empty line (or Ctrl-C) ends a live top and gives the prompt back.
+        if not line and self.stop_live_views():
+            return True
         if not line or line.startswith("#"):
             return True
         if line.startswith("?"):

@@ -1,0 +1,160 @@
+"""What ush prints, through the real ush against a real sandbox (controller
+and LNM processes over TLS): top's views and Ctrl-C (issue 17, item 7),
+results that group identical reasons and progress (item 6), and numbers
+that say what they are and fit the terminal (item 9)."""
+
+import fcntl
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import termios
+import time
+
+import pytest
+import pytest_twisted
+from twisted.internet import threads
+
+# One small host: a 1,000-VM start partly fits.
+SANDBOX_LNMS = 1
+
+
+def ush_argv(system, *args):
+    return [sys.executable, "-m", "usher.clients.ush", "--config",
+            system.description["configs"]["ush"], *args]
+
+
+class PtyProcess:
+    """ush on a pseudo-terminal (stdin, stdout and stderr), as a user runs it."""
+
+    def __init__(self, argv, env=None):
+        self.master, slave = os.openpty()
+        # Its own session with the terminal as controlling terminal, so that
+        # Ctrl-C typed there (\x03) is the terminal's SIGINT to ush.
+        self.proc = subprocess.Popen(
+            argv, stdin=slave, stdout=slave, stderr=slave, start_new_session=True, env=env,
+            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+        os.close(slave)
+        self.output = b""
+
+    def read_until(self, needle, timeout=60.0, count=1):
+        """Read until ``needle`` (bytes) has appeared (``count`` times);
+        AssertionError if the process ends or ``timeout`` passes first (a
+        bound, not a measure)."""
+        deadline = time.monotonic() + timeout
+        while self.output.count(needle) < count:
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"no {needle!r} in {self.output[-2000:]!r}"
+            if not self._read(remaining):
+                raise AssertionError(f"ended before {needle!r}: {self.output[-2000:]!r}")
+        return self.output
+
+    def _read(self, timeout):
+        ready, _, _ = select.select([self.master], [], [], min(timeout, 1.0))
+        if not ready:
+            return True
+        try:
+            data = os.read(self.master, 65536)
+        except OSError:          # EIO: the other side is closed
+            return False
+        self.output += data
+        return bool(data)
+
+    def write(self, data):
+        os.write(self.master, data)
+
+    def finish(self, timeout=60.0):
+        """Read to the end; -> the exit status."""
+        deadline = time.monotonic() + timeout
+        while self._read(max(deadline - time.monotonic(), 0.01)):
+            assert time.monotonic() < deadline, self.output[-2000:]
+        code = self.proc.wait(timeout=max(deadline - time.monotonic(), 1))
+        os.close(self.master)
+        return code
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+CLEAR = b"\x1b[H\x1b[2J"
+
+
+def _interrupt_top_repeatedly(argv, rounds):
+    """``ush top`` on a terminal, SIGINT at a different moment of each round
+    -> [(exit status, output)]."""
+    results = []
+    for i in range(rounds):
+        term = PtyProcess(argv)
+        try:
+            term.read_until(CLEAR)
+            # Somewhere in the refresh cycle: just after a view, while the
+            # next is asked for, while it is drawn.
+            time.sleep((i % 5) * 0.03)
+            if i % 2:
+                term.write(b"\x03")                 # Ctrl-C typed on the terminal
+            else:
+                term.proc.send_signal(signal.SIGINT)
+            code = term.finish()
+        finally:
+            term.kill()
+        results.append((code, term.output.decode(errors="replace")))
+    return results
+
+
+@pytest_twisted.ensureDeferred
+async def test_ctrl_c_on_top_always_exits_130_quietly(system):
+    argv = ush_argv(system, "top", "-i", "0.1")
+    results = await threads.deferToThread(_interrupt_top_repeatedly, argv, 20)
+    for code, output in results:
+        assert code == 130, output[-1500:]
+        for wrong in ("Traceback", "ReactorNotRunning", "connection lost", "outcome unknown",
+                      "Error"):
+            assert wrong not in output, output[-1500:]
+        assert "Ctrl-C stops" in output
+
+
+@pytest_twisted.ensureDeferred
+async def test_json_top_with_iterations_prints_one_view_per_line(system):
+    done = await system.ush("top", "-i", "0.1", "--iterations", "3")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 3
+    for line in lines:
+        view = json.loads(line)
+        assert [lnm["name"] for lnm in view["lnms"]] == ["lnm1"] and "vms" in view
+
+
+def _top_at_the_prompt(argv):
+    term = PtyProcess(argv)
+    try:
+        term.read_until(b"ush> ")
+        term.write(b"connect\r")
+        term.read_until(b"Connected")
+        term.write(b"top -i 0.1\r")
+        term.read_until(b"Enter or Ctrl-C gives the prompt back")
+        first = term.output.count(CLEAR)
+        # It refreshes on its own while the prompt waits ...
+        term.read_until(CLEAR, count=first + 2)
+        # ... until Enter gives the prompt back.
+        term.write(b"\r")
+        term.read_until(b"top stopped after")
+        term.write(b"top -i 0.1\r")
+        term.read_until(b"Command 2 result pending")
+        term.read_until(b"Enter or Ctrl-C")
+        term.write(b"\x03")      # Ctrl-C at the prompt: the terminal's SIGINT
+        term.read_until(b"Command 2 result:")
+        term.write(b"quit\r")
+        return term.finish(), term.output.decode(errors="replace")
+    finally:
+        term.kill()
+
+
+@pytest_twisted.ensureDeferred
+async def test_top_is_live_at_the_prompt_until_enter_or_ctrl_c(system):
+    code, output = await threads.deferToThread(_top_at_the_prompt, ush_argv(system))
+    assert code == 0, output[-2000:]
+    assert "top stopped after" in output and "Traceback" not in output
