@@ -158,3 +158,87 @@ async def test_top_is_live_at_the_prompt_until_enter_or_ctrl_c(system):
     code, output = await threads.deferToThread(_top_at_the_prompt, ush_argv(system))
     assert code == 0, output[-2000:]
     assert "top stopped after" in output and "Traceback" not in output
+
+
+# --- item 6: results that sum up, -v, progress ----------------------------------------------
+
+def _start_on_a_terminal(argv):
+    term = PtyProcess(argv)
+    try:
+        code = term.finish()
+    finally:
+        term.kill()
+    return code, term.output.decode(errors="replace")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_1000_vm_start_that_partly_fits_prints_a_handful_of_lines(system):
+    # One host of 32768 MiB: 128 VMs of 256 MiB fit (before any other test's).
+    before = len(json.loads((await system.ush("list")).stdout))
+    fit = 128 - before
+    code, output = await threads.deferToThread(
+        _start_on_a_terminal, ush_argv(system, "start", "-n", "big", "-c", "1000"))
+    assert code == 1, output
+    result = output.index(f"Controller started {fit} VMs")
+    # Progress (when changes came before the result) was one line, redrawn
+    # in place and erased before the result: nothing of it after.
+    assert "\x1b[K" not in output[result:]
+    for line in output[:result].split("\r\x1b[K"):
+        assert line == "" or line.startswith("start: "), output[:result]
+    lines = output[result:].splitlines()
+    assert len(lines) == 3, output
+    assert lines[0].endswith(f": [1-{fit}].big ({fit} on lnm1)")
+    assert lines[1].startswith(f"Could not start {1000 - fit} VMs ([{fit + 1}-1000].big): no "
+                               "LNM can start it (256 MiB and 1 vCPU): lnm1: memory: needs "
+                               "256 MiB")
+    assert lines[2] == "(-v lists each VM)"
+
+
+@pytest_twisted.ensureDeferred
+async def test_results_sum_up_off_a_terminal_and_verbose_lists_each_vm(system):
+    done = await system.ush("start", "-n", "more", "-c", "1000", json_output=False)
+    assert done.returncode == 1, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) <= 3 and lines[-1] == "(-v lists each VM)", done.stdout
+    assert "VMs ([" in done.stdout and "-1000].more): no LNM can start it" in done.stdout
+    assert "\r" not in done.stdout and done.stderr == ""       # no progress off a terminal
+    # The first test's VMs (whatever runs of them).
+    mine = json.loads((await system.ush("list", "-n", "big")).stdout)
+    # -v lists each VM; --json has every VM, whatever the text does.
+    done = await system.ush("start", "-v", "-n", "more", "-c", "20", json_output=False)
+    assert len(done.stdout.splitlines()) == 21 and "Could not start 20 VMs:" in done.stdout
+    done = await system.ush("start", "-n", "more", "-c", "20")
+    assert len(json.loads(done.stdout)) == 20 and done.returncode == 1
+    if len(mine) > 10:
+        done = await system.ush("pause", "-v", "-n", "big", json_output=False)
+        assert done.returncode == 0 and len(done.stdout.splitlines()) == len(mine) + 1
+        done = await system.ush("resume", "-n", "big", json_output=False)
+        assert done.stdout.splitlines()[-1] == "(-v lists each VM)"
+        assert len(done.stdout.splitlines()) == 2
+
+
+def _own_pause_at_the_prompt(argv):
+    term = PtyProcess(argv)
+    try:
+        term.read_until(b"ush> ")
+        term.write(b"connect\r")
+        term.read_until(b"Connected")
+        term.write(b"pause '[1-3].big'\r")
+        term.read_until(b"Command 1 result:")
+        term.read_until(b"3.big.alice.usher.test -> paused")
+        term.write(b"resume '[1-3].big'\r")
+        term.read_until(b"Command 2 result:")
+        term.read_until(b"3.big.alice.usher.test -> run")
+        term.write(b"notices off\r")
+        term.read_until(b"Notices are off.")
+        term.write(b"quit\r")
+        return term.finish(), term.output.decode(errors="replace")
+    finally:
+        term.kill()
+
+
+@pytest_twisted.ensureDeferred
+async def test_own_operations_at_the_prompt_are_reported_once(system):
+    code, output = await threads.deferToThread(_own_pause_at_the_prompt, ush_argv(system))
+    assert code == 0, output
+    assert "[notice]" not in output, output        # the results say it, once

@@ -261,28 +261,125 @@ def format_top(view, count):
     return "\n".join(lines)
 
 
-def _failure_lines(verb, failed):
+# Results of more VMs than this are summarised (identical reasons grouped,
+# names as ranges); --verbose lists each VM.
+DETAIL_LIMIT = 10
+# Name groups shown in one summary line before "and N more".
+MAX_NAME_GROUPS = 8
+_NUMBERED = re.compile(r"^(\D*)(\d+)(.*)$")
+
+
+def _same(name):
+    return name
+
+
+def compact_names(names, short=_same, limit=MAX_NAME_GROUPS):
+    """Names as ranges in ush's own syntax: 1.big .. 128.big, 130.big ->
+    "[1-128,130].big" (a range may be pasted into a command). ``short``
+    shortens each name first (your own VMs: their short names)."""
+    groups, others = {}, []
+    for name in (short(str(n)) for n in names):
+        match = _NUMBERED.match(name)
+        if match is None:
+            others.append(name)
+            continue
+        prefix, digits, suffix = match.groups()
+        width = len(digits) if digits.startswith("0") and len(digits) > 1 else 0
+        groups.setdefault((prefix, suffix, width), []).append(int(digits))
+    parts = []
+    for (prefix, suffix, width), numbers in groups.items():
+        numbers = sorted(set(numbers))
+        spans, first, last = [], numbers[0], numbers[0]
+        for number in numbers[1:] + [None]:
+            if number is not None and number == last + 1:
+                last = number
+                continue
+            spans.append((first, last))
+            if number is not None:
+                first = last = number
+
+        def text(n):
+            return str(n).zfill(width)
+        first_name = f"{prefix}{text(numbers[0])}{suffix}"
+        if len(spans) == 1 and spans[0][0] == spans[0][1]:
+            parts.append((first_name, first_name))
+            continue
+        inside = ",".join(text(a) if a == b else f"{text(a)}-{text(b)}" for a, b in spans)
+        parts.append((first_name, f"{prefix}[{inside}]{suffix}"))
+    parts += [(name, name) for name in others]
+    parts = [text for _, text in sorted(parts, key=lambda part: natural_key(part[0]))]
+    if len(parts) > limit:
+        return ", ".join(parts[:limit]) + f" and {len(parts) - limit} more"
+    return ", ".join(parts)
+
+
+def group_by(items, key):
+    """[(key value, [names])] of items sharing a key, the largest group first."""
+    groups = {}
+    for item in by_name(items):
+        groups.setdefault(key(item), []).append(str(item.get("name")))
+    return sorted(groups.items(), key=lambda kv: (-len(kv[1]), natural_key(kv[1][0])))
+
+
+def _reason(item):
+    """A failure's reason without the VM's own name, so that equal reasons group."""
+    error, name = str(item.get("error")), str(item.get("name"))
+    return error.replace(name, "the VM") if name else error
+
+
+def _detailed(items, verbose):
+    return verbose or len(items) <= DETAIL_LIMIT
+
+
+def _failure_lines(verb, failed, verbose=False, short=_same):
     if not failed:
         return []
-    lines = [f"Could not {verb} {plural(len(failed), 'VM')}:"]
-    lines += [f"{item.get('name')}: {item.get('error')}" for item in by_name(failed)]
+    if _detailed(failed, verbose):
+        lines = [f"Could not {verb} {plural(len(failed), 'VM')}:"]
+        lines += [f"{item.get('name')}: {item.get('error')}" for item in by_name(failed)]
+        return lines
+    groups = group_by(failed, _reason)
+    lines = [f"Could not {verb} {plural(len(failed), 'VM')}"
+             + (":" if len(groups) > 1 else "")]
+    if len(groups) == 1:
+        reason, names = groups[0]
+        return [f"{lines[0]} ({compact_names(names, short)}): {reason}"]
+    lines += [f"  {plural(len(names), 'VM')} ({compact_names(names, short)}): {reason}"
+              for reason, names in groups]
     return lines
+
+
+def _more_hint(*lists, verbose=False):
+    if verbose or all(len(items) <= DETAIL_LIMIT for items in lists):
+        return []
+    return ["(-v lists each VM)"]
 
 
 def _note_lines(result):
     return [f"Note: {note}" for note in result.get("notes") or ()]
 
 
-def format_start_result(result):
+def _per_host(groups):
+    return ", ".join(f"{len(names)} on {host}" for host, names in
+                     sorted(groups, key=lambda kv: natural_key(str(kv[0]))))
+
+
+def format_start_result(result, verbose=False, short=_same):
     started = by_name(result.get("started") or [])
     failed = result.get("failed") or []
     lines = []
     if started or not failed:
-        lines.append(f"Controller started {plural(len(started), 'VM')}"
-                     f"{format_duration(result.get('elapsed'))}" + (":" if started else "."))
-        lines += [f"{item['name']} started on {host_of(item)}" for item in started]
-    lines += _failure_lines("start", failed)
+        head = (f"Controller started {plural(len(started), 'VM')}"
+                f"{format_duration(result.get('elapsed'))}")
+        if _detailed(started, verbose):
+            lines.append(head + (":" if started else "."))
+            lines += [f"{item['name']} started on {host_of(item)}" for item in started]
+        else:
+            lines.append(f"{head}: {compact_names([i['name'] for i in started], short)} "
+                         f"({_per_host(group_by(started, host_of))})")
+    lines += _failure_lines("start", failed, verbose, short)
     lines += _note_lines(result)
+    lines += _more_hint(started, failed, verbose=verbose)
     return "\n".join(lines)
 
 
@@ -293,35 +390,47 @@ PAST_TENSE = {
 }
 
 
-def format_operation_result(operation, result):
+def format_operation_result(operation, result, verbose=False, short=_same):
     done = by_name(result.get("done") or [])
     failed = result.get("failed") or []
     past = PAST_TENSE[operation]
     lines = []
-    if done:
+    if done and _detailed(done, verbose):
         lines.append(f"Controller {past} {plural(len(done), 'VM')}:")
         for item in done:
             state = item.get("state")
             lines.append(f"{item['name']} -> {state}" if state else f"{item['name']} {past}")
-    lines += _failure_lines(operation, failed)
+    elif done:
+        groups = group_by(done, lambda item: item.get("state"))
+        lines.append(f"Controller {past} {plural(len(done), 'VM')}: " + "; ".join(
+            compact_names(names, short) + (f" -> {state}" if state else "")
+            for state, names in groups))
+    lines += _failure_lines(operation, failed, verbose, short)
     if not done and not failed:
         lines.append("No VMs matched.")
     lines += _note_lines(result)
+    lines += _more_hint(done, failed, verbose=verbose)
     return "\n".join(lines)
 
 
-def format_migrate_result(result):
+def format_migrate_result(result, verbose=False, short=_same):
     moved = by_name(result.get("migrated") or [])
     failed = result.get("failed") or []
     lines = []
-    if moved:
+    if moved and _detailed(moved, verbose):
         lines.append(f"Controller migrated {plural(len(moved), 'VM')}:")
         lines += [f"{item['name']} moved from {item.get('from')} to {item.get('to')}"
                   for item in moved]
-    lines += _failure_lines("migrate", failed)
+    elif moved:
+        groups = group_by(moved, lambda item: (str(item.get("from")), str(item.get("to"))))
+        lines.append(f"Controller migrated {plural(len(moved), 'VM')}:")
+        lines += [f"  {plural(len(names), 'VM')} ({compact_names(names, short)}) from "
+                  f"{where[0]} to {where[1]}" for where, names in groups]
+    lines += _failure_lines("migrate", failed, verbose, short)
     if not moved and not failed:
         lines.append("No VMs matched.")
     lines += _note_lines(result)
+    lines += _more_hint(moved, failed, verbose=verbose)
     return "\n".join(lines)
 
 

@@ -50,6 +50,12 @@ SELECTION_OPTIONS = """\
     regular expressions; the site may set other limits.
 """
 
+VERBOSE_NOTE = """\
+Results of more than 10 VMs are summed up: VMs with the same
+outcome or the same reason on one line, their names as ranges
+("[372-1000].big", which you can paste into the next command);
+-v (--verbose) lists each VM."""
+
 _OPERATIONS = {
     "pause": (
         "Pause VMs, keeping their memory resident",
@@ -119,9 +125,14 @@ def _operation_entry(operation, summary, details, examples):
         f"{textwrap.dedent(SELECTION_OPTIONS)}\n"
         "The result lists each VM with its new state, then any VM the\n"
         "operation failed on with the reason; in one-shot mode the exit status\n"
-        "is 1 if any VM failed. Changes also arrive as [notice] lines.\n\n"
+        "is 1 if any VM failed. "
+        f"{VERBOSE_NOTE}\n"
+        "The result reports the VMs the command changed: they get no [notice]\n"
+        "lines meanwhile. On a terminal, 'ush OPERATION ...' shows the counts\n"
+        "so far on one line while it runs.\n\n"
         f"Examples:\n  {examples}")
-    return HelpEntry(summary, f"{operation} [-n CLUSTER]... [-r REGEX] [--lnm LNM]... [VM ...]",
+    return HelpEntry(summary,
+                     f"{operation} [-v] [-n CLUSTER]... [-r REGEX] [--lnm LNM]... [VM ...]",
                      text)
 
 
@@ -265,9 +276,9 @@ COMMANDS["start"] = _entry(
     "Start new VMs in a virtual cluster, or start VMs by name",
     """\
     start -n CLUSTER -c COUNT [--affinity apart|together] [--lease DURATION]
-                              [--arg KEY=VALUE]... [LNM ...]
+                              [--arg KEY=VALUE]... [-v] [LNM ...]
            start [-l LNM]... [--affinity apart|together] [--lease DURATION]
-                 [--arg KEY=VALUE]... VM ...""",
+                 [--arg KEY=VALUE]... [-v] VM ...""",
     """\
     Start VMs. The controller authorizes the request, its placement policy
     picks the hosts, and the LNMs boot the VMs; the result lists where each
@@ -287,6 +298,7 @@ COMMANDS["start"] = _entry(
     Options:
       -n, --cluster CLUSTER   cluster of the new VMs (first form)
       -c, --count COUNT       how many VMs to start (first form)
+      -v, --verbose           list each VM in the result (see below)
       -l, --lnm LNM           preferred LNM (repeatable; names, ranges,
                               /REGEX/ or ~REGEX as for list_lnm)
       --arg KEY=VALUE         an extra request argument (repeatable): memory_mib
@@ -309,12 +321,17 @@ COMMANDS["start"] = _entry(
     empty list lets it place the VMs anywhere.
 
     The result reads like
-      Controller started 10 VMs in 2 seconds:
+      Controller started 4 VMs in 2 seconds:
       1.sneetch.alice.usher.example.org started on vmm43.usher.example.org
       ...
     followed by any VMs that failed to start with the reason, and any note
     from the controller (for instance that a plugin changed the request).
-    In one-shot mode the exit status is 1 if any VM failed.
+    In one-shot mode the exit status is 1 if any VM failed. More than 10
+    VMs are summed up (-v, --verbose: each VM):
+      Controller started 128 VMs in 3 seconds: [1-128].big (64 on vmm43, 64 on vmm44)
+      Could not start 872 VMs ([129-1000].big): no LNM can start it ...
+    On a terminal, 'ush start ...' shows the counts so far on one line
+    while it runs (started, starting, failed).
 
     Examples:
       start -n sneetch -c 10
@@ -330,9 +347,9 @@ for _operation, (_summary, _details, _examples) in _OPERATIONS.items():
 COMMANDS["migrate"] = _entry(
     "Move VMs to other hosts (live migration)",
     """\
-    migrate VM LNM
-           migrate [-n CLUSTER]... [-r REGEX] [--from LNM]... [VM ...] --to LNM [LNM ...]
-           migrate [-n CLUSTER]... [-r REGEX] [VM ...] --from LNM...""",
+    migrate [-v] VM LNM
+           migrate [-v] [-n CLUSTER]... [-r REGEX] [--from LNM]... [VM ...] --to LNM [LNM ...]
+           migrate [-v] [-n CLUSTER]... [-r REGEX] [VM ...] --from LNM...""",
     """\
     Move running VMs to other physical hosts, live where the VMM supports it
     (the VM keeps running; its network connections survive). Where the VMM
@@ -349,6 +366,7 @@ COMMANDS["migrate"] = _entry(
       --from LNM              only the VMs on this LNM (repeatable; the same
                               as --lnm); alone, every VM you may see on it
       --to LNM [LNM ...]      where the VMs should go
+      -v, --verbose           list each VM in the result
     Third form: --from without --to: the controller's placement chooses a
     host for each VM (to empty a host for maintenance, administrators use
     'evacuate').
@@ -358,7 +376,9 @@ COMMANDS["migrate"] = _entry(
     policy may choose other hosts or refuse.
 
     The result lists each VM moved ("... moved from vmm47 to vmm52"), then
-    any failures with the reason. VMs show state migrating meanwhile.
+    any failures with the reason (more than 10 VMs: summed up by hosts and
+    reasons; -v, --verbose: each VM). VMs show state migrating meanwhile;
+    on a terminal 'ush migrate ...' shows the counts so far on one line.
 
     Examples:
       migrate 3.sneetch vmm52.usher.example.org
@@ -769,9 +789,9 @@ TOPICS["monitoring"] = _entry(
     them with simulated load, and its figures say "simulated:PROFILE".
     --json shows every average of every figure.""")
 
-TOPICS["notices"] = _entry(
-    "The [notice] lines: asynchronous news about your VMs",
-    "",
+COMMANDS["notices"] = _entry(
+    "Turn the [notice] lines on or off (asynchronous news about your VMs)",
+    "notices [on|off]",
     """\
     While you are connected the controller tells ush about every change to
     your VMs, whoever caused it, and ush prints one line per change above
@@ -780,13 +800,19 @@ TOPICS["notices"] = _entry(
       [notice] 3.sneetch.alice.usher.example.org: moved vmm47 -> vmm52
       [notice] 7.web.alice.usher.example.org: new VM, run on vmm44
       [notice] 4.web.alice.usher.example.org: removed
-    VMs that your own pending start command creates are reported in its
-    result instead. Connection news looks like
+    What your own start, operations and migrations change is reported in
+    their result instead, once; notices of other changes that arrive while
+    one of them runs are printed after its result. Connection news looks like
       [notice] lost the controller at ctl:7390; reconnecting
       [notice] reconnected to ctl:7390
     and the controller may send notices of its own (maintenance, policy),
     prefixed with their kind, e.g. a lease about to end:
-      [notice] lease: the lease of 3.web.alice.usher.example.org ends in 10m; ...""")
+      [notice] lease: the lease of 3.web.alice.usher.example.org ends in 10m; ...
+
+    'notices off' stops them (the VM list stays up to date), 'notices on'
+    brings them back, 'notices' says which. To start with them off, set
+    notices = no in the [ush] section or run 'ush --no-notices'. One-shot
+    mode never prints notices.""")
 
 TOPICS["oneshot"] = _entry(
     "Running one command from a Unix shell or a script (and --json)",
@@ -827,6 +853,7 @@ TOPICS["config"] = _entry(
       history_file           interactive command history (~/.ush_history)
       clusters               only cache and show these clusters (empty: all)
       call_timeout           seconds to wait for the controller's answers
+      notices                print [notice] lines (yes; see 'help notices')
     The sample file etc/ush.config.orig documents each option. An invalid
     file stops ush with a message naming the file, line and option.""")
 

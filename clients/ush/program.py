@@ -138,6 +138,9 @@ def command_line_parser():
                         help="read this configuration file after the usual ones")
     parser.add_argument("--json", action="store_true",
                         help="print results as JSON (one-shot mode)")
+    parser.add_argument("--no-notices", action="store_true",
+                        help="start the interactive shell with [notice] lines off "
+                        "('notices on' brings them back)")
     parser.add_argument("--version", action="version", version=f"ush {version()}")
     parser.add_argument("--completion", choices=("bash", "zsh"), metavar="SHELL",
                         help="print the shell completion script for SHELL (bash, zsh) and exit")
@@ -167,6 +170,8 @@ def run(argv=None, *, stdout=None, stderr=None, settings_loader=load_settings,
         settings = settings_loader(options.config)
     except ConfigError as exc:
         return fail(str(exc), EXIT_USAGE)
+    if options.no_notices:
+        settings.notices = False
     if reactor is None:
         from twisted.internet import reactor
     if not options.command:

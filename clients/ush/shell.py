@@ -22,13 +22,14 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from usher import naming, states
+from usher import naming
 from usher.cliargs import UsageError
 from usher.errors import Unavailable
 
 from . import cli, help_text
 from .format import (by_name, describe_change, natural_key, placement, plural,
                      write_outcome, write_usage_error)
+from .progress import OwnCommands
 from .outcome import EXIT_CONNECTION, EXIT_OK, EXIT_USAGE, LEAVE, Cancelled, Outcome, error_outcome
 
 log = Logger()
@@ -68,9 +69,11 @@ class Shell:
         # (state, host LNM) of every VM notices have reported, to word the next one.
         self._known = {}
         self._syncing = False
-        self._starts_in_flight = 0
         self._user_disconnected = False
-        self.show_notices = True
+        # [notice] lines: 'notices on|off', the notices option, ush --no-notices.
+        self.show_notices = getattr(settings, "notices", True)
+        # The user's commands in flight: their VMs' notices held, their progress.
+        self.own = OwnCommands(self.notice, out)
         # Output is a terminal that ``top`` may redraw; at_prompt: the
         # interactive shell's (an empty line or Ctrl-C ends a live view).
         self.live_output = False
@@ -222,6 +225,7 @@ class Shell:
         self.pending.pop(number, None)
         # One write, so the console redraws the prompt once, after it all.
         self.write(f"Command {number} result:" + (f"\n{outcome.text}" if outcome.text else ""))
+        self.own.flush()
         return outcome
 
     async def _guarded(self, call):
@@ -270,8 +274,10 @@ class Shell:
                 return EXIT_USAGE
             self._print_outcome(Outcome(text, {"help": text}))
             return EXIT_OK
-        # Notices would only get in the way of the result (and of --json).
+        # Notices would only get in the way of the result (and of --json);
+        # a line of progress on a terminal does not stay.
         self.show_notices = False
+        self.own.show_progress = self.live_output and not self.json_output
         try:
             # Check the command before asking for a password or connecting.
             step = await self._prepare(name, args, check_connection=False)
@@ -347,14 +353,22 @@ class Shell:
         return info
 
     @contextlib.contextmanager
-    def own_starts(self):
-        """While our own start runs: the VMs it creates are reported in its
-        result (Figure 3), not as notices."""
-        self._starts_in_flight += 1
+    def own_command(self, kind, total=None):
+        """While our own start, operation or migration runs: the VMs it
+        changes are reported in its result (Figure 3), not as notices too;
+        -> its OwnCommand (``report(result)`` before the block ends)."""
+        command = self.own.begin(kind, total)
         try:
-            yield
+            yield command
         finally:
-            self._starts_in_flight -= 1
+            self.own.end(command)
+
+    def short(self, name):
+        """A VM name as results show it in summaries: short for your own VMs."""
+        client = self.client
+        domain, user = getattr(client, "domain", None), getattr(client, "user", None)
+        parts = naming.split(name, domain) if domain else None
+        return parts[0] if parts and parts[1] == user else name
 
     # -- the client's callbacks -----------------------------------------------------------
 
@@ -400,15 +414,15 @@ class Shell:
             self._known[name] = new
             if self._syncing:
                 continue
-            # What our own start creates is reported in its result (Figure 3).
-            if self._starts_in_flight and (old is None or old[0] == states.STARTING):
-                continue
             text = describe_change(name, old, new)
-            if text:
+            # What our own commands change is reported in their results.
+            if not self.own.changed(name, old, new, text) and text:
                 self.notice(text)
         for name in sorted(removed, key=natural_key):
             if self._known.pop(name, None) is not None and not self._syncing:
-                self.notice(f"{name}: removed")
+                text = f"{name}: removed"
+                if not self.own.removed(name, text):
+                    self.notice(text)
 
     def _on_connection(self, state, detail):
         if self._syncing or (self._user_disconnected and state != "notice"):

@@ -28,6 +28,7 @@ _shtab_ush_commands() {
     list_lnm:'List the local node managers (the physical hosts)'
     maintenance:'Put a host into maintenance or take it out (administrators)'
     migrate:'Move VMs to other hosts (live migration)'
+    notices:'Turn the [notice] lines on or off (asynchronous news about your VMs)'
     pause:'Pause VMs, keeping their memory resident'
     plugins:'List the available plugins and the event chains (administrators)'
     query:'Ask a query that a plugin answers (e.g. dns.status)'
@@ -50,6 +51,7 @@ _shtab_ush_options=(
   "(- : *)"{-h,--help}"[show this help message and exit]"
   "--config[read this configuration file after the usual ones]:FILE:_files"
   "--json[print results as JSON (one-shot mode)]"
+  "--no-notices[start the interactive shell with \[notice\] lines off (\'notices on\' brings them back)]"
   "(- : *)--version[show program\'s version number and exit]"
   "--completion[print the shell completion script for SHELL (bash, zsh) and exit]:SHELL:(bash zsh)"
 )
@@ -87,6 +89,7 @@ _shtab_ush_cycle_options=(
   "*"{-n,--cluster}"[CLUSTER]:CLUSTER:"
   {-r,--regex}"[REGEX]:REGEX:"
   "*--lnm[LNM]:LNM:"
+  {-v,--verbose}"[verbose]"
   "(*)::VM:"
 )
 
@@ -98,6 +101,7 @@ _shtab_ush_destroy_options=(
   "*"{-n,--cluster}"[CLUSTER]:CLUSTER:"
   {-r,--regex}"[REGEX]:REGEX:"
   "*--lnm[LNM]:LNM:"
+  {-v,--verbose}"[verbose]"
   "(*)::VM:"
 )
 
@@ -170,6 +174,7 @@ _shtab_ush_hibernate_options=(
   "*"{-n,--cluster}"[CLUSTER]:CLUSTER:"
   {-r,--regex}"[REGEX]:REGEX:"
   "*--lnm[LNM]:LNM:"
+  {-v,--verbose}"[verbose]"
   "(*)::VM:"
 )
 
@@ -227,6 +232,7 @@ _shtab_ush_migrate_options=(
   "*"{-n,--cluster}"[CLUSTER]:CLUSTER:"
   {-r,--regex}"[REGEX]:REGEX:"
   "*--lnm[LNM]:LNM:"
+  {-v,--verbose}"[verbose]"
   "*--from[LNM]:LNM:"
   "--to[LNM]:LNM:"
   "(*)::VM:"
@@ -235,11 +241,20 @@ _shtab_ush_migrate_options=(
 # guard to ensure default positional specs are added only once per session
 _shtab_ush_migrate_defaults_added=0
 
+_shtab_ush_notices_options=(
+  {-h,--help}"[help]"
+  ":on\|off:"
+)
+
+# guard to ensure default positional specs are added only once per session
+_shtab_ush_notices_defaults_added=0
+
 _shtab_ush_pause_options=(
   {-h,--help}"[help]"
   "*"{-n,--cluster}"[CLUSTER]:CLUSTER:"
   {-r,--regex}"[REGEX]:REGEX:"
   "*--lnm[LNM]:LNM:"
+  {-v,--verbose}"[verbose]"
   "(*)::VM:"
 )
 
@@ -282,6 +297,7 @@ _shtab_ush_reboot_options=(
   "*"{-n,--cluster}"[CLUSTER]:CLUSTER:"
   {-r,--regex}"[REGEX]:REGEX:"
   "*--lnm[LNM]:LNM:"
+  {-v,--verbose}"[verbose]"
   "(*)::VM:"
 )
 
@@ -311,6 +327,7 @@ _shtab_ush_restore_options=(
   "*"{-n,--cluster}"[CLUSTER]:CLUSTER:"
   {-r,--regex}"[REGEX]:REGEX:"
   "*--lnm[LNM]:LNM:"
+  {-v,--verbose}"[verbose]"
   "(*)::VM:"
 )
 
@@ -322,6 +339,7 @@ _shtab_ush_resume_options=(
   "*"{-n,--cluster}"[CLUSTER]:CLUSTER:"
   {-r,--regex}"[REGEX]:REGEX:"
   "*--lnm[LNM]:LNM:"
+  {-v,--verbose}"[verbose]"
   "(*)::VM:"
 )
 
@@ -333,6 +351,7 @@ _shtab_ush_shutdown_options=(
   "*"{-n,--cluster}"[CLUSTER]:CLUSTER:"
   {-r,--regex}"[REGEX]:REGEX:"
   "*--lnm[LNM]:LNM:"
+  {-v,--verbose}"[verbose]"
   "(*)::VM:"
 )
 
@@ -347,6 +366,7 @@ _shtab_ush_start_options=(
   "*--arg[KEY\=VALUE]:KEY=VALUE:"
   "--affinity[affinity]:affinity:(apart together)"
   "--lease[DURATION]:DURATION:"
+  {-v,--verbose}"[verbose]"
   "(*)::words:"
 )
 
@@ -410,6 +430,7 @@ _shtab_ush() {
         list_lnm) _arguments -C -s $_shtab_ush_list_lnm_options ;;
         maintenance) _arguments -C -s $_shtab_ush_maintenance_options ;;
         migrate) _arguments -C -s $_shtab_ush_migrate_options ;;
+        notices) _arguments -C -s $_shtab_ush_notices_options ;;
         pause) _arguments -C -s $_shtab_ush_pause_options ;;
         plugins) _arguments -C -s $_shtab_ush_plugins_options ;;
         query) _arguments -C -s $_shtab_ush_query_options ;;
