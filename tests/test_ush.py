@@ -1250,3 +1250,18 @@ def test_console_redraws_the_prompt_under_asynchronous_output():
     console._reading_prompt = None
     console.write("plain\n")
     assert stdout.getvalue().endswith("ush> pauplain\n")
+
+
+def test_an_evacuation_of_many_vms_is_summed_up_by_target_and_reason():
+    from usher.clients.ush.cmd_hosts import format_status
+    moved = [{"name": f"{i}.big", "to": "vmm2" if i % 2 else "vmm3"} for i in range(1, 21)]
+    failed = [{"name": f"{i}.big", "error": "no LNM can migrate it"} for i in range(21, 41)]
+    text = format_status({"lnm": "vmm1", "maintenance": True, "done": True, "total": 40,
+                          "moved": moved, "failed": failed})
+    assert text.splitlines()[2:] == [
+        "Moved:",
+        "  10 VMs ([1,3,5,7,9,11,13,15,17,19].big) -> vmm2",
+        "  10 VMs ([2,4,6,8,10,12,14,16,18,20].big) -> vmm3",
+        "Could not move:",
+        "  20 VMs ([21-40].big): no LNM can migrate it",
+        "(ush --json evacuation LNM lists each VM)"]

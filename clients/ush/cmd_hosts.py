@@ -10,7 +10,7 @@ from twisted.internet import task
 
 from usher.cliargs import UsageError, positive_int, positive_seconds
 
-from .format import natural_key
+from .format import DETAIL_LIMIT, compact_names, group_by, natural_key, plural
 from .outcome import EXIT_FAILED, EXIT_OK, Call, Outcome
 
 MAX_CONCURRENCY = 64
@@ -56,12 +56,22 @@ def format_status(status):
         lines.append("No evacuation since the controller started.")
     if moved and not status.get("evacuating"):
         lines.append("Moved:")
-        lines.extend(f"  {m['name']} -> {m.get('to')}"
-                     for m in sorted(moved, key=lambda m: natural_key(m["name"])))
+        if len(moved) > DETAIL_LIMIT:
+            lines.extend(f"  {plural(len(names), 'VM')} ({compact_names(names)}) -> {to}"
+                         for to, names in group_by(moved, lambda m: str(m.get("to"))))
+        else:
+            lines.extend(f"  {m['name']} -> {m.get('to')}"
+                         for m in sorted(moved, key=lambda m: natural_key(m["name"])))
     if failed:
         lines.append("Could not move:")
-        lines.extend(f"  {f['name']}: {f.get('error')}"
-                     for f in sorted(failed, key=lambda f: natural_key(f["name"])))
+        if len(failed) > DETAIL_LIMIT:
+            lines.extend(f"  {plural(len(names), 'VM')} ({compact_names(names)}): {why}"
+                         for why, names in group_by(failed, lambda f: str(f.get("error"))))
+        else:
+            lines.extend(f"  {f['name']}: {f.get('error')}"
+                         for f in sorted(failed, key=lambda f: natural_key(f["name"])))
+    if len(moved) > DETAIL_LIMIT or len(failed) > DETAIL_LIMIT:
+        lines.append("(ush --json evacuation LNM lists each VM)")
     return "\n".join(lines)
 
 
@@ -74,13 +84,15 @@ async def _until_done(shell, client, status, interval):
     last = None
     while status.get("evacuating"):
         line = progress_line(status)
-        if line != last and not shell.json_output:
+        # On a terminal one line, redrawn; elsewhere a line when counts change.
+        if line != last and not shell.json_output and not shell.own.show(line):
             shell.write(line + "\n")
-            last = line
+        last = line
         if shell.clock is None:
             raise UsageError("--wait needs a clock to poll", "evacuation")
         await task.deferLater(shell.clock, interval, lambda: None)
         status = await client.evacuation(status["lnm"])
+    shell.own.clear()
     return status
 
 

@@ -134,10 +134,17 @@ class OwnCommands:
         return True
 
     def progress(self):
-        if not self.show_progress or not self.running:
-            return
-        self._write(REDRAW + self.running[-1].line())
+        if self.running:
+            self.show(self.running[-1].line())
+
+    def show(self, line):
+        """Redraw the line of progress (one-shot mode, on a terminal) ->
+        whether it was shown."""
+        if not self.show_progress:
+            return False
+        self._write(REDRAW + line)
         self._shown = True
+        return True
 
     def clear(self):
         if self._shown:
