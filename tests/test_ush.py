@@ -605,7 +605,7 @@ def test_list_lnm_table_and_patterns():
     h.connect()
     output = h.run("list_lnm -s '~vmm4[34]'")
     assert "2 LNMs:" in output
-    assert "free memory" in output and "8000 MiB" in output
+    assert "measured free" in output and "8000 MiB" in output
     assert h.sent("list_lnm")[-1][1] == {"patterns": ["~vmm4[34]"], "status": True}
     assert "malformed regular expression" in h.run("list_lnm '~('")
     assert len(h.sent("list_lnm")) == 1
@@ -980,12 +980,12 @@ def test_lnm_status_figures_nested_in_a_status_dict_become_columns():
     lnm = {"name": "vmm1", "vms": 2, "cpus": 8, "memory_mib": 16384, "connected": True,
            "model": "m", "status": {"free_memory_mib": 900, "load_1": 0.25}}
     header, _, row = ush.format_lnm_list([lnm], status=True).splitlines()[2:5]
-    assert header.split() == ["LNM", "VMs", "CPUs", "memory", "connected", "free", "memory",
+    assert header.split() == ["LNM", "VMs", "CPUs", "memory", "connected", "measured", "free",
                               "load", "1", "model"]
     assert "900 MiB" in row and "0.25" in row
-    # Without figures there is no empty "free memory" column.
+    # Without figures there is no empty "measured free" column.
     del lnm["status"]
-    assert "free memory" not in ush.format_lnm_list([lnm], status=True)
+    assert "measured free" not in ush.format_lnm_list([lnm], status=True)
 
 
 def test_status_columns_follow_new_fields():

@@ -174,17 +174,21 @@ def test_list_lnm_status_shows_host_figures_and_where_they_come_from():
     h = Harness()
     assert h.run("list_lnm", "-s") == [0]
     header, rows = table(h.output(), "LNM ")
-    titles = ["LNM", "VMs", "CPUs", "memory", "connected", "free memory", "cpu% 1m", "5m",
-              "15m", "net in/out", "disk r/w", "mem used", "figures", "driver"]
+    titles = ["LNM", "VMs", "CPUs", "memory", "committed", "connected", "measured free",
+              "cpu% 1m", "5m", "15m", "net in/out", "disk r/w", "mem used", "figures",
+              "stats age", "driver"]
     by_name = {row.split()[0]: cells(header, row, titles) for row in rows}
     lnm1 = by_name["lnm1"]
     assert (lnm1["cpu% 1m"], lnm1["5m"], lnm1["15m"]) == ("45.2", "30.0", "12.5")
     assert lnm1["net in/out"] == "1.5K/3.0M" and lnm1["disk r/w"] == "0/20M"
-    assert lnm1["mem used"] == "2048 MiB" and lnm1["free memory"] == "14000 MiB"
+    assert lnm1["mem used"] == "2048 MiB" and lnm1["measured free"] == "14000 MiB"
+    # committed: what placement counts (two running VMs of 512 MiB)
+    assert lnm1["committed"] == "1024 MiB" and lnm1["stats age"] == "2s"
     assert lnm1["figures"] == "simulated:wave"
     lnm2 = by_name["lnm2"]
     assert lnm2["cpu% 1m"] == "n/a" and lnm2["figures"] == "none"
-    assert lnm2["free memory"] == "-"
+    assert lnm2["measured free"] == "-"
+    assert lnm2["committed"] == "512 MiB"           # the shut-off VM holds none
     lnm3 = by_name["lnm3"]                          # never reported
     assert lnm3["cpu% 1m"] == "-" and lnm3["figures"] == "-"
     assert "simulated_load option" in h.output()

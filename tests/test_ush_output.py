@@ -242,3 +242,59 @@ async def test_own_operations_at_the_prompt_are_reported_once(system):
     code, output = await threads.deferToThread(_own_pause_at_the_prompt, ush_argv(system))
     assert code == 0, output
     assert "[notice]" not in output, output        # the results say it, once
+
+
+# --- item 9: numbers that say what they are, and fit the terminal ---------------------------
+
+def _run(system, *args, columns=None):
+    env = dict(os.environ)
+    env.pop("COLUMNS", None)
+    if columns is not None:
+        env["COLUMNS"] = str(columns)
+    return subprocess.run(ush_argv(system, *args), capture_output=True, text=True, env=env,
+                          stdin=subprocess.DEVNULL, timeout=120)
+
+
+@pytest_twisted.ensureDeferred
+async def test_committed_and_measured_memory_are_named_apart_and_fit_80_columns(system):
+    vms = json.loads((await system.ush("list", "-a")).stdout)
+    committed = sum(vm["memory_mib"] for vm in vms
+                    if vm["lnm"] == "lnm1" and vm["state"] in ("run", "paused"))
+    [lnm] = json.loads((await system.ush("list_lnm", "-s")).stdout)
+    assert lnm["committed_memory_mib"] == committed
+    measured = lnm["status"]["free_memory_mib"]
+    assert isinstance(measured, int) and isinstance(lnm["status"]["age"], float)
+
+    done = await threads.deferToThread(_run, system, "list_lnm", "-s", columns=80)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80, done.stdout
+    header = lines[2]
+    for title in ("LNM", "memory", "committed", "measured free", "cpu% 1m", "stats age"):
+        assert title in header, header
+    row = lines[4]
+    assert f"{committed} MiB" in row and f"{measured} MiB" in row
+    assert "left out to fit 80 columns: CPUs, 5m, 15m" in done.stdout.replace("\n", " ")
+    # Not a terminal and no COLUMNS: every column, as before.
+    done = await threads.deferToThread(_run, system, "list_lnm", "-s")
+    assert "left out" not in done.stdout and "unmanaged" in done.stdout.splitlines()[2]
+    # The refusal counts what is committed, and says so.
+    done = await system.ush("start", "one-more", json_output=False)
+    assert "MiB uncommitted (VMs' configured memory commits" in done.stdout, done.stdout
+
+
+@pytest_twisted.ensureDeferred
+async def test_figures_of_an_lnm_that_is_gone_show_their_age_as_stale(system):
+    await system.kill("lnm1")
+    try:
+        while True:
+            [lnm] = json.loads((await system.ush("list_lnm")).stdout)
+            if not lnm["connected"]:
+                break
+        done = await threads.deferToThread(_run, system, "list_lnm", "-s", columns=80)
+        lines = done.stdout.splitlines()
+        assert max(len(line) for line in lines) <= 80, done.stdout
+        assert "stale" in lines[4] and " no " in lines[4], done.stdout
+        assert "(stale: figures older than 60 s or from an LNM that is not" in done.stdout
+    finally:
+        system.restart("lnm1")

@@ -21,7 +21,7 @@ async def cmd_list_lnm(shell, args):
 
     async def list_lnms():
         lnms = by_name(await shell.live_client().list_lnm(patterns=patterns, status=status))
-        return Outcome(format_lnm_list(lnms, status), lnms)
+        return Outcome(format_lnm_list(lnms, status, shell.width()), lnms)
     return Call(list_lnms)
 
 
@@ -59,11 +59,12 @@ async def cmd_top(shell, args):
                         return Outcome("", view, json_lines=True)
                     shell.write(json.dumps(view, default=str))
                 elif live:
-                    shell.write(CLEAR_SCREEN + format_top(view, count) + "\n" + hint)
+                    shell.write(CLEAR_SCREEN + format_top(view, count, shell.width()) + "\n"
+                                + hint)
                     if last:
                         return Outcome(f"top: {plural(shown, 'view')}.", view)
                 else:
-                    text = format_top(view, count)
+                    text = format_top(view, count, shell.width())
                     if last:
                         return Outcome(text, view)
                     shell.write(text + "\n")

@@ -45,7 +45,7 @@ async def cmd_list(shell, args):
         records = await shell.live_client().list(selection=selection, status=status,
                                                  remote=remote)
         records = by_name(records)
-        return Outcome(format_vm_list(records, status), records)
+        return Outcome(format_vm_list(records, status, shell.width()), records)
     return Call(list_vms, immediate=not (status or remote))
 
 

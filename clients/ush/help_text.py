@@ -249,23 +249,37 @@ COMMANDS["list_lnm"] = _entry(
     """\
     List the LNMs connected to the controller: one per physical host running
     a VMM. Columns: LNM name, the number of VMs it runs, its CPUs and memory,
-    and whether it is connected; then, when a host has any, its holds: why
-    it takes no new VMs (maintenance, fenced, powered_down; --json shows
-    each hold's details).
+    the memory committed on it, and whether it is connected; then, when a
+    host has any, its holds: why it takes no new VMs (maintenance, fenced,
+    powered_down; --json shows each hold's details).
+
+    Two memory figures, not to be confused:
+      committed       the configured memory of the VMs placed on the host
+                      (running, paused, starting, migrating there, lost):
+                      what placement counts when it says a host has no room
+                      ("VMs' configured memory commits 32768 of 32768 MiB")
+      measured free   (-s) the free memory the host itself last measured; a
+                      VM uses less than it was given, so a host full by
+                      commitment may measure gigabytes free
 
     Options:
       -s, --status    add the host's current figures as the controller reports
-                      them: free memory, CPU in percent of the whole host
-                      averaged over 1, 5 and 15 minutes, network, disk and
-                      memory over the last minute, and where the figures come
+                      them: measured free memory, CPU in percent of the whole
+                      host averaged over 1, 5 and 15 minutes, network, disk
+                      and memory over the last minute, where the figures come
                       from ("libvirt", or "simulated:PROFILE" when the LNM's
-                      simulated_load option makes them up for a test host);
-                      see 'help monitoring'
+                      simulated_load option makes them up for a test host)
+                      and their age ("stats age": "12s"; "4m stale" when older
+                      than 60 s or its LNM is not connected: the last it
+                      reported); see 'help monitoring'
       LNM ...         only these LNMs: exact names, ranges ("vmm[40-49]"), or
                       regular expressions written /REGEX/ or ~REGEX
                       ("/^vmm4/", "~rack2")
 
-    This always asks the controller ("Command N" lines).
+    This always asks the controller ("Command N" lines). On a terminal the
+    table fits its width ($COLUMNS if set): the columns that matter least
+    (the 5- and 15-minute averages, rates, the host's details) are left out
+    and a line says which; --json, or output to a pipe or file, has them all.
 
     Examples:
       list_lnm
@@ -784,7 +798,11 @@ TOPICS["monitoring"] = _entry(
     shows the longer trend.
 
     "n/a" means the hypervisor does not report that figure: Usher never
-    shows a number it did not measure. libvirt's test driver (the embedded
+    shows a number it did not measure. "stats age" says how old an LNM's
+    figures are; "stale" marks those older than 60 s or of an LNM that is
+    not connected (a host that went away keeps its last figures).
+    An LNM's "measured free" memory is the host's own measure; "committed"
+    (list_lnm) is the configured memory of its VMs, which placement counts. libvirt's test driver (the embedded
     test hosts) reports none; an LNM with the simulated_load option fills
     them with simulated load, and its figures say "simulated:PROFILE".
     --json shows every average of every figure.""")

@@ -16,7 +16,9 @@ in-memory doubles.
 """
 
 import contextlib
+import os
 import shlex
+import shutil
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -78,6 +80,8 @@ class Shell:
         # interactive shell's (an empty line or Ctrl-C ends a live view).
         self.live_output = False
         self.at_prompt = False
+        # quit or end of input: waiting for pending commands, then leaving.
+        self.leaving = False
         # Set by Ctrl-C in one-shot mode: nothing more is printed.
         self.interrupted = False
         # Stop functions of the live views (top) running at the prompt.
@@ -88,6 +92,16 @@ class Shell:
     def write(self, text):
         if not self.interrupted:
             self._out.write(text + "\n")
+
+    def width(self):
+        """The width tables fit: $COLUMNS if set, else the terminal's; None
+        (no limit) when output is not a terminal (a pipe, a file)."""
+        columns = os.environ.get("COLUMNS", "").strip()
+        if columns.isdigit() and int(columns) > 0:
+            return int(columns)
+        if self.live_output:
+            return shutil.get_terminal_size().columns
+        return None
 
     def interrupt(self):
         """Ctrl-C in one-shot mode: the reactor stops, and what its
@@ -235,6 +249,7 @@ class Shell:
             return error_outcome(exc)
 
     async def _leave(self):
+        self.leaving = True
         waiting = list(self.pending.values())
         if waiting:
             self.write(f"Waiting for {plural(len(waiting), 'pending command')} "
