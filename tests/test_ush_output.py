@@ -298,3 +298,25 @@ async def test_figures_of_an_lnm_that_is_gone_show_their_age_as_stale(system):
         assert "(stale: figures older than 60 s or from an LNM that is not" in done.stdout
     finally:
         system.restart("lnm1")
+
+
+def _notices_flag(argv):
+    term = PtyProcess(argv)
+    try:
+        term.read_until(b"ush> ")
+        term.write(b"notices\r")
+        term.read_until(b"Notices are off.")
+        term.write(b"notices on\r")
+        term.read_until(b"Notices are on.")
+        term.write(b"quit\r")
+        return term.finish(), term.output.decode(errors="replace")
+    finally:
+        term.kill()
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_notices_starts_the_shell_with_notices_off(system):
+    argv = ush_argv(system)
+    argv.insert(argv.index("--config"), "--no-notices")
+    code, output = await threads.deferToThread(_notices_flag, argv)
+    assert code == 0, output
