@@ -128,34 +128,42 @@ async def test_json_top_with_iterations_prints_one_view_per_line(system):
         assert [lnm["name"] for lnm in view["lnms"]] == ["lnm1"] and "vms" in view
 
 
-def _top_at_the_prompt(argv):
+def _interactive(argv, script):
+    """The interactive ush on a terminal: for each step of ``script`` type
+    its first item (None: nothing) and wait for the others (bytes, or
+    (bytes, count)); then quit. -> (exit status, output)."""
     term = PtyProcess(argv)
     try:
         term.read_until(b"ush> ")
-        term.write(b"connect\r")
-        term.read_until(b"Connected")
-        term.write(b"top -i 0.1\r")
-        term.read_until(b"Enter or Ctrl-C gives the prompt back")
-        first = term.output.count(CLEAR)
-        # It refreshes on its own while the prompt waits ...
-        term.read_until(CLEAR, count=first + 2)
-        # ... until Enter gives the prompt back.
-        term.write(b"\r")
-        term.read_until(b"top stopped after")
-        term.write(b"top -i 0.1\r")
-        term.read_until(b"Command 2 result pending")
-        term.read_until(b"Enter or Ctrl-C")
-        term.write(b"\x03")      # Ctrl-C at the prompt: the terminal's SIGINT
-        term.read_until(b"Command 2 result:")
+        for send, *expected in script:
+            if send is not None:
+                term.write(send)
+            for needle in expected:
+                needle, count = needle if isinstance(needle, tuple) else (needle, 1)
+                term.read_until(needle, count=count)
         term.write(b"quit\r")
         return term.finish(), term.output.decode(errors="replace")
     finally:
         term.kill()
 
 
+CONNECT = (b"connect\r", b"Connected")
+TOP_AT_THE_PROMPT = [
+    CONNECT,
+    # It refreshes on its own while the prompt waits (three views) ...
+    (b"top -i 0.1\r", b"Enter or Ctrl-C gives the prompt back", (CLEAR, 3)),
+    # ... until Enter gives the prompt back,
+    (b"\r", b"top stopped after"),
+    # or Ctrl-C at the prompt (the terminal's SIGINT).
+    (b"top -i 0.1\r", b"Command 2 result pending", b"Enter or Ctrl-C"),
+    (b"\x03", b"Command 2 result:"),
+]
+
+
 @pytest_twisted.ensureDeferred
 async def test_top_is_live_at_the_prompt_until_enter_or_ctrl_c(system):
-    code, output = await threads.deferToThread(_top_at_the_prompt, ush_argv(system))
+    code, output = await threads.deferToThread(_interactive, ush_argv(system),
+                                               TOP_AT_THE_PROMPT)
     assert code == 0, output[-2000:]
     assert "top stopped after" in output and "Traceback" not in output
 
@@ -217,29 +225,18 @@ async def test_results_sum_up_off_a_terminal_and_verbose_lists_each_vm(system):
         assert len(done.stdout.splitlines()) == 2
 
 
-def _own_pause_at_the_prompt(argv):
-    term = PtyProcess(argv)
-    try:
-        term.read_until(b"ush> ")
-        term.write(b"connect\r")
-        term.read_until(b"Connected")
-        term.write(b"pause '[1-3].big'\r")
-        term.read_until(b"Command 1 result:")
-        term.read_until(b"3.big.alice.usher.test -> paused")
-        term.write(b"resume '[1-3].big'\r")
-        term.read_until(b"Command 2 result:")
-        term.read_until(b"3.big.alice.usher.test -> run")
-        term.write(b"notices off\r")
-        term.read_until(b"Notices are off.")
-        term.write(b"quit\r")
-        return term.finish(), term.output.decode(errors="replace")
-    finally:
-        term.kill()
+OWN_OPERATIONS_AT_THE_PROMPT = [
+    CONNECT,
+    (b"pause '[1-3].big'\r", b"Command 1 result:", b"3.big.alice.usher.test -> paused"),
+    (b"resume '[1-3].big'\r", b"Command 2 result:", b"3.big.alice.usher.test -> run"),
+    (b"notices off\r", b"Notices are off."),
+]
 
 
 @pytest_twisted.ensureDeferred
 async def test_own_operations_at_the_prompt_are_reported_once(system):
-    code, output = await threads.deferToThread(_own_pause_at_the_prompt, ush_argv(system))
+    code, output = await threads.deferToThread(_interactive, ush_argv(system),
+                                               OWN_OPERATIONS_AT_THE_PROMPT)
     assert code == 0, output
     assert "[notice]" not in output, output        # the results say it, once
 
@@ -300,23 +297,10 @@ async def test_figures_of_an_lnm_that_is_gone_show_their_age_as_stale(system):
         system.restart("lnm1")
 
 
-def _notices_flag(argv):
-    term = PtyProcess(argv)
-    try:
-        term.read_until(b"ush> ")
-        term.write(b"notices\r")
-        term.read_until(b"Notices are off.")
-        term.write(b"notices on\r")
-        term.read_until(b"Notices are on.")
-        term.write(b"quit\r")
-        return term.finish(), term.output.decode(errors="replace")
-    finally:
-        term.kill()
-
-
 @pytest_twisted.ensureDeferred
 async def test_no_notices_starts_the_shell_with_notices_off(system):
     argv = ush_argv(system)
     argv.insert(argv.index("--config"), "--no-notices")
-    code, output = await threads.deferToThread(_notices_flag, argv)
+    code, output = await threads.deferToThread(_interactive, argv, [
+        (b"notices\r", b"Notices are off."), (b"notices on\r", b"Notices are on.")])
     assert code == 0, output

@@ -56,23 +56,23 @@ def format_status(status):
         lines.append("No evacuation since the controller started.")
     if moved and not status.get("evacuating"):
         lines.append("Moved:")
-        if len(moved) > DETAIL_LIMIT:
-            lines.extend(f"  {plural(len(names), 'VM')} ({compact_names(names)}) -> {to}"
-                         for to, names in group_by(moved, lambda m: str(m.get("to"))))
-        else:
-            lines.extend(f"  {m['name']} -> {m.get('to')}"
-                         for m in sorted(moved, key=lambda m: natural_key(m["name"])))
+        lines += _vm_lines(moved, lambda m: f" -> {m.get('to')}")
     if failed:
         lines.append("Could not move:")
-        if len(failed) > DETAIL_LIMIT:
-            lines.extend(f"  {plural(len(names), 'VM')} ({compact_names(names)}): {why}"
-                         for why, names in group_by(failed, lambda f: str(f.get("error"))))
-        else:
-            lines.extend(f"  {f['name']}: {f.get('error')}"
-                         for f in sorted(failed, key=lambda f: natural_key(f["name"])))
+        lines += _vm_lines(failed, lambda f: f": {f.get('error')}")
     if len(moved) > DETAIL_LIMIT or len(failed) > DETAIL_LIMIT:
         lines.append("(ush --json evacuation LNM lists each VM)")
     return "\n".join(lines)
+
+
+def _vm_lines(items, outcome):
+    """One line per VM, or per group of VMs with the same ``outcome(item)``
+    when there are many."""
+    if len(items) <= DETAIL_LIMIT:
+        return [f"  {item['name']}{outcome(item)}"
+                for item in sorted(items, key=lambda item: natural_key(item["name"]))]
+    return [f"  {plural(len(names), 'VM')} ({compact_names(names)}){text}"
+            for text, names in group_by(items, outcome)]
 
 
 def _exit(status):
