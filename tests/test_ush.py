@@ -829,11 +829,13 @@ def test_one_shot_on_a_terminal_shows_progress_on_one_line_then_the_result():
         done.append)
     world.release()                                     # connect
     client = world.clients[-1]
-    for i in (1, 2):
+    for i in (1, 2, 3):
         client.fire_changes([dict(world.vms[full(f"{i}.sneetch")], state="paused")])
+        if i > 1:
+            shell.clock.advance(0.1)            # at most ten redraws a second
     assert out.getvalue() == ("\r\x1b[Kpause: 1 paused, 0 in progress so far"
-                              "\r\x1b[Kpause: 2 paused, 0 in progress so far")
-    for i in (1, 2):                # (the fake controller checks states in the cache)
+                              "\r\x1b[Kpause: 3 paused, 0 in progress so far")
+    for i in (1, 2, 3):             # (the fake controller checks states in the cache)
         client.vms[full(f"{i}.sneetch")]["state"] = "run"
     world.release()                                     # the pause
     assert done == [0]

@@ -16,6 +16,8 @@ from .format import PAST_TENSE
 RESULT_LISTS = ("started", "done", "migrated", "failed")
 # Carriage return and erase to the end of the line: redraw one line.
 REDRAW = "\r\x1b[K"
+# Seconds between two redraws of the line of progress (at most).
+REDRAW_INTERVAL = 0.1
 
 
 class OwnCommand:
@@ -76,9 +78,11 @@ class OwnCommands:
     progress (``show`` on a terminal in one-shot mode, ``clear`` before the
     result)."""
 
-    def __init__(self, notice, out):
+    def __init__(self, notice, out, clock=None):
         self._notice = notice
         self._out = out
+        self._clock = clock
+        self._drawn_at = None
         self.running = []
         self._held = []          # (VM name, text) of notices held meanwhile
         # VM name -> the state its command's result gave: a notice of that
@@ -134,8 +138,14 @@ class OwnCommands:
         return True
 
     def progress(self):
-        if self.running:
-            self.show(self.running[-1].line())
+        if not self.running or not self.show_progress:
+            return
+        now = self._clock.seconds() if self._clock is not None else None
+        if now is not None and self._drawn_at is not None and (
+                now - self._drawn_at < REDRAW_INTERVAL):
+            return
+        self._drawn_at = now
+        self.show(self.running[-1].line())
 
     def show(self, line):
         """Redraw the line of progress (one-shot mode, on a terminal) ->

@@ -75,7 +75,7 @@ class Shell:
         # [notice] lines: 'notices on|off', the notices option, ush --no-notices.
         self.show_notices = getattr(settings, "notices", True)
         # The user's commands in flight: their VMs' notices held, their progress.
-        self.own = OwnCommands(self.notice, out)
+        self.own = OwnCommands(self.notice, out, clock)
         # Output is a terminal that ``top`` may redraw; at_prompt: the
         # interactive shell's (an empty line or Ctrl-C ends a live view).
         self.live_output = False
