@@ -6,11 +6,19 @@
   (``tests.clientgrid.ClientGrid``), stopped after the test;
 - ``system``: a sandbox of real processes (``tests.e2e.RunningSandbox``, one
   per module); a module sets ``SANDBOX_LNMS`` for other than three LNMs.
+
+Every test runs without $COLUMNS (ush fits its tables to it): a test that
+wants a width sets it.
 """
 
 import pytest
 import pytest_twisted
 from twisted.python.threadpool import ThreadPool
+
+
+@pytest.fixture(autouse=True)
+def _no_terminal_width(monkeypatch):
+    monkeypatch.delenv("COLUMNS", raising=False)
 
 
 @pytest.fixture

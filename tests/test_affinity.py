@@ -225,10 +225,9 @@ async def test_together_follows_the_clusters_host_and_refuses_when_it_is_full_or
     full_request = place(ctrl, placer(ctrl), start_request(ctrl, ["4.web"]))
     assert full_request.dropped[full("4.web")] == (
         "no LNM can start it (256 MiB and 1 vCPU): "
-        "lnm1: the other VMs of cluster web are on lnm2 (affinity together of cluster web "
-        "(alice)); lnm2: memory: needs 256 MiB, 0 MiB free (of 1024 MiB); "
-        "lnm3: the other VMs of cluster web are on lnm2 (affinity together of cluster web "
-        "(alice))")
+        "lnm1, lnm3: the other VMs of cluster web are on lnm2 (affinity together of cluster "
+        "web (alice)); lnm2: memory: needs 256 MiB, 0 MiB uncommitted (VMs' configured "
+        "memory commits 1024 of 1024 MiB)")
     ctrl.state.remove(full("filler"))
     ctrl.holds.hold("lnm2", "maintenance", reason="disks")
     held = place(ctrl, placer(ctrl), start_request(ctrl, ["5.web"]))
@@ -304,11 +303,9 @@ async def test_a_together_cluster_moves_whole_in_one_request_never_one_vm_alone(
         add_vm(ctrl, f"{i}.web", "lnm1")
     alone = place(ctrl, placer(ctrl), migrate_request(ctrl, ["2.web"]))
     assert alone.dropped[full("2.web")].endswith(
-        "lnm2: the other VMs of cluster web are on lnm1 (affinity together of cluster web "
-        "(alice)); they are on this VM's own host: migrate the whole cluster in one "
-        "request; lnm3: the other VMs of cluster web are on lnm1 (affinity together of "
-        "cluster web (alice)); they are on this VM's own host: migrate the whole cluster "
-        "in one request")
+        "lnm2, lnm3: the other VMs of cluster web are on lnm1 (affinity together of cluster "
+        "web (alice)); they are on this VM's own host: migrate the whole cluster in one "
+        "request")
     whole = place(ctrl, placer(ctrl), migrate_request(ctrl, ["1.web", "2.web", "3.web"]))
     assert len(set(whole.placement.values())) == 1 and len(whole.placement) == 3
     assert "lnm1" not in whole.placement.values()

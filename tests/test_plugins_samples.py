@@ -83,8 +83,9 @@ def test_only_vms_holding_resources_count():
             host.vms) == (2048, 2, 512, 2, 3)
     assert host.clusters[("alice", "a")] == 3
     assert ledger.refusal("h1", Demand(1536, 1)) is None
-    assert ledger.refusal("h1", Demand(1537, 1)) == \
-        "memory: needs 1537 MiB, 1536 MiB free (of 4096 MiB)"
+    assert ledger.refusal("h1", Demand(1537, 1)) == (
+        "memory: needs 1537 MiB, 1536 MiB uncommitted (VMs' configured memory commits 2560 "
+        "of 4096 MiB)")
     assert ledger.refusal("gone", Demand(1, 1)) == "not connected"
 
 
@@ -114,8 +115,9 @@ def test_per_host_rules_and_vm_counts():
     assert ledger.refusal("h2", Demand(256, 1)) == \
         "nothing left after the host's reservation (2 CPUs, 0 MiB reserved)"
     ledger.release("h1", Demand(256, 1))
-    assert ledger.refusal("h1", Demand(256, 17)) == \
-        "CPUs: needs 17 vCPUs, 15 free (of 2 CPUs, 1 reserved for the host, overcommit x16)"
+    assert ledger.refusal("h1", Demand(256, 17)) == (
+        "CPUs: needs 17 vCPUs, 15 uncommitted (VMs' vCPUs commit 0.1 of 2 CPUs, 1 reserved "
+        "for the host, overcommit x16)")
 
 
 def test_load_accessors_normalise_units_and_tolerate_no_monitoring():

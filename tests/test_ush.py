@@ -328,12 +328,14 @@ def fired(d):
 class Harness:
     """A Shell wired to a FakeWorld, typing lines like a terminal would."""
 
-    def __init__(self, world=None, password=None, **shell_kwargs):
+    def __init__(self, world=None, password=None, settings_overrides=None, **shell_kwargs):
         self.world = world or FakeWorld()
         self.out = io.StringIO()
         self.prompter = FakePrompter(self.out)
         self.factory_calls = []
-        self.shell = ush.Shell(self.factory, settings(password=password), out=self.out,
+        self.shell = ush.Shell(self.factory, settings(password=password,
+                                                      **(settings_overrides or {})),
+                               out=self.out,
                                prompter=self.prompter, clock=task.Clock(), **shell_kwargs)
 
     def factory(self, host, port, username, password):
@@ -611,7 +613,7 @@ def test_list_lnm_table_and_patterns():
     h.connect()
     output = h.run("list_lnm -s '~vmm4[34]'")
     assert "2 LNMs:" in output
-    assert "free memory" in output and "8000 MiB" in output
+    assert "measured free" in output and "8000 MiB" in output
     assert h.sent("list_lnm")[-1][1] == {"patterns": ["~vmm4[34]"], "status": True}
     assert "malformed regular expression" in h.run("list_lnm '~('")
     assert len(h.sent("list_lnm")) == 1
@@ -712,10 +714,9 @@ def test_operation_result_and_notices():
     h = Harness(sneetch_world())
     h.connect()
     output = h.run("pause '[1-2].sneetch'")
+    # Reported once, in the result: no [notice] echo of our own changes.
     assert output.splitlines()[1:] == [
         "<Command 1 result pending...>",
-        f"[notice] {full('1.sneetch')}: run -> paused",
-        f"[notice] {full('2.sneetch')}: run -> paused",
         "Command 1 result:",
         "Controller paused 2 VMs:",
         f"{full('1.sneetch')} -> paused",
@@ -726,10 +727,10 @@ def test_operation_result_and_notices():
     assert f"Could not resume 1 VM:\n{full('3.sneetch')}: cannot resume a VM in state run" \
         in output
     output = h.run("destroy 5.sneetch")
-    assert f"[notice] {full('5.sneetch')}: run -> shutoff" in output
+    assert "[notice]" not in output
     assert f"Controller destroyed 1 VM:\n{full('5.sneetch')} -> shutoff" in output
     output = h.run("delete 5.sneetch")
-    assert f"[notice] {full('5.sneetch')}: removed" in output
+    assert "[notice]" not in output
     assert f"{full('5.sneetch')} deleted" in output
 
 
@@ -793,7 +794,7 @@ def test_migrate_one_vm_to_one_lnm():
     assert kwargs["selection"].names == ["1.sneetch"]
     assert kwargs["lnms"] == [f"vmm47.{DOMAIN}"]
     assert (f"{full('1.sneetch')} moved from vmm43.{DOMAIN} to vmm47.{DOMAIN}") in output
-    assert f"[notice] {full('1.sneetch')}: moved vmm43.{DOMAIN} -> vmm47.{DOMAIN}" in output
+    assert "[notice]" not in output         # the result says it
 
 
 def test_migrate_selection_to_several_lnms():
@@ -847,6 +848,99 @@ def test_notices_for_changes_made_elsewhere():
         f"[notice] {full('new')}: new VM, run on vmm44",
         f"[notice] {full('new')}: removed",
     ]
+
+
+def test_own_commands_changes_are_reported_once_and_others_notices_wait_for_the_result():
+    h = Harness(sneetch_world())
+    client = h.connect()
+    h.world.hold = True
+    output = h.run("pause '[1-2].sneetch'")
+    assert output.splitlines()[1:] == ["<Command 1 result pending...>"]
+    # Someone else pauses 3.sneetch while ours is under way: held, not lost.
+    client.fire_changes([dict(h.world.vms[full("3.sneetch")], state="paused")])
+    assert "[notice]" not in h.out.getvalue()
+    start = len(h.out.getvalue())
+    h.world.release()
+    output = h.out.getvalue()[start:]
+    assert output.index("Command 1 result:") < output.index(
+        f"[notice] {full('3.sneetch')}: run -> paused")
+    assert output.count("[notice]") == 1
+    # A late notice of what the result already said is not printed either.
+    h.world.hold = False
+    client.fire_changes([dict(h.world.vms[full("1.sneetch")], state="paused")])
+    assert h.out.getvalue().count("[notice]") == 1
+
+
+def test_one_shot_on_a_terminal_shows_progress_on_one_line_then_the_result():
+    world = sneetch_world()
+    out = io.StringIO()
+    shell = ush.Shell(lambda **kw: FakeClient(world, **kw), settings(password="secret"),
+                      out=out, clock=task.Clock())
+    shell.live_output = True
+    world.hold = True
+    done = []
+    defer.Deferred.fromCoroutine(shell.run_once(["pause", "-n", "sneetch"])).addBoth(
+        done.append)
+    world.release()                                     # connect
+    client = world.clients[-1]
+    for i in (1, 2, 3):
+        client.fire_changes([dict(world.vms[full(f"{i}.sneetch")], state="paused")])
+        if i > 1:
+            shell.clock.advance(0.1)            # at most ten redraws a second
+    assert out.getvalue() == ("\r\x1b[Kpause: 1 paused, 0 in progress so far"
+                              "\r\x1b[Kpause: 3 paused, 0 in progress so far")
+    for i in (1, 2, 3):             # (the fake controller checks states in the cache)
+        client.vms[full(f"{i}.sneetch")]["state"] = "run"
+    world.release()                                     # the pause
+    assert done == [0]
+    # The line is erased before the result, which stays.
+    assert out.getvalue().endswith("so far\r\x1b[KController paused 5 VMs:\n" + "\n".join(
+        f"{full(f'{i}.sneetch')} -> paused" for i in range(1, 6)) + "\n")
+    # Not on a terminal (nor with --json): no progress line.
+    out = io.StringIO()
+    shell = ush.Shell(lambda **kw: FakeClient(sneetch_world(), **kw),
+                      settings(password="secret"), out=out, clock=task.Clock())
+    assert fired(defer.Deferred.fromCoroutine(shell.run_once(["resume", "-n", "sneetch"])))
+    assert "\r" not in out.getvalue()
+
+
+def test_notices_off_and_on():
+    h = Harness(sneetch_world())
+    client = h.connect()
+    assert "Notices are off" in h.run("notices off")
+    client.fire_changes([dict(h.world.vms[full("3.sneetch")], state="paused")])
+    assert "[notice]" not in h.out.getvalue()
+    assert "Notices are on" in h.run("notices on")
+    client.fire_changes([dict(h.world.vms[full("4.sneetch")], state="paused")])
+    assert f"[notice] {full('4.sneetch')}: run -> paused" in h.out.getvalue()
+    assert "Notices are on" in h.run("notices")
+    h = Harness(sneetch_world(), settings_overrides={"notices": False})
+    client = h.connect()
+    client.fire_changes([dict(h.world.vms[full("3.sneetch")], state="paused")])
+    assert "[notice]" not in h.out.getvalue()
+
+
+def test_results_of_many_vms_group_reasons_and_name_ranges():
+    world = sneetch_world(0)
+    for i in range(13, 31):
+        world.start_failures[full(f"{i}.big")] = "no LNM can start it: lnm1: memory full"
+    world.start_failures[full("31.big")] = (f"LNM lnm1 disconnected before {full('31.big')} "
+                                            "could be started")
+    h = Harness(world)
+    h.connect()
+    output = h.run("start -n big -c 31")
+    lines = output.splitlines()[3:]
+    assert lines[0].startswith("Controller started 12 VMs in 2 seconds: [1-12].big (")
+    assert lines[1:] == [
+        "Could not start 19 VMs:",
+        "  18 VMs ([13-30].big): no LNM can start it: lnm1: memory full",
+        "  1 VM (31.big): LNM lnm1 disconnected before the VM could be started",
+        "(-v lists each VM)"]
+    output = h.run("pause -v -n big")
+    assert output.count("-> paused") == 12
+    output = h.run("resume -n big")
+    assert "Controller resumed 12 VMs: [1-12].big -> run" in output
+    assert len(output.splitlines()) == 5 and "(-v lists each VM)" in output
 
 
 def test_connection_notices():
@@ -942,12 +1036,12 @@ def test_lnm_status_figures_nested_in_a_status_dict_become_columns():
     lnm = {"name": "vmm1", "vms": 2, "cpus": 8, "memory_mib": 16384, "connected": True,
            "model": "m", "status": {"free_memory_mib": 900, "load_1": 0.25}}
     header, _, row = ush.format_lnm_list([lnm], status=True).splitlines()[2:5]
-    assert header.split() == ["LNM", "VMs", "CPUs", "memory", "connected", "free", "memory",
+    assert header.split() == ["LNM", "VMs", "CPUs", "memory", "connected", "measured", "free",
                               "load", "1", "model"]
     assert "900 MiB" in row and "0.25" in row
-    # Without figures there is no empty "free memory" column.
+    # Without figures there is no empty "measured free" column.
     del lnm["status"]
-    assert "free memory" not in ush.format_lnm_list([lnm], status=True)
+    assert "measured free" not in ush.format_lnm_list([lnm], status=True)
 
 
 def test_status_columns_follow_new_fields():
@@ -1182,7 +1276,8 @@ def test_console_loop_drives_the_shell():
     assert prompts == ["ush> ", "mmcnett:ush> ", "mmcnett:ush> ", "mmcnett:ush> "]
     assert "Command 0 result:\nConnected\n" in output
     assert "2 VMs:" in output
-    assert f"[notice] {full('horton')}: run -> paused" in output
+    assert f"{full('horton')} -> paused" in output
+    assert "[notice]" not in output         # our own pause: its result says it
 
 
 def test_console_ctrl_c_at_password_prompt_cancels():
@@ -1243,3 +1338,18 @@ def test_console_confirmation_is_read_in_the_loop_and_notices_redraw_the_questio
     assert "Controller destroyed 2 VMs:" in output
     assert [c[1]["selection"].names for c in world.calls if c[0] == "op_on"] == [
         ["1.sneetch", "2.sneetch"]]
+
+
+def test_an_evacuation_of_many_vms_is_summed_up_by_target_and_reason():
+    from usher.clients.ush.cmd_hosts import format_status
+    moved = [{"name": f"{i}.big", "to": "vmm2" if i % 2 else "vmm3"} for i in range(1, 21)]
+    failed = [{"name": f"{i}.big", "error": "no LNM can migrate it"} for i in range(21, 41)]
+    text = format_status({"lnm": "vmm1", "maintenance": True, "done": True, "total": 40,
+                          "moved": moved, "failed": failed})
+    assert text.splitlines()[2:] == [
+        "Moved:",
+        "  10 VMs ([1,3,5,7,9,11,13,15,17,19].big) -> vmm2",
+        "  10 VMs ([2,4,6,8,10,12,14,16,18,20].big) -> vmm3",
+        "Could not move:",
+        "  20 VMs ([21-40].big): no LNM can migrate it",
+        "(ush --json evacuation LNM lists each VM)"]

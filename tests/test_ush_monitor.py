@@ -174,17 +174,21 @@ def test_list_lnm_status_shows_host_figures_and_where_they_come_from():
     h = Harness()
     assert h.run("list_lnm", "-s") == [0]
     header, rows = table(h.output(), "LNM ")
-    titles = ["LNM", "VMs", "CPUs", "memory", "connected", "free memory", "cpu% 1m", "5m",
-              "15m", "net in/out", "disk r/w", "mem used", "figures", "driver"]
+    titles = ["LNM", "VMs", "CPUs", "memory", "committed", "connected", "measured free",
+              "cpu% 1m", "5m", "15m", "net in/out", "disk r/w", "mem used", "figures",
+              "stats age", "driver"]
     by_name = {row.split()[0]: cells(header, row, titles) for row in rows}
     lnm1 = by_name["lnm1"]
     assert (lnm1["cpu% 1m"], lnm1["5m"], lnm1["15m"]) == ("45.2", "30.0", "12.5")
     assert lnm1["net in/out"] == "1.5K/3.0M" and lnm1["disk r/w"] == "0/20M"
-    assert lnm1["mem used"] == "2048 MiB" and lnm1["free memory"] == "14000 MiB"
+    assert lnm1["mem used"] == "2048 MiB" and lnm1["measured free"] == "14000 MiB"
+    # committed: what placement counts (two running VMs of 512 MiB)
+    assert lnm1["committed"] == "1024 MiB" and lnm1["stats age"] == "2s"
     assert lnm1["figures"] == "simulated:wave"
     lnm2 = by_name["lnm2"]
     assert lnm2["cpu% 1m"] == "n/a" and lnm2["figures"] == "none"
-    assert lnm2["free memory"] == "-"
+    assert lnm2["measured free"] == "-"
+    assert lnm2["committed"] == "512 MiB"           # the shut-off VM holds none
     lnm3 = by_name["lnm3"]                          # never reported
     assert lnm3["cpu% 1m"] == "-" and lnm3["figures"] == "-"
     assert "simulated_load option" in h.output()
@@ -210,13 +214,36 @@ def test_top_once_lists_hosts_and_busiest_vms():
     assert h.clients[0].top_calls == [([], 2)]
 
 
-def test_top_json_is_one_view():
+def test_top_json_is_one_view_per_line_for_the_iterations_asked():
     h = Harness(json_output=True)
-    assert h.run("top", "--iterations", "3", "lnm2") == [0]
-    view = json.loads(h.output())
-    assert [lnm["name"] for lnm in view["lnms"]] == ["lnm2"]
-    assert [vm["name"] for vm in view["vms"]] == [full("3.web")] or view["vms"] == []
-    assert len(h.clients[0].top_calls) == 1
+    results = h.run("top", "-i", "5", "--iterations", "3", "lnm2")
+    h.clock.advance(5)
+    h.clock.advance(5)
+    assert results == [0]
+    views = [json.loads(line) for line in h.output().splitlines()]
+    assert len(views) == 3 and len(h.clients[0].top_calls) == 3
+    for view in views:
+        assert [lnm["name"] for lnm in view["lnms"]] == ["lnm2"]
+    h = Harness(json_output=True)
+    assert h.run("top") == [0]
+    assert len(h.output().splitlines()) == 1        # without --iterations: one view
+
+
+def test_top_live_at_the_prompt_stops_on_an_empty_line():
+    h = Harness(live=True)
+    h.shell.at_prompt = True
+    h.shell.handle_line("connect")
+    done = []
+    h.shell.handle_line("top -i 2")
+    for _ in range(3):
+        h.clock.advance(2)
+    assert len(h.clients[0].top_calls) == 4 and "Command 1 result:" not in h.output()
+    assert "Enter or Ctrl-C gives the prompt back" in h.output()
+    h.shell.handle_line("").addCallback(done.append)
+    assert done == [True]
+    assert "Command 1 result:\ntop stopped after 4 views." in h.output()
+    h.clock.advance(10)
+    assert len(h.clients[0].top_calls) == 4         # no more refreshes
 
 
 def test_top_refreshes_on_its_clock_for_the_iterations_asked():

@@ -139,6 +139,7 @@ password = string(default=None)
 history_file = path(default='~/.ush_history')
 clusters = list(default=list())
 call_timeout = float(gt=0, default=60)
+notices = boolean(default=True)
 """
 
 

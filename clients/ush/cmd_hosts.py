@@ -10,7 +10,7 @@ from twisted.internet import task
 
 from usher.cliargs import UsageError, positive_int, positive_seconds
 
-from .format import natural_key
+from .format import DETAIL_LIMIT, compact_names, group_by, natural_key, plural
 from .outcome import EXIT_FAILED, EXIT_OK, Call, Outcome
 
 MAX_CONCURRENCY = 64
@@ -56,13 +56,23 @@ def format_status(status):
         lines.append("No evacuation since the controller started.")
     if moved and not status.get("evacuating"):
         lines.append("Moved:")
-        lines.extend(f"  {m['name']} -> {m.get('to')}"
-                     for m in sorted(moved, key=lambda m: natural_key(m["name"])))
+        lines += _vm_lines(moved, lambda m: f" -> {m.get('to')}")
     if failed:
         lines.append("Could not move:")
-        lines.extend(f"  {f['name']}: {f.get('error')}"
-                     for f in sorted(failed, key=lambda f: natural_key(f["name"])))
+        lines += _vm_lines(failed, lambda f: f": {f.get('error')}")
+    if len(moved) > DETAIL_LIMIT or len(failed) > DETAIL_LIMIT:
+        lines.append("(ush --json evacuation LNM lists each VM)")
     return "\n".join(lines)
+
+
+def _vm_lines(items, outcome):
+    """One line per VM, or per group of VMs with the same ``outcome(item)``
+    when there are many."""
+    if len(items) <= DETAIL_LIMIT:
+        return [f"  {item['name']}{outcome(item)}"
+                for item in sorted(items, key=lambda item: natural_key(item["name"]))]
+    return [f"  {plural(len(names), 'VM')} ({compact_names(names)}){text}"
+            for text, names in group_by(items, outcome)]
 
 
 def _exit(status):
@@ -74,13 +84,15 @@ async def _until_done(shell, client, status, interval):
     last = None
     while status.get("evacuating"):
         line = progress_line(status)
-        if line != last and not shell.json_output:
+        # On a terminal one line, redrawn; elsewhere a line when counts change.
+        if line != last and not shell.json_output and not shell.own.show(line):
             shell.write(line + "\n")
-            last = line
+        last = line
         if shell.clock is None:
             raise UsageError("--wait needs a clock to poll", "evacuation")
         await task.deferLater(shell.clock, interval, lambda: None)
         status = await client.evacuation(status["lnm"])
+    shell.own.clear()
     return status
 
 

@@ -1,11 +1,13 @@
 """ush's LNM commands: list_lnm, top (the monitoring view, refreshed on a
 terminal) and forget_lnm."""
 
-from twisted.internet import task
+import json
+
+from twisted.internet import defer, task
 
 from usher.cliargs import UsageError, positive_int, positive_seconds
 
-from .format import by_name, format_lnm_list, format_top, natural_key
+from .format import by_name, format_lnm_list, format_top, natural_key, plural
 from .outcome import Call, Outcome
 from .parsing import check_lnm_patterns
 
@@ -19,33 +21,63 @@ async def cmd_list_lnm(shell, args):
 
     async def list_lnms():
         lnms = by_name(await shell.live_client().list_lnm(patterns=patterns, status=status))
-        return Outcome(format_lnm_list(lnms, status), lnms)
+        return Outcome(format_lnm_list(lnms, status, shell.width()), lnms)
     return Call(list_lnms)
 
 
 async def cmd_top(shell, args):
     patterns = check_lnm_patterns(args.lnms, "top")
     count, interval = args.count, args.interval
-    # Refresh until interrupted only on a terminal in one-shot mode; at the
-    # interactive prompt (and with --json) one view unless --iterations.
+    # On a terminal (one-shot 'ush top', or at the ush> prompt) top redraws
+    # the screen until Ctrl-C (at the prompt also an empty line) or N views;
+    # elsewhere (scripts, --json) one view, or N views with --iterations N.
     live = shell.live_output and not shell.json_output
     iterations = args.iterations or (None if live else 1)
-    if shell.json_output:
-        iterations = 1
 
     async def top():
         client = shell.live_client()
-        shown = 0
-        while True:
-            view = await client.top(patterns=patterns, count=count)
-            shown += 1
-            text = format_top(view, count)
-            if iterations is not None and shown >= iterations:
-                return Outcome(text, view)
-            shell.write((CLEAR_SCREEN if live else "") + text + ("" if live else "\n"))
-            if shell.clock is None:
-                raise UsageError("top needs a clock to refresh", "top")
-            await task.deferLater(shell.clock, interval, lambda: None)
+        if shell.clock is None:
+            raise UsageError("top needs a clock to refresh", "top")
+        shown, stopped, sleeping = 0, [], []
+        hint = (f"(every {interval:g} s; "
+                + ("Enter or Ctrl-C gives the prompt back)" if shell.at_prompt else
+                   "Ctrl-C stops)"))
+
+        def stop():
+            stopped.append(True)
+            for d in sleeping:
+                d.cancel()
+        unregister = shell.live_view(stop)
+        try:
+            while True:
+                view = await client.top(patterns=patterns, count=count)
+                shown += 1
+                last = iterations is not None and shown >= iterations
+                if shell.json_output:
+                    # One JSON object per line and view (JSON lines).
+                    if last:
+                        return Outcome("", view, json_lines=True)
+                    shell.write(json.dumps(view, default=str))
+                elif live:
+                    shell.write(CLEAR_SCREEN + format_top(view, count, shell.width()) + "\n"
+                                + hint)
+                    if last:
+                        return Outcome(f"top: {plural(shown, 'view')}.", view)
+                else:
+                    text = format_top(view, count, shell.width())
+                    if last:
+                        return Outcome(text, view)
+                    shell.write(text + "\n")
+                sleep = task.deferLater(shell.clock, interval, lambda: None)
+                sleeping[:] = [sleep]
+                try:
+                    await sleep
+                except defer.CancelledError:
+                    pass
+                if stopped:
+                    return Outcome(f"top stopped after {plural(shown, 'view')}.", view)
+        finally:
+            unregister()
     return Call(top)
 
 

@@ -1,4 +1,4 @@
-"""ush's session commands: connect, disconnect, reconnect, help, quit.
+"""ush's session commands: connect, disconnect, reconnect, help, notices, quit.
 
 The shell owns the session itself (the client, its callbacks, the notices);
 these handlers check what the user typed, ask for a password when needed,
@@ -98,6 +98,15 @@ async def cmd_reconnect(shell, args):
     return Call(lambda: _connected_after(shell.renew_session(client)))
 
 
+async def cmd_notices(shell, args):
+    if args.mode not in (None, "on", "off"):
+        raise UsageError(f"say on or off, not {args.mode!r}", "notices")
+    if args.mode is not None:
+        shell.show_notices = args.mode == "on"
+    state = "on" if shell.show_notices else "off"
+    return Outcome(f"Notices are {state}.", {"notices": state})
+
+
 async def cmd_quit(shell, args):
     return LEAVE
 
@@ -107,4 +116,6 @@ def register(declare):
     declare("disconnect", cmd_disconnect, remote=False, interactive_only=True)
     declare("reconnect", cmd_reconnect, remote=False, interactive_only=True)
     declare("help", cmd_help, remote=False).add_argument("topic", nargs="?")
+    declare("notices", cmd_notices, remote=False, interactive_only=True).add_argument(
+        "mode", nargs="?", metavar="on|off")
     declare("quit", cmd_quit, remote=False, interactive_only=True)

@@ -45,7 +45,7 @@ async def cmd_list(shell, args):
         records = await shell.live_client().list(selection=selection, status=status,
                                                  remote=remote)
         records = by_name(records)
-        return Outcome(format_vm_list(records, status), records)
+        return Outcome(format_vm_list(records, status, shell.width()), records)
     return Call(list_vms, immediate=not (status or remote))
 
 
@@ -83,17 +83,22 @@ async def cmd_start(shell, args):
     check_lnm_patterns(lnms, "start")
     count = args.count
 
+    total = count if count is not None else len(names) or None
+    verbose = args.verbose
+
     async def start():
         client = shell.live_client()
-        with shell.own_starts():
+        with shell.own_command("start", total) as own:
             result = await client.start(names=names, cluster=cluster, count=count,
                                         lnms=lnms, args=extra)
+            own.report(result)
         started = result.get("started") or []
         failed = result.get("failed") or []
         data = ([{"name": item["name"], HOST_KEY: host_of(item)} for item in by_name(started)]
                 + [{"name": item.get("name"), "error": item.get("error")}
                    for item in by_name(failed)])
-        return Outcome(format_start_result(result), data, _failed_if_any(result))
+        return Outcome(format_start_result(result, verbose, shell.short), data,
+                       _failed_if_any(result))
     return Call(start)
 
 
@@ -105,10 +110,15 @@ async def cmd_operation(shell, args):
         # Interactive only: one-shot mode and scripts have no confirmer.
         await shell.confirm_operation(operation, selection)
 
+    verbose = args.verbose
+
     async def operate():
-        result = await shell.live_client().op_on(operation, selection, extra)
-        return Outcome(format_operation_result(operation, result), result,
-                       _failed_if_any(result))
+        client = shell.live_client()
+        with shell.own_command(operation) as own:
+            result = await client.op_on(operation, selection, extra)
+            own.report(result)
+        return Outcome(format_operation_result(operation, result, verbose, shell.short),
+                       result, _failed_if_any(result))
     return Call(operate)
 
 
@@ -129,10 +139,21 @@ async def cmd_migrate(shell, args):
         selection = make_selection(args, "migrate")
         lnms = check_lnm_patterns(args.to, "migrate")
 
+    verbose = args.verbose
+
     async def migrate():
-        result = await shell.live_client().migrate(selection, lnms)
-        return Outcome(format_migrate_result(result), result, _failed_if_any(result))
+        client = shell.live_client()
+        with shell.own_command("migrate") as own:
+            result = await client.migrate(selection, lnms)
+            own.report(result)
+        return Outcome(format_migrate_result(result, verbose, shell.short), result,
+                       _failed_if_any(result))
     return Call(migrate)
+
+
+def _verbose(parser):
+    """-v: list each VM in the result (else more than 10 are summed up)."""
+    parser.add_argument("-v", "--verbose", action="store_true")
 
 
 def register(declare):
@@ -148,6 +169,7 @@ def register(declare):
     parser.add_argument("--affinity", choices=("apart", "together"))
     parser.add_argument("--lease", type=duration, metavar="DURATION")  # issue 15, leases
     parser.add_argument("words", nargs="*")
+    _verbose(parser)
     for operation in states.OPERATIONS:
         parser = declare(operation, cmd_operation)
         if operation in states.DESTRUCTIVE_OPERATIONS:
@@ -155,8 +177,10 @@ def register(declare):
         if operation == "delete":
             parser.add_argument("--force", action="store_true")
         add_selection(parser)
+        _verbose(parser)
     parser = declare("migrate", cmd_migrate)
     add_selection(parser)
+    _verbose(parser)
     # --from LNM is --lnm: the VMs on those LNMs.
     parser.add_argument("--from", action="append", default=[], metavar="LNM", dest="on_lnm")
     parser.add_argument("--to", nargs="+", metavar="LNM")

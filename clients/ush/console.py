@@ -150,9 +150,14 @@ class Console:
             try:
                 request = self._requests.get()
             except KeyboardInterrupt:
-                # Only while leaving with commands pending: leave at once.
                 self.write("\n")
-                return
+                if self.shell.leaving:
+                    # Leaving with commands pending: leave at once.
+                    return
+                # Between a line and the next prompt: as at the prompt, it
+                # ends a live view, and the shell goes on.
+                self._reactor.callFromThread(self.shell.stop_live_views)
+                continue
             if request[0] == "stop":
                 return
             if request[0] == "password":
@@ -165,6 +170,8 @@ class Console:
                 line = self._read_line()
             except KeyboardInterrupt:
                 self.write("\n")
+                # Ctrl-C also ends a live view (top) and gives the prompt back.
+                self._reactor.callFromThread(self.shell.stop_live_views)
                 self._requests.put(("read",))
                 continue
             except EOFError:

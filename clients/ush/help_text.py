@@ -50,6 +50,12 @@ SELECTION_OPTIONS = """\
     regular expressions; the site may set other limits.
 """
 
+VERBOSE_NOTE = """\
+Results of more than 10 VMs are summed up: VMs with the same
+outcome or the same reason on one line, their names as ranges
+("[372-1000].big", which you can paste into the next command);
+-v (--verbose) lists each VM."""
+
 _OPERATIONS = {
     "pause": (
         "Pause VMs, keeping their memory resident",
@@ -145,9 +151,13 @@ def _operation_entry(operation, summary, details, examples):
         f"{textwrap.dedent(SELECTION_OPTIONS)}\n"
         "The result lists each VM with its new state, then any VM the\n"
         "operation failed on with the reason; in one-shot mode the exit status\n"
-        "is 1 if any VM failed. Changes also arrive as [notice] lines.\n\n"
+        "is 1 if any VM failed. "
+        f"{VERBOSE_NOTE}\n"
+        "The result reports the VMs the command changed: they get no [notice]\n"
+        "lines meanwhile. On a terminal, 'ush OPERATION ...' shows the counts\n"
+        "so far on one line while it runs.\n\n"
         f"Examples:\n  {examples}")
-    return HelpEntry(summary, f"{operation} {_OPERATION_OPTIONS.get(operation, '')}"
+    return HelpEntry(summary, f"{operation} [-v] {_OPERATION_OPTIONS.get(operation, '')}"
                      "[-n CLUSTER]... [-r REGEX] [--lnm LNM]... [VM ...]",
                      text)
 
@@ -265,23 +275,37 @@ COMMANDS["list_lnm"] = _entry(
     """\
     List the LNMs connected to the controller: one per physical host running
     a VMM. Columns: LNM name, the number of VMs it runs, its CPUs and memory,
-    and whether it is connected; then, when a host has any, its holds: why
-    it takes no new VMs (maintenance, fenced, powered_down; --json shows
-    each hold's details).
+    the memory committed on it, and whether it is connected; then, when a
+    host has any, its holds: why it takes no new VMs (maintenance, fenced,
+    powered_down; --json shows each hold's details).
+
+    Two memory figures, not to be confused:
+      committed       the configured memory of the VMs placed on the host
+                      (running, paused, starting, migrating there, lost):
+                      what placement counts when it says a host has no room
+                      ("VMs' configured memory commits 32768 of 32768 MiB")
+      measured free   (-s) the free memory the host itself last measured; a
+                      VM uses less than it was given, so a host full by
+                      commitment may measure gigabytes free
 
     Options:
       -s, --status    add the host's current figures as the controller reports
-                      them: free memory, CPU in percent of the whole host
-                      averaged over 1, 5 and 15 minutes, network, disk and
-                      memory over the last minute, and where the figures come
+                      them: measured free memory, CPU in percent of the whole
+                      host averaged over 1, 5 and 15 minutes, network, disk
+                      and memory over the last minute, where the figures come
                       from ("libvirt", or "simulated:PROFILE" when the LNM's
-                      simulated_load option makes them up for a test host);
-                      see 'help monitoring'
+                      simulated_load option makes them up for a test host)
+                      and their age ("stats age": "12s"; "4m stale" when older
+                      than 60 s or its LNM is not connected: the last it
+                      reported); see 'help monitoring'
       LNM ...         only these LNMs: exact names, ranges ("vmm[40-49]"), or
                       regular expressions written /REGEX/ or ~REGEX
                       ("/^vmm4/", "~rack2")
 
-    This always asks the controller ("Command N" lines).
+    This always asks the controller ("Command N" lines). On a terminal the
+    table fits its width ($COLUMNS if set): the columns that matter least
+    (the 5- and 15-minute averages, rates, the host's details) are left out
+    and a line says which; --json, or output to a pipe or file, has them all.
 
     Examples:
       list_lnm
@@ -292,9 +316,9 @@ COMMANDS["start"] = _entry(
     "Start new VMs in a virtual cluster, or start VMs by name",
     """\
     start -n CLUSTER -c COUNT [--affinity apart|together] [--lease DURATION]
-                              [--arg KEY=VALUE]... [LNM ...]
+                              [--arg KEY=VALUE]... [-v] [LNM ...]
            start [-l LNM]... [--affinity apart|together] [--lease DURATION]
-                 [--arg KEY=VALUE]... VM ...""",
+                 [--arg KEY=VALUE]... [-v] VM ...""",
     """\
     Start VMs. The controller authorizes the request, its placement policy
     picks the hosts, and the LNMs boot the VMs; the result lists where each
@@ -314,6 +338,7 @@ COMMANDS["start"] = _entry(
     Options:
       -n, --cluster CLUSTER   cluster of the new VMs (first form)
       -c, --count COUNT       how many VMs to start (first form)
+      -v, --verbose           list each VM in the result (see below)
       -l, --lnm LNM           preferred LNM (repeatable; names, ranges,
                               /REGEX/ or ~REGEX as for list_lnm)
       --arg KEY=VALUE         an extra request argument (repeatable): memory_mib
@@ -336,12 +361,17 @@ COMMANDS["start"] = _entry(
     empty list lets it place the VMs anywhere.
 
     The result reads like
-      Controller started 10 VMs in 2 seconds:
+      Controller started 4 VMs in 2 seconds:
       1.sneetch.alice.usher.example.org started on vmm43.usher.example.org
       ...
     followed by any VMs that failed to start with the reason, and any note
     from the controller (for instance that a plugin changed the request).
-    In one-shot mode the exit status is 1 if any VM failed.
+    In one-shot mode the exit status is 1 if any VM failed. More than 10
+    VMs are summed up (-v, --verbose: each VM):
+      Controller started 128 VMs in 3 seconds: [1-128].big (64 on vmm43, 64 on vmm44)
+      Could not start 872 VMs ([129-1000].big): no LNM can start it ...
+    On a terminal, 'ush start ...' shows the counts so far on one line
+    while it runs (started, starting, failed).
 
     Examples:
       start -n sneetch -c 10
@@ -357,9 +387,9 @@ for _operation, (_summary, _details, _examples) in _OPERATIONS.items():
 COMMANDS["migrate"] = _entry(
     "Move VMs to other hosts (live migration)",
     """\
-    migrate VM LNM
-           migrate [-n CLUSTER]... [-r REGEX] [--from LNM]... [VM ...] --to LNM [LNM ...]
-           migrate [-n CLUSTER]... [-r REGEX] [VM ...] --from LNM...""",
+    migrate [-v] VM LNM
+           migrate [-v] [-n CLUSTER]... [-r REGEX] [--from LNM]... [VM ...] --to LNM [LNM ...]
+           migrate [-v] [-n CLUSTER]... [-r REGEX] [VM ...] --from LNM...""",
     """\
     Move running VMs to other physical hosts, live where the VMM supports it
     (the VM keeps running; its network connections survive). Where the VMM
@@ -376,6 +406,7 @@ COMMANDS["migrate"] = _entry(
       --from LNM              only the VMs on this LNM (repeatable; the same
                               as --lnm); alone, every VM you may see on it
       --to LNM [LNM ...]      where the VMs should go
+      -v, --verbose           list each VM in the result
     Third form: --from without --to: the controller's placement chooses a
     host for each VM (to empty a host for maintenance, administrators use
     'evacuate').
@@ -385,7 +416,9 @@ COMMANDS["migrate"] = _entry(
     policy may choose other hosts or refuse.
 
     The result lists each VM moved ("... moved from vmm47 to vmm52"), then
-    any failures with the reason. VMs show state migrating meanwhile.
+    any failures with the reason (more than 10 VMs: summed up by hosts and
+    reasons; -v, --verbose: each VM). VMs show state migrating meanwhile;
+    on a terminal 'ush migrate ...' shows the counts so far on one line.
 
     Examples:
       migrate 3.sneetch vmm52.usher.example.org
@@ -613,10 +646,11 @@ COMMANDS["top"] = _entry(
     Show every host (or the LNMs named) with its figures, then the COUNT
     busiest VMs on them by 1-minute CPU average: your own VMs, or every VM
     for administrators (and for everyone where the site sets
-    user_visibility = all). Run as 'ush top' from a
-    terminal it redraws the screen every SECONDS until Ctrl-C; at the ush>
-    prompt, in scripts and with --json it shows one view, or N views with
-    --iterations N.
+    user_visibility = all). On a terminal it redraws the screen every
+    SECONDS: 'ush top' until Ctrl-C (exit status 130); at the ush> prompt
+    until Enter or Ctrl-C gives the prompt back (its result says how many
+    views it showed). In scripts it shows one view, or N views with
+    --iterations N; with --json each view is one line of JSON.
 
     Options:
       -c, --count COUNT   how many VMs to show (default 10)
@@ -631,7 +665,7 @@ COMMANDS["top"] = _entry(
     Examples:
       top
       top -c 20 '~^vmm4'
-      ush --json top -c 5""")
+      ush --json top -c 5 --iterations 3""")
 
 COMMANDS["ranges"] = _entry(
     "Show the IP address ranges assigned to you, and how many are free",
@@ -791,14 +825,18 @@ TOPICS["monitoring"] = _entry(
     shows the longer trend.
 
     "n/a" means the hypervisor does not report that figure: Usher never
-    shows a number it did not measure. libvirt's test driver (the embedded
+    shows a number it did not measure. "stats age" says how old an LNM's
+    figures are; "stale" marks those older than 60 s or of an LNM that is
+    not connected (a host that went away keeps its last figures).
+    An LNM's "measured free" memory is the host's own measure; "committed"
+    (list_lnm) is the configured memory of its VMs, which placement counts. libvirt's test driver (the embedded
     test hosts) reports none; an LNM with the simulated_load option fills
     them with simulated load, and its figures say "simulated:PROFILE".
     --json shows every average of every figure.""")
 
-TOPICS["notices"] = _entry(
-    "The [notice] lines: asynchronous news about your VMs",
-    "",
+COMMANDS["notices"] = _entry(
+    "Turn the [notice] lines on or off (asynchronous news about your VMs)",
+    "notices [on|off]",
     """\
     While you are connected the controller tells ush about every change to
     your VMs, whoever caused it, and ush prints one line per change above
@@ -807,13 +845,19 @@ TOPICS["notices"] = _entry(
       [notice] 3.sneetch.alice.usher.example.org: moved vmm47 -> vmm52
       [notice] 7.web.alice.usher.example.org: new VM, run on vmm44
       [notice] 4.web.alice.usher.example.org: removed
-    VMs that your own pending start command creates are reported in its
-    result instead. Connection news looks like
+    What your own start, operations and migrations change is reported in
+    their result instead, once; notices of other changes that arrive while
+    one of them runs are printed after its result. Connection news looks like
       [notice] lost the controller at ctl:7390; reconnecting
       [notice] reconnected to ctl:7390
     and the controller may send notices of its own (maintenance, policy),
     prefixed with their kind, e.g. a lease about to end:
-      [notice] lease: the lease of 3.web.alice.usher.example.org ends in 10m; ...""")
+      [notice] lease: the lease of 3.web.alice.usher.example.org ends in 10m; ...
+
+    'notices off' stops them (the VM list stays up to date), 'notices on'
+    brings them back, 'notices' says which. To start with them off, set
+    notices = no in the [ush] section or run 'ush --no-notices'. One-shot
+    mode never prints notices.""")
 
 TOPICS["oneshot"] = _entry(
     "Running one command from a Unix shell or a script (and --json)",
@@ -856,6 +900,7 @@ TOPICS["config"] = _entry(
       history_file           interactive command history (~/.ush_history)
       clusters               only cache and show these clusters (empty: all)
       call_timeout           seconds to wait for the controller's answers
+      notices                print [notice] lines (yes; see 'help notices')
     The sample file etc/ush.config.orig documents each option. An invalid
     file stops ush with a message naming the file, line and option.""")
 

@@ -19,6 +19,12 @@ NET_TITLE = "net in/out"
 DISK_TITLE = "disk r/w"
 MEMORY_TITLE = "mem used"
 SOURCE_TITLE = "figures"
+AGE_TITLE = "stats age"
+# An LNM's figures older than this (seconds), or from an LNM that is not
+# connected, are marked stale: the last it reported, not the host now.
+STALE_AFTER = 60.0
+STALE_NOTE = (f"(stale: figures older than {STALE_AFTER:.0f} s or from an LNM that is not "
+              "connected: the last it reported, not the host now)")
 SIMULATED_NOTE = ("(figures marked simulated come from the LNM's simulated_load option, "
                   "not from its hypervisor)")
 
@@ -89,6 +95,32 @@ def source_cell(record):
     if not has_figures(record):
         return NO_FIGURES
     return record.get("source") or "none"
+
+
+def format_age(seconds):
+    """5s, 4m, 3h, 2d."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def stale(record):
+    """Figures that describe the host as it was, not as it is."""
+    if not has_figures(record):
+        return False
+    age = record.get("age")
+    return record.get("connected") is False or (
+        isinstance(age, (int, float)) and age > STALE_AFTER)
+
+
+def age_cell(record):
+    """How old a record's figures are ("12s", "4m stale")."""
+    if not has_figures(record):
+        return NO_FIGURES
+    age = record.get("age")
+    text = format_age(age) if isinstance(age, (int, float)) and age >= 0 else "?"
+    return f"{text} stale" if stale(record) else text
 
 
 def any_simulated(records):

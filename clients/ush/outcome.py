@@ -32,6 +32,7 @@ class Outcome:
     data: object = None
     exit_code: int = EXIT_OK
     error: bool = False  # an error message rather than a (partial) result
+    json_lines: bool = False  # --json prints data on one line (top's views)
 
 
 @dataclasses.dataclass

@@ -5,6 +5,7 @@ connect or log in). The console script ``ush`` is ``main``."""
 
 import argparse
 import getpass
+import signal
 import sys
 import threading
 
@@ -53,6 +54,8 @@ def run_interactive(settings, reactor, client_factory=None):
                   wait_for_results=not console.interactive)
     if console.interactive:
         shell.confirmer = console
+    # top is live at the prompt too: Enter or Ctrl-C gives the prompt back.
+    shell.live_output = shell.at_prompt = console.interactive
     readline = setup_readline(settings.history_file, shell) if console.interactive else None
     console._readline = readline
     reactor_thread = threading.Thread(target=reactor.run,
@@ -74,27 +77,57 @@ def run_interactive(settings, reactor, client_factory=None):
     return EXIT_OK
 
 
-def _wait_for(reactor, d):
-    """Run the reactor until ``d`` fires (not at all if it has) -> its result."""
+EXIT_INTERRUPTED = 130
+
+
+def _wait_for(reactor, d, on_interrupt=None):
+    """Run the reactor until ``d`` fires (not at all if it has) -> its result,
+    or 130 after Ctrl-C.
+
+    SIGINT is ush's own here, not Twisted's: it calls ``on_interrupt`` (the
+    shell falls silent, so that the connections closing as the reactor stops
+    print no false "connection lost") and stops the reactor once; a command
+    finishing in the same turn does not stop it a second time."""
     box = []
-    running = []
+    started, stopping, interrupted = [], [], []
+
+    def stop_once():
+        if started and not stopping:
+            stopping.append(True)
+            reactor.stop()
+
+    def on_start():
+        started.append(True)
+        if box or interrupted:
+            stop_once()
 
     def done(result):
         box.append(result)
-        if running:
-            reactor.stop()
+        stop_once()
+
+    def interrupt():
+        if on_interrupt is not None:
+            on_interrupt()
+        stop_once()
+
+    def on_sigint(signum, frame):
+        interrupted.append(True)
+        reactor.callFromThread(interrupt)
+
     d.addBoth(done)
     if not box:
-        running.append(True)
-        reactor.run()
-    if not box:  # the reactor was stopped (Ctrl-C) before the command finished
-        return 130
+        previous = signal.signal(signal.SIGINT, on_sigint)
+        try:
+            reactor.callWhenRunning(on_start)
+            reactor.run(installSignalHandlers=False)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+    if interrupted or not box:
+        return EXIT_INTERRUPTED
     result = box[0]
     if isinstance(result, Failure):
         result.raiseException()
     return result
-
-
 
 
 def command_line_parser():
@@ -107,6 +140,9 @@ def command_line_parser():
                         help="read this configuration file after the usual ones")
     parser.add_argument("--json", action="store_true",
                         help="print results as JSON (one-shot mode)")
+    parser.add_argument("--no-notices", action="store_true",
+                        help="start the interactive shell with [notice] lines off "
+                        "('notices on' brings them back)")
     parser.add_argument("--version", action="version", version=f"ush {version()}")
     parser.add_argument("--completion", choices=("bash", "zsh"), metavar="SHELL",
                         help="print the shell completion script for SHELL (bash, zsh) and exit")
@@ -136,6 +172,8 @@ def run(argv=None, *, stdout=None, stderr=None, settings_loader=load_settings,
         settings = settings_loader(options.config)
     except ConfigError as exc:
         return fail(str(exc), EXIT_USAGE)
+    if options.no_notices:
+        settings.notices = False
     if reactor is None:
         from twisted.internet import reactor
     if not options.command:
@@ -147,11 +185,12 @@ def run(argv=None, *, stdout=None, stderr=None, settings_loader=load_settings,
                   clock=reactor, json_output=options.json)
     shell.live_output = bool(getattr(stdout, "isatty", lambda: False)())
     # Starts synchronously: a password prompt happens before the reactor runs.
-    return _wait_for(reactor, Deferred.fromCoroutine(shell.run_once(options.command)))
+    return _wait_for(reactor, Deferred.fromCoroutine(shell.run_once(options.command)),
+                     on_interrupt=shell.interrupt)
 
 
 def main():
     try:
         sys.exit(run())
     except KeyboardInterrupt:
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)

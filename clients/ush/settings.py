@@ -18,6 +18,7 @@ class UshSettings:
     history_file: str | None = None
     clusters: list = dataclasses.field(default_factory=list)
     call_timeout: float = 60.0
+    notices: bool = True
 
     @classmethod
     def from_config(cls, config):

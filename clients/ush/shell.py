@@ -16,19 +16,22 @@ in-memory doubles.
 """
 
 import contextlib
+import os
 import shlex
+import shutil
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from usher import naming, states
+from usher import naming
 from usher.cliargs import UsageError
 from usher.errors import Unavailable
 
 from . import cli, help_text
 from .format import (by_name, describe_change, natural_key, placement, plural,
                      write_outcome, write_usage_error)
+from .progress import OwnCommands
 from .outcome import EXIT_CONNECTION, EXIT_OK, EXIT_USAGE, LEAVE, Cancelled, Outcome, error_outcome
 
 log = Logger()
@@ -85,26 +88,70 @@ class Shell:
         # (state, host LNM) of every VM notices have reported, to word the next one.
         self._known = {}
         self._syncing = False
-        self._starts_in_flight = 0
         self._user_disconnected = False
-        self.show_notices = True
+        # [notice] lines: 'notices on|off', the notices option, ush --no-notices.
+        self.show_notices = getattr(settings, "notices", True)
+        # The user's commands in flight: their VMs' notices held, their progress.
+        self.own = OwnCommands(self.notice, out, clock)
         # Who asks before a destructive operation on several VMs: the
         # interactive console on a terminal (``confirm(prompt)`` ->
         # Deferred[bool]); None (one-shot mode, scripts) never asks.
         self.confirmer = None
-        # Output is a terminal that ``top`` may redraw (one-shot mode).
+        # Output is a terminal that ``top`` may redraw; at_prompt: the
+        # interactive shell's (an empty line or Ctrl-C ends a live view).
         self.live_output = False
+        self.at_prompt = False
+        # quit or end of input: waiting for pending commands, then leaving.
+        self.leaving = False
+        # Set by Ctrl-C in one-shot mode: nothing more is printed.
+        self.interrupted = False
+        # Stop functions of the live views (top) running at the prompt.
+        self._live = {}
 
     # -- output ---------------------------------------------------------------
 
     def write(self, text):
-        self._out.write(text + "\n")
+        if not self.interrupted:
+            self._out.write(text + "\n")
+
+    def width(self):
+        """The width tables fit: $COLUMNS if set, else the terminal's; None
+        (no limit) when output is not a terminal (a pipe, a file)."""
+        columns = os.environ.get("COLUMNS", "").strip()
+        if columns.isdigit() and int(columns) > 0:
+            return int(columns)
+        if self.live_output:
+            return shutil.get_terminal_size().columns
+        return None
+
+    def interrupt(self):
+        """Ctrl-C in one-shot mode: the reactor stops, and what its
+        connections say as they close is not the command's outcome."""
+        self.interrupted = True
+
+    # -- live views (top) ----------------------------------------------------------
+
+    def live_view(self, stop):
+        """Register a live view's ``stop()``; -> the function unregistering it."""
+        key = object()
+        self._live[key] = stop
+        return lambda: self._live.pop(key, None)
+
+    def stop_live_views(self):
+        """Stop the live views (Ctrl-C or an empty line at the prompt). -> how many."""
+        stops = list(self._live.values())
+        self._live.clear()
+        for stop in stops:
+            stop()
+        return len(stops)
 
     def notice(self, text):
         if self.show_notices:
             self.write(f"[notice] {text}")
 
     def _print_outcome(self, outcome):
+        if self.interrupted:
+            return
         write_outcome(outcome, json_output=self.json_output, out=self._out, err=self._err)
 
     def _print_usage_error(self, exc):
@@ -153,6 +200,9 @@ class Shell:
         if line is None:
             return await self._leave()
         line = line.strip()
+        # An empty line (or Ctrl-C) ends a live top and gives the prompt back.
+        if not line and self.stop_live_views():
+            return True
         if not line or line.startswith("#"):
             return True
         if line.startswith("?"):
@@ -210,6 +260,7 @@ class Shell:
         self.pending.pop(number, None)
         # One write, so the console redraws the prompt once, after it all.
         self.write(f"Command {number} result:" + (f"\n{outcome.text}" if outcome.text else ""))
+        self.own.flush()
         return outcome
 
     async def _guarded(self, call):
@@ -219,6 +270,7 @@ class Shell:
             return error_outcome(exc)
 
     async def _leave(self):
+        self.leaving = True
         waiting = list(self.pending.values())
         if waiting:
             self.write(f"Waiting for {plural(len(waiting), 'pending command')} "
@@ -258,8 +310,10 @@ class Shell:
                 return EXIT_USAGE
             self._print_outcome(Outcome(text, {"help": text}))
             return EXIT_OK
-        # Notices would only get in the way of the result (and of --json).
+        # Notices would only get in the way of the result (and of --json);
+        # a line of progress on a terminal does not stay.
         self.show_notices = False
+        self.own.show_progress = self.live_output and not self.json_output
         try:
             # Check the command before asking for a password or connecting.
             step = await self._prepare(name, args, check_connection=False)
@@ -352,14 +406,22 @@ class Shell:
             raise Cancelled()
 
     @contextlib.contextmanager
-    def own_starts(self):
-        """While our own start runs: the VMs it creates are reported in its
-        result (Figure 3), not as notices."""
-        self._starts_in_flight += 1
+    def own_command(self, kind, total=None):
+        """While our own start, operation or migration runs: the VMs it
+        changes are reported in its result (Figure 3), not as notices too;
+        -> its OwnCommand (``report(result)`` before the block ends)."""
+        command = self.own.begin(kind, total)
         try:
-            yield
+            yield command
         finally:
-            self._starts_in_flight -= 1
+            self.own.end(command)
+
+    def short(self, name):
+        """A VM name as results show it in summaries: short for your own VMs."""
+        client = self.client
+        domain, user = getattr(client, "domain", None), getattr(client, "user", None)
+        parts = naming.split(name, domain) if domain else None
+        return parts[0] if parts and parts[1] == user else name
 
     # -- the client's callbacks -----------------------------------------------------------
 
@@ -405,15 +467,15 @@ class Shell:
             self._known[name] = new
             if self._syncing:
                 continue
-            # What our own start creates is reported in its result (Figure 3).
-            if self._starts_in_flight and (old is None or old[0] == states.STARTING):
-                continue
             text = describe_change(name, old, new)
-            if text:
+            # What our own commands change is reported in their results.
+            if not self.own.changed(name, old, new, text) and text:
                 self.notice(text)
         for name in sorted(removed, key=natural_key):
             if self._known.pop(name, None) is not None and not self._syncing:
-                self.notice(f"{name}: removed")
+                text = f"{name}: removed"
+                if not self.own.removed(name, text):
+                    self.notice(text)
 
     def _on_connection(self, state, detail):
         if self._syncing or (self._user_disconnected and state != "notice"):

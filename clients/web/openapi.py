@@ -102,6 +102,12 @@ SCHEMAS = {
                        "summary": {"type": "string"}}},
     "LNM": {"type": "object", "required": ["name"],
             "properties": {"name": {"type": "string"}, "connected": {"type": "boolean"},
+                           "committed_memory_mib": {
+                               "type": "integer", "description":
+                               "configured memory of the VMs placed on the host: what "
+                               "placement counts (status.free_memory_mib is what the host "
+                               "measures free)"},
+                           "committed_vcpus": {"type": "integer"},
                            "status": {"type": "object"}}},
     "LNMList": {"type": "object", "required": ["lnms"],
                 "properties": {"lnms": {"type": "array", "items": _ref("LNM")}}},

@@ -29,6 +29,7 @@ _shtab_ush_commands() {
     list_lnm:'List the local node managers (the physical hosts)'
     maintenance:'Put a host into maintenance or take it out (administrators)'
     migrate:'Move VMs to other hosts (live migration)'
+    notices:'Turn the [notice] lines on or off (asynchronous news about your VMs)'
     pause:'Pause VMs, keeping their memory resident'
     plugins:'List the available plugins and the event chains (administrators)'
     query:'Ask a query that a plugin answers (e.g. dns.status)'
@@ -51,6 +52,7 @@ _shtab_ush_options=(
   "(- : *)"{-h,--help}"[show this help message and exit]"
   "--config[read this configuration file after the usual ones]:FILE:_files"
   "--json[print results as JSON (one-shot mode)]"
+  "--no-notices[start the interactive shell with \[notice\] lines off (\'notices on\' brings them back)]"
   "(- : *)--version[show program\'s version number and exit]"
   "--completion[print the shell completion script for SHELL (bash, zsh) and exit]:SHELL:(bash zsh)"
 )
@@ -89,6 +91,7 @@ _shtab_ush_cycle_options=(
   "*"{-n,--cluster}"[CLUSTER]:CLUSTER:"
   {-r,--regex}"[REGEX]:REGEX:"
   "*--lnm[LNM]:LNM:"
+  {-v,--verbose}"[verbose]"
   "(*)::VM:"
 )
 
@@ -102,6 +105,7 @@ _shtab_ush_delete_options=(
   "*"{-n,--cluster}"[CLUSTER]:CLUSTER:"
   {-r,--regex}"[REGEX]:REGEX:"
   "*--lnm[LNM]:LNM:"
+  {-v,--verbose}"[verbose]"
   "(*)::VM:"
 )
 
@@ -114,6 +118,7 @@ _shtab_ush_destroy_options=(
   "*"{-n,--cluster}"[CLUSTER]:CLUSTER:"
   {-r,--regex}"[REGEX]:REGEX:"
   "*--lnm[LNM]:LNM:"
+  {-v,--verbose}"[verbose]"
   "(*)::VM:"
 )
 
@@ -186,6 +191,7 @@ _shtab_ush_hibernate_options=(
   "*"{-n,--cluster}"[CLUSTER]:CLUSTER:"
   {-r,--regex}"[REGEX]:REGEX:"
   "*--lnm[LNM]:LNM:"
+  {-v,--verbose}"[verbose]"
   "(*)::VM:"
 )
 
@@ -243,6 +249,7 @@ _shtab_ush_migrate_options=(
   "*"{-n,--cluster}"[CLUSTER]:CLUSTER:"
   {-r,--regex}"[REGEX]:REGEX:"
   "*--lnm[LNM]:LNM:"
+  {-v,--verbose}"[verbose]"
   "*--from[LNM]:LNM:"
   "--to[LNM]:LNM:"
   "(*)::VM:"
@@ -251,11 +258,20 @@ _shtab_ush_migrate_options=(
 # guard to ensure default positional specs are added only once per session
 _shtab_ush_migrate_defaults_added=0
 
+_shtab_ush_notices_options=(
+  {-h,--help}"[help]"
+  ":on\|off:"
+)
+
+# guard to ensure default positional specs are added only once per session
+_shtab_ush_notices_defaults_added=0
+
 _shtab_ush_pause_options=(
   {-h,--help}"[help]"
   "*"{-n,--cluster}"[CLUSTER]:CLUSTER:"
   {-r,--regex}"[REGEX]:REGEX:"
   "*--lnm[LNM]:LNM:"
+  {-v,--verbose}"[verbose]"
   "(*)::VM:"
 )
 
@@ -298,6 +314,7 @@ _shtab_ush_reboot_options=(
   "*"{-n,--cluster}"[CLUSTER]:CLUSTER:"
   {-r,--regex}"[REGEX]:REGEX:"
   "*--lnm[LNM]:LNM:"
+  {-v,--verbose}"[verbose]"
   "(*)::VM:"
 )
 
@@ -327,6 +344,7 @@ _shtab_ush_restore_options=(
   "*"{-n,--cluster}"[CLUSTER]:CLUSTER:"
   {-r,--regex}"[REGEX]:REGEX:"
   "*--lnm[LNM]:LNM:"
+  {-v,--verbose}"[verbose]"
   "(*)::VM:"
 )
 
@@ -338,6 +356,7 @@ _shtab_ush_resume_options=(
   "*"{-n,--cluster}"[CLUSTER]:CLUSTER:"
   {-r,--regex}"[REGEX]:REGEX:"
   "*--lnm[LNM]:LNM:"
+  {-v,--verbose}"[verbose]"
   "(*)::VM:"
 )
 
@@ -349,6 +368,7 @@ _shtab_ush_shutdown_options=(
   "*"{-n,--cluster}"[CLUSTER]:CLUSTER:"
   {-r,--regex}"[REGEX]:REGEX:"
   "*--lnm[LNM]:LNM:"
+  {-v,--verbose}"[verbose]"
   "(*)::VM:"
 )
 
@@ -363,6 +383,7 @@ _shtab_ush_start_options=(
   "*--arg[KEY\=VALUE]:KEY=VALUE:"
   "--affinity[affinity]:affinity:(apart together)"
   "--lease[DURATION]:DURATION:"
+  {-v,--verbose}"[verbose]"
   "(*)::words:"
 )
 
@@ -427,6 +448,7 @@ _shtab_ush() {
         list_lnm) _arguments -C -s $_shtab_ush_list_lnm_options ;;
         maintenance) _arguments -C -s $_shtab_ush_maintenance_options ;;
         migrate) _arguments -C -s $_shtab_ush_migrate_options ;;
+        notices) _arguments -C -s $_shtab_ush_notices_options ;;
         pause) _arguments -C -s $_shtab_ush_pause_options ;;
         plugins) _arguments -C -s $_shtab_ush_plugins_options ;;
         query) _arguments -C -s $_shtab_ush_query_options ;;

@@ -191,14 +191,18 @@ class HostUsage:
         memory_ratio = 1.0 if demand.guaranteed else rules.memory_overcommit
         free_memory = (self.usable_memory - self.memory_in_use()) * memory_ratio
         if demand.memory_mib > free_memory + 1e-9:
+            # Committed: the configured memory of the VMs placed here, not
+            # the free memory the host measures (list_lnm -s shows both).
             return (f"memory: needs {demand.memory_mib} MiB, "
-                    f"{_amount(max(free_memory, 0))} MiB free"
-                    f"{_terms(self.memory_mib, 'MiB', rules.reserved_memory_mib, memory_ratio, demand.guaranteed)}")
+                    f"{_amount(max(free_memory, 0))} MiB uncommitted (VMs' configured "
+                    f"memory commits {_amount(self.memory_in_use())} of "
+                    f"{_terms(self.memory_mib, 'MiB', rules.reserved_memory_mib, memory_ratio, demand.guaranteed)})")
         cpu_ratio = 1.0 if demand.guaranteed else rules.cpu_overcommit
         free_vcpus = (self.usable_cpus - self.cpus_in_use()) * cpu_ratio
         if demand.vcpus > free_vcpus + 1e-9:
-            return (f"CPUs: needs {demand.vcpus} vCPUs, {_amount(max(free_vcpus, 0))} free"
-                    f"{_terms(self.cpus, 'CPUs', rules.reserved_cpus, cpu_ratio, demand.guaranteed)}")
+            return (f"CPUs: needs {demand.vcpus} vCPUs, {_amount(max(free_vcpus, 0))} "
+                    f"uncommitted (VMs' vCPUs commit {_amount(self.cpus_in_use())} of "
+                    f"{_terms(self.cpus, 'CPUs', rules.reserved_cpus, cpu_ratio, demand.guaranteed)})")
         return None
 
 
@@ -207,14 +211,33 @@ def _amount(value):
 
 
 def _terms(total, unit, reserved, ratio, guaranteed):
-    parts = [f"of {total} {unit}"]
+    """"32768 MiB" and what changes the sum: "1024 MiB, 256 reserved for the host"."""
+    parts = [f"{total} {unit}"]
     if reserved:
         parts.append(f"{reserved} reserved for the host")
     if guaranteed:
         parts.append("guaranteed: no overcommit")
     elif ratio != 1.0:
         parts.append(f"overcommit x{ratio:g}")
-    return " (" + ", ".join(parts) + ")"
+    return ", ".join(parts)
+
+
+def committed(state, host):
+    """-> (MiB, vCPUs): the configured memory and vCPUs of the VMs that hold
+    room on ``host`` (active there, or on their way to it), before
+    overcommit: what placement counts, not what the host measures free."""
+    memory = vcpus = 0
+    info = state.lnms.get(host)
+    names = set(info.vms) if info is not None else set()
+    names.update(name for name, target in getattr(state, "incoming", {}).items()
+                 if target == host)
+    for name in names:
+        record = state.vms.get(name)
+        if record is None or record.get("state") not in ACTIVE_STATES:
+            continue
+        memory += int(record.get("memory_mib") or 0)
+        vcpus += int(record.get("vcpus") or 0)
+    return memory, vcpus
 
 
 class Ledger:

@@ -48,8 +48,23 @@ affinity = option('strict', 'best_effort', default='strict')
 """ + CAPACITY_SPEC
 
 
+# Hosts named before "and N other LNMs" when many give the same reason.
+MAX_NAMED_HOSTS = 4
+
+
 def reasons_text(reasons: dict) -> str:
-    return "; ".join(f"{host}: {why}" for host, why in sorted(reasons.items()))
+    """"host: why; ...", hosts that give the same reason together
+    ("lnm1, lnm2: why"), so that 500 full hosts make one short reason."""
+    hosts_by_reason = {}
+    for host, why in sorted(reasons.items()):
+        hosts_by_reason.setdefault(why, []).append(host)
+    parts = []
+    for why, hosts in hosts_by_reason.items():
+        named = ", ".join(hosts[:MAX_NAMED_HOSTS])
+        if len(hosts) > MAX_NAMED_HOSTS:
+            named += f" and {len(hosts) - MAX_NAMED_HOSTS} other LNMs"
+        parts.append(f"{named}: {why}")
+    return "; ".join(parts)
 
 
 def identity(vm, record, request, domain):

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 
 from twisted.internet import defer
 
+from usher.controller.capacity import committed
 from usher.controller.events import Event, Request
 from usher.errors import InvalidRequest, NoSuchVM, PermissionDenied
 from usher.naming import qualify, split
@@ -214,6 +215,9 @@ class Visibility:
         lnms = []
         for name in names:
             data = self.state.lnms[name].to_wire()
+            # What placement counts (VMs' configured sizes), beside the
+            # free memory the host measures (status: free_memory_mib).
+            data["committed_memory_mib"], data["committed_vcpus"] = committed(self.state, name)
             if self.state.holds is not None:
                 data["holds"] = self.state.holds.to_wire(name)
             if status:

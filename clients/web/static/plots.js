@@ -134,7 +134,8 @@ export function refreshEvery(ms, fetch, show, error) {
 export function hostFacts(lnm, mib, figure) {
   const figs = figuresOf(lnm);
   return [["Connected", lnm.connected ? "yes" : "no"], ["VMs (all users)", lnm.vms], ["CPUs", lnm.cpus],
-    ["Memory", mib(lnm.memory_mib)], ["Free memory", mib((figs && figs.free_memory_mib) ?? lnm.free_memory_mib)],
+    ["Memory", mib(lnm.memory_mib)], ["Committed (VMs' configured memory)", mib(lnm.committed_memory_mib)],
+    ["Measured free memory", mib((figs && figs.free_memory_mib) ?? lnm.free_memory_mib)],
     ["CPU % 1/5/15 min", figs ? triple(figs, "cpu").map((v) => figure(v)).join(" / ") : "-"],
     ["Figures", (figs && figs.source) || "none yet"]];
 }
