@@ -5,7 +5,7 @@ import pytest_twisted
 from twisted.internet import reactor
 
 from usher import states
-from usher.errors import InvalidRequest, NoSuchVM, PermissionDenied, Rejected
+from usher.errors import InvalidRequest, NoSuchLNM, NoSuchVM, PermissionDenied, Rejected
 from usher.vmset import Selection
 
 from tests.grid import DOMAIN, Grid
@@ -94,10 +94,33 @@ async def test_every_operation(grid):
 async def test_operation_from_wrong_state_fails_without_change(grid):
     await start_cluster(grid, count=1)
     c = grid.controller
+    result = await c.op_on("alice", False, "reboot", Selection(names=["1.sneetch"]))
+    assert result["done"] == [{"name": full("1.sneetch"), "state": states.RUN}]
+    await c.op_on("alice", False, "shutdown", Selection(names=["1.sneetch"]))
     result = await c.op_on("alice", False, "resume", Selection(names=["1.sneetch"]))
     assert result["done"] == []
-    assert "cannot resume a VM that is run" in result["failed"][0]["error"]
-    assert c.state.vms[full("1.sneetch")]["state"] == states.RUN
+    assert result["failed"] == [{"name": full("1.sneetch"), "code": "wrong_state",
+                                 "error": "cannot resume a VM that is shutoff"}]
+    assert c.state.vms[full("1.sneetch")]["state"] == states.SHUTOFF
+
+
+@pytest_twisted.ensureDeferred
+async def test_operation_on_a_vm_already_in_its_result_state_is_done_already(grid):
+    await start_cluster(grid, count=2)
+    c = grid.controller
+    vm1, vm2 = full("1.sneetch"), full("2.sneetch")
+    await c.op_on("alice", False, "pause", Selection(names=["1.sneetch"]))
+    result = await c.op_on("alice", False, "pause", Selection(clusters=["sneetch"]))
+    assert result["failed"] == []
+    assert result["done"] == [{"name": vm1, "state": states.PAUSED, "already": True},
+                              {"name": vm2, "state": states.PAUSED}]
+    result = await c.op_on("alice", False, "resume", Selection(clusters=["sneetch"]))
+    result = await c.op_on("alice", False, "resume", Selection(names=["1.sneetch"]))
+    assert result["done"] == [{"name": vm1, "state": states.RUN, "already": True}]
+    started = await c.start("alice", False, ["1.sneetch"])
+    assert started["failed"] == []
+    assert started["started"] == [{"name": vm1, "lnm": c.state.vms[vm1]["lnm"],
+                                   "already": True}]
 
 
 @pytest_twisted.ensureDeferred
@@ -130,9 +153,9 @@ async def test_bad_input_changes_nothing(grid):
         Selection(names=["[3-1].sneetch"])
     with pytest.raises(InvalidRequest):
         await c.start("alice", False, ["Bad_Name!"], [], {})
-    with pytest.raises(InvalidRequest):
-        await c.start("alice", False, ["1.sneetch"], [], {})     # exists
-    with pytest.raises(InvalidRequest):
+    # Running already: started, and nothing changes.
+    assert (await c.start("alice", False, ["1.sneetch"], [], {}))["started"][0]["already"]
+    with pytest.raises(NoSuchLNM):
         await c.migrate("alice", False, Selection(names=["1.sneetch"]), ["nosuchlnm"])
     assert {n: dict(r) for n, r in c.state.vms.items()} == before
 

@@ -197,7 +197,8 @@ async def test_start_list_filters_operations_and_migrate(web, system):
     assert all(r["lnm"] == lnm for r in (await client.get(
         f"/api/v1/vms?lnm={lnm}")).json["vms"])
     unknown_host = await client.post("/api/v1/vms/pause", {"lnm": "nosuch"})
-    assert unknown_host.code == 400 and "no such LNM: nosuch" in unknown_host.raw.decode()
+    assert unknown_host.code == 404 and "no such LNM: nosuch" in unknown_host.raw.decode()
+    assert unknown_host.error_code == "no_such_lnm"
 
     one = await client.get(f"/api/v1/vms/{full('solo')}")
     assert one.code == 200 and one.json["name"] == full("solo") and "status" in one.json
@@ -235,7 +236,7 @@ async def test_errors_have_stable_codes_and_ush_messages(web, system):
     assert (await client.get("/api/v1/nothing")).error_code == "not_found"
     wrong_method = await client.request("DELETE", "/api/v1/vms")
     assert wrong_method.code == 405 and wrong_method.header(b"allow") == "GET"
-    assert (await client.get("/api/v1/lnms/nosuch")).error_code == "not_found"
+    assert (await client.get("/api/v1/lnms/nosuch")).error_code == "no_such_lnm"
 
 
 @pytest_twisted.ensureDeferred

@@ -259,7 +259,7 @@ A selection is None (every VM), a list of names and ranges, or a dict with
 "names", "regex", "clusters", "everything" and "lnms" (LNM names, ranges,
 /regex/ or ~regex: only the VMs on those LNMs, or alone every VM the caller
 may see on them; an LNM name the controller does not know is
-InvalidRequest; sent only when not empty). One request (its selection
+NoSuchLNM; sent only when not empty). One request (its selection
 and its LNM list together) may name at most max_selection_names names,
 ranges expanded, and carry at most max_selection_patterns ranges and
 regular expressions (RE2 syntax, 256 characters at most); past that it is

@@ -38,6 +38,17 @@ OPERATION_PRECONDITIONS = {
     "cycle": {RUN, PAUSED, SHUTOFF},
 }
 
+# The states in which an operation has nothing to do: the VM is in its
+# result state already, and the operation succeeds as "already" (idempotent,
+# like the LNM's commands); start of a running VM likewise.
+ALREADY = {
+    "pause": {PAUSED},
+    "resume": {RUN},
+    "shutdown": {SHUTOFF},
+    "hibernate": {HIBERNATED},
+    "restore": {RUN},
+}
+
 # The state a successful operation leaves the VM in (destroy removes it).
 OPERATION_RESULT = {
     "pause": PAUSED,

@@ -11,6 +11,8 @@ import json
 import re
 from collections.abc import Mapping
 
+from usher.errors import USAGE
+
 from . import monitor
 
 # The record key (and its column's title) naming the LNM that hosts a VM.
@@ -280,7 +282,8 @@ def format_start_result(result):
     if started or not failed:
         lines.append(f"Controller started {plural(len(started), 'VM')}"
                      f"{format_duration(result.get('elapsed'))}" + (":" if started else "."))
-        lines += [f"{item['name']} started on {host_of(item)}" for item in started]
+        lines += [f"{item['name']} already running on {host_of(item)}" if item.get("already")
+                  else f"{item['name']} started on {host_of(item)}" for item in started]
     lines += _failure_lines("start", failed)
     lines += _note_lines(result)
     return "\n".join(lines)
@@ -293,6 +296,10 @@ PAST_TENSE = {
 }
 
 
+# How "already <state>" reads.
+ALREADY_WORD = {"run": "running", "shutoff": "shut off"}
+
+
 def format_operation_result(operation, result):
     done = by_name(result.get("done") or [])
     failed = result.get("failed") or []
@@ -302,7 +309,11 @@ def format_operation_result(operation, result):
         lines.append(f"Controller {past} {plural(len(done), 'VM')}:")
         for item in done:
             state = item.get("state")
-            lines.append(f"{item['name']} -> {state}" if state else f"{item['name']} {past}")
+            if item.get("already"):
+                lines.append(f"{item['name']} already {ALREADY_WORD.get(state, state)}")
+            else:
+                lines.append(f"{item['name']} -> {state}" if state
+                             else f"{item['name']} {past}")
     lines += _failure_lines(operation, failed)
     if not done and not failed:
         lines.append("No VMs matched.")
@@ -316,7 +327,8 @@ def format_migrate_result(result):
     lines = []
     if moved:
         lines.append(f"Controller migrated {plural(len(moved), 'VM')}:")
-        lines += [f"{item['name']} moved from {item.get('from')} to {item.get('to')}"
+        lines += [f"{item['name']} already on {item.get('to')}" if item.get("already")
+                  else f"{item['name']} moved from {item.get('from')} to {item.get('to')}"
                   for item in moved]
     lines += _failure_lines("migrate", failed)
     if not moved and not failed:
@@ -400,9 +412,10 @@ def usage_error_text(exc):
 
 # --- Output: text for people, or JSON with --json --------------------------------
 
-def error_json(message):
-    """An error as one line of JSON (what --json prints instead of text)."""
-    return json.dumps({"error": message})
+def error_json(message, code):
+    """An error as one line of JSON (what --json prints instead of text):
+    the message and its code (usher.errors.ERROR_CODES)."""
+    return json.dumps({"error": message, "code": code})
 
 
 def write_outcome(outcome, *, json_output, out, err):
@@ -419,6 +432,6 @@ def write_outcome(outcome, *, json_output, out, err):
 
 def write_usage_error(exc, *, json_output, out, err):
     if json_output:
-        out.write(error_json(usage_error_text(exc)) + "\n")
+        out.write(error_json(usage_error_text(exc), USAGE) + "\n")
     else:
         err.write(usage_error_text(exc) + "\n")

@@ -7,14 +7,18 @@ connection is dropped so that its inventory settles the VM. A ``destroy``
 of a VM its LNM no longer has (it went missing) is done: the record goes,
 and the answer says so. Every VM of a request ends in ``done`` or
 ``failed``; an unexpected error is logged with its traceback and reported.
+A VM already in the operation's result state (``states.ALREADY``) is done
+with ``"already": True`` and nothing is sent; each failed entry has the
+code of its error (usher.errors.ERROR_CODES).
 """
 
 from twisted.logger import Logger
 
 from usher import states
+from usher import errors
 from usher.controller.commands import (INTERNAL_ERROR, Room, check_args, dropped_failures,
-                                       failure_text, run_each, unaccounted, unanswered,
-                                       unexpected)
+                                       failed_entry, failure_text, run_each, unaccounted,
+                                       unanswered, unexpected)
 from usher.controller.events import Event, Request
 from usher.controller.state import ORIGIN_LNM
 from usher.errors import InvalidRequest, LinkFailure, NoSuchVM, UsherError
@@ -45,22 +49,26 @@ class Operations(Room):
         done = []
         work = []
         allowed = states.OPERATION_PRECONDITIONS[operation]
+        already = states.ALREADY.get(operation, set())
         for name in request.vms:
-            rec, why = self.refusal(name, allowed, operation)
+            rec, why = self.refusal(name, allowed | already, operation)
             if why is not None:
-                failed.append({"name": name, "error": why})
+                failed.append(failed_entry(name, why))
+            elif rec["state"] in already:
+                done.append({"name": name, "state": rec["state"], "already": True})
             elif not self.inventory.connected(rec["lnm"]):
                 if operation == "destroy" and rec["state"] in (states.MISSING,):
                     self.state.remove(name)
                     done.append({"name": name, "state": None})
                 else:
-                    failed.append({"name": name, "error": f"LNM {rec['lnm']} is not connected"})
+                    failed.append(failed_entry(name, f"LNM {rec['lnm']} is not connected",
+                                               errors.UNAVAILABLE))
             else:
                 work.append(rec)
         await run_each([self._one(operation, rec, done, failed, request) for rec in work],
                        operation)
         for name in unaccounted([rec["name"] for rec in work], done, failed):
-            failed.append({"name": name, "error": INTERNAL_ERROR})
+            failed.append(failed_entry(name, INTERNAL_ERROR, errors.INTERNAL))
         done.sort(key=lambda d: d["name"])
         return {"operation": operation, "done": done, "failed": failed,
                 "notes": request.notes}
@@ -108,6 +116,6 @@ class Operations(Room):
         text = failure_text(error, lnm, name, f"{operation} could be sent")
         if unanswered(error):
             self.inventory.resynchronize(lnm, handle, f"no answer to {operation} {name}")
-        failed.append({"name": name, "error": text})
+        failed.append(failed_entry(name, text, error.code))
         self.chains.notify(Event("op_complete", self.api, operation=operation,
                                  vm=dict(rec), ok=False, error=text))
