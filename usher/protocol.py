@@ -178,18 +178,35 @@ Perspective (paper, Table 4, plus session and administration methods)::
                                       (list_request plugins filter them as
                                       for list)
     start(vms: list, lnms: list, args: dict|None) -> {"started": [{"name",
-                                      "lnm"}], "failed": [{"name", "error"}],
-                                      "notes": [str], "elapsed": float}
+                                      "lnm"[, "already": True]}], "failed":
+                                      [{"name", "error", "code"}], "notes":
+                                      [str], "elapsed": float}
+                                      (a VM named that runs already is
+                                      started, "already", nothing sent)
                                       (args: at most 32, values of 4,096
                                       characters, 16 KiB in all; VMs: at most
                                       max_request_vms)
     op_on(operation: str, selection, args: dict|None) -> {"operation",
                                       "done": [{"name", "state" (None:
-                                      destroyed)}], "failed": [{"name",
-                                      "error"}], "notes": [str]}
+                                      destroyed)[, "already": True]}],
+                                      "failed": [{"name", "error", "code"}],
+                                      "notes": [str]}
+                                      (a VM already in the operation's
+                                      result state, usher.states.ALREADY, is
+                                      done "already": success, nothing sent)
     migrate(selection, lnms: list, args: dict|None) -> {"migrated": [{"name",
-                                      "from", "to"}], "failed": [{"name",
-                                      "error"}], "notes": [str]}
+                                      "from", "to"[, "already": True]}],
+                                      "failed": [{"name", "error", "code"}],
+                                      "notes": [str]}
+                                      (already on its target: "already")
+
+Every failed entry's "code" is one of usher.errors.ERROR_CODES (stable:
+ush --json and usherweb show it; "rejected" for what a plugin dropped,
+"no_capacity" for placement, "wrong_state", "busy", "outcome_unknown" ...);
+peers before 2026-12 sent none. A request that fails whole fails with an
+UsherError whose class gives its code (``UsherError.code``): NoSuchVM for
+an unknown VM or a selection matching none, NoSuchLNM for an unknown LNM,
+InvalidRequest for malformed input.
     query(name: str, args_json: str) -> [json chunk]
                                       ask a plugin's registered query
                                       (usher.controller.queries): name of

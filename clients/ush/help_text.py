@@ -111,11 +111,16 @@ def _operation_entry(operation, summary, details, examples):
     result = states.OPERATION_RESULT[operation]
     outcome = (f"The VMs end in state {result}." if result
                else "The VMs are removed.")
+    already = states.ALREADY.get(operation)
+    if already:
+        outcome += (f" A VM already {' or '.join(sorted(already))} is done at once "
+                    "(reported as already).")
     text = (
         f"{summary}.\n\n"
         f"{textwrap.dedent(details)}\n\n"
-        f"Allowed from state: {allowed}. {outcome} The controller refuses VMs\n"
-        "in any other state (each refusal is listed, the others proceed).\n\n"
+        + textwrap.fill(f"Allowed from state: {allowed}. {outcome} The controller "
+                        "refuses VMs in any other state (each refusal is listed, the "
+                        "others proceed).", 72) + "\n\n"
         f"{textwrap.dedent(SELECTION_OPTIONS)}\n"
         "The result lists each VM with its new state (\"already\" for a VM\n"
         "that was in it: that is success too), then any VM the operation failed\n"
@@ -792,7 +797,7 @@ TOPICS["oneshot"] = _entry(
     "Running one command from a Unix shell or a script (and --json)",
     "",
     """\
-    ush [--config FILE] [--json] COMMAND [ARGUMENTS...]
+    ush [--config FILE]... [--isolated] [--json] COMMAND [ARGUMENTS...]
 
     connects, runs one command, prints its result and exits, in the manner
     of virsh:
@@ -820,13 +825,15 @@ TOPICS["config"] = _entry(
     "",
     """\
     ush reads /etc/usher/ush.config, then ~/.usher/ush.config, then the file
-    named by $USHER_USH_CONFIG, then the file given with --config; later
-    values win key by key. Options of the [ush] section:
+    named by $USHER_USH_CONFIG, then the files given with --config (only
+    those with --isolated); later values win key by key. Options of the [ush] section:
       controller_host, controller_port   where the controller listens
       controller_tls_name    name expected in its certificate (None: host)
       ssl_ca_file            the site CA certificate
       username               None: your login name
-      password               None: ush asks (keep the file private if set)
+      password               None: password_file, else ush asks on the
+                             terminal (keep the file private if set)
+      password_file          a file only you can read; its first line
       history_file           interactive command history (~/.ush_history)
       clusters               only cache and show these clusters (empty: all)
       call_timeout           seconds to wait for the controller's answers
