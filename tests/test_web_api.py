@@ -185,6 +185,12 @@ async def test_start_list_filters_operations_and_migrate(web, system):
     assert paused.json["summary"].startswith("Controller paused 3 VMs")
     assert (await client.get("/api/v1/vms?cluster=webt&state=paused")).json["total"] == 3
     assert (await client.get("/api/v1/vms?state=paused&regex=solo")).json["total"] == 0
+    # Idempotent (issue 17): paused already is done, flagged, in ush's words.
+    again = await client.post("/api/v1/vms/pause", {"cluster": "webt"})
+    assert again.code == 200 and all(d["already"] for d in again.json["done"])
+    assert f"{listing['vms'][0]['name']} already paused" in again.json["summary"]
+    nothing = await client.post("/api/v1/vms/pause", {"cluster": "nosuch"})
+    assert (nothing.code, nothing.error_code) == (404, "no_such_vm")
     resumed = await client.post("/api/v1/vms/resume", {"regex": r"\.webt\."})
     assert len(resumed.json["done"]) == 3
     # Selecting by host: only webt's VMs on that LNM, or (alone) all of them there.
