@@ -98,6 +98,13 @@ def on_pty(*args, answers=()):
 
 # --- item 5: exit statuses, codes, idempotence ---------------------------------------
 
+def test_the_readme_shows_the_tables_of_the_code():
+    """One table, in usher/errors.py; the README shows it as rendered."""
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    assert help_text.markdown_tables() in readme
+
+
+
 @pytest_twisted.ensureDeferred
 async def test_every_exit_status_and_code_through_real_ush(system, tmp_path):
     ush = system.ush

@@ -857,6 +857,16 @@ def error_code_lines():
             for code, (status, meaning) in errors.ERROR_CODES.items()]
 
 
+def markdown_tables():
+    """The two tables as the README shows them (a test keeps it current)."""
+    lines = ["| Exit status | Meaning |", "|---|---|"]
+    lines += [f"| {status} | {meaning} |" for status, _, meaning in errors.EXIT_STATUSES]
+    lines += ["", "| Code | Exit status | Meaning |", "|---|---|---|"]
+    lines += [f"| `{code}` | {status} | {meaning} |"
+              for code, (status, meaning) in errors.ERROR_CODES.items()]
+    return "\n".join(lines)
+
+
 def exit_status_summary():
     """One line: the exit statuses (for ush --help)."""
     return ("Exit status: " + ", ".join(f"{status} {short}"
