@@ -219,6 +219,10 @@ async def test_configuration_and_ca_are_checked_before_the_password_prompt(syste
                                 answers=[("Password:", system.description["password"])])
     assert code == errors.EXIT_OK, output
     assert output.startswith("Password:") and "VM" in output
+    # Ctrl-C at the prompt: interrupted, 130, no traceback.
+    code, output = await on_pty("--isolated", "--config", nopass, "list",
+                                answers=[("Password:", "\x03")])
+    assert code == errors.EXIT_INTERRUPTED and "Traceback" not in output, output
 
 
 @pytest_twisted.ensureDeferred

@@ -38,17 +38,6 @@ OPERATION_PRECONDITIONS = {
     "cycle": {RUN, PAUSED, SHUTOFF},
 }
 
-# The states in which an operation has nothing to do: the VM is in its
-# result state already, and the operation succeeds as "already" (idempotent,
-# like the LNM's commands); start of a running VM likewise.
-ALREADY = {
-    "pause": {PAUSED},
-    "resume": {RUN},
-    "shutdown": {SHUTOFF},
-    "hibernate": {HIBERNATED},
-    "restore": {RUN},
-}
-
 # The state a successful operation leaves the VM in (destroy removes it).
 OPERATION_RESULT = {
     "pause": PAUSED,
@@ -60,3 +49,11 @@ OPERATION_RESULT = {
     "destroy": None,
     "cycle": RUN,
 }
+
+# Operations that put a VM in a state (OPERATION_RESULT) rather than act
+# on it (reboot, cycle): one on a VM in that state already has nothing to do
+# and succeeds as "already" (idempotent, like the LNM's commands). ALREADY:
+# operation -> the states in which it is done already.
+SETS_STATE = ("pause", "resume", "shutdown", "hibernate", "restore", "destroy")
+ALREADY = {operation: {OPERATION_RESULT[operation]} for operation in SETS_STATE
+           if OPERATION_RESULT.get(operation)}

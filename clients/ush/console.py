@@ -39,14 +39,15 @@ def has_terminal():
 
 
 def read_password(getpass_fn, prompt):
-    """The password typed at ``prompt``; Cancelled if the user gives up, or
-    at once if there is no terminal (getpass would read the password from
-    standard input, with a GetPassWarning: never what a script means)."""
+    """The password typed at ``prompt``; Cancelled at end of input (Ctrl-D),
+    or at once if there is no terminal (getpass would read the password
+    from standard input, with a GetPassWarning: never what a script means).
+    Ctrl-C is KeyboardInterrupt (one-shot ush exits 130)."""
     if getpass_fn is getpass.getpass and not has_terminal():
         raise Cancelled(NO_TERMINAL)
     try:
         return getpass_fn(prompt)
-    except (EOFError, KeyboardInterrupt):
+    except EOFError:
         raise Cancelled() from None
 
 
@@ -131,7 +132,10 @@ class Console:
 
     def _ask_password(self, prompt, d):
         try:
-            password = read_password(self._getpass, prompt)
+            try:
+                password = read_password(self._getpass, prompt)
+            except KeyboardInterrupt:       # at the prompt: gives up this connect
+                raise Cancelled() from None
         except Cancelled as exc:
             if not exc.args:
                 self.write("\n")
