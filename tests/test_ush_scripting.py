@@ -146,6 +146,15 @@ async def test_every_exit_status_and_code_through_real_ush(system, tmp_path):
     assert (await ush("shutdown", "2.scr")).returncode == errors.EXIT_OK
     off = await ush("shutdown", "2.scr", json_output=False)
     assert off.returncode == errors.EXIT_OK and "already shut off" in off.stdout
+    host = parse_json(await ush("list", "1.scr"))[0]["lnm"]
+    there = await ush("migrate", "1.scr", host)
+    assert there.returncode == errors.EXIT_OK, there.stdout
+    assert parse_json(there)["migrated"] == [{"name": full("1.scr"), "from": host, "to": host,
+                                              "already": True}]
+    both = await ush("start", "1.scr", "3.scr")
+    assert both.returncode == errors.EXIT_OK, both.stdout
+    assert [(vm["name"], vm.get("already", False)) for vm in parse_json(both)] == [
+        (full("1.scr"), True), (full("3.scr"), False)]
 
     # 1, refused for some VM: its entry has the code; the others go on.
     mixed = await ush("resume", "-n", "scr")
@@ -153,7 +162,8 @@ async def test_every_exit_status_and_code_through_real_ush(system, tmp_path):
     result = parse_json(mixed)
     assert result["failed"] == [{"name": full("2.scr"), "code": "wrong_state",
                                  "error": "cannot resume a VM that is shutoff"}]
-    assert result["done"] == [{"name": full("1.scr"), "state": "run", "already": True}]
+    assert result["done"] == [{"name": full(f"{i}.scr"), "state": "run", "already": True}
+                              for i in (1, 3)]
 
     # 2, usage and bad input; configuration.
     usage = await ush("pause", "-r", "(bad")
@@ -198,6 +208,14 @@ async def test_ctrl_c_on_a_pending_command_exits_130(system):
     first, code, err = await threads.deferToThread(interrupt)
     assert first and code == errors.EXIT_INTERRUPTED, (code, err)
     assert "Traceback" not in err
+
+
+def test_some_vms_failed_is_1_and_an_unknown_outcome_3():
+    from usher.clients.ush.outcome import results_exit_code
+    assert results_exit_code([]) == errors.EXIT_OK
+    assert results_exit_code([{"name": "a", "code": "wrong_state"}]) == errors.EXIT_FAILED
+    assert results_exit_code([{"name": "a", "code": "wrong_state"},
+                              {"name": "b", "code": "outcome_unknown"}]) == errors.EXIT_CONNECTION
 
 
 # --- item 10: checks before the password; no terminal; --isolated --------------------

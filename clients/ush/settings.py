@@ -56,7 +56,8 @@ class UshSettings:
 def read_password_file(path):
     """The first line of ``path``, a regular file no one else may read."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        # Non-blocking: a FIFO named by mistake must not hang ush.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as exc:
         raise ConfigError(f"password_file {path}: {exc.strerror}") from None
     with os.fdopen(fd, "rb") as f:

@@ -178,6 +178,11 @@ class PlacementPlugin:
         relocating = vm in request.relocate
         if migrating:
             source = record.get("lnm")
+            if source in request.lnms and self.suggestion != "ignore":
+                # Asked to be where it is already: nothing to move (the
+                # migration reports it "already").
+                request.place(vm, source)
+                return
         demand = ledger.demand(record, None if migrating or relocating else request.args)
         groups, reasons = self._candidates(request, ledger, source)
         chosen = None
