@@ -43,7 +43,7 @@ def banner():
 def default_client_factory(reactor, settings):
     """The real client's factory; checks the files the client will need
     first (raises ConfigError)."""
-    settings.check_files()
+    settings.load_files()
 
     def factory(host, port, username, password):
         from usher.client import UsherClient

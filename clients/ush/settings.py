@@ -37,10 +37,10 @@ class UshSettings:
     def login_name(self):
         return self.username or getpass.getuser()
 
-    def check_files(self):
-        """Before any password is asked: the CA file must be readable, and a
-        password_file only the user's (its first line is the password).
-        Raises ConfigError naming the option."""
+    def load_files(self):
+        """Before any password is asked: check that the CA file is readable
+        and read password_file (only the user's; its first line is the
+        password) into ``password``. Raises ConfigError naming the option."""
         if not self.ssl_ca_file:
             raise ConfigError("ssl_ca_file is not set in the [ush] section (the CA "
                               "certificate that signed the controller's)")
@@ -48,7 +48,8 @@ class UshSettings:
             with open(self.ssl_ca_file, "rb"):
                 pass
         except OSError as exc:
-            raise ConfigError(f"ssl_ca_file {self.ssl_ca_file}: {exc.strerror}") from None
+            raise ConfigError(f"[ush] ssl_ca_file {self.ssl_ca_file}: {exc.strerror} (the "
+                              "site CA certificate, which signed the controller's)") from None
         if self.password is None and self.password_file:
             self.password = read_password_file(self.password_file)
 
@@ -59,23 +60,23 @@ def read_password_file(path):
         # Non-blocking: a FIFO named by mistake must not hang ush.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as exc:
-        raise ConfigError(f"password_file {path}: {exc.strerror}") from None
+        raise ConfigError(f"[ush] password_file {path}: {exc.strerror}") from None
     with os.fdopen(fd, "rb") as f:
         info = os.fstat(f.fileno())
         if not stat.S_ISREG(info.st_mode):
-            raise ConfigError(f"password_file {path}: not a regular file")
+            raise ConfigError(f"[ush] password_file {path}: not a regular file")
         if info.st_mode & 0o077:
-            raise ConfigError(f"password_file {path}: readable by others (mode "
+            raise ConfigError(f"[ush] password_file {path}: others may read it (mode "
                               f"{stat.S_IMODE(info.st_mode):o}); chmod 600 it")
         data = f.read(4097)
     if len(data) > 4096:
-        raise ConfigError(f"password_file {path}: longer than 4096 bytes")
+        raise ConfigError(f"[ush] password_file {path}: longer than 4096 bytes")
     try:
         line = data.decode("utf-8").splitlines()
     except UnicodeDecodeError:
-        raise ConfigError(f"password_file {path}: not UTF-8 text") from None
+        raise ConfigError(f"[ush] password_file {path}: not UTF-8 text") from None
     if not line or not line[0]:
-        raise ConfigError(f"password_file {path}: empty first line")
+        raise ConfigError(f"[ush] password_file {path}: empty first line")
     return line[0]
 
 
