@@ -33,9 +33,6 @@ STATUSES = {
     METHOD_NOT_ALLOWED: 405, REJECTED: 409, OPERATION_FAILED: 409, TOO_LARGE: 413,
     UNSUPPORTED_MEDIA_TYPE: 415, INTERNAL: 500, UNAVAILABLE: 503, OUTCOME_UNKNOWN: 504,
 }
-# Codes a whole request never fails with in usherweb (they describe one VM
-# of a result, or ush itself); the OpenAPI document lists them too.
-VM_CODES = (errors.WRONG_STATE, errors.BUSY, errors.NO_CAPACITY)
 
 
 class ApiError(Exception):
