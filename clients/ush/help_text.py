@@ -811,6 +811,7 @@ TOPICS["oneshot"] = _entry(
     no terminal (cron, CI) ush does not read standard input: it fails at
     once (exit status 3, code no_password). --isolated reads only the
     --config files (as the daemons do).
+
     --json prints JSON instead of tables: list and list_lnm print an array
     of objects (list: name, state, lnm, cluster, owner, memory_mib, vcpus,
     ...), start an array of {"name", "lnm"} (with "already": true for a
