@@ -36,7 +36,7 @@ def test_every_ush_command_and_its_options_are_offered():
 
 
 def test_ush_and_usher_print_their_scripts(capsys):
-    assert program.run(["--completion", "bash"], settings_loader=lambda _: None) == 0
+    assert program.run(["--completion", "bash"], settings_loader=lambda *_a, **_k: None) == 0
     assert "_shtab_ush_subparsers=(" in capsys.readouterr().out
     assert admin.main(["completion", "bash"]) == 0
     assert "_shtab_usher_subparsers=(" in capsys.readouterr().out

@@ -5,7 +5,7 @@ import pytest_twisted
 from twisted.internet import reactor
 
 from usher import states
-from usher.errors import InvalidRequest, NoSuchVM, PermissionDenied, Rejected
+from usher.errors import InvalidRequest, NoSuchLNM, NoSuchVM, PermissionDenied, Rejected
 from usher.vmset import Selection
 
 from tests.grid import DOMAIN, Grid
@@ -133,9 +133,9 @@ async def test_destroy_keeps_the_vm_off_and_start_boots_it_again(grid):
                       "failed": [], "notes": []}
     info = await grid.vmms[lnm].domain_info(vm)
     assert info["state"] == states.SHUTOFF
-    # Destroying it again: already off, nothing to do.
+    # Destroying it again: already off, nothing sent.
     again = await c.op_on("alice", False, "destroy", Selection(names=["1.sneetch"]))
-    assert again["done"] == [{"name": vm, "state": "shutoff"}]
+    assert again["done"] == [{"name": vm, "state": "shutoff", "already": True}]
     started = await c.start("alice", False, ["1.sneetch"])
     assert started["started"] == [{"name": vm, "lnm": lnm}], started
     assert c.state.vms[vm]["state"] == states.RUN
@@ -158,7 +158,7 @@ async def test_delete_removes_the_vm_and_fires_vm_removed(grid):
     # A running VM is refused, with what to do about it.
     assert result["failed"] == [{"name": names[2], "error": (
         "cannot delete a VM that is run: shut it down or destroy it first, or force the "
-        "delete (ush delete --force), which powers it off")}]
+        "delete (ush delete --force), which powers it off"), "code": "wrong_state"}]
     assert sorted(c.state.vms) == [names[2]]
     for name in names[:2]:
         with pytest.raises(NoSuchVM):
@@ -215,7 +215,7 @@ async def test_delete_of_a_missing_vm_removes_its_record(grid):
     assert c.state.vms[vm]["state"] == states.MISSING
     refused = await c.op_on("alice", False, "destroy", Selection(names=["1.sneetch"]))
     assert refused["failed"] == [{"name": vm, "error": "cannot destroy a VM that is missing: it "
-                                  "is gone from its host; delete removes its record"}]
+                                  "is gone from its host; delete removes its record", "code": "wrong_state"}]
     result = await c.op_on("alice", False, "delete", Selection(names=["1.sneetch"]))
     assert result["done"] == [{"name": vm, "state": None}]
     assert vm not in c.state.vms
@@ -225,10 +225,33 @@ async def test_delete_of_a_missing_vm_removes_its_record(grid):
 async def test_operation_from_wrong_state_fails_without_change(grid):
     await start_cluster(grid, count=1)
     c = grid.controller
+    result = await c.op_on("alice", False, "reboot", Selection(names=["1.sneetch"]))
+    assert result["done"] == [{"name": full("1.sneetch"), "state": states.RUN}]
+    await c.op_on("alice", False, "shutdown", Selection(names=["1.sneetch"]))
     result = await c.op_on("alice", False, "resume", Selection(names=["1.sneetch"]))
     assert result["done"] == []
-    assert "cannot resume a VM that is run" in result["failed"][0]["error"]
-    assert c.state.vms[full("1.sneetch")]["state"] == states.RUN
+    assert result["failed"] == [{"name": full("1.sneetch"), "code": "wrong_state",
+                                 "error": "cannot resume a VM that is shutoff"}]
+    assert c.state.vms[full("1.sneetch")]["state"] == states.SHUTOFF
+
+
+@pytest_twisted.ensureDeferred
+async def test_operation_on_a_vm_already_in_its_result_state_is_done_already(grid):
+    await start_cluster(grid, count=2)
+    c = grid.controller
+    vm1, vm2 = full("1.sneetch"), full("2.sneetch")
+    await c.op_on("alice", False, "pause", Selection(names=["1.sneetch"]))
+    result = await c.op_on("alice", False, "pause", Selection(clusters=["sneetch"]))
+    assert result["failed"] == []
+    assert result["done"] == [{"name": vm1, "state": states.PAUSED, "already": True},
+                              {"name": vm2, "state": states.PAUSED}]
+    result = await c.op_on("alice", False, "resume", Selection(clusters=["sneetch"]))
+    result = await c.op_on("alice", False, "resume", Selection(names=["1.sneetch"]))
+    assert result["done"] == [{"name": vm1, "state": states.RUN, "already": True}]
+    started = await c.start("alice", False, ["1.sneetch"])
+    assert started["failed"] == []
+    assert started["started"] == [{"name": vm1, "lnm": c.state.vms[vm1]["lnm"],
+                                   "already": True}]
 
 
 @pytest_twisted.ensureDeferred
@@ -261,9 +284,9 @@ async def test_bad_input_changes_nothing(grid):
         Selection(names=["[3-1].sneetch"])
     with pytest.raises(InvalidRequest):
         await c.start("alice", False, ["Bad_Name!"], [], {})
-    with pytest.raises(InvalidRequest):
-        await c.start("alice", False, ["1.sneetch"], [], {})     # exists
-    with pytest.raises(InvalidRequest):
+    # Running already: started, and nothing changes.
+    assert (await c.start("alice", False, ["1.sneetch"], [], {}))["started"][0]["already"]
+    with pytest.raises(NoSuchLNM):
         await c.migrate("alice", False, Selection(names=["1.sneetch"]), ["nosuchlnm"])
     assert {n: dict(r) for n, r in c.state.vms.items()} == before
 

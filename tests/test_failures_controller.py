@@ -95,7 +95,8 @@ async def test_a_start_never_sent_fails_at_once_and_leaves_nothing(grid):
     grid.to_lnm("lnm1").not_sent.add("start_many")
     result = await c.start("alice", False, ["x3"], ["lnm1"], {})
     assert result["failed"] == [{"name": full("x3"), "error": "LNM lnm1 disconnected before "
-                                 f"{full('x3')} could be started; nothing was done"}]
+                                 f"{full('x3')} could be started; nothing was done",
+                                 "code": "unavailable"}]
     assert full("x3") not in c.state.vms and c.state.lnms["lnm1"].connected
 
 
@@ -171,7 +172,8 @@ async def test_migration_refused_by_the_target_puts_the_vm_back_at_once(grid):
     vm = await start_one(grid, "m3", "lnm1")
     grid.to_lnm("lnm2").refuse["import_image"] = OperationFailed("no room")
     result = await migrate(grid, vm, "lnm2")
-    assert result["failed"] == [{"name": vm, "error": "migration to lnm2 failed: no room"}]
+    assert result["failed"] == [{"name": vm, "error": "migration to lnm2 failed: no room",
+                                 "code": "operation_failed"}]
     assert grid.controller.state.vms[vm]["state"] == states.RUN
     assert grid.controller.state.vms[vm]["lnm"] == "lnm1"
     assert await hosts_of(grid, vm) == ["lnm1"]

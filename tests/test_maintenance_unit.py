@@ -55,7 +55,7 @@ async def test_moves_run_at_most_concurrency_at_once_and_progress_counts():
     assert status["total"] == 6 and len(status["running"]) == 2 and status["waiting"] == 3
     assert status["failed"] == [{"name": "off.x.alice.usher.test", "error":
                                  "cannot migrate a VM that is shutoff (start it elsewhere, "
-                                 "or delete it)"}]
+                                 "or delete it)", "code": "wrong_state"}]
     assert len(fake.pending) == 2
     first = sorted(fake.pending)[0]
     fake.answer(first, to="lnm2")

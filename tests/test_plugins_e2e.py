@@ -65,7 +65,8 @@ async def test_ush_manages_plugins_and_swaps_placement(system, tmp_path):
         f"password = {system.description['password']}", "password = bob-secret"))
     refused = await system.ush("plugins", config=str(bob_config))
     assert refused.returncode == 1
-    assert json.loads(refused.stdout) == {"error": "only administrators may manage plugins"}
+    assert json.loads(refused.stdout) == {"error": "only administrators may manage plugins",
+                                          "code": "permission_denied"}
 
 
 @pytest_twisted.ensureDeferred

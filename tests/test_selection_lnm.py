@@ -5,7 +5,7 @@ grid, and the client library through the real client port."""
 import pytest
 import pytest_twisted
 from usher import states
-from usher.errors import InvalidRequest, NoSuchVM
+from usher.errors import InvalidRequest, NoSuchLNM, NoSuchVM
 from usher.vmset import Budget, Limits, Selection
 
 from tests.e2e import wait_for
@@ -77,7 +77,7 @@ def test_lnm_names_and_patterns_count_against_the_budget():
 
 def test_matching_lnms_refuses_an_explicit_unknown_name():
     selection = Selection(lnms=["lnm1", "~9$", "nosuch"])
-    with pytest.raises(InvalidRequest, match="no such LNM: nosuch"):
+    with pytest.raises(NoSuchLNM, match="no such LNM: nosuch"):
         selection.matching_lnms(["lnm1", "lnm2", "lnm9"])
     assert Selection(lnms=["lnm1", "~9$"]).matching_lnms(["lnm1", "lnm2", "lnm9"]) == [
         "lnm1", "lnm9"]
@@ -108,7 +108,7 @@ async def test_list_by_lnm_shows_what_the_caller_may_see(grid):
                                                "clusters": ["onlnm2"]})) == [
         full("1.onlnm2"), full("2.onlnm2")]
     assert await c.list("alice", False, {"lnms": ["lnm3"]}) == []
-    with pytest.raises(InvalidRequest, match="no such LNM: lnm9"):
+    with pytest.raises(NoSuchLNM, match="no such LNM: lnm9"):
         await c.list("alice", False, {"lnms": ["lnm9"]})
 
 
@@ -123,7 +123,7 @@ async def test_an_operation_on_the_vms_of_an_lnm(grid):
     # A named VM elsewhere is filtered out: nothing matches.
     with pytest.raises(NoSuchVM):
         await c.op_on("alice", False, "pause", {"names": ["1.onlnm2"], "lnms": ["lnm1"]})
-    with pytest.raises(InvalidRequest, match="no such LNM"):
+    with pytest.raises(NoSuchLNM, match="no such LNM"):
         await c.op_on("alice", False, "resume", {"lnms": ["nosuch"]})
 
 
@@ -152,7 +152,7 @@ async def test_the_client_library_selects_by_lnm(client_grids):
     assert names(alice.select(Selection(clusters=["a", "b"]), lnms=["~1$"])) == [
         full("1.a"), full("2.a")]
     assert names(await alice.list(on1)) == [full("1.a"), full("2.a")]
-    with pytest.raises(InvalidRequest, match="no such LNM"):
+    with pytest.raises(NoSuchLNM, match="no such LNM"):
         await alice.list(Selection(lnms=["lnm7"]))
     result = await alice.op_on("pause", on1)
     assert names(result["done"]) == [full("1.a"), full("2.a")]

@@ -1061,7 +1061,7 @@ class OneShot:
         self.password_prompts = []
         self.factory_calls = []
         self.settings = settings(password=password)
-        self.loader = loader or (lambda path: self.settings)
+        self.loader = loader or (lambda *_files, **_how: self.settings)
 
     def factory(self, host, port, username, password):
         self.factory_calls.append((host, port, username, password))
@@ -1119,7 +1119,7 @@ def test_one_shot_start_json_with_failures():
     assert run("--json", "start", "-n", "web", "-c", "3") == 1
     assert run.json() == [{"name": full("1.web"), "lnm": f"vmm43.{DOMAIN}"},
                           {"name": full("3.web"), "lnm": f"vmm47.{DOMAIN}"},
-                          {"name": full("2.web"), "error": "no room"}]
+                          {"name": full("2.web"), "error": "no room", "code": "operation_failed"}]
 
 
 def test_one_shot_start_success():
@@ -1166,7 +1166,7 @@ def test_one_shot_usage_errors_exit_2_without_connecting():
 def test_one_shot_connection_errors_exit_3():
     run = OneShot(password="wrong")
     assert run("--json", "list") == 3
-    assert run.json() == {"error": "authentication failed"}
+    assert run.json() == {"error": "authentication failed", "code": "authentication_failed"}
     world = sneetch_world()
     world.reachable = False
     run = OneShot(world)
@@ -1174,10 +1174,10 @@ def test_one_shot_connection_errors_exit_3():
     assert "cannot reach the controller" in run.stderr.getvalue()
 
 
-def test_one_shot_failed_command_exits_1():
+def test_one_shot_unknown_vm_exits_4():
     run = OneShot()
-    assert run("--json", "shutdown", "nosuch") == 1
-    assert run.json() == {"error": f"no such VM: {full('nosuch')}"}
+    assert run("--json", "shutdown", "nosuch") == 4
+    assert run.json() == {"error": f"no such VM: {full('nosuch')}", "code": "no_such_vm"}
 
 
 def test_one_shot_help_needs_no_connection():
@@ -1197,7 +1197,7 @@ def test_one_shot_connect():
 
 
 def test_invalid_configuration_exits_2_with_one_line():
-    def broken(path):
+    def broken(paths, isolated=False):
         raise ConfigError("/home/a/.usher/ush.config:4: [ush] controller_port: 'x' is "
                           "not an integer")
     run = OneShot(loader=broken)
@@ -1212,9 +1212,10 @@ def test_invalid_configuration_exits_2_with_one_line():
 def test_config_file_is_passed_to_the_loader():
     seen = []
     run = OneShot()
-    run.loader = lambda path: seen.append(path) or run.settings
+    run.loader = lambda paths, isolated: seen.append((paths, isolated)) or run.settings
     run("--config", "/tmp/my.config", "help")
-    assert seen == ["/tmp/my.config"]
+    run("--isolated", "--config", "/tmp/a.config", "--config", "/tmp/b.config", "help")
+    assert seen == [(["/tmp/my.config"], False), (["/tmp/a.config", "/tmp/b.config"], True)]
 
 
 def test_settings_from_loaded_configuration(tmp_path):

@@ -136,7 +136,8 @@ def test_one_shot_json():
     assert {r["address"] for r in run.json()} == {"10.1.0.9", "10.1.0.11"}
     run = OneShot(sample_world())
     assert run("--json", "addresses") == ush.EXIT_USAGE   # as every InvalidRequest
-    assert run.json() == {"error": "no such query: ipam.addresses (registered: none)"}
+    assert run.json() == {"error": "no such query: ipam.addresses (registered: none)",
+                          "code": "invalid_request"}
 
 
 def test_list_shows_each_vms_address_blank_when_none():

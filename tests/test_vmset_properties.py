@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from usher.errors import InvalidRequest
+from usher.errors import InvalidRequest, NoSuchLNM
 from usher.vmset import (MAX_REGEX, Budget, Limits, Selection, compile_regex, expand_ranges,
                          match_names)
 
@@ -147,7 +147,7 @@ def test_match_names_picks_candidates_or_is_invalid(patterns):
     budget = Budget(SMALL)
     try:
         chosen = match_names(candidates, patterns, budget)
-    except InvalidRequest:
+    except (InvalidRequest, NoSuchLNM):
         counted(budget)
         return
     counted(budget)

@@ -186,6 +186,12 @@ async def test_start_list_filters_operations_and_migrate(web, system):
     assert paused.json["summary"].startswith("Controller paused 3 VMs")
     assert (await client.get("/api/v1/vms?cluster=webt&state=paused")).json["total"] == 3
     assert (await client.get("/api/v1/vms?state=paused&regex=solo")).json["total"] == 0
+    # Idempotent (issue 17): paused already is done, flagged, in ush's words.
+    again = await client.post("/api/v1/vms/pause", {"cluster": "webt"})
+    assert again.code == 200 and all(d["already"] for d in again.json["done"])
+    assert f"{listing['vms'][0]['name']} already paused" in again.json["summary"]
+    nothing = await client.post("/api/v1/vms/pause", {"cluster": "nosuch"})
+    assert (nothing.code, nothing.error_code) == (404, "no_such_vm")
     resumed = await client.post("/api/v1/vms/resume", {"regex": r"\.webt\."})
     assert len(resumed.json["done"]) == 3
     # Selecting by host: only webt's VMs on that LNM, or (alone) all of them there.
@@ -198,7 +204,8 @@ async def test_start_list_filters_operations_and_migrate(web, system):
     assert all(r["lnm"] == lnm for r in (await client.get(
         f"/api/v1/vms?lnm={lnm}")).json["vms"])
     unknown_host = await client.post("/api/v1/vms/pause", {"lnm": "nosuch"})
-    assert unknown_host.code == 400 and "no such LNM: nosuch" in unknown_host.raw.decode()
+    assert unknown_host.code == 404 and "no such LNM: nosuch" in unknown_host.raw.decode()
+    assert unknown_host.error_code == "no_such_lnm"
 
     one = await client.get(f"/api/v1/vms/{full('solo')}")
     assert one.code == 200 and one.json["name"] == full("solo") and "status" in one.json
@@ -239,7 +246,7 @@ async def test_errors_have_stable_codes_and_ush_messages(web, system):
     assert (await client.get("/api/v1/nothing")).error_code == "not_found"
     wrong_method = await client.request("DELETE", "/api/v1/vms")
     assert wrong_method.code == 405 and wrong_method.header(b"allow") == "GET"
-    assert (await client.get("/api/v1/lnms/nosuch")).error_code == "not_found"
+    assert (await client.get("/api/v1/lnms/nosuch")).error_code == "no_such_lnm"
 
 
 @pytest_twisted.ensureDeferred

@@ -31,7 +31,7 @@ import sys
 from collections.abc import Callable
 from typing import TextIO
 
-from usher import passwdfile, pki
+from usher import errors, passwdfile, pki
 from usher.cmd_ipam import register_ipam_commands
 from usher.cmd_ldap import register_ldap_commands
 from usher.cmd_report import register_report_commands
@@ -297,23 +297,25 @@ def main(argv=None, *, stdin: TextIO | None = None,
                              getpass=getpass, bcrypt_rounds=bcrypt_rounds)
     try:
         return args.handler(args, context)
+    # The exit statuses of usher.errors.EXIT_STATUSES, as for ush (a refused
+    # or failed administrative step is 1).
     except UsageError as exc:
         parser.print_usage(sys.stderr)
         _error(str(exc))
-        return 2
+        return errors.EXIT_USAGE
     except UsherError as exc:
         _error(str(exc))
-        return 1
+        return errors.EXIT_FAILED
     except EOFError:
         _error("no password entered")
-        return 1
+        return errors.EXIT_FAILED
     except OSError as exc:
         _error(f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc))
-        return 1
+        return errors.EXIT_FAILED
     except KeyboardInterrupt:
         print(file=sys.stderr)
         _error("interrupted")
-        return 130
+        return errors.EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

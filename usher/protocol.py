@@ -188,15 +188,19 @@ Perspective (paper, Table 4, plus session and administration methods)::
                                       (list_request plugins filter them as
                                       for list)
     start(vms: list, lnms: list, args: dict|None) -> {"started": [{"name",
-                                      "lnm"}], "failed": [{"name", "error"}],
-                                      "notes": [str], "elapsed": float}
+                                      "lnm"[, "already": True]}], "failed":
+                                      [{"name", "error", "code"}], "notes":
+                                      [str], "elapsed": float}
+                                      (a VM named that runs already is
+                                      started, "already", nothing sent)
                                       (args: at most 32, values of 4,096
                                       characters, 16 KiB in all; VMs: at most
                                       max_request_vms)
     op_on(operation: str, selection, args: dict|None) -> {"operation",
                                       "done": [{"name", "state" (None:
-                                      deleted)}], "failed": [{"name",
-                                      "error"}], "notes": [str]}
+                                      deleted)[, "already": True]}],
+                                      "failed": [{"name", "error", "code"}],
+                                      "notes": [str]}
                                       (operation: usher.states.OPERATIONS,
                                       Table 3 and, since 2026-12, delete:
                                       of VMs shutoff, hibernated or missing;
@@ -205,10 +209,23 @@ Perspective (paper, Table 4, plus session and administration methods)::
                                       unknown, else they are refused; force
                                       on another operation, or not a bool,
                                       is InvalidRequest. Through the
-                                      delete_request chain like the others)
+                                      delete_request chain like the others.
+                                      A VM already in the operation's
+                                      result state, usher.states.ALREADY, is
+                                      done "already": success, nothing sent)
     migrate(selection, lnms: list, args: dict|None) -> {"migrated": [{"name",
-                                      "from", "to"}], "failed": [{"name",
-                                      "error"}], "notes": [str]}
+                                      "from", "to"[, "already": True]}],
+                                      "failed": [{"name", "error", "code"}],
+                                      "notes": [str]}
+                                      (already on its target: "already")
+
+Every failed entry's "code" is one of usher.errors.ERROR_CODES (stable:
+ush --json and usherweb show it; "rejected" for what a plugin dropped,
+"no_capacity" for placement, "wrong_state", "busy", "outcome_unknown" ...);
+peers before 2026-12 sent none. A request that fails whole fails with an
+UsherError whose class gives its code (``UsherError.code``): NoSuchVM for
+an unknown VM or a selection matching none, NoSuchLNM for an unknown LNM,
+InvalidRequest for malformed input.
     query(name: str, args_json: str) -> [json chunk]
                                       ask a plugin's registered query
                                       (usher.controller.queries): name of
@@ -278,7 +295,7 @@ A selection is None (every VM), a list of names and ranges, or a dict with
 "names", "regex", "clusters", "everything" and "lnms" (LNM names, ranges,
 /regex/ or ~regex: only the VMs on those LNMs, or alone every VM the caller
 may see on them; an LNM name the controller does not know is
-InvalidRequest; sent only when not empty). One request (its selection
+NoSuchLNM; sent only when not empty). One request (its selection
 and its LNM list together) may name at most max_selection_names names,
 ranges expanded, and carry at most max_selection_patterns ranges and
 regular expressions (RE2 syntax, 256 characters at most); past that it is

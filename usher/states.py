@@ -63,3 +63,11 @@ OPERATION_RESULT = {
     "cycle": RUN,
     "delete": None,
 }
+
+# Operations that put a VM in a state (OPERATION_RESULT) rather than act
+# on it (reboot, cycle): one on a VM in that state already has nothing to do
+# and succeeds as "already" (idempotent, like the LNM's commands). ALREADY:
+# operation -> the states in which it is done already.
+SETS_STATE = ("pause", "resume", "shutdown", "hibernate", "restore", "destroy")
+ALREADY = {operation: {OPERATION_RESULT[operation]} for operation in SETS_STATE
+           if OPERATION_RESULT.get(operation)}

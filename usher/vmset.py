@@ -18,7 +18,7 @@ import itertools
 
 import re2
 
-from usher.errors import InvalidRequest
+from usher.errors import InvalidRequest, NoSuchLNM
 from usher.naming import MAX_NAME
 
 # Names one request may name, every range expanded (the controller's
@@ -272,10 +272,10 @@ class Selection:
 
     def matching_lnms(self, candidates):
         """The names among ``candidates`` (known LNMs) the LNM filter keeps;
-        an explicit name that is not a candidate is InvalidRequest."""
+        an explicit name that is not a candidate is NoSuchLNM."""
         unknown = sorted(self._lnm_names - set(candidates))
         if unknown:
-            raise InvalidRequest(f"no such LNM: {', '.join(unknown[:5])}")
+            raise NoSuchLNM(f"no such LNM: {', '.join(unknown[:5])}")
         return [c for c in candidates if self.on_lnms(c)]
 
     def to_wire(self):
@@ -394,6 +394,6 @@ def match_names(candidates, patterns, budget=None):
         else:
             for name in expand_ranges(pattern, budget):
                 if name not in known:
-                    raise InvalidRequest(f"no such LNM: {name}")
+                    raise NoSuchLNM(f"no such LNM: {name}")
                 take(name)
     return chosen

@@ -28,14 +28,15 @@ from .cli import build_parsers
 from .cmd_lnms import CLEAR_SCREEN
 from .console import Console, PasswordPrompter
 from .format import format_duration, format_lnm_list, format_vm_list, natural_key
-from .outcome import (EXIT_CONNECTION, EXIT_FAILED, EXIT_OK, EXIT_USAGE, Cancelled, Outcome,
-                      UsageError)
+from .outcome import (EXIT_CONNECTION, EXIT_FAILED, EXIT_NO_MATCH, EXIT_OK, EXIT_USAGE,
+                      Cancelled, Outcome, UsageError)
 from .program import banner, default_client_factory, main, run, version
 from .settings import UshSettings, load_settings
 from .shell import Shell
 
 __all__ = ["build_parsers", "Console", "PasswordPrompter", "format_duration",
            "format_lnm_list", "format_vm_list", "natural_key", "CLEAR_SCREEN",
-           "EXIT_CONNECTION", "EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "Cancelled", "Outcome",
+           "EXIT_CONNECTION", "EXIT_FAILED", "EXIT_NO_MATCH", "EXIT_OK", "EXIT_USAGE",
+           "Cancelled", "Outcome",
            "UsageError", "banner", "default_client_factory", "main", "run", "version",
            "UshSettings", "load_settings", "Shell"]

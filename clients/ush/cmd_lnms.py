@@ -8,7 +8,7 @@ from twisted.internet import defer, task
 from usher.cliargs import UsageError, positive_int, positive_seconds
 
 from .format import by_name, format_lnm_list, format_top, natural_key, plural
-from .outcome import Call, Outcome
+from .outcome import EXIT_NO_MATCH, EXIT_OK, Call, Outcome
 from .parsing import check_lnm_patterns
 
 # Home the cursor and clear the screen (top's redraw).
@@ -21,7 +21,9 @@ async def cmd_list_lnm(shell, args):
 
     async def list_lnms():
         lnms = by_name(await shell.live_client().list_lnm(patterns=patterns, status=status))
-        return Outcome(format_lnm_list(lnms, status, shell.width()), lnms)
+        # LNMs asked for and none matched (a pattern; an unknown name is NoSuchLNM).
+        empty = EXIT_NO_MATCH if patterns and not lnms else EXIT_OK
+        return Outcome(format_lnm_list(lnms, status, shell.width()), lnms, empty)
     return Call(list_lnms)
 
 

@@ -5,12 +5,12 @@ import re
 
 from usher import naming, states
 from usher.cliargs import UsageError, duration, format_duration, positive_int
-from usher.errors import InvalidRequest
+from usher.errors import OPERATION_FAILED, InvalidRequest
 from usher.vmset import expand_ranges
 
 from .format import (HOST_KEY, by_name, format_migrate_result, format_operation_result,
                      format_start_result, format_vm_list, host_of)
-from .outcome import EXIT_FAILED, EXIT_OK, Call, Outcome
+from .outcome import EXIT_NO_MATCH, EXIT_OK, Call, Outcome, results_exit_code
 from .parsing import (add_selection, check_cluster, check_lnm_patterns, make_selection,
                       selection_of)
 
@@ -34,7 +34,7 @@ def parse_extra_args(items):
 
 
 def _failed_if_any(result):
-    return EXIT_FAILED if result.get("failed") else EXIT_OK
+    return results_exit_code(result.get("failed") or [])
 
 
 async def cmd_list(shell, args):
@@ -45,7 +45,10 @@ async def cmd_list(shell, args):
         records = await shell.live_client().list(selection=selection, status=status,
                                                  remote=remote)
         records = by_name(records)
-        return Outcome(format_vm_list(records, status, shell.width()), records)
+        # VMs asked for (names, -n, -r, --lnm) and none there: nothing matched,
+        # as for an operation; a plain list of no VMs is no error.
+        empty = EXIT_NO_MATCH if selection is not None and not records else EXIT_OK
+        return Outcome(format_vm_list(records, status, shell.width()), records, empty)
     return Call(list_vms, immediate=not (status or remote))
 
 
@@ -94,8 +97,11 @@ async def cmd_start(shell, args):
             own.report(result)
         started = result.get("started") or []
         failed = result.get("failed") or []
-        data = ([{"name": item["name"], HOST_KEY: host_of(item)} for item in by_name(started)]
-                + [{"name": item.get("name"), "error": item.get("error")}
+        data = ([{"name": item["name"], HOST_KEY: host_of(item),
+                  **({"already": True} if item.get("already") else {})}
+                 for item in by_name(started)]
+                + [{"name": item.get("name"), "error": item.get("error"),
+                    "code": item.get("code") or OPERATION_FAILED}
                    for item in by_name(failed)])
         return Outcome(format_start_result(result, verbose, shell.short), data,
                        _failed_if_any(result))

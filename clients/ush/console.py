@@ -24,6 +24,33 @@ from .outcome import Cancelled
 log = Logger()
 
 
+NO_TERMINAL = ("no password configured and no terminal to ask for one: set password_file "
+               "(a file only you can read) or password in the [ush] section")
+
+
+def has_terminal():
+    """Can getpass ask on a terminal (the process has a controlling one)?"""
+    try:
+        fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+def read_password(getpass_fn, prompt):
+    """The password typed at ``prompt``; Cancelled at end of input (Ctrl-D),
+    or at once if there is no terminal (getpass would read the password
+    from standard input, with a GetPassWarning: never what a script means).
+    Ctrl-C is KeyboardInterrupt (one-shot ush exits 130)."""
+    if getpass_fn is getpass.getpass and not has_terminal():
+        raise Cancelled(NO_TERMINAL)
+    try:
+        return getpass_fn(prompt)
+    except EOFError:
+        raise Cancelled() from None
+
+
 class PasswordPrompter:
     """Asks with getpass right away; for one-shot mode, before the reactor
     runs (so the blocking prompt stops nothing)."""
@@ -33,9 +60,9 @@ class PasswordPrompter:
 
     def ask_password(self, prompt):
         try:
-            return defer.succeed(self._getpass(prompt))
-        except (EOFError, KeyboardInterrupt):
-            return defer.fail(Cancelled())
+            return defer.succeed(read_password(self._getpass, prompt))
+        except Cancelled as exc:
+            return defer.fail(exc)
 
 
 class Console:
@@ -135,10 +162,14 @@ class Console:
 
     def _ask_password(self, prompt, d):
         try:
-            password = self._getpass(prompt)
-        except (EOFError, KeyboardInterrupt):
-            self.write("\n")
-            self._reactor.callFromThread(d.errback, Failure(Cancelled()))
+            try:
+                password = read_password(self._getpass, prompt)
+            except KeyboardInterrupt:       # at the prompt: gives up this connect
+                raise Cancelled() from None
+        except Cancelled as exc:
+            if not exc.args:
+                self.write("\n")
+            self._reactor.callFromThread(d.errback, Failure(exc))
         else:
             self._reactor.callFromThread(d.callback, password)
 

@@ -12,6 +12,8 @@ import re
 import textwrap
 from collections.abc import Mapping
 
+from usher.errors import USAGE
+
 from . import monitor
 
 # The record key (and its column's title) naming the LNM that hosts a VM.
@@ -425,10 +427,13 @@ def format_start_result(result, verbose=False, short=_same):
                 f"{format_duration(result.get('elapsed'))}")
         if _detailed(started, verbose):
             lines.append(head + (":" if started else "."))
-            lines += [f"{item['name']} started on {host_of(item)}" for item in started]
+            lines += [f"{item['name']} already running on {host_of(item)}" if item.get("already")
+                      else f"{item['name']} started on {host_of(item)}" for item in started]
         else:
+            already = sum(1 for item in started if item.get("already"))
             lines.append(f"{head}: {compact_names([i['name'] for i in started], short)} "
-                         f"({_per_host(group_by(started, host_of))})")
+                         f"({_per_host(group_by(started, host_of))}"
+                         + (f"; {already} already running" if already else "") + ")")
     lines += _failure_lines("start", failed, verbose, short)
     lines += _note_lines(result)
     lines += _more_hint(started, failed, verbose=verbose)
@@ -442,6 +447,10 @@ PAST_TENSE = {
 }
 
 
+# How "already <state>" reads.
+ALREADY_WORD = {"run": "running", "shutoff": "shut off"}
+
+
 def format_operation_result(operation, result, verbose=False, short=_same):
     done = by_name(result.get("done") or [])
     failed = result.get("failed") or []
@@ -451,12 +460,20 @@ def format_operation_result(operation, result, verbose=False, short=_same):
         lines.append(f"Controller {past} {plural(len(done), 'VM')}:")
         for item in done:
             state = item.get("state")
-            lines.append(f"{item['name']} -> {state}" if state else f"{item['name']} {past}")
+            if item.get("already"):
+                lines.append(f"{item['name']} already {ALREADY_WORD.get(state, state)}")
+            else:
+                lines.append(f"{item['name']} -> {state}" if state
+                             else f"{item['name']} {past}")
     elif done:
-        groups = group_by(done, lambda item: item.get("state"))
+        def outcome(item):
+            state = item.get("state")
+            if item.get("already"):
+                return f" already {ALREADY_WORD.get(state, state)}"
+            return f" -> {state}" if state else ""
+        groups = group_by(done, outcome)
         lines.append(f"Controller {past} {plural(len(done), 'VM')}: " + "; ".join(
-            compact_names(names, short) + (f" -> {state}" if state else "")
-            for state, names in groups))
+            compact_names(names, short) + label for label, names in groups))
     lines += _failure_lines(operation, failed, verbose, short)
     if not done and not failed:
         lines.append("No VMs matched.")
@@ -471,7 +488,8 @@ def format_migrate_result(result, verbose=False, short=_same):
     lines = []
     if moved and _detailed(moved, verbose):
         lines.append(f"Controller migrated {plural(len(moved), 'VM')}:")
-        lines += [f"{item['name']} moved from {item.get('from')} to {item.get('to')}"
+        lines += [f"{item['name']} already on {item.get('to')}" if item.get("already")
+                  else f"{item['name']} moved from {item.get('from')} to {item.get('to')}"
                   for item in moved]
     elif moved:
         groups = group_by(moved, lambda item: (str(item.get("from")), str(item.get("to"))))
@@ -561,9 +579,10 @@ def usage_error_text(exc):
 
 # --- Output: text for people, or JSON with --json --------------------------------
 
-def error_json(message):
-    """An error as one line of JSON (what --json prints instead of text)."""
-    return json.dumps({"error": message})
+def error_json(message, code):
+    """An error as one line of JSON (what --json prints instead of text):
+    the message and its code (usher.errors.ERROR_CODES)."""
+    return json.dumps({"error": message, "code": code})
 
 
 def write_outcome(outcome, *, json_output, out, err):
@@ -581,6 +600,6 @@ def write_outcome(outcome, *, json_output, out, err):
 
 def write_usage_error(exc, *, json_output, out, err):
     if json_output:
-        out.write(error_json(usage_error_text(exc)) + "\n")
+        out.write(error_json(usage_error_text(exc), USAGE) + "\n")
     else:
         err.write(usage_error_text(exc) + "\n")

@@ -10,7 +10,7 @@ with no logic to split.
 import dataclasses
 import textwrap
 
-from usher import states
+from usher import errors, states
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,15 +143,21 @@ def _operation_entry(operation, summary, details, examples):
     if operation == "delete":
         outcome += "\nWith --force also from: " + ", ".join(
             s for s in states.ALL_STATES if s in states.DELETE_FORCED_FROM) + " (powered off first)."
+    already = states.ALREADY.get(operation)
+    if already:
+        outcome += (f" A VM already {' or '.join(sorted(already))} is done at once "
+                    "(reported as already).")
     text = (
         f"{summary}.\n\n"
         f"{textwrap.dedent(details)}\n\n"
-        f"Allowed from state: {allowed}. {outcome} The controller refuses VMs\n"
-        "in any other state (each refusal is listed, the others proceed).\n\n"
+        + textwrap.fill(f"Allowed from state: {allowed}. {outcome} The controller "
+                        "refuses VMs in any other state (each refusal is listed, the "
+                        "others proceed).", 72) + "\n\n"
         f"{textwrap.dedent(SELECTION_OPTIONS)}\n"
-        "The result lists each VM with its new state, then any VM the\n"
-        "operation failed on with the reason; in one-shot mode the exit status\n"
-        "is 1 if any VM failed. "
+        "The result lists each VM with its new state (\"already\" for a VM\n"
+        "that was in it: that is success too), then any VM the operation failed\n"
+        "on with the reason; in one-shot mode the exit status is 1 if any VM\n"
+        "failed (see 'help exit-codes'). "
         f"{VERBOSE_NOTE}\n"
         "The result reports the VMs the command changed: they get no [notice]\n"
         "lines meanwhile. On a terminal, 'ush OPERATION ...' shows the counts\n"
@@ -863,7 +869,7 @@ TOPICS["oneshot"] = _entry(
     "Running one command from a Unix shell or a script (and --json)",
     "",
     """\
-    ush [--config FILE] [--json] COMMAND [ARGUMENTS...]
+    ush [--config FILE]... [--isolated] [--json] COMMAND [ARGUMENTS...]
 
     connects, runs one command, prints its result and exits, in the manner
     of virsh:
@@ -871,38 +877,93 @@ TOPICS["oneshot"] = _entry(
       ush start -n sneetch -c 4
       ush --json list | jq -r '.[].name'
 
-    The password comes from the configuration, else ush asks for it.
+    The password comes from the configuration (password, or password_file:
+    a file only you can read, its first line); else ush asks for it on the
+    terminal, after checking the command line and the configuration. With
+    no terminal (cron, CI) ush does not read standard input: it fails at
+    once (exit status 3, code no_password). --isolated reads only the
+    --config files (as the daemons do).
+
     Nothing else is asked: destroy, cycle and delete of several VMs, which
     the interactive shell confirms first, run at once here.
+
     --json prints JSON instead of tables: list and list_lnm print an array
     of objects (list: name, state, lnm, cluster, owner, memory_mib, vcpus,
-    ...), start an array of {"name", "lnm"} and, for failures,
-    {"name", "error"}; the operations and migrate print the controller's
-    result object ({"done": [...], "failed": [...], "notes": [...]});
-    errors print {"error": "..."}.
-
-    Exit status: 0 success; 1 the command failed, or failed for some VMs;
-    2 usage error (bad command, option, name, range or regular expression,
-    or an invalid configuration file); 3 cannot connect or log in.""")
+    ...), start an array of {"name", "lnm"} (with "already": true for a
+    VM that was running) and, for failures, {"name", "error", "code"}; the
+    operations and migrate print the controller's result object ({"done":
+    [...], "failed": [...], "notes": [...]}; a done entry has "already":
+    true if the VM was in that state already); errors print {"error": "...",
+    "code": "..."}. The exit statuses and codes: 'help exit-codes'.""")
 
 TOPICS["config"] = _entry(
     "The configuration file (ush.config)",
     "",
     """\
     ush reads /etc/usher/ush.config, then ~/.usher/ush.config, then the file
-    named by $USHER_USH_CONFIG, then the file given with --config; later
-    values win key by key. Options of the [ush] section:
+    named by $USHER_USH_CONFIG, then the files given with --config (only
+    those with --isolated); later values win key by key. Options of the [ush] section:
       controller_host, controller_port   where the controller listens
       controller_tls_name    name expected in its certificate (None: host)
       ssl_ca_file            the site CA certificate
       username               None: your login name
-      password               None: ush asks (keep the file private if set)
+      password               None: password_file, else ush asks on the
+                             terminal (keep the file private if set)
+      password_file          a file only you can read; its first line
       history_file           interactive command history (~/.ush_history)
       clusters               only cache and show these clusters (empty: all)
       call_timeout           seconds to wait for the controller's answers
       notices                print [notice] lines (yes; see 'help notices')
     The sample file etc/ush.config.orig documents each option. An invalid
     file stops ush with a message naming the file, line and option.""")
+
+def _wrapped(key, text, width=14):
+    lines = textwrap.wrap(text, 72 - width)
+    return "\n".join([f"  {key:<{width - 2}}{lines[0]}"]
+                     + [" " * width + line for line in lines[1:]])
+
+
+def exit_status_lines():
+    """The exit status table (usher.errors.EXIT_STATUSES) as text."""
+    return [_wrapped(str(status), meaning, 7) for status, _, meaning in errors.EXIT_STATUSES]
+
+
+def error_code_lines():
+    """The error code table (usher.errors.ERROR_CODES) as text."""
+    return [_wrapped(code, f"({status}) {meaning}", 24)
+            for code, (status, meaning) in errors.ERROR_CODES.items()]
+
+
+def markdown_tables():
+    """The two tables as the README shows them (a test keeps it current)."""
+    lines = ["| Exit status | Meaning |", "|---|---|"]
+    lines += [f"| {status} | {meaning} |" for status, _, meaning in errors.EXIT_STATUSES]
+    lines += ["", "| Code | Exit status | Meaning |", "|---|---|---|"]
+    lines += [f"| `{code}` | {status} | {meaning} |"
+              for code, (status, meaning) in errors.ERROR_CODES.items()]
+    return "\n".join(lines)
+
+
+def exit_status_summary():
+    """One line: the exit statuses (for ush --help)."""
+    return ("Exit status: " + ", ".join(f"{status} {short}"
+                                        for status, short, _ in errors.EXIT_STATUSES)
+            + " (type 'ush help exit-codes').")
+
+
+TOPICS["exit-codes"] = HelpEntry(
+    "Exit statuses and the error codes of --json, for scripts",
+    "",
+    "Exit status of one-shot ush (the usher admin tool uses 0, 1, 2 and 130 alike):\n"
+    + "\n".join(exit_status_lines())
+    + "\n\nWhen some VMs fail and some succeed the status is 1 (3 if the outcome\n"
+    "of one is unknown). A VM already in the state asked for (pause a paused\n"
+    "VM, resume or start a running one, shutdown a shut-off one) counts as\n"
+    "done: its entry says \"already\".\n\n"
+    "With --json an error prints {\"error\": message, \"code\": code}, and each\n"
+    "VM that failed {\"name\", \"error\", \"code\"}. The codes never change\n"
+    "(usherweb's error bodies use the same); in parentheses, the exit status:\n"
+    + "\n".join(error_code_lines()))
 
 ALIASES = {"?": "help", "exit": "quit"}
 

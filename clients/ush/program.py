@@ -1,7 +1,12 @@
 """The ush program: its options, then the interactive shell (no command)
-or one command run once, and the exit status (0 success, 1 the command
-failed, or failed for some VMs, 2 usage or configuration error, 3 cannot
-connect or log in). The console script ``ush`` is ``main``."""
+or one command run once, and the exit status (usher.errors.EXIT_STATUSES:
+0 success, 1 failed, 2 usage or configuration, 3 connection or outcome
+unknown, 4 nothing matched, 130 interrupted). The console script ``ush`` is
+``main``.
+
+Everything that can be checked locally is checked before a password is
+asked for: the command line, the configuration, the CA file, a
+password_file."""
 
 import argparse
 import getpass
@@ -12,10 +17,11 @@ import threading
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-from usher.errors import ConfigError
+from usher.errors import CONFIG_ERROR, EXIT_INTERRUPTED, USAGE, ConfigError
 
 from .console import Console, PasswordPrompter, save_history, setup_readline
 from .format import error_json
+from .help_text import exit_status_summary
 from .outcome import EXIT_OK, EXIT_USAGE
 from .settings import load_settings
 from .shell import CLOSE_TIMEOUT, Shell
@@ -36,6 +42,10 @@ def banner():
 
 
 def default_client_factory(reactor, settings):
+    """The real client's factory; checks the files the client will need
+    first (raises ConfigError)."""
+    settings.load_files()
+
     def factory(host, port, username, password):
         from usher.client import UsherClient
         return UsherClient(reactor, host, port, ca_file=settings.ssl_ca_file,
@@ -75,9 +85,6 @@ def run_interactive(settings, reactor, client_factory=None):
         reactor.callFromThread(reactor.stop)
         reactor_thread.join(CLOSE_TIMEOUT)
     return EXIT_OK
-
-
-EXIT_INTERRUPTED = 130
 
 
 def _wait_for(reactor, d, on_interrupt=None):
@@ -134,10 +141,13 @@ def command_line_parser():
     parser = argparse.ArgumentParser(
         prog="ush", description="The Usher shell. Without a command, an interactive "
         "shell; with one, run it and exit (type 'ush help' for the commands).",
-        epilog="Exit status: 0 success, 1 command failed, 2 usage or configuration "
-        "error, 3 cannot connect or log in.")
-    parser.add_argument("--config", metavar="FILE",
-                        help="read this configuration file after the usual ones")
+        epilog=exit_status_summary())
+    parser.add_argument("--config", metavar="FILE", action="append", default=[],
+                        help="read this configuration file after the usual ones (may be "
+                             "repeated)")
+    parser.add_argument("--isolated", action="store_true",
+                        help="read only the --config files, not /etc/usher, ~/.usher or "
+                             "$USHER_USH_CONFIG")
     parser.add_argument("--json", action="store_true",
                         help="print results as JSON (one-shot mode)")
     parser.add_argument("--no-notices", action="store_true",
@@ -163,24 +173,28 @@ def run(argv=None, *, stdout=None, stderr=None, settings_loader=load_settings,
 
     def fail(message, code):
         if options.json:
-            stdout.write(error_json(message) + "\n")
+            stdout.write(error_json(message, code) + "\n")
         else:
             stderr.write(f"ush: {message}\n")
-        return code
+        return EXIT_USAGE
 
+    if not options.command and options.json:
+        return fail("--json needs a command (one-shot mode)", USAGE)
     try:
-        settings = settings_loader(options.config)
+        settings = settings_loader(options.config, isolated=options.isolated)
+        if reactor is None:
+            from twisted.internet import reactor
+        # Help needs no connection (nor its files).
+        if client_factory is None and options.command[:1] != ["help"] and not (
+                {"-h", "--help"} & set(options.command)):
+            client_factory = default_client_factory(reactor, settings)
     except ConfigError as exc:
-        return fail(str(exc), EXIT_USAGE)
+        return fail(str(exc), CONFIG_ERROR)
     if options.no_notices:
         settings.notices = False
-    if reactor is None:
-        from twisted.internet import reactor
     if not options.command:
-        if options.json:
-            return fail("--json needs a command (one-shot mode)", EXIT_USAGE)
         return run_interactive(settings, reactor, client_factory)
-    shell = Shell(client_factory or default_client_factory(reactor, settings), settings,
+    shell = Shell(client_factory, settings,
                   out=stdout, err=stderr, prompter=PasswordPrompter(getpass_fn),
                   clock=reactor, json_output=options.json)
     shell.live_output = bool(getattr(stdout, "isatty", lambda: False)())

@@ -32,7 +32,7 @@ from . import cli, help_text
 from .format import (by_name, describe_change, natural_key, placement, plural,
                      write_outcome, write_usage_error)
 from .progress import OwnCommands
-from .outcome import EXIT_CONNECTION, EXIT_OK, EXIT_USAGE, LEAVE, Cancelled, Outcome, error_outcome
+from .outcome import EXIT_OK, EXIT_USAGE, LEAVE, Cancelled, Outcome, error_outcome
 
 log = Logger()
 
@@ -221,8 +221,8 @@ class Shell:
         except UsageError as exc:
             self._print_usage_error(exc)
             return True
-        except Cancelled:
-            self._err.write(f"{words[0]}: cancelled\n")
+        except Cancelled as exc:
+            self._err.write(f"{words[0]}: {exc if exc.args else 'cancelled'}\n")
             return True
         if step is LEAVE:
             return await self._leave()
@@ -329,11 +329,10 @@ class Shell:
             self._print_usage_error(exc)
             await self.close()
             return EXIT_USAGE
-        except Cancelled:
-            self._print_outcome(Outcome("Error: no password given",
-                                        {"error": "no password given"}, EXIT_CONNECTION,
-                                        error=True))
-            return EXIT_CONNECTION
+        except Cancelled as exc:
+            outcome = error_outcome(exc)
+            self._print_outcome(outcome)
+            return outcome.exit_code
         self._print_outcome(outcome)
         await self.close()
         return outcome.exit_code

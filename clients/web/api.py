@@ -213,7 +213,7 @@ class Api:
             lnms = []
         lnms = [lnm for lnm in lnms if lnm.get("name") == name]
         if not lnms:
-            raise ApiError(errors.NOT_FOUND, f"no such LNM: {name}")
+            raise ApiError(errors.NO_SUCH_LNM, f"no such LNM: {name}")
         return 200, lnms[0]
 
     async def top(self, call):

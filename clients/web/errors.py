@@ -1,43 +1,38 @@
 """Errors as the REST API answers them: ``{"error": {"code", "message"}}``
-with an HTTP status and a code that never changes (WEB_SPEC, Errors). The
-message of an Usher error is the one ush prints (clients/ush/outcome.py)."""
+with an HTTP status and a code that never changes (WEB_SPEC, Errors): for
+Usher's errors the codes of ``usher.errors.ERROR_CODES``, which ush --json
+prints too. The message of an Usher error is the one ush prints
+(clients/ush/outcome.py)."""
 
+from usher import errors
 from usher.clients.ush.outcome import error_outcome
-from usher.errors import (AuthenticationFailed, InvalidRequest, LinkFailure,
-                          MigrationUnsupported, NoSuchLNM, NoSuchVM, OperationFailed,
-                          PermissionDenied, Rejected, Unavailable)
 
-INVALID_REQUEST = "invalid_request"
-AUTHENTICATION_FAILED = "authentication_failed"
+# The codes of Usher's errors are usher.errors.ERROR_CODES (ush --json uses
+# the same); these are the web layer's own.
+INVALID_REQUEST = errors.INVALID_REQUEST
+AUTHENTICATION_FAILED = errors.AUTHENTICATION_FAILED
 NOT_LOGGED_IN = "not_logged_in"
 CSRF_FAILED = "csrf_failed"
-PERMISSION_DENIED = "permission_denied"
-NO_SUCH_VM = "no_such_vm"
+PERMISSION_DENIED = errors.PERMISSION_DENIED
+NO_SUCH_VM = errors.NO_SUCH_VM
+NO_SUCH_LNM = errors.NO_SUCH_LNM
 NOT_FOUND = "not_found"
 METHOD_NOT_ALLOWED = "method_not_allowed"
-REJECTED = "rejected"
-OPERATION_FAILED = "operation_failed"
+REJECTED = errors.REJECTED
+OPERATION_FAILED = errors.OPERATION_FAILED
 TOO_LARGE = "too_large"
 UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
-INTERNAL = "internal"
-UNAVAILABLE = "unavailable"
-OUTCOME_UNKNOWN = "outcome_unknown"
+INTERNAL = errors.INTERNAL
+UNAVAILABLE = errors.UNAVAILABLE
+OUTCOME_UNKNOWN = errors.OUTCOME_UNKNOWN
 
 # code -> HTTP status (the OpenAPI document lists them from here).
 STATUSES = {
     INVALID_REQUEST: 400, AUTHENTICATION_FAILED: 401, NOT_LOGGED_IN: 401, CSRF_FAILED: 403,
-    PERMISSION_DENIED: 403, NO_SUCH_VM: 404, NOT_FOUND: 404, METHOD_NOT_ALLOWED: 405,
-    REJECTED: 409, OPERATION_FAILED: 409, TOO_LARGE: 413, UNSUPPORTED_MEDIA_TYPE: 415,
-    INTERNAL: 500, UNAVAILABLE: 503, OUTCOME_UNKNOWN: 504,
+    PERMISSION_DENIED: 403, NO_SUCH_VM: 404, NO_SUCH_LNM: 404, NOT_FOUND: 404,
+    METHOD_NOT_ALLOWED: 405, REJECTED: 409, OPERATION_FAILED: 409, TOO_LARGE: 413,
+    UNSUPPORTED_MEDIA_TYPE: 415, INTERNAL: 500, UNAVAILABLE: 503, OUTCOME_UNKNOWN: 504,
 }
-
-# Most specific first: LinkFailure is an Unavailable, NoSuchLNM is no VM.
-_CODES = (
-    (InvalidRequest, INVALID_REQUEST), (AuthenticationFailed, AUTHENTICATION_FAILED),
-    (PermissionDenied, PERMISSION_DENIED), (NoSuchVM, NO_SUCH_VM), (NoSuchLNM, NOT_FOUND),
-    (Rejected, REJECTED), (OperationFailed, OPERATION_FAILED),
-    (MigrationUnsupported, OPERATION_FAILED), (Unavailable, UNAVAILABLE),
-)
 
 
 class ApiError(Exception):
@@ -56,13 +51,9 @@ class ApiError(Exception):
 
 
 def code_of(error):
-    """The stable code of an UsherError."""
-    if isinstance(error, LinkFailure):
-        return OUTCOME_UNKNOWN if error.sent else UNAVAILABLE
-    for cls, code in _CODES:
-        if isinstance(error, cls):
-            return code
-    return INTERNAL
+    """The stable code of an UsherError (usher.errors.ERROR_CODES)."""
+    code = getattr(error, "code", INTERNAL)
+    return code if code in STATUSES else INTERNAL
 
 
 def from_usher_error(error):

@@ -2,7 +2,7 @@
 /api/v1/openapi.json (and checked by openapi-spec-validator and
 schemathesis in the tests: what it says is what the daemon does)."""
 
-from usher import __version__, states
+from usher import __version__, errors as usher_errors, states
 from usher.clients.web import errors
 
 JSON = "application/json"
@@ -33,13 +33,30 @@ OPERATION_NOTES = {
     "delete": "Remove VMs that are off (shutoff, hibernated, missing), their definitions "
               "and saved images; VMs that run are refused unless force is true.",
 }
+# What each of Usher's codes means (usher.errors.ERROR_CODES).
+CODE_MEANINGS = "; ".join(f"{code}: {meaning}"
+                          for code, (_, meaning) in usher_errors.ERROR_CODES.items())
+FAILED_VM = {
+    "type": "object", "required": ["name", "error"],
+    "properties": {"name": {"type": "string"}, "error": {"type": "string"},
+                   "code": {"type": "string", "enum": sorted(usher_errors.ERROR_CODES),
+                            "description": "why this VM failed (stable)"}}}
+DONE_VM = {
+    "type": "object", "required": ["name"],
+    "properties": {"name": {"type": "string"}, "state": _nullable("string"),
+                   "lnm": {"type": "string"},
+                   "already": {"type": "boolean",
+                               "description": "the VM was in that state already (success)"}}}
 
 SCHEMAS = {
     "Error": {
         "type": "object", "required": ["error"],
         "properties": {"error": {
             "type": "object", "required": ["code", "message"],
-            "properties": {"code": {"type": "string", "enum": sorted(errors.STATUSES)},
+            "properties": {"code": {"type": "string", "enum": sorted(errors.STATUSES),
+                                    "description": "stable; Usher's codes are those of "
+                                                   "ush --json ('ush help exit-codes'): "
+                                                   + CODE_MEANINGS},
                            "message": {"type": "string"}}}}},
     "Session": {
         "type": "object", "required": ["user", "admin", "domain", "csrf"],
@@ -96,8 +113,10 @@ SCHEMAS = {
         "type": "object",
         "description": "The controller's result as ush --json shows it (started/done/"
                        "migrated, failed, notes, elapsed) and `summary`: ush's text.",
-        "properties": {"started": {"type": "array"}, "done": {"type": "array"},
-                       "migrated": {"type": "array"}, "failed": {"type": "array"},
+        "properties": {"started": {"type": "array", "items": DONE_VM},
+                       "done": {"type": "array", "items": DONE_VM},
+                       "migrated": {"type": "array"},
+                       "failed": {"type": "array", "items": FAILED_VM},
                        "notes": {"type": "array"}, "elapsed": _nullable("number"),
                        "summary": {"type": "string"}}},
     "LNM": {"type": "object", "required": ["name"],
@@ -203,7 +222,7 @@ def document():
                              params=[_query("status", {"type": "string",
                                                        "enum": ["0", "1", "true", "false"]})])},
         "/lnms/{name}": {"get": _op("One LNM with its figures", schema=_ref("LNM"),
-                                    params=[_path("name")], codes=("not_found",))},
+                                    params=[_path("name")], codes=("no_such_lnm",))},
         "/top": {"get": _op("Hosts and their busiest VMs (ush top)", schema=_ref("Top"),
                             params=[_query("count", {"type": "integer", "minimum": 0,
                                                      "maximum": 1000})])},

@@ -41,7 +41,7 @@ _shtab_ush_evacuate_option_strings=(-h --help --reason --concurrency --wait --in
 _shtab_ush_evacuation_option_strings=(-h --help --wait --interval)
 _shtab_ush_fenced_option_strings=(-h --help --evidence)
 _shtab_ush_exit_option_strings=(-h --help)
-_shtab_ush_option_strings=(-h --help --config --json --no-notices --version --completion)
+_shtab_ush_option_strings=(-h --help --config --isolated --json --no-notices --version --completion)
 
 _shtab_ush___config_COMPGEN=_shtab_compgen_files
 
@@ -177,6 +177,7 @@ _shtab_ush_exit___help_nargs=0
 _shtab_ush_pos_0_nargs=A...
 _shtab_ush__h_nargs=0
 _shtab_ush___help_nargs=0
+_shtab_ush___isolated_nargs=0
 _shtab_ush___json_nargs=0
 _shtab_ush___no_notices_nargs=0
 _shtab_ush___version_nargs=0

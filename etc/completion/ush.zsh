@@ -50,7 +50,8 @@ _shtab_ush_commands() {
 
 _shtab_ush_options=(
   "(- : *)"{-h,--help}"[show this help message and exit]"
-  "--config[read this configuration file after the usual ones]:FILE:_files"
+  "*--config[read this configuration file after the usual ones (may be repeated)]:FILE:_files"
+  "--isolated[read only the --config files, not \/etc\/usher, \~\/.usher or \$USHER_USH_CONFIG]"
   "--json[print results as JSON (one-shot mode)]"
   "--no-notices[start the interactive shell with \[notice\] lines off (\'notices on\' brings them back)]"
   "(- : *)--version[show program\'s version number and exit]"

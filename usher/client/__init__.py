@@ -31,7 +31,7 @@ from usher.liveness import enable_tcp_keepalive
 from usher.naming import check_label, check_short_name, qualify, split
 from usher.pbutil import as_deferred, call
 from usher.records import decode_chunks, decode_records, encode_object
-from usher.states import OPERATIONS, OPERATION_PRECONDITIONS, SHUTOFF
+from usher.states import OPERATIONS, OPERATION_PRECONDITIONS, RUN, SHUTOFF
 from usher.vmset import Selection
 
 log = Logger()
@@ -390,7 +390,8 @@ class UsherClient:
                 full = self._qualify(name)
                 check_short_name(full.split(".", 1)[0])
                 existing = self.vms.get(full)
-                if existing is not None and existing["state"] != SHUTOFF:
+                # A running one is started already (the controller says so).
+                if existing is not None and existing["state"] not in (SHUTOFF, RUN):
                     raise InvalidRequest(f"{full} already exists ({existing['state']})")
         return await self._remote("start", names, list(lnms), args)
 

@@ -14,8 +14,8 @@ from zope.interface import implementer
 from usher.controller.client_broker import dispatch_call
 from usher.controller.events import Event
 from usher.controller.queries import check_query_name, parse_query_args
-from usher.errors import (AuthenticationFailed, InvalidRequest, NoSuchVM, PermissionDenied,
-                          Rejected, UsherError)
+from usher.errors import (AuthenticationFailed, InvalidRequest, NoSuchLNM, NoSuchVM,
+                          PermissionDenied, Rejected, UsherError)
 from usher.pbutil import call
 from usher.records import encode_chunks
 from usher.states import OPERATIONS
@@ -73,7 +73,7 @@ def request_outcome(error):
         return "rejected"
     if isinstance(error, (PermissionDenied, AuthenticationFailed)):
         return "denied"
-    if isinstance(error, (InvalidRequest, NoSuchVM)):
+    if isinstance(error, (InvalidRequest, NoSuchVM, NoSuchLNM)):
         return "invalid"
     return "error"
 

@@ -8,6 +8,7 @@ a command was given.
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from usher import errors
 from usher.errors import InvalidRequest, LinkFailure, NoSuchVM
 from usher.naming import check_label
 
@@ -83,9 +84,29 @@ def plugin_set_args(user_args, args, vm_args):
                   or not (user_args[key] is value or user_args[key] == value))
 
 
+class Reason(str):
+    """Why a command may not go to a VM, with its code (usher.errors.ERROR_CODES)."""
+
+    def __new__(cls, text, code):
+        reason = super().__new__(cls, text)
+        reason.code = code
+        return reason
+
+
+def failed_entry(name, error, code=None):
+    """A failed VM of a result: {"name", "error", "code"}. ``error`` is an
+    UsherError (its code), a Reason, or text with ``code`` (default
+    operation_failed)."""
+    if code is None:
+        code = getattr(error, "code", errors.OPERATION_FAILED)
+    return {"name": name, "error": str(error), "code": code}
+
+
 def dropped_failures(request):
     """The failed entries of the VMs plugins dropped from ``request``."""
-    return [{"name": n, "error": why} for n, why in request.dropped.items()]
+    codes = getattr(request, "dropped_codes", {})
+    return [failed_entry(n, why, codes.get(n, errors.REJECTED))
+            for n, why in request.dropped.items()]
 
 
 def unanswered(error):
@@ -161,11 +182,13 @@ class Room:
         or None. -> (record or None, the reason or None)."""
         rec = self.state.vms.get(name)
         if rec is None:
-            return None, "no such VM"
+            return None, Reason("no such VM", errors.NO_SUCH_VM)
         if self.ledger.is_busy(name):
-            return rec, f"busy ({self.ledger.command_on(name)} in progress)"
+            return rec, Reason(f"busy ({self.ledger.command_on(name)} in progress)",
+                               errors.BUSY)
         if rec["state"] not in allowed:
-            return rec, f"cannot {verb} a VM that is {rec['state']}"
+            return rec, Reason(f"cannot {verb} a VM that is {rec['state']}",
+                               errors.WRONG_STATE)
         return rec, None
 
 

@@ -71,6 +71,7 @@ class Request:
         self.relocate = {}
         self.vm_args = {}              # name -> extra arguments for that VM only
         self.dropped = {}              # name -> reason (approved with modification)
+        self.dropped_codes = {}        # name -> its code, when not "rejected"
         self.rejected = None
         self.rejected_by = None
         self.notes = []
@@ -78,12 +79,16 @@ class Request:
     def reject(self, reason):
         self.rejected = str(reason)
 
-    def drop(self, vm, reason):
-        """Approve with modification: leave ``vm`` out, telling the user why."""
+    def drop(self, vm, reason, code=None):
+        """Approve with modification: leave ``vm`` out, telling the user why
+        (``code``: one of usher.errors.ERROR_CODES for the failed entry;
+        default "rejected")."""
         if vm in self.vms:
             self.vms.remove(vm)
             self.placement.pop(vm, None)
             self.dropped[vm] = str(reason)
+            if code is not None:
+                self.dropped_codes[vm] = str(code)
 
     def place(self, vm, lnm):
         self.placement[vm] = lnm

@@ -31,8 +31,8 @@ simply come back: they are the only copy.
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from usher import states
-from usher.controller.commands import hard_off, lnm_view
+from usher import errors, states
+from usher.controller.commands import Reason, failed_entry, hard_off, lnm_view
 from usher.errors import InvalidRequest, NoSuchLNM, UsherError
 
 log = Logger()
@@ -113,7 +113,7 @@ class Fencing:
     def _why_not(self, name):
         rec = self.state.vms.get(name)
         if rec is None:
-            return f"no VM {name}"
+            return Reason(f"no VM {name}", errors.NO_SUCH_VM)
         lnm = rec.get("lnm")
         if rec["state"] != states.LOST:
             return f"{name} is {rec['state']}, not lost: only a lost VM is restarted elsewhere"
@@ -138,7 +138,8 @@ class Fencing:
         for name in dict.fromkeys(names):
             why = self._why_not(name)
             if why is not None:
-                failed.append({"name": name, "error": why})
+                failed.append(failed_entry(name, why, getattr(why, "code",
+                                                              errors.WRONG_STATE)))
             else:
                 leaving[name] = self.state.vms[name]["lnm"]
         if not leaving:
@@ -149,7 +150,7 @@ class Fencing:
                                                 undone=self._restart_undone)
         except UsherError as e:
             result = {"started": [], "notes": [],
-                      "failed": [{"name": n, "error": str(e)} for n in sorted(leaving)]}
+                      "failed": [failed_entry(n, e) for n in sorted(leaving)]}
         result["failed"] = failed + result["failed"]
         for entry in result["started"]:
             log.warn("VM {vm} restarted on LNM {lnm} (its host {old} is fenced)",

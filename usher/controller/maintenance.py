@@ -20,7 +20,8 @@ in memory (``status``); the hold keeps only the counts of the last pass.
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
-from usher import states
+from usher import errors as codes, states
+from usher.controller.commands import failed_entry
 from usher.errors import InvalidRequest, NoSuchLNM, NoSuchVM, UsherError
 from usher.vmset import Selection
 
@@ -280,10 +281,10 @@ class Maintenance:
                 continue
             evacuation.total += 1
             if rec["state"] not in MOVABLE:
-                evacuation.failed.append({"name": name, "error": (
+                evacuation.failed.append(failed_entry(name, (
                     f"cannot migrate a VM that is {rec['state']}"
                     + (" (start it elsewhere, or delete it)" if rec["state"] in (
-                        states.SHUTOFF, states.HIBERNATED) else ""))})
+                        states.SHUTOFF, states.HIBERNATED) else "")), codes.WRONG_STATE))
             else:
                 evacuation.waiting.append(name)
 
@@ -297,8 +298,8 @@ class Maintenance:
             except Exception:
                 log.failure("evacuating {vm} off LNM {lnm} failed unexpectedly", vm=name,
                             lnm=evacuation.lnm)
-                evacuation.failed.append({"name": name, "error": (
-                    "internal error in the controller (see its log)")})
+                evacuation.failed.append(failed_entry(
+                    name, "internal error in the controller (see its log)", codes.INTERNAL))
             finally:
                 evacuation.running.discard(name)
 
@@ -306,21 +307,23 @@ class Maintenance:
         try:
             result = await self.migrations.migrate(SYSTEM, True, Selection(names=[name]))
         except NoSuchVM:
-            evacuation.failed.append({"name": name, "error": "removed meanwhile"})
+            evacuation.failed.append(failed_entry(name, "removed meanwhile",
+                                                  codes.NO_SUCH_VM))
             return
         except UsherError as e:
-            evacuation.failed.append({"name": name, "error": str(e)})
+            evacuation.failed.append(failed_entry(name, e))
             return
         for moved in result.get("migrated") or ():
             if moved.get("name") == name:
                 evacuation.moved.append({"name": name, "to": moved.get("to")})
                 return
-        errors = [f.get("error") for f in result.get("failed") or () if f.get("name") == name]
-        error = errors[0] if errors else "the controller did not migrate it"
+        mine = [f for f in result.get("failed") or () if f.get("name") == name]
+        error = mine[0].get("error") if mine else "the controller did not migrate it"
+        code = mine[0].get("code") if mine else codes.INTERNAL
         notes = result.get("notes") or []
         if notes:
             error += " (" + "; ".join(str(n) for n in notes[:3]) + ")"
-        evacuation.failed.append({"name": name, "error": error})
+        evacuation.failed.append(failed_entry(name, error, code))
 
     def _finished(self, evacuation):
         lnm = evacuation.lnm

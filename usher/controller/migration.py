@@ -16,9 +16,10 @@ from automat import MethodicalMachine
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from usher import states
-from usher.controller.commands import (INTERNAL_ERROR, Room, check_args, dropped_failures,
-                                       lnm_view, run_each, unaccounted, unanswered)
+from usher import errors, states
+from usher.controller.commands import (INTERNAL_ERROR, Reason, Room, check_args,
+                                       dropped_failures, failed_entry, lnm_view, run_each,
+                                       unaccounted, unanswered)
 from usher.controller.events import Event, Request
 from usher.controller.state import ORIGIN_LNM
 from usher.errors import LinkFailure, NoSuchVM, UsherError
@@ -385,16 +386,20 @@ class Migrations(Room):
         for name in request.vms:
             target = request.placement.get(name)
             rec, why = self.refusal(name, (states.RUN, states.PAUSED), "migrate")
+            if why is None and target == rec["lnm"]:
+                # Where it is asked to be already: done, nothing to move.
+                migrated.append({"name": name, "from": target, "to": target, "already": True})
+                continue
             if why is None:
                 why = self._target_refusal(rec, target)
             if why is None:
                 work.append((rec, target))
             else:
-                failed.append({"name": name, "error": why})
+                failed.append(failed_entry(name, why))
         await run_each([self._migrate_one(rec, target, migrated, failed)
                         for rec, target in work], "migration")
         for name in unaccounted([rec["name"] for rec, _target in work], migrated, failed):
-            failed.append({"name": name, "error": INTERNAL_ERROR})
+            failed.append(failed_entry(name, INTERNAL_ERROR, errors.INTERNAL))
             if (self.state.vms.get(name) or {}).get("state") == states.MIGRATING:
                 self.state.update(name, state=states.LOST)
         migrated.sort(key=lambda m: m["name"])
@@ -403,11 +408,9 @@ class Migrations(Room):
     def _target_refusal(self, rec, target):
         """Why ``rec`` may not move to ``target`` (the placement's choice), or None."""
         if target is None:
-            return "no placement plugin chose a target"
-        if target == rec["lnm"]:
-            return f"already on {target}"
+            return Reason("no placement plugin chose a target", errors.NO_CAPACITY)
         if not (self.inventory.connected(rec["lnm"]) and self.inventory.connected(target)):
-            return "source or target LNM not connected"
+            return Reason("source or target LNM not connected", errors.UNAVAILABLE)
         return None
 
     async def _migrate_one(self, rec, target, migrated, failed):
@@ -453,7 +456,9 @@ class Migrations(Room):
             self.state.update(name, state=states.LOST)
         # The record still names the source: the target drops its copy.
         await self.inventory.send_record(target, name)
-        failed.append({"name": name, "error": text})
+        failed.append(failed_entry(name, text, errors.OUTCOME_UNKNOWN
+                                   if outcome is MoveOutcome.UNKNOWN
+                                   else getattr(error, "code", errors.OPERATION_FAILED)))
         self.chains.notify(Event("migrate_complete", self.api, vm=dict(rec), ok=False,
                                  source=source, target=target, error=text))
         self.inventory.resolve_soon()

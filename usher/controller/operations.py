@@ -13,14 +13,16 @@ at once: only its record is left.
 An operation whose answer never came leaves the outcome unknown: the LNM's
 connection is dropped so that its inventory settles the VM. Every VM of a
 request ends in ``done`` or ``failed``; an unexpected error is logged with
-its traceback and reported.
+its traceback and reported. A VM already in the operation's result state
+(``states.ALREADY``) is done with ``"already": True`` and nothing is sent;
+each failed entry has the code of its error (usher.errors.ERROR_CODES).
 """
 
 from twisted.logger import Logger
 
-from usher import states
-from usher.controller.commands import (INTERNAL_ERROR, Room, check_args, dropped_failures,
-                                       failure_text, hard_off, run_each, unaccounted,
+from usher import errors, states
+from usher.controller.commands import (INTERNAL_ERROR, Reason, Room, check_args, dropped_failures,
+                                       failed_entry, failure_text, hard_off, run_each, unaccounted,
                                        unanswered, unexpected)
 from usher.controller.events import Event, Request
 from usher.controller.state import ORIGIN_LNM
@@ -55,25 +57,30 @@ class Operations(Room):
         allowed = set(states.OPERATION_PRECONDITIONS[operation])
         if forced:
             allowed |= states.DELETE_FORCED_FROM
+        already = states.ALREADY.get(operation, set())
         for name in request.vms:
-            rec, why = self.refusal(name, allowed, operation)
+            rec, why = self.refusal(name, allowed | already, operation)
             if why is not None:
                 if rec is not None and why.startswith("cannot"):
-                    why += _HINTS.get((operation, rec["state"]), "")
-                failed.append({"name": name, "error": why})
+                    why = Reason(why + _HINTS.get((operation, rec["state"]), ""),
+                                 getattr(why, "code", errors.WRONG_STATE))
+                failed.append(failed_entry(name, why))
+            elif rec["state"] in already:
+                done.append({"name": name, "state": rec["state"], "already": True})
             elif not self.inventory.connected(rec["lnm"]):
                 if operation == "delete" and rec["state"] in (states.MISSING,):
                     self.state.remove(name)
                     done.append({"name": name, "state": None})
                 else:
-                    failed.append({"name": name, "error": f"LNM {rec['lnm']} is not connected"})
+                    failed.append(failed_entry(name, f"LNM {rec['lnm']} is not connected",
+                                               errors.UNAVAILABLE))
             else:
                 work.append(rec)
         await run_each([self._one(operation, rec, done, failed, request, forced)
                         for rec in work],
                        operation)
         for name in unaccounted([rec["name"] for rec in work], done, failed):
-            failed.append({"name": name, "error": INTERNAL_ERROR})
+            failed.append(failed_entry(name, INTERNAL_ERROR, errors.INTERNAL))
         done.sort(key=lambda d: d["name"])
         return {"operation": operation, "done": done, "failed": failed,
                 "notes": request.notes}
@@ -135,7 +142,7 @@ class Operations(Room):
         text = failure_text(error, lnm, name, f"{operation} could be sent")
         if unanswered(error):
             self.inventory.resynchronize(lnm, handle, f"no answer to {operation} {name}")
-        failed.append({"name": name, "error": text})
+        failed.append(failed_entry(name, text, error.code))
         self.chains.notify(Event("op_complete", self.api, operation=operation,
                                  vm=dict(rec), ok=False, error=text))
 

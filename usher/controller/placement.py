@@ -37,6 +37,7 @@ are refused with the hold's reason by the ``Ledger``.
 
 from __future__ import annotations
 
+from usher import errors
 from usher.controller.affinity import PlacementCheck
 from usher.controller.capacity import CAPACITY_SPEC, CapacityPolicy, Ledger
 from usher.naming import DEFAULT_CLUSTER, cluster_of, split
@@ -154,7 +155,8 @@ class PlacementPlugin:
         if why is None and self._affinity is not None:
             why = self._affinity_refusal(vm, host, request)
         if why is not None:
-            request.drop(vm, f"cannot start it again on its host {host}: {why}")
+            request.drop(vm, f"cannot start it again on its host {host}: {why}",
+                         errors.NO_CAPACITY)
             return
         ledger.commit(host, demand, existing.get("owner"), existing.get("cluster"))
         request.place(vm, host)
@@ -191,6 +193,11 @@ class PlacementPlugin:
         relocating = vm in request.relocate
         if migrating:
             source = record.get("lnm")
+            if source in request.lnms and self.suggestion != "ignore":
+                # Asked to be where it is already: nothing to move (the
+                # migration reports it "already").
+                request.place(vm, source)
+                return
         demand = ledger.demand(record, None if migrating or relocating else request.args)
         groups, reasons = self._candidates(request, ledger, source)
         chosen = None
@@ -223,7 +230,8 @@ class PlacementPlugin:
                     "restart it elsewhere" if relocating else "start it")
             where = "suggested LNM" if request.lnms and self.suggestion == "require" else "LNM"
             detail = reasons_text(reasons) or f"no {where} connected"
-            request.drop(vm, f"no {where} can {verb} ({demand.describe()}): {detail}")
+            request.drop(vm, f"no {where} can {verb} ({demand.describe()}): {detail}",
+                         errors.NO_CAPACITY)
             return
         owner, cluster = self.vm_identity(vm, request)
         ledger.commit(chosen, demand, owner, cluster)

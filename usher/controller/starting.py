@@ -14,10 +14,10 @@ import uuid
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from usher import states
+from usher import errors, states
 from usher.controller.commands import (INTERNAL_ERROR, Room, check_args, dropped_failures,
-                                       failure_text, lnm_view, plugin_set_args, run_each,
-                                       unaccounted, unanswered, unexpected)
+                                       failed_entry, failure_text, lnm_view, plugin_set_args,
+                                       run_each, unaccounted, unanswered, unexpected)
 from usher.controller.events import Event, Request
 from usher.controller.state import ORIGIN_LNM
 from usher.errors import InvalidRequest, LinkFailure, OperationFailed, Unavailable, UsherError
@@ -100,6 +100,15 @@ class Starts(Room):
             return await self._start(user, admin, names, lnms, args, started_at)
 
     async def _start(self, user, admin, names, lnms, args, started_at):
+        # A VM named that runs already is started: "already", nothing sent.
+        already = [{"name": n, "lnm": self.state.vms[n]["lnm"], "already": True}
+                   for n in names if (self.state.vms.get(n) or {}).get("state") == states.RUN]
+        if already:
+            running = {entry["name"] for entry in already}
+            names = [n for n in names if n not in running]
+            if not names:
+                return {"started": already, "failed": [], "notes": [],
+                        "elapsed": self.clock.seconds() - started_at}
         restart = [n for n in names if n in self.state.vms]
         for name in restart:
             rec = self.state.vms[name]
@@ -145,11 +154,11 @@ class Starts(Room):
                 rec = self._place(name, name in restart, request, args, memory, vcpus,
                                   cluster)
             except UsherError as e:
-                failed.append({"name": name, "error": str(e)})
+                failed.append(failed_entry(name, e))
                 continue
             except Exception:
                 log.failure("start of {vm}: its record could not be made", vm=name)
-                failed.append({"name": name, "error": INTERNAL_ERROR})
+                failed.append(failed_entry(name, INTERNAL_ERROR, errors.INTERNAL))
                 continue
             placed.append(rec)
         if self.chains.has("register_vm"):
@@ -167,6 +176,7 @@ class Starts(Room):
         for name in unaccounted([rec["name"] for rec in placed], started, failed):
             self._settle_unaccounted(self.state.vms.get(name), name, failed, restart)
         elapsed = self.clock.seconds() - started_at
+        started.extend(already)
         started.sort(key=lambda s: s["name"])
         return {"started": started, "failed": failed, "notes": request.notes,
                 "elapsed": elapsed}
@@ -267,7 +277,7 @@ class Starts(Room):
         else:
             text = failure_text(error, lnm, name, f"{name} could be started")
             self._undo(rec, name in restart)
-        failed.append({"name": name, "error": text})
+        failed.append(failed_entry(name, text, error.code))
         self.chains.notify(Event("start_complete", self.api, vm=dict(rec), ok=False,
                                  error=text))
 
@@ -288,7 +298,7 @@ class Starts(Room):
         expected (logged where it happened) is reported failed, and its
         record does not stay ``starting``."""
         if not any(entry["name"] == name for entry in failed):
-            failed.append({"name": name, "error": INTERNAL_ERROR})
+            failed.append(failed_entry(name, INTERNAL_ERROR, errors.INTERNAL))
         if rec is not None and name in self._relocating:
             # Its start may have been sent: lost where it went, never undone.
             if rec.get("state") == states.STARTING:
@@ -328,7 +338,7 @@ class Starts(Room):
             else:
                 placed[name] = target
                 continue
-            failed.append({"name": name, "error": why})
+            failed.append(failed_entry(name, why))
         if placed:
             before_send({name: leaving[name] for name in placed})
         by_lnm = {}
