@@ -112,6 +112,8 @@ ssl_key_file = {pki_dir}/{name}_key.pem
 ssl_cert_file = {pki_dir}/{name}_cert.pem
 ssl_ca_file = {ca}
 state_dir = {directory}/{name}-state
+# No hypervisor: an embedded test-driver host (list_lnm marks it "test").
+test_host = yes
 host_cpus = {host_cpus}
 host_memory = {host_memory}
 host_model = sandbox-host-{i + 1}

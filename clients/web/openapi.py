@@ -91,6 +91,9 @@ SCHEMAS = {
                        "summary": {"type": "string"}}},
     "LNM": {"type": "object", "required": ["name"],
             "properties": {"name": {"type": "string"}, "connected": {"type": "boolean"},
+                           "test_host": {"type": "boolean",
+                                         "description": "an embedded libvirt test host "
+                                                        "(its VMs run nothing)"},
                            "status": {"type": "object"}}},
     "LNMList": {"type": "object", "required": ["lnms"],
                 "properties": {"lnms": {"type": "array", "items": _ref("LNM")}}},

@@ -56,7 +56,8 @@ class Fleet(service.Service):
     """Many LNMs sharing a reactor and a thread pool; see the module docstring.
 
     ``config`` is a loaded LNM configuration (``usher.settings.LNM``); it
-    must not name a hypervisor (``libvirt_uri``): members are test hosts.
+    must not name a hypervisor (``libvirt_uri``): members are test hosts
+    (``test_host`` is implied).
     """
 
     def __init__(self, config, reactor, *, cert_dir, prefix="lnm", threads=None):
@@ -81,7 +82,7 @@ class Fleet(service.Service):
         port (then ``overrides``)."""
         config = copy.deepcopy(self.config)
         lnm = config["lnm"]
-        lnm.update(name=name,
+        lnm.update(name=name, test_host=True,
                    ssl_cert_file=os.path.join(self.cert_dir, f"{name}_cert.pem"),
                    ssl_key_file=os.path.join(self.cert_dir, f"{name}_key.pem"),
                    state_dir=os.path.join(lnm["state_dir"], name),
