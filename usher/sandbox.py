@@ -4,7 +4,9 @@ Starts a controller and N LNMs as separate processes on 127.0.0.1, each LNM
 on its own libvirt test-driver host, with a fresh CA and certificates and a
 sandbox user; writes ``DIR/ush.config`` so that ``ush --config DIR/ush.config``
 connects without prompting; prints a line containing ``ready`` once every
-LNM is connected; stops everything it started on SIGTERM or SIGINT.
+LNM is connected; stops everything it started on SIGTERM or SIGINT. One
+sandbox per directory: a second one refuses while the first holds
+``DIR/sandbox.lock`` (and changes nothing).
 """
 
 import getpass
@@ -318,10 +320,50 @@ def _sleep(reactor, seconds):
     return task.deferLater(reactor, seconds, lambda: None)
 
 
+LOCK_FILE = "sandbox.lock"
+
+
+class SandboxRunning(Exception):
+    """Another ``usher sandbox`` holds the directory's lock."""
+
+
+def lock(directory):
+    """Take DIR/sandbox.lock (an exclusive ``flock``, held as long as the
+    returned file stays open: until this process ends) and write our pid
+    into it -> the open file. Raises SandboxRunning, saying whose it is and
+    how to stop it, when another sandbox holds it: a second sandbox in the
+    same directory would rewrite the first's certificates and ush.config."""
+    import fcntl
+    directory = os.path.abspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, LOCK_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 64).decode("ascii", "replace").strip()
+        os.close(fd)
+        pid = f"pid {holder}" if holder.isdigit() else f"fuser -v {path} shows its pid"
+        kill = f"kill {holder}" if holder.isdigit() else "kill PID"
+        raise SandboxRunning(
+            f"a sandbox is already running in {directory} ({pid}); nothing was changed. "
+            f"Use it (ush --config {directory}/ush.config), stop it (exit its ush shell, "
+            f"Ctrl-C where it runs, or {kill}), or run another elsewhere "
+            "(usher sandbox --dir OTHER, make sandbox SANDBOX_DIR=OTHER)") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return os.fdopen(fd, "r+")
+
+
 def run(options):
     """The ``usher sandbox`` command; returns an exit code."""
     from twisted.internet import reactor
 
+    try:
+        held = lock(options.dir)      # noqa: F841 (held until the process ends)
+    except SandboxRunning as e:
+        print(f"usher sandbox: {e}", file=sys.stderr)
+        return 1
     description = prepare(options.dir, lnms=options.lnms, domain=options.domain,
                           host_cpus=options.host_cpus, host_memory=options.host_memory,
                           web=not options.no_web)
