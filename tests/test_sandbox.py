@@ -59,6 +59,13 @@ def test_sandbox_ready_serves_and_stops_on_sigterm(sandbox_process):
     assert len(started) == 4 and {s["lnm"] for s in started} == {"lnm1", "lnm2"}
     listed = json.loads(_ush(box, "list").stdout)
     assert sorted(r["state"] for r in listed) == ["run"] * 4
+    # The README's bare `ush`, in a new shell that has no virtualenv on PATH.
+    bare = subprocess.run(["sh", "-c", f". {box}/env.sh && ush --json list -n demo"],
+                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+                          env={"PATH": "/usr/bin:/bin", "HOME": str(box)})
+    assert bare.returncode == 0, bare.stderr
+    assert len(json.loads(bare.stdout)) == 4
+    assert f". {box}/env.sh then ush" in ready
 
     # The blocking client library, from a plain script.
     description = json.loads((box / "sandbox.json").read_text())

@@ -13,6 +13,7 @@ import getpass
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -142,6 +143,18 @@ username = {user}
 password = {password}
 history_file = {directory}/ush_history
 """, mode=0o600)
+    # `. DIR/env.sh`: this installation's ush and usher first on PATH, and
+    # ush pointed at the sandbox, so the README's bare `ush ...` work.
+    env_file = os.path.join(directory, "env.sh")
+    bindir = os.path.dirname(_program("ush"))
+    _write(env_file, f"""\
+# Source this file (. {env_file}) in a shell: the sandbox's ush and usher
+# ({bindir}) come first on PATH, and ush connects to the sandbox
+# ({files["ush"]}) without --config.
+PATH={shlex.quote(bindir)}:$PATH
+USHER_USH_CONFIG={shlex.quote(files["ush"])}
+export PATH USHER_USH_CONFIG
+""")
     web_port = free_port()
     if web:
         # usherweb: HTTPS with a certificate of the sandbox's CA (role gateway,
@@ -168,7 +181,7 @@ gateway_key_file = {pki_dir}/usherweb_key.pem
 """)
     description = {"dir": directory, "user": user, "password": password,
                    "domain": domain, "client_port": client_port, "lnm_port": lnm_port,
-                   "ca_file": ca, "lnms": lnm_names, "configs": files,
+                   "ca_file": ca, "lnms": lnm_names, "configs": files, "env_file": env_file,
                    "metrics_url": f"http://127.0.0.1:{metrics_port}/metrics"}
     if web:
         description["web_url"] = f"https://localhost:{web_port}/"
@@ -315,6 +328,11 @@ class Sandbox:
                 pass
 
 
+def _program(name):
+    """The path of this installation's program ``name`` (beside its Python)."""
+    return os.path.join(os.path.dirname(os.path.abspath(sys.executable)), name)
+
+
 def _sleep(reactor, seconds):
     from twisted.internet import task
     return task.deferLater(reactor, seconds, lambda: None)
@@ -381,7 +399,8 @@ def run(options):
             return
         box.say(f"usher sandbox ready: controller on 127.0.0.1:{description['client_port']}, "
                 f"{len(description['lnms'])} LNMs, user {description['user']}; "
-                f"connect with: ush --config {description['configs']['ush']}; "
+                f"in another shell: . {description['env_file']} then ush (or "
+                f"{_program('ush')} --config {description['configs']['ush']}); "
                 f"metrics at {description['metrics_url']}")
         if "web_url" in description:
             box.say(f"usher sandbox web interface: {description['web_url']} (log in as "
