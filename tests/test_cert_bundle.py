@@ -81,6 +81,7 @@ def test_bundle_into_a_tar_file_keeps_the_modes(site, tmp_path):
     (["--out", "x", "--controller-host", "bad host"], "not a host name"),
     (["--out", "x", "--host-dir", "etc/usher"], "an absolute path"),
     (["--out", "x", "--tar", "y.tar"], "not allowed with argument"),
+    (["--out", "x", "--lnm", "bad name"], "invalid"),
     ([], "one of the arguments --out --tar is required"),
 ])
 def test_bundle_refuses_bad_arguments_and_writes_nothing(site, tmp_path, args, complaint):
@@ -89,6 +90,16 @@ def test_bundle_refuses_bad_arguments_and_writes_nothing(site, tmp_path, args, c
         capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert result.returncode in (1, 2) and complaint in result.stderr
     assert not (tmp_path / "x").exists() and not (tmp_path / "y.tar").exists()
+
+
+def test_bundle_refuses_a_directory_others_may_read(site, tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o755)
+    result = run(SOURCE_PROGRAMS, "usher", "cert", "bundle", "--lnm", "vmm9", "--dir",
+                 str(site.etc), "--out", str(shared), check=False)
+    assert result.returncode == 1 and "others may read it" in result.stderr
+    assert list(shared.iterdir()) == []
 
 
 def test_a_bundled_lnm_attaches_to_the_controller_over_tls(site, tmp_path):

@@ -129,14 +129,20 @@ def _into_directory(args, host_dir, controller_host) -> Path:
     if out.exists():
         if not out.is_dir():
             raise InvalidRequest(f"--out {out}: exists and is not a directory")
+        if out.stat().st_mode & 0o077:
+            raise InvalidRequest(f"--out {out}: exists and others may read it (a key goes "
+                                 "there): name a new directory")
         present = [name for name in FILES if (out / name).exists()]
         if present and not args.force:
             raise InvalidRequest(f"{out} already holds {', '.join(present)}; nothing "
                                  "changed (--force replaces them)")
-    else:
-        out.mkdir(mode=0o700, parents=True)
-    os.chmod(out, 0o700)
-    _make(args, out, host_dir, controller_host)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Made beside it first: a refused name or a CA problem leaves nothing.
+    with tempfile.TemporaryDirectory(prefix=".bundle-", dir=out.parent) as tmp:
+        _make(args, Path(tmp), host_dir, controller_host)
+        out.mkdir(mode=0o700, exist_ok=True)
+        for name in FILES:
+            os.replace(Path(tmp) / name, out / name)
     return out
 
 
@@ -144,7 +150,7 @@ def _into_tar(args, host_dir, controller_host) -> Path:
     target = Path(args.tar)
     if target.exists() and not args.force:
         raise InvalidRequest(f"{target} exists; nothing changed (--force replaces it)")
-    with tempfile.TemporaryDirectory(prefix=".bundle-", dir=target.parent or None) as tmp:
+    with tempfile.TemporaryDirectory(prefix=".bundle-", dir=target.parent) as tmp:
         _make(args, Path(tmp), host_dir, controller_host)
         data = io.BytesIO()
         with tarfile.open(fileobj=data, mode="w", format=tarfile.PAX_FORMAT) as tar:
