@@ -288,9 +288,11 @@ for role in $roles; do
 done
 
 # 4. Units or init scripts.
+daemons=
 for role in $roles; do
     daemon=$(daemon_of "$role")
     [ -n "$daemon" ] || continue
+    daemons="$daemons $daemon"
     mkdir -p "$service_dir" || fail "cannot create $service_dir"
     if [ "$init_system" = systemd ]; then
         source_file=$here/$daemon.service
@@ -355,7 +357,7 @@ EOF
     batchd) echo " usherbatchd: cp $E/batchd.config.orig $E/batchd.config (an administrator account, its password_file mode 600, queue_dir, state_dir), then systemctl enable --now usherbatchd" ;;
     esac
 done
-if [ "$init_system" = sysv ]; then
+if [ "$init_system" = sysv ] && [ -n "$daemons" ]; then
     echo " (SysV: instead of systemctl, update-rc.d NAME defaults && /etc/init.d/NAME start)"
 fi
 exit 0
