@@ -105,7 +105,7 @@ class Fleet(service.Service):
         added = []
         for name in names:
             member = make_service(self.member_config(name, overrides), self.reactor,
-                                  pool=self.pool)
+                                  pool=self.pool, warn_test_host=False)
             self.members[name] = member
             added.append(member)
             member.startService()
@@ -137,6 +137,8 @@ class Fleet(service.Service):
 
     def startService(self):
         super().startService()
+        log.warn("fleet {prefix}*: every member runs an embedded libvirt TEST host (simulated: "
+                 "its VMs run nothing)", prefix=self.prefix)
         self.pool.start()
 
     def stopService(self):

@@ -237,12 +237,13 @@ def hypervisor_uri(lnm_config, where="[lnm]"):
     return uri
 
 
-def make_service(config, reactor, *, pool=None):
+def make_service(config, reactor, *, pool=None, warn_test_host=True):
     """Build the LNM from ``load_config(usher.settings.LNM)``'s result.
 
     ``pool``: a thread pool shared with other LNMs (``usher.lnm.fleet``),
     started and stopped by its owner; by default the LNM has its own, of
-    ``threads`` threads.
+    ``threads`` threads. ``warn_test_host``: log a warning when it runs the
+    embedded test host (a fleet says so once for all its members).
 
     Reads the certificate (for the name) and writes the test host file (for
     the embedded driver): call it at start-up, before the reactor serves.
@@ -254,11 +255,12 @@ def make_service(config, reactor, *, pool=None):
         pool = ThreadPool(minthreads=0, maxthreads=lnm["threads"], name=f"usherlnm-{name}")
         pool_service = ThreadPoolService(pool)
     uri = hypervisor_uri(lnm)
-    if uri is None:
+    if uri is None and warn_test_host:
         log.warn("LNM {lnm}: test_host = yes: running an embedded libvirt TEST host "
                  "({cpus} CPUs, {memory} MiB, simulated: its VMs run nothing); set "
                  "libvirt_uri to manage a hypervisor", lnm=name, cpus=lnm["host_cpus"],
                  memory=lnm["host_memory"])
+    if uri is None:
         uri = write_test_host(os.path.join(lnm["state_dir"], TEST_HOST_FILE),
                               hostname=name, cpus=lnm["host_cpus"],
                               memory_mib=lnm["host_memory"], model=lnm["host_model"])
