@@ -21,6 +21,9 @@ def override_settings(path, options):
     with open(path, encoding="utf-8") as f:
         lines = f.read().splitlines()
     remaining = dict(options)
+    if remaining.get("libvirt_uri") and "test_host" not in remaining:
+        # A real hypervisor instead of the sandbox's test host.
+        remaining["test_host"] = "no"
     for i, line in enumerate(lines):
         key = line.split("=", 1)[0].strip()
         if "=" in line and key in remaining:

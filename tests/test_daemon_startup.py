@@ -145,11 +145,46 @@ def test_a_start_failure_goes_to_standard_error_too_when_the_log_is_a_file(site,
 
 
 def test_lnm_with_an_unreachable_hypervisor_exits(site):
-    config = variant(site, "lnm1", "no-hypervisor",
+    config = variant(site, "lnm1", "no-hypervisor", replace=[("test_host = yes", "")],
                      append="libvirt_uri = qemu+tcp://127.0.0.1:1/system\n")
     code, output = outcome(spawn("usherlnm", config))
     assert code == daemon.EXIT_CANNOT_START
     assert "usherlnm lnm1 could not start: cannot connect to qemu+tcp://127.0.0.1:1" in output
+
+
+def test_lnm_without_a_hypervisor_refuses_to_start_naming_file_and_key(site):
+    # No libvirt_uri and no test_host = yes: never a fake host in production.
+    config = variant(site, "lnm1", "lnm-no-uri", replace=[("test_host = yes", "")])
+    code, output = outcome(spawn("usherlnm", config))
+    assert code == daemon.EXIT_CONFIG
+    assert f"usherlnm: configuration error: {config}: libvirt_uri is not set" in output
+    assert "libvirt_uri = qemu:///system" in output and "test_host = yes" in output
+    assert "attached" not in output
+
+
+def test_lnm_with_test_host_and_a_libvirt_uri_refuses_to_start(site):
+    config = variant(site, "lnm1", "lnm-both", append="libvirt_uri = qemu:///system\n")
+    code, output = outcome(spawn("usherlnm", config))
+    assert code == daemon.EXIT_CONFIG
+    assert "test_host = yes and libvirt_uri = qemu:///system exclude each other" in output
+
+
+def test_lnm_on_a_test_host_warns_at_start(site):
+    # test_host = yes (the sandbox's): the daemon says so in its first lines.
+    process = subprocess.Popen([sys.executable, "-m", MODULES["usherlnm"], "--isolated",
+                                "--config", site["configs"]["lnm1"]],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in process.stdout:
+            lines.append(line)
+            if "TEST host" in line or len(lines) > 50:
+                break
+    finally:
+        process.terminate()
+        process.communicate(timeout=HANG)
+    assert "test_host = yes: running an embedded libvirt TEST host" in lines[-1], lines
 
 
 def test_lnm_with_an_unreadable_certificate_exits(site):

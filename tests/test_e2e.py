@@ -235,6 +235,7 @@ def test_lnm_with_untrusted_certificate_is_refused(system, tmp_path):
         ssl_cert_file = {tmp_path}/rogue/lnm9_cert.pem
         ssl_ca_file = {d['ca_file']}
         state_dir = {tmp_path}/rogue-state
+        test_host = yes
         reconnect_initial_delay = 0.2
         reconnect_max_delay = 0.5
     """))
@@ -266,6 +267,11 @@ async def test_ush_one_shot_json(system):
     lnms = parse_json(await system.ush("list_lnm"))
     assert {lnm["name"] for lnm in lnms} >= {"lnm1", "lnm2", "lnm3"}
     assert all("vms" in lnm for lnm in lnms)
+    # The sandbox's hosts are test hosts (test_host = yes), and say so.
+    assert all(lnm["test_host"] is True for lnm in lnms)
+    table = await system.ush("list_lnm", json_output=False)
+    assert table.stdout.splitlines()[2].split()[-1] == "host"
+    assert all(line.split()[-1] == "TEST" for line in table.stdout.splitlines()[4:])
     paused = await system.ush("pause", "-n", "ushjson")
     assert paused.returncode == 0, paused.stdout + paused.stderr
     vm = listed[0]

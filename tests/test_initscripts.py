@@ -6,7 +6,6 @@ import os
 import re
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 import time
@@ -243,7 +242,7 @@ def test_every_script_shares_the_code_below_its_settings():
     for name, text in texts.items():
         settings = text.split(marker)[0]
         assert re.findall(r"^NAME=(.*)$", settings, re.M) == [name]
-        assert re.findall(r"^DAEMON=(.*)$", settings, re.M) == [f"/usr/local/bin/{name}"]
+        assert re.findall(r"^DAEMON=(.*)$", settings, re.M) == [f"/opt/usher/bin/{name}"]
         assert re.findall(r"^CONFIG=(.*)$", settings, re.M) == [
             f"/etc/usher/{COMPONENT[name]}.config"]
 
@@ -496,7 +495,7 @@ def test_unit_essentials(name):
     # a start that fails fails `systemctl start`.
     assert service["Type"] == "notify"
     assert service["ExecStart"].split() == [
-        f"/usr/local/bin/{name}", "--isolated", "--config",
+        f"/opt/usher/bin/{name}", "--isolated", "--config",
         f"/etc/usher/{COMPONENT[name]}.config"]
     assert service["Restart"] == "on-failure"
     assert service["RestartPreventExitStatus"] == "2"  # a configuration error
@@ -547,13 +546,12 @@ def test_systemd_analyze_verify(tmp_path):
     bindir = tmp_path / "bin"
     for name in DAEMONS:
         write_fake_daemon(bindir, name)
-    prefix = tmp_path / "root"
-    prefix.mkdir()
-    for component in ("all", "plusher"):
-        install = run_install("--prefix", str(prefix), "--systemd", "--bindir", str(bindir),
-                              component)
-        assert install.returncode == 0, install.stderr
-    units = [str(prefix / "etc/systemd/system" / f"{name}.service") for name in DAEMONS]
+    units = []
+    for name in DAEMONS:
+        unit = tmp_path / f"{name}.service"
+        unit.write_text((INITSCRIPTS / f"{name}.service").read_text().replace(
+            f"ExecStart=/opt/usher/bin/{name} ", f"ExecStart={bindir}/{name} "))
+        units.append(str(unit))
     result = subprocess.run(["systemd-analyze", "verify", *units], capture_output=True,
                             text=True, timeout=SCRIPT_TIMEOUT)
     complaints = [line for line in (result.stdout + result.stderr).splitlines()
@@ -562,175 +560,8 @@ def test_systemd_analyze_verify(tmp_path):
     assert complaints == []
 
 
-# --- install.sh ---------------------------------------------------------------
-
-def run_install(*args) -> subprocess.CompletedProcess:
-    return subprocess.run(["sh", str(INITSCRIPTS / "install.sh"), *args], capture_output=True,
-                          text=True, timeout=SCRIPT_TIMEOUT)
-
-
-def _mode(path: Path) -> int:
-    return stat.S_IMODE(path.stat().st_mode)
-
-
-def _all_files(root: Path) -> set[str]:
-    return {str(path.relative_to(root)) for path in root.rglob("*") if path.is_file()}
-
-
-def test_install_sysv_everything(tmp_path):
-    result = run_install("--prefix", str(tmp_path), "--sysv", "all")
-    assert result.returncode == 0, result.stderr
-    # "all" is what every site runs: plusher only when named.
-    assert _all_files(tmp_path) == {
-        "etc/init.d/usherctrl", "etc/init.d/usherlnm", "etc/usher/ctrl.config.orig",
-        "etc/usher/lnm.config.orig", "etc/usher/ush.config.orig"}
-    for name in ("usherctrl", "usherlnm"):
-        installed = tmp_path / "etc/init.d" / name
-        assert installed.read_bytes() == (INITSCRIPTS / name).read_bytes()
-        assert _mode(installed) == 0o755
-    for sample in ("ctrl", "lnm", "ush"):
-        installed = tmp_path / f"etc/usher/{sample}.config.orig"
-        assert installed.read_bytes() == (SAMPLES / f"{sample}.config.orig").read_bytes()
-        assert _mode(installed) == 0o644
-    out = result.stdout
-    assert f"cp {tmp_path}/etc/usher/ctrl.config.orig {tmp_path}/etc/usher/ctrl.config" in out
-    for step in ("usher ca init", "usher cert issue", "update-rc.d usherctrl defaults",
-                 "chkconfig --add usherlnm"):
-        assert step in out, step
-
-
-def test_install_keeps_existing_configs(tmp_path):
-    etc_usher = tmp_path / "etc/usher"
-    etc_usher.mkdir(parents=True)
-    (etc_usher / "ctrl.config").write_text("[ctrl]\ndomain = example.org\n")
-    os.utime(etc_usher / "ctrl.config", (1_000_000_000, 1_000_000_000))
-    (etc_usher / "ctrl.config.orig").write_text("an old sample\n")
-
-    result = run_install("--prefix", str(tmp_path), "--sysv", "ctrl")
-    assert result.returncode == 0, result.stderr
-    assert (etc_usher / "ctrl.config").read_text() == "[ctrl]\ndomain = example.org\n"
-    assert (etc_usher / "ctrl.config").stat().st_mtime == 1_000_000_000
-    assert (etc_usher / "ctrl.config.orig").read_bytes() == \
-        (SAMPLES / "ctrl.config.orig").read_bytes()
-    assert "kept as it was" in result.stdout
-    assert not (etc_usher / "lnm.config.orig").exists()
-    assert not (tmp_path / "etc/init.d/usherlnm").exists()
-
-
-def test_install_systemd_lnm_only(tmp_path):
-    result = run_install("--prefix", f"{tmp_path}/", "--systemd", "lnm")
-    assert result.returncode == 0, result.stderr
-    assert _all_files(tmp_path) == {"etc/systemd/system/usherlnm.service",
-                                    "etc/usher/lnm.config.orig"}
-    unit = tmp_path / "etc/systemd/system/usherlnm.service"
-    assert unit.read_bytes() == (INITSCRIPTS / "usherlnm.service").read_bytes()
-    assert _mode(unit) == 0o644
-    assert "systemctl enable --now usherlnm" in result.stdout
-    assert "usher cert issue" in result.stdout
-
-
-@pytest.mark.parametrize("kind, service_file", [
-    ("--sysv", "etc/init.d/plusher"), ("--systemd", "etc/systemd/system/plusher.service")])
-def test_install_plusher(tmp_path, kind, service_file):
-    result = run_install("--prefix", str(tmp_path), kind, "plusher")
-    assert result.returncode == 0, result.stderr
-    assert _all_files(tmp_path) == {service_file, "etc/usher/plusher.config.orig"}
-    installed = tmp_path / service_file
-    assert installed.read_bytes() == (INITSCRIPTS / Path(service_file).name).read_bytes()
-    assert _mode(installed) == (0o755 if kind == "--sysv" else 0o644)
-    sample = tmp_path / "etc/usher/plusher.config.orig"
-    assert sample.read_bytes() == (SAMPLES / "plusher.config.orig").read_bytes()
-    assert _mode(sample) == 0o644
-    out = result.stdout
-    assert f"cp {sample} {tmp_path}/etc/usher/plusher.config" in out
-    assert "usher cert issue --gateway plusher" in out
-    assert "ca_cert.pem" in out
-    if kind == "--sysv":
-        assert "update-rc.d plusher defaults" in out
-        assert "/etc/init.d/plusher start" in out
-    else:
-        assert "systemctl enable --now plusher\n" in out
-    assert "usherctrl" not in out and "usherlnm" not in out
-
-
-def test_install_bindir_is_written_into_the_service_files(tmp_path):
-    bindir = tmp_path / "venv/bin"
-    for name in DAEMONS:
-        write_fake_daemon(bindir, name)
-    prefix = tmp_path / "root"
-    prefix.mkdir()
-    for kind in ("--sysv", "--systemd"):
-        for component in ("all", "plusher"):
-            result = run_install("--prefix", str(prefix), kind, "--bindir", str(bindir),
-                                 component)
-            assert result.returncode == 0, result.stderr
-            assert "warning" not in result.stdout
-    for name in DAEMONS:
-        script = (prefix / "etc/init.d" / name).read_text()
-        assert re.findall(r"^DAEMON=.*$", script, re.M) == [f"DAEMON={bindir}/{name}"]
-        unit = (prefix / "etc/systemd/system" / f"{name}.service").read_text()
-        assert re.findall(r"^ExecStart=.*$", unit, re.M) == [
-            f"ExecStart={bindir}/{name} --isolated --config /etc/usher/{COMPONENT[name]}.config"]
-
-
-def test_install_warns_about_a_missing_program(tmp_path):
-    result = run_install("--prefix", str(tmp_path), "--sysv", "--bindir", str(tmp_path / "bin"),
-                         "plusher")
-    assert result.returncode == 0, result.stderr
-    assert f"warning: {tmp_path}/bin/plusher does not exist yet" in result.stdout
-
-
-def test_installed_init_script_runs(tmp_path):
-    bindir = tmp_path / "bin"
-    write_fake_daemon(bindir, "usherctrl")
-    prefix = tmp_path / "root"
-    prefix.mkdir()
-    assert run_install("--prefix", str(prefix), "--sysv", "--bindir", str(bindir),
-                       "ctrl").returncode == 0
-    config = prefix / "etc/usher/ctrl.config"
-    shutil.copy(prefix / "etc/usher/ctrl.config.orig", config)
-    defaults = tmp_path / "defaults"
-    # No DAEMON here: the installed script's own default must be right.
-    defaults.write_text(f"CONFIG={config}\nPIDFILE={tmp_path}/ctrl.pid\n"
-                        f"LOGFILE={tmp_path}/ctrl.log\nSTART_WAIT=0.2\n")
-    env = {**os.environ, "USHER_DEFAULTS_FILE": str(defaults)}
-    script = str(prefix / "etc/init.d/usherctrl")
-    start = subprocess.run([script, "start"], env=env, capture_output=True, text=True,
-                           timeout=SCRIPT_TIMEOUT)
-    assert start.returncode == 0, start.stderr
-    pid = int((tmp_path / "ctrl.pid").read_text())
-    try:
-        assert alive(pid)
-    finally:
-        stop = subprocess.run([script, "stop"], env=env, capture_output=True, text=True,
-                              timeout=SCRIPT_TIMEOUT)
-    assert stop.returncode == 0, stop.stderr
-    assert not alive(pid)
-
-
-@pytest.mark.parametrize("args, complaint", [
-    (["--sysv", "--systemd"], "choose one"),
-    (["--sysv", "ctrl", "lnm"], "name one"),
-    (["--sysv", "all", "plusher"], "name one"),
-    (["--sysv", "everything"], "unknown argument"),
-    (["--sysv", "--bindir", "relative/bin"], "absolute"),
-    (["--sysv", "--bindir", "/opt/my bin"], "characters"),
-    (["--sysv", "--prefix"], "needs a directory"),
-])
-def test_install_refuses_bad_arguments_and_changes_nothing(tmp_path, args, complaint):
-    args = ["--prefix", str(tmp_path), *args]
-    result = run_install(*args)
-    assert result.returncode == 2
-    assert complaint in result.stderr
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_install_refuses_a_missing_prefix(tmp_path):
-    result = run_install("--prefix", str(tmp_path / "absent"), "--sysv")
-    assert result.returncode == 2
-    assert "not an existing directory" in result.stderr
-    assert list(tmp_path.iterdir()) == []
-
+# --- setup.py ---------------------------------------------------------------
+# (install.sh: tests/test_install.py)
 
 def test_setup_py_installs_every_file_in_initscripts():
     setup_py = (REPO / "setup.py").read_text()

@@ -320,7 +320,7 @@ async def test_lnm_service_attaches_over_mutual_tls(tmp_path):
         "ssl_key_file": str(tmp_path / "lnm" / "lnm7_key.pem"),
         "ssl_cert_file": str(tmp_path / "lnm" / "lnm7_cert.pem"),
         "ssl_ca_file": str(tmp_path / "ca" / "ca_cert.pem"),
-        "libvirt_uri": None, "host_cpus": 3, "host_memory": 2048,
+        "libvirt_uri": None, "test_host": True, "host_cpus": 3, "host_memory": 2048,
         "host_model": "tls-test", "state_dir": str(tmp_path / "state"),
         "domain_template": None, "migration_uri": None, "scan_interval": 10.0,
         "report_interval": 0.05, "threads": 2, "recovery_port": 7392,
@@ -359,7 +359,7 @@ async def _with_timeout(d, reactor, seconds=10):
 @pytest.mark.parametrize("text, message", [
     ("[lnm]\nscan_interval = -3\n", "scan_interval"),
     ("[lnm]\nname = lnm1\nhost_cpus = many\n", "host_cpus"),
-    ("[lnm]\nssl_cert_file = /nonexistent/cert.pem\n", "/nonexistent/cert.pem"),
+    ("[lnm]\ntest_host = yes\nssl_cert_file = /nonexistent/cert.pem\n", "/nonexistent/cert.pem"),
 ])
 def test_usherlnm_refuses_an_invalid_configuration(tmp_path, capsys, text, message):
     from usher.lnm.main import main

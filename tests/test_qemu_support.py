@@ -210,6 +210,7 @@ def test_domain_subsection_gives_the_template_defaults(tmp_path):
     config = _lnm_config(tmp_path, f"""\
 [lnm]
 name = lnm1
+test_host = yes
 state_dir = {tmp_path}/state
 ssl_ca_file = {tmp_path}/ca_cert.pem
 ssl_cert_file = {tmp_path}/lnm1_cert.pem

@@ -59,6 +59,13 @@ def test_sandbox_ready_serves_and_stops_on_sigterm(sandbox_process):
     assert len(started) == 4 and {s["lnm"] for s in started} == {"lnm1", "lnm2"}
     listed = json.loads(_ush(box, "list").stdout)
     assert sorted(r["state"] for r in listed) == ["run"] * 4
+    # The README's bare `ush`, in a new shell that has no virtualenv on PATH.
+    bare = subprocess.run(["sh", "-c", f". {box}/env.sh && ush --json list -n demo"],
+                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+                          env={"PATH": "/usr/bin:/bin", "HOME": str(box)})
+    assert bare.returncode == 0, bare.stderr
+    assert len(json.loads(bare.stdout)) == 4
+    assert f". {box}/env.sh then ush" in ready
 
     # The blocking client library, from a plain script.
     description = json.loads((box / "sandbox.json").read_text())
@@ -90,3 +97,32 @@ def test_sandbox_ready_serves_and_stops_on_sigterm(sandbox_process):
             time.sleep(0.1)
         else:
             raise AssertionError(f"process {pid} outlived the sandbox")
+
+
+def _files(box):
+    return {path.relative_to(box): (path.stat().st_mtime_ns, path.read_bytes())
+            for path in sorted(box.rglob("*"))
+            if path.is_file() and path.parent.name != "logs" and "state" not in str(path)}
+
+
+def test_a_second_sandbox_in_the_same_directory_refuses_and_changes_nothing(sandbox_process):
+    proc, box = sandbox_process
+    _wait_ready(proc)
+    assert json.loads(_ush(box, "start", "-n", "keep", "-c", "2").stdout)
+    before = _files(box)
+    assert "ush.config" in {str(path) for path in before}
+    second = subprocess.run([sys.executable, "-m", "usher.admin", "sandbox", "--dir", str(box),
+                             "--lnms", "1"], capture_output=True, text=True, timeout=60,
+                            stdin=subprocess.DEVNULL)
+    assert second.returncode == 1
+    assert (f"usher sandbox: a sandbox is already running in {box} (pid {proc.pid}); nothing "
+            f"was changed.") in second.stderr
+    assert f"kill {proc.pid}" in second.stderr and "--dir OTHER" in second.stderr
+    assert _files(box) == before          # ush.config, certificates, passwd untouched
+    # The first system is intact: same credentials, its VMs still listed.
+    assert len(json.loads(_ush(box, "list", "-n", "keep").stdout)) == 2
+
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    from usher import sandbox
+    sandbox.lock(box).close()             # released with its holder

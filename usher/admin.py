@@ -8,6 +8,9 @@
     usher cert issue --controller|--lnm|--gateway NAME [--dir D] [--out D]
                           [--hostname H]... [--ip IP]... [--days N]
                           [--key-type ec|rsa] [--force]
+    usher cert bundle --lnm NAME [--controller-host H] [--controller-port P]
+                      [--libvirt-uri URI] [--host-dir D] [--dir D] (--out DIR | --tar FILE)
+                                                  (usher.cmd_bundle)
     usher ipam subnet|range|free|who|leases ...   (usher.cmd_ipam)
     usher report usage --since DATE [--until DATE] [--by owner|cluster|owner,cluster]
                                                   (usher.cmd_report)
@@ -183,6 +186,8 @@ def _cert_issue(args, context: CommandContext) -> int:
     print(f"Issued {args.role} certificate {files.cert_path} and key {files.key_path}")
     if args.role == pki.ROLE_LNM:
         print(f"The controller accepts LNM {args.name} once [ctrl] lnm_names allows it")
+        print(f"(For a host, `usher cert bundle --lnm {args.name}` makes its files named "
+              "as lnm.config expects: usherlnm_cert.pem, usherlnm_key.pem, ca_cert.pem.)")
     return 0
 
 
@@ -215,7 +220,8 @@ def register_pki_commands(subparsers) -> None:
                             "clients and LNMs dial it as")
     roles.add_argument("--lnm", dest="role", action="store_const", const=pki.ROLE_LNM,
                        help="an LNM's certificate: NAME is the LNM's name (and nothing "
-                            "else); allow it in the controller's [ctrl] lnm_names")
+                            "else); allow it in the controller's [ctrl] lnm_names. For a "
+                            "host's LNM use `usher cert bundle`")
     roles.add_argument("--gateway", dest="role", action="store_const",
                        const=pki.ROLE_GATEWAY,
                        help="a gateway's (plusher's) certificate: HTTPS for NAME and every "
@@ -231,6 +237,39 @@ def register_pki_commands(subparsers) -> None:
     issue.add_argument("--days", type=positive_int, default=825, help="validity (default 825)")
     issue.add_argument("--force", action="store_true", help="replace existing files")
     issue.set_defaults(handler=_cert_issue)
+
+    from usher import cmd_bundle
+    bundle = cert_actions.add_parser(
+        "bundle", parents=[ca_dir_option],
+        help="a new host's LNM files: certificate, key, CA and lnm.config, to copy there",
+        description="Make what a host's LNM needs, named as lnm.config expects: "
+                    f"{', '.join(cmd_bundle.FILES)} (the key mode 600), into a directory "
+                    "(mode 700) or a tar file to unpack into the host's /etc/usher.")
+    bundle.add_argument("--lnm", dest="name", metavar="NAME", required=True,
+                        help="the LNM's name (its certificate's CN); allow it in the "
+                             "controller's [ctrl] lnm_names")
+    bundle.add_argument("--controller-host", "--hostname", metavar="H", default=None,
+                        help="the controller's host name or address as the LNM dials it, "
+                             "one of the names of its certificate (default: this host's "
+                             "FQDN)")
+    bundle.add_argument("--controller-port", metavar="P", type=positive_int,
+                        default=cmd_bundle.DEFAULT_LNM_PORT,
+                        help=f"the controller's lnm_port (default {cmd_bundle.DEFAULT_LNM_PORT})")
+    bundle.add_argument("--libvirt-uri", metavar="URI", default=None,
+                        help="the host's hypervisor, e.g. qemu:///system (default: left for "
+                             "the administrator to set in lnm.config)")
+    bundle.add_argument("--host-dir", metavar="D", default=cmd_bundle.DEFAULT_HOST_DIR,
+                        help="where the files will be on the host, as written into lnm.config "
+                             f"(default {cmd_bundle.DEFAULT_HOST_DIR})")
+    where = bundle.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", metavar="DIR", default=None,
+                       help="write the files into DIR (created, mode 700)")
+    where.add_argument("--tar", metavar="FILE", default=None,
+                       help="write them into the tar file FILE (mode 600)")
+    bundle.add_argument("--days", type=positive_int, default=825,
+                        help="the certificate's validity (default 825)")
+    bundle.add_argument("--force", action="store_true", help="replace existing files")
+    bundle.set_defaults(handler=cmd_bundle.cert_bundle)
 
 
 # -- the command -----------------------------------------------------------------

@@ -4,13 +4,16 @@ Starts a controller and N LNMs as separate processes on 127.0.0.1, each LNM
 on its own libvirt test-driver host, with a fresh CA and certificates and a
 sandbox user; writes ``DIR/ush.config`` so that ``ush --config DIR/ush.config``
 connects without prompting; prints a line containing ``ready`` once every
-LNM is connected; stops everything it started on SIGTERM or SIGINT.
+LNM is connected; stops everything it started on SIGTERM or SIGINT. One
+sandbox per directory: a second one refuses while the first holds
+``DIR/sandbox.lock`` (and changes nothing).
 """
 
 import getpass
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -112,6 +115,8 @@ ssl_key_file = {pki_dir}/{name}_key.pem
 ssl_cert_file = {pki_dir}/{name}_cert.pem
 ssl_ca_file = {ca}
 state_dir = {directory}/{name}-state
+# No hypervisor: an embedded test-driver host (list_lnm marks it "test").
+test_host = yes
 host_cpus = {host_cpus}
 host_memory = {host_memory}
 host_model = sandbox-host-{i + 1}
@@ -138,6 +143,18 @@ username = {user}
 password = {password}
 history_file = {directory}/ush_history
 """, mode=0o600)
+    # `. DIR/env.sh`: this installation's ush and usher first on PATH, and
+    # ush pointed at the sandbox, so the README's bare `ush ...` work.
+    env_file = os.path.join(directory, "env.sh")
+    bindir = os.path.dirname(_program("ush"))
+    _write(env_file, f"""\
+# Source this file (. {env_file}) in a shell: the sandbox's ush and usher
+# ({bindir}) come first on PATH, and ush connects to the sandbox
+# ({files["ush"]}) without --config.
+PATH={shlex.quote(bindir)}:$PATH
+USHER_USH_CONFIG={shlex.quote(files["ush"])}
+export PATH USHER_USH_CONFIG
+""")
     web_port = free_port()
     if web:
         # usherweb: HTTPS with a certificate of the sandbox's CA (role gateway,
@@ -164,7 +181,7 @@ gateway_key_file = {pki_dir}/usherweb_key.pem
 """)
     description = {"dir": directory, "user": user, "password": password,
                    "domain": domain, "client_port": client_port, "lnm_port": lnm_port,
-                   "ca_file": ca, "lnms": lnm_names, "configs": files,
+                   "ca_file": ca, "lnms": lnm_names, "configs": files, "env_file": env_file,
                    "metrics_url": f"http://127.0.0.1:{metrics_port}/metrics"}
     if web:
         description["web_url"] = f"https://localhost:{web_port}/"
@@ -311,15 +328,60 @@ class Sandbox:
                 pass
 
 
+def _program(name):
+    """The path of this installation's program ``name`` (beside its Python)."""
+    return os.path.join(os.path.dirname(os.path.abspath(sys.executable)), name)
+
+
 def _sleep(reactor, seconds):
     from twisted.internet import task
     return task.deferLater(reactor, seconds, lambda: None)
+
+
+LOCK_FILE = "sandbox.lock"
+
+
+class SandboxRunning(Exception):
+    """Another ``usher sandbox`` holds the directory's lock."""
+
+
+def lock(directory):
+    """Take DIR/sandbox.lock (an exclusive ``flock``, held as long as the
+    returned file stays open: until this process ends) and write our pid
+    into it -> the open file. Raises SandboxRunning, saying whose it is and
+    how to stop it, when another sandbox holds it: a second sandbox in the
+    same directory would rewrite the first's certificates and ush.config."""
+    import fcntl
+    directory = os.path.abspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, LOCK_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 64).decode("ascii", "replace").strip()
+        os.close(fd)
+        pid = f"pid {holder}" if holder.isdigit() else f"fuser -v {path} shows its pid"
+        kill = f"kill {holder}" if holder.isdigit() else "kill PID"
+        raise SandboxRunning(
+            f"a sandbox is already running in {directory} ({pid}); nothing was changed. "
+            f"Use it (ush --config {directory}/ush.config), stop it (exit its ush shell, "
+            f"Ctrl-C where it runs, or {kill}), or run another elsewhere "
+            "(usher sandbox --dir OTHER, make sandbox SANDBOX_DIR=OTHER)") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return os.fdopen(fd, "r+")
 
 
 def run(options):
     """The ``usher sandbox`` command; returns an exit code."""
     from twisted.internet import reactor
 
+    try:
+        held = lock(options.dir)      # noqa: F841 (held until the process ends)
+    except SandboxRunning as e:
+        print(f"usher sandbox: {e}", file=sys.stderr)
+        return 1
     description = prepare(options.dir, lnms=options.lnms, domain=options.domain,
                           host_cpus=options.host_cpus, host_memory=options.host_memory,
                           web=not options.no_web)
@@ -337,7 +399,8 @@ def run(options):
             return
         box.say(f"usher sandbox ready: controller on 127.0.0.1:{description['client_port']}, "
                 f"{len(description['lnms'])} LNMs, user {description['user']}; "
-                f"connect with: ush --config {description['configs']['ush']}; "
+                f"in another shell: . {description['env_file']} then ush (or "
+                f"{_program('ush')} --config {description['configs']['ush']}); "
                 f"metrics at {description['metrics_url']}")
         if "web_url" in description:
             box.say(f"usher sandbox web interface: {description['web_url']} (log in as "

@@ -132,8 +132,10 @@ LNM_STATUS_COLUMNS = (
     Column(MEASURED_FREE_TITLE, _field("free_memory_mib", format_memory),
            key="free_memory_mib", priority=87),
 )
+# Marks a simulated host (libvirt's test driver): shown when some LNM is one.
+TEST_HOST_COLUMN = Column("test host", lambda lnm: "TEST" if lnm.get("test_host") else "")
 LNM_HIDDEN_KEYS = {"name", "vms", "cpus", "memory_mib", "connected", "free_memory_mib",
-                   "holds", "committed_memory_mib", "committed_vcpus"}
+                   "holds", "committed_memory_mib", "committed_vcpus", "test_host"}
 # Monitoring figures (list -s, list_lnm -s, top): the three CPU averages, then
 # the 1-minute rates and memory (--json has every average).
 FIGURE_COLUMNS = tuple(
@@ -269,6 +271,8 @@ def format_lnm_list(lnms, status=False, width=None):
     if not lnms:
         return "0 LNMs."
     columns = present(LNM_COLUMNS, lnms)
+    if any(lnm.get("test_host") for lnm in lnms):
+        columns.append(TEST_HOST_COLUMN)
     # Why a host takes no new VMs (maintenance, fenced ...): only when one has.
     if any(lnm.get("holds") for lnm in lnms):
         columns.append(Column("holds", lambda lnm: ", ".join(sorted(lnm.get("holds") or ()))))

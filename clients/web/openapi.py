@@ -127,6 +127,9 @@ SCHEMAS = {
                                "placement counts (status.free_memory_mib is what the host "
                                "measures free)"},
                            "committed_vcpus": {"type": "integer"},
+                           "test_host": {"type": "boolean",
+                                         "description": "an embedded libvirt test host "
+                                                        "(its VMs run nothing)"},
                            "status": {"type": "object"}}},
     "LNMList": {"type": "object", "required": ["lnms"],
                 "properties": {"lnms": {"type": "array", "items": _ref("LNM")}}},

@@ -16,7 +16,7 @@ _shtab_usher_commands() {
     ipam:'the SQL plugin'"'"'s IP address management: subnets, ranges, leases'
     ldap:'the LDAP directory'"'"'s access rules'
     report:'reports from the SQL plugin'"'"'s log'
-    sandbox:'``usher sandbox``: a whole Usher system on one machine. Starts a controller and N LNMs as separate processes on 127.0.0.1, each LNM on its own libvirt test-driver host, with a fresh CA and certificates and a sandbox user; writes ``DIR/ush.config`` so that ``ush --config DIR/ush.config`` connects without prompting; prints a line containing ``ready`` once every LNM is connected; stops everything it started on SIGTERM or SIGINT.'
+    sandbox:'``usher sandbox``: a whole Usher system on one machine. Starts a controller and N LNMs as separate processes on 127.0.0.1, each LNM on its own libvirt test-driver host, with a fresh CA and certificates and a sandbox user; writes ``DIR/ush.config`` so that ``ush --config DIR/ush.config`` connects without prompting; prints a line containing ``ready`` once every LNM is connected; stops everything it started on SIGTERM or SIGINT. One sandbox per directory: a second one refuses while the first holds ``DIR/sandbox.lock`` (and changes nothing).'
     user:'manage Usher users (the password file, or LDAP)'
   )
   _describe 'usher commands' _commands
@@ -31,6 +31,7 @@ _shtab_usher_ca_commands() {
 
 _shtab_usher_cert_commands() {
   local _commands=(
+    bundle:'Make what a host'"'"'s LNM needs, named as lnm.config expects: usherlnm_cert.pem, usherlnm_key.pem, ca_cert.pem, lnm.config (the key mode 600), into a directory (mode 700) or a tar file to unpack into the host'"'"'s /etc/usher.'
     issue:'issue NAME_cert.pem and NAME_key.pem for a role'
   )
   _describe 'usher cert commands' _commands
@@ -125,12 +126,30 @@ _shtab_usher_cert_options=(
 # guard to ensure default positional specs are added only once per session
 _shtab_usher_cert_defaults_added=0
 
+_shtab_usher_cert_bundle_options=(
+  "(- : *)"{-h,--help}"[show this help message and exit]"
+  "--dir[directory of ca_cert.pem and ca_key.pem (default \/etc\/usher)]:D:_files -/"
+  "--key-type[ECDSA P-256 (default) or RSA 2048]:key_type:(ec rsa)"
+  "--lnm[the LNM\'s name (its certificate\'s CN)\; allow it in the controller\'s \[ctrl\] lnm_names]:NAME:"
+  {--controller-host,--hostname}"[the controller\'s host name or address as the LNM dials it, one of the names of its certificate (default\: this host\'s FQDN)]:H:"
+  "--controller-port[the controller\'s lnm_port (default 7391)]:P:"
+  "--libvirt-uri[the host\'s hypervisor, e.g. qemu\:\/\/\/system (default\: left for the administrator to set in lnm.config)]:URI:"
+  "--host-dir[where the files will be on the host, as written into lnm.config (default \/etc\/usher)]:D:"
+  "--out[write the files into DIR (created, mode 700)]:DIR:_files"
+  "--tar[write them into the tar file FILE (mode 600)]:FILE:"
+  "--days[the certificate\'s validity (default 825)]:days:"
+  "--force[replace existing files]"
+)
+
+# guard to ensure default positional specs are added only once per session
+_shtab_usher_cert_bundle_defaults_added=0
+
 _shtab_usher_cert_issue_options=(
   "(- : *)"{-h,--help}"[show this help message and exit]"
   "--dir[directory of ca_cert.pem and ca_key.pem (default \/etc\/usher)]:D:_files -/"
   "--key-type[ECDSA P-256 (default) or RSA 2048]:key_type:(ec rsa)"
   "--controller[the controller\'s certificate\: NAME and every --hostname\/--ip clients and LNMs dial it as]"
-  "--lnm[an LNM\'s certificate\: NAME is the LNM\'s name (and nothing else)\; allow it in the controller\'s \[ctrl\] lnm_names]"
+  "--lnm[an LNM\'s certificate\: NAME is the LNM\'s name (and nothing else)\; allow it in the controller\'s \[ctrl\] lnm_names. For a host\'s LNM use \`usher cert bundle\`]"
   "--gateway[a gateway\'s (plusher\'s) certificate\: HTTPS for NAME and every --hostname\/--ip, and trusted as a gateway by the controller]"
   "--out[where to write the files (default\: the CA directory)]:D:_files"
   "*--hostname[another DNS name for the certificate (repeatable\; not for --lnm)]:H:"
@@ -446,6 +465,7 @@ _shtab_usher_cert() {
       (( CURRENT += 1 ))
       curcontext="${curcontext%:*:*}:_shtab_usher_cert-$line[1]:"
       case $line[1] in
+        bundle) _arguments -C -s $_shtab_usher_cert_bundle_options ;;
         issue) _arguments -C -s $_shtab_usher_cert_issue_options ;;
       esac
   esac

@@ -99,6 +99,8 @@ class LNMInfo:
                 "vms": len(self.vms), "unmanaged": len(self.unmanaged),
                 "hostname": self.info.get("hostname"),
                 "driver": self.info.get("driver"),
+                # libvirt's test driver: a simulated host whose VMs run nothing.
+                "test_host": str(self.info.get("driver") or "").lower() == "test",
                 "cpus": self.info.get("cpus"),
                 "memory_mib": self.info.get("memory_mib"),
                 "model": self.info.get("model"),

@@ -56,7 +56,8 @@ class Fleet(service.Service):
     """Many LNMs sharing a reactor and a thread pool; see the module docstring.
 
     ``config`` is a loaded LNM configuration (``usher.settings.LNM``); it
-    must not name a hypervisor (``libvirt_uri``): members are test hosts.
+    must not name a hypervisor (``libvirt_uri``): members are test hosts
+    (``test_host`` is implied).
     """
 
     def __init__(self, config, reactor, *, cert_dir, prefix="lnm", threads=None):
@@ -81,7 +82,7 @@ class Fleet(service.Service):
         port (then ``overrides``)."""
         config = copy.deepcopy(self.config)
         lnm = config["lnm"]
-        lnm.update(name=name,
+        lnm.update(name=name, test_host=True,
                    ssl_cert_file=os.path.join(self.cert_dir, f"{name}_cert.pem"),
                    ssl_key_file=os.path.join(self.cert_dir, f"{name}_key.pem"),
                    state_dir=os.path.join(lnm["state_dir"], name),
@@ -104,7 +105,7 @@ class Fleet(service.Service):
         added = []
         for name in names:
             member = make_service(self.member_config(name, overrides), self.reactor,
-                                  pool=self.pool)
+                                  pool=self.pool, warn_test_host=False)
             self.members[name] = member
             added.append(member)
             member.startService()
@@ -136,6 +137,8 @@ class Fleet(service.Service):
 
     def startService(self):
         super().startService()
+        log.warn("fleet {prefix}*: every member runs an embedded libvirt TEST host (simulated: "
+                 "its VMs run nothing)", prefix=self.prefix)
         self.pool.start()
 
     def stopService(self):

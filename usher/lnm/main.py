@@ -40,7 +40,7 @@ def check_options(parser, options):
 
 def build(options, config, reactor):
     from usher import daemon
-    from usher.lnm.service import make_service
+    from usher.lnm.service import hypervisor_uri, make_service
 
     if options.name is not None:
         name = options.name.strip()
@@ -49,11 +49,25 @@ def build(options, config, reactor):
         config["lnm"]["name"] = name
     if options.fleet is not None:
         return _fleet(options, config, reactor)
+    # Checked here to name the files: no hypervisor is a configuration error.
+    hypervisor_uri(config["lnm"], where=_config_files(options))
     root = make_service(config, reactor)
     # LNMService has logged why it cannot start; the link logs every attach
     # ("... attached to the controller at ...").
     return daemon.Daemon(root, f"usherlnm {root.name}", ready=lambda: root.ready,
                          on_ready=daemon.settle_heap)
+
+
+def _config_files(options):
+    """The LNM configuration files read (for messages)."""
+    import os
+
+    from usher import settings
+    from usher.config import config_files
+    files = [path for path, _must in config_files(settings.LNM, options.config,
+                                                   isolated=options.isolated)
+             if os.path.exists(path)]
+    return ", ".join(files) if files else "the LNM configuration (no file found)"
 
 
 def _fleet(options, config, reactor):

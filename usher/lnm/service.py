@@ -5,8 +5,9 @@ holding, in start order:
 
 1. the thread pool that every blocking hypervisor call runs in (unless one
    is shared: a fleet of LNMs in one process, ``usher.lnm.fleet``);
-2. the node: the VMM (libvirt at ``libvirt_uri``, or the embedded test
-   driver on a simulated host written into ``state_dir``) and the
+2. the node: the VMM (libvirt at ``libvirt_uri``, or with ``test_host =
+   yes`` the embedded test driver on a simulated host written into
+   ``state_dir``) and the
    NodeManager;
 3. the link to the controller (mutual TLS with the LNM's certificate), started
    only once the node is ready, since the controller asks for the inventory
@@ -214,12 +215,35 @@ class LNMService(service.MultiService):
         log.info("LNM {lnm} stopped", lnm=self.name)
 
 
-def make_service(config, reactor, *, pool=None):
+def hypervisor_uri(lnm_config, where="[lnm]"):
+    """The libvirt URI the LNM manages, or None for the embedded test host.
+
+    The test host is used only when asked for (``test_host = yes``: the
+    sandbox, fleets, tests): an LNM with neither that nor a ``libvirt_uri``
+    is a configuration error, never a fake host. ``where`` names the
+    configuration in the message (its files)."""
+    uri = lnm_config.get("libvirt_uri")
+    if lnm_config.get("test_host"):
+        if uri:
+            raise ConfigError(f"{where}: test_host = yes and libvirt_uri = {uri} exclude "
+                              "each other: remove test_host to manage that hypervisor, or "
+                              "libvirt_uri for an embedded test host")
+        return None
+    if not uri:
+        raise ConfigError(
+            f"{where}: libvirt_uri is not set: set [lnm] libvirt_uri to the hypervisor this "
+            "LNM manages (e.g. libvirt_uri = qemu:///system), or test_host = yes for an "
+            "embedded libvirt test host (trials only: its VMs run nothing)")
+    return uri
+
+
+def make_service(config, reactor, *, pool=None, warn_test_host=True):
     """Build the LNM from ``load_config(usher.settings.LNM)``'s result.
 
     ``pool``: a thread pool shared with other LNMs (``usher.lnm.fleet``),
     started and stopped by its owner; by default the LNM has its own, of
-    ``threads`` threads.
+    ``threads`` threads. ``warn_test_host``: log a warning when it runs the
+    embedded test host (a fleet says so once for all its members).
 
     Reads the certificate (for the name) and writes the test host file (for
     the embedded driver): call it at start-up, before the reactor serves.
@@ -230,8 +254,13 @@ def make_service(config, reactor, *, pool=None):
     if pool is None:
         pool = ThreadPool(minthreads=0, maxthreads=lnm["threads"], name=f"usherlnm-{name}")
         pool_service = ThreadPoolService(pool)
-    uri = lnm.get("libvirt_uri")
-    if not uri:
+    uri = hypervisor_uri(lnm)
+    if uri is None and warn_test_host:
+        log.warn("LNM {lnm}: test_host = yes: running an embedded libvirt TEST host "
+                 "({cpus} CPUs, {memory} MiB, simulated: its VMs run nothing); set "
+                 "libvirt_uri to manage a hypervisor", lnm=name, cpus=lnm["host_cpus"],
+                 memory=lnm["host_memory"])
+    if uri is None:
         uri = write_test_host(os.path.join(lnm["state_dir"], TEST_HOST_FILE),
                               hostname=name, cpus=lnm["host_cpus"],
                               memory_mib=lnm["host_memory"], model=lnm["host_model"])
