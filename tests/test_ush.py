@@ -623,9 +623,9 @@ def test_list_lnm_marks_test_hosts_only_when_there_is_one():
     real = {"name": "vmm43", "vms": 1, "cpus": 8, "memory_mib": 8192, "connected": True,
             "test_host": False}
     fake = dict(real, name="lnm1", test_host=True)
-    assert "test host" not in ush.format_lnm_list([real])
+    assert "TEST" not in ush.format_lnm_list([real])
     lines = ush.format_lnm_list([real, fake]).splitlines()
-    assert lines[2].split()[-2:] == ["test", "host"]
+    assert lines[2].split()[-1] == "test"
     assert lines[4].split()[0] == "lnm1" and lines[4].split()[-1] == "TEST"
     assert lines[5].split()[0] == "vmm43" and lines[5].split()[-1] == "yes"
 
