@@ -206,6 +206,52 @@ async def test_delete_goes_through_its_chain_and_a_plugin_may_refuse_it(grid):
 
 
 @pytest_twisted.ensureDeferred
+async def test_delete_goes_through_the_destroy_chain_until_it_has_plugins_of_its_own(grid):
+    """Issue 17, upgraded sites: authorization set up on destroy_request (when
+    destroy removed VMs) applies to delete while nothing is registered on
+    delete_request."""
+    await start_cluster(grid, count=2)
+    c = grid.controller
+
+    class Guard:
+        name = "guard"
+        order = 1
+        seen = []
+
+        def entry_point(self, event):
+            self.seen.append((event.name, event.request.kind))
+            if event.request.kind == "delete":
+                event.request.reject("this site keeps its VMs")
+
+    class Approver:
+        name = "approver"
+        order = 1
+
+        def entry_point(self, event):
+            pass
+    # A site's explicit [[plugins]] from before issue 17: nothing on delete_request.
+    c.chains.remove("open_authz", "delete_request")
+    guard = _plugin(Guard)
+    c.chains.add(guard, "destroy_request")
+    with pytest.raises(Rejected, match=r"this site keeps its VMs \(rejected by guard\)"):
+        await c.op_on("alice", False, "delete", Selection(clusters=["sneetch"]),
+                      {"force": True})
+    assert guard.seen == [("delete_request", "delete")]
+    assert sorted(c.state.vms) == [full("1.sneetch"), full("2.sneetch")]
+    # Destroy itself still goes through its chain.
+    result = await c.op_on("alice", False, "destroy", Selection(names=["1.sneetch"]))
+    assert result["done"] == [{"name": full("1.sneetch"), "state": "shutoff"}]
+    # Once delete_request has a plugin, its chain is its own.
+    c.chains.add(_plugin(Approver), "delete_request")
+    result = await c.op_on("alice", False, "delete", Selection(clusters=["sneetch"]),
+                           {"force": True})
+    assert result["done"] == [{"name": full("1.sneetch"), "state": None},
+                              {"name": full("2.sneetch"), "state": None}], result
+    assert guard.seen == [("delete_request", "delete"), ("destroy_request", "destroy")]
+    assert c.state.vms == {}
+
+
+@pytest_twisted.ensureDeferred
 async def test_delete_of_a_missing_vm_removes_its_record(grid):
     await start_cluster(grid, count=1, lnms=["lnm2"])
     c = grid.controller
