@@ -11,7 +11,8 @@ For ordinary users (administrators too, unless ``admins_exempt``):
   no limit;
 - the largest VM one may ask for (memory, vCPUs), and VMs per request;
 - which requests only administrators may make (``admin_only``, e.g.
-  ``migrate``), and which nobody may make (``denied``);
+  ``migrate``), and which nobody may make (``denied``); ``destroy`` there
+  covers ``delete`` too (before issue 17 destroy removed VMs);
 - who may ask for guaranteed resources (``guaranteed=yes``);
 - what ``list`` returns to ordinary users (``list_scope``: their own VMs,
   or the whole system's as with open authorization).
@@ -63,6 +64,9 @@ max_vcpus_per_user = integer(min=0, default=None)
 DEFAULT_ORDER = 20
 
 REQUEST_KINDS = ("start", "migrate", "list") + states.OPERATIONS
+# A request kind in admin_only/denied that covers others: sites that restricted
+# destroy when it removed VMs keep delete, which now does, restricted.
+KIND_ALIASES = {"destroy": ("delete",)}
 QUOTAS = ("max_vms_per_user", "max_vms_per_cluster", "max_memory_per_user",
           "max_vcpus_per_user")
 
@@ -79,8 +83,8 @@ class Plugin:
                 raise ConfigError(f"limits: {option}: unknown request kind(s) "
                                   f"{', '.join(map(repr, unknown))}; known: "
                                   f"{', '.join(REQUEST_KINDS)}")
-        self.admin_only = set(config.get("admin_only", ()))
-        self.denied = set(config.get("denied", ()))
+        self.admin_only = _with_aliases(config.get("admin_only", ()))
+        self.denied = _with_aliases(config.get("denied", ()))
         self.users = config.get("users") or {}
 
     def quota(self, user, option):
@@ -200,6 +204,12 @@ class Plugin:
             return (f"at most {limit} vCPUs per user ({owner}'s running VMs use "
                     f"{usage.vcpus[owner]}, this VM needs {vcpus})")
         return None
+
+
+def _with_aliases(kinds):
+    """-> the set of request kinds, with those KIND_ALIASES adds."""
+    kinds = set(kinds)
+    return kinds.union(*(KIND_ALIASES.get(k, ()) for k in kinds))
 
 
 class _Usage:

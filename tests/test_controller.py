@@ -206,6 +206,52 @@ async def test_delete_goes_through_its_chain_and_a_plugin_may_refuse_it(grid):
 
 
 @pytest_twisted.ensureDeferred
+async def test_delete_goes_through_the_destroy_chain_until_it_has_plugins_of_its_own(grid):
+    """Issue 17, upgraded sites: authorization set up on destroy_request (when
+    destroy removed VMs) applies to delete while nothing is registered on
+    delete_request."""
+    await start_cluster(grid, count=2)
+    c = grid.controller
+
+    class Guard:
+        name = "guard"
+        order = 1
+        seen = []
+
+        def entry_point(self, event):
+            self.seen.append((event.name, event.request.kind))
+            if event.request.kind == "delete":
+                event.request.reject("this site keeps its VMs")
+
+    class Approver:
+        name = "approver"
+        order = 1
+
+        def entry_point(self, event):
+            pass
+    # A site's explicit [[plugins]] from before issue 17: nothing on delete_request.
+    c.chains.remove("open_authz", "delete_request")
+    guard = _plugin(Guard)
+    c.chains.add(guard, "destroy_request")
+    with pytest.raises(Rejected, match=r"this site keeps its VMs \(rejected by guard\)"):
+        await c.op_on("alice", False, "delete", Selection(clusters=["sneetch"]),
+                      {"force": True})
+    assert guard.seen == [("delete_request", "delete")]
+    assert sorted(c.state.vms) == [full("1.sneetch"), full("2.sneetch")]
+    # Destroy itself still goes through its chain.
+    result = await c.op_on("alice", False, "destroy", Selection(names=["1.sneetch"]))
+    assert result["done"] == [{"name": full("1.sneetch"), "state": "shutoff"}]
+    # Once delete_request has a plugin, its chain is its own.
+    c.chains.add(_plugin(Approver), "delete_request")
+    result = await c.op_on("alice", False, "delete", Selection(clusters=["sneetch"]),
+                           {"force": True})
+    assert result["done"] == [{"name": full("1.sneetch"), "state": None},
+                              {"name": full("2.sneetch"), "state": None}], result
+    assert guard.seen == [("delete_request", "delete"), ("destroy_request", "destroy")]
+    assert c.state.vms == {}
+
+
+@pytest_twisted.ensureDeferred
 async def test_delete_of_a_missing_vm_removes_its_record(grid):
     await start_cluster(grid, count=1, lnms=["lnm2"])
     c = grid.controller
@@ -524,3 +570,81 @@ async def test_removing_a_vm_on_an_lnm_before_issue_17_sends_no_delete():
     old = _OldLNM()
     assert await hard_off(old, "x") is None
     assert old.sent == ["destroy"]
+
+
+def test_the_hello_says_whether_destroy_keeps_the_vm():
+    """Issue 17: an LNM's hello says its destroy keeps the VM; one without
+    the field is older."""
+    from usher.controller.lnm_input import check_hello
+    from usher.protocol import PROTOCOL_VERSION
+    assert check_hello({"protocol": PROTOCOL_VERSION, "destroy_keeps": True},
+                       PROTOCOL_VERSION)["destroy_keeps"] is True
+    assert check_hello({"protocol": PROTOCOL_VERSION}, PROTOCOL_VERSION)["destroy_keeps"] is False
+    assert check_hello(None, PROTOCOL_VERSION)["destroy_keeps"] is False
+    with pytest.raises(InvalidRequest, match="destroy_keeps must be true or false"):
+        check_hello({"protocol": PROTOCOL_VERSION, "destroy_keeps": "yes"}, PROTOCOL_VERSION)
+
+
+def _old_lnm_link(grid, name):
+    """LNM ``name`` of the grid as an usherlnm before issue 17 would be on
+    the wire: a hello without destroy_keeps, a destroy that removes the VM
+    (answering None) and no delete. -> the operations it was sent."""
+    from twisted.internet import defer
+    from usher.lnm.api import NodeAPI
+    from usher.lnm.link import ControllerLinkFactory
+    sent = []
+    new = grid.lnm_links[name]
+
+    class OldNodeAPI(NodeAPI):
+        def remote_op_on(self, operation, vm):
+            sent.append(operation)
+            if operation != "destroy":
+                return NodeAPI.remote_op_on(self, operation, vm)
+
+            async def destroy_and_undefine():
+                await NodeAPI.remote_op_on(self, "destroy", vm)
+                await NodeAPI.remote_op_on(self, "delete", vm)
+                return None
+            return defer.Deferred.fromCoroutine(destroy_and_undefine())
+
+    class OldLink(ControllerLinkFactory):
+        def hello(self):
+            hello = super().hello()
+            del hello["destroy_keeps"]
+            return hello
+    grid.lnm_links[name] = OldLink(new.manager, OldNodeAPI(new.manager), clock=new.clock,
+                                   call_timeout=new.call_timeout)
+    return sent
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_lnm_before_issue_17_is_not_sent_destroy_and_delete_is_its_destroy(grid):
+    """Mixed versions: an older LNM's destroy removes the VM, so the
+    controller refuses destroy there (with what to do) and sends delete as
+    that destroy."""
+    await start_cluster(grid, count=3, lnms=["lnm1"])
+    c = grid.controller
+    sent = _old_lnm_link(grid, "lnm1")
+    await grid.attach("lnm1")
+    assert not c.inventory.destroy_keeps("lnm1") and c.inventory.destroy_keeps("lnm2")
+    names = [full(f"{i}.sneetch") for i in (1, 2, 3)]
+    refused = await c.op_on("alice", False, "destroy", Selection(clusters=["sneetch"]))
+    assert refused["done"] == []
+    assert refused["failed"] == [{"name": n, "error": (
+        "LNM lnm1 runs an older usherlnm whose destroy removes the VM: upgrade it, or use "
+        "delete --force"), "code": "operation_failed"} for n in names]
+    assert sent == []
+    assert sorted(c.state.vms) == names
+    assert (await grid.vmms["lnm1"].domain_info(names[0]))["state"] == states.RUN
+    # A shut-off VM is deleted with the old destroy; a running one by force.
+    await c.op_on("alice", False, "shutdown", Selection(names=["1.sneetch"]))
+    deleted = await c.op_on("alice", False, "delete", Selection(names=["1.sneetch"]))
+    assert deleted["done"] == [{"name": names[0], "state": None}], deleted
+    forced = await c.op_on("alice", False, "delete", Selection(names=["2.sneetch"]),
+                           {"force": True})
+    assert forced["done"] == [{"name": names[1], "state": None}], forced
+    assert sent == ["shutdown", "destroy", "destroy"]
+    assert sorted(c.state.vms) == [names[2]]
+    for name in names[:2]:
+        with pytest.raises(NoSuchVM):
+            await grid.vmms["lnm1"].domain_info(name)

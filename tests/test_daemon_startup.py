@@ -169,22 +169,38 @@ def test_lnm_with_test_host_and_a_libvirt_uri_refuses_to_start(site):
     assert "test_host = yes and libvirt_uri = qemu:///system exclude each other" in output
 
 
-def test_lnm_on_a_test_host_warns_at_start(site):
-    # test_host = yes (the sandbox's): the daemon says so in its first lines.
+def _first_lines_up_to(config, text):
+    """Start usherlnm on ``config`` -> its output lines up to the first that
+    has ``text`` (at most 50); then stop it."""
     process = subprocess.Popen([sys.executable, "-m", MODULES["usherlnm"], "--isolated",
-                                "--config", site["configs"]["lnm1"]],
+                                "--config", config],
                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     try:
         lines = []
         for line in process.stdout:
             lines.append(line)
-            if "TEST host" in line or len(lines) > 50:
+            if text in line or len(lines) > 50:
                 break
     finally:
         process.terminate()
         process.communicate(timeout=HANG)
+    return lines
+
+
+def test_lnm_on_a_test_host_warns_at_start(site):
+    # test_host = yes (the sandbox's): the daemon says so in its first lines.
+    lines = _first_lines_up_to(site["configs"]["lnm1"], "TEST host")
     assert "test_host = yes: running an embedded libvirt TEST host" in lines[-1], lines
+
+
+def test_lnm_on_a_test_uri_warns_at_start(site):
+    # An explicit test: libvirt_uri is as simulated as test_host = yes.
+    config = variant(site, "lnm1", "lnm-test-uri", replace=[("test_host = yes", "")],
+                     append="libvirt_uri = test:///default\n")
+    lines = _first_lines_up_to(config, "TEST driver")
+    assert ("libvirt_uri = test:///default: libvirt's TEST driver (simulated: its VMs run "
+            "nothing)") in lines[-1], lines
 
 
 def test_lnm_with_an_unreadable_certificate_exits(site):

@@ -128,7 +128,22 @@ async def test_the_timer_drives_the_leases_and_delete_removes_the_vm(tmp_path, c
 
 @pytest_twisted.ensureDeferred
 async def test_a_destroy_action_powers_the_vm_off_and_keeps_it(tmp_path, client_grids):
-    grid, plugin, clock = await lease_grid(client_grids, tmp_path, "action = destroy\n")
+    from twisted.logger import LogLevel, globalLogPublisher
+    warnings = []
+
+    def observe(event):
+        if (event.get("log_namespace") == "usher.plugins.leases"
+                and event.get("log_level") == LogLevel.warn):
+            warnings.append(event["log_format"])
+    globalLogPublisher.addObserver(observe)
+    try:
+        grid, plugin, clock = await lease_grid(client_grids, tmp_path, "action = destroy\n")
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    # Once, at configure time: destroy no longer removes (issue 17).
+    assert warnings == ["leases: action = destroy powers an expired VM off and keeps it, with "
+                        "its disk, IP address and DNS name (destroy no longer removes VMs); "
+                        "for the expired VMs to be removed, set action = delete"]
     alice = await grid.connected("alice")
     told = Notices(alice)
     await alice.start(["kept"], args={"lease": "1h"})

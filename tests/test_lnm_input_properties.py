@@ -180,6 +180,7 @@ def test_garbage_node_information_hello_and_answers_are_refused_or_clean(value):
     if hello is not None:
         assert hello["protocol"] == PROTOCOL_VERSION
         assert hello["recovery_port"] is None or 1 <= hello["recovery_port"] <= 65535
+        assert isinstance(hello["destroy_keeps"], bool)
     answer = refused_or_clean(lnm_input.check_domain_info, value, "a.b")
     if answer is not None:
         assert answer["name"] == "a.b"

@@ -132,7 +132,7 @@ def test_attach_on_connection_hands_over_the_node_api(harness):
     assert harness.link.attached
     [(node_api, hello)] = harness.controller.attaches
     assert isinstance(node_api, pb.RemoteReference)
-    assert hello == {"protocol": 1, "recovery_port": 7392}
+    assert hello == {"protocol": 1, "recovery_port": 7392, "destroy_keeps": True}
     assert harness.call("ping") is True
     info = harness.call("get_node_info")
     assert info["name"] == "lnm1" and info["cpus"] == 4

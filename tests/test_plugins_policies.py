@@ -421,6 +421,32 @@ async def test_limits_reject_mode_and_open_queries(tmp_path, client_grids):
 
 
 @pytest_twisted.ensureDeferred
+async def test_limits_destroy_covers_delete(tmp_path, client_grids):
+    """A site configured before issue 17 (limits on destroy_request only, when
+    destroy removed VMs): its destroy restrictions cover delete too."""
+    from plugins.limits import Plugin
+    from usher.controller.events import Event, Request
+    regs = registrations(tmp_path, authz="limits", authz_config="admin_only = destroy\n")
+    regs["limits"]["events"] = ["destroy_request"]
+    grid = await client_grids(registrations=regs)
+    root = await grid.connected("root")
+    alice = await grid.connected("alice")
+    await seen(alice, await alice.start(["a1"]))
+    await seen(root, await root.start(["r1"]))
+    with pytest.raises(Rejected, match=r"only administrators may delete VMs \(rejected by "
+                                       r"limits\)"):
+        await alice.op_on("delete", [full("a1")], {"force": True})
+    assert sorted(grid.controller.state.vms) == [full("a1"), full("r1", "root")]
+    deleted = await root.op_on("delete", [full("a1")], {"force": True})
+    assert deleted["done"] == [{"name": full("a1"), "state": None}], deleted
+    # denied = destroy: nobody deletes either.
+    plugin = Plugin({"denied": ["destroy"]}, grid.controller.api)
+    request = Request("delete", "root", admin=True, vms=[full("r1", "root")])
+    plugin.entry_point(Event("delete_request", grid.controller.api, request=request))
+    assert request.rejected == "delete requests are disabled by this site's policy"
+
+
+@pytest_twisted.ensureDeferred
 async def test_limits_refuses_a_bad_configuration(tmp_path, client_grids):
     grid = await client_grids()
     root = await grid.connected("root")

@@ -126,3 +126,52 @@ def test_a_second_sandbox_in_the_same_directory_refuses_and_changes_nothing(sand
     assert proc.wait(timeout=30) == 0
     from usher import sandbox
     sandbox.lock(box).close()             # released with its holder
+
+
+def _processes_of(box):
+    """-> the pids of the daemons a sandbox in ``box`` started."""
+    return [int(pid) for pid in subprocess.run(
+        ["pgrep", "-f", "--", f"--config {box}/"], capture_output=True, text=True).stdout.split()]
+
+
+def test_the_lock_outlives_a_sandbox_killed_hard_while_its_processes_run(tmp_path):
+    """kill -9 of the sandbox leaves its controller and LNM running: they
+    hold the lock, so a second sandbox refuses instead of clobbering them."""
+    box = tmp_path / "box"
+    command = [sys.executable, "-m", "usher.admin", "sandbox", "--dir", str(box), "--lnms", "1",
+               "--no-web"]
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, stdin=subprocess.DEVNULL)
+    try:
+        _wait_ready(first)
+        orphans = _processes_of(box)
+        assert len(orphans) == 2, orphans            # the controller and the LNM
+        first.kill()
+        first.wait()
+        before = _files(box)
+        second = subprocess.run(command, capture_output=True, text=True, timeout=60,
+                                stdin=subprocess.DEVNULL)
+        assert second.returncode == 1, second.stderr
+        assert (f"usher sandbox: a sandbox is already running in {box} (fuser -v "
+                f"{box}/sandbox.lock shows its processes' pids); nothing was changed."
+                ) in second.stderr
+        assert _files(box) == before
+        assert _processes_of(box) == orphans         # still running, untouched
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+        for pid in _processes_of(box):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    from usher import sandbox
+    deadline = time.monotonic() + 30
+    while True:                                      # released once they are gone
+        try:
+            sandbox.lock(box).close()
+            break
+        except sandbox.SandboxRunning:
+            assert time.monotonic() < deadline, "the lock outlived the sandbox's processes"
+            time.sleep(0.1)

@@ -12,9 +12,14 @@ The LNM connects to the controller's LNM port and calls, on the root object::
 
     attach(node_api: Referenceable, hello: dict) -> reporter: Referenceable
 
-``hello`` is ``{"protocol": PROTOCOL_VERSION, "recovery_port": int|None}``:
-the port of the LNM's recovery listener (None if it is not listening); the
-controller persists it with the address the connection came from.
+``hello`` is ``{"protocol": PROTOCOL_VERSION, "recovery_port": int|None,
+"destroy_keeps": True}``: the port of the LNM's recovery listener (None if
+it is not listening); the controller persists it with the address the
+connection came from. ``destroy_keeps`` (since 2026-12, issue 17; a bool):
+the LNM's destroy powers a VM off and keeps it. An LNM whose hello lacks it
+(or says false) is older: its destroy removes the VM, and it knows no
+delete. The controller refuses destroy on such an LNM (operation_failed:
+upgrade it, or delete --force) and sends a delete there as that destroy.
 The controller then drives the LNM through ``node_api`` (paper, Table 2)::
 
     get_node_info() -> dict           name, hostname, uri, driver, cpus,
@@ -59,7 +64,8 @@ The controller then drives the LNM through ``node_api`` (paper, Table 2)::
                                       before that undefines on destroy
                                       (answering None: the controller drops
                                       the record) and refuses delete as an
-                                      unknown operation
+                                      unknown operation; its hello has no
+                                      destroy_keeps (above)
     migrate(vm name, target: dict) -> None
                                       live migration to target["migration_uri"];
                                       fails with MigrationUnsupported if the

@@ -6,7 +6,9 @@ sandbox user; writes ``DIR/ush.config`` so that ``ush --config DIR/ush.config``
 connects without prompting; prints a line containing ``ready`` once every
 LNM is connected; stops everything it started on SIGTERM or SIGINT. One
 sandbox per directory: a second one refuses while the first holds
-``DIR/sandbox.lock`` (and changes nothing).
+``DIR/sandbox.lock`` (and changes nothing). The processes it starts inherit
+the lock, so it lasts while any of them runs (a sandbox killed with
+SIGKILL leaves them running).
 """
 
 import getpass
@@ -220,10 +222,12 @@ class LoggedProcess(protocol.ProcessProtocol):
 
 
 class Sandbox:
-    def __init__(self, reactor, description, *, out=sys.stdout):
+    def __init__(self, reactor, description, *, out=sys.stdout, lock_fd=None):
         self.reactor = reactor
         self.d = description
         self.out = out
+        # The open sandbox.lock every child inherits (None: none).
+        self.lock_fd = lock_fd
         self.children = {}
         self.stopping = False
 
@@ -237,7 +241,10 @@ class Sandbox:
         setsid = shutil.which("setsid")
         if setsid:
             argv.insert(0, setsid)
-        transport = self.reactor.spawnProcess(child, argv[0], argv, env=env)
+        fds = {0: "w", 1: "r", 2: "r"}
+        if self.lock_fd is not None:
+            fds[self.lock_fd] = self.lock_fd
+        transport = self.reactor.spawnProcess(child, argv[0], argv, env=env, childFDs=fds)
         self.children[name] = (child, transport)
         child.ended.addCallback(lambda code: self._ended(name, code))
         return child
@@ -347,10 +354,11 @@ class SandboxRunning(Exception):
 
 def lock(directory):
     """Take DIR/sandbox.lock (an exclusive ``flock``, held as long as the
-    returned file stays open: until this process ends) and write our pid
-    into it -> the open file. Raises SandboxRunning, saying whose it is and
-    how to stop it, when another sandbox holds it: a second sandbox in the
-    same directory would rewrite the first's certificates and ush.config."""
+    returned file stays open, here or in a process that inherited it) and
+    write our pid into it -> the open file. Raises SandboxRunning, saying
+    whose it is and how to stop it, when another sandbox holds it: a second
+    sandbox in the same directory would rewrite the first's certificates and
+    ush.config."""
     import fcntl
     directory = os.path.abspath(directory)
     os.makedirs(directory, exist_ok=True)
@@ -361,8 +369,10 @@ def lock(directory):
     except BlockingIOError:
         holder = os.read(fd, 64).decode("ascii", "replace").strip()
         os.close(fd)
-        pid = f"pid {holder}" if holder.isdigit() else f"fuser -v {path} shows its pid"
-        kill = f"kill {holder}" if holder.isdigit() else "kill PID"
+        # A sandbox killed hard leaves its children holding the lock.
+        alive = holder.isdigit() and _alive(int(holder))
+        pid = f"pid {holder}" if alive else f"fuser -v {path} shows its processes' pids"
+        kill = f"kill {holder}" if alive else "kill PID"
         raise SandboxRunning(
             f"a sandbox is already running in {directory} ({pid}); nothing was changed. "
             f"Use it (ush --config {directory}/ush.config), stop it (exit its ush shell, "
@@ -371,6 +381,16 @@ def lock(directory):
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     return os.fdopen(fd, "r+")
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def run(options):
@@ -385,7 +405,7 @@ def run(options):
     description = prepare(options.dir, lnms=options.lnms, domain=options.domain,
                           host_cpus=options.host_cpus, host_memory=options.host_memory,
                           web=not options.no_web)
-    box = Sandbox(reactor, description)
+    box = Sandbox(reactor, description, lock_fd=held.fileno())
     exit_code = [0]
 
     async def main():

@@ -77,6 +77,12 @@ class Plugin:
         self.api = api
         self.clock = clock or api.clock
         self.policy = LeasePolicy(config)
+        if self.policy.action == "destroy":
+            # Before issue 17 destroy removed the VM; a configuration written
+            # then now keeps expired VMs (and what they hold) for good.
+            log.warn("leases: action = destroy powers an expired VM off and keeps it, with "
+                     "its disk, IP address and DNS name (destroy no longer removes VMs); "
+                     "for the expired VMs to be removed, set action = delete")
         self.store = LeaseStore(api)
         self._pending = {}          # VM -> (seconds, asked at): starts not complete yet
         self._acting = set()        # VMs whose expiry action is under way

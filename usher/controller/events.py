@@ -17,6 +17,12 @@ The ``timer`` event is not a chain that something fires: each plugin
 registered for it is called on its own, every ``interval`` seconds (see
 ``usher.controller.plugins.PluginTimer``).
 
+A request event nobody registered for falls back on another's chain when
+``FALLBACK_CHAINS`` names one: ``delete_request`` (issue 17) runs the
+``destroy_request`` chain while it has no plugin of its own, so a site that
+authorized removal on ``destroy_request`` before delete existed keeps its
+policy (logged once, the first time).
+
 Plugins run on the reactor thread. The chains time the synchronous part of
 every call (``entry_point`` itself and, for a coroutine, its first step up
 to the first ``await`` that waits) and log a warning naming the plugin, the
@@ -44,6 +50,8 @@ NOTIFICATION_EVENTS = (
     "user_authenticated",
     "timer", "error")
 ALL_EVENTS = REQUEST_EVENTS + NOTIFICATION_EVENTS
+# event -> the chain that runs for it while nobody is registered on its own.
+FALLBACK_CHAINS = {"delete_request": "destroy_request"}
 
 
 class Request:
@@ -148,6 +156,7 @@ class EventChains:
         self.monotonic = monotonic
         self._chains = {}
         self._seq = 0
+        self._fallbacks_logged = set()
         # observer(event name, outcome, seconds) after each chain ran
         # (the controller's metrics); None: not timed.
         self.observer = None
@@ -255,11 +264,27 @@ class EventChains:
             except Exception:
                 log.failure("chain observer failed on {event}", event=event.name)
 
+    def _request_chain(self, event_name):
+        """-> the name of the chain that runs for a request event: its own,
+        or while that is empty its FALLBACK_CHAINS one."""
+        fallback = FALLBACK_CHAINS.get(event_name)
+        if fallback is None or self.has(event_name) or not self.has(fallback):
+            return event_name
+        if event_name not in self._fallbacks_logged:
+            self._fallbacks_logged.add(event_name)
+            log.warn("no plugin is registered on {event}: its requests go through the "
+                     "{fallback} chain ({plugins}) until one is, so that the policy this "
+                     "site set for {fallback} keeps applying; register plugins on {event} "
+                     "in ctrl.config's [[plugins]] to give it its own",
+                     event=event_name, fallback=fallback,
+                     plugins=", ".join(r.plugin.name for r in self.registrations(fallback)))
+        return fallback
+
     async def _fire_request(self, event):
         """Run a request event down its chain; raises Rejected if a plugin
         rejects the request or fails."""
         request = event.request
-        for reg in self.registrations(event.name):
+        for reg in self.registrations(self._request_chain(event.name)):
             if not self._still_registered(reg):
                 continue
             try:

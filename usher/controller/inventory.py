@@ -68,6 +68,11 @@ class LNMInventory:
         lnm_info = self.state.lnms.get(lnm)
         return handle is not None and lnm_info is not None and lnm_info.handle is handle
 
+    def destroy_keeps(self, lnm):
+        """Does ``lnm``'s destroy keep the VM (its hello said so: issue 17)?"""
+        lnm_info = self.state.lnms.get(lnm)
+        return lnm_info is not None and lnm_info.destroy_keeps
+
     def handle_of(self, lnm):
         lnm_info = self.state.lnms.get(lnm)
         return lnm_info.handle if lnm_info is not None else None
@@ -111,6 +116,7 @@ class LNMInventory:
         lnm_info.info = info
         lnm_info.handle = handle
         lnm_info.connected = True
+        lnm_info.destroy_keeps = bool(hello.get("destroy_keeps"))
         if self.known_lnms is not None:
             self.known_lnms.remember(name, hostname=info.get("hostname"),
                                      recovery_host=hello.get("recovery_host"),

@@ -276,8 +276,9 @@ def check_start_outcome(entry):
 # -- the hello and the node ------------------------------------------------------------
 
 def check_hello(hello, protocol):
-    """``attach``'s hello -> {"protocol", "recovery_port"}; absent keys take
-    their defaults (``protocol``, None)."""
+    """``attach``'s hello -> {"protocol", "recovery_port", "destroy_keeps"};
+    absent keys take their defaults (``protocol``, None, False: an LNM before
+    issue 17, whose destroy removes the VM)."""
     if hello is None:
         hello = {}
     hello = _mapping(hello, "the hello")
@@ -286,7 +287,8 @@ def check_hello(hello, protocol):
         raise InvalidRequest(f"protocol {str(version)[:16]!r} not supported")
     return {"protocol": version,
             "recovery_port": _count(hello.get("recovery_port"), "recovery_port", 65535,
-                                    minimum=1)}
+                                    minimum=1),
+            "destroy_keeps": _flag(hello.get("destroy_keeps"), "destroy_keeps")}
 
 
 def check_node_info(info):

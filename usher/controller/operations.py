@@ -10,6 +10,10 @@ request's args carry ``force: True``, which powers it off first (a destroy,
 then the delete). A VM its LNM no longer has (it went missing) is deleted
 at once: only its record is left.
 
+An LNM before issue 17 (its hello has no ``destroy_keeps``) removes the VM
+on destroy and knows no delete: destroy is refused there (it would remove
+what the user means to keep), and delete is sent as that destroy.
+
 An operation whose answer never came leaves the outcome unknown: the LNM's
 connection is dropped so that its inventory settles the VM. Every VM of a
 request ends in ``done`` or ``failed``; an unexpected error is logged with
@@ -74,6 +78,9 @@ class Operations(Room):
                 else:
                     failed.append(failed_entry(name, f"LNM {rec['lnm']} is not connected",
                                                errors.UNAVAILABLE))
+            elif operation == "destroy" and not self.inventory.destroy_keeps(rec["lnm"]):
+                failed.append(failed_entry(name, _OLD_DESTROY.format(lnm=rec["lnm"]),
+                                           errors.OPERATION_FAILED))
             else:
                 work.append(rec)
         await run_each([self._one(operation, rec, done, failed, request, forced)
@@ -99,7 +106,7 @@ class Operations(Room):
                     if forced and rec["state"] in states.DELETE_FORCED_FROM:
                         info = await self._power_off(handle, name)
                     if info is not None:
-                        info = await handle.op_on(operation, name)
+                        info = await handle.op_on(self._sent_as(operation, lnm), name)
             except NoSuchVM as e:
                 if operation != "delete":
                     self._failed(operation, rec, lnm, handle, e, failed)
@@ -126,6 +133,13 @@ class Operations(Room):
             done.append({"name": name, "state": new_state})
         self.chains.notify(Event("op_complete", self.api, operation=operation,
                                  vm=dict(rec), ok=True, error=None))
+
+    def _sent_as(self, operation, lnm):
+        """-> the operation sent to ``lnm`` for ``operation``: delete is the
+        destroy of an LNM before issue 17."""
+        if operation == "delete" and not self.inventory.destroy_keeps(lnm):
+            return "destroy"
+        return operation
 
     async def _power_off(self, handle, name):
         """A forced delete's first step: destroy the VM (hard power-off) ->
@@ -156,6 +170,10 @@ _HINTS.update({
     ("destroy", states.MISSING): ": it is gone from its host; delete removes its record",
     ("destroy", states.HIBERNATED): ": it is not running; restore it, or delete it",
 })
+
+# Destroy on an LNM before issue 17 (no destroy_keeps in its hello).
+_OLD_DESTROY = ("LNM {lnm} runs an older usherlnm whose destroy removes the VM: upgrade it, "
+                "or use delete --force")
 
 
 def _forced(operation, args):

@@ -84,7 +84,7 @@ class VMsByName(Mapping):
 class LNMInfo:
     """One connected (or remembered) LNM and its hypervisor."""
 
-    __slots__ = ("name", "info", "connected", "vms", "handle", "unmanaged")
+    __slots__ = ("name", "info", "connected", "vms", "handle", "unmanaged", "destroy_keeps")
 
     def __init__(self, name, info=None, handle=None):
         self.name = name
@@ -93,6 +93,9 @@ class LNMInfo:
         self.vms = set()
         self.handle = handle
         self.unmanaged = set()     # names in GlobalState.unmanaged on this LNM
+        # Its hello's destroy_keeps (usher.protocol): False, an LNM before
+        # issue 17, whose destroy removes the VM.
+        self.destroy_keeps = False
 
     def to_wire(self):
         data = {"name": self.name, "connected": self.connected,

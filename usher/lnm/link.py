@@ -110,9 +110,14 @@ class ControllerLinkFactory(pb.PBClientFactory):
         port = self.recovery_port() if callable(self.recovery_port) else self.recovery_port
         return port if isinstance(port, int) else None
 
+    def hello(self):
+        """What attach tells the controller of this LNM (usher.protocol)."""
+        return {"protocol": PROTOCOL_VERSION,
+                "recovery_port": self._advertised_recovery_port(),
+                "destroy_keeps": True}
+
     async def _attach(self, broker):
-        hello = {"protocol": PROTOCOL_VERSION,
-                 "recovery_port": self._advertised_recovery_port()}
+        hello = self.hello()
         root = broker.remoteForName("root")
         try:
             reporter = await call(root, "attach", self.node_api, hello,

@@ -41,7 +41,7 @@ from usher.lnm.recovery import RecoveryListener
 from usher.lnm.monitor import Monitor
 from usher.lnm.node import NodeManager
 from usher.lnm.received_xml import DEFAULT_IMPORT_OVERHEAD_MIB as IMPORT_OVERHEAD_MIB
-from usher.lnm.testhost import write_test_host
+from usher.lnm.testhost import is_test_uri, write_test_host
 
 TEST_HOST_FILE = "testhost.xml"
 
@@ -243,7 +243,8 @@ def make_service(config, reactor, *, pool=None, warn_test_host=True):
     ``pool``: a thread pool shared with other LNMs (``usher.lnm.fleet``),
     started and stopped by its owner; by default the LNM has its own, of
     ``threads`` threads. ``warn_test_host``: log a warning when it runs the
-    embedded test host (a fleet says so once for all its members).
+    embedded test host or a ``test:`` libvirt_uri (a fleet says so once for
+    all its members).
 
     Reads the certificate (for the name) and writes the test host file (for
     the embedded driver): call it at start-up, before the reactor serves.
@@ -260,6 +261,10 @@ def make_service(config, reactor, *, pool=None, warn_test_host=True):
                  "({cpus} CPUs, {memory} MiB, simulated: its VMs run nothing); set "
                  "libvirt_uri to manage a hypervisor", lnm=name, cpus=lnm["host_cpus"],
                  memory=lnm["host_memory"])
+    elif uri is not None and is_test_uri(uri) and warn_test_host:
+        log.warn("LNM {lnm}: libvirt_uri = {uri}: libvirt's TEST driver (simulated: its VMs "
+                 "run nothing); set libvirt_uri to a hypervisor (e.g. qemu:///system) to "
+                 "manage real VMs", lnm=name, uri=uri)
     if uri is None:
         uri = write_test_host(os.path.join(lnm["state_dir"], TEST_HOST_FILE),
                               hostname=name, cpus=lnm["host_cpus"],

@@ -73,6 +73,11 @@ def write_test_host(path, *, hostname, cpus, memory_mib, model):
     return node_file_uri(path)
 
 
+def is_test_uri(uri):
+    """Is ``uri`` one of libvirt's test driver (``test:///...``, ``test+tcp://...``)?"""
+    return urllib.parse.urlsplit(uri).scheme.lower().split("+")[0] == "test"
+
+
 def node_file_path(uri):
     """The node file of a ``test:///path`` URI, or None (other drivers,
     ``test:///default``)."""
