@@ -16,7 +16,7 @@ _shtab_usher_commands() {
     ipam:'the SQL plugin'"'"'s IP address management: subnets, ranges, leases'
     ldap:'the LDAP directory'"'"'s access rules'
     report:'reports from the SQL plugin'"'"'s log'
-    sandbox:'``usher sandbox``: a whole Usher system on one machine. Starts a controller and N LNMs as separate processes on 127.0.0.1, each LNM on its own libvirt test-driver host, with a fresh CA and certificates and a sandbox user; writes ``DIR/ush.config`` so that ``ush --config DIR/ush.config`` connects without prompting; prints a line containing ``ready`` once every LNM is connected; stops everything it started on SIGTERM or SIGINT. One sandbox per directory: a second one refuses while the first holds ``DIR/sandbox.lock`` (and changes nothing).'
+    sandbox:'``usher sandbox``: a whole Usher system on one machine. Starts a controller and N LNMs as separate processes on 127.0.0.1, each LNM on its own libvirt test-driver host, with a fresh CA and certificates and a sandbox user; writes ``DIR/ush.config`` so that ``ush --config DIR/ush.config`` connects without prompting; prints a line containing ``ready`` once every LNM is connected; stops everything it started on SIGTERM or SIGINT. One sandbox per directory: a second one refuses while the first holds ``DIR/sandbox.lock`` (and changes nothing). The processes it starts inherit the lock, so it lasts while any of them runs (a sandbox killed with SIGKILL leaves them running).'
     user:'manage Usher users (the password file, or LDAP)'
   )
   _describe 'usher commands' _commands
