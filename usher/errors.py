@@ -57,6 +57,7 @@ OPERATION_FAILED = "operation_failed"
 UNAVAILABLE = "unavailable"
 OUTCOME_UNKNOWN = "outcome_unknown"
 INTERNAL = "internal"
+STANDBY = "standby"
 
 ERROR_CODES = {
     USAGE: (EXIT_USAGE, "a command line ush cannot parse or check (unknown command "
@@ -80,6 +81,8 @@ ERROR_CODES = {
                                    "for (no terminal)"),
     UNAVAILABLE: (EXIT_CONNECTION, "the controller or the VM's LNM cannot be reached; "
                                    "nothing was done"),
+    STANDBY: (EXIT_CONNECTION, "a standby controller answered: the active one is "
+                               "another (the message names it); nothing was done"),
     OUTCOME_UNKNOWN: (EXIT_CONNECTION, "the command was sent and no answer came: it "
                                        "may or may not have happened"),
 }
@@ -167,6 +170,13 @@ class LinkFailure(Unavailable):
         return OUTCOME_UNKNOWN if self.sent else UNAVAILABLE
 
 
+class Standby(Unavailable):
+    """This controller is a standby (README, "A standby controller"): it
+    serves no logins or LNMs; the message names the active one."""
+
+    code = STANDBY
+
+
 class ConfigError(UsherError):
     """Invalid configuration; the message names the file, line and key."""
 
@@ -176,7 +186,7 @@ class ConfigError(UsherError):
 _BY_NAME = {cls.__name__: cls for cls in (
     UsherError, InvalidRequest, NoSuchVM, NoSuchLNM, PermissionDenied,
     AuthenticationFailed, Rejected, OperationFailed, MigrationUnsupported,
-    Unavailable, LinkFailure, ConfigError)}
+    Unavailable, LinkFailure, Standby, ConfigError)}
 
 
 def from_name(kind, message):

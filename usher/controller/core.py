@@ -61,6 +61,9 @@ class Controller:
         self.store = store
         # The term of leadership (0: a single controller).
         self.term = 0
+        # One of a standby pair (usher.controller.service.HAController)?
+        self.ha = False
+        self.ha_name = None
         self.clock = clock
         self.admins = set(admins)
         self.lnm_limits = lnm_limits or LNMLimits()

@@ -159,7 +159,9 @@ class Leadership(service.Service):
         d = defer.succeed(None)
         if self.state == ACTIVE:
             d = self.step_down("the controller is stopping")
-        return d.addBoth(lambda _: self.run(self.db.close)).addErrback(lambda _f: None)
+        # The thread pools stop with the controller: the connection is
+        # closed here (it only sends the session's end).
+        return d.addBoth(lambda _: self.db.close())
 
     @property
     def active(self):
@@ -268,7 +270,7 @@ class Leadership(service.Service):
              else defer.succeed(None))
         d.addErrback(lambda f: log.failure("HA: stepping down", f))
         # The lock goes with the connection (never reused while active).
-        d.addBoth(lambda _: self.run(self.db.close))
+        d.addBoth(lambda _: self.run(self.db.close) if self.running else self.db.close())
         d.addErrback(lambda _f: None)
 
         def standby(_):
