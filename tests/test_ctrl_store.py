@@ -121,3 +121,49 @@ async def test_the_lock_is_exclusive_and_terms_only_grow(database, pool):
     await run(b.close)
     assert (await run(a.try_acquire, "a"))[0] == 3
     await run(a.close)
+
+
+# -- the callers, on a store --------------------------------------------------------
+
+
+class MemoryStore(FileStateStore):
+    """A store of the interface that records what it was given (the
+    callers must go through the store, not files, when one is set)."""
+
+    def __init__(self):
+        super().__init__("/nonexistent")
+        self.saved = {}
+
+    def load(self, name):
+        return self.saved.get(name)
+
+    def _write(self, name, data):
+        self.saved[name] = data
+        return defer.succeed(None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_affinity_and_leases_use_the_store_when_one_is_set(tmp_path):
+    from plugins.leases.store import LeaseStore
+    from usher.controller.affinity import AffinityRules
+    store = MemoryStore()
+    rules = AffinityRules(str(tmp_path), store=store)
+    await rules.set("alice", "web", "apart")
+    assert store.saved["affinity"] == {"rules": [
+        {"owner": "alice", "cluster": "web", "rule": "apart"}]}
+    assert AffinityRules(str(tmp_path), store=store).rule("alice", "web") == "apart"
+
+    class API:
+        state_dir = str(tmp_path)
+
+        def __init__(self, store):
+            self.store = store
+    leases = LeaseStore(API(store))
+    leases.set("alice-vm1", "alice", 1e9)
+    await leases.flushed()
+    assert store.saved["leases"]["leases"]["alice-vm1"]["owner"] == "alice"
+    assert LeaseStore(API(store)).leases["alice-vm1"]["expires"] == 1e9
+    assert sorted(p.name for p in tmp_path.iterdir()) == []     # no files
+    known = KnownLNMs(store=store)
+    known.remember("node1", hostname="h1")
+    assert store.saved["lnms"] == {"node1": {"hostname": "h1"}}

@@ -298,11 +298,16 @@ class HALNMRoot:
                           command_timeout=self.command_timeout)
 
     def drop_all(self):
-        for broker in list(self.brokers):
-            transport = getattr(broker, "transport", None)
-            if transport is not None:
-                transport.abortConnection()
-        self.brokers = weakref.WeakSet()
+        self.brokers = abort_all(self.brokers)
+
+
+def abort_all(brokers):
+    """Cut every connection of ``brokers`` -> an empty WeakSet."""
+    for broker in list(brokers):
+        transport = getattr(broker, "transport", None)
+        if transport is not None:
+            transport.abortConnection()
+    return weakref.WeakSet()
 
 
 @implementer(IPBRoot)

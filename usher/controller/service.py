@@ -23,7 +23,7 @@ from usher.controller.known_lnms import KnownLNMs
 from usher.controller.liveness import KeepAlivePBServerFactory, LNMLiveness
 from usher.controller.lnm_input import LNMLimits
 from usher.controller.leadership import Leadership, LeadershipDB, connect
-from usher.controller.lnm_link import HALNMRoot, LNMRoot
+from usher.controller.lnm_link import HALNMRoot, LNMRoot, abort_all
 from usher.controller.plugin_api import PLUGIN_THREADS, thread_pool_runner
 from usher.controller.plugins import PluginRegistry
 from usher.controller.recovery import RecoveryService
@@ -213,11 +213,7 @@ class _TrackingRoot:
         return self.root.rootObject(broker)
 
     def drop_all(self):
-        for broker in list(self.brokers):
-            transport = getattr(broker, "transport", None)
-            if transport is not None:
-                transport.abortConnection()
-        self.brokers = weakref.WeakSet()
+        self.brokers = abort_all(self.brokers)
 
 
 class HAController:

@@ -107,14 +107,6 @@ class _Coalescer:
                 pass
 
 
-def _consume(d, what):
-    """Log a failed write no one waits for."""
-    def failed(failure):
-        log.failure("{what} could not be saved", failure, what=what)
-    d.addErrback(failed)
-    return d
-
-
 @implementer(IStateStore)
 class FileStateStore:
     """``<state_dir>/<name>.json``. ``run``: the thread runner (None: write
