@@ -23,14 +23,16 @@ EXIT_STATUSES = (
      "success, including VMs already in the state asked for (reported as already)"),
     (EXIT_FAILED, "failed",
      "the command failed or was refused, for some VMs or all (a plugin, permissions, "
-     "a VM in the wrong state, no capacity, the hypervisor)"),
+     "a VM in the wrong state, no capacity, the hypervisor); 3 instead when one of "
+     "them failed with a code of status 3"),
     (EXIT_USAGE, "usage or configuration",
      "usage or bad input: an unknown command or option, a malformed name, range or "
      "regular expression, an invalid configuration or a missing file it names (the "
      "CA certificate, password_file)"),
     (EXIT_CONNECTION, "connection or outcome unknown",
-     "cannot connect or log in (no password), the connection was lost, or the "
-     "outcome is unknown (a command went out and no answer came, for some VM)"),
+     "cannot connect or log in (no password), the connection was lost, or, for "
+     "some VM, its LNM cannot be reached (unavailable) or the outcome is unknown (a "
+     "command went out and no answer came)"),
     (EXIT_NO_MATCH, "nothing matched",
      "nothing matched: an unknown VM or LNM, or VMs asked for by name, -n, -r or "
      "--lnm that match none (list prints 0 VMs.; list with no selection exits 0)"),
@@ -56,8 +58,9 @@ NO_CAPACITY = "no_capacity"
 OPERATION_FAILED = "operation_failed"
 UNAVAILABLE = "unavailable"
 OUTCOME_UNKNOWN = "outcome_unknown"
-INTERNAL = "internal"
 STANDBY = "standby"
+STALE_TERM = "stale_term"
+INTERNAL = "internal"
 
 ERROR_CODES = {
     USAGE: (EXIT_USAGE, "a command line ush cannot parse or check (unknown command "
@@ -81,10 +84,12 @@ ERROR_CODES = {
                                    "for (no terminal)"),
     UNAVAILABLE: (EXIT_CONNECTION, "the controller or the VM's LNM cannot be reached; "
                                    "nothing was done"),
-    STANDBY: (EXIT_CONNECTION, "a standby controller answered: the active one is "
-                               "another (the message names it); nothing was done"),
     OUTCOME_UNKNOWN: (EXIT_CONNECTION, "the command was sent and no answer came: it "
                                        "may or may not have happened"),
+    STANDBY: (EXIT_CONNECTION, "a standby controller (high availability): the active one "
+                               "serves; clients and LNMs try the next configured controller"),
+    STALE_TERM: (EXIT_FAILED, "an LNM refused a controller whose term of leadership is "
+                              "older than one it has seen (a deposed active controller)"),
 }
 
 
@@ -170,11 +175,19 @@ class LinkFailure(Unavailable):
         return OUTCOME_UNKNOWN if self.sent else UNAVAILABLE
 
 
-class Standby(Unavailable):
-    """This controller is a standby (README, "A standby controller"): it
-    serves no logins or LNMs; the message names the active one."""
+class Standby(UsherError):
+    """A standby controller (high availability): it serves nothing that
+    commands; the message names the active one when it knows it."""
 
     code = STANDBY
+
+
+class StaleTerm(UsherError):
+    """An LNM refused a command from a controller whose term of leadership
+    is lower than the highest it has seen (usher.protocol, High
+    availability): nothing was done."""
+
+    code = STALE_TERM
 
 
 class ConfigError(UsherError):
@@ -186,7 +199,7 @@ class ConfigError(UsherError):
 _BY_NAME = {cls.__name__: cls for cls in (
     UsherError, InvalidRequest, NoSuchVM, NoSuchLNM, PermissionDenied,
     AuthenticationFailed, Rejected, OperationFailed, MigrationUnsupported,
-    Unavailable, LinkFailure, Standby, ConfigError)}
+    Unavailable, LinkFailure, Standby, StaleTerm, ConfigError)}
 
 
 def from_name(kind, message):

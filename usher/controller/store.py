@@ -28,7 +28,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
-from usher.errors import UsherError
+from usher.errors import StaleTerm
 from usher.persist import read_json, remove_leftovers, write_json_atomic
 
 log = Logger()
@@ -40,10 +40,6 @@ LEASES = "leases"
 
 # The temporary-file prefixes of today's files (lnms.json has its own).
 _PREFIXES = {LNMS: ".lnms."}
-
-
-class StaleTerm(UsherError):
-    """A write fenced off: another controller holds a newer term."""
 
 
 class IStateStore(Interface):
