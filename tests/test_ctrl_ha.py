@@ -9,7 +9,6 @@ its old term is refused by the fence.
 (The LNMs following the active controller, and the term gate on the LNM,
 are tested with the LNM side: tests/test_ha_failover*.py.)"""
 
-import functools
 import os
 import re
 import signal
@@ -19,7 +18,7 @@ import time
 
 import pytest
 import pytest_twisted
-from twisted.internet import protocol, reactor, threads
+from twisted.internet import reactor, threads
 from twisted.protocols import portforward
 
 from tests.e2e import sleep, wait_for
@@ -217,7 +216,7 @@ async def test_active_standby_failover_and_database_loss(site, postgres):
         assert await _eventually(a, "active"), a.output()
         assert leadership(postgres, database) == (3, "ctrl-a")
         # A write with the deposed term is fenced off.
-        run = functools.partial(threads.deferToThread)
+        run = threads.deferToThread
         stale = PgStateStore(lambda: connect(direct), run, term=lambda: 2)
         with pytest.raises(StaleTerm):
             await stale.save("lnms", {"node1": {"hostname": "stale"}})
