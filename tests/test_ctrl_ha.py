@@ -4,10 +4,9 @@ real TLS on 127.0.0.1. The first to start is active with term 1, the other
 answers Standby; kill -9 of the active one -> the standby takes over with a
 higher term and serves; the active one losing the database (its connection
 cut by a TCP proxy) -> it steps down and refuses commands, and a write with
-its old term is refused by the fence.
-
-(The LNMs following the active controller, and the term gate on the LNM,
-are tested with the LNM side: tests/test_ha_failover*.py.)"""
+its old term is refused by the fence. A real usherlnm (the test driver)
+dialing the standby is refused with Standby. (LNMs following the active
+controller and the LNM's term gate belong to the LNM side's tests.)"""
 
 import os
 import re
@@ -57,13 +56,13 @@ def ctrl_config(site, name, dsn):
     path = os.path.join(site["dir"], f"{name}.config")
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
-    return path, client_port
+    return path, client_port, lnm_port
 
 
 class Controller:
     def __init__(self, site, name, dsn):
         self.site, self.name = site, name
-        self.config, self.port = ctrl_config(site, name, dsn)
+        self.config, self.port, self.lnm_port = ctrl_config(site, name, dsn)
         self.log = os.path.join(site["dir"], f"{name}.log")
         self.process = None
 
@@ -103,6 +102,26 @@ class Controller:
             await client.disconnect()
             raise
         return client
+
+
+def start_lnm(site, port):
+    with open(site["configs"]["lnm1"], encoding="utf-8") as f:
+        text = f.read()
+    assert "test_host = yes" in text
+    text = re.sub(r"(?m)^controller_port = .*$", f"controller_port = {port}", text)
+    path = os.path.join(site["dir"], "lnm-standby.config")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    return subprocess.Popen([sys.executable, "-m", "usher.lnm.main", "--isolated", "--config",
+                             path], stdin=subprocess.DEVNULL,
+                            stdout=open(os.path.join(site["dir"], "lnm-standby.log"), "w"),
+                            stderr=subprocess.STDOUT)
+
+
+def lnm_output(site):
+    with open(os.path.join(site["dir"], "lnm-standby.log"), encoding="utf-8",
+              errors="replace") as f:
+        return f.read()
 
 
 async def login_outcome(ctrl):
@@ -188,6 +207,13 @@ async def test_active_standby_failover_and_database_loss(site, postgres):
         while not await refused() and time.monotonic() < deadline:
             await sleep(0.1)
         assert refusals[-1] == "standby controller ctrl-b; the active one is ctrl-a"
+        # A real LNM (the test driver) dialing the standby is refused too.
+        lnm = start_lnm(site, b.lnm_port)
+        try:
+            await wait_for(lambda: "standby controller ctrl-b" in lnm_output(site), timeout=HANG)
+        finally:
+            lnm.kill()
+            lnm.wait(timeout=HANG)
         assert secret not in a.output() and "password=***" in a.output()
 
         # (b) kill -9 the active one: the standby takes over with a higher
