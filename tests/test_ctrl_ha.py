@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 import pytest_twisted
@@ -48,7 +49,8 @@ def ctrl_config(site, name, dsn):
     client_port, lnm_port = sandbox.free_port(), sandbox.free_port()
     text = re.sub(r"(?m)^client_port = .*$", f"client_port = {client_port}", text)
     text = re.sub(r"(?m)^lnm_port = .*$", f"lnm_port = {lnm_port}", text)
-    text = re.sub(r"(?m)^metrics_port = .*$", "metrics_port = None", text)
+    metrics_port = sandbox.free_port()
+    text = re.sub(r"(?m)^metrics_port = .*$", f"metrics_port = {metrics_port}", text)
     text = re.sub(r"(?m)^state_dir = .*$", f"state_dir = {site['dir']}/{name}-state", text)
     text = text.replace("[ctrl]\n", f"[ctrl]\nha_database = {dsn}\nha_name = {name}\n"
                         f"ha_check_interval = {CHECK_INTERVAL}\n"
@@ -56,13 +58,14 @@ def ctrl_config(site, name, dsn):
     path = os.path.join(site["dir"], f"{name}.config")
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
-    return path, client_port, lnm_port
+    return path, client_port, lnm_port, metrics_port
 
 
 class Controller:
     def __init__(self, site, name, dsn):
         self.site, self.name = site, name
-        self.config, self.port, self.lnm_port = ctrl_config(site, name, dsn)
+        self.config, self.port, self.lnm_port, self.metrics_port = ctrl_config(site, name,
+                                                                                dsn)
         self.log = os.path.join(site["dir"], f"{name}.log")
         self.process = None
 
@@ -85,6 +88,17 @@ class Controller:
     def output(self):
         with open(self.log, encoding="utf-8", errors="replace") as f:
             return f.read()
+
+    def metrics(self):
+        """-> Deferred: does its /metrics answer?"""
+        def get():
+            try:
+                with urllib.request.urlopen(
+                        f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+        return threads.deferToThread(get)
 
     def kill(self, sig=signal.SIGKILL):
         if self.process is not None and self.process.poll() is None:
@@ -207,6 +221,7 @@ async def test_active_standby_failover_and_database_loss(site, postgres):
         while not await refused() and time.monotonic() < deadline:
             await sleep(0.1)
         assert refusals[-1] == "standby controller ctrl-b; the active one is ctrl-a"
+        assert await a.metrics() and not await b.metrics()   # served while active
         # A real LNM (the test driver) dialing the standby is refused too.
         lnm = start_lnm(site, b.lnm_port)
         try:
@@ -227,6 +242,7 @@ async def test_active_standby_failover_and_database_loss(site, postgres):
         print(f"\nfailover: the standby served a login and list {took:.2f} s after "
               "kill -9 of the active controller (no LNMs)")
         assert "HA: ctrl-b is active (term 2)" in b.output()
+        assert await b.metrics()
 
         # (c) the active one loses the database: it steps down within
         # ha_lost_after (+ a margin), refusing commands as a standby, and the
@@ -237,6 +253,7 @@ async def test_active_standby_failover_and_database_loss(site, postgres):
         print(f"database lost: the active controller stepped down after "
               f"{time.monotonic() - cut:.2f} s (ha_lost_after {LOST_AFTER:g} s)")
         assert "steps down from term 2" in b.output()
+        assert not await b.metrics()
         a.start()
         await a.started()
         assert await _eventually(a, "active"), a.output()

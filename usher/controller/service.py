@@ -229,6 +229,7 @@ class HAController:
         self.ctrl = ctrl = config["ctrl"]
         self.reactor = reactor
         self.root = root
+        self.pool = pool
         self.run = thread_pool_runner(reactor, pool)
         self.plugin_run = thread_pool_runner(reactor, plugin_pool)
         self.name = ctrl["ha_name"] or socket.gethostname()
@@ -269,6 +270,9 @@ class HAController:
         controller.api.run_in_thread = self.plugin_run
         active = service.MultiService()
         _active_services(controller, ctrl, self.reactor, active, term=term)
+        if ctrl["metrics_port"] is not None:
+            # Served while active only (a standby has no figures).
+            metrics_listener(controller, ctrl, self.reactor, self.pool).setServiceParent(active)
         self.controller = controller
         self.active_services = active
         self.portal.current = Portal(
@@ -355,9 +359,6 @@ def make_ha_service(config, reactor):
     except ImportError:
         raise ConfigError("[ctrl] ha_database needs psycopg (pip install "
                           "'psycopg[binary]')") from None
-    if ctrl["metrics_port"] is not None:
-        log.warn("[ctrl] metrics_port is not served by a controller of a standby pair "
-                 "(yet): ignored")
     root = service.MultiService()
     pool = ThreadPool(minthreads=1, maxthreads=4, name="usherctrl")
     ThreadPoolService(pool).setServiceParent(root)
