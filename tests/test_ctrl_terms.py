@@ -97,3 +97,24 @@ def test_the_announcement_carries_the_term_of_a_standby_pair(term, line):
     proto.makeConnection(transport)
     assert transport.value() == (line + "\r\n").encode("ascii")
     proto.setTimeout(None)
+
+
+class AbortableTransport(StringTransport):
+    aborted = False
+
+    def abortConnection(self):
+        self.aborted = True
+
+
+def test_stepping_down_cuts_every_lnm_link_and_new_ones_meet_standby():
+    root = HALNMRoot(clock=task.Clock(), call_timeout=5, command_timeout=5,
+                     standby_message=lambda: "standby controller b; the active one is a")
+    root.controller = ControllerDouble(2, True)
+    brokers = [BrokerDouble() for _ in range(3)]
+    for broker in brokers:
+        broker.transport = AbortableTransport()
+        assert isinstance(root.rootObject(broker), LNMGateway)
+    root.controller = None
+    root.drop_all()
+    assert all(b.transport.aborted for b in brokers)
+    assert isinstance(root.rootObject(BrokerDouble()), StandbyGateway)
