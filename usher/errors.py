@@ -56,6 +56,8 @@ NO_CAPACITY = "no_capacity"
 OPERATION_FAILED = "operation_failed"
 UNAVAILABLE = "unavailable"
 OUTCOME_UNKNOWN = "outcome_unknown"
+STANDBY = "standby"
+STALE_TERM = "stale_term"
 INTERNAL = "internal"
 
 ERROR_CODES = {
@@ -82,6 +84,10 @@ ERROR_CODES = {
                                    "nothing was done"),
     OUTCOME_UNKNOWN: (EXIT_CONNECTION, "the command was sent and no answer came: it "
                                        "may or may not have happened"),
+    STANDBY: (EXIT_CONNECTION, "a standby controller (high availability): the active one "
+                               "serves; clients and LNMs try the next configured controller"),
+    STALE_TERM: (EXIT_FAILED, "an LNM refused a controller whose term of leadership is "
+                              "older than one it has seen (a deposed active controller)"),
 }
 
 
@@ -167,6 +173,21 @@ class LinkFailure(Unavailable):
         return OUTCOME_UNKNOWN if self.sent else UNAVAILABLE
 
 
+class Standby(UsherError):
+    """A standby controller (high availability): it serves nothing that
+    commands; the message names the active one when it knows it."""
+
+    code = STANDBY
+
+
+class StaleTerm(UsherError):
+    """An LNM refused a command from a controller whose term of leadership
+    is lower than the highest it has seen (usher.protocol, High
+    availability): nothing was done."""
+
+    code = STALE_TERM
+
+
 class ConfigError(UsherError):
     """Invalid configuration; the message names the file, line and key."""
 
@@ -176,7 +197,7 @@ class ConfigError(UsherError):
 _BY_NAME = {cls.__name__: cls for cls in (
     UsherError, InvalidRequest, NoSuchVM, NoSuchLNM, PermissionDenied,
     AuthenticationFailed, Rejected, OperationFailed, MigrationUnsupported,
-    Unavailable, LinkFailure, ConfigError)}
+    Unavailable, LinkFailure, Standby, StaleTerm, ConfigError)}
 
 
 def from_name(kind, message):
