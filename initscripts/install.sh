@@ -85,6 +85,10 @@ check_path() {
     case $2 in
         *[!A-Za-z0-9_./+@-]*) die "$1 '$2' has characters other than letters, digits and _ . / + @ -" ;;
     esac
+    # No . or .. segment: ROOT/../x would pass the under --root test below.
+    case $2/ in
+        */./* | */../*) die "$1 '$2' has a . or .. segment: give the path without them" ;;
+    esac
 }
 
 root=

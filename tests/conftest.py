@@ -11,6 +11,8 @@ Every test runs without $COLUMNS (ush fits its tables to it): a test that
 wants a width sets it.
 """
 
+import os
+
 import pytest
 import pytest_twisted
 from twisted.python.threadpool import ThreadPool
@@ -19,6 +21,11 @@ from twisted.python.threadpool import ThreadPool
 @pytest.fixture(autouse=True)
 def _no_terminal_width(monkeypatch):
     monkeypatch.delenv("COLUMNS", raising=False)
+    # GNU readline, once imported (pdb imports it), writes COLUMNS and LINES
+    # into the C environment behind os.environ's back; child processes
+    # started without env= would inherit them.
+    os.unsetenv("COLUMNS")
+    os.unsetenv("LINES")
 
 
 @pytest.fixture

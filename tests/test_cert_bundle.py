@@ -2,6 +2,7 @@
 the real ``usher`` command; the LNM started with them attaches to a real
 controller over TLS."""
 
+import os
 import stat
 import subprocess
 import tarfile
@@ -100,6 +101,33 @@ def test_bundle_refuses_a_directory_others_may_read(site, tmp_path):
                  str(site.etc), "--out", str(shared), check=False)
     assert result.returncode == 1 and "others may read it" in result.stderr
     assert list(shared.iterdir()) == []
+
+
+def test_bundle_refuses_a_directory_of_another_user_or_a_link(site, tmp_path):
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o700)
+    os.chown(theirs, 65534, 65534)          # nobody's (the tests run as root)
+    mine = tmp_path / "mine"
+    mine.mkdir(mode=0o700)
+    link = tmp_path / "link"
+    link.symlink_to(mine)
+    for out, complaint in ((theirs, "belongs to another user"),
+                           (link, "is a symbolic link")):
+        result = run(SOURCE_PROGRAMS, "usher", "cert", "bundle", "--lnm", "vmm9", "--dir",
+                     str(site.etc), "--out", str(out), check=False)
+        assert result.returncode == 1 and complaint in result.stderr
+    assert list(theirs.iterdir()) == [] and list(mine.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "mine", "site", "theirs"]
+
+
+def test_a_new_out_directory_is_made_whole_with_mode_700(site, tmp_path):
+    out = tmp_path / "new" / "vmm9"
+    run(SOURCE_PROGRAMS, "usher", "cert", "bundle", "--lnm", "vmm9", "--dir", str(site.etc),
+        "--out", str(out))
+    assert _mode(out) == 0o700 and out.stat().st_uid == os.geteuid()
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ("usherlnm_cert.pem", "usherlnm_key.pem", "ca_cert.pem", "lnm.config"))
+    assert [p.name for p in out.parent.iterdir()] == ["vmm9"]     # no temporary left
 
 
 def test_a_bundled_lnm_attaches_to_the_controller_over_tls(site, tmp_path):

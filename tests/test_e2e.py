@@ -270,7 +270,7 @@ async def test_ush_one_shot_json(system):
     # The sandbox's hosts are test hosts (test_host = yes), and say so.
     assert all(lnm["test_host"] is True for lnm in lnms)
     table = await system.ush("list_lnm", json_output=False)
-    assert table.stdout.splitlines()[2].split()[-1] == "host"
+    assert table.stdout.splitlines()[2].split()[-1] == "test"
     assert all(line.split()[-1] == "TEST" for line in table.stdout.splitlines()[4:])
     paused = await system.ush("pause", "-n", "ushjson")
     assert paused.returncode == 0, paused.stdout + paused.stderr

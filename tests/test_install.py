@@ -135,6 +135,20 @@ def test_install_refuses_bad_arguments_and_changes_nothing(tmp_path, args, compl
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("option, path", [
+    ("--bindir", "{root}/../elsewhere/bin"),
+    ("--venv", "{root}/opt/../../elsewhere/usher"),
+    ("--bindir", "{root}/./usr/local/bin"),
+])
+def test_install_refuses_dot_segments_that_could_leave_the_root(tmp_path, option, path):
+    root = tmp_path / "root"
+    root.mkdir()
+    result = run_install("--root", str(root), option, path.format(root=root), "ctrl")
+    assert result.returncode == 2
+    assert f"{option} '{path.format(root=root)}' has a . or .. segment" in result.stderr
+    assert [str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")] == ["root"]
+
+
 def test_install_refuses_a_missing_root(tmp_path):
     result = run_install("--root", str(tmp_path / "absent"), "ctrl")
     assert result.returncode == 2 and "not an existing directory" in result.stderr

@@ -175,8 +175,14 @@ class FakeClient:
 
         def action():
             self._remote()
-            records = [dict(r) for r in self._select(selection)] if not remote else \
-                [dict(r) for r in self._mine().values()]
+            if not remote:
+                records = [dict(r) for r in self._select(selection)]
+            elif selection is None:
+                records = [dict(r) for r in self._mine().values()]
+            else:       # the controller's view: every VM an administrator may see
+                records, _ = selection.pick(self._mine(), lambda n: naming.qualify(
+                    n, self.user, self.domain))
+                records = [dict(r) for r in records]
             if status:
                 for rec in records:
                     rec["cpu_percent"] = 1.5
@@ -623,9 +629,9 @@ def test_list_lnm_marks_test_hosts_only_when_there_is_one():
     real = {"name": "vmm43", "vms": 1, "cpus": 8, "memory_mib": 8192, "connected": True,
             "test_host": False}
     fake = dict(real, name="lnm1", test_host=True)
-    assert "test host" not in ush.format_lnm_list([real])
+    assert "TEST" not in ush.format_lnm_list([real])
     lines = ush.format_lnm_list([real, fake]).splitlines()
-    assert lines[2].split()[-2:] == ["test", "host"]
+    assert lines[2].split()[-1] == "test"
     assert lines[4].split()[0] == "lnm1" and lines[4].split()[-1] == "TEST"
     assert lines[5].split()[0] == "vmm43" and lines[5].split()[-1] == "yes"
 
@@ -775,6 +781,34 @@ def test_destructive_operations_on_several_vms_ask_first(operation):
     h.run(f"{operation} 5.sneetch")
     h.run(f"{operation} --yes '[6-7].sneetch'")
     assert len(confirmer.asked) == 2 and len(h.sent("op_on")) == 3
+
+
+@pytest.mark.parametrize("operation", ["destroy", "delete"])
+def test_an_administrators_selection_by_lnm_asks_with_the_controllers_list(operation):
+    """The cache holds the administrator's own VMs; the controller picks
+    every user's on the LNM: the question counts those (a remote list)."""
+    world = sneetch_world(count=0)
+    world.admins.add(USER)
+    for i in (1, 2, 3):
+        world.add(record(f"{i}.web", lnm=f"vmm44.{DOMAIN}", user="bob"))
+    h = Harness(world)
+    client = h.connect()
+    client.vms = {n: r for n, r in client.vms.items() if r["owner"] == USER}
+    h.shell.confirmer = confirmer = Confirmer(False)
+    lnm = f"vmm44.{DOMAIN}"
+    output = h.run(f"{operation} --force --lnm {lnm}" if operation == "delete"
+                   else f"{operation} --lnm {lnm}")
+    assert confirmer.asked == [
+        f"{operation} 3 VMs of bob (1.web, 2.web, 3.web)? [y/N] "]
+    assert f"{operation}: cancelled" in output
+    assert h.sent("op_on") == []
+    # The list cannot be had: asked all the same.
+    h.shell.confirmer = confirmer = Confirmer(False)
+    client.list = lambda *a, **kw: defer.fail(Unavailable("the controller is busy"))
+    h.run(f"{operation} --lnm {lnm}")
+    assert confirmer.asked == [f"{operation} every VM of the selection on LNM {lnm} (they "
+                               "could not be listed: the controller is busy)? [y/N] "]
+    assert h.sent("op_on") == []
 
 
 def test_delete_force_is_sent_as_an_argument():

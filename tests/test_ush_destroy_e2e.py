@@ -146,3 +146,37 @@ async def test_interactive_shell_asks_before_destroying_several_vms(system):
     await threads.deferToThread(interactive_session, system.description["configs"]["ush"])
     await wait_for(lambda: not any(name.endswith(f".ask.alice.{DOMAIN}")
                                    for name in alice.vms))
+
+
+def administrator_by_lnm_session(config):
+    """alice, an administrator, has none of bob's VMs in her cache; by LNM
+    the controller picks his: she is asked, with his VMs counted."""
+    term = Terminal(config)
+    try:
+        term.expect("ush> ")
+        term.say("connect", "Connected")
+        term.expect("alice:ush> ")
+        for line in ("destroy --lnm lnm1", "delete --force --lnm lnm1"):
+            operation = line.split()[0]
+            asked = term.say(line, "? [y/N] ")
+            assert f"{operation} 3 VMs of bob (1.web, 2.web, 3.web)? [y/N] " in asked
+            term.say("n", f"{operation}: cancelled")
+            term.expect("alice:ush> ")
+        term.say("destroy --lnm lnm1", "? [y/N] ")
+        term.say("y", "Controller destroyed 3 VMs:")
+        term.expect("alice:ush> ")
+    finally:
+        term.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_administrator_is_asked_before_destroying_others_vms_by_lnm(system):
+    bob = await system.connected_client("bob", "bob-secret")
+    started = await bob.start(cluster="web", count=3, lnms=["lnm1"])
+    web = [full(f"{i}.web", "bob") for i in (1, 2, 3)]
+    assert [s["name"] for s in started["started"]] == web, started
+    await threads.deferToThread(administrator_by_lnm_session,
+                                system.description["configs"]["ush"])
+    # Answered no twice (nothing happened), then yes: off, and kept.
+    await wait_for(lambda: all(bob.vms[n]["state"] == "shutoff" for n in web))
+    assert sorted(bob.vms) == web

@@ -271,7 +271,7 @@ async def test_committed_and_measured_memory_are_named_apart_and_fit_80_columns(
         assert title in header, header
     row = lines[4]
     assert f"{committed} MiB" in row and f"{measured} MiB" in row
-    assert "left out to fit 80 columns: CPUs, 5m, 15m" in done.stdout.replace("\n", " ")
+    assert "left out to fit 80 columns: CPUs, test, 5m, 15m" in done.stdout.replace("\n", " ")
     # Not a terminal and no COLUMNS: every column, as before.
     done = await threads.deferToThread(_run, system, "list_lnm", "-s")
     assert "left out" not in done.stdout and "unmanaged" in done.stdout.splitlines()[2]

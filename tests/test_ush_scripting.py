@@ -218,6 +218,15 @@ def test_some_vms_failed_is_1_and_an_unknown_outcome_3():
                               {"name": "b", "code": "outcome_unknown"}]) == errors.EXIT_CONNECTION
 
 
+def test_vms_whose_lnm_is_unavailable_exit_3_like_the_table_says():
+    from usher.clients.ush.outcome import results_exit_code
+    assert errors.exit_status_of_code("unavailable") == errors.EXIT_CONNECTION
+    assert results_exit_code([{"name": "a", "code": "unavailable"}]) == errors.EXIT_CONNECTION
+    assert results_exit_code([{"name": "a", "code": "busy"},
+                              {"name": "b", "code": "unavailable"}]) == errors.EXIT_CONNECTION
+    assert results_exit_code([{"name": "a", "code": "no_such_vm"}]) == errors.EXIT_FAILED
+
+
 # --- item 10: checks before the password; no terminal; --isolated --------------------
 
 @pytest_twisted.ensureDeferred

@@ -15,7 +15,8 @@ defaults of lnm.config, ``usher.settings.LNM``):
                         given, else left for the administrator (the LNM
                         refuses to start until it is set)
 
-``--out DIR`` writes them into DIR (created with mode 700); ``--tar FILE``
+``--out DIR`` writes them into DIR (created with mode 700; an existing DIR
+must be a directory of the user's with mode 700, not a symbolic link); ``--tar FILE``
 into a tar file (mode 600) to unpack on the host with
 ``tar -xf FILE -C /etc/usher``. The declarations are in ``usher.admin``.
 """
@@ -29,6 +30,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import tarfile
 import tempfile
 from pathlib import Path
@@ -126,10 +128,19 @@ def _make(args, directory: Path, host_dir: str, controller_host: str) -> None:
 
 def _into_directory(args, host_dir, controller_host) -> Path:
     out = Path(args.out)
-    if out.exists():
-        if not out.is_dir():
+    try:
+        st = out.lstat()                    # a symlink is not followed
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        if stat.S_ISLNK(st.st_mode):
+            raise InvalidRequest(f"--out {out}: is a symbolic link: name the directory itself")
+        if not stat.S_ISDIR(st.st_mode):
             raise InvalidRequest(f"--out {out}: exists and is not a directory")
-        if out.stat().st_mode & 0o077:
+        if st.st_uid != os.geteuid():
+            raise InvalidRequest(f"--out {out}: exists and belongs to another user (a key "
+                                 "goes there): name a new directory")
+        if st.st_mode & 0o077:
             raise InvalidRequest(f"--out {out}: exists and others may read it (a key goes "
                                  "there): name a new directory")
         present = [name for name in FILES if (out / name).exists()]
@@ -137,12 +148,23 @@ def _into_directory(args, host_dir, controller_host) -> Path:
             raise InvalidRequest(f"{out} already holds {', '.join(present)}; nothing "
                                  "changed (--force replaces them)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    # Made beside it first: a refused name or a CA problem leaves nothing.
-    with tempfile.TemporaryDirectory(prefix=".bundle-", dir=out.parent) as tmp:
-        _make(args, Path(tmp), host_dir, controller_host)
-        out.mkdir(mode=0o700, exist_ok=True)
-        for name in FILES:
-            os.replace(Path(tmp) / name, out / name)
+    # Made beside it first (mkdtemp: mode 700, ours): a refused name or a CA
+    # problem leaves nothing, and a new --out is this directory renamed into
+    # place, never one someone else made meanwhile.
+    tmp = Path(tempfile.mkdtemp(prefix=".bundle-", dir=out.parent))
+    try:
+        _make(args, tmp, host_dir, controller_host)
+        if st is None:
+            try:
+                os.rename(tmp, out)
+            except OSError:             # not empty, a file or a link now
+                raise InvalidRequest(f"--out {out}: appeared while the bundle was made; "
+                                     "nothing changed") from None
+        else:
+            for name in FILES:
+                os.replace(tmp / name, out / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

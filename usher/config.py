@@ -376,6 +376,7 @@ _PHRASES = {
     "string": "a string",
     "list": "a comma-separated list",
     "path": "a path",
+    "conninfo": "a libpq connection string",
     "option": "one of its allowed values",
 }
 
@@ -395,6 +396,7 @@ class _Checker:
             "option": self._option,
             "list": self._list,
             "path": self._path,
+            "conninfo": self._conninfo,
         })
 
     # Scopes are lists of (section or None, spec), outermost first: the chain
@@ -589,6 +591,24 @@ class _Checker:
         if max is not None and len(items) > int(max):
             raise _Invalid(f"takes at most {max} items, got {len(items)}")
         return items
+
+    def _conninfo(self, value):
+        """A libpq connection string (``host=... dbname=...`` or a
+        ``postgresql://`` URL). The value is never repeated in a message: it
+        may hold a password."""
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value.strip():
+            raise _Invalid("a connection string cannot be empty (write None for none)")
+        try:
+            from psycopg.conninfo import conninfo_to_dict
+            conninfo_to_dict(value)
+        except ImportError:
+            raise _Invalid("needs psycopg (pip install 'psycopg[binary]')") from None
+        except Exception:
+            raise _Invalid("is not a libpq connection string (e.g. host=db1 port=5432 "
+                           "dbname=usher user=usher)") from None
+        return value.strip()
 
     def _path(self, value):
         if not isinstance(value, str) or not value.strip():

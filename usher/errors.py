@@ -23,14 +23,16 @@ EXIT_STATUSES = (
      "success, including VMs already in the state asked for (reported as already)"),
     (EXIT_FAILED, "failed",
      "the command failed or was refused, for some VMs or all (a plugin, permissions, "
-     "a VM in the wrong state, no capacity, the hypervisor)"),
+     "a VM in the wrong state, no capacity, the hypervisor); 3 instead when one of "
+     "them failed with a code of status 3"),
     (EXIT_USAGE, "usage or configuration",
      "usage or bad input: an unknown command or option, a malformed name, range or "
      "regular expression, an invalid configuration or a missing file it names (the "
      "CA certificate, password_file)"),
     (EXIT_CONNECTION, "connection or outcome unknown",
-     "cannot connect or log in (no password), the connection was lost, or the "
-     "outcome is unknown (a command went out and no answer came, for some VM)"),
+     "cannot connect or log in (no password), the connection was lost, or, for "
+     "some VM, its LNM cannot be reached (unavailable) or the outcome is unknown (a "
+     "command went out and no answer came)"),
     (EXIT_NO_MATCH, "nothing matched",
      "nothing matched: an unknown VM or LNM, or VMs asked for by name, -n, -r or "
      "--lnm that match none (list prints 0 VMs.; list with no selection exits 0)"),

@@ -201,6 +201,38 @@ on a connection whose term is below the highest seen is refused with
 dropped. A connection that never sent controller_term has term 0 (an old
 controller): obeyed only while the highest seen is 0.
 
+Controller terms and a standby pair (``[ctrl] ha_database``)
+------------------------------------------------------------
+Two controllers share one PostgreSQL. Leadership is a session-level
+advisory lock (``pg_try_advisory_lock``) on one dedicated connection (TCP
+keepalives on both sides); the winner takes a TERM, ``UPDATE
+usher_leadership SET term = term + 1, holder = <ha_name>, since = now()
+RETURNING term`` (terms only grow). Persisted state is the table
+``usher_state(name, data jsonb, term, updated)`` (names ``lnms``,
+``affinity``, ``leases``), every write fenced: it commits only while
+``usher_leadership.term`` is still the writer's (``SELECT ... FOR SHARE`` in
+the same transaction); a deposed leader's write fails and it steps down.
+
+A standby answers ``login`` on its client port and ``attach`` on its LNM
+port with the error ``Standby`` (code ``standby``): "standby controller
+<name>; the active one is <holder>". Right after an LNM attaches, before
+any other command, the controller calls on ``node_api``::
+
+    controller_term({"term": int, "controller": str}) -> {"accepted": bool,
+                                                          "highest": int}
+
+One controller sends term 0. Not accepted -> the controller drops the link.
+An LNM without the method (``NoSuchMethod``) is accepted with term 0 by a
+single controller only; one of a standby pair drops it. With a standby pair
+the recovery announcement carries the term as a third token::
+
+    controller -> LNM   USHER-RECOVERY <PROTOCOL_VERSION> <term>
+
+(a single controller sends the two-token form; an LNM accepts both). A
+controller that steps down (no successful database check for
+``ha_lost_after`` seconds, a newer term in the database, a fenced write)
+drops every LNM and client connection at once and stands by again.
+
 Controller <-> client (TLS; user name and password checked by the
 controller's authentication chain)
 ------------------------------------------------------------------

@@ -72,6 +72,10 @@ metrics_per_vm = boolean(default=False)
 log_file = path(default=None)
 log_level = {_LOG_LEVEL}
 pid_file = path(default=None)
+ha_database = conninfo(default=None)
+ha_name = string(default=None)
+ha_check_interval = float(gt=0, default=1.0)
+ha_lost_after = float(gt=0, default=5.0)
 [[plugins]]
 [[[__many__]]]
 plugin = string(default=None)

@@ -288,8 +288,8 @@ COMMANDS["list_lnm"] = _entry(
     """\
     List the LNMs connected to the controller: one per physical host running
     a VMM. Columns: LNM name, the number of VMs it runs, its CPUs and memory,
-    the memory committed on it, and whether it is connected; then "test
-    host" (TEST) when some LNM runs an embedded libvirt test host
+    the memory committed on it, and whether it is connected; then "test"
+    (TEST) when some LNM runs an embedded libvirt test host
     (test_host = yes: the sandbox's; its VMs run nothing; --json:
     "test_host"); then, when a host has any, its holds: why it takes no new
     VMs (maintenance, fenced, powered_down; --json shows each hold's

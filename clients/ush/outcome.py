@@ -83,9 +83,11 @@ def error_outcome(exc):
 
 def results_exit_code(failed):
     """The exit status of a command whose VMs ``failed`` (entries with a
-    "code"): 0 if none, 3 if the outcome of one is unknown, else 1."""
+    "code"): 0 if none, 3 if one's code comes to 3 (its LNM unavailable, its
+    outcome unknown: retry or check), else 1."""
     if not failed:
         return EXIT_OK
-    if any(item.get("code") == errors.OUTCOME_UNKNOWN for item in failed):
+    if any(errors.exit_status_of_code(item.get("code")) == EXIT_CONNECTION
+           for item in failed):
         return EXIT_CONNECTION
     return EXIT_FAILED

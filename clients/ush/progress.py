@@ -3,7 +3,8 @@ they change is reported once, in their result, and how far they are.
 
 While one runs, the [notice] lines of VM changes are held; when it ends,
 those of the VMs its result names are dropped (the result says it) and the
-others are printed after its result. Its progress is counted from the same change
+others are printed after its result. A notice arriving just after the result
+(REPORTED_WINDOW) of the change it reported is dropped too, once. Its progress is counted from the same change
 notifications the client gets for the user's VMs: ``OwnCommand.line()`` is
 the one line of counts that one-shot mode redraws on a terminal.
 """
@@ -18,6 +19,12 @@ RESULT_LISTS = ("started", "done", "migrated", "failed")
 REDRAW = "\r\x1b[K"
 # Seconds between two redraws of the line of progress (at most).
 REDRAW_INTERVAL = 0.1
+# Seconds after a result during which the notice of a change it reported may
+# still arrive (the notification and the result cross): dropped then, once.
+REPORTED_WINDOW = 2.0
+# A result entry that names a VM without its state (started, migrated): the
+# next change notice of that VM, whatever it says, is the one it reported.
+ANY_STATE = object()
 
 
 class OwnCommand:
@@ -30,7 +37,9 @@ class OwnCommand:
         self.latest = {}       # VM name -> its latest (state, host)
         self.first = {}        # VM name -> (state, host) before its first change
         self.removed = set()
-        self.reported = {}     # VM name -> the state its result gives (None: any)
+        self.named = set()     # the VMs its result names
+        self.reported = {}     # VM name -> the state its result gives (None:
+                               # removed; ANY_STATE: not given)
 
     def saw(self, name, old, new):
         self.first.setdefault(name, old)
@@ -41,11 +50,15 @@ class OwnCommand:
         self.removed.add(name)
 
     def report(self, result):
-        """The command's result: the VMs it names are reported there."""
+        """The command's result: the VMs it names are reported there, with
+        the state it gives them (a failed VM's is none: its next change is
+        news)."""
         for key in RESULT_LISTS:
             for item in (result or {}).get(key) or ():
                 if isinstance(item, dict) and isinstance(item.get("name"), str):
-                    self.reported[item["name"]] = item.get("state")
+                    self.named.add(item["name"])
+                    if key != "failed":
+                        self.reported[item["name"]] = item.get("state", ANY_STATE)
 
     def line(self):
         """The counts so far, one line."""
@@ -85,8 +98,8 @@ class OwnCommands:
         self._drawn_at = None
         self.running = []
         self._held = []          # (VM name, text) of notices held meanwhile
-        # VM name -> the state its command's result gave: a notice of that
-        # change arriving after the result is news no more.
+        # VM name -> (the state its command's result gave, when): a notice
+        # of that change arriving just after the result is news no more.
         self._reported = {}
         self.show_progress = False
         self._shown = False
@@ -99,9 +112,26 @@ class OwnCommands:
     def end(self, command):
         self.running.remove(command)
         self.clear()
-        self._reported.update(command.reported)
+        now = self._now()
+        self._reported.update((name, (state, now))
+                              for name, state in command.reported.items())
         self._held = [(name, text) for name, text in self._held
-                      if name not in command.reported]
+                      if name not in command.named]
+
+    def _now(self):
+        return self._clock.seconds() if self._clock is not None else None
+
+    def _said(self, name, state):
+        """Whether the result of one of our commands already said that VM
+        ``name`` is now in ``state`` (None: removed); asked once per VM."""
+        said = self._reported.pop(name, None)
+        if said is None:
+            return False
+        expected, at = said
+        now = self._now()
+        if at is not None and now is not None and now - at > REPORTED_WINDOW:
+            return False
+        return expected is ANY_STATE or expected == state
 
     def flush(self):
         """After a result is printed: the notices held meanwhile, once no
@@ -114,8 +144,7 @@ class OwnCommands:
     def changed(self, name, old, new, text):
         """A VM changed (``text`` its notice, or None): -> True if the
         notice is held or dropped here, False to print it now."""
-        expected = self._reported.pop(name, "absent")
-        if expected != "absent" and (expected is None or expected == new[0]):
+        if self._said(name, new[0]):
             return True                # its command's result said it already
         if not self.running:
             return False
@@ -127,7 +156,7 @@ class OwnCommands:
         return True
 
     def removed(self, name, text):
-        if self._reported.pop(name, "absent") != "absent":
+        if self._said(name, None):
             return True
         if not self.running:
             return False
@@ -140,7 +169,7 @@ class OwnCommands:
     def progress(self):
         if not self.running or not self.show_progress:
             return
-        now = self._clock.seconds() if self._clock is not None else None
+        now = self._now()
         if now is not None and self._drawn_at is not None and (
                 now - self._drawn_at < REDRAW_INTERVAL):
             return

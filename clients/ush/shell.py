@@ -26,7 +26,7 @@ from twisted.logger import Logger
 
 from usher import naming
 from usher.cliargs import UsageError
-from usher.errors import Unavailable
+from usher.errors import NoSuchLNM, NoSuchVM, Unavailable
 
 from . import cli, help_text
 from .format import (by_name, describe_change, natural_key, placement, plural,
@@ -45,11 +45,14 @@ CLOSE_TIMEOUT = 5.0
 CONFIRM_SHOWN = 3
 
 
-def confirmation_prompt(operation, names, client):
-    """"destroy 12 VMs of alice (1.web, 2.web, 3.web … 12.web)? [y/N] "."""
+def confirmation_prompt(operation, names, client, owners=None):
+    """"destroy 12 VMs of alice (1.web, 2.web, 3.web … 12.web)? [y/N] ".
+    ``owners``: VM name -> owner (default: the cache's)."""
     domain = getattr(client, "domain", None)
-    records = getattr(client, "vms", {})
-    owners = sorted({(records.get(n) or {}).get("owner") or "?" for n in names})
+    if owners is None:
+        records = getattr(client, "vms", {})
+        owners = {n: (records.get(n) or {}).get("owner") for n in names}
+    owners = sorted({owners.get(n) or "?" for n in names})
     short = [naming.short_name(n, domain) if domain else n for n in names]
     shown = ", ".join(short[:CONFIRM_SHOWN])
     if len(short) > CONFIRM_SHOWN:
@@ -390,18 +393,39 @@ class Shell:
     async def confirm_operation(self, operation, selection):
         """Before ``operation`` on several VMs: ask the confirmer (if any) to
         go ahead, naming how many VMs and whose; raise Cancelled if not. The
-        VMs are counted from the cache; a selection it cannot resolve is
-        left for the controller to refuse."""
+        VMs are counted from the cache, as the names sent are; a selection by
+        LNM goes unresolved and the controller picks its VMs (for an
+        administrator, every user's), so it lists them first; if it cannot,
+        the question says so, and is asked all the same."""
         client = self.client
         if self.confirmer is None or client is None or not client.connected:
             return
-        try:
-            names = sorted((r["name"] for r in client.select(selection)), key=natural_key)
-        except Exception:
-            return
-        if len(names) < 2:
-            return
-        if not await self.confirmer.confirm(confirmation_prompt(operation, names, client)):
+        if selection.lnms:
+            try:
+                # What op_on picks: managed VMs, only your own unless admin.
+                records = [r for r in await client.list(selection, remote=True)
+                           if r.get("managed", True)
+                           and (client.admin or r.get("owner") == client.user)]
+            except (NoSuchVM, NoSuchLNM):
+                return      # sent, it fails the same way: nothing happens
+            except Exception as exc:
+                prompt = (f"{operation} every VM of the selection on LNM "
+                          f"{', '.join(selection.lnms)} (they could not be listed: "
+                          f"{exc})? [y/N] ")
+                records = None
+        else:
+            try:
+                records = client.select(selection)
+            except Exception:
+                return      # sent, it fails the same way: nothing happens
+        if records is not None:
+            names = sorted((r["name"] for r in records), key=natural_key)
+            if len(names) < 2:
+                return
+            owners = ({r["name"]: r.get("owner") for r in records} if selection.lnms
+                      else None)
+            prompt = confirmation_prompt(operation, names, client, owners)
+        if not await self.confirmer.confirm(prompt):
             raise Cancelled()
 
     @contextlib.contextmanager

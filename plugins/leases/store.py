@@ -14,6 +14,7 @@ from usher.persist import read_json, remove_leftovers, write_json_atomic
 log = Logger()
 
 FILE_NAME = "leases.json"
+STORE_NAME = "leases"
 VERSION = 1
 
 
@@ -33,6 +34,15 @@ def _valid(name, entry):
     return {"owner": owner, "expires": float(expires), "warned": sorted(set(warned))}
 
 
+def _parse(data):
+    leases = data.get("leases", {}) if isinstance(data, dict) else {}
+    if not isinstance(leases, dict):
+        return {}
+    return {name: lease for name, lease in
+            ((name, _valid(name, entry)) for name, entry in leases.items())
+            if lease is not None}
+
+
 def _load(path):
     """(plugin thread) -> {name: lease}; an unreadable file is moved aside
     (``leases.json.unreadable``) for the administrator and nothing is loaded."""
@@ -47,28 +57,33 @@ def _load(path):
             aside = None
         raise ValueError(f"{path} cannot be read ({e}); "
                          + (f"moved to {aside}" if aside else "left where it is")) from None
-    leases = data.get("leases", {}) if isinstance(data, dict) else {}
-    if not isinstance(leases, dict):
-        return {}
-    return {name: lease for name, lease in
-            ((name, _valid(name, entry)) for name, entry in leases.items())
-            if lease is not None}
+    return _parse(data)
 
 
 class LeaseStore:
     """``leases``: VM name -> ``{"owner", "expires" (epoch s), "warned":
     [thresholds already told]}``. ``api`` runs the file work off the
-    reactor; with no state directory nothing is persisted."""
+    reactor; with no state directory nothing is persisted. With a standby
+    controller (``api.store``, the HA database) the leases are kept there
+    under the name ``leases``, not in a file."""
 
     def __init__(self, api):
         self.api = api
         self.leases = {}
+        self.store = getattr(api, "store", None)
         self.path = (os.path.join(api.state_dir, FILE_NAME)
-                     if api.state_dir is not None else None)
+                     if api.state_dir is not None and self.store is None else None)
         self._writing = None
         self._dirty = False
         self.writes = 0
-        if self.path is None:
+        if self.store is not None:
+            self.path = "the HA database"
+            self.loaded = defer.succeed(None)
+            try:
+                self._merge(_parse(self.store.load(STORE_NAME)))
+            except (OSError, ValueError) as e:
+                log.error("leases: the saved leases could not be loaded: {error}", error=e)
+        elif self.path is None:
             self.loaded = defer.succeed(None)
         else:
             self.loaded = api.run_blocking(_load, self.path)
@@ -107,7 +122,10 @@ class LeaseStore:
         self._dirty = False
         snapshot = {"version": VERSION,
                     "leases": {name: dict(lease) for name, lease in self.leases.items()}}
-        d = self.api.run_blocking(write_json_atomic, self.path, snapshot)
+        if self.store is not None:
+            d = self.store.save(STORE_NAME, snapshot)
+        else:
+            d = self.api.run_blocking(write_json_atomic, self.path, snapshot)
         self._writing = d
 
         def written(_):

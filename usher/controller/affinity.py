@@ -37,6 +37,7 @@ log = Logger()
 
 RULES = ("apart", "together")
 POLICIES = ("strict", "best_effort")
+STORE_NAME = "affinity"
 FILE_NAME = "affinity.json"
 # VMs that hold (or may hold) their host: those a rule is about.
 ACTIVE_STATES = frozenset({states.RUN, states.PAUSED, states.STARTING, states.MIGRATING,
@@ -74,19 +75,27 @@ class AffinityRules:
     PluginAPI) gives the thread pool the file is written in; without one
     (tests) it is written at once."""
 
-    def __init__(self, state_dir=None, api=None):
+    def __init__(self, state_dir=None, api=None, *, store=None):
         self.path = None if state_dir is None else f"{state_dir.rstrip('/')}/{FILE_NAME}"
+        # The HA database (usher.controller.store.IStateStore, name
+        # "affinity") instead of the file, when given.
+        self.store = store
+        if store is not None:
+            self.path = None
         self.api = api
         self._rules = {}               # (owner, cluster) -> rule
         self._lock = defer.DeferredLock()
         self._dirty = False
-        if self.path is not None:
+        if self.path is not None or store is not None:
             self._load()
 
     def _load(self):
-        remove_leftovers(self.path)
         try:
-            data = read_json(self.path, {})
+            if self.store is not None:
+                data = self.store.load(STORE_NAME) or {}
+            else:
+                remove_leftovers(self.path)
+                data = read_json(self.path, {})
         except (OSError, ValueError) as e:
             log.error("ignoring unreadable affinity rules {path}: {error}", path=self.path,
                       error=e)
@@ -135,6 +144,9 @@ class AffinityRules:
         return sum(1 for (o, _c) in self._rules if o == owner)
 
     async def _save(self):
+        if self.store is not None:
+            await self.store.save(STORE_NAME, {"rules": self.listing()})
+            return
         if self.path is None:
             return
         # One write at a time, each of the rules as they are when it runs:

@@ -148,6 +148,11 @@ class LoginGateway(pb.Referenceable):
         return address
 
     async def _login(self, username, password, observer, claimed):
+        # One of a standby pair that is not active serves no one (README,
+        # "A standby controller"): nothing else is checked.
+        standby = getattr(self.portal, "standby_error", None)
+        if standby is not None and standby() is not None:
+            raise standby()
         source = self._source(claimed)
         user = shown(username, MAX_METHOD_NAME)
         try:

@@ -50,12 +50,20 @@ class Controller:
                  max_request_vms=1000, known_lnms=None, lnm_concurrency=64,
                  status_history=60, vm_status_history=15, status_history_interval=60.0,
                  user_visibility="own", max_selection_names=MAX_NAMES,
-                 max_selection_patterns=MAX_PATTERNS, lnm_limits=None, state_dir=None,
+                 max_selection_patterns=MAX_PATTERNS, lnm_limits=None, state_dir=None, store=None,
                  evacuation_concurrency=DEFAULT_CONCURRENCY):
         self.domain = domain
         # Where the controller's own files live (None: nothing persisted;
         # in-process tests); plugins reach it as api.state_dir.
         self.state_dir = state_dir
+        # The HA database's store (usher.controller.store), None: files in
+        # state_dir; plugins reach it as api.store.
+        self.store = store
+        # The term of leadership (0: a single controller).
+        self.term = 0
+        # One of a standby pair (usher.controller.service.HAController)?
+        self.ha = False
+        self.ha_name = None
         self.clock = clock
         self.admins = set(admins)
         self.lnm_limits = lnm_limits or LNMLimits()
@@ -68,7 +76,7 @@ class Controller:
         self.api = PluginAPI(self)
         # -- affinity (issue 15): the clusters' rules; placement reads them
         # through the state, as it reads the holds --
-        self.affinity = AffinityRules(state_dir, self.api)
+        self.affinity = AffinityRules(state_dir, self.api, store=store)
         self.state.affinity = self.affinity
         self.plugins = None          # a PluginRegistry, set by the service
         self.hub = SubscriptionHub(self.state, clock)

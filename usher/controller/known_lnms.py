@@ -18,10 +18,28 @@ log = Logger()
 
 
 class KnownLNMs:
-    def __init__(self, path):
+    """``path``: today's file (single controller); or ``store``, an
+    ``usher.controller.store.IStateStore`` (the HA database), under the
+    name ``lnms``."""
+
+    def __init__(self, path=None, *, store=None):
         self.path = path
+        self.store = store
         self.entries = {}
-        self._load()
+        if store is not None:
+            self._load_store()
+        else:
+            self._load()
+
+    def _load_store(self):
+        from usher.controller.store import LNMS
+        try:
+            data = self.store.load(LNMS)
+        except (OSError, ValueError) as e:
+            log.error("ignoring an unreadable LNM list: {error}", error=e)
+            return
+        if isinstance(data, dict):
+            self.entries = {str(k): v for k, v in data.items() if isinstance(v, dict)}
 
     def _load(self):
         self._remove_leftovers()
@@ -52,4 +70,9 @@ class KnownLNMs:
             self._save()
 
     def _save(self):
+        if self.store is not None:
+            from usher.controller.store import LNMS
+            # Write-behind; a failure is logged (and, fenced, steps down).
+            self.store.save(LNMS, self.entries).addErrback(lambda _f: None)
+            return
         write_json_atomic(self.path, self.entries, prefix=".lnms.")

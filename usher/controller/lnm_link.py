@@ -11,6 +11,7 @@ inventory, reports, answers to commands) is checked here by
 """
 
 import functools
+import weakref
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -21,6 +22,7 @@ from zope.interface import implementer
 from usher import pki
 from usher.controller import lnm_input
 from usher.errors import (InvalidRequest, LinkFailure, OperationFailed, PermissionDenied,
+                          Standby,
                           UsherError, from_name)
 from usher.interfaces import ILNMHandle
 from usher.liveness import ping_peer
@@ -216,9 +218,96 @@ class LNMGateway(pb.Referenceable):
                            domain=self.controller.domain,
                            limits=self.controller.lnm_limits)
         self.attached = name
+        # The term of leadership first (usher.protocol, "Controller terms"):
+        # an LNM that has seen a newer one refuses this controller.
+        await self._tell_term(name, node_api)
         self.broker.notifyOnDisconnect(lambda: self.controller.detach_lnm(name, handle))
         await self.controller.attach_lnm(name, handle, hello)
         return NodeReporter(self.controller, name)
+
+    async def _tell_term(self, name, node_api):
+        term = int(getattr(self.controller, "term", 0) or 0)
+        ha = bool(getattr(self.controller, "ha", False))
+        try:
+            d = node_api.callRemote("controller_term", {
+                "term": term, "controller": getattr(self.controller, "ha_name", None) or ""})
+        except pb.DeadReferenceError:
+            raise LinkFailure("controller_term: peer disconnected", sent=False) from None
+        d.addTimeout(self.call_timeout, self.clock)
+        failed = []
+        d.addErrback(failed.append)
+        answer = await d
+        if failed:
+            failure = failed[0]
+            kind = failure.type
+            if isinstance(kind, bytes):
+                kind = kind.decode("utf-8", "replace")
+            if not isinstance(kind, str):
+                kind = getattr(kind, "__name__", str(kind))
+            e = failure.getErrorMessage()
+            if kind.endswith("NoSuchMethod") and not ha:
+                return                        # an older LNM: term 0, one controller
+            self.broker.transport.loseConnection()
+            if kind.endswith("NoSuchMethod"):
+                log.warn("LNM {lnm} knows no controller terms: refused (a standby "
+                         "controller needs LNMs that do)", lnm=name)
+                raise InvalidRequest("this controller is one of a standby pair: the LNM "
+                                     "must support controller terms") from None
+            raise LinkFailure(f"controller_term: {e}") from None
+        accepted = isinstance(answer, dict) and answer.get("accepted") is True
+        if not accepted:
+            highest = answer.get("highest") if isinstance(answer, dict) else None
+            log.warn("LNM {lnm} refused term {term} (it has seen {highest}): link dropped",
+                     lnm=name, term=term, highest=str(highest)[:20])
+            self.broker.transport.loseConnection()
+            raise Standby(f"the LNM has seen a newer term than {term}")
+
+
+class StandbyGateway(pb.Referenceable):
+    """What an LNM connection sees on a standby controller: attach answers
+    ``Standby``."""
+
+    def __init__(self, message):
+        self.message = message
+
+    def remote_attach(self, node_api, hello=None):
+        return defer.fail(Standby(self.message))
+
+
+@implementer(IPBRoot)
+class HALNMRoot:
+    """The LNM port of one of a standby pair: ``controller`` is the active
+    term's controller, None on a standby (``standby_message()`` then says
+    who is active). ``drop_all()`` cuts every LNM connection (stepping
+    down)."""
+
+    def __init__(self, *, clock, call_timeout, command_timeout, standby_message):
+        self.controller = None
+        self.clock = clock
+        self.call_timeout = call_timeout
+        self.command_timeout = command_timeout
+        self.standby_message = standby_message
+        self.brokers = weakref.WeakSet()
+
+    def rootObject(self, broker):
+        if self.controller is None:
+            return StandbyGateway(self.standby_message())
+        self.brokers.add(broker)
+        return LNMGateway(self.controller, broker, clock=self.clock,
+                          call_timeout=self.call_timeout,
+                          command_timeout=self.command_timeout)
+
+    def drop_all(self):
+        self.brokers = abort_all(self.brokers)
+
+
+def abort_all(brokers):
+    """Cut every connection of ``brokers`` -> an empty WeakSet."""
+    for broker in list(brokers):
+        transport = getattr(broker, "transport", None)
+        if transport is not None:
+            transport.abortConnection()
+    return weakref.WeakSet()
 
 
 @implementer(IPBRoot)

@@ -74,6 +74,19 @@ class PluginAPI:
         return self._controller.state_dir
 
     @property
+    def store(self):
+        """The HA database's state store when the controller is one of an
+        active/standby pair (``[ctrl] ha_database``), else None. A plugin
+        that persists state must then keep it there, not in ``state_dir``
+        (the standby taking over has another disk): ``store.load(name)`` ->
+        the data saved (None if none), ``store.save(name, data)`` -> a
+        Deferred fired once it is durable (write-behind, coalesced, fenced
+        by the term of leadership: a deposed controller's write fails).
+        ``name`` is the plugin's own (e.g. ``leases``); ``data`` JSON-able.
+        (``usher.controller.store.IStateStore``)."""
+        return getattr(self._controller, "store", None)
+
+    @property
     def default_memory(self):
         return self._controller.default_memory
 

@@ -19,6 +19,7 @@ The controller persists one thing, the LNMs it has known
 """
 
 import collections
+import functools
 
 from twisted.application import service
 from twisted.internet import defer, protocol
@@ -120,12 +121,19 @@ class Recovery:
 class _AnnounceProtocol(LineOnlyReceiver, TimeoutMixin):
     MAX_LENGTH = 256
 
-    def __init__(self, answered):
+    def __init__(self, answered, term=None):
         self.answered = answered
+        self.term = term
 
     def connectionMade(self):
         self.setTimeout(ANSWER_TIMEOUT)
-        self.sendLine(f"{ANNOUNCEMENT} {PROTOCOL_VERSION}".encode("ascii"))
+        # With a standby controller the announcement carries the term of
+        # leadership (``USHER-RECOVERY <protocol> <term>``); one controller
+        # sends today's two tokens.
+        line = f"{ANNOUNCEMENT} {PROTOCOL_VERSION}"
+        if self.term is not None:
+            line += f" {int(self.term)}"
+        self.sendLine(line.encode("ascii"))
 
     def lineReceived(self, line):
         self.setTimeout(None)
@@ -148,22 +156,23 @@ class _AnnounceProtocol(LineOnlyReceiver, TimeoutMixin):
 class _AnnounceFactory(protocol.Factory):
     noisy = False
 
-    def __init__(self, answered):
+    def __init__(self, answered, term=None):
         self.answered = answered
+        self.term = term
 
     def buildProtocol(self, addr):
-        proto = _AnnounceProtocol(self.answered)
+        proto = _AnnounceProtocol(self.answered, self.term)
         proto.factory = self
         return proto
 
 
-def announce(reactor, host, port, tls_options, *, timeout=ANSWER_TIMEOUT):
+def announce(reactor, host, port, tls_options, *, timeout=ANSWER_TIMEOUT, term=None):
     """Say ``USHER-RECOVERY`` to one LNM -> Deferred firing with its answer
     line (``OK attached``, ``OK reconnecting`` …)."""
     answered = defer.Deferred()
     endpoint = wrapClientTLS(tls_options, HostnameEndpoint(reactor, host, port,
                                                            timeout=timeout))
-    connecting = endpoint.connect(_AnnounceFactory(answered))
+    connecting = endpoint.connect(_AnnounceFactory(answered, term))
 
     def not_connected(failure):
         if not answered.called:
@@ -286,8 +295,10 @@ class RecoveryService(service.Service):
     (``RecoveryAnnouncer``). Start it before the listeners."""
 
     def __init__(self, controller, *, reactor, window, tls_options_for, clock=None,
-                 announce=announce):
+                 announce=announce, term=None):
         self.controller = controller
+        # The term of leadership to announce (None: one controller).
+        self.term = term
         self.reactor = reactor
         self.clock = clock if clock is not None else reactor
         self.window = window
@@ -305,10 +316,13 @@ class RecoveryService(service.Service):
         self.controller.recovery = self.recovery
         self.controller.watch_lnms(self.recovery)
         if expected:
+            send = self._announce
+            if self.term is not None:
+                send = functools.partial(send, term=self.term)
             self.announcer = RecoveryAnnouncer(known, self.recovery, reactor=self.reactor,
                                                clock=self.clock,
                                                tls_options_for=self.tls_options_for,
-                                               announce=self._announce)
+                                               announce=send)
             self.announcer.startService()
 
     def stopService(self):
