@@ -250,6 +250,9 @@ def test_commands_on_a_stale_connection_are_refused_and_do_nothing(two):
 def test_a_connection_without_a_term_is_obeyed_while_no_term_was_seen(two):
     two.connect(A)
     assert two.call(A, "ping") is True
+    # A single controller says term 0 and has no name.
+    assert two.call(A, "controller_term", {"term": 0, "controller": ""}) == {
+        "accepted": True, "highest": 0}
     assert two.call(A, "get_node_info")["name"] == "lnm1"
     assert two.terms.highest == 0
 
@@ -260,7 +263,6 @@ def test_a_connection_without_a_term_is_obeyed_while_no_term_was_seen(two):
     {"term": "5", "controller": "c"},
     {"term": 5.0, "controller": "c"},
     {"term": True, "controller": "c"},
-    {"term": 5, "controller": ""},
     {"term": 5, "controller": "x" * 300},
     {"term": 5, "controller": "bad\nname"},
     {"term": 5, "controller": 7},

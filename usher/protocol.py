@@ -154,15 +154,8 @@ seen and a current link of a lower term is dropped, the LNM dialing around
 its configured list at once (``OK reconnecting``). Without a term: as
 before (a single controller).
 
-High availability (one active controller, standbys; PostgreSQL)
--------------------------------------------------------------------
-HA is on when the controller's ``[ctrl] ha_database`` is set (a libpq
-connection string; ``ha_name``, ``ha_check_interval`` 1.0 s, ``ha_lost_after``
-5.0 s). Leadership is a PostgreSQL session-level advisory lock held on one
-connection; its holder takes a TERM (``UPDATE usher_leadership SET term =
-term + 1 ... RETURNING term``): terms only grow. Persisted controller state
-goes to ``usher_state`` with every write fenced by the term.
-
+High availability: LNMs and clients (the controller side: next section)
+----------------------------------------------------------------------
 Configuration of LNMs and clients: ``controller_host`` is a comma-separated
 list of ``host[:port]`` (``[v6]:port``; an entry without a port takes
 ``controller_port``); ``controller_tls_name`` one name for all or one per
@@ -188,7 +181,8 @@ other command, the controller calls on ``node_api``::
                       -> {"accepted": bool, "highest": int}
 
 ``term``: an int 0 .. 2**63 - 1 (not a bool); ``controller``: the
-controller's name, 1 to 255 printable characters; exactly these two keys
+controller's name, at most 255 printable characters ("" from a single
+controller); exactly these two keys
 (anything else: InvalidRequest). Single-controller mode sends term 0. The
 LNM remembers the highest term seen (from controller_term and
 announcements) in ``<state_dir>/controller_term.json`` (``{"highest":

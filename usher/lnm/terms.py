@@ -36,9 +36,10 @@ def check_term(term):
 
 
 def check_controller_name(name):
-    if (not isinstance(name, str) or not name or len(name) > MAX_CONTROLLER_NAME
+    # Empty: a single controller (it has no ha_name).
+    if (not isinstance(name, str) or len(name) > MAX_CONTROLLER_NAME
             or not name.isprintable()):
-        raise InvalidRequest(f"controller must be a printable name of 1 to "
+        raise InvalidRequest(f"controller must be a printable name of at most "
                              f"{MAX_CONTROLLER_NAME} characters")
     return name
 
@@ -95,8 +96,9 @@ class TermGate:
         if term < self.highest:    # a higher one came meanwhile
             return {"accepted": False, "highest": self.highest}
         self._terms[broker] = term
-        log.info("LNM {lnm}: controller {controller} has term {term}", lnm=self.lnm_name,
-                 controller=controller, term=term)
+        if term:
+            log.info("LNM {lnm}: controller {controller} has term {term}",
+                     lnm=self.lnm_name, controller=controller, term=term)
         return {"accepted": True, "highest": self.highest}
 
     async def raise_to(self, term, source):
