@@ -23,7 +23,6 @@ import time
 
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.protocols import portforward
 
 from tests.e2e import sleep, wait_for
 from tests.test_ctrl_ha import HANG, Controller, CuttableProxy, _eventually, leadership

@@ -17,7 +17,7 @@ import sys
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, task
+from twisted.internet import task
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ClientEndpoint
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
@@ -450,7 +450,6 @@ async def test_a_client_fails_when_every_controller_is_a_standby(tmp_path):
 
     from tests.clientgrid import PASSWORDS, ClientGrid, make_pki
     from usher.client import UsherClient
-    from usher.client.blocking import BlockingClient  # noqa: F401 (same list API)
     pki_dir, _ca = make_pki(tmp_path / "pki")
     cg = await ClientGrid(reactor, tmp_path / "grid", pki_dir).start()
     roots, ports = await two_client_ports(cg, reactor, pki_dir)
@@ -557,3 +556,21 @@ async def test_a_restarted_usherlnm_still_refuses_a_deposed_controller(tmp_path)
         for _controller, port in controllers.values():
             await port.stopListening()
 
+
+
+def test_ush_connect_uses_the_configured_list_and_names():
+    from clients.ush.cmd_session import parse_target
+    from clients.ush.program import tls_name_for
+    from clients.ush.settings import UshSettings
+    settings = UshSettings(controller_host="ctl1, ctl2:7500", controller_port=7390,
+                           controller_tls_name="name1, name2")
+    user, host, port = parse_target(None, settings)
+    assert (user, host, port) == (None, "ctl1, ctl2:7500", 7390)
+    assert [(c.host, c.port, c.tls_name) for c in parse_controllers(
+        host, port, tls_name_for(host, settings))] == [("ctl1", 7390, "name1"),
+                                                       ("ctl2", 7500, "name2")]
+    # connect HOST: that entry's name; a host not in the list: its own.
+    assert tls_name_for("ctl2", settings) == "name2"
+    assert tls_name_for("elsewhere", settings) is None
+    single = UshSettings(controller_host="ctl1", controller_tls_name="localhost")
+    assert tls_name_for("other", single) == "localhost"      # as before
