@@ -33,9 +33,12 @@ from usher.lnm.terms import TERM_FILE
 LNMS = ("lnm1", "lnm2", "lnm3")
 
 
-def site_for(tmp_path):
-    return sandbox.prepare(str(tmp_path / "site"), lnms=len(LNMS), domain="usher.test",
+def site_for(tmp_path, postgres, database):
+    """-> (the sandbox's files, the DSN of a new database ``database``)."""
+    site = sandbox.prepare(str(tmp_path / "site"), lnms=len(LNMS), domain="usher.test",
                            user="alice", rounds=4)
+    postgres.create_database(database)
+    return site, f"host=127.0.0.1 port={postgres.port} dbname={database} user=usher"
 
 
 def lnm_config(site, name, entries):
@@ -98,6 +101,18 @@ def client_of(site, controllers, timeout=20):
                        initial_delay=0.2, max_delay=1.0)
 
 
+async def start_pair(a, b, lnms):
+    """ctrl-a active (term 1), then ctrl-b a standby, then the LNMs."""
+    a.start()
+    await a.started()
+    assert await _eventually(a, "active"), a.output()
+    b.start()
+    await b.started()
+    assert await _eventually(b, "standby"), b.output()
+    for lnm in lnms:
+        lnm.start()
+
+
 async def listed(client):
     return await client.list(remote=True)
 
@@ -110,23 +125,14 @@ def check_each_once(records):
 
 @pytest_twisted.ensureDeferred
 async def test_kill_9_of_the_active_while_vms_start(tmp_path, postgres):
-    site = site_for(tmp_path)
     database = "ha_failover_a"
-    postgres.create_database(database)
-    dsn = f"host=127.0.0.1 port={postgres.port} dbname={database} user=usher"
+    site, dsn = site_for(tmp_path, postgres, database)
     a, b = Controller(site, "ctrl-a", dsn), Controller(site, "ctrl-b", dsn)
     lnms = [Lnm(site, name, [f"127.0.0.1:{a.lnm_port}", f"127.0.0.1:{b.lnm_port}"])
             for name in LNMS]
     client = client_of(site, [a, b])
     try:
-        a.start()
-        await a.started()
-        assert await _eventually(a, "active"), a.output()
-        b.start()
-        await b.started()
-        assert await _eventually(b, "standby"), b.output()
-        for lnm in lnms:
-            lnm.start()
+        await start_pair(a, b, lnms)
         await client.connect()
         assert client.port == a.port
         await wait_for_lnms(client, len(LNMS))
@@ -188,10 +194,8 @@ async def wait_for_lnms(client, count):
 
 @pytest_twisted.ensureDeferred
 async def test_a_partitioned_old_active_cannot_command_the_lnms(tmp_path, postgres):
-    site = site_for(tmp_path)
     database = "ha_failover_b"
-    postgres.create_database(database)
-    dsn = f"host=127.0.0.1 port={postgres.port} dbname={database} user=usher"
+    site, dsn = site_for(tmp_path, postgres, database)
     db_proxy = CuttableProxy(postgres.port)
     a = Controller(site, "ctrl-a", dsn.replace(f"port={postgres.port}",
                                                 f"port={db_proxy.port}"))
@@ -208,13 +212,7 @@ async def test_a_partitioned_old_active_cannot_command_the_lnms(tmp_path, postgr
     client = client_of(site, [a, b])
     old = None
     try:
-        a.start()
-        await a.started()
-        assert await _eventually(a, "active"), a.output()
-        b.start()
-        await b.started()
-        for lnm in lnms:
-            lnm.start()
+        await start_pair(a, b, lnms)
         await client.connect()
         await wait_for_lnms(client, len(lnms))
         await client.start(cluster="web", count=6)

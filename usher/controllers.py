@@ -118,6 +118,19 @@ def controllers_of(section, where):
                              section.get("controller_tls_name"), where=where)
 
 
+def check_gateway_tls(settings, where):
+    """At a gateway's start (plusher, usherweb): refuse a bad CA file, or a
+    gateway certificate without role gateway, for every controller listed
+    (``settings``: controller_host, controller_port, controller_tls_name,
+    ssl_ca_file, gateway_cert_file, gateway_key_file)."""
+    from usher import pki
+    for controller in parse_controllers(settings.controller_host, settings.controller_port,
+                                        settings.controller_tls_name, where=where):
+        pki.client_tls_options(controller.tls_name, settings.ssl_ca_file,
+                               settings.gateway_cert_file, settings.gateway_key_file,
+                               role=pki.ROLE_GATEWAY)
+
+
 def tcp_endpoint(reactor, host, port, **kwargs):
     """A TCP client endpoint to ``host``: no name resolution for an address
     (a thread job per connection otherwise)."""
@@ -238,5 +251,5 @@ class _RotatingEndpoint:
         return d.addErrback(failed)
 
 
-__all__ = ["Controller", "MAX_CONTROLLERS", "Rotation", "controllers_of", "parse_controllers",
-           "tcp_endpoint"]
+__all__ = ["Controller", "MAX_CONTROLLERS", "Rotation", "check_gateway_tls", "controllers_of",
+           "parse_controllers", "tcp_endpoint"]

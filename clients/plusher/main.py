@@ -9,7 +9,7 @@ from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
 from twisted.logger import Logger
 
 from usher import pki
-from usher.controllers import parse_controllers
+from usher.controllers import check_gateway_tls
 from usher.clients.plusher.gateway import Gateway
 from usher.clients.plusher.resource import make_site
 from usher.clients.plusher.settings import PlusherSettings
@@ -62,13 +62,8 @@ def make_service(config, reactor):
     # Refuse a bad CA file, or a gateway certificate without role gateway, at
     # start (the controller accepts only a controller certificate, and a
     # client certificate only of role gateway).
-    # (Every controller listed, high availability: the list is checked too.)
-    for controller in parse_controllers(settings.controller_host, settings.controller_port,
-                                        settings.controller_tls_name,
-                                        where=f"[plusher] controller_host"):
-        pki.client_tls_options(controller.tls_name, settings.ssl_ca_file,
-                               settings.gateway_cert_file, settings.gateway_key_file,
-                               role=pki.ROLE_GATEWAY)
+    # (Every controller listed, high availability.)
+    check_gateway_tls(settings, "[plusher] controller_host")
     check_transport(settings)
     root = service.MultiService()
     gateway = Gateway(settings, reactor)
