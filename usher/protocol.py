@@ -148,12 +148,58 @@ A restarted controller connects to each persisted LNM's recovery port,
 presenting its certificate (the LNM checks that it names its configured
 controller) and checking the LNM's (it must name that LNM)::
 
-    controller -> LNM   USHER-RECOVERY <PROTOCOL_VERSION>
+    controller -> LNM   USHER-RECOVERY <PROTOCOL_VERSION> [<term>]
     LNM -> controller   OK attached | OK reconnecting | OK connecting
                         | ERR <reason>
 
-The LNM then dials its own configured controller at once; the announcement
-carries no address.
+The LNM then dials its own configured controller(s) at once; the
+announcement carries no address. ``<term>`` (high availability, below):
+decimal digits only, 0 to 2**63 - 1; one below the highest term the LNM has
+seen -> ``ERR stale term`` and nothing done; else it becomes the highest
+seen and a current link of a lower term is dropped, the LNM dialing around
+its configured list at once (``OK reconnecting``). Without a term: as
+before (a single controller).
+
+High availability: LNMs and clients (the controller side: next section)
+----------------------------------------------------------------------
+Configuration of LNMs and clients: ``controller_host`` is a comma-separated
+list of ``host[:port]`` (``[v6]:port``; an entry without a port takes
+``controller_port``); ``controller_tls_name`` one name for all or one per
+entry; each controller's certificate must have role controller and carry
+its entry's name. One entry = a single controller, exactly as before
+(``usher.controllers``).
+
+Standby: a controller without the lock answers a client's ``login`` and an
+LNM's ``attach`` with the error ``Standby`` (code ``standby``: "standby
+controller <name>; the active one is <holder>"). LNMs and clients dial the
+list in turn: a ``Standby`` refusal, a failed connection or a lost link ->
+the next entry at once; the backoff (reconnect_initial_delay growing to
+reconnect_max_delay; the client's initial_delay/max_delay) applies only
+after a whole round without success. A client's first ``connect`` fails
+once a round failed (``Standby`` if every controller was a standby, else
+``Unavailable``); later it keeps trying and re-syncs (a fresh subscribe) on
+every login, as on any reconnection.
+
+The term gate (controller -> LNM). Right after an LNM attaches, before any
+other command, the controller calls on ``node_api``::
+
+    controller_term({"term": int, "controller": str})
+                      -> {"accepted": bool, "highest": int}
+
+``term``: an int 0 .. 2**63 - 1 (not a bool); ``controller``: the
+controller's name, at most 255 printable characters ("" from a single
+controller); exactly these two keys
+(anything else: InvalidRequest). Single-controller mode sends term 0. The
+LNM remembers the highest term seen (from controller_term and
+announcements) in ``<state_dir>/controller_term.json`` (``{"highest":
+int}``, written atomically before the term is accepted, so a restarted LNM
+still refuses a deposed controller). ``term`` >= highest -> accepted, the
+connection has that term; lower -> ``accepted: False`` and the LNM drops
+the connection (the controller drops it too). Every other node_api command
+on a connection whose term is below the highest seen is refused with
+``StaleTerm`` (code ``stale_term``; nothing done) and the connection is
+dropped. A connection that never sent controller_term has term 0 (an old
+controller): obeyed only while the highest seen is 0.
 
 Controller terms and a standby pair (``[ctrl] ha_database``)
 ------------------------------------------------------------

@@ -71,8 +71,8 @@ class ControllerLink(service.Service):
                 who = await self.client.connect()
             except UsherError as e:
                 log.warn("usherbatchd: cannot log in to the controller at {host}:{port}: "
-                         "{error}; trying again in {delay:g} s", host=self.settings.controller_host,
-                         port=self.settings.controller_port, error=e, delay=delay)
+                         "{error}; trying again in {delay:g} s", host=self.client.host,
+                         port=self.client.port, error=e, delay=delay)
                 await task.deferLater(self.reactor, delay, lambda: None)
                 delay = min(delay * 2, 60.0)
                 continue

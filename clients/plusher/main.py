@@ -9,6 +9,7 @@ from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
 from twisted.logger import Logger
 
 from usher import pki
+from usher.controllers import check_gateway_tls
 from usher.clients.plusher.gateway import Gateway
 from usher.clients.plusher.resource import make_site
 from usher.clients.plusher.settings import PlusherSettings
@@ -61,9 +62,8 @@ def make_service(config, reactor):
     # Refuse a bad CA file, or a gateway certificate without role gateway, at
     # start (the controller accepts only a controller certificate, and a
     # client certificate only of role gateway).
-    pki.client_tls_options(settings.controller_tls_name or settings.controller_host,
-                           settings.ssl_ca_file, settings.gateway_cert_file,
-                           settings.gateway_key_file, role=pki.ROLE_GATEWAY)
+    # (Every controller listed, high availability.)
+    check_gateway_tls(settings, "[plusher] controller_host")
     check_transport(settings)
     root = service.MultiService()
     gateway = Gateway(settings, reactor)

@@ -12,7 +12,8 @@ from .outcome import LEAVE, Call, Outcome
 
 def parse_target(target, settings):
     """``[user@]host[:port]`` -> (user or None, host, port), falling back to
-    the configuration."""
+    the configuration: with no target, its controller_host (one or a list
+    of controllers, tried in turn) and controller_port."""
     user, host, port = None, settings.controller_host, settings.controller_port
     if target:
         if "@" in target:

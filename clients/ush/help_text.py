@@ -182,6 +182,12 @@ COMMANDS["connect"] = _entry(
       connect ctl.example.org
       connect bob@ctl.example.org:7390
 
+    controller_host may list several controllers (high availability, e.g.
+    controller_host = ctl1.example.org, ctl2.example.org:7390): with no
+    argument ush tries each in turn, when connecting and whenever the
+    connection drops; a standby controller refuses the login (standby) and
+    ush goes on to the next, so it always ends up with the active one.
+
     The password is the configuration's password option, if set and you did
     not name another user; otherwise ush asks for it at a "Password:" prompt
     (not echoed, never written to the history file). Ctrl-C or Ctrl-D at the
@@ -189,7 +195,8 @@ COMMANDS["connect"] = _entry(
 
     The controller's certificate must be signed by the CA in ssl_ca_file and
     carry the name controller_tls_name (when unset, the host name you
-    connect to).
+    connect to; with several controllers one name for all, or one name per
+    entry of controller_host).
 
     On success the controller sends the list of your VMs (only those of the
     clusters named in the clusters option, if any); ush keeps this copy up to
@@ -906,8 +913,12 @@ TOPICS["config"] = _entry(
     ush reads /etc/usher/ush.config, then ~/.usher/ush.config, then the file
     named by $USHER_USH_CONFIG, then the files given with --config (only
     those with --isolated); later values win key by key. Options of the [ush] section:
-      controller_host, controller_port   where the controller listens
-      controller_tls_name    name expected in its certificate (None: host)
+      controller_host, controller_port   where the controller listens;
+                             controller_host may list several controllers
+                             (host[:port], comma-separated): tried in turn,
+                             a standby is skipped
+      controller_tls_name    name expected in its certificate (None: host;
+                             a list: one per controller_host entry)
       ssl_ca_file            the site CA certificate
       username               None: your login name
       password               None: password_file, else ush asks on the

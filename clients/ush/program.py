@@ -41,6 +41,29 @@ def banner():
             "Use: help <command> for command specific help")
 
 
+def tls_name_for(host, settings):
+    from usher.controllers import parse_controllers
+    from usher.errors import ConfigError
+
+    """The controller_tls_name for ``host``: the configured one(s) for the
+    configured list; for a host given to ``connect``, the name configured
+    for that entry of the list (or the single name), else its own name."""
+    names = settings.controller_tls_name
+    if isinstance(names, str):
+        names = [part.strip() for part in names.split(",") if part.strip()]
+    if not names or len(names) == 1 or host == settings.controller_host:
+        return settings.controller_tls_name
+    try:
+        configured = parse_controllers(settings.controller_host,
+                                       settings.controller_port or 7390, names)
+    except ConfigError:
+        return None
+    for controller in configured:
+        if controller.host == host:
+            return controller.tls_name
+    return None
+
+
 def default_client_factory(reactor, settings):
     """The real client's factory; checks the files the client will need
     first (raises ConfigError)."""
@@ -49,7 +72,7 @@ def default_client_factory(reactor, settings):
     def factory(host, port, username, password):
         from usher.client import UsherClient
         return UsherClient(reactor, host, port, ca_file=settings.ssl_ca_file,
-                           tls_name=settings.controller_tls_name, username=username,
+                           tls_name=tls_name_for(host, settings), username=username,
                            password=password, clusters=settings.clusters or None,
                            timeout=settings.call_timeout)
     return factory

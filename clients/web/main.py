@@ -9,6 +9,7 @@ from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
 from twisted.logger import Logger
 
 from usher import pki
+from usher.controllers import check_gateway_tls
 from usher.clients.web.api import Api
 from usher.clients.web.openapi import document
 from usher.clients.web.resource import make_site
@@ -84,9 +85,8 @@ def make_service(config, reactor):
     check_transport(settings)
     # A bad CA file, or a gateway certificate without role gateway, is refused
     # now rather than at the first login.
-    pki.client_tls_options(settings.controller_tls_name or settings.controller_host,
-                           settings.ssl_ca_file, settings.gateway_cert_file,
-                           settings.gateway_key_file, role=pki.ROLE_GATEWAY)
+    # (Every controller listed, high availability.)
+    check_gateway_tls(settings, "[web] controller_host")
     api = build_api(settings, reactor)
     root = service.MultiService()
     _SessionsService(api.sessions).setServiceParent(root)

@@ -13,6 +13,13 @@ user's VMs (optionally only some clusters), kept current by the controller's
 change notifications, and checks requests against it before sending them.
 If the controller goes away the client reconnects with exponential backoff,
 flushes its cache and receives a fresh one; callbacks keep working.
+
+``host`` may list several controllers (high availability: a list, or a
+comma-separated string, of ``host[:port]``; ``port`` is the default port;
+``tls_name`` one name for all or one per entry): the client tries each in
+turn, on connect and on every reconnection; a standby's ``Standby`` refusal
+or a failed connection moves to the next one, and the backoff applies after
+a full round. Connecting fails once a whole round failed.
 """
 
 
@@ -25,8 +32,9 @@ from twisted.logger import Logger
 from twisted.spread import pb
 
 from usher import pki
-from usher.errors import (InvalidRequest, LinkFailure, NoSuchVM, PermissionDenied,
-                          Unavailable, UsherError, from_failure)
+from usher.controllers import Rotation, parse_controllers
+from usher.errors import (ConfigError, InvalidRequest, LinkFailure, NoSuchVM,
+                          PermissionDenied, Standby, Unavailable, UsherError, from_failure)
 from usher.liveness import enable_tcp_keepalive
 from usher.naming import check_label, check_short_name, qualify, split
 from usher.pbutil import as_deferred, call
@@ -71,7 +79,7 @@ class _Broker(pb.Broker):
     the first connection attempt at once, with that reason."""
 
     def connectionLost(self, reason):
-        self.factory.client._connection_lost(reason)
+        self.factory.client._connection_lost(reason, self)
         super().connectionLost(reason)
 
 
@@ -100,10 +108,16 @@ class UsherClient:
                  password, clusters=None, timeout=60.0, initial_delay=1.0, max_delay=30.0,
                  cert_file=None, key_file=None, source=None):
         self.reactor = reactor
-        self.host = host
-        self.port = port
+        try:
+            self.controllers = parse_controllers(host, port, tls_name, where="the client")
+            self._config_error = None
+        except ConfigError as e:
+            self.controllers, self._config_error = [], e
+        self._rotation = None
+        self._logged_in_broker = None
+        self._single_host, self._single_port = host, port
         self.ca_file = ca_file
-        self.tls_name = tls_name or host
+        self._tls_name = tls_name
         # A gateway's certificate (role gateway; plusher's gateway_cert_file),
         # presented to the controller, which then trusts it as a gateway.
         self.cert_file = cert_file
@@ -132,6 +146,51 @@ class UsherClient:
     # -- connection ----------------------------------------------------------
 
     @property
+    def _controller(self):
+        if self._rotation is not None:
+            return self._rotation.dialed or self._rotation.current
+        return self.controllers[0] if self.controllers else None
+
+    @property
+    def host(self):
+        """The controller dialed last (the first configured before that)."""
+        controller = self._controller
+        return controller.host if controller is not None else self._single_host
+
+    @property
+    def port(self):
+        controller = self._controller
+        return controller.port if controller is not None else self._single_port
+
+    @property
+    def tls_name(self):
+        controller = self._controller
+        return controller.tls_name if controller is not None else self._tls_name
+
+    def _tls_options(self, tls_name):
+        # Only a certificate of role controller: the password goes nowhere
+        # else (an LNM's or a gateway's key cannot pose as the controller).
+        return pki.client_tls_options(tls_name, self.ca_file, self.cert_file,
+                                      self.key_file, peer_role=pki.ROLE_CONTROLLER,
+                                      role=pki.ROLE_GATEWAY, link="usher client")
+
+    def _endpoint(self, controller, tls):
+        return wrapClientTLS(tls, TCP4ClientEndpoint(self.reactor, controller.host,
+                                                     controller.port,
+                                                     timeout=min(self.timeout, 30)))
+
+    def _round_failed(self, errors):
+        """A whole round of controllers failed: the first connect fails."""
+        first = self._first_login
+        if first is None or first.called:
+            return
+        shown = "; ".join(f"{label}: {error}" for label, error in errors.items())
+        if errors and all(error.startswith("standby") for error in errors.values()):
+            first.errback(Standby(f"every controller is a standby ({shown})"))
+        else:
+            first.errback(Unavailable(f"cannot reach an active controller: {shown}"))
+
+    @property
     def connected(self):
         return self._perspective is not None
 
@@ -145,32 +204,37 @@ class UsherClient:
         firing {"user", "admin", "domain"}."""
         if self._service is not None:
             return defer.fail(InvalidRequest("already connected; use reconnect()"))
-        # Only a certificate of role controller: the password goes nowhere
-        # else (an LNM's or a gateway's key cannot pose as the controller).
+        if self._config_error is not None:
+            return defer.fail(self._config_error)
         try:
-            tls = pki.client_tls_options(self.tls_name, self.ca_file, self.cert_file,
-                                         self.key_file, peer_role=pki.ROLE_CONTROLLER,
-                                         role=pki.ROLE_GATEWAY, link="usher client")
+            tls = {controller: self._tls_options(controller.tls_name)
+                   for controller in self.controllers}
         except UsherError as e:
             return defer.fail(e)
-        endpoint = wrapClientTLS(tls,
-                                 TCP4ClientEndpoint(self.reactor, self.host, self.port,
-                                                    timeout=min(self.timeout, 30)))
-        self._service = ClientService(
-            endpoint, _LoginFactory(self), clock=self.reactor,
-            retryPolicy=backoffPolicy(initialDelay=self.initial_delay,
-                                      maxDelay=self.max_delay))
+        policy = backoffPolicy(initialDelay=self.initial_delay, maxDelay=self.max_delay)
+        if len(self.controllers) == 1:
+            self._rotation = None
+            endpoint = self._endpoint(self.controllers[0], tls[self.controllers[0]])
+        else:
+            self._rotation = Rotation(
+                self.controllers, lambda controller: self._endpoint(controller,
+                                                                    tls[controller]),
+                base_policy=policy, on_round_failed=self._round_failed)
+            endpoint, policy = self._rotation.endpoint, self._rotation.policy
+        self._service = ClientService(endpoint, _LoginFactory(self), clock=self.reactor,
+                                      retryPolicy=policy)
         self._first_login = defer.Deferred()
         self._service.startService()
         first = self._first_login
-        attempt = self._service.whenConnected(failAfterFailures=1)
+        if self._rotation is None:
+            attempt = self._service.whenConnected(failAfterFailures=1)
 
-        def cannot_connect(failure):
-            if not first.called:
-                first.errback(Unavailable(
-                    f"cannot reach the controller at {self.host}:{self.port}: "
-                    f"{failure.getErrorMessage()}"))
-        attempt.addErrback(cannot_connect)
+            def cannot_connect(failure):
+                if not first.called:
+                    first.errback(Unavailable(
+                        f"cannot reach the controller at {self.host}:{self.port}: "
+                        f"{failure.getErrorMessage()}"))
+            attempt.addErrback(cannot_connect)
         first.addTimeout(self.timeout, self.reactor)
 
         def failed(failure):
@@ -208,6 +272,9 @@ class UsherClient:
                                   timeout=self.timeout, clock=self.reactor)
         except pb.DeadReferenceError:
             return
+        if self._rotation is not None:
+            self._rotation.succeeded()
+        self._logged_in_broker = broker
         self.user, self.admin, self.domain = who["user"], who["admin"], who["domain"]
         records = decode_records(snapshot["chunks"])
         old = self.vms
@@ -223,8 +290,27 @@ class UsherClient:
         else:
             self._fire_connection("connected", f"reconnected to {self.host}:{self.port}")
 
-    def _connection_lost(self, reason):
-        if reason.check(pki.CertificateRefused, VerificationError, SSL.Error) is None:
+    def _connection_lost(self, reason, broker=None):
+        tls_refused = reason.check(pki.CertificateRefused, VerificationError,
+                                   SSL.Error) is not None
+        if self._rotation is not None and broker is not None:
+            # Several controllers: a connection that worked -> the next one
+            # at once; one that never logged in -> the next, and a full round
+            # of those fails the first connect.
+            if broker is self._logged_in_broker:
+                self._logged_in_broker = None
+                self._rotation.lost()
+            else:
+                refused = getattr(broker, "usher_refused", None)
+                self._rotation.failed(refused or (
+                    f"TLS refused: {reason.getErrorMessage()}" if tls_refused
+                    else "the connection dropped before logging in"))
+            if tls_refused:
+                log.error("cannot reach the controller at {controller}: TLS refused: "
+                          "{error}", controller=self._rotation.dialed.label,
+                          error=reason.getErrorMessage())
+            return
+        if not tls_refused:
             return
         error = Unavailable(f"cannot reach the controller at {self.host}:{self.port}: "
                             f"TLS refused: {reason.getErrorMessage()}")
@@ -235,6 +321,15 @@ class UsherClient:
 
     def _login_failed(self, failure, broker):
         error = from_failure(failure)
+        if self._rotation is not None and isinstance(error, (Standby, Unavailable)):
+            # A standby (or a controller that went away meanwhile): the
+            # next one (the rotation notes it when the connection drops).
+            broker.usher_refused = (f"standby: {error}" if isinstance(error, Standby)
+                                    else str(error))
+            log.info("the controller at {controller} refused the login: {error}; trying "
+                     "the next one", controller=self._rotation.dialed.label, error=error)
+            broker.transport.loseConnection()
+            return
         if self._first_login is not None and not self._first_login.called:
             self._first_login.errback(error)
         else:

@@ -6,6 +6,10 @@
         for vm in usher.list():
             print(vm["name"], vm["state"])
 
+``host`` may list several controllers (high availability), as for
+UsherClient: ``BlockingClient("ctl1, ctl2:7390", 7390, ...)`` logs in to
+the active one and follows it.
+
 The Twisted reactor runs in a background thread (started on first use, if
 no reactor is running yet); each call waits for its result and raises the
 same UsherError subclasses as the asynchronous API. Change callbacks run in

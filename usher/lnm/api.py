@@ -18,6 +18,7 @@ from twisted.spread import pb
 from usher import records, states
 from usher.errors import InvalidRequest, OperationFailed, UsherError
 from usher.lnm.received_xml import MAX_DEFINITION_CHARS
+from usher.lnm.terms import TermGate, drop
 from usher.pbutil import as_deferred
 from usher.protocol import MAX_FIELD
 
@@ -120,10 +121,37 @@ def _remote(method):
 
 
 class NodeAPI(pb.Referenceable):
-    """The remote face of a NodeManager."""
+    """The remote face of a NodeManager.
 
-    def __init__(self, manager):
+    Every remote call passes the term gate first (``usher.lnm.terms``; the
+    one place it is checked): ``controller_term`` sets the connection's
+    term; any other command on a connection whose term is below the highest
+    seen is refused with StaleTerm and the connection dropped."""
+
+    def __init__(self, manager, terms=None):
         self.manager = manager
+        self.terms = terms if terms is not None else TermGate(lnm_name=manager.name)
+
+    def remoteMessageReceived(self, broker, message, args, kw):
+        name = message.decode("utf-8", "replace") if isinstance(message, bytes) else message
+        if name == "controller_term":
+            args, kw = broker.unserialize(args), broker.unserialize(kw)
+            d = self._controller_term(broker, *args, **kw)
+            return d.addCallback(lambda state: broker.serialize(state, self.perspective))
+        if self.terms.is_stale(broker):
+            raise self.terms.refuse(broker, str(name)[:80], self.manager.clock)
+        return super().remoteMessageReceived(broker, message, args, kw)
+
+    @as_deferred
+    async def _controller_term(self, broker, claim=None, *extra, **kwextra):
+        if extra or kwextra or not isinstance(claim, dict) or set(claim) != {"term",
+                                                                              "controller"}:
+            raise InvalidRequest('controller_term takes one dict: {"term": int, '
+                                 '"controller": str}')
+        answer = await self.terms.offer(broker, claim["term"], claim["controller"])
+        if not answer["accepted"]:
+            drop(broker, self.manager.clock)
+        return answer
 
     @_remote
     async def remote_ping(self):

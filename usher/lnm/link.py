@@ -13,6 +13,15 @@ the connection up, with exponential backoff between attempts; a recovery
 announcement from a restarted controller (``usher.lnm.recovery``) brings the
 next attempt forward (``retry_now``).
 
+With several controllers configured (high availability, ``controller_host``
+a list; ``usher.controllers.Rotation``) the link dials them in turn: a
+failed connection or a refused attach (a standby answers ``Standby``) moves
+to the next one at once, a lost link too, and the backoff applies only
+after a full round without success. The term gate (``usher.lnm.terms``)
+decides which controller is obeyed; a connection it found stale counts as
+a refusal. With one controller nothing of this applies: the endpoint and
+the retry policy are today's.
+
 Once attached, the LNM pings the controller every ``ping_interval`` seconds and
 drops a connection that has not answered for ``ping_timeout`` seconds (a cut
 link sends no FIN), and TCP keepalive watches beneath; the controller does
@@ -25,7 +34,8 @@ from twisted.logger import Logger
 from twisted.spread import pb
 
 from usher import records
-from usher.errors import UsherError
+from usher.controllers import Rotation
+from usher.errors import Standby, UsherError
 from usher.liveness import (HEARTBEAT_TICK, HeardBroker, Heartbeat, enable_tcp_keepalive,
                             ping_peer)
 from usher.pbutil import call
@@ -63,8 +73,12 @@ class ControllerLinkFactory(pb.PBClientFactory):
     protocol = HeardBroker
 
     def __init__(self, manager, node_api, *, clock, call_timeout, recovery_port=None,
-                 ping_interval=None, ping_timeout=None):
+                 ping_interval=None, ping_timeout=None, rotation=None):
         super().__init__()
+        # Several controllers: which one is dialed, what became of it.
+        self.rotation = rotation
+        self.on_redial = None
+        self._redial_broker = None
         self.manager = manager
         self.node_api = node_api
         self.clock = clock
@@ -128,13 +142,24 @@ class ControllerLinkFactory(pb.PBClientFactory):
         except Exception as e:
             if broker.disconnected:
                 return
-            # Drop the connection: ClientService dials again after a delay.
-            self.log.error("LNM {lnm} could not attach to the controller: {error}",
-                           lnm=self.manager.name, error=str(e) or e.__class__.__name__)
+            # Drop the connection: ClientService dials again after a delay
+            # (with several controllers: the next one, at once).
+            error = str(e) or e.__class__.__name__
+            if isinstance(e, Standby) and self.rotation is not None:
+                self.log.info("LNM {lnm}: the controller at {peer} is a standby ({error}); "
+                              "trying the next one", lnm=self.manager.name,
+                              peer=self._dialed(), error=error)
+            else:
+                self.log.error("LNM {lnm} could not attach to the controller{at}: {error}",
+                               lnm=self.manager.name, error=error,
+                               at="" if self.rotation is None else f" at {self._dialed()}")
+            broker.usher_refused = error
             broker.transport.loseConnection()
             return
         if broker.disconnected:
             return
+        if self.rotation is not None:
+            self.rotation.succeeded()
         self.attached_broker = broker
         self.attach_count += 1
         self.manager.set_reporter(RemoteReporter(reporter, clock=self.clock,
@@ -190,7 +215,33 @@ class ControllerLinkFactory(pb.PBClientFactory):
             self.attached_broker = None
             self.manager.set_reporter(None)
 
+    def _dialed(self):
+        dialed = self.rotation.dialed if self.rotation is not None else None
+        return dialed.label if dialed is not None else "?"
+
+    def dial_around(self, broker):
+        """Drop ``broker``'s connection and dial (around the list) at once."""
+        self._redial_broker = broker
+        if broker.transport is not None:
+            broker.transport.abortConnection()
+
+    def _rotate_after(self, broker):
+        if self.rotation is None:
+            return
+        if getattr(broker, "usher_stale", False) or getattr(broker, "usher_refused", None):
+            self.rotation.failed(getattr(broker, "usher_refused", None) or "stale term")
+        elif broker is self.attached_broker or broker is self._redial_broker:
+            self.rotation.lost()
+        else:
+            self.rotation.failed("the connection dropped before attaching")
+
     def _connection_lost(self, broker):
+        self._rotate_after(broker)
+        if broker is self._redial_broker:
+            self._redial_broker = None
+            if self.on_redial is not None:
+                # Once ClientService has scheduled its next attempt.
+                self.clock.callLater(0, self.on_redial)
         if self.connected_broker is broker:
             self.connected_broker = None
             begin_session = getattr(self.manager, "begin_session", None)
@@ -241,18 +292,28 @@ class ControllerLink(ClientService):
     exponential backoff from ``initial_delay`` to ``max_delay`` seconds, with
     up to a second of random jitter so that LNMs do not all dial at once.
     ``ping_interval``/``ping_timeout`` (both or neither) turn on the heartbeat.
+    ``endpoint`` may be a ``usher.controllers.Rotation`` (several
+    controllers): the retry policy then applies after each full round.
+    ``terms``: the LNM's TermGate (the term of the current connection).
     """
 
     def __init__(self, endpoint, manager, node_api, *, clock, call_timeout,
                  recovery_port=None, initial_delay=1.0, max_delay=30.0, retry_policy=None,
-                 ping_interval=None, ping_timeout=None):
+                 ping_interval=None, ping_timeout=None, terms=None):
+        rotation = endpoint if isinstance(endpoint, Rotation) else None
+        self.rotation = rotation
+        self.terms = terms if terms is not None else getattr(node_api, "terms", None)
         self.factory = ControllerLinkFactory(manager, node_api, clock=clock,
                                              call_timeout=call_timeout,
                                              recovery_port=recovery_port,
                                              ping_interval=ping_interval,
-                                             ping_timeout=ping_timeout)
+                                             ping_timeout=ping_timeout, rotation=rotation)
+        self.factory.on_redial = self.retry_now
         if retry_policy is None:
             retry_policy = backoffPolicy(initial_delay, max_delay, RECONNECT_FACTOR)
+        if rotation is not None:
+            rotation.base_policy = retry_policy
+            endpoint, retry_policy = rotation.endpoint, rotation.policy
         self._retry_clock = _RetryClock(clock)
         super().__init__(endpoint, self.factory, retryPolicy=retry_policy,
                          clock=self._retry_clock)
@@ -277,6 +338,27 @@ class ControllerLink(ClientService):
 
     def when_attached(self):
         return self.factory.when_attached()
+
+    def current_term(self):
+        """The term of the current connection (None when there is none)."""
+        broker = self.factory.connected_broker
+        if broker is None:
+            return None
+        return self.terms.term_of(broker) if self.terms is not None else 0
+
+    def follow_term(self, term):
+        """A recovery announcement of ``term`` (already recorded as the
+        highest seen): a connection of a lower term is dropped and the list
+        dialed around at once. -> "attached", "reconnecting" or "connecting"."""
+        broker = self.factory.connected_broker
+        if broker is not None and self.current_term() < term:
+            self.factory.log.info("LNM {lnm}: a controller announced term {term}; dropping "
+                                  "the link of term {old} and dialing again",
+                                  lnm=self.factory.manager.name, term=term,
+                                  old=self.current_term())
+            self.factory.dial_around(broker)
+            return "reconnecting"
+        return self.retry_now()
 
     def stopService(self):
         d = super().stopService()

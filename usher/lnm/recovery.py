@@ -12,22 +12,29 @@ in the handshake) and name the controller (``controller_tls_name``, else
 
 Wire protocol (lines over TLS)::
 
-    controller -> LNM   USHER-RECOVERY <protocol version>
+    controller -> LNM   USHER-RECOVERY <protocol version> [<term>]
     LNM -> controller   OK attached | OK reconnecting | OK connecting
                         ERR <reason>
 
-then the LNM closes the connection.
+then the LNM closes the connection. With several controllers configured
+the certificate must name one of them. The term (high availability,
+usher.protocol): lower than the highest the LNM has seen -> ``ERR stale
+term`` and nothing done; else it becomes the highest seen, and a current
+link of a lower term is dropped and the configured list dialed around at
+once (the LNM still dials only its own controllers).
 """
 
 from service_identity import VerificationError
 from twisted.application import service
-from twisted.internet import protocol
+from twisted.internet import defer, protocol
 from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.protocols.policies import TimeoutMixin
 
 from usher import pki
+from usher.errors import UsherError
+from usher.lnm.terms import MAX_TERM
 from usher.protocol import PROTOCOL_VERSION
 
 log = Logger()
@@ -41,16 +48,39 @@ MAX_CONNECTIONS = 8
 
 def certificate_names(transport, identity):
     """Does the TLS peer's certificate (already verified against the site CA
-    by the handshake) name ``identity``, a DNS name or an IP address?"""
+    by the handshake) name ``identity``, a DNS name or an IP address (or
+    one of a list of them: the configured controllers)?"""
     get_peer_certificate = getattr(transport, "getPeerCertificate", None)
     certificate = get_peer_certificate() if get_peer_certificate else None
     if certificate is None:
         return False
-    try:
-        pki.verify_certificate_names(certificate.to_cryptography(), identity)
-    except VerificationError:
-        return False
-    return True
+    identities = [identity] if isinstance(identity, str) else list(identity)
+    for name in identities:
+        try:
+            pki.verify_certificate_names(certificate.to_cryptography(), name)
+        except VerificationError:
+            continue
+        return True
+    return False
+
+
+def parse_announcement(line):
+    """One announcement line (bytes) -> (protocol version text, term or
+    None); raises ValueError with the answer's reason."""
+    words = line.decode("ascii", "replace").split()
+    if len(words) not in (2, 3) or words[0] != ANNOUNCEMENT:
+        raise ValueError("expected: USHER-RECOVERY <version> [<term>]")
+    if words[1] != str(PROTOCOL_VERSION):
+        raise ValueError(f"protocol {words[1][:16]} not supported "
+                         f"(this LNM speaks {PROTOCOL_VERSION})")
+    if len(words) == 2:
+        return words[1], None
+    text = words[2]
+    # Digits only (no sign, no spaces, no underscores: int() takes those),
+    # and short enough to be a bigint before converting.
+    if not (text.isascii() and text.isdigit()) or len(text) > 19 or int(text) > MAX_TERM:
+        raise ValueError("the term must be an integer from 0 to 2**63 - 1")
+    return words[1], int(text)
 
 
 class RecoveryProtocol(LineOnlyReceiver, TimeoutMixin):
@@ -75,7 +105,9 @@ class RecoveryProtocol(LineOnlyReceiver, TimeoutMixin):
 
     def _answer(self, text):
         self.answered = True
-        self.sendLine(text.encode("ascii"))
+        if self.transport is None or self.transport.disconnected:
+            return
+        self.sendLine(text.encode("ascii", "replace"))
         self.transport.loseConnection()
 
     def lineReceived(self, line):
@@ -90,18 +122,26 @@ class RecoveryProtocol(LineOnlyReceiver, TimeoutMixin):
                      controller=self.factory.controller_identity)
             self._answer("ERR your certificate does not name the controller")
             return
-        words = line.decode("ascii", "replace").split()
-        if len(words) != 2 or words[0] != ANNOUNCEMENT:
-            self._answer("ERR expected: USHER-RECOVERY <version>")
+        try:
+            _version, term = parse_announcement(line)
+        except ValueError as e:
+            self._answer(f"ERR {e}")
             return
-        if words[1] != str(PROTOCOL_VERSION):
-            self._answer(f"ERR protocol {words[1][:16]} not supported "
-                         f"(this LNM speaks {PROTOCOL_VERSION})")
-            return
-        outcome = self.factory.announced()
-        log.info("LNM {lnm}: recovery announcement from the controller at {peer}: "
-                 "{outcome}", lnm=self.factory.lnm_name, peer=where, outcome=outcome)
-        self._answer(f"OK {outcome}")
+        self.answered = True    # one announcement per connection
+        d = defer.Deferred.fromCoroutine(self.factory.announced(term))
+
+        def done(outcome):
+            log.info("LNM {lnm}: recovery announcement from the controller at {peer}"
+                     "{of_term}: {outcome}", lnm=self.factory.lnm_name, peer=where,
+                     of_term="" if term is None else f" (term {term})", outcome=outcome)
+            self._answer(outcome)
+
+        def failed(failure):
+            if not failure.check(UsherError):
+                log.failure("LNM {lnm}: recovery announcement", failure,
+                            lnm=self.factory.lnm_name)
+            self._answer(f"ERR {failure.getErrorMessage()[:160]}")
+        d.addCallbacks(done, failed)
 
 
 class RecoveryFactory(protocol.Factory):
@@ -110,8 +150,9 @@ class RecoveryFactory(protocol.Factory):
     protocol = RecoveryProtocol
     noisy = False
 
-    def __init__(self, link, *, lnm_name, controller_identity):
+    def __init__(self, link, *, lnm_name, controller_identity, terms=None):
         self.link = link
+        self.terms = terms
         self.lnm_name = lnm_name
         self.controller_identity = controller_identity
         self.connections = set()
@@ -125,10 +166,20 @@ class RecoveryFactory(protocol.Factory):
     def release(self, proto):
         self.connections.discard(proto)
 
-    def announced(self):
-        """-> "attached" (nothing to do), "reconnecting" (a retry was due
-        later: it happens now) or "connecting" (an attempt is under way)."""
-        return self.link.retry_now()
+    async def announced(self, term=None):
+        """-> the answer: "OK attached" (nothing to do), "OK reconnecting" (a
+        retry was due later: it happens now; or a link of a lower term was
+        dropped to dial again) or "OK connecting" (an attempt is under way);
+        "ERR stale term" for a term below the highest seen."""
+        if term is None or self.terms is None:
+            return f"OK {self.link.retry_now()}"
+        if term < self.terms.highest:
+            log.warn("LNM {lnm}: refused a recovery announcement of term {term}: it has "
+                     "seen term {highest}", lnm=self.lnm_name, term=term,
+                     highest=self.terms.highest)
+            return "ERR stale term"
+        await self.terms.raise_to(term, "a recovery announcement")
+        return f"OK {self.link.follow_term(term)}"
 
 
 class RecoveryListener(service.Service):
@@ -137,14 +188,14 @@ class RecoveryListener(service.Service):
     role controller)."""
 
     def __init__(self, reactor, link, *, lnm_name, interface, port, cert_file, key_file,
-                 ca_file, controller_identity):
+                 ca_file, controller_identity, terms=None):
         options = pki.server_tls_options(cert_file, key_file, ca_file,
                                          require_client_cert=True, role=pki.ROLE_LNM,
                                          client_roles=(pki.ROLE_CONTROLLER,),
                                          link=f"LNM {lnm_name}'s recovery listener")
         self.endpoint = SSL4ServerEndpoint(reactor, port, options, interface=interface)
         self.factory = RecoveryFactory(link, lnm_name=lnm_name,
-                                       controller_identity=controller_identity)
+                                       controller_identity=controller_identity, terms=terms)
         self.port = port
         self._listening_port = None
 
@@ -184,4 +235,4 @@ class RecoveryListener(service.Service):
 
 
 __all__ = ["ANNOUNCEMENT", "RecoveryFactory", "RecoveryListener", "RecoveryProtocol",
-           "certificate_names"]
+           "certificate_names", "parse_announcement"]

@@ -23,14 +23,12 @@ import random
 from cryptography.x509.oid import NameOID
 from twisted.application import service
 from twisted.internet import defer
-from twisted.internet.abstract import isIPAddress as isIPv4Address
-from twisted.internet.abstract import isIPv6Address
-from twisted.internet.endpoints import (HostnameEndpoint, TCP4ClientEndpoint,
-                                        TCP6ClientEndpoint, wrapClientTLS)
+from twisted.internet.endpoints import wrapClientTLS
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from usher import pki
+from usher.controllers import Rotation, controllers_of, tcp_endpoint
 from usher.daemon import ThreadPoolService
 from usher.errors import ConfigError
 from usher.lnm import domain_xml
@@ -41,6 +39,7 @@ from usher.lnm.recovery import RecoveryListener
 from usher.lnm.monitor import Monitor
 from usher.lnm.node import NodeManager
 from usher.lnm.received_xml import DEFAULT_IMPORT_OVERHEAD_MIB as IMPORT_OVERHEAD_MIB
+from usher.lnm.terms import TermGate
 from usher.lnm.testhost import is_test_uri, write_test_host
 
 TEST_HOST_FILE = "testhost.xml"
@@ -62,24 +61,34 @@ def lnm_name(lnm_config):
     return str(names[0].value)
 
 
-def controller_endpoint(reactor, lnm_config):
-    """The TLS client endpoint to the controller's LNM port, presenting the
-    LNM's certificate (role lnm) and accepting only a certificate of the site
-    CA with role controller that names the controller."""
-    host = lnm_config["controller_host"]
-    port = lnm_config["controller_port"]
-    options = pki.client_tls_options(lnm_config.get("controller_tls_name") or host,
+def controller_endpoint(reactor, lnm_config, controller=None):
+    """The TLS client endpoint to a controller's LNM port (``controller``,
+    a usher.controllers.Controller; by default the first configured),
+    presenting the LNM's certificate (role lnm) and accepting only a
+    certificate of the site CA with role controller that names that
+    controller (its controller_tls_name, else its host)."""
+    if controller is None:
+        controller = controllers_of(lnm_config, "[lnm]")[0]
+    options = pki.client_tls_options(controller.tls_name,
                                      lnm_config["ssl_ca_file"],
                                      lnm_config["ssl_cert_file"],
                                      lnm_config["ssl_key_file"],
                                      peer_role=pki.ROLE_CONTROLLER, role=pki.ROLE_LNM,
                                      link=f"LNM {lnm_name(lnm_config)}")
     # An address needs no name resolution (a thread job per reconnection).
-    if isIPv4Address(host):
-        return wrapClientTLS(options, TCP4ClientEndpoint(reactor, host, port))
-    if isIPv6Address(host):
-        return wrapClientTLS(options, TCP6ClientEndpoint(reactor, host, port))
-    return wrapClientTLS(options, HostnameEndpoint(reactor, host, port))
+    return wrapClientTLS(options, tcp_endpoint(reactor, controller.host, controller.port))
+
+
+def controllers_endpoint(reactor, lnm_config):
+    """One controller: its endpoint (today's link). Several (high
+    availability): a Rotation over their endpoints, each checking its own
+    controller's certificate."""
+    controllers = controllers_of(lnm_config, "[lnm]")
+    if len(controllers) == 1:
+        return controller_endpoint(reactor, lnm_config, controllers[0])
+    return Rotation(controllers,
+                    lambda controller: controller_endpoint(reactor, lnm_config, controller),
+                    base_policy=None)
 
 
 def template_defaults(lnm_config):
@@ -295,7 +304,11 @@ def make_service(config, reactor, *, pool=None, warn_test_host=True):
         simulated_load=None if simulated_load == "off" else simulated_load,
         reporter_of=lambda: manager.reporter, vm_args=manager.vm_args))
     recovery = []
-    link = ControllerLink(controller_endpoint(reactor, lnm), manager, NodeAPI(manager),
+    # The highest controller term seen (high availability): a file in
+    # state_dir once a controller sends a term above 0.
+    terms = TermGate(lnm["state_dir"], lnm_name=name, reactor=reactor, pool=pool)
+    link = ControllerLink(controllers_endpoint(reactor, lnm), manager,
+                          NodeAPI(manager, terms), terms=terms,
                           clock=reactor, call_timeout=lnm["call_timeout"],
                           # Advertised only while the listener really listens.
                           recovery_port=lambda: recovery[0].advertised_port(),
@@ -307,7 +320,8 @@ def make_service(config, reactor, *, pool=None, warn_test_host=True):
         reactor, link, lnm_name=name, interface=lnm["recovery_interface"],
         port=lnm["recovery_port"], cert_file=lnm["ssl_cert_file"],
         key_file=lnm["ssl_key_file"], ca_file=lnm["ssl_ca_file"],
-        controller_identity=lnm.get("controller_tls_name") or lnm["controller_host"]))
+        controller_identity=[c.tls_name for c in controllers_of(lnm, "[lnm]")],
+        terms=terms))
     return LNMService(name=name, pool_service=pool_service,
                       node_service=NodeService(vmm, manager), link=link,
                       recovery=recovery[0])
