@@ -74,6 +74,10 @@ class Scale:
     ops_vms: int = 4
     ops_duration: float = 60.0
     repeats: int = 3
+    # The fill's VMs per request, and the pause between requests (the large
+    # profile's one fleet process must keep answering its heartbeats).
+    fill_chunk: int = MAX_REQUEST_VMS
+    fill_pause: float = 0.0
     # Options written into the generated files over the defaults.
     ctrl_settings: dict = dataclasses.field(default_factory=dict)
     lnm_settings: dict = dataclasses.field(default_factory=dict)
@@ -90,7 +94,7 @@ FULL = Scale()
 LARGE = Scale(profile="large", start_lnms=500, start_vms=5000, lnms=2000, vms=50000,
               idle_clients=50, idle_settle=15.0, idle_window=30.0, notify_rate=500.0,
               notify_duration=10.0, notify_vms=2000, ops_duration=20.0, repeats=1,
-              patience=600.0)
+              fill_chunk=5000, fill_pause=2.0, patience=600.0)
 PROFILES = {"full": FULL, "large": LARGE}
 QUICK = Scale(start_lnms=3, start_vms=30, lnms=5, vms=100, idle_clients=2, idle_settle=0.5,
               idle_window=1.0, notify_rate=50.0, notify_duration=1.0, notify_vms=20,
@@ -259,11 +263,13 @@ class Bench:
         names = [full_name(f"{i}.fill") for i in range(1, fill + 1)]
         watch = RunWatcher(self.watcher, names, states.RUN)
         started = time.monotonic()
-        # In requests of at most MAX_REQUEST_VMS (the default profile's fill
-        # is one request).
+        # In requests of at most fill_chunk (the default profile's fill is
+        # one request).
         done = 0
         while done < fill:
-            count = min(MAX_REQUEST_VMS, fill - done)
+            if done and scale.fill_pause:
+                await sleep(self.reactor, scale.fill_pause)
+            count = min(scale.fill_chunk, fill - done)
             result = await self.watcher.start(cluster="fill", count=count)
             if result["failed"]:
                 raise RuntimeError(f"{len(result['failed'])} VMs failed to start")
