@@ -76,6 +76,9 @@ class Scale:
     repeats: int = 3
     # The fill's VMs per request, and the pause between requests (the large
     # profile's one fleet process must keep answering its heartbeats).
+    # LNMs added at a time when the fleet grows (0: all at once); the large
+    # profile's 1,500 at once starved the running LNMs' heartbeats.
+    grow_batch: int = 0
     fill_chunk: int = MAX_REQUEST_VMS
     fill_pause: float = 0.0
     # Options written into the generated files over the defaults.
@@ -94,7 +97,7 @@ FULL = Scale()
 LARGE = Scale(profile="large", start_lnms=500, start_vms=5000, lnms=2000, vms=50000,
               idle_clients=50, idle_settle=15.0, idle_window=30.0, notify_rate=500.0,
               notify_duration=10.0, notify_vms=2000, ops_duration=20.0, repeats=1,
-              fill_chunk=5000, fill_pause=2.0, patience=600.0)
+              grow_batch=250, fill_chunk=5000, fill_pause=2.0, patience=600.0)
 PROFILES = {"full": FULL, "large": LARGE}
 QUICK = Scale(start_lnms=3, start_vms=30, lnms=5, vms=100, idle_clients=2, idle_settle=0.5,
               idle_window=1.0, notify_rate=50.0, notify_duration=1.0, notify_vms=20,
@@ -254,7 +257,12 @@ class Bench:
         await self.relay.start()
         self.progress(f"growing the fleet to {scale.lnms} LNMs ({self.victim} through a relay)")
         fleet = self.system.fleet
-        await fleet.add(range(scale.start_lnms + 1, scale.lnms))
+        numbers = list(range(scale.start_lnms + 1, scale.lnms))
+        batch = scale.grow_batch or len(numbers) or 1
+        for first in range(0, len(numbers), batch):
+            await fleet.add(numbers[first:first + batch])
+            if scale.grow_batch:
+                await self.wait_lnms(scale.start_lnms + first + len(numbers[first:first + batch]))
         await fleet.add([scale.lnms], overrides={"controller_port": self.relay.port})
         if self.settle_heap:
             daemon.settle_heap()
