@@ -46,17 +46,19 @@ import tempfile
 import time
 import traceback
 
-from twisted.internet import defer, protocol, task
+from twisted.internet import defer, protocol, task, utils
 from twisted.internet.threads import deferToThreadPool
 
 from bench import report
 from bench.proxy import CuttableProxy
-from bench.system import DOMAIN, USER, BenchSystem, ProcessStats, sleep, wait_for
+from bench.system import DOMAIN, MAX_REQUEST_VMS, USER, BenchSystem, ProcessStats, sleep, wait_for
 from usher import daemon, states
 
 
 @dataclasses.dataclass
 class Scale:
+    # Which targets the table holds the figures to (bench/report.py).
+    profile: str = "full"
     start_lnms: int = 100
     start_vms: int = 1000
     lnms: int = 500
@@ -72,6 +74,13 @@ class Scale:
     ops_vms: int = 4
     ops_duration: float = 60.0
     repeats: int = 3
+    # The fill's VMs per request, and the pause between requests (the large
+    # profile's one fleet process must keep answering its heartbeats).
+    # LNMs added at a time when the fleet grows (0: all at once); the large
+    # profile's 1,500 at once starved the running LNMs' heartbeats.
+    grow_batch: int = 0
+    fill_chunk: int = MAX_REQUEST_VMS
+    fill_pause: float = 0.0
     # Options written into the generated files over the defaults.
     ctrl_settings: dict = dataclasses.field(default_factory=dict)
     lnm_settings: dict = dataclasses.field(default_factory=dict)
@@ -80,6 +89,16 @@ class Scale:
 
 
 FULL = Scale()
+# ``make bench SCALE=large``: the issue's 50,000 VMs on 2,000 fleet LNMs with
+# 50 idle clients, notifications at 500 changes/s. Bounded for a 2-core
+# machine: one start of 5,000 VMs on 500 LNMs for figure 1 (not three), then
+# the fleet grows to 2,000 and the rest is filled in requests of at most
+# MAX_REQUEST_VMS; figure 7 runs 20 s instead of 60.
+LARGE = Scale(profile="large", start_lnms=500, start_vms=5000, lnms=2000, vms=50000,
+              idle_clients=50, idle_settle=15.0, idle_window=30.0, notify_rate=500.0,
+              notify_duration=10.0, notify_vms=2000, ops_duration=20.0, repeats=1,
+              grow_batch=250, fill_chunk=5000, fill_pause=2.0, patience=600.0)
+PROFILES = {"full": FULL, "large": LARGE}
 QUICK = Scale(start_lnms=3, start_vms=30, lnms=5, vms=100, idle_clients=2, idle_settle=0.5,
               idle_window=1.0, notify_rate=50.0, notify_duration=1.0, notify_vms=20,
               ops_clients=4, ops_workers=1, ops_vms=2, ops_duration=2.0, repeats=2,
@@ -238,7 +257,12 @@ class Bench:
         await self.relay.start()
         self.progress(f"growing the fleet to {scale.lnms} LNMs ({self.victim} through a relay)")
         fleet = self.system.fleet
-        await fleet.add(range(scale.start_lnms + 1, scale.lnms))
+        numbers = list(range(scale.start_lnms + 1, scale.lnms))
+        batch = scale.grow_batch or len(numbers) or 1
+        for first in range(0, len(numbers), batch):
+            await fleet.add(numbers[first:first + batch])
+            if scale.grow_batch:
+                await self.wait_lnms(scale.start_lnms + first + len(numbers[first:first + batch]))
         await fleet.add([scale.lnms], overrides={"controller_port": self.relay.port})
         if self.settle_heap:
             daemon.settle_heap()
@@ -247,9 +271,17 @@ class Bench:
         names = [full_name(f"{i}.fill") for i in range(1, fill + 1)]
         watch = RunWatcher(self.watcher, names, states.RUN)
         started = time.monotonic()
-        result = await self.watcher.start(cluster="fill", count=fill)
-        if result["failed"]:
-            raise RuntimeError(f"{len(result['failed'])} VMs failed to start")
+        # In requests of at most fill_chunk (the default profile's fill is
+        # one request).
+        done = 0
+        while done < fill:
+            if done and scale.fill_pause:
+                await sleep(self.reactor, scale.fill_pause)
+            count = min(scale.fill_chunk, fill - done)
+            result = await self.watcher.start(cluster="fill", count=count)
+            if result["failed"]:
+                raise RuntimeError(f"{len(result['failed'])} VMs failed to start")
+            done += count
         await wait_for(self.reactor, lambda: watch.done, scale.patience,
                        what="the fill VMs running")
         watch.close()
@@ -283,6 +315,24 @@ class Bench:
         self.details.update(sync_runs_s=syncs, list_runs_s=lists)
         self.progress(f"figure 2: connect + sync {statistics.median(syncs):.3f} s, list "
                       f"{statistics.median(lists):.3f} s (median of {scale.repeats})")
+        # The same number of domains listed on one libvirt connection, as
+        # ``virsh list --all`` does (measured now, under the same load).
+        # In a process of its own: creating 50,000 domains here would hold
+        # the fleet's reactor (and every LNM's heartbeat) for seconds.
+        out = await utils.getProcessOutput(
+            sys.executable, ["-m", "bench.run", "--raw-list", str(scale.vms),
+                             "--dir", os.path.join(self.system.dir, "rawlist"),
+                             "--repeats", str(scale.repeats)],
+            env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+                [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+                + [p for p in [os.environ.get("PYTHONPATH")] if p])),
+            reactor=self.reactor)
+        virsh = float(out.decode().strip().splitlines()[-1])
+        self.results["list_vs_virsh"] = self.results["list_10k_s"] / virsh
+        self.details.update(virsh_list_s=virsh)
+        self.progress(f"  listAllDomains + name/state/info of {scale.vms:,} domains on one "
+                      f"test:/// connection: {virsh:.3f} s; the controller's list is "
+                      f"{self.results['list_vs_virsh']:.1f}x that")
 
     # -- figure 3 ------------------------------------------------------------------
 
@@ -313,6 +363,8 @@ class Bench:
             at_after - at_before)
         self.results["ctrl_rss_mb"] = max(rss)
         self.results["ctrl_idle_cpu_pct"] = cpu
+        self.results["ctrl_rss_mb_per_1k_vms"] = max(rss) / scale.vms * 1000
+        self.results["ctrl_idle_cpu_pct_per_1k_lnms"] = cpu / scale.lnms * 1000
         self.details.update(idle_window_s=at_after - at_before,
                             idle_clients=scale.idle_clients)
         self.progress(f"figure 3: RSS {max(rss):.1f} MB, CPU {cpu:.2f}% over "
@@ -618,27 +670,75 @@ def raw_libvirt_loop(directory, count, hosts):
     return elapsed
 
 
+def raw_libvirt_list(directory, count, repeats=1):
+    """Seconds (median of ``repeats``) to list ``count`` domains on one
+    test-driver connection as ``virsh list --all`` does: listAllDomains,
+    then each domain's name, state and info (libvirt-python, in this
+    process; the domains created beforehand, outside the timing)."""
+    import libvirt
+
+    from usher.lnm import domain_xml
+    from usher.lnm.libvirt_connection import quiet_libvirt
+    from usher.lnm.testhost import write_test_host
+
+    quiet_libvirt()
+    os.makedirs(directory, exist_ok=True)
+    uri = write_test_host(os.path.join(directory, "host.xml"), hostname="rawlist",
+                          cpus=100000, memory_mib=256 * count + 262144,
+                          model="usher-test-host")
+    connection = libvirt.open(uri)
+    try:
+        for i in range(count):
+            spec = domain_xml.normalize_spec({
+                "name": full_name(f"{i + 1}.rawlist"), "memory_mib": 256, "vcpus": 1,
+                "owner": USER, "cluster": "rawlist", "args": {}})
+            connection.createXML(domain_xml.build_domain_xml(
+                spec, driver="test", state_dir=directory, template=None, defaults={}), 0)
+        runs = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            rows = [(d.name(), d.state(), d.info()) for d in connection.listAllDomains(0)]
+            runs.append(time.perf_counter() - started)
+            if len(rows) != count:
+                raise RuntimeError(f"listAllDomains returned {len(rows)}, not {count}")
+        return statistics.median(runs)
+    finally:
+        connection.close()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="toy scale, seconds long (what the test suite runs)")
-    parser.add_argument("--json", default=os.path.join(os.path.dirname(__file__),
-                                                       "results.json"),
-                        help="where to write the results (default bench/results.json)")
+    parser.add_argument("--scale", choices=sorted(PROFILES), default="full",
+                        help="full (the default: 10,000 VMs on 500 LNMs) or large "
+                             "(50,000 VMs on 2,000 LNMs, 50 idle clients)")
+    parser.add_argument("--json", help="where to write the results (default "
+                                       "bench/results.json; bench/results-large.json for "
+                                       "--scale large)")
     parser.add_argument("--dir", help="working directory (default: a temporary one, "
                                       "removed afterwards)")
     parser.add_argument("--keep", action="store_true", help="keep the working directory")
+    parser.add_argument("--raw-list", type=int, metavar="N", help=argparse.SUPPRESS)
+    parser.add_argument("--repeats", type=int, default=1, help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
-    scale = QUICK if options.quick else FULL
+    if options.raw_list:
+        # (bench.run's own helper process for figure 2's ratio.)
+        print(raw_libvirt_list(options.dir, options.raw_list, repeats=options.repeats))
+        return 0
+    scale = QUICK if options.quick else PROFILES[options.scale]
+    if options.json is None:
+        options.json = os.path.join(os.path.dirname(__file__), "results.json"
+                                    if scale.profile == "full" else "results-large.json")
     directory = options.dir or tempfile.mkdtemp(prefix="usher-bench-")
     results = run(scale, directory, out=sys.stdout)
     report.write_json(options.json, results["results"],
                       extra={"details": results["details"], "errors": results["errors"],
-                             "scale": "quick" if options.quick else "full"})
+                             "scale": "quick" if options.quick else options.scale})
     print()
     print(report.table(results["results"], scale=dataclasses.asdict(scale),
-                       errors=results["errors"]))
+                       errors=results["errors"], profile=scale.profile))
     print(f"\n(written to {options.json}; machine: {report.describe_machine()})")
     if not options.keep and not options.dir:
         shutil.rmtree(directory, ignore_errors=True)

@@ -10,6 +10,8 @@ Register on ``start_request`` and ``migrate_request``, after authorization;
 sample configuration: ``etc/plugins/roundrobin.config``.
 """
 
+import bisect
+
 from usher.controller.placement import PLACEMENT_SPEC, PlacementPlugin
 
 CONFIG_SPEC = """
@@ -25,15 +27,24 @@ class Plugin(PlacementPlugin):
     def __init__(self, config, api):
         super().__init__(config, api)
         self._last = None   # the host that got the previous VM
+        # The last candidates seen and their sorted order: a start of 5,000
+        # VMs on 2,000 hosts ranks the same candidates 5,000 times, and
+        # sorting and splitting them in Python each time held the reactor
+        # for seconds.
+        self._ranked_candidates = None
+        self._ordered = []
 
     def rank(self, vm, demand, candidates, ledger, request):
-        ordered = sorted(candidates)
+        candidates = tuple(candidates)
+        if candidates != self._ranked_candidates:
+            self._ranked_candidates, self._ordered = candidates, sorted(candidates)
+        ordered = self._ordered
         if self._last is None:
-            return ordered
+            return list(ordered)
         # Start after the host that got the previous VM, by name, so that
         # hosts joining or leaving do not reset the rotation.
-        after = [h for h in ordered if h > self._last]
-        return after + [h for h in ordered if h <= self._last]
+        cut = bisect.bisect_right(ordered, self._last)
+        return ordered[cut:] + ordered[:cut]
 
     def placed(self, vm, host, demand, ledger, request):
         self._last = host
