@@ -61,7 +61,7 @@ class Controller:
         self.store = store
         # The term of leadership (0: a single controller).
         self.term = 0
-        # One of a standby pair (usher.controller.service.HAController)?
+        # One of a standby pair (usher.controller.ha_service.HAController)?
         self.ha = False
         self.ha_name = None
         self.clock = clock
