@@ -131,16 +131,18 @@ async def test_json_top_with_iterations_prints_one_view_per_line(system):
 def _interactive(argv, script):
     """The interactive ush on a terminal: for each step of ``script`` type
     its first item (None: nothing) and wait for the others (bytes, or
-    (bytes, count)); then quit. -> (exit status, output)."""
+    (bytes, count)) to appear after it, counting nothing printed before;
+    then quit. -> (exit status, output)."""
     term = PtyProcess(argv)
     try:
         term.read_until(b"ush> ")
         for send, *expected in script:
+            before = term.output
             if send is not None:
                 term.write(send)
             for needle in expected:
                 needle, count = needle if isinstance(needle, tuple) else (needle, 1)
-                term.read_until(needle, count=count)
+                term.read_until(needle, count=before.count(needle) + count)
         term.write(b"quit\r")
         return term.finish(), term.output.decode(errors="replace")
     finally:

@@ -94,7 +94,7 @@ def run_interactive(settings, reactor, client_factory=None):
     reactor_thread = threading.Thread(target=reactor.run,
                                       kwargs={"installSignalHandlers": False},
                                       name="ush-reactor", daemon=True)
-    reactor_thread.start()
+    start_without_sigint(reactor_thread)
     if console.interactive:
         console.write(banner() + "\n")
     try:
@@ -108,6 +108,22 @@ def run_interactive(settings, reactor, client_factory=None):
         reactor.callFromThread(reactor.stop)
         reactor_thread.join(CLOSE_TIMEOUT)
     return EXIT_OK
+
+
+def start_without_sigint(thread):
+    """Start ``thread`` (and the threads it starts: they inherit its signal
+    mask) with SIGINT blocked, so that Ctrl-C always reaches the main
+    thread. The kernel gives a process-wide signal to any thread that does
+    not block it; one taken by the reactor thread would leave readline, in
+    the main thread, waiting for the next key instead of seeing Ctrl-C."""
+    if not hasattr(signal, "pthread_sigmask"):
+        thread.start()
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        thread.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _wait_for(reactor, d, on_interrupt=None):
