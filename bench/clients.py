@@ -57,6 +57,10 @@ def bench_client(reactor, options, **kwargs):
 LOGIN_BATCH = 8
 
 
+# How long the clients' own VMs may take to run (a bound, not a measure).
+START_PATIENCE = 300.0
+
+
 async def connect_all(clients):
     clients = list(clients)
     for first in range(0, len(clients), LOGIN_BATCH):
@@ -89,10 +93,16 @@ async def run(reactor, options):
     await connect_all(clients.values())
     names = {k: [f"{i}.ops{k}.{options.user}.{options.domain}"
                  for i in range(1, options.vms + 1)] for k in numbers}
-    await defer.gatherResults([c.start(cluster=f"ops{k}", count=options.vms)
-                               for k, c in clients.items()])
+    results = await defer.gatherResults([c.start(cluster=f"ops{k}", count=options.vms)
+                                         for k, c in clients.items()])
+    failed = [entry for result in results for entry in result["failed"]]
+    if failed:
+        raise RuntimeError(f"{len(failed)} VMs failed to start: {failed[:3]}")
+    deadline = time.monotonic() + START_PATIENCE
     while not all(c.vms.get(n, {}).get("state") == "run"
                   for k, c in clients.items() for n in names[k]):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the clients' VMs not all running after {START_PATIENCE:g} s")
         await task.deferLater(reactor, 0.05, lambda: None)
     await ready_until(reactor, signal.SIGUSR1)
     latencies, errors = [], []

@@ -79,6 +79,14 @@ class Scale:
     # LNMs added at a time when the fleet grows (0: all at once); the large
     # profile's 1,500 at once starved the running LNMs' heartbeats.
     grow_batch: int = 0
+    # 0: every LNM in this process's fleet (the default profile). Else only
+    # LNMs 1..inprocess_lnms (whose hosts figure 6 flips through their own
+    # libvirt connections) and figure 5's victim are here, and the others run
+    # in ``usherlnm --fleet`` processes of fleet_process_size members each,
+    # as they would run on hosts of their own: one process holding 2,000
+    # LNMs starved their heartbeats while it served the fill.
+    inprocess_lnms: int = 0
+    fleet_process_size: int = 500
     fill_chunk: int = MAX_REQUEST_VMS
     fill_pause: float = 0.0
     # Options written into the generated files over the defaults.
@@ -97,7 +105,8 @@ FULL = Scale()
 LARGE = Scale(profile="large", start_lnms=500, start_vms=5000, lnms=2000, vms=50000,
               idle_clients=50, idle_settle=15.0, idle_window=30.0, notify_rate=500.0,
               notify_duration=10.0, notify_vms=2000, ops_duration=20.0, repeats=1,
-              grow_batch=250, fill_chunk=5000, fill_pause=2.0, patience=600.0)
+              inprocess_lnms=100, fleet_process_size=500, fill_chunk=5000, fill_pause=2.0,
+              patience=600.0)
 PROFILES = {"full": FULL, "large": LARGE}
 QUICK = Scale(start_lnms=3, start_vms=30, lnms=5, vms=100, idle_clients=2, idle_settle=0.5,
               idle_window=1.0, notify_rate=50.0, notify_duration=1.0, notify_vms=20,
@@ -106,6 +115,9 @@ QUICK = Scale(start_lnms=3, start_vms=30, lnms=5, vms=100, idle_clients=2, idle_
               lnm_settings={"ping_interval": 0.5, "ping_timeout": 2,
                             "reconnect_initial_delay": 0.2, "reconnect_max_delay": 1},
               patience=60.0)
+# The same with the large profile's layout: LNMs in fleet processes of
+# their own beside the in-process ones (the test suite runs both).
+QUICK_SPLIT = dataclasses.replace(QUICK, inprocess_lnms=2, fleet_process_size=2)
 
 
 def full_name(short):
@@ -195,12 +207,24 @@ class Bench:
         self.progress(f"controller up (pid {self.system.controller_pid}); "
                       f"fleet of {scale.start_lnms} LNMs")
         self.system.start_fleet()
-        await self.system.fleet.add(range(1, scale.start_lnms + 1))
+        here = scale.inprocess_lnms or scale.start_lnms
+        await self.system.fleet.add(range(1, min(here, scale.start_lnms) + 1))
         # As usherlnm does once its LNMs are up (usher.daemon.settle_heap).
         if self.settle_heap:
             daemon.settle_heap()
         self.watcher = await self.system.connected_client(timeout=120)
+        await self.start_fleet_processes(here + 1, scale.start_lnms)
         await self.wait_lnms(scale.start_lnms)
+
+    async def start_fleet_processes(self, first, last):
+        """LNMs ``first``..``last`` in fleet processes of their own, one
+        process at a time, each attached before the next starts."""
+        size = self.scale.fleet_process_size
+        for start in range(first, last + 1, size):
+            count = min(size, last + 1 - start)
+            pid = await self.system.start_fleet_process(start, count, self.scale.patience)
+            self.progress(f"fleet process {pid}: lnm{start}..lnm{start + count - 1}")
+            await self.wait_lnms(start + count - 1)
 
     async def wait_lnms(self, count):
         async def connected():
@@ -257,7 +281,9 @@ class Bench:
         await self.relay.start()
         self.progress(f"growing the fleet to {scale.lnms} LNMs ({self.victim} through a relay)")
         fleet = self.system.fleet
-        numbers = list(range(scale.start_lnms + 1, scale.lnms))
+        if scale.inprocess_lnms:
+            await self.start_fleet_processes(scale.start_lnms + 1, scale.lnms - 1)
+        numbers = [] if scale.inprocess_lnms else list(range(scale.start_lnms + 1, scale.lnms))
         batch = scale.grow_batch or len(numbers) or 1
         for first in range(0, len(numbers), batch):
             await fleet.add(numbers[first:first + batch])
@@ -343,12 +369,15 @@ class Bench:
         # the last one.
         self.idle_clients = ClientWorker(self.reactor, self.system,
                                          count=scale.idle_clients - 1, idle=True)
-        await self.idle_clients.ready
+        await self.idle_clients.ready.addTimeout(scale.patience, self.reactor)
         # The watcher is the 20th client.
         await sleep(self.reactor, scale.idle_settle)
         stats = self.system.controller_stats()
-        fleet = ProcessStats(os.getpid())
-        fleet_before = fleet.cpu_seconds()
+        fleet = [ProcessStats(pid) for pid in [os.getpid()] + self.system.fleet_pids()]
+
+        def fleet_cpu():
+            return sum(process.cpu_seconds() for process in fleet)
+        fleet_before = fleet_cpu()
         cpu_before, at_before = stats.cpu_seconds(), time.monotonic()
         rss = [stats.rss_mb()]
         end = at_before + scale.idle_window
@@ -357,10 +386,11 @@ class Bench:
             rss.append(stats.rss_mb())
         cpu_after, at_after = stats.cpu_seconds(), time.monotonic()
         cpu = 100.0 * (cpu_after - cpu_before) / (at_after - at_before)
-        # The fleet's own load (this process: 500 LNMs, their scans,
-        # samples and heartbeats), for the record.
-        self.details["fleet_idle_cpu_pct"] = 100.0 * (fleet.cpu_seconds() - fleet_before) / (
+        # The fleet's own load (this process and the fleet processes: the
+        # LNMs' scans, samples and heartbeats), for the record.
+        self.details["fleet_idle_cpu_pct"] = 100.0 * (fleet_cpu() - fleet_before) / (
             at_after - at_before)
+        self.details["fleet_processes"] = len(fleet)
         self.results["ctrl_rss_mb"] = max(rss)
         self.results["ctrl_idle_cpu_pct"] = cpu
         self.results["ctrl_rss_mb_per_1k_vms"] = max(rss) / scale.vms * 1000
@@ -378,7 +408,9 @@ class Bench:
         fleet = self.system.fleet
         by_lnm = {}
         for record in self.watcher.vms.values():
-            if record["state"] == states.RUN and record["lnm"] != self.victim:
+            # Only this process's hosts can be flipped behind Usher's back.
+            if (record["state"] == states.RUN and record["lnm"] != self.victim
+                    and record["lnm"] in fleet.members):
                 by_lnm.setdefault(record["lnm"], []).append(record["name"])
         # Spread over the hosts: one VM per LNM in turn.
         chosen = []
@@ -528,13 +560,16 @@ class Bench:
                                         vms=scale.ops_vms, duration=scale.ops_duration))
             first += count
         try:
-            await defer.gatherResults([w.ready for w in workers])
+            await defer.gatherResults([w.ready.addTimeout(scale.patience, self.reactor)
+                                       for w in workers])
             self.progress(f"{scale.ops_clients} clients with {scale.ops_vms} VMs each, in "
                           f"{len(workers)} process{'es' if len(workers) > 1 else ''}; "
                           f"operating for {scale.ops_duration:g} s")
             for worker in workers:
                 worker.go()
-            outcomes = await defer.gatherResults([w.done for w in workers])
+            outcomes = await defer.gatherResults([
+                w.done.addTimeout(scale.ops_duration + scale.patience, self.reactor)
+                for w in workers])
         finally:
             for worker in workers:
                 worker.stop()

@@ -89,6 +89,7 @@ class BenchSystem:
         self.password = secrets.token_urlsafe(12)
         self.controller = None          # (_Process, transport)
         self.fleet = None
+        self.fleet_processes = []       # [(LoggedProcess, transport)]
         self.clients = []
         self.pki_dir = os.path.join(self.dir, "pki")
         self.fleet_pki = os.path.join(self.dir, "pki", "fleet")
@@ -197,8 +198,55 @@ class BenchSystem:
         return self.fleet
 
     async def stop_fleet(self):
+        await self.stop_fleet_processes()
         if self.fleet is not None and self.fleet.running:
             await self.fleet.stopService()
+
+    async def start_fleet_process(self, first, count, timeout=300.0):
+        """``usherlnm --fleet count --fleet-first first`` as a process of its
+        own (the large profile spreads its 2,000 LNMs over several, as they
+        would be spread over hosts); -> once every member is up (its
+        --ready-file written; attaching to the controller follows)."""
+        index = len(self.fleet_processes) + 1
+        ready = os.path.join(self.dir, f"fleet{index}.ready")
+        if os.path.exists(ready):
+            os.unlink(ready)
+        process = LoggedProcess(f"usherlnm-fleet{index}",
+                                os.path.join(self.dir, "logs", f"fleet{index}.out"))
+        argv = [sys.executable, "-m", "usher.lnm.main", "--isolated", "--config",
+                self.fleet_config, "--fleet", str(count), "--fleet-first", str(first),
+                "--fleet-certs", self.fleet_pki, "--ready-file", ready]
+        transport = self.reactor.spawnProcess(process, argv[0], argv,
+                                              env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        self.fleet_processes.append((process, transport))
+        started = time.monotonic()
+        while not os.path.exists(ready):
+            if process.ended.called:
+                raise RuntimeError(f"fleet process {index} (lnm{first}..lnm{first + count - 1}) "
+                                   f"exited; see {self.dir}/logs/fleet{index}.out")
+            if time.monotonic() - started > timeout:
+                raise TimeoutError(f"fleet process {index}: not up within {timeout:g} s")
+            await sleep(self.reactor, 0.1)
+        return transport.pid
+
+    def fleet_pids(self):
+        """The fleet processes' pids (not this process's in-process fleet)."""
+        return [transport.pid for process, transport in self.fleet_processes
+                if not process.ended.called]
+
+    async def stop_fleet_processes(self, grace=30.0):
+        processes, self.fleet_processes = self.fleet_processes, []
+        for process, transport in processes:
+            if not process.ended.called:
+                try:
+                    transport.signalProcess("TERM")
+                except error.ProcessExitedAlready:
+                    pass
+        for process, transport in processes:
+            timer = self.reactor.callLater(grace, lambda t=transport: _kill_quietly(t))
+            await process.ended
+            if timer.active():
+                timer.cancel()
 
     # -- clients ---------------------------------------------------------------------
 

@@ -38,6 +38,14 @@ ANSWER_TIMEOUT = 10.0
 ANNOUNCE_CONCURRENCY = 16
 
 
+def some_names(names, limit=20):
+    """The first ``limit`` of ``names`` sorted, and how many more: a log
+    line about 2,000 LNMs stays a line."""
+    names = sorted(names)
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
 class Recovery:
     """Which of the LNMs known before a restart are back.
 
@@ -58,17 +66,17 @@ class Recovery:
         self._waiters = []
         self._timer = None
         if self.waiting:
-            log.info("recovering: waiting up to {window:g} s for the LNMs known before "
-                     "the restart: {lnms}", window=window, lnms=", ".join(sorted(self.waiting)))
+            log.info("recovering: waiting up to {window:g} s for the {count} LNMs known "
+                     "before the restart: {lnms}", window=window, count=len(self.waiting),
+                     lnms=some_names(self.waiting))
             self._timer = clock.callLater(window, self._window_over)
         else:
             self._finish()
 
     def describe(self):
         left = max(0.0, self.started_at + self.window - self.clock.seconds())
-        names = sorted(self.waiting)
-        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-        return f"waiting for LNM{'s' if len(names) != 1 else ''} {shown} to reconnect " \
+        return f"waiting for LNM{'s' if len(self.waiting) != 1 else ''} " \
+               f"{some_names(self.waiting, 5)} to reconnect " \
                f"(at most {left:.0f} s more)"
 
     def wait(self):
@@ -95,9 +103,10 @@ class Recovery:
         self._timer = None
         if self.done:
             return
-        log.error("recovery window of {window:g} s over; LNMs still away: {lnms}. Their "
-                  "VMs are unknown until they reconnect", window=self.window,
-                  lnms=", ".join(sorted(self.waiting)))
+        log.error("recovery window of {window:g} s over; {count} LNMs still away: {lnms}. "
+                  "Their VMs are unknown until they reconnect", window=self.window,
+                  count=len(self.waiting), lnms=some_names(self.waiting),
+                  away=sorted(self.waiting))
         self._finish()
 
     def _finish(self):
