@@ -23,12 +23,21 @@ CHUNK_BYTES = 256 * 1024
 MAX_CHUNKS = 4096
 
 
+def encode_item(item):
+    """One JSON-able item as compact JSON text (what encode_chunks joins)."""
+    return json.dumps(item, separators=(",", ":"))
+
+
 def encode_chunks(items, limit=CHUNK_BYTES):
     """JSON-encode a list of JSON-able items as a list of strings, each a JSON
     array of at most ``limit`` bytes (an item larger than that is refused)."""
+    return chunk_texts((encode_item(item) for item in items), limit)
+
+
+def chunk_texts(texts, limit=CHUNK_BYTES):
+    """Items already encoded (encode_item) -> chunks as encode_chunks makes."""
     chunks, current, size = [], [], 2
-    for item in items:
-        text = json.dumps(item, separators=(",", ":"))
+    for text in texts:
         if len(text) + 2 > limit:
             raise InvalidRequest("record too large to send")
         if current and size + len(text) + 1 > limit:

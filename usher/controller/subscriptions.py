@@ -5,7 +5,9 @@ objects, and jelly is too slow for tens of thousands of records).
 A client subscribes once (optionally to some clusters only) and receives a
 snapshot; afterwards every change to a VM it may see is queued, coalesced
 per VM, and pushed in one batch per reactor turn with a sequence number so
-the client can detect a gap and re-subscribe.
+the client can detect a gap and re-subscribe. A change is copied and
+JSON-encoded once per turn however many subscriptions carry it (one user's
+50 open clients would otherwise encode each change 50 times).
 
 A subscription carries only its user's own VMs (an administrator's too, and
 whatever the controller's user_visibility): a client's cache is its user's
@@ -15,7 +17,7 @@ VMs, and nothing about another user's VM is ever pushed; other VMs are for
 
 from twisted.logger import Logger
 
-from usher.records import encode_chunks
+from usher.records import chunk_texts, encode_chunks, encode_item
 
 log = Logger()
 
@@ -42,22 +44,35 @@ class Subscription:
         records = [r for r in state.vms.values() if self.wants(r)]
         return {"seq": self.seq, "chunks": encode_chunks(records)}
 
-    def queue(self, record):
+    def queue(self, record, copy=None):
+        """Queue a change of ``record``; ``copy``: a copy of it taken now,
+        shared with the other subscriptions queueing the same change."""
         name = record["name"]
         if record["state"] is None:
             self._changed.pop(name, None)
             self._removed.add(name)
         else:
             self._removed.discard(name)
-            self._changed[name] = dict(record)
+            self._changed[name] = dict(record) if copy is None else copy
 
-    def flush(self):
+    def flush(self, encoded=None):
+        """Push what is queued. ``encoded``: name -> JSON text, shared by the
+        subscriptions flushed in the same turn (each holds the latest copy of
+        a record changed in the turn: the same for all of them)."""
         if not (self._changed or self._removed) or not self.active:
             return
-        changed, removed = list(self._changed.values()), sorted(self._removed)
+        if encoded is None:
+            encoded = {}
+        texts = []
+        for name, record in self._changed.items():
+            text = encoded.get(name)
+            if text is None:
+                text = encoded[name] = encode_item(record)
+            texts.append(text)
+        removed = sorted(self._removed)
         self._changed, self._removed = {}, set()
         self.seq += 1
-        d = self.sink(self.seq, encode_chunks(changed), removed)
+        d = self.sink(self.seq, chunk_texts(texts), removed)
         if d is not None:
             d.addErrback(lambda f: log.info("dropping update for {user}: {error}",
                                             user=self.user, error=f.getErrorMessage()))
@@ -93,9 +108,12 @@ class SubscriptionHub:
         return sum(len(subs) for subs in self._by_user.values())
 
     def _changed(self, record, old_state):
+        copy = None
         for sub in self._by_user.get(record.get("owner"), ()):
             if sub.wants(record):
-                sub.queue(record)
+                if copy is None:
+                    copy = dict(record)
+                sub.queue(record, copy)
                 self._pending.add(sub)
         if self._pending and self._scheduled is None:
             self._scheduled = self.clock.callLater(0, self._flush)
@@ -103,5 +121,6 @@ class SubscriptionHub:
     def _flush(self):
         self._scheduled = None
         pending, self._pending = self._pending, set()
+        encoded = {}
         for sub in pending:
-            sub.flush()
+            sub.flush(encoded)

@@ -1,0 +1,74 @@
+"""The push of VM changes to subscribed clients (usher.controller.subscriptions):
+each subscription gets what it may see, and a change is encoded once per turn
+however many of the user's clients carry it."""
+
+from twisted.internet import task
+
+from usher.controller import subscriptions
+from usher.controller.state import GlobalState
+from usher.controller.subscriptions import SubscriptionHub
+from usher.records import decode_chunks
+
+
+def _hub():
+    state = GlobalState("example.org")
+    clock = task.Clock()
+    return state, clock, SubscriptionHub(state, clock)
+
+
+def _sink(received):
+    def sink(seq, chunks, removed):
+        received.append((seq, decode_chunks(chunks), removed))
+    return sink
+
+
+def _record(state, short, owner, cluster):
+    return state.new_record(f"{short}.{owner}.example.org", owner=owner, lnm="lnm1",
+                            state="run", memory_mib=256, vcpus=1, cluster=cluster)
+
+
+def test_one_encoding_per_change_and_turn_for_all_of_a_users_clients(monkeypatch):
+    state, clock, hub = _hub()
+    encoded = []
+    real = subscriptions.encode_item
+    monkeypatch.setattr(subscriptions, "encode_item",
+                        lambda item: encoded.append(item["name"]) or real(item))
+    alice = [[] for _ in range(3)]
+    for received in alice:
+        hub.add("alice", False, None, _sink(received))
+    only_web = []
+    hub.add("alice", False, ["web"], _sink(only_web))
+    bob = []
+    hub.add("bob", False, None, _sink(bob))
+
+    db = state.add(_record(state, "1.db", "alice", "db"))
+    web = state.add(_record(state, "1.web", "alice", "web"))
+    state.update(db["name"], state="paused")         # twice in one turn
+    clock.advance(0)
+
+    assert sorted(encoded) == sorted([db["name"], web["name"]])
+    for received in alice:
+        [(seq, records, removed)] = received
+        assert seq == 1 and removed == []
+        assert {r["name"]: r["state"] for r in records} == {db["name"]: "paused",
+                                                            web["name"]: "run"}
+    [(_, records, _)] = only_web
+    assert [r["name"] for r in records] == [web["name"]]
+    assert bob == []
+
+
+def test_a_later_turn_sends_the_later_state_and_removals():
+    state, clock, hub = _hub()
+    first, second = [], []
+    hub.add("alice", False, None, _sink(first))
+    hub.add("alice", False, None, _sink(second))
+    db = state.add(_record(state, "1.db", "alice", "db"))
+    clock.advance(0)
+    state.update(db["name"], state="paused")
+    clock.advance(0)
+    state.remove(db["name"])
+    clock.advance(0)
+    for received in (first, second):
+        assert [seq for seq, _r, _x in received] == [1, 2, 3]
+        assert received[1][1][0]["state"] == "paused"
+        assert received[2][1:] == ([], [db["name"]])
