@@ -211,9 +211,10 @@ class Observation:
                                     vcpus=dom.get("vcpus"), uuid=dom.get("uuid"))
         self.state.add(rec)
         # After a restart every VM comes back this way: one line each for
-        # thousands of VMs would say nothing the recovery lines do not.
-        (log.debug if self._recovering() else log.info)(
-            "adopted VM {vm} found on {lnm}", vm=name, lnm=lnm)
+        # thousands of VMs would say nothing the LNMs' attach lines do not
+        # (and a line costs even when debug is filtered out).
+        if not self._recovering():
+            log.info("adopted VM {vm} found on {lnm}", vm=name, lnm=lnm)
         self.chains.notify(Event("vm_adopted", self.api, vm=dict(rec), lnm=lnm))
         return rec
 
