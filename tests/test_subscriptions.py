@@ -72,3 +72,57 @@ def test_a_later_turn_sends_the_later_state_and_removals():
         assert [seq for seq, _r, _x in received] == [1, 2, 3]
         assert received[1][1][0]["state"] == "paused"
         assert received[2][1:] == ([], [db["name"]])
+
+
+# -- the push itself: a one-way PB message (usher.pbutil.tell) -------------------------
+
+def _pb_pair():
+    from twisted.spread import pb
+    from twisted.test import iosim
+
+    class Root(pb.Root):
+        observer = None
+
+        def remote_hand(self, observer):
+            self.observer = observer
+
+    class Observer(pb.Referenceable):
+        def __init__(self):
+            self.pushes = []
+
+        def remote_vm_changes(self, seq, chunks, removed):
+            self.pushes.append((seq, decode_chunks(chunks), removed))
+            return "an answer nobody waits for"
+
+    root, observer = Root(), Observer()
+    server_factory, client_factory = pb.PBServerFactory(root), pb.PBClientFactory()
+    server, client, pump = iosim.connectedServerAndClient(
+        ServerClass=lambda: server_factory.buildProtocol(None),
+        ClientClass=lambda: client_factory.buildProtocol(None))
+    client_factory.getRootObject().addCallback(
+        lambda remote_root: remote_root.callRemote("hand", observer))
+    pump.flush()
+    assert root.observer is not None
+    return root, observer, server, client, pump
+
+
+def test_a_push_is_one_way_and_a_gone_client_is_not_sent_to():
+    from usher.errors import LinkFailure
+    from usher.pbutil import tell
+    from usher.records import encode_chunks
+
+    root, observer, server, client, pump = _pb_pair()
+    assert tell(root.observer, "vm_changes", 1, encode_chunks([{"name": "a"}]), []) is None
+    pump.flush()
+    assert observer.pushes == [(1, [{"name": "a"}], [])]
+    # Nothing waits for an answer, and the client sent none.
+    assert server.waitingForAnswers == {} and client.waitingForAnswers == {}
+    server.transport.loseConnection()
+    pump.flush()
+    assert server.disconnected
+    try:
+        tell(root.observer, "vm_changes", 2, [], [])
+    except LinkFailure as e:
+        assert not e.sent
+    else:
+        raise AssertionError("a push to a gone client was not refused")

@@ -38,6 +38,27 @@ def call(remote, method, *args, timeout, clock, **kwargs):
     return d.addErrback(translate)
 
 
+def tell(remote, method, *args):
+    """``method`` sent to ``remote`` as a one-way message (PB's ``pbanswer``
+    off): the peer sends no answer, so there is nothing to time out, and no
+    Deferred or timer per message (the controller's pushes to clients, many
+    per second). -> None; InvalidRequest if it cannot be serialised, and
+    LinkFailure (not sent) if the peer is gone."""
+    try:
+        d = remote.callRemote(method, *args, pbanswer=False)
+    except pb.DeadReferenceError:
+        raise LinkFailure(f"{method}: peer disconnected", sent=False) from None
+    except BananaError as e:
+        raise InvalidRequest(f"{method}: message cannot be sent: {e}") from None
+    if d is not None:
+        # What PB gives for a message it could not serialise: a failed Deferred.
+        failures = []
+        d.addErrback(failures.append)
+        why = failures[0].getErrorMessage() if failures else "unknown reason"
+        raise InvalidRequest(f"{method}: message cannot be sent: {why}")
+    return None
+
+
 def as_deferred(coroutine_function):
     """Decorate an ``async def`` so that its callers get a Deferred: PB's
     remote_/perspective_ methods (PB does not await coroutines), and the

@@ -389,7 +389,10 @@ user's "args" never reach an ordinary user; pushes carry only one's own.
 
 Observer (the client's callback object; the controller calls only these)::
 
-    vm_changes(seq: int, changed: [json chunk], removed: [str]) -> None
+    vm_changes(seq: int, changed: [json chunk], removed: [str])
+                        (a one-way message, PB's pbanswer off: the client
+                        sends no answer; a push it could not take shows as
+                        a gap in seq, and it subscribes again)
     notice(kind: str, message: str) -> None
                         (issue 15: news for this user from the controller or a
                         plugin, e.g. kind "lease"; kind <= 32 characters of
