@@ -30,34 +30,48 @@ MAX_CHUNKS = 4096
 # its length in bytes.
 _encode = json.JSONEncoder(separators=(",", ":")).encode
 
-# The first run of items encoded at once, and the share of ``limit`` a run
-# aims at (a run over the limit is encoded again in halves).
-_FIRST_RUN = 64
-_AIM = 0.75
+# Items are encoded a run at a time: the first run's length, and the share
+# of a chunk the next runs aim at (from the last run's bytes per item).
+_FIRST_RUN = 16
+_RUN_SHARE = 1 / 32
 
 
 def encode_chunks(items, limit=CHUNK_BYTES):
     """JSON-encode a list of JSON-able items as a list of strings, each a JSON
     array of at most ``limit`` bytes (an item larger than that is refused).
 
-    Items are encoded a run at a time (one call of the C encoder per chunk,
-    not per item): each run's size is aimed from the last one's bytes per
-    item, at most twice as many items, and a run over ``limit`` is encoded
-    again in halves."""
+    The chunks are those of adding the items one by one to the current chunk
+    and starting a new one when the next does not fit; but items are encoded
+    a run at a time (one call of the C encoder for some 1/32 of a chunk, not
+    one per item): a run that fits whole joins the chunk, and only a run that
+    does not is placed item by item."""
     if not isinstance(items, (list, tuple)):
         items = list(items)
-    chunks, start, count = [], 0, _FIRST_RUN
+    chunks, parts, size = [], [], 2
+    start, count = 0, _FIRST_RUN
     while start < len(items):
         run = items[start:start + count]
-        text = _encode(run)
-        if len(text) > limit:
-            if len(run) == 1:
-                raise InvalidRequest("record too large to send")
-            count = len(run) // 2
-            continue
-        chunks.append(text)
         start += len(run)
-        count = max(1, min(2 * len(run), int(len(run) * limit * _AIM / len(text))))
+        joined = _encode(run)
+        # What adding its items one by one would count: each one's bytes and
+        # a comma.
+        if size + len(joined) - 1 <= limit:
+            parts.append(joined[1:-1])
+            size += len(joined) - 1
+        else:
+            for item in run:
+                text = _encode(item)
+                if len(text) + 2 > limit:
+                    raise InvalidRequest("record too large to send")
+                if parts and size + len(text) + 1 > limit:
+                    chunks.append("[" + ",".join(parts) + "]")
+                    parts, size = [], 2
+                parts.append(text)
+                size += len(text) + 1
+        per_item = max(1.0, (len(joined) - 1) / len(run))
+        count = max(1, min(2 * len(run), int(limit * _RUN_SHARE / per_item)))
+    if parts:
+        chunks.append("[" + ",".join(parts) + "]")
     return chunks
 
 
