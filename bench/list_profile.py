@@ -18,6 +18,7 @@ cumulative time). It prints figures; it asserts nothing about them.
 
 import argparse
 import cProfile
+import gc
 import io
 import pstats
 import statistics
@@ -120,17 +121,52 @@ def result(d):
     return out[0]
 
 
+class CollectorWatch:
+    """Python's garbage collections while it is on: how many, how many of
+    them of the whole heap (generation 2), and their seconds."""
+
+    def __init__(self):
+        self.runs = self.full = 0
+        self.seconds = 0.0
+        self._started = None
+        self.on = False
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase, info):
+        if not self.on:
+            return
+        if phase == "start":
+            self._started = time.perf_counter()
+        elif self._started is not None:
+            self.runs += 1
+            self.full += info["generation"] == 2
+            self.seconds += time.perf_counter() - self._started
+
+    def reset(self):
+        self.runs = self.full = 0
+        self.seconds = 0.0
+
+
+WATCH = CollectorWatch()
+
+
 def timed(function, repeats):
-    """-> (median wall seconds, median CPU seconds of this process, the last
-    value). The previous run's value is dropped before the next run."""
-    walls, cpus, value = [], [], None
+    """-> (median wall seconds, median CPU seconds of this process, the
+    median run's collections (runs, full, seconds), the last value). The
+    previous run's value is dropped before the next run."""
+    runs, value = [], None
     for _ in range(repeats):
         value = None
+        WATCH.reset()
+        WATCH.on = True
         wall, cpu = time.perf_counter(), time.process_time()
         value = function()
-        walls.append(time.perf_counter() - wall)
-        cpus.append(time.process_time() - cpu)
-    return statistics.median(walls), statistics.median(cpus), value
+        runs.append((time.perf_counter() - wall, time.process_time() - cpu,
+                     (WATCH.runs, WATCH.full, WATCH.seconds)))
+        WATCH.on = False
+    runs.sort(key=lambda run: run[0])
+    middle = runs[len(runs) // 2]
+    return (middle[0], statistics.median(run[1] for run in runs), middle[2], value)
 
 
 def main(argv=None):
@@ -140,12 +176,19 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--status", action="store_true", help="list -s (with figures)")
     parser.add_argument("--top", type=int, default=25, help="cProfile lines")
+    parser.add_argument("--heap", type=int, default=0, metavar="N",
+                        help="N more live objects in the process (small dicts), as the rest "
+                             "of a long-running controller's heap: what a full garbage "
+                             "collection goes through")
     options = parser.parse_args(argv)
 
     started = time.perf_counter()
     controller, clock = build_controller(options.vms, options.lnms)
-    print(f"{options.vms:,} VMs of {USER!r} on {options.lnms:,} LNMs, built in "
-          f"{time.perf_counter() - started:.2f} s; median of {options.repeats} runs")
+    heap = [{"n": i} for i in range(options.heap)]
+    gc.collect()
+    print(f"{options.vms:,} VMs of {USER!r} on {options.lnms:,} LNMs"
+          + (f" and {options.heap:,} more objects" if options.heap else "")
+          + f", built in {time.perf_counter() - started:.2f} s; median of {options.repeats} runs")
 
     avatar = UserPerspective(controller, USER, False, None, clock=clock, call_timeout=60)
     wire = Wire()
@@ -158,14 +201,14 @@ def main(argv=None):
     figures = []
 
     def stage(label, function):
-        wall, cpu, value = timed(function, repeats)
-        figures.append((label, wall, cpu))
+        wall, cpu, collections, value = timed(function, repeats)
+        figures.append((label, wall, cpu, collections))
         return value
 
     def show():
-        print(f"  {'':<56} {'wall':>8} {'CPU':>8}")
-        for label, wall, cpu in figures:
-            print(f"  {label:<56} {wall:8.3f} {cpu:8.3f} s")
+        print(f"  {'':<56} {'wall':>7} {'CPU':>7}   garbage collections (full), s")
+        for label, wall, cpu, (runs, full, seconds) in figures:
+            print(f"  {label:<56} {wall:7.3f} {cpu:7.3f} s {runs:5} ({full}) {seconds:6.3f} s")
         figures.clear()
 
     print("\nlist (client.list(remote=True)):")
@@ -207,6 +250,7 @@ def main(argv=None):
     out = io.StringIO()
     pstats.Stats(profile, stream=out).sort_stats("cumulative").print_stats(options.top)
     print(out.getvalue())
+    del heap
 
 
 if __name__ == "__main__":

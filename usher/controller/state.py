@@ -83,8 +83,7 @@ class VMsByName(Mapping):
     def values(self):
         """The records, as a list (not a live view): what a listing of every
         one of them reads, without a lookup through the view per name."""
-        vms = self._vms
-        return [vms[name] for name in list(self._names) if name in vms]
+        return [rec for rec in map(self._vms.get, list(self._names)) if rec is not None]
 
 
 class LNMInfo:

@@ -11,6 +11,7 @@ may see on them); an LNM named that the controller does not know is refused.
 
 import collections
 import heapq
+import itertools
 from collections.abc import Mapping
 
 from twisted.internet import defer
@@ -176,12 +177,11 @@ class Visibility:
     async def list_chunks(self, user, admin, selection, status=False):
         """``list`` as it leaves the controller: its records JSON-encoded in
         chunks (usher.records), straight from the state's records (a copy
-        only of those that differ: another user's, without args; with
-        figures)."""
+        only of those that differ from them: another user's, without args;
+        with figures)."""
         records = await self._listed(user, admin, selection)
         visible = await self._passed(user, admin, records)
-        return encode_chunks([rec for rec, _ in self._leaving(user, admin, records, visible,
-                                                              status)])
+        return encode_chunks(self._leaving(user, admin, records, visible, status, copy=False))
 
     async def _listed(self, user, admin, selection):
         """The records (the state's own) of ``selection`` that ``user`` may
@@ -216,33 +216,31 @@ class Visibility:
         await self.chains.fire_request(Event("list_request", self.api, request=request))
         return set(request.vms)
 
-    def _leaving(self, user, admin, records, visible, status, count=None):
-        """The records of ``records`` still ``visible`` (and not removed
-        meanwhile), at most ``count``, as they may leave the controller for
-        ``user``: pairs (what to send, the state's record). What to send is
-        the state's record itself when it may leave as it is, else a copy
-        (``shown``; with figures if ``status``); the state's records must not
-        be changed by the caller."""
-        sent = 0
-        for rec in records:
-            if count is not None and sent >= count:
-                return
-            if rec["name"] not in visible or rec.get("state") is None:
-                continue
-            out = rec
-            if status or (not admin and rec.get("owner") != user):
-                out = self.shown(rec, user, admin)
-                if status:
-                    out["status"] = self.monitoring.vm_status(rec["name"])
-            yield out, rec
-            sent += 1
+    def _leaving(self, user, admin, records, visible, status, count=None, copy=True):
+        """The records of ``records`` still ``visible`` and not removed
+        meanwhile (at most ``count``) as they may leave the controller for
+        ``user`` (``shown``; with figures if ``status``): copies, or with
+        ``copy`` False the state's records themselves where they leave
+        unchanged (not to be changed by the caller)."""
+        kept = (rec for rec in records if rec["name"] in visible and rec.get("state") is not None)
+        if count is not None:
+            kept = itertools.islice(kept, count)
+        if not (copy or status):
+            if admin:
+                return list(kept)
+            return [rec if rec.get("owner") == user else self.shown(rec, user, admin)
+                    for rec in kept]
+        shown = [self.shown(rec, user, admin) for rec in kept]
+        if status:
+            for rec in shown:
+                rec["status"] = self.monitoring.vm_status(rec["name"])
+        return shown
 
     async def _visible(self, user, admin, records, status, count=None):
         """``records`` through the list_request chain -> the copies that may
         leave the controller (at most ``count``; with figures if ``status``)."""
         visible = await self._passed(user, admin, records)
-        return [dict(rec) if rec is original else rec for rec, original in
-                self._leaving(user, admin, records, visible, status, count)]
+        return self._leaving(user, admin, records, visible, status, count)
 
     def list_lnm(self, user, admin, patterns=(), status=False, budget=None):
         names = sorted(self.state.lnms)
