@@ -313,6 +313,11 @@ class Selection:
         expression has scanned ``slice_chars`` characters of names, so that
         the caller may let other work run (and drop what was removed
         meanwhile), and returns what ``pick`` returns."""
+        every = self.everything or self.lnms_only
+        if every and not self.names and not self.lnms:
+            # Every record of ``records``, as it is: no name is seen twice in
+            # a mapping, and no LNM filter applies.
+            return list(records.values()), []
         chosen, unknown, seen = [], [], set()
 
         def take(rec):
@@ -327,7 +332,6 @@ class Selection:
                 unknown.append(full)
             else:
                 take(rec)
-        every = self.everything or self.lnms_only
         if self.regex is not None or self.clusters or every:
             clusters, scanned = set(self.clusters), 0
             for rec in list(records.values()):

@@ -135,8 +135,7 @@ class UserPerspective(pb.Avatar):
     @_boundary
     async def perspective_list(self, selection=None, status=False):
         # The controller parses the selection, within its limits.
-        records = await self.controller.list(self.user, self.admin, selection, bool(status))
-        return encode_chunks(records)
+        return await self.controller.list_chunks(self.user, self.admin, selection, bool(status))
 
     @_boundary
     async def perspective_list_lnm(self, patterns=(), status=False):

@@ -169,6 +169,10 @@ class Controller:
     async def list(self, user, admin, selection, status=False):
         return await self.visibility.list(user, admin, selection, status)
 
+    async def list_chunks(self, user, admin, selection, status=False):
+        """``list`` JSON-encoded in chunks, as the client boundary sends it."""
+        return await self.visibility.list_chunks(user, admin, selection, status)
+
     def list_lnm(self, user, admin, patterns=(), status=False, budget=None):
         return self.visibility.list_lnm(user, admin, patterns, status, budget)
 

@@ -80,6 +80,11 @@ class VMsByName(Mapping):
     def __len__(self):
         return sum(1 for name in self._names if name in self._vms)
 
+    def values(self):
+        """The records, as a list (not a live view): what a listing of every
+        one of them reads, without a lookup through the view per name."""
+        return [rec for rec in map(self._vms.get, list(self._names)) if rec is not None]
+
 
 class LNMInfo:
     """One connected (or remembered) LNM and its hypervisor."""

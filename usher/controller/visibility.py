@@ -11,6 +11,7 @@ may see on them); an LNM named that the controller does not know is refused.
 
 import collections
 import heapq
+import itertools
 from collections.abc import Mapping
 
 from twisted.internet import defer
@@ -19,6 +20,7 @@ from usher.controller.capacity import committed
 from usher.controller.events import Event, Request
 from usher.errors import InvalidRequest, NoSuchVM, PermissionDenied
 from usher.naming import qualify, split
+from usher.records import encode_chunks
 from usher.vmset import Budget, Selection, match_names
 
 # What an ordinary user's queries show (user_visibility): "own", their own
@@ -168,45 +170,77 @@ class Visibility:
         """The VMs of ``selection`` that ``user`` may see: an ordinary user
         sees only their own unless user_visibility is "all" (then other
         users' without args, and unmanaged VMs); list_request plugins may
-        hide more."""
+        hide more. -> copies of their records (with figures if ``status``)."""
+        return await self._visible(user, admin, await self._listed(user, admin, selection),
+                                   status)
+
+    async def list_chunks(self, user, admin, selection, status=False):
+        """``list`` as it leaves the controller: its records JSON-encoded in
+        chunks (usher.records), straight from the state's records (a copy
+        only of those that differ from them: another user's, without args;
+        with figures)."""
+        records = await self._listed(user, admin, selection)
+        visible = await self._passed(user, admin, records)
+        return encode_chunks(self._leaving(user, admin, records, visible, status, copy=False))
+
+    async def _listed(self, user, admin, selection):
+        """The records (the state's own) of ``selection`` that ``user`` may
+        see, before the list_request chain."""
         selection = self.selection(selection)       # (None: everything)
         # Right after a restart the state is still being rebuilt from the LNMs.
         await self._settled()
         everyone = self.sees_all(admin)
         if selection.names or not everyone:
-            records = await self._resolve(user, admin, selection, own=not everyone)
+            return await self._resolve(user, admin, selection, own=not everyone)
+        if selection.clusters and not (selection.regex is not None or selection.everything):
+            wanted = set(selection.clusters)
+            members = self.state.cluster_members(wanted)
+            members.update(name for name, rec in self.state.unmanaged.items()
+                           if rec.get("cluster") in wanted)
+            pool = _ScanOnly(self._everything(), members)
+        elif selection.lnms_only:
+            pool = _ScanOnly(self._everything(), self._on_lnms(selection, unmanaged=True))
         else:
-            if selection.clusters and not (selection.regex is not None or selection.everything):
-                wanted = set(selection.clusters)
-                members = self.state.cluster_members(wanted)
-                members.update(name for name, rec in self.state.unmanaged.items()
-                               if rec.get("cluster") in wanted)
-                pool = _ScanOnly(self._everything(), members)
-            elif selection.lnms_only:
-                pool = _ScanOnly(self._everything(), self._on_lnms(selection, unmanaged=True))
-            else:
-                # A copy: a regex scan lets the reactor run meanwhile.
-                pool = dict(self.state.vms)
-                pool.update(self.state.unmanaged)
-            records, _ = await self._pick(selection, pool, self.qualifier(user, admin))
-        return await self._visible(user, admin, records, status)
+            # A copy: a regex scan lets the reactor run meanwhile.
+            pool = dict(self.state.vms)
+            pool.update(self.state.unmanaged)
+        records, _ = await self._pick(selection, pool, self.qualifier(user, admin))
+        return records
+
+    async def _passed(self, user, admin, records):
+        """``records`` through the list_request chain -> the names it left
+        (a set)."""
+        names = [r["name"] for r in records]
+        request = Request("list", user, admin=admin, vms=names,
+                          records=dict(zip(names, records)))
+        await self.chains.fire_request(Event("list_request", self.api, request=request))
+        return set(request.vms)
+
+    def _leaving(self, user, admin, records, visible, status, count=None, copy=True):
+        """The records of ``records`` still ``visible`` and not removed
+        meanwhile (at most ``count``) as they may leave the controller for
+        ``user`` (``shown``; with figures if ``status``): copies, or with
+        ``copy`` False the state's records themselves where they leave
+        unchanged (not to be changed by the caller)."""
+        kept = (rec for rec in records if rec["name"] in visible and rec.get("state") is not None)
+        if count is not None:
+            kept = itertools.islice(kept, count)
+        if not (copy or status):
+            if admin:
+                return list(kept)
+            return [rec if rec.get("owner") == user else self.shown(rec, user, admin)
+                    for rec in kept]
+        shown = [self.shown(rec, user, admin) for rec in kept]
+        if status:
+            for rec in shown:
+                rec["status"] = self.monitoring.vm_status(rec["name"])
+        return shown
 
     async def _visible(self, user, admin, records, status, count=None):
         """``records`` through the list_request chain -> the copies that may
         leave the controller (at most ``count``; with figures if ``status``)."""
-        request = Request("list", user, admin=admin, vms=[r["name"] for r in records],
-                          records={r["name"]: r for r in records})
-        await self.chains.fire_request(Event("list_request", self.api, request=request))
-        visible = set(request.vms)
-        result = []
-        for rec in records:
-            if rec["name"] in visible and rec.get("state") is not None and (
-                    count is None or len(result) < count):
-                rec = self.shown(rec, user, admin)
-                if status:
-                    rec["status"] = self.monitoring.vm_status(rec["name"])
-                result.append(rec)
-        return result
+        visible = await self._passed(user, admin, records)
+        return self._leaving(user, admin, records, visible, status, count)
 
     def list_lnm(self, user, admin, patterns=(), status=False, budget=None):
         names = sorted(self.state.lnms)
