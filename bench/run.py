@@ -3,8 +3,10 @@
 A real controller process (``usherctrl``) and a fleet of real LNMs in this
 process (``usher.lnm.fleet``: each its own libvirt test host, NodeManager and
 mutual-TLS link), real clients, all on 127.0.0.1, default settings. The
-figures, in the order they are taken (see ``bench/report.py`` for targets
-and the peers' figures):
+large profile (``--scale large``) keeps 100 LNMs here and runs the others in
+``usherlnm --fleet`` processes of 500 each, as they would run on hosts of
+their own. The figures, in the order they are taken (see ``bench/report.py``
+for targets and the peers' figures):
 
 1. one ``start`` of 1,000 VMs over 100 LNMs, request sent -> every VM ``run``
    in the client's cache (median of 3 such starts), and its time relative to

@@ -442,6 +442,23 @@ def test_each_fleet_member_has_its_own_name_certificate_state_and_port(tmp_path)
     assert member_names("lnm", range(3, 5)) == ["lnm3", "lnm4"]
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_running_fleet_hands_the_interpreter_lock_over_sooner(tmp_path):
+    import sys
+
+    from twisted.internet import reactor
+
+    from usher.lnm.fleet import FLEET_SWITCH_INTERVAL
+    before = sys.getswitchinterval()
+    fleet = Fleet(fleet_config(tmp_path), reactor=reactor, cert_dir="/certs")
+    fleet.startService()
+    try:
+        assert sys.getswitchinterval() == min(before, FLEET_SWITCH_INTERVAL)
+    finally:
+        await fleet.stopService()
+    assert sys.getswitchinterval() == before
+
+
 def test_a_fleet_refuses_a_hypervisor_uri_and_a_bad_prefix(tmp_path):
     with pytest.raises(ConfigError, match="libvirt_uri"):
         Fleet(fleet_config(tmp_path, libvirt_uri="qemu:///system"), None, cert_dir="/c")

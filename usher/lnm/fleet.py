@@ -31,6 +31,7 @@ Python API (the benchmarks use it in-process)::
 
 import copy
 import os
+import sys
 
 from twisted.application import service
 from twisted.internet import defer
@@ -45,6 +46,15 @@ log = Logger()
 # Threads of the shared pool unless the caller says: libvirt's test driver
 # answers in microseconds, and Python runs one thread at a time anyway.
 DEFAULT_FLEET_THREADS = 2
+
+# The interpreter's thread switch interval while a fleet runs (Python's
+# default is 5 ms). Every member's lifecycle events come through libvirt's
+# one event thread, and its reads through the shared pool, each handing the
+# interpreter lock to and from the reactor thread: at 500 out-of-band
+# changes a second over 100 members, changes waited 0.3-1 s (median) at the
+# default and 23 ms at 0.5 ms (bench/run.py figure 6, large profile). On
+# hosts of their own, LNMs do not share one interpreter.
+FLEET_SWITCH_INTERVAL = 0.0005
 
 
 def member_names(prefix, numbers):
@@ -75,6 +85,7 @@ class Fleet(service.Service):
                                maxthreads=threads or DEFAULT_FLEET_THREADS,
                                name="usherlnm-fleet")
         self.members = {}       # name -> LNMService, in the order they were added
+        self._switch_interval = None     # the interpreter's, while the fleet runs
 
     def member_config(self, name, overrides=None):
         """The configuration of member ``name``: the fleet's, with its own
@@ -137,6 +148,8 @@ class Fleet(service.Service):
 
     def startService(self):
         super().startService()
+        self._switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(self._switch_interval, FLEET_SWITCH_INTERVAL))
         log.warn("fleet {prefix}*: every member runs an embedded libvirt TEST host (simulated: "
                  "its VMs run nothing)", prefix=self.prefix)
         self.pool.start()
@@ -152,3 +165,6 @@ class Fleet(service.Service):
                                   if m.running], consumeErrors=True)
         # Joins the workers: nothing submits work any more.
         self.pool.stop()
+        if self._switch_interval is not None:
+            sys.setswitchinterval(self._switch_interval)
+            self._switch_interval = None
