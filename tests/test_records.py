@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 from usher import records as records_module
 from usher.errors import InvalidRequest
-from usher.records import (CHUNK_BYTES, decode_chunks, decode_object, decode_records,
-                           encode_chunks, encode_object)
+from usher.records import (CHUNK_BYTES, chunk_texts, decode_chunks, decode_object,
+                           decode_records, encode_chunks, encode_object)
 
 
 def test_chunks_and_objects_round_trip():
@@ -62,21 +62,9 @@ def test_a_record_naming_its_lnm_by_the_old_key_is_read():
 # -- chunks encoded a run at a time (issue 16) ------------------------------------------
 
 def _one_by_one(items, limit):
-    """encode_chunks as it was: each item encoded alone and added to the
-    current chunk, a new one started when the next does not fit."""
-    chunks, current, size = [], [], 2
-    for item in items:
-        text = json.dumps(item, separators=(",", ":"))
-        if len(text) + 2 > limit:
-            raise InvalidRequest("record too large to send")
-        if current and size + len(text) + 1 > limit:
-            chunks.append("[" + ",".join(current) + "]")
-            current, size = [], 2
-        current.append(text)
-        size += len(text) + 1
-    if current:
-        chunks.append("[" + ",".join(current) + "]")
-    return chunks
+    """encode_chunks as it was: each item encoded alone (json.dumps) and
+    added to the current chunk, a new one started when the next does not fit."""
+    return chunk_texts([json.dumps(item, separators=(",", ":")) for item in items], limit)
 
 
 _items = st.lists(st.one_of(

@@ -41,21 +41,48 @@ def encode_item(item):
     return _encode(item)
 
 
+class _Chunks:
+    """Chunks being filled: texts added one by one, a new chunk begun when
+    the next does not fit (what peers expect: they cap a message's chunks)."""
+
+    __slots__ = ("limit", "chunks", "parts", "size")
+
+    def __init__(self, limit):
+        self.limit = limit
+        self.chunks, self.parts, self.size = [], [], 2
+
+    def add(self, text):
+        if len(text) + 2 > self.limit:
+            raise InvalidRequest("record too large to send")
+        if self.parts and self.size + len(text) + 1 > self.limit:
+            self.chunks.append("[" + ",".join(self.parts) + "]")
+            self.parts, self.size = [], 2
+        self.parts.append(text)
+        self.size += len(text) + 1
+
+    def add_run(self, joined):
+        """A JSON array of several items, whole, if it fits in the current
+        chunk (as adding its items one by one would) -> whether it did."""
+        if self.size + len(joined) - 1 > self.limit:
+            return False
+        self.parts.append(joined[1:-1])
+        self.size += len(joined) - 1
+        return True
+
+    def done(self):
+        if self.parts:
+            self.chunks.append("[" + ",".join(self.parts) + "]")
+            self.parts = []
+        return self.chunks
+
+
 def chunk_texts(texts, limit=CHUNK_BYTES):
     """Items already encoded (``encode_item``) -> the chunks encode_chunks
-    makes of the items (one by one, a new chunk when the next does not fit)."""
-    chunks, current, size = [], [], 2
+    makes of the items."""
+    chunks = _Chunks(limit)
     for text in texts:
-        if len(text) + 2 > limit:
-            raise InvalidRequest("record too large to send")
-        if current and size + len(text) + 1 > limit:
-            chunks.append("[" + ",".join(current) + "]")
-            current, size = [], 2
-        current.append(text)
-        size += len(text) + 1
-    if current:
-        chunks.append("[" + ",".join(current) + "]")
-    return chunks
+        chunks.add(text)
+    return chunks.done()
 
 
 def encode_chunks(items, limit=CHUNK_BYTES):
@@ -69,32 +96,18 @@ def encode_chunks(items, limit=CHUNK_BYTES):
     does not is placed item by item."""
     if not isinstance(items, (list, tuple)):
         items = list(items)
-    chunks, parts, size = [], [], 2
+    chunks = _Chunks(limit)
     start, count = 0, _FIRST_RUN
     while start < len(items):
         run = items[start:start + count]
         start += len(run)
         joined = _encode(run)
-        # What adding its items one by one would count: each one's bytes and
-        # a comma.
-        if size + len(joined) - 1 <= limit:
-            parts.append(joined[1:-1])
-            size += len(joined) - 1
-        else:
+        if not chunks.add_run(joined):
             for item in run:
-                text = _encode(item)
-                if len(text) + 2 > limit:
-                    raise InvalidRequest("record too large to send")
-                if parts and size + len(text) + 1 > limit:
-                    chunks.append("[" + ",".join(parts) + "]")
-                    parts, size = [], 2
-                parts.append(text)
-                size += len(text) + 1
+                chunks.add(_encode(item))
         per_item = max(1.0, (len(joined) - 1) / len(run))
         count = max(1, min(2 * len(run), int(limit * _RUN_SHARE / per_item)))
-    if parts:
-        chunks.append("[" + ",".join(parts) + "]")
-    return chunks
+    return chunks.done()
 
 
 def _load(text, what, kind):
