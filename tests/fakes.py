@@ -15,6 +15,7 @@ import copy
 import uuid as uuidlib
 
 from twisted.internet import defer
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from usher import states
@@ -326,3 +327,17 @@ class FakeMonitoring:
 
     def vm_load(self, name):
         return self._Load(self.age) if name in self.vms else None
+
+
+def result_of(coroutine_or_deferred):
+    """The result of work that must already have finished (in-memory fakes
+    answer at once): raised if it failed, AssertionError if it has not."""
+    d = coroutine_or_deferred
+    if not isinstance(d, defer.Deferred):
+        d = defer.Deferred.fromCoroutine(d)
+    results = []
+    d.addBoth(results.append)
+    assert results, "still waiting"
+    if isinstance(results[0], Failure):
+        results[0].raiseException()
+    return results[0]

@@ -10,7 +10,6 @@ import copy
 import pytest
 import pytest_twisted
 from twisted.internet import defer, task
-from twisted.python.failure import Failure
 
 from usher import states
 from usher.config import load_plugin_config
@@ -22,6 +21,8 @@ from usher.errors import Rejected
 from usher.records import decode_records
 from usher.settings import default_plugin_registrations
 from usher.vmset import Selection
+
+from tests.fakes import result_of
 
 DOMAIN = "usher.test"
 
@@ -51,25 +52,17 @@ def build(user_visibility="own"):
     return controller
 
 
-def fired(d):
-    """The result of a Deferred that has fired (raised if it failed)."""
-    out = []
-    d.addBoth(out.append)
-    assert out, "no answer"
-    if isinstance(out[0], Failure):
-        out[0].raiseException()
-    return out[0]
 
 
 def wire_list(controller, user, admin, selection=None, status=False):
     """What a client gets from ``list`` (the PB boundary's answer, decoded)."""
     avatar = UserPerspective(controller, user, admin, None, clock=controller.clock,
                              call_timeout=10)
-    return decode_records(fired(avatar.perspective_list(selection, status)))
+    return decode_records(result_of(avatar.perspective_list(selection, status)))
 
 
 def dict_list(controller, user, admin, selection=None, status=False):
-    return fired(defer.ensureDeferred(controller.list(user, admin, selection, status)))
+    return result_of(defer.ensureDeferred(controller.list(user, admin, selection, status)))
 
 
 SELECTIONS = [None, {"everything": True}, [full("1.web", "alice"), full("4.web", "bob")],

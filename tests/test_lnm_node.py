@@ -7,7 +7,6 @@ driving scans and flushes.
 import pytest
 import pytest_twisted
 from twisted.internet import defer, task
-from twisted.python.failure import Failure
 
 from usher import states
 from usher.errors import (InvalidRequest, MigrationUnsupported, NoSuchVM, OperationFailed,
@@ -15,26 +14,13 @@ from usher.errors import (InvalidRequest, MigrationUnsupported, NoSuchVM, Operat
 from usher.lnm.node import NodeManager
 from usher.protocol import REPORT_BATCH
 
-from tests.fakes import VM, FakeVMM, HeldReporter, RecordingReporter, echo_acks, record
+from tests.fakes import (VM, FakeVMM, HeldReporter, RecordingReporter, echo_acks, record,
+                         result_of)
 
 # -- helpers ----------------------------------------------------------------------
 
 SCAN = 10.0
 REPORT = 0.5
-
-
-def result_of(coroutine_or_deferred):
-    """The result of work that must already have finished (everything here is
-    synchronous unless a FakeVMM call is held)."""
-    d = coroutine_or_deferred
-    if not isinstance(d, defer.Deferred):
-        d = defer.Deferred.fromCoroutine(d)
-    results = []
-    d.addBoth(results.append)
-    assert results, "still waiting"
-    if isinstance(results[0], Failure):
-        results[0].raiseException()
-    return results[0]
 
 
 def pending(coroutine):
