@@ -370,3 +370,14 @@ def test_usherlnm_refuses_an_invalid_configuration(tmp_path, capsys, text, messa
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1
     assert err.startswith("usherlnm: configuration error:") and message in err
+
+
+def test_reconnecting_retries_soon_a_few_times_then_backs_off():
+    from usher.lnm.link import QUICK_RETRIES, reconnect_policy
+    policy = reconnect_policy(1.0, 30.0, jitter=lambda: 0.0)
+    delays = [policy(attempt) for attempt in range(1, 11)]
+    assert delays[:QUICK_RETRIES] == [1.0] * QUICK_RETRIES
+    assert delays[QUICK_RETRIES:] == [2.0, 4.0, 8.0, 16.0, 30.0]
+    assert policy(10 ** 6) == 30.0
+    jittered = reconnect_policy(1.0, 30.0)
+    assert all(1.0 <= jittered(1) < 2.0 for _ in range(100))
