@@ -144,7 +144,8 @@ def main(argv=None):
         print("(this controller takes full reports only)", file=sys.stderr)
     results = {}
     print(f"{args.lnms} LNMs x {args.vms} VMs, median of {args.rounds} rounds")
-    print(f"{'report':<22} {'µs/report':>10} {'µs/VM':>8} {'CPU at ' + str(args.interval) + ' s':>14}")
+    cpu = f"CPU at {args.interval:g} s"
+    print(f"{'report':<22} {'µs/report':>10} {'µs/VM':>8} {cpu:>14}")
 
     def line(label, us):
         share = us * args.lnms / (args.interval * 1e6) * 100

@@ -6,10 +6,10 @@ Each LNM reports every ``status_report_interval`` seconds the 1/5/15-minute
 averages of its node and of every VM it runs (``usher.protocol``,
 Monitoring); since issue 16 mostly as deltas: the VMs whose figures changed
 in full, the others named as kept (``usher.protocol``, report_status), so
-that an idle fleet costs little more than its node figures. ``Monitoring`` keeps the latest figures per LNM and per VM and a
-short history of the 1-minute averages, and answers clients (``list -s``,
-``list_lnm -s``, ``top``), plugins (``PluginAPI.monitoring``) and the
-Prometheus exporter.
+that an idle fleet costs little more than its node figures. ``Monitoring``
+keeps the latest figures per LNM and per VM and a short history of the
+1-minute averages, and answers clients (``list -s``, ``list_lnm -s``,
+``top``), plugins (``PluginAPI.monitoring``) and the Prometheus exporter.
 
 Memory stays bounded and small at the scale Usher targets (10,000 VMs on 500
 LNMs): the latest figures of a VM are one array of 18 doubles (6 figures x 3
