@@ -210,15 +210,18 @@ class History:
 class _Entry:
     """The latest figures of a VM or an LNM (replaced whole on each report)."""
 
-    __slots__ = ("lnm", "received_at", "sampled_at", "source", "values", "extra")
+    __slots__ = ("lnm", "received_at", "sampled_at", "source", "values", "extra",
+                 "history")
 
-    def __init__(self, lnm, received_at, sampled_at, source, values, extra=None):
+    def __init__(self, lnm, received_at, sampled_at, source, values, extra=None,
+                 history=None):
         self.lnm = lnm
         self.received_at = received_at
         self.sampled_at = sampled_at
         self.source = source
         self.values = values
         self.extra = extra
+        self.history = history      # a VM's History (the Monitoring's too), or None
 
 
 class Monitoring:
@@ -287,13 +290,13 @@ class Monitoring:
         extra["sample_interval"] = float(interval) if _number(interval) else None
         node_entry = _Entry(lnm, now, _sampled_at(node), _source(node, f"node {lnm}"),
                             node_values, extra)
-        placed_on = self._placed_on
+        placed_here = self._placed_here(lnm)
         entries = {}
         for vm in vms:
             name = vm.get("name") if isinstance(vm, dict) else None
             # A name the state places here was checked when its record was
             # made; any other is checked now (it may still be refused below).
-            if type(name) is str and placed_on(name, lnm):
+            if type(name) is str and placed_here(name):
                 here = True
             elif is_host_vm_name(name):
                 here = False
@@ -323,18 +326,19 @@ class Monitoring:
                 if resend is not None:
                     resend.append(name)
                 continue
+            entry.history = self._history(self._vm_histories, name, self.vm_history, now,
+                                          entry.values)
             self._vms[name] = entry
             held.add(name)
-            self._history(self._vm_histories, name, self.vm_history, now, entry.values)
         if kept:
-            self._keep(lnm, kept, now, node_entry, previous, held, resend)
+            self._keep(lnm, kept, now, node_entry, previous, held, resend, placed_here)
         for name in self._by_lnm.get(lnm, set()) - held:
             self._drop_vm(name, lnm)
         self._by_lnm[lnm] = held
         self.reports += 1
         return len(held)
 
-    def _keep(self, lnm, kept, now, node_entry, previous, held, resend):
+    def _keep(self, lnm, kept, now, node_entry, previous, held, resend, placed_here):
         """Refresh the figures of the kept VMs held from ``lnm`` and placed
         on it; the others go to ``resend``. A VM's ``sampled_at`` moves
         with the node's (it was unchanged relative to it). Every VM of an
@@ -344,41 +348,60 @@ class Monitoring:
                 and node_entry.sampled_at is not None):
             shift = node_entry.sampled_at - previous.sampled_at
         vms = self._vms
-        managed, unmanaged = self.state.vms, self.state.unmanaged
+        info = self.state.lnms.get(lnm)
+        placed = info.vms if info is not None else ()
         capacity, interval = self.vm_history, self.history_interval
-        histories = self._vm_histories
         for name in kept:
             entry = vms.get(name)
-            if entry is not None and entry.lnm == lnm:
-                record = managed.get(name) or unmanaged.get(name)
-                if record is not None and record.get("lnm") == lnm:
-                    sampled_at = entry.sampled_at
-                    if sampled_at is not None and shift is not None:
-                        sampled_at += shift
-                    values = entry.values
-                    vms[name] = _Entry(lnm, now, sampled_at, entry.source, values)
-                    held.add(name)
-                    if capacity:
-                        history = histories.get(name)
-                        if history is None:
-                            history = histories[name] = History(capacity, interval)
-                        if now - history.last >= interval:
-                            history.add(now, values)
-                    continue
+            if entry is not None and entry.lnm == lnm and (name in placed
+                                                           or placed_here(name)):
+                sampled_at = entry.sampled_at
+                if sampled_at is not None and shift is not None:
+                    sampled_at += shift
+                values, history = entry.values, entry.history
+                if history is None and capacity:
+                    history = self._vm_histories.get(name)
+                    if history is None:
+                        history = self._vm_histories[name] = History(capacity, interval)
+                if history is not None and now - history.last >= interval:
+                    history.add(now, values)
+                vms[name] = _Entry(lnm, now, sampled_at, entry.source, values, None,
+                                   history)
+                held.add(name)
+                continue
             if resend is not None:
                 resend.append(name)
+
+    def _placed_here(self, lnm):
+        """-> whether(name) the state places a VM of that name on ``lnm``.
+        The LNM's index of its VMs (LNMInfo.vms, .unmanaged) answers first;
+        what it does not know, the records (``_placed_on``)."""
+        state = self.state
+        info = state.lnms.get(lnm)
+        if info is None:
+            return lambda name: self._placed_on(name, lnm)
+        managed, here, unmanaged_here = state.vms, info.vms, info.unmanaged
+        placed_on = self._placed_on
+
+        def placed_here(name):
+            return (name in here or (name in unmanaged_here and name not in managed)
+                    or placed_on(name, lnm))
+
+        return placed_here
 
     def _placed_on(self, name, lnm):
         record = self.state.vms.get(name) or self.state.unmanaged.get(name)
         return record is not None and record.get("lnm") == lnm
 
     def _history(self, histories, key, capacity, now, values):
+        """Add to ``key``'s history -> it (None without history)."""
         if not capacity:
-            return
+            return None
         history = histories.get(key)
         if history is None:
             history = histories[key] = History(capacity, self.history_interval)
         history.add(now, values)
+        return history
 
     def _drop_vm(self, name, lnm=None):
         entry = self._vms.get(name)
