@@ -472,3 +472,11 @@ def test_status_deltas_while_a_report_is_in_flight():
     assert deltas.acked == {"a.x": pending["a.x"]}
     with pytest.raises(ValueError):
         StatusDeltas(full_every=0)
+
+
+def test_the_status_reports_bench_runs_at_toy_scale(capsys):
+    from bench import status_reports
+    status_reports.main(["--lnms", "3", "--vms", "4", "--rounds", "1"])
+    out = capsys.readouterr().out
+    for label in ("full", "delta, idle", "delta, 1 changed", "cycle (1 full in 4)"):
+        assert label in out
