@@ -348,7 +348,7 @@ class _BrokenController:
     def lnm_report(self, lnm, changes):
         raise RuntimeError("report bug")
 
-    def lnm_status_report(self, lnm, node, vms):
+    def lnm_status_report(self, lnm, node, vms, kept=()):
         raise RuntimeError("status bug")
 
     def lnm_refused(self, lnm, what, error):

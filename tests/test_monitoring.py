@@ -372,7 +372,7 @@ def test_report_status_over_pb_reaches_the_controller():
     defer.Deferred.fromCoroutine(reporter.report_status(
         node_report(), [vm_report(name)])).addBoth(results.append)
     pump.flush()
-    assert results == [True]
+    assert results == [{"resend": []}]
     assert controller.monitoring.vm_status(name)["cpu"] == [50.0, 40.0, 30.0]
     assert controller.monitoring.lnm_status("lnm1")["vms"] == 2
 

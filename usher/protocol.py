@@ -110,11 +110,41 @@ and the LNM reports through ``reporter``::
         "memory_mib", "vcpus", "metadata"}; the reply holds the controller's
         updated records for the VMs it manages — the acknowledgment of the
         paper: the LNM updates its cached objects from it.
-    report_status(node: json object, vms: [json chunk]) -> True
+    report_status(node: json object, vms: [json chunk][, kept: [json chunk]])
+            -> {"resend": [vm name]}   (True from a controller before 2026-12)
         the latest figures of the node (one JSON-encoded object: banana
         decodes a nested dict item by item, far slower than json) and of
-        every VM it samples (all of them: a VM absent from a report has no
+        every VM it samples (a VM neither in ``vms`` nor in ``kept`` has no
         figures any more); sent every ``status_report_interval`` seconds.
+
+        Deltas (since 2026-12, issue 16). ``kept``: JSON chunks of VM names
+        (strings of 1 to MAX_NAME characters, no repeats, none also in
+        ``vms``; ``vms`` and ``kept`` together at most as many as a report
+        may hold VMs, the controller's ``lnm_max_vms``): VMs whose figures,
+        ``source``, ``state`` and ``sampled_at`` relative to the node's
+        ``sampled_at`` are unchanged since the last report the controller
+        acknowledged on this connection. The controller keeps their figures,
+        refreshing their age and moving their ``sampled_at`` with the
+        node's. Anything else in ``kept`` -> the report refused whole
+        (InvalidRequest), nothing changed. Without ``kept`` (an older LNM),
+        the report is full, as before.
+
+        The answer: ``{"resend": [names]}``, the VMs of this report whose
+        figures the controller does not hold: kept names it could not keep
+        (it has no figures of that VM from this LNM, e.g. after its restart,
+        or the state does not place the VM on this LNM, whose figures then
+        stay untouched) and VMs sent whose figures it did not take (not
+        placed there). The LNM sends those in full next time. A report is
+        acknowledged when its answer arrives: what it carried (minus
+        ``resend``) is then what the controller holds.
+
+        The LNM (usher.lnm.monitor) sends ``kept`` only on a connection whose
+        controller answered a dict; the first report after each (re)attach
+        is full, as is every ``FULL_REPORT_EVERY``-th (4: once a minute at
+        the default interval, so that whatever went wrong heals by itself),
+        the one after a report that failed, and any while another is still
+        unanswered. A controller that answers True (older) gets full
+        reports only.
     ping() -> True
         (the LNM pings with a broker-level heartbeat instead: see
         usher.liveness.HeardBroker)

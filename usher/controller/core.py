@@ -207,8 +207,8 @@ class Controller:
     def lnm_report(self, lnm, changes):
         return self.inventory.report(lnm, changes)
 
-    def lnm_status_report(self, lnm, node, vms):
-        return self.inventory.status_report(lnm, node, vms)
+    def lnm_status_report(self, lnm, node, vms, kept=()):
+        return self.inventory.status_report(lnm, node, vms, kept)
 
     def lnm_refused(self, lnm, what, error):
         self.inventory.refused(lnm, what, error)

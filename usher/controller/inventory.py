@@ -249,11 +249,14 @@ class LNMInventory:
         observation.complained(lnm, complaints)
         return acks
 
-    def status_report(self, lnm, node, vms):
-        """An LNM's monitoring figures (usher.protocol, Monitoring)."""
+    def status_report(self, lnm, node, vms, kept=()):
+        """An LNM's monitoring figures (usher.protocol, Monitoring and
+        report_status) -> the names it should send in full next time."""
         if not self.connected(lnm):
             raise NoSuchLNM(f"LNM {lnm} is not attached")
-        return self.monitoring.report(lnm, node, vms)
+        resend = []
+        self.monitoring.report(lnm, node, vms, kept, resend)
+        return resend
 
     def refused(self, lnm, what, error):
         """The PB boundary refused what ``lnm`` sent (usher.controller.lnm_input)."""

@@ -325,3 +325,34 @@ def check_status_size(vms_chunks, limits):
                              f"the {limits.max_vms} allowed")
     return vms
 
+
+
+def are_names(names):
+    """Whether every item of the list ``names`` is a string of 1 to MAX_NAME
+    characters (at C speed: a kept list names every VM of every LNM on each
+    report)."""
+    try:
+        "".join(names)              # TypeError unless every item is a str
+    except TypeError:
+        return False
+    return not names or (min(map(len, names)) > 0 and max(map(len, names)) <= MAX_NAME)
+
+
+def check_status_kept(kept_chunks, limits, sent=0):
+    """A status report's kept names (usher.protocol, report_status) -> the
+    names: strings of 1 to MAX_NAME characters, no repeats, at most
+    ``max_vms`` with the ``sent`` VMs' figures. None (an older LNM) -> ().
+    The names are not otherwise checked: the controller keeps figures only
+    of VMs its state places on the reporting LNM."""
+    if kept_chunks is None:
+        return ()
+    names = decode_bounded(kept_chunks, limits.bulk_chunks, "a status report's kept names")
+    if len(names) + sent > limits.max_vms:
+        raise InvalidRequest(f"a status report names {sent} VMs' figures and {len(names)} "
+                             f"kept, more than the {limits.max_vms} allowed")
+    if not are_names(names):
+        raise InvalidRequest("a status report's kept names must be strings of 1 to "
+                             f"{MAX_NAME} characters")
+    if len(set(names)) != len(names):
+        raise InvalidRequest("a status report names a kept VM twice")
+    return names

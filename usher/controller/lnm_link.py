@@ -175,15 +175,20 @@ class NodeReporter(pb.Referenceable):
         return encode_chunks(controller.lnm_report(self.name, changes))
 
     @_reporting
-    def remote_report_status(self, node, chunks):
-        """The LNM's monitoring figures (usher.protocol, Monitoring)."""
+    def remote_report_status(self, node, chunks, kept=None):
+        """The LNM's monitoring figures (usher.protocol, Monitoring and
+        report_status): ``kept`` (JSON chunks of names) from an LNM that
+        sends deltas, None from an older one -> {"resend": [names]}."""
+        limits = self.controller.lnm_limits
         try:
-            vms = lnm_input.check_status_size(chunks, self.controller.lnm_limits)
-            self.controller.lnm_status_report(self.name, decode_object(node), vms)
+            vms = lnm_input.check_status_size(chunks, limits)
+            kept = lnm_input.check_status_kept(kept, limits, len(vms))
+            resend = self.controller.lnm_status_report(self.name, decode_object(node), vms,
+                                                       kept)
         except InvalidRequest as e:
             self.controller.lnm_refused(self.name, "status report", e)
             raise
-        return True
+        return {"resend": resend}
 
     def remote_ping(self):
         return defer.succeed(True)

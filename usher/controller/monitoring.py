@@ -4,10 +4,12 @@ managers into a format accessible by the rest of the system").
 
 Each LNM reports every ``status_report_interval`` seconds the 1/5/15-minute
 averages of its node and of every VM it runs (``usher.protocol``,
-Monitoring). ``Monitoring`` keeps the latest figures per LNM and per VM and a
-short history of the 1-minute averages, and answers clients (``list -s``,
-``list_lnm -s``, ``top``), plugins (``PluginAPI.monitoring``) and the
-Prometheus exporter.
+Monitoring); since issue 16 mostly as deltas: the VMs whose figures changed
+in full, the others named as kept (``usher.protocol``, report_status), so
+that an idle fleet costs little more than its node figures. ``Monitoring``
+keeps the latest figures per LNM and per VM and a short history of the
+1-minute averages, and answers clients (``list -s``, ``list_lnm -s``,
+``top``), plugins (``PluginAPI.monitoring``) and the Prometheus exporter.
 
 Memory stays bounded and small at the scale Usher targets (10,000 VMs on 500
 LNMs): the latest figures of a VM are one array of 18 doubles (6 figures x 3
@@ -37,9 +39,9 @@ from collections import namedtuple
 
 from twisted.logger import Logger
 
-from usher.controller.lnm_input import MAX_COUNT, MAX_FIGURE, is_figure
+from usher.controller.lnm_input import MAX_COUNT, MAX_FIGURE, are_names, is_figure
 from usher.errors import InvalidRequest
-from usher.naming import is_host_vm_name
+from usher.naming import MAX_NAME, is_host_vm_name
 from usher.protocol import AVERAGE_WINDOWS, FIGURES, MAX_REQUEST_NAMES
 
 log = Logger()
@@ -157,7 +159,7 @@ class History:
     """A ring of timed rows of the 1-minute averages (float32, NaN where
     unavailable), at most one row per ``interval`` seconds."""
 
-    __slots__ = ("times", "values", "start", "count", "interval")
+    __slots__ = ("times", "values", "start", "count", "interval", "last")
 
     def __init__(self, capacity, interval):
         self.times = array("d", [0.0]) * capacity
@@ -165,6 +167,7 @@ class History:
         self.start = 0
         self.count = 0
         self.interval = interval
+        self.last = -math.inf        # the time of the latest row
 
     @property
     def capacity(self):
@@ -173,13 +176,12 @@ class History:
     def add(self, now, packed):
         """Append the 1-minute averages of ``packed`` unless the last row is
         younger than ``interval``."""
-        capacity = self.capacity
+        if now - self.last < self.interval:
+            return
+        capacity = len(self.times)
         if not capacity:
             return
-        if self.count:
-            last = self.times[(self.start + self.count - 1) % capacity]
-            if now - last < self.interval:
-                return
+        self.last = now
         if self.count < capacity:
             slot = (self.start + self.count) % capacity
             self.count += 1
@@ -208,15 +210,18 @@ class History:
 class _Entry:
     """The latest figures of a VM or an LNM (replaced whole on each report)."""
 
-    __slots__ = ("lnm", "received_at", "sampled_at", "source", "values", "extra")
+    __slots__ = ("lnm", "received_at", "sampled_at", "source", "values", "extra",
+                 "history")
 
-    def __init__(self, lnm, received_at, sampled_at, source, values, extra=None):
+    def __init__(self, lnm, received_at, sampled_at, source, values, extra=None,
+                 history=None):
         self.lnm = lnm
         self.received_at = received_at
         self.sampled_at = sampled_at
         self.source = source
         self.values = values
         self.extra = extra
+        self.history = history      # a VM's History (the Monitoring's too), or None
 
 
 class Monitoring:
@@ -247,15 +252,25 @@ class Monitoring:
 
     # -- reports ---------------------------------------------------------------
 
-    def report(self, lnm, node, vms):
-        """An LNM's status report: its node's figures (dict) and its VMs'
-        (list of dicts). All or nothing: a malformed report changes nothing
-        and raises InvalidRequest. -> how many VMs' figures were kept."""
+    def report(self, lnm, node, vms, kept=(), resend=None):
+        """An LNM's status report: its node's figures (dict), its VMs' (list
+        of dicts) and ``kept``, the names of the VMs whose figures are
+        unchanged since its last acknowledged report (usher.protocol,
+        report_status). All or nothing: a malformed report changes nothing
+        and raises InvalidRequest. The names of this report's VMs whose
+        figures the controller does not hold after it (kept names it cannot
+        keep, figures it did not take) are appended to ``resend`` (a list),
+        if given. -> how many VMs' figures are held."""
         if not isinstance(node, dict):
             raise InvalidRequest(f"status report from {lnm}: node figures must be a dict")
         if not isinstance(vms, (list, tuple)) or len(vms) > MAX_REQUEST_NAMES:
             raise InvalidRequest(f"status report from {lnm}: VM figures must be a list of "
                                  f"at most {MAX_REQUEST_NAMES}")
+        if kept is None:
+            kept = ()
+        if not isinstance(kept, (list, tuple)) or len(vms) + len(kept) > MAX_REQUEST_NAMES:
+            raise InvalidRequest(f"status report from {lnm}: kept VMs must be a list, with "
+                                 f"the VM figures at most {MAX_REQUEST_NAMES}")
         now = self.clock.seconds()
         node_values = pack_figures(node, f"status report from {lnm}")
         extra = {}
@@ -275,45 +290,118 @@ class Monitoring:
         extra["sample_interval"] = float(interval) if _number(interval) else None
         node_entry = _Entry(lnm, now, _sampled_at(node), _source(node, f"node {lnm}"),
                             node_values, extra)
+        placed_here = self._placed_here(lnm)
         entries = {}
         for vm in vms:
             name = vm.get("name") if isinstance(vm, dict) else None
-            if not is_host_vm_name(name):
+            # A name the state places here was checked when its record was
+            # made; any other is checked now (it may still be refused below).
+            if type(name) is str and placed_here(name):
+                here = True
+            elif is_host_vm_name(name):
+                here = False
+            else:
                 raise InvalidRequest(f"status report from {lnm}: a VM's figures without "
                                      "a valid name")
             try:
-                entries[name] = _Entry(lnm, now, _sampled_at(vm), _source(vm),
-                                       pack_figures(vm))
+                entries[name] = (here, _Entry(lnm, now, _sampled_at(vm), _source(vm),
+                                              pack_figures(vm)))
             except InvalidRequest as e:
                 raise InvalidRequest(f"status report from {lnm}, VM {name}: {e}") from None
+        if kept:
+            if not are_names(kept):
+                raise InvalidRequest(f"status report from {lnm}: kept VMs must be named "
+                                     f"by strings of 1 to {MAX_NAME} characters")
+            if len(set(kept)) != len(kept) or not entries.keys().isdisjoint(kept):
+                raise InvalidRequest(f"status report from {lnm}: a VM is named twice "
+                                     "(kept, or kept and sent)")
         # Checked: now apply.
+        previous = self._lnms.get(lnm)
         self._lnms[lnm] = node_entry
         self._history(self._lnm_histories, lnm, self.lnm_history, now, node_values)
-        kept = set()
-        for name, entry in entries.items():
-            if not self._placed_on(name, lnm):
+        held = set()
+        for name, (here, entry) in entries.items():
+            if not here:
                 self.ignored_vms += 1
+                if resend is not None:
+                    resend.append(name)
                 continue
+            entry.history = self._history(self._vm_histories, name, self.vm_history, now,
+                                          entry.values)
             self._vms[name] = entry
-            kept.add(name)
-            self._history(self._vm_histories, name, self.vm_history, now, entry.values)
-        for name in self._by_lnm.get(lnm, set()) - kept:
+            held.add(name)
+        if kept:
+            self._keep(lnm, kept, now, node_entry, previous, held, resend, placed_here)
+        for name in self._by_lnm.get(lnm, set()) - held:
             self._drop_vm(name, lnm)
-        self._by_lnm[lnm] = kept
+        self._by_lnm[lnm] = held
         self.reports += 1
-        return len(kept)
+        return len(held)
+
+    def _keep(self, lnm, kept, now, node_entry, previous, held, resend, placed_here):
+        """Refresh the figures of the kept VMs held from ``lnm`` and placed
+        on it; the others go to ``resend``. A VM's ``sampled_at`` moves
+        with the node's (it was unchanged relative to it). Every VM of an
+        idle fleet comes through here on each report, hence the inlining."""
+        shift = None
+        if (previous is not None and previous.sampled_at is not None
+                and node_entry.sampled_at is not None):
+            shift = node_entry.sampled_at - previous.sampled_at
+        vms = self._vms
+        info = self.state.lnms.get(lnm)
+        placed = info.vms if info is not None else ()
+        capacity, interval = self.vm_history, self.history_interval
+        for name in kept:
+            entry = vms.get(name)
+            if entry is not None and entry.lnm == lnm and (name in placed
+                                                           or placed_here(name)):
+                sampled_at = entry.sampled_at
+                if sampled_at is not None and shift is not None:
+                    sampled_at += shift
+                values, history = entry.values, entry.history
+                if history is None and capacity:
+                    history = self._vm_histories.get(name)
+                    if history is None:
+                        history = self._vm_histories[name] = History(capacity, interval)
+                if history is not None and now - history.last >= interval:
+                    history.add(now, values)
+                vms[name] = _Entry(lnm, now, sampled_at, entry.source, values, None,
+                                   history)
+                held.add(name)
+                continue
+            if resend is not None:
+                resend.append(name)
+
+    def _placed_here(self, lnm):
+        """-> whether(name) the state places a VM of that name on ``lnm``.
+        The LNM's index of its VMs (LNMInfo.vms, .unmanaged) answers first;
+        what it does not know, the records (``_placed_on``)."""
+        state = self.state
+        info = state.lnms.get(lnm)
+        if info is None:
+            return lambda name: self._placed_on(name, lnm)
+        managed, here, unmanaged_here = state.vms, info.vms, info.unmanaged
+        placed_on = self._placed_on
+
+        def placed_here(name):
+            return (name in here or (name in unmanaged_here and name not in managed)
+                    or placed_on(name, lnm))
+
+        return placed_here
 
     def _placed_on(self, name, lnm):
         record = self.state.vms.get(name) or self.state.unmanaged.get(name)
         return record is not None and record.get("lnm") == lnm
 
     def _history(self, histories, key, capacity, now, values):
+        """Add to ``key``'s history -> it (None without history)."""
         if not capacity:
-            return
+            return None
         history = histories.get(key)
         if history is None:
             history = histories[key] = History(capacity, self.history_interval)
         history.add(now, values)
+        return history
 
     def _drop_vm(self, name, lnm=None):
         entry = self._vms.get(name)

@@ -80,11 +80,16 @@ class RemoteReporter:
                            timeout=self.timeout, clock=self.clock)
         return records.decode_records(reply)
 
-    async def report_status(self, node, vms):
+    async def report_status(self, node, vms, kept=None):
         """The monitor's figures: the node's as one JSON object, the VMs' as
-        JSON chunks (usher.protocol, Monitoring)."""
-        return await call(self.remote, "report_status", records.encode_object(node),
-                          records.encode_chunks(vms), timeout=self.timeout, clock=self.clock)
+        JSON chunks, and the names of the VMs kept as JSON chunks (a delta;
+        None: a full report, as to an older controller). -> the controller's
+        answer (usher.protocol, report_status)."""
+        args = [records.encode_object(node), records.encode_chunks(vms)]
+        if kept is not None:
+            args.append(records.encode_chunks(kept))
+        return await call(self.remote, "report_status", *args, timeout=self.timeout,
+                          clock=self.clock)
 
 
 class ControllerLinkFactory(pb.PBClientFactory):

@@ -9,7 +9,9 @@ thread pool), turns cumulative counters into rates (CPU time into percent,
 bytes into bytes per second) and folds each rate into exponentially damped
 averages over ``usher.protocol.AVERAGE_WINDOWS``. Every ``report_interval``
 seconds it sends the node's and every VM's figures to the controller in one
-``report_status`` call.
+``report_status`` call: as deltas (issue 16; ``StatusDeltas``) to a
+controller that takes them, the VMs whose figures changed in full and the
+others named as kept.
 
 The averages follow the kernel's load average, ``avg = avg * e + x * (1 - e)``,
 with ``e = exp(-dt / window)`` computed from the time that really passed since
@@ -302,6 +304,107 @@ class SimulatedLoad:
             filled.add((None, "memory_free_kib"))
 
 
+# --- deltas ------------------------------------------------------------------------
+
+# Every FULL_REPORT_EVERY-th report on a connection is full even when the
+# controller takes deltas (the first is): once a minute at the default
+# status_report_interval of 15 s, so that whatever the controller and the
+# LNM came to disagree on heals by itself (usher.protocol, report_status).
+FULL_REPORT_EVERY = 4
+
+
+def _fingerprint(status, node_sampled_at):
+    """What must be unchanged for a VM to be named as kept: its figures,
+    source, state, and sampled_at relative to the node's."""
+    sampled_at = status.get("sampled_at")
+    if sampled_at is not None and node_sampled_at is not None:
+        sampled_at = sampled_at - node_sampled_at
+    return (tuple(tuple(v) if v is not None else None
+                  for v in (status.get(figure) for figure in FIGURES)),
+            status.get("source"), status.get("state"), sampled_at)
+
+
+class StatusDeltas:
+    """Which VMs a status report sends in full, per connection.
+
+    ``acked`` holds, for the current reporter (one per connection: a new
+    one after each attach), the fingerprint of every VM whose figures the
+    controller acknowledged holding. A report names as kept the VMs whose
+    fingerprint is unchanged; the others go in full. Full reports: the
+    first on a connection, every ``full_every``-th, the one after a report
+    failed (its outcome is unknown), one while another is in flight, and
+    every report to a controller whose answer was not a dict (older: it
+    takes full reports only)."""
+
+    def __init__(self, full_every=FULL_REPORT_EVERY):
+        if full_every < 1:
+            raise ValueError("full_every must be at least 1")
+        self.full_every = full_every
+        self.reporter = None
+        self.acked = {}
+        self.takes_deltas = False
+        self.count = 0              # reports acknowledged on this connection
+        self.in_flight = 0
+        self.full_reports = 0
+        self.delta_reports = 0
+
+    def prepare(self, reporter, node, vms):
+        """-> (vms to send in full, kept names or None for a full report,
+        the fingerprints the controller holds once it acknowledges)."""
+        if reporter is not self.reporter:
+            self.reporter = reporter
+            self.acked = {}
+            self.takes_deltas = False
+            self.count = 0
+            self.in_flight = 0
+        node_sampled_at = node.get("sampled_at")
+        pending = {vm["name"]: _fingerprint(vm, node_sampled_at) for vm in vms}
+        full = (not self.takes_deltas or self.in_flight
+                or self.count % self.full_every == 0)
+        self.in_flight += 1
+        if full:
+            self.full_reports += 1
+            return vms, None, pending
+        self.delta_reports += 1
+        acked = self.acked
+        sent, kept = [], []
+        for vm in vms:
+            name = vm["name"]
+            if acked.get(name) == pending[name]:
+                kept.append(name)
+            else:
+                sent.append(vm)
+        return sent, kept, pending
+
+    def acknowledged(self, reporter, pending, answer):
+        """The controller answered the report that would make it hold
+        ``pending``."""
+        if reporter is not self.reporter:
+            return
+        self.in_flight = max(self.in_flight - 1, 0)
+        self.count += 1
+        if not isinstance(answer, dict):
+            self.takes_deltas = False
+            self.acked = {}
+            return
+        self.takes_deltas = True
+        resend = answer.get("resend")
+        if isinstance(resend, (list, tuple)):
+            for name in resend:
+                if isinstance(name, str):
+                    pending.pop(name, None)
+        self.acked = pending
+
+    def failed(self, reporter):
+        """The report failed: the controller may or may not have taken it,
+        so the next one is full."""
+        if reporter is not self.reporter:
+            return
+        self.in_flight = max(self.in_flight - 1, 0)
+        self.acked = {}
+        self.count = 0
+
+
 # --- the monitor -------------------------------------------------------------------
 
 class Monitor:
@@ -315,7 +418,7 @@ class Monitor:
 
     def __init__(self, vmm, *, name, clock, sample_interval=5.0, report_interval=15.0,
                  simulated_load=None, reporter_of=lambda: None, vm_args=lambda name: {},
-                 sample_phase=None):
+                 sample_phase=None, full_report_every=FULL_REPORT_EVERY):
         if sample_interval <= 0 or report_interval <= 0:
             raise ValueError("the sample and report intervals must be positive")
         self.vmm = vmm
@@ -330,6 +433,7 @@ class Monitor:
         self.report_interval = report_interval
         self.simulation = SimulatedLoad(simulated_load) if simulated_load else None
         self._reporter_of = reporter_of
+        self.deltas = StatusDeltas(full_report_every)
         self._vm_args = vm_args
         self._vms = {}                  # name -> _Figures
         self._vm_meta = {}              # name -> {"state", "sampled_at"}
@@ -577,11 +681,18 @@ class Monitor:
         send = getattr(reporter, "report_status", None)
         if send is None:
             return
+        node = self.node_status()
+        sent, kept, pending = self.deltas.prepare(reporter, node, self.vm_statuses())
         try:
-            await send(self.node_status(), self.vm_statuses())
+            if kept is None:
+                answer = await send(node, sent)
+            else:
+                answer = await send(node, sent, kept)
         except Exception as e:
+            self.deltas.failed(reporter)
             log.warn("LNM {lnm}: status report failed ({error}); next one in {interval} s",
                      lnm=self.name, error=str(e) or e.__class__.__name__,
                      interval=self.report_interval)
             return
+        self.deltas.acknowledged(reporter, pending, answer)
         self.reports += 1
