@@ -126,3 +126,33 @@ def test_a_push_is_one_way_and_a_gone_client_is_not_sent_to():
         assert not e.sent
     else:
         raise AssertionError("a push to a gone client was not refused")
+
+
+def test_a_subscription_that_stops_wanting_a_record_never_lends_its_old_copy():
+    # One turn: a change, then the VM moves out of one subscription's
+    # cluster (several hubs: the subscriptions flush in no set order).
+    for _ in range(20):
+        state, clock, hub = _hub()
+        only_web, everything = [], []
+        hub.add("alice", False, ["web"], _sink(only_web))
+        hub.add("alice", False, None, _sink(everything))
+        vm = state.add(_record(state, "1.web", "alice", "web"))
+        clock.advance(0)
+        state.update(vm["name"], state="shutoff")
+        state.update(vm["name"], cluster="db")
+        clock.advance(0)
+        [(_, latest, _)] = everything[1:]
+        assert (latest[0]["cluster"], latest[0]["version"]) == ("db", vm["version"])
+
+
+def test_one_push_that_cannot_be_made_does_not_stop_the_others():
+    state, clock, hub = _hub()
+    received = []
+
+    def broken(seq, chunks, removed):
+        raise RuntimeError("cannot push")
+    hub.add("alice", False, None, broken)
+    hub.add("alice", False, None, _sink(received))
+    state.add(_record(state, "1.db", "alice", "db"))
+    clock.advance(0)
+    assert len(received) == 1

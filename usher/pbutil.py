@@ -54,8 +54,9 @@ def tell(remote, method, *args):
         # What PB gives for a message it could not serialise: a failed Deferred.
         failures = []
         d.addErrback(failures.append)
-        why = failures[0].getErrorMessage() if failures else "unknown reason"
-        raise InvalidRequest(f"{method}: message cannot be sent: {why}")
+        if failures:
+            raise InvalidRequest(f"{method}: message cannot be sent: "
+                                 f"{failures[0].getErrorMessage()}")
     return None
 
 

@@ -105,8 +105,7 @@ class Recovery:
             return
         log.error("recovery window of {window:g} s over; {count} LNMs still away: {lnms}. "
                   "Their VMs are unknown until they reconnect", window=self.window,
-                  count=len(self.waiting), lnms=some_names(self.waiting),
-                  away=sorted(self.waiting))
+                  count=len(self.waiting), lnms=some_names(self.waiting))
         self._finish()
 
     def _finish(self):

@@ -56,18 +56,22 @@ class Subscription:
             self._changed[name] = dict(record) if copy is None else copy
 
     def flush(self, encoded=None):
-        """Push what is queued. ``encoded``: name -> JSON text, shared by the
-        subscriptions flushed in the same turn (each holds the latest copy of
-        a record changed in the turn: the same for all of them)."""
+        """Push what is queued. ``encoded``: name -> (copy, its JSON text),
+        shared by the subscriptions flushed in the same turn; a text is
+        reused only for the very copy it was made of (a subscription that
+        stopped wanting a record in the turn holds an older copy)."""
         if not (self._changed or self._removed) or not self.active:
             return
         if encoded is None:
             encoded = {}
         texts = []
         for name, record in self._changed.items():
-            text = encoded.get(name)
-            if text is None:
-                text = encoded[name] = encode_item(record)
+            cached = encoded.get(name)
+            if cached is not None and cached[0] is record:
+                text = cached[1]
+            else:
+                text = encode_item(record)
+                encoded[name] = (record, text)
             texts.append(text)
         removed = sorted(self._removed)
         self._changed, self._removed = {}, set()
@@ -123,4 +127,9 @@ class SubscriptionHub:
         pending, self._pending = self._pending, set()
         encoded = {}
         for sub in pending:
-            sub.flush(encoded)
+            try:
+                sub.flush(encoded)
+            except Exception:
+                # (e.g. a record a plugin made too large to send) The others
+                # are still pushed; this one's next push shows a gap.
+                log.failure("pushing VM changes to {user} failed", user=sub.user)

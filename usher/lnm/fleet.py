@@ -163,8 +163,10 @@ class Fleet(service.Service):
         self.members = {}
         await defer.DeferredList([defer.maybeDeferred(m.stopService) for m in members
                                   if m.running], consumeErrors=True)
-        # Joins the workers: nothing submits work any more.
-        self.pool.stop()
-        if self._switch_interval is not None:
-            sys.setswitchinterval(self._switch_interval)
-            self._switch_interval = None
+        try:
+            # Joins the workers: nothing submits work any more.
+            self.pool.stop()
+        finally:
+            if self._switch_interval is not None:
+                sys.setswitchinterval(self._switch_interval)
+                self._switch_interval = None

@@ -59,8 +59,9 @@ def reconnect_policy(initial_delay, max_delay, factor=RECONNECT_FACTOR,
     ``max_delay``; plus up to a second of jitter, so that LNMs do not all
     dial at once."""
     def policy(attempt):
+        # (With several controllers an attempt is a whole round of them.)
         if attempt <= quick:
-            delay = initial_delay
+            delay = min(initial_delay, max_delay)
         else:
             delay = min(initial_delay * factor ** min(attempt - quick, 64), max_delay)
         return delay + jitter()
