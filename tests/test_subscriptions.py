@@ -156,3 +156,15 @@ def test_one_push_that_cannot_be_made_does_not_stop_the_others():
     state.add(_record(state, "1.db", "alice", "db"))
     clock.advance(0)
     assert len(received) == 1
+
+
+def test_flushing_now_pushes_what_is_queued_at_once_and_only_once():
+    state, clock, hub = _hub()
+    received = []
+    hub.add("alice", False, None, _sink(received))
+    state.add(_record(state, "1.db", "alice", "db"))
+    hub.flush_now()                 # (a request's answer is about to leave)
+    assert [seq for seq, _r, _x in received] == [1]
+    clock.advance(0)
+    hub.flush_now()
+    assert [seq for seq, _r, _x in received] == [1]

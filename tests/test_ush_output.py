@@ -26,6 +26,16 @@ def ush_argv(system, *args):
             system.description["configs"]["ush"], *args]
 
 
+def _as_a_login_shell_would():
+    """In the child: the terminal as controlling terminal, and signals as a
+    shell leaves them to a command it runs (nothing blocked, SIGINT default),
+    whatever this test process's threads have (a thread pool's worker, say,
+    started by a thread that blocks SIGINT)."""
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class PtyProcess:
     """ush on a pseudo-terminal (stdin, stdout and stderr), as a user runs it."""
 
@@ -35,7 +45,7 @@ class PtyProcess:
         # Ctrl-C typed there (\x03) is the terminal's SIGINT to ush.
         self.proc = subprocess.Popen(
             argv, stdin=slave, stdout=slave, stderr=slave, start_new_session=True, env=env,
-            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+            preexec_fn=_as_a_login_shell_would)
         os.close(slave)
         self.output = b""
 

@@ -64,6 +64,10 @@ def run_on_pty(argv, answers=(), timeout=60.0):
     pid, fd = pty.fork()
     if pid == 0:                                    # the child: ush
         try:
+            # Signals as a shell leaves them to a command (see
+            # test_ush_output._as_a_login_shell_would).
+            signal.pthread_sigmask(signal.SIG_SETMASK, set())
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
             os.execv(argv[0], argv)
         finally:
             os._exit(127)

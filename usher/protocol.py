@@ -422,7 +422,8 @@ Observer (the client's callback object; the controller calls only these)::
     vm_changes(seq: int, changed: [json chunk], removed: [str])
                         (a one-way message, PB's pbanswer off: the client
                         sends no answer; a push it could not take shows as
-                        a gap in seq, and it subscribes again)
+                        a gap in seq, and it subscribes again; the changes a
+                        request made are pushed before its answer is sent)
     notice(kind: str, message: str) -> None
                         (issue 15: news for this user from the controller or a
                         plugin, e.g. kind "lease"; kind <= 32 characters of

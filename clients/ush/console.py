@@ -11,6 +11,7 @@ completion.
 import getpass
 import os
 import queue
+import signal
 import sys
 import threading
 
@@ -59,10 +60,20 @@ class PasswordPrompter:
         self._getpass = getpass_fn
 
     def ask_password(self, prompt):
+        # Ctrl-C at the prompt is KeyboardInterrupt (ush exits 130) even
+        # when the prompt comes once the reactor runs, under one-shot ush's
+        # own SIGINT handler: that one only stops the reactor, which the
+        # blocking prompt holds, and the line typed next would be taken as
+        # the password.
+        in_main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler) if in_main else None
         try:
             return defer.succeed(read_password(self._getpass, prompt))
         except Cancelled as exc:
             return defer.fail(exc)
+        finally:
+            if in_main and previous is not None:
+                signal.signal(signal.SIGINT, previous)
 
 
 class Console:

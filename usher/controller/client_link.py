@@ -62,6 +62,12 @@ def _boundary(method):
             finally:
                 self.controller.instruments.request(request_kind, outcome,
                                                     self.clock.seconds() - started)
+                # The changes a request made reach the clients' caches
+                # before its answer does (same connection, in order): a
+                # client that reads its cache on the answer sees them.
+                hub = getattr(self.controller, "hub", None)
+                if hub is not None:
+                    hub.flush_now()
         return defer.Deferred.fromCoroutine(timed())
 
     return wrapper

@@ -122,6 +122,14 @@ class SubscriptionHub:
         if self._pending and self._scheduled is None:
             self._scheduled = self.clock.callLater(0, self._flush)
 
+    def flush_now(self):
+        """Push what is queued now, not at the end of the reactor turn (a
+        request's answer is about to leave)."""
+        if self._scheduled is not None:
+            if self._scheduled.active():
+                self._scheduled.cancel()
+            self._flush()
+
     def _flush(self):
         self._scheduled = None
         pending, self._pending = self._pending, set()
