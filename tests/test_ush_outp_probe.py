@@ -20,5 +20,6 @@ async def test_probe_signal_masks():
             continue
         blocked[tid] = (fields["Name"].strip(), fields["SigBlk"].strip())
     pool = await threads.deferToThread(_mask)
-    print("PROBE main", _mask(), "pool", pool, "SIGINT", signal.getsignal(signal.SIGINT),
-          "threads", blocked)
+    with open("/tmp/usher-signal-probe.txt", "w") as f:
+        print("PROBE main", _mask(), "pool", pool, "SIGINT", signal.getsignal(signal.SIGINT),
+              "threads", blocked, file=f)

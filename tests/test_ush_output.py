@@ -13,7 +13,6 @@ import sys
 import termios
 import time
 
-import pytest
 import pytest_twisted
 from twisted.internet import threads
 
