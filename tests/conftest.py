@@ -121,3 +121,19 @@ def bind():
         pytest.fail(f"the test BIND server did not start: {e}", pytrace=False)
     yield server
     server.destroy()
+
+
+@pytest.fixture(autouse=True)
+def _sigint_as_it_was(request):
+    """A test that changed this process's SIGINT disposition (a daemon's main
+    run in-process ignores it, say) gives it back: children inherit an ignored
+    SIGINT, and a ush started later would not hear Ctrl-C (seen in the full
+    suite: SIGINT ignored by the time the ush terminal tests ran)."""
+    import signal
+    before = signal.getsignal(signal.SIGINT)
+    yield
+    now = signal.getsignal(signal.SIGINT)
+    if before is not None and now != before:
+        import warnings
+        warnings.warn(f"{request.node.nodeid} left SIGINT at {now!r}; restored")
+        signal.signal(signal.SIGINT, before)
